@@ -1,0 +1,39 @@
+//! The emulator backend: the kernels' own .cu sources compiled as C++20 by the host
+//! compiler, with kernels/emu/emu.h forced in (it defines `__global__`, `__shared__`,
+//! threadIdx, the warp primitives, `__half` …), plus the runtime in kernels/emu/*.cpp.
+
+use std::path::{Path, PathBuf};
+
+pub fn build(kernels: &Path, sources: &[PathBuf]) {
+    let emu = kernels.join("emu");
+    let mut runtime: Vec<PathBuf> = std::fs::read_dir(&emu)
+        .expect("kernels/emu is missing")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cpp"))
+        .collect();
+    runtime.sort();
+
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .std("c++20")
+        // Tests run the emulator a lot: always optimise it, whatever the cargo profile.
+        .opt_level(2)
+        .debug(false)
+        .warnings(true)
+        .flag("-ftls-model=initial-exec")
+        .flag("-fno-strict-aliasing")
+        .include(kernels)
+        .define("PK_EMULATOR", "1");
+    for f in &runtime {
+        b.file(f);
+    }
+    // The .cu sources: compiled as C++ with the emulation header included first.
+    for f in sources {
+        b.file(f);
+    }
+    b.flag("-include").flag(emu.join("emu.h").to_str().unwrap());
+    // `-x c++` must precede the .cu files; cc passes flags before files.
+    b.flag("-x").flag("c++");
+    b.compile("peft_kernels_emu");
+    println!("cargo:rustc-link-lib=stdc++");
+}

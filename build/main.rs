@@ -1,0 +1,37 @@
+//! One build script for both backends (see DESIGN.md, "The toolchain").
+//! - feature `emulator`: kernels/emu/*.cpp and every kernels/*.cu, compiled as C++ with the
+//!   emulation header forced in, into one static library (build/emulator.rs);
+//! - feature `cuda`: every kernels/*.cu through nvcc into PTX (compute_80) and cubins
+//!   (sm_80, sm_90), embedded in the crate (build/cuda.rs).
+//!
+//! Without `cuda` it never looks for nvcc.
+
+mod cuda;
+mod emulator;
+
+use std::path::{Path, PathBuf};
+
+fn main() {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let kernels = root.join("kernels");
+    println!("cargo:rerun-if-changed=build");
+    println!("cargo:rerun-if-changed=kernels");
+    let sources = cu_sources(&kernels);
+    if std::env::var_os("CARGO_FEATURE_EMULATOR").is_some() {
+        emulator::build(&kernels, &sources);
+    }
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        cuda::build(&root, &kernels, &sources);
+    }
+}
+
+/// Every `kernels/*.cu`, sorted, so both backends see the same modules.
+fn cu_sources(kernels: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(kernels)
+        .expect("kernels/ is missing")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    v.sort();
+    v
+}

@@ -1,0 +1,60 @@
+//! The crate's one error type. Every problem with an argument (shape, stride, dtype,
+//! alignment, size) is an [`Error::InvalidArgument`] that names the argument, what was
+//! expected and what was given; nothing in the safe API panics on bad input.
+
+use std::fmt;
+
+/// Everything that can go wrong in this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An argument has the wrong shape, stride, length, dtype or alignment.
+    #[error("invalid argument `{arg}`: expected {expected}, got {got}")]
+    InvalidArgument {
+        /// The argument's name as it appears in the API.
+        arg: &'static str,
+        /// What the call needs.
+        expected: String,
+        /// What it was given.
+        got: String,
+    },
+    /// A well-formed request that no kernel of this crate implements (say, a head dim of 48).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// The CPU emulator refused or aborted a launch: a barrier not every thread reached, a
+    /// warp operation whose mask is not the set of active lanes, a launch over the device
+    /// limits, a deadlock.
+    #[error("emulator, kernel `{kernel}`: {message}")]
+    Emulator {
+        /// The kernel's exported name.
+        kernel: &'static str,
+        /// What the emulator saw.
+        message: String,
+    },
+    /// The CUDA driver reported an error.
+    #[error("CUDA driver: {0}")]
+    Cuda(String),
+    /// The `cuda` backend was asked for, but no driver or device is present.
+    #[error("no CUDA device: {0}")]
+    NoDevice(String),
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn invalid(arg: &'static str, expected: impl fmt::Display, got: impl fmt::Display) -> Self {
+        Error::InvalidArgument {
+            arg,
+            expected: expected.to_string(),
+            got: got.to_string(),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl From<cudarc::driver::DriverError> for Error {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        Error::Cuda(e.to_string())
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,1 @@
+//! CPU reference implementations (f64 accumulation) of every forward operation.

@@ -1,0 +1,259 @@
+//! The vocabulary of the unified view (UNIFIED-VIEW.md): the four design dimensions of a
+//! delta, the element types, and the shape descriptions the kernels and the reference share.
+
+use half::{bf16, f16};
+use std::fmt;
+
+/// Element type of a tensor. Kernels accumulate in f32 whatever the storage type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub const fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+    /// The suffix of kernel names instantiated for this type (`_f32`, `_f16`, `_bf16`).
+    pub const fn suffix(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.suffix())
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// A storage type the kernels are instantiated for: f32, f16 or bf16.
+pub trait Element:
+    sealed::Sealed + Copy + Default + PartialEq + fmt::Debug + bytemuck::Pod + Send + Sync + 'static
+{
+    /// The matching [`DType`].
+    const DTYPE: DType;
+    /// Exact widening.
+    fn to_f64(self) -> f64;
+    /// Exact widening.
+    fn to_f32(self) -> f32;
+    /// Round to nearest even.
+    fn from_f64(v: f64) -> Self;
+    /// Round to nearest even.
+    fn from_f32(v: f32) -> Self;
+    /// A NaN, used to poison outputs so that an unwritten element fails every comparison.
+    fn nan() -> Self;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn nan() -> Self {
+        f32::NAN
+    }
+}
+
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+    fn to_f64(self) -> f64 {
+        self.to_f64()
+    }
+    fn to_f32(self) -> f32 {
+        self.to_f32()
+    }
+    fn from_f64(v: f64) -> Self {
+        f16::from_f64(v)
+    }
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn nan() -> Self {
+        f16::NAN
+    }
+}
+
+impl Element for bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn to_f64(self) -> f64 {
+        self.to_f64()
+    }
+    fn to_f32(self) -> f32 {
+        self.to_f32()
+    }
+    fn from_f64(v: f64) -> Self {
+        bf16::from_f64(v)
+    }
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn nan() -> Self {
+        bf16::NAN
+    }
+}
+
+/// The functional form `f` of the bottleneck.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Activation {
+    /// LoRA.
+    Identity = 0,
+    /// Houlsby and parallel adapters.
+    Relu = 1,
+    /// GELU, tanh approximation (`gelu_pytorch_tanh`).
+    GeluTanh = 2,
+    /// GELU, exact (erf) form (`nn.GELU()`).
+    GeluErf = 3,
+    /// SiLU / swish.
+    Silu = 4,
+}
+
+impl Activation {
+    /// `f(v)` in f64; the reference's definition of each activation.
+    pub fn apply_f64(self, v: f64) -> f64 {
+        match self {
+            Activation::Identity => v,
+            Activation::Relu => v.max(0.0),
+            Activation::GeluTanh => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                0.5 * v * (1.0 + (c * (v + 0.044715 * v * v * v)).tanh())
+            }
+            Activation::GeluErf => 0.5 * v * (1.0 + erf(v / std::f64::consts::SQRT_2)),
+            Activation::Silu => v / (1.0 + (-v).exp()),
+        }
+    }
+}
+
+/// The error function in f64 (std has none): the Maclaurin series below 2.5, where its
+/// terms stay under e^6.25 so cancellation costs at most ~1e-13 absolute, and the
+/// continued fraction of erfc (modified Lentz) above, where it converges in a few terms.
+pub fn erf(x: f64) -> f64 {
+    let ax = x.abs();
+    let r = if ax < 2.5 {
+        // Maclaurin series: erf(x) = 2/sqrt(pi) * sum (-1)^n x^(2n+1) / (n! (2n+1))
+        let mut term = ax;
+        let mut sum = ax;
+        let x2 = ax * ax;
+        let mut n = 0.0;
+        loop {
+            n += 1.0;
+            term *= -x2 / n;
+            let add = term / (2.0 * n + 1.0);
+            sum += add;
+            if add.abs() < 1e-17 * sum.abs() {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else if ax < 27.0 {
+        // Continued fraction for erfc (Lentz), converges fast for x >= 2.5.
+        let x2 = ax * ax;
+        let tiny = 1e-300;
+        let mut f = ax;
+        let mut c = ax;
+        let mut d = 0.0;
+        let mut i = 1.0;
+        loop {
+            let a = i / 2.0;
+            d = ax + a * d;
+            d = if d.abs() < tiny { tiny } else { d };
+            c = ax + a / c;
+            c = if c.abs() < tiny { tiny } else { c };
+            d = 1.0 / d;
+            let delta = c * d;
+            f *= delta;
+            if (delta - 1.0).abs() < 1e-16 {
+                break;
+            }
+            i += 1.0;
+        }
+        1.0 - (-x2).exp() / (f * std::f64::consts::PI.sqrt())
+    } else {
+        1.0
+    };
+    if x < 0.0 {
+        -r
+    } else {
+        r
+    }
+}
+
+/// Where the delta reads its input `u`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Insertion {
+    /// `u` is the frozen sublayer's input (`x`, or a separate delta input).
+    Parallel,
+    /// `u = h`, the frozen sublayer's output.
+    Sequential,
+}
+
+/// How the delta is composed with `h`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Composition {
+    /// `h + Δh`.
+    Add,
+    /// `h + s·Δh` (LoRA: s = α / r; scaled PA: s = 4).
+    Scaled(f32),
+    /// `(1 − λ)·h + λ·Δh` with a per-row gate λ given as a tensor of M values.
+    Gated,
+}
+
+impl Composition {
+    /// The scale `s` applied to Δh before composition (1 for `Add` and `Gated`).
+    pub fn scale(self) -> f32 {
+        match self {
+            Composition::Scaled(s) => s,
+            Composition::Add | Composition::Gated => 1.0,
+        }
+    }
+}
+
+/// A row-major matrix of `rows × cols` with a leading dimension (row stride, in elements)
+/// `ld ≥ cols`: element (i, j) lives at `i * ld + j`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatrixLayout {
+    pub rows: usize,
+    pub cols: usize,
+    pub ld: usize,
+}
+
+impl MatrixLayout {
+    /// A contiguous `rows × cols` matrix.
+    pub const fn contiguous(rows: usize, cols: usize) -> Self {
+        MatrixLayout { rows, cols, ld: cols }
+    }
+    /// The number of elements a buffer must hold: `(rows − 1)·ld + cols`, 0 when empty.
+    pub const fn min_len(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            0
+        } else {
+            (self.rows - 1) * self.ld + self.cols
+        }
+    }
+}
