@@ -22,6 +22,12 @@ pub fn build(kernels: &Path, sources: &[PathBuf]) {
         .warnings(true)
         .flag("-ftls-model=initial-exec")
         .flag("-fno-strict-aliasing")
+        // `#pragma unroll` is nvcc's; g++ would warn about every one.
+        .flag("-Wno-unknown-pragmas")
+        // Each emulated thread runs on a 64 KiB stack above one guard page: probing every
+        // page of a large frame makes an overflow hit the guard page rather than jump
+        // over it into a neighbouring stack.
+        .flag_if_supported("-fstack-clash-protection")
         .include(kernels)
         .define("PK_EMULATOR", "1");
     for f in &runtime {

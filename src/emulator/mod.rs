@@ -1,4 +1,26 @@
-//! The emulator backend: kernels/*.cu compiled as C++ and run on the CPU.
+//! The emulator backend: the kernels' own `kernels/*.cu` sources compiled as C++ and run
+//! on the CPU with the GPU's grid, block, shared-memory and warp semantics (see
+//! `kernels/emu/emu.h`).
+//!
+//! Every CUDA thread is a fiber with its own 64 KiB stack; one OS thread runs one block
+//! at a time, blocks in order on the calling thread unless [`set_workers`] (or the
+//! `PEFT_KERNELS_EMU_WORKERS` environment variable) asks for a pool. Pointers in a
+//! parameter block are host addresses.
+//!
+//! A launch fails with [`Error::Emulator`] where a GPU would misbehave silently: a
+//! `__syncthreads()` that not every thread of the block reaches, a warp operation whose
+//! mask is not exactly the lanes that arrive, a deadlock, a launch over the device limits
+//! (1024 threads per block, 227 KiB of dynamic shared memory, grid and block dimensions).
+//! A failed launch leaves the outputs partly written; later launches are unaffected.
+
+use std::ffi::{c_char, c_void, CStr};
+
+mod delta_linear;
+
+pub use delta_linear::*;
+
+use crate::plan::{Buf, BufSource, KernelParams, Launch};
+use crate::{Error, Result};
 
 /// Grid or block dimensions, as the emulator's C ABI takes them.
 #[repr(C)]
@@ -7,4 +29,81 @@ pub struct Dim3 {
     pub x: u32,
     pub y: u32,
     pub z: u32,
+}
+
+impl From<[u32; 3]> for Dim3 {
+    fn from([x, y, z]: [u32; 3]) -> Self {
+        Dim3 { x, y, z }
+    }
+}
+
+unsafe extern "C" {
+    fn emu_last_error() -> *const c_char;
+    fn emu_set_workers(n: u32);
+}
+
+/// Runs later launches of every thread of the process over `n` worker OS threads (blocks
+/// are spread over them; each worker has its own fibers and shared memory). `0` restores
+/// the default: `PEFT_KERNELS_EMU_WORKERS` if set, else 1, which runs the blocks in order
+/// on the calling thread. Results are the same for any `n` unless a kernel's blocks race
+/// (floating-point atomics, say).
+pub fn set_workers(n: u32) {
+    // SAFETY: stores an integer.
+    unsafe { emu_set_workers(n) }
+}
+
+/// Runs `launch.kernel` on the CPU with `params` as its only argument and returns when
+/// every block has finished, or with [`Error::Emulator`] when the emulator refused the
+/// launch or caught the kernel misbehaving.
+///
+/// # Safety
+/// `params` must be the parameter block of `launch.kernel`, and every address in it must
+/// point to host memory that holds every element the kernel touches for the shape in
+/// `params`, readable (and writable for outputs, with no other reference to them) for the
+/// duration of the call.
+pub unsafe fn launch<P: KernelParams>(launch: &Launch, params: &P) -> Result<()> {
+    let entry = crate::kernels::emu_entry::entry(launch.kernel);
+    let mut block = *params;
+    let mut args = [(&mut block as *mut P).cast::<c_void>()];
+    // SAFETY: the entry reads `size_of::<P>()` bytes through args[0] (the caller vouches
+    // that P is the kernel's parameter block) and the kernel touches what the caller
+    // vouches for.
+    let rc = unsafe {
+        entry(
+            launch.grid.into(),
+            launch.block.into(),
+            launch.dynamic_smem,
+            args.as_mut_ptr(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    // SAFETY: a NUL-terminated thread-local string, valid until the next launch on this
+    // thread; copied at once.
+    let message = unsafe { CStr::from_ptr(emu_last_error()) }
+        .to_string_lossy()
+        .into_owned();
+    Err(Error::Emulator {
+        kernel: launch.kernel.name(),
+        message,
+    })
+}
+
+/// Host slices as the planner's buffers: the emulator's device memory is host memory.
+pub(crate) struct HostBufs;
+
+impl<'a, T> BufSource<&'a [T], &'a mut [T]> for HostBufs {
+    fn read(&mut self, r: &'a [T]) -> Buf {
+        Buf {
+            addr: r.as_ptr() as u64,
+            len: r.len(),
+        }
+    }
+    fn write(&mut self, w: &'a mut [T]) -> Buf {
+        Buf {
+            addr: w.as_mut_ptr() as u64,
+            len: w.len(),
+        }
+    }
 }
