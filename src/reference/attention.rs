@@ -1,0 +1,567 @@
+//! Attention over learned prefix vectors and a masked context, in f64.
+//!
+//! For query row `q` of head `h` in sequence `b`, with `g = Hq / Hkv` query heads per KV
+//! head (grouped-query attention; head `h` reads KV head `h / g`):
+//!
+//! ```text
+//! s_p,j = scale · q·P_k[b, h/g, j]        j < l          every query sees every prefix
+//! s_c,j = scale · q·K[b, h/g, j]          j visible      the context is masked
+//! out   = Σ softmax([s_p; s_c])_j · [P_v; V]_j
+//! LSE_p = log Σ_j exp(s_p,j),   LSE_c = log Σ_visible exp(s_c,j)
+//! λ     = Σ exp(s_p) / (Σ exp(s_p) + Σ exp(s_c)) = sigmoid(LSE_p − LSE_c)
+//! out   = (1 − λ)·Attn(q, K, V) + λ·Attn(q, P_k, P_v)
+//! ```
+//!
+//! Masking (the context only): sequence `b` holds `len[b]` valid keys (`context_lens`,
+//! default `Lk`); key `j ≥ len[b]` is padding. With `causal`, query `i` sits at position
+//! `i + len[b] − Lq` of its context (bottom-right aligned, as in flash-attention and KV-cache
+//! decoding: the last query sees the whole valid context) and sees context key `j` iff
+//! `j ≤ i + len[b] − Lq`.
+//!
+//! Empty rows, never NaN: a row that sees no context key has `LSE_c = −∞`, a context
+//! attention of 0 and, when `l > 0`, `λ = 1`. A row that sees nothing at all (`l = 0` and
+//! no visible context) has output 0, every LSE `−∞` and `λ = 0`.
+//!
+//! Layouts: every tensor is a [`Tensor4`] with explicit strides, in elements:
+//! `q` [B, Hq, Lq, d]; `k` [B, Hkv, Lk, d]; `v` [B, Hkv, Lk, d_v]; `prefix_k` [B, Hkv, l, d]
+//! and `prefix_v` [B, Hkv, l, d_v]. The prefix is per KV head, matching grouped-query
+//! attention and PEFT's prefix tuning, whose `past_key_values` hold [B, Hkv, l, d] per
+//! layer; one prefix shared by the batch is a batch stride of 0. Outputs are contiguous:
+//! `out` [B, Hq, Lq, d_v], the per-row values [B, Hq, Lq].
+
+use super::{check_vec, dot, par_row_blocks, Scalar};
+use crate::{Error, Result};
+
+/// A borrowed 4-D tensor with explicit strides: element `[i0, i1, i2, i3]` is
+/// `data[Σ i_k·strides[k]]`. Strides may be 0 (broadcast) or anything else that stays
+/// inside `data`.
+#[derive(Clone, Copy, Debug)]
+pub struct Tensor4<'a, T> {
+    /// The buffer.
+    pub data: &'a [T],
+    /// The four dimensions.
+    pub shape: [usize; 4],
+    /// The step of each dimension, in elements.
+    pub strides: [usize; 4],
+}
+
+impl<'a, T: Scalar> Tensor4<'a, T> {
+    /// A contiguous (row-major) tensor.
+    pub fn contiguous(data: &'a [T], shape: [usize; 4]) -> Self {
+        let [_, s1, s2, s3] = shape;
+        Tensor4 {
+            data,
+            shape,
+            strides: [s1 * s2 * s3, s2 * s3, s3, 1],
+        }
+    }
+
+    /// A tensor with explicit strides: e.g. a [B, L, H, d] buffer seen as [B, H, L, d] has
+    /// strides `[L·H·d, d, H·d, 1]`.
+    pub fn strided(data: &'a [T], shape: [usize; 4], strides: [usize; 4]) -> Self {
+        Tensor4 {
+            data,
+            shape,
+            strides,
+        }
+    }
+
+    /// The offset of an element in `data`.
+    pub fn offset(&self, index: [usize; 4]) -> usize {
+        (0..4).map(|a| index[a] * self.strides[a]).sum()
+    }
+
+    /// The elements in row-major order of `shape` (to compare a strided kernel output
+    /// with a contiguous reference; NaN poison is kept).
+    pub fn to_contiguous(&self) -> Vec<T> {
+        let [s0, s1, s2, s3] = self.shape;
+        let mut out = Vec::with_capacity(s0 * s1 * s2 * s3);
+        for i0 in 0..s0 {
+            for i1 in 0..s1 {
+                for i2 in 0..s2 {
+                    for i3 in 0..s3 {
+                        out.push(self.data[self.offset([i0, i1, i2, i3])]);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Checks the shape against the expected one (`dims` names it) and that the last
+    /// element lies inside the buffer.
+    fn check(&self, arg: &'static str, dims: &str, expected: [usize; 4]) -> Result<()> {
+        if self.shape != expected {
+            return Err(Error::invalid(
+                arg,
+                format!("{dims} = {expected:?}"),
+                format!("{:?}", self.shape),
+            ));
+        }
+        if self.shape.contains(&0) {
+            return Ok(());
+        }
+        let last = self.offset(self.shape.map(|s| s - 1));
+        if last >= self.data.len() {
+            return Err(Error::invalid(
+                arg,
+                format!(
+                    "a buffer of more than {last} elements for shape {:?} with strides {:?}",
+                    self.shape, self.strides
+                ),
+                format!("{} elements", self.data.len()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a prefix attention computes besides its tensors.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PrefixAttention {
+    /// The score scale; `None` means `1 / sqrt(d)`.
+    pub scale: Option<f64>,
+    /// Causal (bottom-right aligned) mask on the context.
+    pub causal: bool,
+}
+
+/// The tensors of a prefix attention, borrowed; shapes are in the module docs.
+#[derive(Clone, Copy, Debug)]
+pub struct PrefixAttentionTensors<'a, T> {
+    /// Queries [B, Hq, Lq, d].
+    pub q: Tensor4<'a, T>,
+    /// Context keys [B, Hkv, Lk, d].
+    pub k: Tensor4<'a, T>,
+    /// Context values [B, Hkv, Lk, d_v].
+    pub v: Tensor4<'a, T>,
+    /// Prefix keys [B, Hkv, l, d] (batch stride 0 for a shared prefix; l may be 0).
+    pub prefix_k: Tensor4<'a, T>,
+    /// Prefix values [B, Hkv, l, d_v].
+    pub prefix_v: Tensor4<'a, T>,
+    /// Valid context keys per sequence `[B]`, each ≤ Lk; `None` means all Lk.
+    pub context_lens: Option<&'a [u32]>,
+}
+
+/// An attention state: the normalised output and the log-sum-exp of the scores of each
+/// query row. An empty row (no visible key) has output 0 and LSE −∞.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionState {
+    /// [B, Hq, Lq, d_v], contiguous.
+    pub out: Vec<f64>,
+    /// [B, Hq, Lq].
+    pub lse: Vec<f64>,
+}
+
+/// The fused reference's results.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrefixAttentionOutput {
+    /// Attention over prefix and context together, [B, Hq, Lq, d_v], contiguous.
+    pub out: Vec<f64>,
+    /// LSE over prefix and context together, [B, Hq, Lq].
+    pub lse: Vec<f64>,
+    /// LSE over the prefix scores, [B, Hq, Lq] (−∞ when l = 0).
+    pub lse_prefix: Vec<f64>,
+    /// LSE over the visible context scores, [B, Hq, Lq] (−∞ when none is visible).
+    pub lse_context: Vec<f64>,
+    /// The gate λ, the prefix's share of the softmax mass, [B, Hq, Lq].
+    pub lambda: Vec<f64>,
+}
+
+/// The result of [`lse_merge`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct MergedAttention {
+    /// `(1 − λ)·o_context + λ·o_prefix`, [rows, d_v].
+    pub out: Vec<f64>,
+    /// `logaddexp(lse_prefix, lse_context)`, `[rows]`.
+    pub lse: Vec<f64>,
+    /// `sigmoid(lse_prefix − lse_context)`, `[rows]`.
+    pub lambda: Vec<f64>,
+}
+
+/// A validated problem with every tensor widened to contiguous f64.
+struct Problem {
+    batch: usize,
+    hq: usize,
+    group: usize,
+    hkv: usize,
+    lq: usize,
+    lk: usize,
+    l: usize,
+    d: usize,
+    dv: usize,
+    scale: f64,
+    causal: bool,
+    lens: Vec<usize>,
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    pk: Vec<f64>,
+    pv: Vec<f64>,
+}
+
+fn gather<T: Scalar>(t: &Tensor4<T>) -> Vec<f64> {
+    t.to_contiguous().into_iter().map(|v| v.as_f64()).collect()
+}
+
+impl Problem {
+    fn new<T: Scalar>(op: &PrefixAttention, t: &PrefixAttentionTensors<T>) -> Result<Problem> {
+        let [batch, hq, lq, d] = t.q.shape;
+        t.q.check("q", "[B, Hq, Lq, d]", t.q.shape)?;
+        if d == 0 {
+            return Err(Error::invalid(
+                "q",
+                "a head dim d >= 1",
+                format!("{:?}", t.q.shape),
+            ));
+        }
+        let [_, hkv, lk, _] = t.k.shape;
+        t.k.check("k", "[B, Hkv, Lk, d]", [batch, hkv, lk, d])?;
+        if hkv == 0 || hq % hkv != 0 {
+            return Err(Error::invalid(
+                "k",
+                format!("Hkv >= 1 dividing Hq = {hq} (grouped-query attention)"),
+                format!("Hkv = {hkv}"),
+            ));
+        }
+        let dv = t.v.shape[3];
+        t.v.check("v", "[B, Hkv, Lk, d_v]", [batch, hkv, lk, dv])?;
+        let l = t.prefix_k.shape[2];
+        t.prefix_k
+            .check("prefix_k", "[B, Hkv, l, d]", [batch, hkv, l, d])?;
+        t.prefix_v
+            .check("prefix_v", "[B, Hkv, l, d_v]", [batch, hkv, l, dv])?;
+        check_vec("context_lens", t.context_lens, "[B]", batch)?;
+        let lens = match t.context_lens {
+            Some(lens) => {
+                if let Some((b, &len)) = lens.iter().enumerate().find(|(_, &n)| n as usize > lk) {
+                    return Err(Error::invalid(
+                        "context_lens",
+                        format!("lengths <= Lk = {lk}"),
+                        format!("{len} for sequence {b}"),
+                    ));
+                }
+                lens.iter().map(|&n| n as usize).collect()
+            }
+            None => vec![lk; batch],
+        };
+        Ok(Problem {
+            batch,
+            hq,
+            group: hq / hkv,
+            hkv,
+            lq,
+            lk,
+            l,
+            d,
+            dv,
+            scale: op.scale.unwrap_or(1.0 / (d as f64).sqrt()),
+            causal: op.causal,
+            lens,
+            q: gather(&t.q),
+            k: gather(&t.k),
+            v: gather(&t.v),
+            pk: gather(&t.prefix_k),
+            pv: gather(&t.prefix_v),
+        })
+    }
+
+    /// Number of query rows, B·Hq·Lq.
+    fn rows(&self) -> usize {
+        self.batch * self.hq * self.lq
+    }
+
+    /// Query row `row` = ((b·Hq) + h)·Lq + i as (b, KV head, i).
+    fn split(&self, row: usize) -> (usize, usize, usize) {
+        let (bh, i) = (row / self.lq, row % self.lq);
+        (bh / self.hq, (bh % self.hq) / self.group, i)
+    }
+
+    fn query(&self, row: usize) -> &[f64] {
+        &self.q[row * self.d..][..self.d]
+    }
+
+    /// Context key / value `j` of (b, KV head).
+    fn context(&self, b: usize, kvh: usize, j: usize) -> (&[f64], &[f64]) {
+        let at = (b * self.hkv + kvh) * self.lk + j;
+        (
+            &self.k[at * self.d..][..self.d],
+            &self.v[at * self.dv..][..self.dv],
+        )
+    }
+
+    /// Prefix key / value `j` of (b, KV head).
+    fn prefix(&self, b: usize, kvh: usize, j: usize) -> (&[f64], &[f64]) {
+        let at = (b * self.hkv + kvh) * self.l + j;
+        (
+            &self.pk[at * self.d..][..self.d],
+            &self.pv[at * self.dv..][..self.dv],
+        )
+    }
+
+    /// Whether query `i` of sequence `b` sees context key `j` (module docs, "Masking").
+    fn visible(&self, b: usize, i: usize, j: usize) -> bool {
+        let len = self.lens[b];
+        j < len && (!self.causal || j + self.lq <= i + len)
+    }
+
+    /// The scores and values a row attends to, prefix first, then the visible context.
+    fn keys(&self, row: usize, prefix: bool, context: bool) -> Vec<(f64, &[f64])> {
+        let (b, kvh, i) = self.split(row);
+        let q = self.query(row);
+        let mut keys = Vec::new();
+        if prefix {
+            for j in 0..self.l {
+                let (k, v) = self.prefix(b, kvh, j);
+                keys.push((self.scale * dot(q, k), v));
+            }
+        }
+        if context {
+            for j in (0..self.lk).filter(|&j| self.visible(b, i, j)) {
+                let (k, v) = self.context(b, kvh, j);
+                keys.push((self.scale * dot(q, k), v));
+            }
+        }
+        keys
+    }
+
+    /// A softmax attention over one part (prefix, context or both) of every row.
+    fn state(&self, prefix: bool, context: bool) -> AttentionState {
+        let dv = self.dv;
+        let packed = par_row_blocks(self.rows(), dv + 1, |rows, chunk| {
+            for (row, slot) in rows.zip(chunk.chunks_exact_mut(dv + 1)) {
+                let (out, lse) = slot.split_at_mut(dv);
+                lse[0] = attend(&self.keys(row, prefix, context), out);
+            }
+        });
+        unpack_state(&packed, dv)
+    }
+}
+
+/// `log Σ exp(s)` over `scores`, shifted by their maximum; −∞ for no score.
+fn logsumexp(scores: impl Iterator<Item = f64> + Clone) -> f64 {
+    let m = scores.clone().fold(f64::NEG_INFINITY, f64::max);
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    m + scores.map(|s| (s - m).exp()).sum::<f64>().ln()
+}
+
+/// Softmax attention over `keys` (score, value) into `out`, returning the LSE; an empty
+/// key set gives output 0 and LSE −∞.
+fn attend(keys: &[(f64, &[f64])], out: &mut [f64]) -> f64 {
+    out.fill(0.0);
+    let m = keys.iter().fold(f64::NEG_INFINITY, |m, k| m.max(k.0));
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    let mut sum = 0.0;
+    for &(s, v) in keys {
+        let w = (s - m).exp();
+        sum += w;
+        out.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
+    }
+    out.iter_mut().for_each(|o| *o /= sum);
+    m + sum.ln()
+}
+
+/// Splits rows packed as `[out (dv), lse]`.
+fn unpack_state(packed: &[f64], dv: usize) -> AttentionState {
+    let mut state = AttentionState {
+        out: Vec::with_capacity(packed.len()),
+        lse: Vec::with_capacity(packed.len() / (dv + 1)),
+    };
+    for slot in packed.chunks_exact(dv + 1) {
+        state.out.extend_from_slice(&slot[..dv]);
+        state.lse.push(slot[dv]);
+    }
+    state
+}
+
+/// The fused reference: one softmax over the prefix and the visible context per query row,
+/// with λ as the prefix's share of the softmax mass and each LSE computed on its own (so
+/// that the identity `λ = sigmoid(LSE_p − LSE_c)` is checked, not assumed).
+pub fn prefix_attention<T: Scalar>(
+    op: &PrefixAttention,
+    t: &PrefixAttentionTensors<T>,
+) -> Result<PrefixAttentionOutput> {
+    let p = Problem::new(op, t)?;
+    let (dv, l) = (p.dv, p.l);
+    // Each row is packed as [out (dv), lse, lse_prefix, lse_context, λ].
+    let width = dv + 4;
+    let packed = par_row_blocks(p.rows(), width, |rows, chunk| {
+        for (row, slot) in rows.zip(chunk.chunks_exact_mut(width)) {
+            let keys = p.keys(row, true, true);
+            let (out, rest) = slot.split_at_mut(dv);
+            rest[0] = attend(&keys, out);
+            let (prefix, context) = keys.split_at(l);
+            rest[1] = logsumexp(prefix.iter().map(|k| k.0));
+            rest[2] = logsumexp(context.iter().map(|k| k.0));
+            let m = keys.iter().fold(f64::NEG_INFINITY, |m, k| m.max(k.0));
+            rest[3] = if m == f64::NEG_INFINITY {
+                0.0
+            } else {
+                let mass =
+                    |part: &[(f64, &[f64])]| part.iter().map(|k| (k.0 - m).exp()).sum::<f64>();
+                let (sp, sc) = (mass(prefix), mass(context));
+                sp / (sp + sc)
+            };
+        }
+    });
+    let rows = p.rows();
+    let mut r = PrefixAttentionOutput {
+        out: Vec::with_capacity(rows * dv),
+        lse: Vec::with_capacity(rows),
+        lse_prefix: Vec::with_capacity(rows),
+        lse_context: Vec::with_capacity(rows),
+        lambda: Vec::with_capacity(rows),
+    };
+    for slot in packed.chunks_exact(width) {
+        r.out.extend_from_slice(&slot[..dv]);
+        r.lse.push(slot[dv]);
+        r.lse_prefix.push(slot[dv + 1]);
+        r.lse_context.push(slot[dv + 2]);
+        r.lambda.push(slot[dv + 3]);
+    }
+    Ok(r)
+}
+
+/// The unfused path a user would write: materialise `[P_k; K]` and `[P_v; V]` (l + Lk
+/// keys) and run one masked attention, the mask keeping every prefix key visible and the
+/// context keys masked as in the module docs (PEFT prepends ones to the attention mask).
+///
+/// Written apart from [`prefix_attention`] on purpose (its own indexing of the strided
+/// inputs, head mapping and mask), so that the identity between the two checks both.
+pub fn prefix_attention_concat<T: Scalar>(
+    op: &PrefixAttention,
+    t: &PrefixAttentionTensors<T>,
+) -> Result<AttentionState> {
+    let p = Problem::new(op, t)?; // validation, scale and lengths only
+    let [batch, hq, lq, d] = t.q.shape;
+    let [_, hkv, lk, dv] = t.v.shape;
+    let l = t.prefix_k.shape[2];
+    let lc = l + lk;
+    // kc[b][kvh][j] = P_k[b, kvh, j] for j < l, else K[b, kvh, j − l]; likewise vc.
+    let (mut kc, mut vc) = (Vec::new(), Vec::new());
+    for b in 0..batch {
+        for kvh in 0..hkv {
+            for j in 0..lc {
+                let (keys, values, jj) = if j < l {
+                    (&t.prefix_k, &t.prefix_v, j)
+                } else {
+                    (&t.k, &t.v, j - l)
+                };
+                kc.extend((0..d).map(|c| keys.data[keys.offset([b, kvh, jj, c])].as_f64()));
+                vc.extend((0..dv).map(|c| values.data[values.offset([b, kvh, jj, c])].as_f64()));
+            }
+        }
+    }
+    let packed = par_row_blocks(batch * hq * lq, dv + 1, |rows, chunk| {
+        for (row, slot) in rows.zip(chunk.chunks_exact_mut(dv + 1)) {
+            let (b, h, i) = (row / (hq * lq), row / lq % hq, row % lq);
+            let kvh = h * hkv / hq;
+            let q: Vec<f64> = (0..d)
+                .map(|c| t.q.data[t.q.offset([b, h, i, c])].as_f64())
+                .collect();
+            let len = p.lens[b] as isize;
+            // Context key j' − l is visible iff inside the valid length and, when causal,
+            // at most at the query's position i + len − Lq.
+            let visible = |j: usize| {
+                let jc = j as isize - l as isize;
+                jc < 0 || (jc < len && (!op.causal || jc <= i as isize + len - lq as isize))
+            };
+            let keys: Vec<(f64, &[f64])> = (0..lc)
+                .filter(|&j| visible(j))
+                .map(|j| {
+                    let at = (b * hkv + kvh) * lc + j;
+                    (p.scale * dot(&q, &kc[at * d..][..d]), &vc[at * dv..][..dv])
+                })
+                .collect();
+            let (out, lse) = slot.split_at_mut(dv);
+            lse[0] = attend(&keys, out);
+        }
+    });
+    Ok(unpack_state(&packed, dv))
+}
+
+/// The prefix part alone: every query attends to the l prefix vectors of its KV head
+/// (`LSE = −∞` and output 0 when l = 0). The context tensors are validated, not read.
+pub fn prefix_only_attention<T: Scalar>(
+    op: &PrefixAttention,
+    t: &PrefixAttentionTensors<T>,
+) -> Result<AttentionState> {
+    Ok(Problem::new(op, t)?.state(true, false))
+}
+
+/// The context part alone: ordinary masked attention over `K`, `V` (module docs,
+/// "Masking"). The prefix tensors are validated, not read.
+pub fn context_attention<T: Scalar>(
+    op: &PrefixAttention,
+    t: &PrefixAttentionTensors<T>,
+) -> Result<AttentionState> {
+    Ok(Problem::new(op, t)?.state(false, true))
+}
+
+/// `1 / (1 + e^−x)` without overflow for either sign.
+fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// The LSE merge of two attention states of `rows = lse_prefix.len()` rows of `d_v`
+/// values each (contiguous):
+///
+/// ```text
+/// λ   = sigmoid(lse_p − lse_c)
+/// out = (1 − λ)·o_c + λ·o_p
+/// lse = logaddexp(lse_p, lse_c)
+/// ```
+///
+/// An empty state (LSE −∞) gets weight 0 and its output is not read (so garbage there is
+/// harmless); two empty states merge to output 0, LSE −∞, λ = 0. LSEs of +∞ or NaN are
+/// not attention states; they propagate as NaN.
+pub fn lse_merge<O: Scalar, L: Scalar>(
+    dv: usize,
+    o_prefix: &[O],
+    lse_prefix: &[L],
+    o_context: &[O],
+    lse_context: &[L],
+) -> Result<MergedAttention> {
+    let rows = lse_prefix.len();
+    check_vec("lse_context", Some(lse_context), "[rows]", rows)?;
+    check_vec("o_prefix", Some(o_prefix), "[rows·d_v]", rows * dv)?;
+    check_vec("o_context", Some(o_context), "[rows·d_v]", rows * dv)?;
+    let mut r = MergedAttention {
+        out: Vec::with_capacity(rows * dv),
+        lse: Vec::with_capacity(rows),
+        lambda: Vec::with_capacity(rows),
+    };
+    for row in 0..rows {
+        let (lp, lc) = (lse_prefix[row].as_f64(), lse_context[row].as_f64());
+        let (op, oc) = (&o_prefix[row * dv..][..dv], &o_context[row * dv..][..dv]);
+        let both_empty = lp == f64::NEG_INFINITY && lc == f64::NEG_INFINITY;
+        let (lse, lambda) = if both_empty {
+            (f64::NEG_INFINITY, 0.0)
+        } else {
+            let diff = lp - lc;
+            (lp.max(lc) + (-diff.abs()).exp().ln_1p(), sigmoid(diff))
+        };
+        r.lse.push(lse);
+        r.lambda.push(lambda);
+        r.out.extend(op.iter().zip(oc).map(|(p, c)| {
+            if both_empty {
+                0.0
+            } else if lambda == 0.0 {
+                c.as_f64()
+            } else if lambda == 1.0 {
+                p.as_f64()
+            } else {
+                (1.0 - lambda) * c.as_f64() + lambda * p.as_f64()
+            }
+        }));
+    }
+    Ok(r)
+}
