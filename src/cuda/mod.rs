@@ -1,1 +1,209 @@
-//! The CUDA backend.
+//! The CUDA backend: the kernels' PTX and cubins, built by nvcc and embedded in the crate
+//! (build/cuda.rs), loaded through cudarc on first use in each context and launched with
+//! the geometry [`crate::plan`] computed.
+//!
+//! The driver library is opened at run time (cudarc's `dynamic-loading`): a program built
+//! with `cuda` also runs on a machine without a driver, where [`is_available`] is false
+//! and [`context`] returns [`Error::NoDevice`].
+//!
+//! A launch takes the kernel's parameter block, whose pointers are device addresses.
+//! [`Buffers`] hands them out from cudarc buffers and keeps cudarc's stream ordering:
+//!
+//! ```text
+//! let mut bufs = cuda::Buffers::new(&stream);
+//! let params = SgemmParams { a: bufs.read(&a), c: bufs.write(&mut c), m, n, k, .. };
+//! // SAFETY: `a` and `c` hold the elements the plan's shape makes the kernel touch.
+//! unsafe { bufs.launch(&plan, &params) }?;
+//! ```
+
+mod delta_linear;
+mod modules;
+
+pub use delta_linear::*;
+
+use std::sync::Arc;
+
+pub use cudarc;
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{
+    CudaContext, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError, LaunchConfig,
+    PushKernelArg, SyncOnDrop,
+};
+pub use modules::Image;
+
+use crate::plan::{Buf, BufSource, KernelParams, Launch};
+use crate::{Error, Result};
+
+/// The nvcc release that built the embedded kernels, e.g. `13.0.88`.
+pub const NVCC_VERSION: &str = modules::NVCC_VERSION;
+
+/// Dynamic shared memory a kernel may use without opting in (a CUDA rule).
+const DEFAULT_DYNAMIC_SMEM_LIMIT: u32 = 48 * 1024;
+
+/// Whether a CUDA driver and at least one device are present. Never panics: without a
+/// driver library it is false.
+pub fn is_available() -> bool {
+    device_count().is_ok_and(|n| n > 0)
+}
+
+/// The primary context of device `ordinal`; [`Error::NoDevice`] without a driver or device.
+pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    let n = device_count()?;
+    if ordinal >= n {
+        return Err(Error::NoDevice(format!(
+            "device {ordinal} asked for, {n} present"
+        )));
+    }
+    Ok(CudaContext::new(ordinal)?)
+}
+
+fn device_count() -> Result<usize> {
+    // SAFETY: only tries to open the driver library; calls nothing in it.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::NoDevice(
+            "no CUDA driver library (libcuda) found".into(),
+        ));
+    }
+    let n = CudaContext::device_count().map_err(|e| Error::NoDevice(e.to_string()))?;
+    Ok(n.max(0) as usize)
+}
+
+/// Launches `launch.kernel` on `stream` with `params` as its only argument, loading the
+/// kernel's module into the stream's context on first use (the cubin for the device's
+/// architecture, else the PTX) and opting in to more than 48 KiB of dynamic shared memory
+/// when the launch asks for it. Returns when the launch is queued.
+///
+/// # Safety
+/// `params` must be the parameter block of `launch.kernel`, and every device address in it
+/// must point to memory of the stream's context that holds every element the kernel
+/// touches for the shape in `params`, readable (and writable for outputs) until the kernel
+/// completes. [`Buffers`] gives addresses that are ordered on the stream.
+pub unsafe fn launch<P: KernelParams>(
+    stream: &CudaStream,
+    launch: &Launch,
+    params: &P,
+) -> Result<()> {
+    let ctx = stream.context();
+    let f = modules::function(ctx, launch.kernel)?;
+    let failed = |e: DriverError| Error::Cuda(format!("launching `{}`: {e}", launch.kernel.name()));
+    if launch.dynamic_smem > DEFAULT_DYNAMIC_SMEM_LIMIT {
+        ctx.bind_to_thread().map_err(failed)?;
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            launch.dynamic_smem as i32,
+        )
+        .map_err(failed)?;
+    }
+    let config = LaunchConfig {
+        grid_dim: launch.grid.into(),
+        block_dim: launch.block.into(),
+        shared_mem_bytes: launch.dynamic_smem,
+    };
+    let arg = ByValue(*params);
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&arg);
+    // SAFETY: the caller's contract; the kernel's one parameter is a `P` (ByValue is
+    // transparent), copied by cuLaunchKernel before it returns.
+    unsafe { builder.launch(config) }.map_err(failed)?;
+    Ok(())
+}
+
+/// A parameter block as cudarc's kernel argument: cuLaunchKernel copies its bytes.
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct ByValue<P>(P);
+
+// SAFETY: a KernelParams type is plain `#[repr(C)]` data laid out as its C++ twin.
+unsafe impl<P: KernelParams> DeviceRepr for ByValue<P> {}
+
+/// The device addresses of the buffers a launch reads and writes, each with cudarc's
+/// stream-order guard: `stream` first waits for the buffer's pending writes (and, for an
+/// output, reads), and when the guards drop, after the launch is queued, the buffer
+/// records this launch's use so later work on other streams waits for it.
+pub struct Buffers<'a> {
+    stream: &'a CudaStream,
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> Buffers<'a> {
+    pub fn new(stream: &'a CudaStream) -> Self {
+        Buffers {
+            stream,
+            guards: Vec::new(),
+        }
+    }
+
+    /// The device address of a buffer the kernel only reads.
+    pub fn read<T>(&mut self, buf: &'a (impl DevicePtr<T> + ?Sized)) -> u64 {
+        let (ptr, guard) = buf.device_ptr(self.stream);
+        self.guards.push(guard);
+        ptr
+    }
+
+    /// The device address of a buffer the kernel writes (and may read).
+    pub fn write<T>(&mut self, buf: &'a mut (impl DevicePtrMut<T> + ?Sized)) -> u64 {
+        let (ptr, guard) = buf.device_ptr_mut(self.stream);
+        self.guards.push(guard);
+        ptr
+    }
+
+    /// [`launch`] on this stream, then the guards' release.
+    ///
+    /// # Safety
+    /// As for [`launch`].
+    pub unsafe fn launch<P: KernelParams>(self, launch: &Launch, params: &P) -> Result<()> {
+        // SAFETY: the caller's contract.
+        unsafe { self::launch(self.stream, launch, params) }
+    }
+
+    /// Launches the steps of a plan in order on this stream, then releases the guards.
+    ///
+    /// # Safety
+    /// Every address in the steps' parameters came from these buffers, and the plan checked
+    /// them against the shapes it launches with.
+    pub(crate) unsafe fn run<P: KernelParams>(self, steps: &[(Launch, P)]) -> Result<()> {
+        for (l, p) in steps {
+            // SAFETY: the caller's contract.
+            unsafe { self::launch(self.stream, l, p) }?;
+        }
+        Ok(())
+    }
+}
+
+/// A device buffer an operation reads: any cudarc slice or view (`&x` coerces).
+pub type DeviceRead<'a, T> = &'a dyn DevicePtr<T>;
+/// A device buffer an operation writes: a cudarc slice or mutable view.
+pub type DeviceWrite<'a, T> = &'a mut dyn DevicePtrMut<T>;
+
+impl<'a, T> BufSource<DeviceRead<'a, T>, DeviceWrite<'a, T>> for Buffers<'a> {
+    fn read(&mut self, r: DeviceRead<'a, T>) -> Buf {
+        let len = r.len();
+        Buf {
+            addr: Buffers::read(self, r),
+            len,
+        }
+    }
+    fn write(&mut self, w: DeviceWrite<'a, T>) -> Buf {
+        let len = w.len();
+        Buf {
+            addr: Buffers::write(self, w),
+            len,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without a driver or device, asking for one is an error, never a panic.
+    #[test]
+    fn no_device_is_an_error() {
+        match context(0) {
+            Ok(ctx) => assert!(is_available() && ctx.ordinal() == 0),
+            Err(Error::NoDevice(_)) => assert!(!is_available()),
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+        assert!(matches!(context(usize::MAX), Err(Error::NoDevice(_))));
+    }
+}
