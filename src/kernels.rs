@@ -9,16 +9,24 @@ pub enum Module {
     /// Backend self-checks (`kernels/selftest.cu`): tiled SGEMM, warp reductions, an
     /// ldmatrix + mma GEMM, and deliberately broken kernels the emulator must catch.
     Selftest,
+    /// Self-checks of the dtype and architecture layer (`kernels/selftest_mma.cu`): an
+    /// ldmatrix + mma.sync + cp.async GEMM, fragment-layout probes, 16-bit conversions
+    /// and arithmetic, activations, reductions.
+    SelftestMma,
+    /// The frozen linear layer fused with its bottleneck delta (`kernels/delta_linear.cu`).
+    DeltaLinear,
 }
 
 impl Module {
     /// Every module, in build order.
-    pub const ALL: &'static [Module] = &[Module::Selftest];
+    pub const ALL: &'static [Module] = &[Module::Selftest, Module::SelftestMma, Module::DeltaLinear];
 
     /// The file stem under `kernels/` (and of the embedded PTX and cubins).
     pub const fn stem(self) -> &'static str {
         match self {
             Module::Selftest => "selftest",
+            Module::SelftestMma => "selftest_mma",
+            Module::DeltaLinear => "delta_linear",
         }
     }
 }
@@ -82,5 +90,52 @@ macro_rules! kernel_table {
 kernel_table! {
     Selftest {
         selftest_sgemm_tiled_f32,
+        selftest_sgemm_missing_barrier_f32,
+        selftest_block_reduce_f32,
+        selftest_warp_ops_i32,
+        selftest_thread_index,
+        selftest_reverse_dynamic_smem_f32,
+        selftest_atomics,
+        selftest_broken_divergent_barrier,
+        selftest_broken_shfl_wrong_mask,
+        selftest_broken_shfl_divergent,
+        selftest_broken_shfl_partial_warp,
+        selftest_broken_shfl_exited_lane,
+        selftest_broken_shfl_source_outside_mask,
+        selftest_broken_mismatched_warp_ops,
+        selftest_broken_warp_deadlock,
+    }
+    SelftestMma {
+        selftest_mma_gemm_nk_f16,
+        selftest_mma_gemm_kn_f16,
+        selftest_mma_gemm_nk_bf16,
+        selftest_mma_gemm_kn_bf16,
+        selftest_broken_mma_gemm_no_wait_bf16,
+        selftest_mma_probe_f16,
+        selftest_mma_probe_bf16,
+        selftest_ldmatrix_probe,
+        selftest_convert_f16,
+        selftest_convert_bf16,
+        selftest_arith_f16,
+        selftest_arith_bf16,
+        selftest_activation_f32,
+        selftest_activation_f16,
+        selftest_activation_bf16,
+        selftest_reduction_f32,
+    }
+    DeltaLinear {
+        fused_linear_naive_f32,
+        fused_linear_naive_f16,
+        fused_linear_naive_bf16,
+        fused_linear_simt_f32,
+        fused_linear_simt_f16,
+        fused_linear_simt_bf16,
+        fused_linear_mma_small_f16,
+        fused_linear_mma_small_bf16,
+        fused_linear_mma_large_f16,
+        fused_linear_mma_large_bf16,
+        lora_merge_f32,
+        lora_merge_f16,
+        lora_merge_bf16,
     }
 }

@@ -22,11 +22,16 @@
 //!
 //! [`reference`] holds the f64 CPU reference every kernel is checked against.
 
+pub mod delta_linear;
 pub mod error;
+pub mod host;
 pub mod kernels;
 pub mod plan;
 pub mod reference;
+#[cfg(feature = "emulator")]
+pub mod selftest;
 pub mod spec;
+pub mod validate;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;

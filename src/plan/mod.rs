@@ -2,6 +2,9 @@
 //! choice of kernel by dtype and shape, the grid / block / shared-memory geometry, and the
 //! parameter block the kernel receives. A backend only allocates and launches a [`Launch`].
 
+pub mod delta_linear;
+
+use crate::error::{Error, Result};
 use crate::kernels::KernelId;
 
 /// Geometry of one kernel launch, identical on the GPU and in the emulator.
@@ -21,3 +24,50 @@ pub struct Launch {
 /// # Safety
 /// The type must have exactly the layout of its C++ twin.
 pub unsafe trait KernelParams: Copy + Send + Sync + 'static {}
+
+/// A buffer as the planner sees it: its address (device or host) and its length in
+/// elements. Each backend makes these from its own buffer types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buf {
+    pub addr: u64,
+    pub len: usize,
+}
+
+/// Grid limits of every CUDA device since compute capability 3.0.
+const MAX_GRID: [u64; 3] = [(1 << 31) - 1, 65_535, 65_535];
+
+/// The grid of a kernel that tiles `cols` by `bn` (grid.x), `rows` by `bm` (grid.y) and runs
+/// `batch` independent problems (grid.z); an error naming the dimension when it exceeds
+/// the device's grid limits.
+pub fn grid_for(cols: usize, bn: usize, rows: usize, bm: usize, batch: usize) -> Result<[u32; 3]> {
+    let want = [
+        cols.div_ceil(bn) as u64,
+        rows.div_ceil(bm) as u64,
+        batch as u64,
+    ];
+    let names = ["columns", "rows", "batch"];
+    let mut grid = [0u32; 3];
+    for i in 0..3 {
+        if want[i] > MAX_GRID[i] {
+            return Err(Error::invalid(
+                names[i],
+                format!(
+                    "at most {} tiles of the grid's {} dimension",
+                    MAX_GRID[i],
+                    ["x", "y", "z"][i]
+                ),
+                format!("{} tiles", want[i]),
+            ));
+        }
+        grid[i] = want[i].max(1) as u32;
+    }
+    Ok(grid)
+}
+
+/// How a backend turns its buffers into [`Buf`]s: host slices in the emulator, cudarc
+/// device buffers on the GPU (keeping their stream-order guards alive until the launch).
+/// `R` is a buffer the kernels only read, `W` one they write.
+pub trait BufSource<R, W> {
+    fn read(&mut self, r: R) -> Buf;
+    fn write(&mut self, w: W) -> Buf;
+}

@@ -1,0 +1,398 @@
+// delta_linear.cu — the frozen linear layer and its bottleneck delta, fused.
+//
+// The unified view (UNIFIED-VIEW.md) writes every adapter as
+//     y = compose(h, s·f(u·W_downᵀ + b_down)·W_upᵀ + b_up),   h = x·Wᵀ + b.
+// Every kernel here computes one "fused linear" pass with two reduction phases:
+//
+//     acc  = A1[m,:] · B1[n,:]                          phase 1, K1 steps (the frozen GEMM)
+//     acc  = c_main(m) · (acc + bias[n] + h_in[m,n])    at the phase switch
+//     acc += A2[m,:] · B2[n,:]                          phase 2, K2 steps (the delta's up-projection)
+//     out  = c_out(m) · f(acc + c_bias2(m) · bias2[n])
+//
+// with row coefficients chosen from the composition: (c_h, c_d) = (1, 1) for add, (1, s) for
+// scaled add, (1 − λ_m, λ_m) for the gate. A parallel delta is two launches of this pass:
+//     down:  t = c_d(m) · f(u·W_downᵀ + b_down)              (A1 = u, B1 = W_down, c_out = c_d)
+//     main:  y = c_h(m)·(x·Wᵀ + b) + t·W_upᵀ + c_d(m)·b_up    (A1 = x, B1 = W, A2 = t, B2 = W_up)
+// so the delta is K2 = r more steps of the frozen GEMM's K loop (insight 1 of UNIFIED-VIEW.md)
+// and y is written exactly once. A sequential delta (u = h) needs the whole row of h first:
+//     h = x·Wᵀ + b → y;  t = c_d·f(y·W_downᵀ + b_down);  y = c_h·y + t·W_upᵀ + c_d·b_up (in place,
+// each element read and written by the same thread). `h_in` also lets a caller add a delta to an
+// h it computed itself, and the batch index (grid.z) with per-operand batch strides runs the
+// multi-head parallel adapter: one bottleneck per head slice.
+//
+// Kernels (numbered like llm.c's dev/cuda, the simplest first):
+//   fused_linear_naive_*  one thread per output, scalar loads: the correctness and speed baseline.
+//   fused_linear_simt_*   64×64×16 shared-memory tiles, 4×4 outputs per thread, scalar loads
+//                         with bounds checks: f32 (no TF32: the f32 contract is 1e-5) and
+//                         f16/bf16 operands that are not 16-byte aligned.
+//   fused_linear_mma_*    f16/bf16 tensor cores: ldmatrix + mma.sync.m16n8k16 (f32 accumulate)
+//                         fed by a cp.async multi-stage pipeline; needs 16-byte aligned bases
+//                         and leading dimensions that are multiples of 8 elements. Ragged
+//                         edges are zero-filled by cp.async's src-size.
+//   lora_merge_*          W ← W + sign·s·B·A in place (zero-overhead inference), SIMT tiles.
+//
+// Tile configurations of the mma kernel (chosen in src/plan.rs):
+//   large:  BM=128 BN=128 BK=32, 8 warps as 2×4 (warp tile 64×32), 4 stages, 80 KiB smem.
+//           The classic Ampere/Hopper mma.sync shape: 16 mma per ldmatrix.x4 pair, enough
+//           stages to cover HBM latency at 2 blocks per SM.
+//   small:  BM=16 BN=64 BK=64, 4 warps as 1×4 (warp tile 16×16), 4 stages, 46 KiB smem.
+//           Decode (M ≤ 64) is memory-bound on W: a 16-row tile wastes MMA work nobody
+//           misses, and BN=64 gives N/64 blocks each streaming 64 rows of W with 12 KiB of
+//           loads in flight per stage.
+//   Shared-memory rows are padded by 8 elements (pitch BK+8): the 8 row addresses of one
+//   ldmatrix phase then fall into 8 distinct 4-bank groups (pitch 80 B or 144 B), so the
+//   fragment loads are conflict-free without a swizzle.
+//   Not yet measured on a GPU: these are starting points, to be tuned against BENCHMARKS.md.
+
+#include "common.cuh"
+
+// Which coefficient of the row multiplies a term (see the header).
+enum Coef : int32_t { COEF_ONE = 0, COEF_H = 1, COEF_D = 2 };
+enum Compose : int32_t { COMPOSE_ADD = 0, COMPOSE_SCALED = 1, COMPOSE_GATED = 2 };
+
+// The parameter block of every fused_linear_* kernel; twin of `FusedLinearParams` in
+// src/delta.rs. Pointers may be null when the matching term is absent (bias, h_in, A2/B2 with
+// k2 = 0, bias2, gate unless composing by gate). Leading dimensions and batch strides are in
+// elements.
+struct FusedLinearParams {
+    const void* a1;
+    const void* b1;
+    const void* bias;
+    const void* h_in;
+    const void* a2;
+    const void* b2;
+    const void* bias2;
+    const void* gate;
+    void* out;
+    int64_t lda1, ldb1, ldh, lda2, ldb2, ldo;
+    int64_t bs_a1, bs_b1, bs_bias, bs_h, bs_a2, bs_b2, bs_bias2, bs_out;
+    int32_t m, n, k1, k2;
+    int32_t activation;  // Activation, as src/spec.rs numbers it
+    int32_t compose;     // Compose
+    int32_t c_main, c_bias2, c_out;  // Coef
+    float scale;
+};
+PK_PARAMS_SIZE(FusedLinearParams)
+
+// The operands of one batch entry, with the batch offsets applied.
+template <typename T>
+struct Operands {
+    const T* a1;
+    const T* b1;
+    const T* bias;
+    const T* h_in;
+    const T* a2;
+    const T* b2;
+    const T* bias2;
+    T* out;
+};
+
+template <typename T>
+PK_INLINE Operands<T> operands(const FusedLinearParams& p, int64_t b) {
+    auto at = [b](const void* base, int64_t stride) {
+        return base ? static_cast<const T*>(base) + b * stride : nullptr;
+    };
+    return {at(p.a1, p.bs_a1),  at(p.b1, p.bs_b1),       at(p.bias, p.bs_bias),
+            at(p.h_in, p.bs_h), at(p.a2, p.bs_a2),       at(p.b2, p.bs_b2),
+            at(p.bias2, p.bs_bias2), static_cast<T*>(p.out) + b * p.bs_out};
+}
+
+// The row coefficient `which` for row m.
+template <typename T>
+PK_INLINE float coef(const FusedLinearParams& p, int32_t which, int m) {
+    if (which == COEF_ONE) return 1.0f;
+    if (p.compose == COMPOSE_GATED) {
+        const float lambda = to_float(static_cast<const T*>(p.gate)[m]);
+        return which == COEF_H ? 1.0f - lambda : lambda;
+    }
+    return which == COEF_D && p.compose == COMPOSE_SCALED ? p.scale : 1.0f;
+}
+
+// The phase switch for element (m, n): scale the frozen part and add its bias and h_in.
+template <typename T>
+PK_INLINE float phase_switch(const FusedLinearParams& p, const Operands<T>& o, int m, int n,
+                             float acc) {
+    if (o.bias) acc += to_float(o.bias[n]);
+    if (o.h_in) acc += to_float(o.h_in[m * p.ldh + n]);
+    return coef<T>(p, p.c_main, m) * acc;
+}
+
+// The epilogue for element (m, n): second bias, activation, output coefficient, store.
+template <typename T>
+PK_INLINE void finish(const FusedLinearParams& p, const Operands<T>& o, int m, int n, float acc) {
+    if (o.bias2) acc += coef<T>(p, p.c_bias2, m) * to_float(o.bias2[n]);
+    const float v = coef<T>(p, p.c_out, m) * activate(static_cast<Activation>(p.activation), acc);
+    o.out[m * p.ldo + n] = from_float<T>(v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// v1: naive. grid (ceil(N/16), ceil(M/16), batch), block 16×16; thread (x, y) owns y[m, n].
+
+template <typename T>
+PK_INLINE void fused_linear_naive(const FusedLinearParams& p) {
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    const int m = blockIdx.y * blockDim.y + threadIdx.y;
+    if (m >= p.m || n >= p.n) return;
+    const Operands<T> o = operands<T>(p, blockIdx.z);
+    float acc = 0.0f;
+    for (int k = 0; k < p.k1; ++k)
+        acc += to_float(o.a1[m * p.lda1 + k]) * to_float(o.b1[n * p.ldb1 + k]);
+    acc = phase_switch(p, o, m, n, acc);
+    for (int k = 0; k < p.k2; ++k)
+        acc += to_float(o.a2[m * p.lda2 + k]) * to_float(o.b2[n * p.ldb2 + k]);
+    finish(p, o, m, n, acc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// v2: SIMT tiles. grid (ceil(N/64), ceil(M/64), batch), block 256 = 16×16 threads, each
+// computing a 4×4 block of outputs strided by 16 (rows ty + 16i, cols tx + 16j), so a warp's
+// shared-memory reads are broadcasts (same ty) or consecutive words (consecutive tx). Tiles are
+// stored k-major (As[k][row]) and loaded with 16 consecutive threads on 16 consecutive k.
+
+namespace simt {
+constexpr int BM = 64, BN = 64, BK = 16, THREADS = 256;
+
+// Load rows [r0, r0 + 64) × cols [k0, k0 + 16) of a row-major operand into dst[k][row],
+// zero outside rows < rows_lim, cols < k_lim. Thread t loads k = t % 16 of rows t / 16 + 16i.
+template <typename T>
+PK_INLINE void load_tile(float (*dst)[BM + 4], const T* src, int64_t ld, int r0, int rows_lim,
+                         int k0, int k_lim) {
+    const int k = threadIdx.x % BK;
+    for (int row = threadIdx.x / BK; row < BM; row += THREADS / BK) {
+        const int gr = r0 + row, gk = k0 + k;
+        dst[k][row] = (gr < rows_lim && gk < k_lim) ? to_float(src[gr * ld + gk]) : 0.0f;
+    }
+}
+}  // namespace simt
+
+template <typename T>
+PK_INLINE void fused_linear_simt(const FusedLinearParams& p) {
+    using namespace simt;
+    // +4 keeps rows 16-byte aligned while shifting banks between k rows.
+    __shared__ float As[BK][BM + 4];
+    __shared__ float Bs[BK][BN + 4];
+    const Operands<T> o = operands<T>(p, blockIdx.z);
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    float acc[4][4] = {};
+
+    const int tiles1 = ceil_div(p.k1, BK), tiles2 = ceil_div(p.k2, BK);
+    for (int kt = 0; kt < tiles1 + tiles2; ++kt) {
+        if (kt == tiles1) {
+            // Phase switch: rows/cols outside the output are never stored, skip them.
+            for (int i = 0; i < 4; ++i)
+                for (int j = 0; j < 4; ++j) {
+                    const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+                    if (m < p.m && n < p.n) acc[i][j] = phase_switch(p, o, m, n, acc[i][j]);
+                }
+        }
+        const bool first = kt < tiles1;
+        const int k0 = (first ? kt : kt - tiles1) * BK, k_lim = first ? p.k1 : p.k2;
+        load_tile(As, first ? o.a1 : o.a2, first ? p.lda1 : p.lda2, m0, p.m, k0, k_lim);
+        load_tile(Bs, first ? o.b1 : o.b2, first ? p.ldb1 : p.ldb2, n0, p.n, k0, k_lim);
+        __syncthreads();
+        for (int k = 0; k < BK; ++k) {
+            float a[4], b[4];
+            for (int i = 0; i < 4; ++i) a[i] = As[k][ty + 16 * i];
+            for (int j = 0; j < 4; ++j) b[j] = Bs[k][tx + 16 * j];
+            for (int i = 0; i < 4; ++i)
+                for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+        }
+        __syncthreads();
+    }
+    for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) {
+            const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+            if (m >= p.m || n >= p.n) continue;
+            // Without a second phase the loop never reached the switch.
+            finish(p, o, m, n, tiles2 == 0 ? phase_switch(p, o, m, n, acc[i][j]) : acc[i][j]);
+        }
+}
+
+// ---------------------------------------------------------------------------------------------
+// v3: tensor cores. grid (ceil(N/BN), ceil(M/BM), batch), block WARPS_M × WARPS_N warps.
+
+template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_>
+struct MmaConfig {
+    static constexpr int BM = BM_, BN = BN_, BK = BK_, STAGES = STAGES_;
+    static constexpr int WARPS_M = WARPS_M_, WARPS_N = WARPS_N_;
+    static constexpr int THREADS = 32 * WARPS_M * WARPS_N;
+    static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;  // warp tile
+    static constexpr int MI = WM / 16, NI = WN / 8;              // mma tiles per warp
+    static constexpr int PITCH = BK + 8;                         // elements per smem row
+    static constexpr int STAGE_ELEMS = (BM + BN) * PITCH;
+    static constexpr int SMEM_BYTES = STAGES * STAGE_ELEMS * 2;
+    static_assert(WM % 16 == 0 && WN % 16 == 0 && BK % 16 == 0, "mma tile shape");
+};
+using MmaLarge = MmaConfig<128, 128, 32, 2, 4, 4>;
+using MmaSmall = MmaConfig<16, 64, 64, 1, 4, 4>;
+
+// Issue the cp.async loads of rows [r0, r0 + ROWS) × cols [k0, k0 + BK) of a row-major operand
+// into dst (pitch C::PITCH), 16 bytes per copy, zero-filling rows ≥ rows_lim and cols ≥ k_lim.
+template <typename C, int ROWS, typename T>
+PK_INLINE void mma_load_tile(T* dst, const T* src, int64_t ld, int r0, int rows_lim, int k0,
+                             int k_lim) {
+    constexpr int CHUNKS = C::BK / 8;  // 16-byte chunks per row
+    for (int i = threadIdx.x; i < ROWS * CHUNKS; i += C::THREADS) {
+        const int row = i / CHUNKS, col = (i % CHUNKS) * 8;
+        const int gr = r0 + row, gk = k0 + col;
+        int valid = gr < rows_lim ? k_lim - gk : 0;
+        valid = valid < 0 ? 0 : (valid > 8 ? 8 : valid);
+        const T* g = valid > 0 ? src + gr * ld + gk : src;
+        cp_async_16_zfill(dst + row * C::PITCH + col, g, valid * 2);
+    }
+}
+
+template <typename T, typename C>
+PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
+    PK_DYNAMIC_SMEM(unsigned char, smem_raw);
+    T* smem = reinterpret_cast<T*>(smem_raw);
+    const Operands<T> o = operands<T>(p, blockIdx.z);
+    const int m0 = blockIdx.y * C::BM, n0 = blockIdx.x * C::BN;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wm0 = (warp / C::WARPS_N) * C::WM, wn0 = (warp % C::WARPS_N) * C::WN;
+    const int g = lane / 4, t = lane % 4;  // mma fragment coordinates
+
+    float acc[C::MI][C::NI][4] = {};
+    const int tiles1 = ceil_div(p.k1, C::BK), tiles2 = ceil_div(p.k2, C::BK);
+    const int tiles = tiles1 + tiles2;
+
+    auto load = [&](int kt) {
+        T* sa = smem + (kt % C::STAGES) * C::STAGE_ELEMS;
+        T* sb = sa + C::BM * C::PITCH;
+        const bool first = kt < tiles1;
+        const int k0 = (first ? kt : kt - tiles1) * C::BK, k_lim = first ? p.k1 : p.k2;
+        mma_load_tile<C, C::BM>(sa, first ? o.a1 : o.a2, first ? p.lda1 : p.lda2, m0, p.m, k0,
+                                k_lim);
+        mma_load_tile<C, C::BN>(sb, first ? o.b1 : o.b2, first ? p.ldb1 : p.ldb2, n0, p.n, k0,
+                                k_lim);
+    };
+    // Apply `fn(m, n, value)` to every accumulator element inside the output.
+    auto for_each_acc = [&](auto fn) {
+#pragma unroll
+        for (int mi = 0; mi < C::MI; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < C::NI; ++ni)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int m = m0 + wm0 + mi * 16 + g + (e >= 2 ? 8 : 0);
+                    const int n = n0 + wn0 + ni * 8 + 2 * t + (e & 1);
+                    if (m < p.m && n < p.n) fn(m, n, acc[mi][ni][e]);
+                }
+    };
+    auto switch_phase = [&]() {
+        for_each_acc([&](int m, int n, float& v) { v = phase_switch(p, o, m, n, v); });
+    };
+
+    // Prologue: fill STAGES − 1 stages. Every iteration commits one group (possibly empty) so
+    // that wait<STAGES − 2> always means "the tile about to be used has landed".
+    for (int s = 0; s < C::STAGES - 1; ++s) {
+        if (s < tiles) load(s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < tiles; ++kt) {
+        cp_async_wait<C::STAGES - 2>();
+        __syncthreads();  // tile kt visible to all; stage (kt − 1) free for the next load
+        if (kt + C::STAGES - 1 < tiles) load(kt + C::STAGES - 1);
+        cp_async_commit();
+        if (kt == tiles1) switch_phase();
+
+        const T* sa = smem + (kt % C::STAGES) * C::STAGE_ELEMS;
+        const T* sb = sa + C::BM * C::PITCH;
+#pragma unroll
+        for (int kk = 0; kk < C::BK; kk += 16) {
+            uint32_t af[C::MI][4], bf[C::NI][2];
+#pragma unroll
+            for (int mi = 0; mi < C::MI; ++mi)
+                ldmatrix_x4(af[mi], sa + (wm0 + mi * 16 + lane % 16) * C::PITCH + kk +
+                                        (lane / 16) * 8);
+#pragma unroll
+            for (int ni = 0; ni < C::NI; ni += 2) {
+                // Matrices (ni, k 0–7), (ni, k 8–15), (ni + 1, k 0–7), (ni + 1, k 8–15).
+                uint32_t r[4];
+                ldmatrix_x4(r, sb + (wn0 + ni * 8 + (lane / 16) * 8 + lane % 8) * C::PITCH + kk +
+                                   ((lane / 8) % 2) * 8);
+                bf[ni][0] = r[0];
+                bf[ni][1] = r[1];
+                bf[ni + 1][0] = r[2];
+                bf[ni + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < C::MI; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < C::NI; ++ni) mma_m16n8k16<T>(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
+        }
+    }
+    cp_async_wait_all();
+    if (tiles == tiles1) switch_phase();
+    for_each_acc([&](int m, int n, float& v) { finish(p, o, m, n, v); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// LoRA merge: W[n, k] ← W[n, k] + sign·s·Σ_j B[n, j]·A[j, k], in place.
+// grid (ceil(K/64), ceil(N/64)), block 256 = 16×16, 4×4 outputs per thread strided by 16.
+
+struct LoraMergeParams {
+    void* w;             // [N, K], leading dimension ldw
+    const void* lora_a;  // [r, K], leading dimension lda
+    const void* lora_b;  // [N, r], leading dimension ldb
+    int64_t ldw, lda, ldb;
+    int32_t n, k, r;
+    float alpha;  // sign·s
+};
+PK_PARAMS_SIZE(LoraMergeParams)
+
+template <typename T>
+PK_INLINE void lora_merge(const LoraMergeParams& p) {
+    constexpr int TILE = 64, RK = 16;
+    __shared__ float Bt[RK][TILE + 4];  // B[n0 + i, j0 + jj] at Bt[jj][i]
+    __shared__ float At[RK][TILE + 4];  // A[j0 + jj, k0 + i] at At[jj][i]
+    const T* a = static_cast<const T*>(p.lora_a);
+    const T* b = static_cast<const T*>(p.lora_b);
+    T* w = static_cast<T*>(p.w);
+    const int n0 = blockIdx.y * TILE, k0 = blockIdx.x * TILE;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    float acc[4][4] = {};
+    for (int j0 = 0; j0 < p.r; j0 += RK) {
+        // B: 16 consecutive threads read 16 consecutive j of one row n.
+        for (int i = threadIdx.x; i < TILE * RK; i += 256) {
+            const int row = i / RK, jj = i % RK, n = n0 + row, j = j0 + jj;
+            Bt[jj][row] = (n < p.n && j < p.r) ? to_float(b[n * p.ldb + j]) : 0.0f;
+        }
+        // A: 64 consecutive threads read 64 consecutive k of one row j.
+        for (int i = threadIdx.x; i < TILE * RK; i += 256) {
+            const int jj = i / TILE, col = i % TILE, j = j0 + jj, k = k0 + col;
+            At[jj][col] = (j < p.r && k < p.k) ? to_float(a[j * p.lda + k]) : 0.0f;
+        }
+        __syncthreads();
+        for (int jj = 0; jj < RK; ++jj)
+            for (int i = 0; i < 4; ++i)
+                for (int q = 0; q < 4; ++q) acc[i][q] += Bt[jj][ty + 16 * i] * At[jj][tx + 16 * q];
+        __syncthreads();
+    }
+    for (int i = 0; i < 4; ++i)
+        for (int q = 0; q < 4; ++q) {
+            const int n = n0 + ty + 16 * i, k = k0 + tx + 16 * q;
+            if (n < p.n && k < p.k) {
+                T& dst = w[n * p.ldw + k];
+                dst = from_float<T>(to_float(dst) + p.alpha * acc[i][q]);
+            }
+        }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Instantiations: one line per exported kernel.
+
+PK_KERNEL(fused_linear_naive_f32, fused_linear_naive<float>, FusedLinearParams)
+PK_KERNEL(fused_linear_naive_f16, fused_linear_naive<__half>, FusedLinearParams)
+PK_KERNEL(fused_linear_naive_bf16, fused_linear_naive<__nv_bfloat16>, FusedLinearParams)
+PK_KERNEL_BOUNDS(fused_linear_simt_f32, fused_linear_simt<float>, FusedLinearParams, 256, 2)
+PK_KERNEL_BOUNDS(fused_linear_simt_f16, fused_linear_simt<__half>, FusedLinearParams, 256, 2)
+PK_KERNEL_BOUNDS(fused_linear_simt_bf16, fused_linear_simt<__nv_bfloat16>, FusedLinearParams, 256, 2)
+PK_KERNEL_BOUNDS(fused_linear_mma_large_f16, (fused_linear_mma<__half, MmaLarge>), FusedLinearParams, 256, 2)
+PK_KERNEL_BOUNDS(fused_linear_mma_large_bf16, (fused_linear_mma<__nv_bfloat16, MmaLarge>), FusedLinearParams, 256, 2)
+PK_KERNEL_BOUNDS(fused_linear_mma_small_f16, (fused_linear_mma<__half, MmaSmall>), FusedLinearParams, 128, 4)
+PK_KERNEL_BOUNDS(fused_linear_mma_small_bf16, (fused_linear_mma<__nv_bfloat16, MmaSmall>), FusedLinearParams, 128, 4)
+PK_KERNEL_BOUNDS(lora_merge_f32, lora_merge<float>, LoraMergeParams, 256, 2)
+PK_KERNEL_BOUNDS(lora_merge_f16, lora_merge<__half>, LoraMergeParams, 256, 2)
+PK_KERNEL_BOUNDS(lora_merge_bf16, lora_merge<__nv_bfloat16>, LoraMergeParams, 256, 2)

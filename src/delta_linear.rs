@@ -1,0 +1,269 @@
+//! The frozen linear layer fused with its bottleneck delta (kernels/delta_linear.cu):
+//!
+//! ```text
+//! y = compose(h, s·f(u·W_downᵀ + b_down)·W_upᵀ + b_up),    h = x·Wᵀ + b
+//! ```
+//!
+//! in the PyTorch `nn.Linear` layouts of UNIFIED-VIEW.md (W [N, K], W_down = LoRA A [r, K_u],
+//! W_up = LoRA B [N, r]). One description, [`DeltaLinear`], covers LoRA, the Houlsby adapter,
+//! the parallel and scaled parallel adapters; [`DeltaApplyDims`] adds a delta to an `h` the
+//! caller computed (also per head: the multi-head parallel adapter). Both backends take the
+//! same argument structs over their own buffer types: `&[T]` / `&mut [T]` in the emulator,
+//! cudarc device slices and views on the GPU.
+
+use crate::plan::delta_linear::{workspace_ld, DeltaApplyBufs, DeltaLinearBufs, LoraMergeBufs};
+use crate::plan::BufSource;
+use crate::spec::{Activation, Composition, Insertion};
+
+/// Which kernel implementation runs the passes. `Auto` (the default) is what a user wants;
+/// the others exist for tests and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelVariant {
+    /// Tensor cores for f16/bf16 with aligned operands, SIMT tiles otherwise.
+    #[default]
+    Auto,
+    /// One thread per output: the correctness and speed baseline.
+    Naive,
+    /// Shared-memory tiles on the CUDA cores (any dtype, any alignment).
+    Simt,
+    /// mma.sync tensor cores; an error where the operands do not allow it.
+    TensorCore,
+}
+
+/// One method of the unified view at a linear layer: the delta's insertion, functional form
+/// and composition (the reference, [`crate::reference::linear`], takes the same description).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DeltaLinear {
+    pub activation: Activation,
+    pub insertion: Insertion,
+    pub composition: Composition,
+}
+
+impl DeltaLinear {
+    /// LoRA: parallel, identity, `h + s·Δh` with `s = alpha / r`.
+    pub fn lora(alpha: f32, r: usize) -> Self {
+        Self::new(
+            Insertion::Parallel,
+            Activation::Identity,
+            Composition::Scaled(alpha / r as f32),
+        )
+    }
+    /// Houlsby adapter: sequential, `h + f(h·W_downᵀ + b_down)·W_upᵀ + b_up`.
+    pub fn houlsby(activation: Activation) -> Self {
+        Self::new(Insertion::Sequential, activation, Composition::Add)
+    }
+    /// Parallel adapter (`scale = 1`) and scaled parallel adapter (the MAM adapter uses 4).
+    pub fn parallel_adapter(activation: Activation, scale: f32) -> Self {
+        Self::new(Insertion::Parallel, activation, Composition::Scaled(scale))
+    }
+    /// Any combination.
+    pub fn new(insertion: Insertion, activation: Activation, composition: Composition) -> Self {
+        DeltaLinear {
+            activation,
+            insertion,
+            composition,
+        }
+    }
+    /// Elements the `workspace` of [`DeltaLinearArgs`] must hold for `m` rows and rank `r`
+    /// (the bottleneck activations, rows padded to 8 elements).
+    pub fn workspace_len(m: usize, r: usize) -> usize {
+        m * workspace_ld(r)
+    }
+}
+
+/// Sizes and row strides of a delta-linear call. W, W_down, W_up are contiguous.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeltaLinearDims {
+    /// Rows (tokens, batch × sequence).
+    pub m: usize,
+    /// Output features of the frozen layer.
+    pub n: usize,
+    /// Input features of the frozen layer.
+    pub k: usize,
+    /// Bottleneck width (LoRA rank, adapter size).
+    pub r: usize,
+    /// Row stride of x, ≥ k.
+    pub ld_x: usize,
+    /// Row stride of y, ≥ n.
+    pub ld_y: usize,
+    /// Columns of a separate parallel delta input u (ignored unless u is given).
+    pub k_u: usize,
+    /// Row stride of u, ≥ k_u.
+    pub ld_u: usize,
+    /// Which implementation runs the passes (`Auto` unless testing or benchmarking).
+    pub kernel: KernelVariant,
+}
+
+impl DeltaLinearDims {
+    /// Contiguous x [m, k] and y [m, n]; u, if given, [m, k].
+    pub fn new(m: usize, n: usize, k: usize, r: usize) -> Self {
+        DeltaLinearDims {
+            m,
+            n,
+            k,
+            r,
+            ld_x: k,
+            ld_y: n,
+            k_u: k,
+            ld_u: k,
+            kernel: KernelVariant::Auto,
+        }
+    }
+}
+
+/// The tensors of a delta-linear call, over a backend's buffer types (`R` read, `W` written).
+#[derive(Debug)]
+pub struct DeltaLinearArgs<R, W> {
+    /// [m, k], row stride `ld_x`.
+    pub x: R,
+    /// The frozen weight [n, k].
+    pub w: R,
+    /// [n].
+    pub bias: Option<R>,
+    /// A separate parallel delta input [m, k_u] (an FFN's parallel adapter reads the FFN's
+    /// input); `None`: u = x (parallel) or u = h (sequential).
+    pub u: Option<R>,
+    /// W_down = LoRA A, [r, k_u] (k_u = n for sequential insertion).
+    pub w_down: R,
+    /// [r].
+    pub b_down: Option<R>,
+    /// W_up = LoRA B, [n, r].
+    pub w_up: R,
+    /// [n].
+    pub b_up: Option<R>,
+    /// Per-row gate λ [m], only with `Composition::Gated`.
+    pub gate: Option<R>,
+    /// Scratch of [`DeltaLinear::workspace_len`] elements.
+    pub workspace: W,
+    /// The output [m, n], row stride `ld_y`.
+    pub y: W,
+}
+
+/// Sizes and strides of a delta on a given h, with one bottleneck per head slice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeltaApplyDims {
+    /// Rows.
+    pub m: usize,
+    /// Heads (1: one bottleneck over the whole row).
+    pub heads: usize,
+    /// Columns of h and y per head.
+    pub head_dim: usize,
+    /// Bottleneck width per head.
+    pub r: usize,
+    /// Columns of u per head (parallel insertion).
+    pub u_head_dim: usize,
+    /// Row strides of h, u and y.
+    pub ld_h: usize,
+    pub ld_u: usize,
+    pub ld_y: usize,
+    /// Which implementation runs the passes (`Auto` unless testing or benchmarking).
+    pub kernel: KernelVariant,
+}
+
+impl DeltaApplyDims {
+    /// Contiguous h, y [m, heads·head_dim] and u [m, heads·u_head_dim].
+    pub fn new(m: usize, heads: usize, head_dim: usize, u_head_dim: usize, r: usize) -> Self {
+        let w = heads * head_dim;
+        DeltaApplyDims {
+            m,
+            heads,
+            head_dim,
+            r,
+            u_head_dim,
+            ld_h: w,
+            ld_u: heads * u_head_dim,
+            ld_y: w,
+            kernel: KernelVariant::Auto,
+        }
+    }
+    /// Elements the workspace must hold.
+    pub fn workspace_len(&self) -> usize {
+        self.m * self.heads * workspace_ld(self.r)
+    }
+}
+
+/// The tensors of a delta on a given h: `y = compose(h, Δh)` per head slice.
+#[derive(Debug)]
+pub struct DeltaApplyArgs<R, W> {
+    /// The frozen output [m, heads·head_dim]; `None`: h is read from y, in place.
+    pub h: Option<R>,
+    /// The parallel delta input [m, heads·u_head_dim]; must be `None` for sequential.
+    pub u: Option<R>,
+    /// [heads, r, u_head_dim] (sequential: [heads, r, head_dim]).
+    pub w_down: R,
+    /// [heads, r].
+    pub b_down: Option<R>,
+    /// [heads, head_dim, r].
+    pub w_up: R,
+    /// [heads, head_dim].
+    pub b_up: Option<R>,
+    /// Per-row gate λ [m], only with `Composition::Gated`.
+    pub gate: Option<R>,
+    /// Scratch of [`DeltaApplyDims::workspace_len`] elements.
+    pub workspace: W,
+    /// [m, heads·head_dim].
+    pub y: W,
+}
+
+impl<R, W> DeltaLinearArgs<R, W> {
+    pub(crate) fn bufs(self, s: &mut impl BufSource<R, W>) -> DeltaLinearBufs {
+        DeltaLinearBufs {
+            x: s.read(self.x),
+            w: s.read(self.w),
+            bias: self.bias.map(|b| s.read(b)),
+            u: self.u.map(|b| s.read(b)),
+            w_down: s.read(self.w_down),
+            b_down: self.b_down.map(|b| s.read(b)),
+            w_up: s.read(self.w_up),
+            b_up: self.b_up.map(|b| s.read(b)),
+            gate: self.gate.map(|b| s.read(b)),
+            workspace: s.write(self.workspace),
+            y: s.write(self.y),
+        }
+    }
+}
+
+impl<R, W> DeltaApplyArgs<R, W> {
+    pub(crate) fn bufs(self, s: &mut impl BufSource<R, W>) -> DeltaApplyBufs {
+        DeltaApplyBufs {
+            h: self.h.map(|b| s.read(b)),
+            u: self.u.map(|b| s.read(b)),
+            w_down: s.read(self.w_down),
+            b_down: self.b_down.map(|b| s.read(b)),
+            w_up: s.read(self.w_up),
+            b_up: self.b_up.map(|b| s.read(b)),
+            gate: self.gate.map(|b| s.read(b)),
+            workspace: s.write(self.workspace),
+            y: s.write(self.y),
+        }
+    }
+}
+
+/// Sizes of a LoRA merge: W [n, k], A [r, k], B [n, r], all contiguous.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraMergeDims {
+    pub n: usize,
+    pub k: usize,
+    pub r: usize,
+}
+
+/// The tensors of a LoRA merge `W ← W + alpha·B·A`.
+#[derive(Debug)]
+pub struct LoraMergeArgs<R, W> {
+    /// The frozen weight [n, k], updated in place.
+    pub w: W,
+    /// LoRA A (`lora_A.weight`) [r, k].
+    pub lora_a: R,
+    /// LoRA B (`lora_B.weight`) [n, r].
+    pub lora_b: R,
+}
+
+impl<R, W> LoraMergeArgs<R, W> {
+    pub(crate) fn bufs(self, s: &mut impl BufSource<R, W>) -> LoraMergeBufs {
+        LoraMergeBufs {
+            lora_a: s.read(self.lora_a),
+            lora_b: s.read(self.lora_b),
+            w: s.write(self.w),
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! The delta-linear family on the emulator: host slices in, the same plans as the GPU.
+
+use super::{launch, HostBufs};
+use crate::delta_linear::{
+    DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearDims, LoraMergeArgs,
+    LoraMergeDims,
+};
+use crate::plan::delta_linear as plan;
+use crate::plan::{KernelParams, Launch};
+use crate::{Element, Result};
+
+fn run<P: KernelParams>(steps: Vec<(Launch, P)>) -> Result<()> {
+    for (l, p) in steps {
+        // SAFETY: the plan checked every buffer against the shapes it launches with.
+        unsafe { launch(&l, &p) }?;
+    }
+    Ok(())
+}
+
+/// `y = compose(x·Wᵀ + b, s·f(u·W_downᵀ + b_down)·W_upᵀ + b_up)` (see
+/// [`crate::delta_linear`]) on the CPU emulator. Every argument is checked before anything
+/// runs.
+pub fn delta_linear<T: Element>(
+    op: &DeltaLinear,
+    dims: &DeltaLinearDims,
+    args: DeltaLinearArgs<&[T], &mut [T]>,
+) -> Result<()> {
+    let bufs = args.bufs(&mut HostBufs);
+    run(plan::delta_linear(op, dims, T::DTYPE, &bufs)?)
+}
+
+/// `y = compose(h, Δh)` per head slice for a given h (the multi-head parallel adapter with
+/// `heads > 1`), on the CPU emulator.
+pub fn delta_apply<T: Element>(
+    op: &DeltaLinear,
+    dims: &DeltaApplyDims,
+    args: DeltaApplyArgs<&[T], &mut [T]>,
+) -> Result<()> {
+    let bufs = args.bufs(&mut HostBufs);
+    run(plan::delta_apply(op, dims, T::DTYPE, &bufs)?)
+}
+
+/// Merges LoRA into the frozen weight in place on the CPU emulator, `W ← W + alpha·B·A`
+/// (alpha = s to merge, −s to unmerge).
+pub fn lora_merge<T: Element>(
+    dims: &LoraMergeDims,
+    alpha: f32,
+    args: LoraMergeArgs<&[T], &mut [T]>,
+) -> Result<()> {
+    let bufs = args.bufs(&mut HostBufs);
+    run(vec![plan::lora_merge(T::DTYPE, dims, alpha, &bufs)?])
+}

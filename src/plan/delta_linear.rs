@@ -1,0 +1,607 @@
+//! Planning of the delta-linear family (kernels/delta_linear.cu): validation, kernel choice
+//! and the launch sequence of each method of the unified view.
+
+use super::{grid_for, Buf, Launch};
+use crate::delta_linear::{
+    DeltaApplyDims, DeltaLinear, DeltaLinearDims, KernelVariant, LoraMergeDims,
+};
+use crate::error::{Error, Result};
+use crate::kernels::KernelId;
+use crate::spec::{Activation, Composition, DType, Insertion, MatrixLayout};
+
+/// Twin of `FusedLinearParams` in kernels/delta_linear.cu (see its header for the math).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FusedLinearParams {
+    pub a1: u64,
+    pub b1: u64,
+    pub bias: u64,
+    pub h_in: u64,
+    pub a2: u64,
+    pub b2: u64,
+    pub bias2: u64,
+    pub gate: u64,
+    pub out: u64,
+    pub lda1: i64,
+    pub ldb1: i64,
+    pub ldh: i64,
+    pub lda2: i64,
+    pub ldb2: i64,
+    pub ldo: i64,
+    pub bs_a1: i64,
+    pub bs_b1: i64,
+    pub bs_bias: i64,
+    pub bs_h: i64,
+    pub bs_a2: i64,
+    pub bs_b2: i64,
+    pub bs_bias2: i64,
+    pub bs_out: i64,
+    pub m: i32,
+    pub n: i32,
+    pub k1: i32,
+    pub k2: i32,
+    pub activation: i32,
+    pub compose: i32,
+    pub c_main: i32,
+    pub c_bias2: i32,
+    pub c_out: i32,
+    pub scale: f32,
+}
+// SAFETY: #[repr(C)], field for field the C++ struct (checked by a size test).
+unsafe impl super::KernelParams for FusedLinearParams {}
+
+/// Twin of `LoraMergeParams` in kernels/delta_linear.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LoraMergeParams {
+    pub w: u64,
+    pub lora_a: u64,
+    pub lora_b: u64,
+    pub ldw: i64,
+    pub lda: i64,
+    pub ldb: i64,
+    pub n: i32,
+    pub k: i32,
+    pub r: i32,
+    pub alpha: f32,
+}
+// SAFETY: as above.
+unsafe impl super::KernelParams for LoraMergeParams {}
+
+// Row coefficients (kernels/delta_linear.cu `Coef`).
+const COEF_ONE: i32 = 0;
+const COEF_H: i32 = 1;
+const COEF_D: i32 = 2;
+
+/// The operands of one delta-linear call, as addresses; `None` for absent optional tensors.
+#[derive(Clone, Copy, Debug)]
+pub struct DeltaLinearBufs {
+    pub x: Buf,
+    pub w: Buf,
+    pub bias: Option<Buf>,
+    pub u: Option<Buf>,
+    pub w_down: Buf,
+    pub b_down: Option<Buf>,
+    pub w_up: Buf,
+    pub b_up: Option<Buf>,
+    pub gate: Option<Buf>,
+    pub workspace: Buf,
+    pub y: Buf,
+}
+
+/// The operands of one delta-apply call (a delta on a given h, per head).
+#[derive(Clone, Copy, Debug)]
+pub struct DeltaApplyBufs {
+    /// The frozen output; `None`: read from `y` in place.
+    pub h: Option<Buf>,
+    pub u: Option<Buf>,
+    pub w_down: Buf,
+    pub b_down: Option<Buf>,
+    pub w_up: Buf,
+    pub b_up: Option<Buf>,
+    pub gate: Option<Buf>,
+    pub workspace: Buf,
+    pub y: Buf,
+}
+
+/// The operands of a LoRA merge.
+#[derive(Clone, Copy, Debug)]
+pub struct LoraMergeBufs {
+    pub w: Buf,
+    pub lora_a: Buf,
+    pub lora_b: Buf,
+}
+
+/// The row-coefficient encoding of a composition: (compose code, scale).
+fn composition_code(c: Composition) -> Result<(i32, f32)> {
+    match c {
+        Composition::Add => Ok((0, 1.0)),
+        Composition::Scaled(s) if s.is_finite() => Ok((1, s)),
+        Composition::Scaled(s) => Err(Error::invalid("composition", "a finite scale s", s)),
+        Composition::Gated => Ok((2, 1.0)),
+    }
+}
+
+fn dim_i32(arg: &'static str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::invalid(arg, format!("at most {}", i32::MAX), v))
+}
+
+fn positive(arg: &'static str, v: usize) -> Result<i32> {
+    if v == 0 {
+        return Err(Error::invalid(arg, "at least 1", 0));
+    }
+    dim_i32(arg, v)
+}
+
+/// Checks that `buf` holds the matrix `layout` (and that `ld ≥ cols`).
+fn check_matrix(arg: &'static str, buf: Buf, layout: MatrixLayout) -> Result<()> {
+    if layout.ld < layout.cols {
+        return Err(Error::invalid(
+            arg,
+            format!("a leading dimension ≥ {} (its columns)", layout.cols),
+            layout.ld,
+        ));
+    }
+    let need = layout.min_len();
+    if buf.len < need {
+        return Err(Error::invalid(
+            arg,
+            format!(
+                "at least {need} elements for a {}×{} matrix with leading dimension {}",
+                layout.rows, layout.cols, layout.ld
+            ),
+            format!("{} elements", buf.len),
+        ));
+    }
+    Ok(())
+}
+
+fn check_vector(arg: &'static str, buf: Option<Buf>, len: usize) -> Result<()> {
+    match buf {
+        Some(b) if b.len < len => Err(Error::invalid(
+            arg,
+            format!("at least {len} elements"),
+            format!("{} elements", b.len),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn check_gate(gate: Option<Buf>, composition: Composition, m: usize) -> Result<()> {
+    match (composition, gate) {
+        (Composition::Gated, None) => Err(Error::invalid(
+            "gate",
+            format!("a per-row gate λ of {m} elements for Composition::Gated"),
+            "None",
+        )),
+        (Composition::Gated, g) => check_vector("gate", g, m),
+        (_, Some(_)) => Err(Error::invalid(
+            "gate",
+            "None unless composition is Composition::Gated",
+            "a gate tensor",
+        )),
+        (_, None) => Ok(()),
+    }
+}
+
+/// Which implementation runs a fused-linear pass for `dtype` on these operands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Naive,
+    Simt,
+    MmaSmall,
+    MmaLarge,
+}
+
+/// Every operand a pass reads with 16-byte vector copies: (base address, leading dimension,
+/// batch stride), all in elements of `dtype`.
+type VecOperand = (u64, usize, usize);
+
+fn kind_for(
+    variant: KernelVariant,
+    dtype: DType,
+    m: usize,
+    operands: &[VecOperand],
+) -> Result<Kind> {
+    let vec_ok = |&(addr, ld, bs): &VecOperand| {
+        let per = 16 / dtype.size();
+        addr % 16 == 0 && ld % per == 0 && bs % per == 0
+    };
+    let mma_ok = dtype != DType::F32 && operands.iter().all(vec_ok);
+    let mma = if m <= 64 {
+        Kind::MmaSmall
+    } else {
+        Kind::MmaLarge
+    };
+    match variant {
+        KernelVariant::Auto => Ok(if mma_ok { mma } else { Kind::Simt }),
+        KernelVariant::Naive => Ok(Kind::Naive),
+        KernelVariant::Simt => Ok(Kind::Simt),
+        KernelVariant::TensorCore if mma_ok => Ok(mma),
+        KernelVariant::TensorCore => Err(Error::Unsupported(format!(
+            "the tensor-core kernel needs f16/bf16 operands with 16-byte aligned bases and \
+             leading dimensions that are multiples of 8 elements (dtype {dtype})"
+        ))),
+    }
+}
+
+fn launch_for(kind: Kind, dtype: DType, m: usize, n: usize, batch: usize) -> Result<Launch> {
+    use KernelId::*;
+    // (kernel per dtype f32/f16/bf16, BM, BN, threads, dynamic shared memory): the tile
+    // configurations of kernels/delta_linear.cu.
+    let (kernels, bm, bn, threads, smem) = match kind {
+        Kind::Naive => (
+            [
+                Some(fused_linear_naive_f32),
+                Some(fused_linear_naive_f16),
+                Some(fused_linear_naive_bf16),
+            ],
+            16,
+            16,
+            256,
+            0,
+        ),
+        Kind::Simt => (
+            [
+                Some(fused_linear_simt_f32),
+                Some(fused_linear_simt_f16),
+                Some(fused_linear_simt_bf16),
+            ],
+            64,
+            64,
+            256,
+            0,
+        ),
+        Kind::MmaSmall => (
+            [
+                None,
+                Some(fused_linear_mma_small_f16),
+                Some(fused_linear_mma_small_bf16),
+            ],
+            16,
+            64,
+            128,
+            4 * (16 + 64) * (64 + 8) * 2,
+        ),
+        Kind::MmaLarge => (
+            [
+                None,
+                Some(fused_linear_mma_large_f16),
+                Some(fused_linear_mma_large_bf16),
+            ],
+            128,
+            128,
+            256,
+            4 * (128 + 128) * (32 + 8) * 2,
+        ),
+    };
+    let index = match dtype {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+    };
+    let kernel = kernels[index]
+        .ok_or_else(|| Error::Unsupported(format!("no tensor-core kernel for {dtype}")))?;
+    // The naive kernel is a 16×16 thread square; the others are 1-D blocks.
+    let block = if kind == Kind::Naive {
+        [16, 16, 1]
+    } else {
+        [threads, 1, 1]
+    };
+    Ok(Launch {
+        kernel,
+        grid: grid_for(n, bn, m, bm, batch)?,
+        block,
+        dynamic_smem: smem,
+    })
+}
+
+/// The leading dimension of the workspace t = [rows, r]: r rounded up to 8 elements so that
+/// every row starts 16-byte aligned for the tensor-core kernels.
+pub(crate) fn workspace_ld(r: usize) -> usize {
+    r.div_ceil(8) * 8
+}
+
+/// One fused-linear pass with every operand absent: callers fill what they use.
+fn pass(op: &DeltaLinear, m: i32, n: i32, out: u64, ldo: usize) -> Result<FusedLinearParams> {
+    let (compose, scale) = composition_code(op.composition)?;
+    Ok(FusedLinearParams {
+        out,
+        ldo: ldo as i64,
+        m,
+        n,
+        compose,
+        scale,
+        activation: Activation::Identity as i32,
+        ..Default::default()
+    })
+}
+
+fn addr(b: Option<Buf>) -> u64 {
+    b.map_or(0, |b| b.addr)
+}
+
+/// Plans `delta_linear`: parallel insertion is [down, main] (the delta is r more K steps
+/// of the frozen GEMM), sequential is [frozen, down, up] (the delta needs whole rows of h).
+pub fn delta_linear(
+    op: &DeltaLinear,
+    d: &DeltaLinearDims,
+    dtype: DType,
+    b: &DeltaLinearBufs,
+) -> Result<Vec<(Launch, FusedLinearParams)>> {
+    let n = positive("dims.n", d.n)?;
+    let k = positive("dims.k", d.k)?;
+    let r = positive("dims.r", d.r)?;
+    let m = dim_i32("dims.m", d.m)?;
+    check_matrix(
+        "x",
+        b.x,
+        MatrixLayout {
+            rows: d.m,
+            cols: d.k,
+            ld: d.ld_x,
+        },
+    )?;
+    check_matrix("w", b.w, MatrixLayout::contiguous(d.n, d.k))?;
+    check_vector("bias", b.bias, d.n)?;
+    let k_u = match (op.insertion, b.u) {
+        (Insertion::Sequential, Some(_)) => {
+            return Err(Error::invalid(
+                "u",
+                "None for sequential insertion (the delta reads h)",
+                "a delta input",
+            ))
+        }
+        (Insertion::Sequential, None) => d.n,
+        (Insertion::Parallel, Some(u)) => {
+            check_matrix(
+                "u",
+                u,
+                MatrixLayout {
+                    rows: d.m,
+                    cols: d.k_u,
+                    ld: d.ld_u,
+                },
+            )?;
+            d.k_u
+        }
+        (Insertion::Parallel, None) => d.k,
+    };
+    let k_u32 = positive("dims.k_u", k_u)?;
+    check_matrix("w_down", b.w_down, MatrixLayout::contiguous(d.r, k_u))?;
+    check_vector("b_down", b.b_down, d.r)?;
+    check_matrix("w_up", b.w_up, MatrixLayout::contiguous(d.n, d.r))?;
+    check_vector("b_up", b.b_up, d.n)?;
+    check_gate(b.gate, op.composition, d.m)?;
+    let ldt = workspace_ld(d.r);
+    check_vector("workspace", Some(b.workspace), d.m * ldt)?;
+    check_matrix(
+        "y",
+        b.y,
+        MatrixLayout {
+            rows: d.m,
+            cols: d.n,
+            ld: d.ld_y,
+        },
+    )?;
+    if d.m == 0 {
+        return Ok(Vec::new());
+    }
+
+    let t = b.workspace.addr;
+    let gate = addr(b.gate);
+    // The delta's input: u, x, or (sequential) h in y.
+    let (u_addr, ld_u) = match (op.insertion, b.u) {
+        (Insertion::Sequential, _) => (b.y.addr, d.ld_y),
+        (Insertion::Parallel, Some(u)) => (u.addr, d.ld_u),
+        (Insertion::Parallel, None) => (b.x.addr, d.ld_x),
+    };
+    let down = {
+        let mut p = pass(op, m, r, t, ldt)?;
+        (p.a1, p.lda1, p.b1, p.ldb1, p.k1) =
+            (u_addr, ld_u as i64, b.w_down.addr, k_u as i64, k_u32);
+        (p.bias, p.gate, p.activation) = (addr(b.b_down), gate, op.activation as i32);
+        (p.c_main, p.c_out) = (COEF_ONE, COEF_D);
+        let kind = kind_for(
+            d.kernel,
+            dtype,
+            d.m,
+            &[(u_addr, ld_u, 0), (b.w_down.addr, k_u, 0)],
+        )?;
+        (launch_for(kind, dtype, d.m, d.r, 1)?, p)
+    };
+    // The up-projection of t, with the frozen part (x·Wᵀ) when `frozen`, or h from y.
+    let up = |frozen: bool| -> Result<(Launch, FusedLinearParams)> {
+        let mut p = pass(op, m, n, b.y.addr, d.ld_y)?;
+        let mut vec_operands = vec![(t, ldt, 0), (b.w_up.addr, d.r, 0)];
+        if frozen {
+            (p.a1, p.lda1, p.b1, p.ldb1, p.k1) = (b.x.addr, d.ld_x as i64, b.w.addr, d.k as i64, k);
+            p.bias = addr(b.bias);
+            vec_operands.extend([(b.x.addr, d.ld_x, 0), (b.w.addr, d.k, 0)]);
+        } else {
+            (p.h_in, p.ldh) = (b.y.addr, d.ld_y as i64);
+        }
+        (p.a2, p.lda2, p.b2, p.ldb2, p.k2) = (t, ldt as i64, b.w_up.addr, d.r as i64, r);
+        (p.bias2, p.gate) = (addr(b.b_up), gate);
+        (p.c_main, p.c_bias2, p.c_out) = (COEF_H, COEF_D, COEF_ONE);
+        let kind = kind_for(d.kernel, dtype, d.m, &vec_operands)?;
+        Ok((launch_for(kind, dtype, d.m, d.n, 1)?, p))
+    };
+    match op.insertion {
+        Insertion::Parallel => Ok(vec![down, up(true)?]),
+        Insertion::Sequential => {
+            let mut p = pass(op, m, n, b.y.addr, d.ld_y)?;
+            (p.a1, p.lda1, p.b1, p.ldb1, p.k1) = (b.x.addr, d.ld_x as i64, b.w.addr, d.k as i64, k);
+            p.bias = addr(b.bias);
+            (p.c_main, p.c_out) = (COEF_ONE, COEF_ONE);
+            let vec_operands = [(b.x.addr, d.ld_x, 0), (b.w.addr, d.k, 0)];
+            let kind = kind_for(d.kernel, dtype, d.m, &vec_operands)?;
+            let frozen = (launch_for(kind, dtype, d.m, d.n, 1)?, p);
+            Ok(vec![frozen, down, up(false)?])
+        }
+    }
+}
+
+/// Plans `delta_apply`: a delta on a given h, one bottleneck per head slice (heads = 1: a
+/// plain delta; heads = H: the multi-head parallel adapter). Always [down, up].
+pub fn delta_apply(
+    op: &DeltaLinear,
+    d: &DeltaApplyDims,
+    dtype: DType,
+    b: &DeltaApplyBufs,
+) -> Result<Vec<(Launch, FusedLinearParams)>> {
+    positive("dims.heads", d.heads)?;
+    let dh = positive("dims.head_dim", d.head_dim)?;
+    let r = positive("dims.r", d.r)?;
+    let m = dim_i32("dims.m", d.m)?;
+    let width = d.heads * d.head_dim;
+    dim_i32("dims.heads × dims.head_dim", width)?;
+    if let Some(h) = b.h {
+        check_matrix(
+            "h",
+            h,
+            MatrixLayout {
+                rows: d.m,
+                cols: width,
+                ld: d.ld_h,
+            },
+        )?;
+    }
+    // The delta's input per head: du columns of u (parallel) or of h (sequential).
+    let (u_addr, ld_u, du) = match (op.insertion, b.u) {
+        (Insertion::Sequential, Some(_)) => {
+            return Err(Error::invalid(
+                "u",
+                "None for sequential insertion (the delta reads h)",
+                "a delta input",
+            ))
+        }
+        (Insertion::Sequential, None) => match b.h {
+            Some(h) => (h.addr, d.ld_h, d.head_dim),
+            None => (b.y.addr, d.ld_y, d.head_dim),
+        },
+        (Insertion::Parallel, None) => {
+            return Err(Error::invalid(
+                "u",
+                "the delta input for parallel insertion",
+                "None",
+            ))
+        }
+        (Insertion::Parallel, Some(u)) => {
+            positive("dims.u_head_dim", d.u_head_dim)?;
+            let cols = d.heads * d.u_head_dim;
+            check_matrix(
+                "u",
+                u,
+                MatrixLayout {
+                    rows: d.m,
+                    cols,
+                    ld: d.ld_u,
+                },
+            )?;
+            (u.addr, d.ld_u, d.u_head_dim)
+        }
+    };
+    let du32 = dim_i32("dims.u_head_dim", du)?;
+    check_matrix(
+        "w_down",
+        b.w_down,
+        MatrixLayout::contiguous(d.heads * d.r, du),
+    )?;
+    check_vector("b_down", b.b_down, d.heads * d.r)?;
+    check_matrix("w_up", b.w_up, MatrixLayout::contiguous(width, d.r))?;
+    check_vector("b_up", b.b_up, width)?;
+    check_gate(b.gate, op.composition, d.m)?;
+    let ldt = d.heads * workspace_ld(d.r);
+    check_vector("workspace", Some(b.workspace), d.m * ldt)?;
+    check_matrix(
+        "y",
+        b.y,
+        MatrixLayout {
+            rows: d.m,
+            cols: width,
+            ld: d.ld_y,
+        },
+    )?;
+    if d.m == 0 {
+        return Ok(Vec::new());
+    }
+    let t = b.workspace.addr;
+    let gate = addr(b.gate);
+    let rs = workspace_ld(d.r);
+
+    let mut down = pass(op, m, r, t, ldt)?;
+    (down.a1, down.lda1, down.bs_a1) = (u_addr, ld_u as i64, du as i64);
+    (down.b1, down.ldb1, down.bs_b1) = (b.w_down.addr, du as i64, (d.r * du) as i64);
+    (down.bias, down.bs_bias) = (addr(b.b_down), d.r as i64);
+    (down.k1, down.bs_out) = (du32, rs as i64);
+    (down.gate, down.activation) = (gate, op.activation as i32);
+    (down.c_main, down.c_out) = (COEF_ONE, COEF_D);
+    let kind = kind_for(
+        d.kernel,
+        dtype,
+        d.m,
+        &[(u_addr, ld_u, du), (b.w_down.addr, du, d.r * du)],
+    )?;
+    let down = (launch_for(kind, dtype, d.m, d.r, d.heads)?, down);
+
+    let (h_addr, ld_h) = b.h.map_or((b.y.addr, d.ld_y), |h| (h.addr, d.ld_h));
+    let mut up = pass(op, m, dh, b.y.addr, d.ld_y)?;
+    (up.h_in, up.ldh, up.bs_h) = (h_addr, ld_h as i64, d.head_dim as i64);
+    (up.a2, up.lda2, up.bs_a2) = (t, ldt as i64, rs as i64);
+    (up.b2, up.ldb2, up.bs_b2) = (b.w_up.addr, d.r as i64, (d.head_dim * d.r) as i64);
+    (up.bias2, up.bs_bias2) = (addr(b.b_up), d.head_dim as i64);
+    (up.k2, up.bs_out, up.gate) = (r, d.head_dim as i64, gate);
+    (up.c_main, up.c_bias2, up.c_out) = (COEF_H, COEF_D, COEF_ONE);
+    let kind = kind_for(
+        d.kernel,
+        dtype,
+        d.m,
+        &[(t, ldt, rs), (b.w_up.addr, d.r, d.head_dim * d.r)],
+    )?;
+    let up = (launch_for(kind, dtype, d.m, d.head_dim, d.heads)?, up);
+    Ok(vec![down, up])
+}
+
+/// Plans `lora_merge`: W ← W + alpha·B·A (alpha = ±s) for W [N, K], A [r, K], B [N, r].
+pub fn lora_merge(
+    dtype: DType,
+    d: &LoraMergeDims,
+    alpha: f32,
+    b: &LoraMergeBufs,
+) -> Result<(Launch, LoraMergeParams)> {
+    let (n, k, r) = (d.n, d.k, d.r);
+    let n32 = positive("dims.n", n)?;
+    let k32 = positive("dims.k", k)?;
+    let r32 = positive("dims.r", r)?;
+    if !alpha.is_finite() {
+        return Err(Error::invalid("alpha", "a finite scale", alpha));
+    }
+    check_matrix("w", b.w, MatrixLayout::contiguous(n, k))?;
+    check_matrix("lora_a", b.lora_a, MatrixLayout::contiguous(r, k))?;
+    check_matrix("lora_b", b.lora_b, MatrixLayout::contiguous(n, r))?;
+    let kernel = match dtype {
+        DType::F32 => KernelId::lora_merge_f32,
+        DType::F16 => KernelId::lora_merge_f16,
+        DType::BF16 => KernelId::lora_merge_bf16,
+    };
+    let launch = Launch {
+        kernel,
+        grid: grid_for(k, 64, n, 64, 1)?,
+        block: [256, 1, 1],
+        dynamic_smem: 0,
+    };
+    let p = LoraMergeParams {
+        w: b.w.addr,
+        lora_a: b.lora_a.addr,
+        lora_b: b.lora_b.addr,
+        ldw: k as i64,
+        lda: k as i64,
+        ldb: r as i64,
+        n: n32,
+        k: k32,
+        r: r32,
+        alpha,
+    };
+    Ok((launch, p))
+}

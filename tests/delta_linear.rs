@@ -1,0 +1,616 @@
+//! The delta-linear kernels on the emulator against the f64 reference: every combination of
+//! the unified view's dimensions, every dtype, every kernel implementation, awkward shapes,
+//! strides, poisoned outputs and bad arguments.
+
+#[allow(dead_code)]
+mod common;
+
+use common::{poisoned, Rng};
+use half::{bf16, f16};
+use peft_kernels::delta_linear::{
+    DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearDims, KernelVariant,
+    LoraMergeArgs, LoraMergeDims,
+};
+use peft_kernels::host::{self, Backend};
+use peft_kernels::reference::adapter::{
+    multi_head_adapter, MultiHeadAdapter, MultiHeadAdapterTensors,
+};
+use peft_kernels::reference::linear::{self as reference, DeltaLinearTensors};
+use peft_kernels::reference::MatRef;
+use peft_kernels::validate::{assert_close_matrix, assert_padding_untouched, default_tolerance};
+use peft_kernels::{Activation, Composition, Element, Error, Insertion, MatrixLayout};
+
+const ACTIVATIONS: [Activation; 5] = [
+    Activation::Identity,
+    Activation::Relu,
+    Activation::GeluTanh,
+    Activation::GeluErf,
+    Activation::Silu,
+];
+const VARIANTS: [KernelVariant; 3] = [
+    KernelVariant::Naive,
+    KernelVariant::Simt,
+    KernelVariant::Auto,
+];
+
+/// One delta-linear problem: the method, the sizes, which optional tensors exist.
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    op: DeltaLinear,
+    dims: DeltaLinearDims,
+    bias: bool,
+    down_bias: bool,
+    up_bias: bool,
+    separate_u: bool,
+}
+
+/// Random inputs of a case, weights scaled by 1/sqrt(fan-in) so activations stay O(1).
+struct Inputs<T> {
+    x: Vec<T>,
+    w: Vec<T>,
+    bias: Option<Vec<T>>,
+    u: Option<Vec<T>>,
+    w_down: Vec<T>,
+    b_down: Option<Vec<T>>,
+    w_up: Vec<T>,
+    b_up: Option<Vec<T>>,
+    gate: Option<Vec<T>>,
+}
+
+fn scaled<T: Element>(rng: &mut Rng, n: usize, fan_in: usize) -> Vec<T> {
+    let s = 1.0 / (fan_in as f64).sqrt();
+    (0..n)
+        .map(|_| T::from_f64(s * rng.uniform(-1.0, 1.0)))
+        .collect()
+}
+
+impl<T: Element> Inputs<T> {
+    fn new(rng: &mut Rng, c: &Case) -> Self {
+        let d = c.dims;
+        let k_u = match c.op.insertion {
+            Insertion::Sequential => d.n,
+            Insertion::Parallel if c.separate_u => d.k_u,
+            Insertion::Parallel => d.k,
+        };
+        // Strided rows: the gaps hold NaN, which a kernel reading them would propagate.
+        let strided = |rng: &mut Rng, rows: usize, cols: usize, ld: usize| -> Vec<T> {
+            let mut v = poisoned::<T>(MatrixLayout { rows, cols, ld }.min_len());
+            for i in 0..rows {
+                for j in 0..cols {
+                    v[i * ld + j] = T::from_f64(rng.uniform(-1.0, 1.0));
+                }
+            }
+            v
+        };
+        Inputs {
+            x: strided(rng, d.m, d.k, d.ld_x),
+            w: scaled(rng, d.n * d.k, d.k),
+            bias: c.bias.then(|| rng.uniform_vec(d.n)),
+            u: c.separate_u.then(|| strided(rng, d.m, d.k_u, d.ld_u)),
+            w_down: scaled(rng, d.r * k_u, k_u),
+            b_down: c.down_bias.then(|| rng.uniform_vec(d.r)),
+            w_up: scaled(rng, d.n * d.r, d.r),
+            b_up: c.up_bias.then(|| rng.uniform_vec(d.n)),
+            gate: (c.op.composition == Composition::Gated)
+                .then(|| (0..d.m).map(|_| T::from_f64(rng.unit())).collect()),
+        }
+    }
+
+    fn reference(&self, c: &Case) -> Vec<f64> {
+        let d = c.dims;
+        let k_u = self.w_down.len() / d.r;
+        let gate: Option<Vec<f64>> = self
+            .gate
+            .as_ref()
+            .map(|g| g.iter().map(|v| v.to_f64()).collect());
+        let t = DeltaLinearTensors {
+            x: MatRef::with_ld(&self.x, d.m, d.k, d.ld_x),
+            w: MatRef::new(&self.w, d.n, d.k),
+            b: self.bias.as_deref(),
+            u: self
+                .u
+                .as_ref()
+                .map(|u| MatRef::with_ld(u, d.m, d.k_u, d.ld_u)),
+            w_down: MatRef::new(&self.w_down, d.r, k_u),
+            b_down: self.b_down.as_deref(),
+            w_up: MatRef::new(&self.w_up, d.n, d.r),
+            b_up: self.b_up.as_deref(),
+            gate: gate.as_deref(),
+        };
+        reference::delta_linear(&c.op, &t).expect("reference")
+    }
+
+    /// Runs the kernels into a poisoned y and workspace; returns y.
+    fn run(&self, c: &Case, backend: &Backend) -> peft_kernels::Result<Vec<T>> {
+        let d = c.dims;
+        let mut y = poisoned::<T>(
+            MatrixLayout {
+                rows: d.m,
+                cols: d.n,
+                ld: d.ld_y,
+            }
+            .min_len(),
+        );
+        let mut workspace = poisoned::<T>(DeltaLinear::workspace_len(d.m, d.r));
+        let args = DeltaLinearArgs {
+            x: &self.x[..],
+            w: &self.w[..],
+            bias: self.bias.as_deref(),
+            u: self.u.as_deref(),
+            w_down: &self.w_down[..],
+            b_down: self.b_down.as_deref(),
+            w_up: &self.w_up[..],
+            b_up: self.b_up.as_deref(),
+            gate: self.gate.as_deref(),
+            workspace: &mut workspace[..],
+            y: &mut y[..],
+        };
+        host::delta_linear(backend, &c.op, &d, args)?;
+        Ok(y)
+    }
+}
+
+/// Runs a case and checks it against the reference and the padding of y.
+fn check<T: Element>(rng: &mut Rng, c: &Case, backend: &Backend) {
+    let inputs = Inputs::<T>::new(rng, c);
+    let expected = inputs.reference(c);
+    let y = inputs
+        .run(c, backend)
+        .unwrap_or_else(|e| panic!("{c:?} ({}, seed {}): {e}", T::DTYPE, rng.seed()));
+    let d = c.dims;
+    let layout = MatrixLayout {
+        rows: d.m,
+        cols: d.n,
+        ld: d.ld_y,
+    };
+    let name = format!("{} {:?} (seed {})", T::DTYPE, c, rng.seed());
+    assert_close_matrix(&name, &y, layout, &expected, default_tolerance(T::DTYPE));
+    assert_padding_untouched(&name, &y, &poisoned::<T>(y.len()), layout);
+}
+
+/// Calls `f` with a checker for each dtype.
+fn for_each_dtype(backend: &Backend, f: impl Fn(&mut Rng, &dyn Fn(&mut Rng, &Case))) {
+    let mut rng = Rng::from_env();
+    f(&mut rng, &|rng, c| check::<f32>(rng, c, backend));
+    f(&mut rng, &|rng, c| check::<f16>(rng, c, backend));
+    f(&mut rng, &|rng, c| check::<bf16>(rng, c, backend));
+}
+
+fn compositions(rng: &mut Rng) -> [Composition; 3] {
+    [
+        Composition::Add,
+        Composition::Scaled(rng.uniform(-3.0, 5.0) as f32),
+        Composition::Gated,
+    ]
+}
+
+fn every_combination_every_dtype_every_kernel(backend: &Backend) {
+    for_each_dtype(backend, |rng, check| {
+        for insertion in [Insertion::Parallel, Insertion::Sequential] {
+            for activation in ACTIVATIONS {
+                for composition in compositions(rng) {
+                    for kernel in VARIANTS {
+                        let mut dims = DeltaLinearDims::new(5, 24, 40, 8);
+                        dims.kernel = kernel;
+                        let separate_u = insertion == Insertion::Parallel && rng.chance(0.5);
+                        dims.k_u = 16;
+                        dims.ld_u = 16;
+                        let c = Case {
+                            op: DeltaLinear::new(insertion, activation, composition),
+                            dims,
+                            bias: rng.chance(0.5),
+                            down_bias: rng.chance(0.5),
+                            up_bias: rng.chance(0.5),
+                            separate_u,
+                        };
+                        check(rng, &c);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The shapes the issue names: M ∈ {1, 3, 64, 65, 257}, K and N not multiples of any tile,
+/// r ∈ {1, 8, 16, 33, 64, 256}, each with a random method.
+fn awkward_shapes(backend: &Backend) {
+    let shapes = [
+        (1, 17, 129, 1),
+        (3, 129, 1000, 8),
+        (64, 1000, 17, 16),
+        (65, 129, 136, 33),
+        (257, 129, 1000, 64),
+        (65, 1000, 1000, 256),
+        (257, 17, 24, 256),
+    ];
+    for_each_dtype(backend, |rng, check| {
+        for (m, n, k, r) in shapes {
+            for kernel in VARIANTS {
+                // The largest shape only through the kernel users get.
+                if m * n * k > 10_000_000 && kernel != KernelVariant::Auto {
+                    continue;
+                }
+                let insertion = rng.pick(&[Insertion::Parallel, Insertion::Sequential]);
+                let mut dims = DeltaLinearDims::new(m, n, k, r);
+                dims.kernel = kernel;
+                let composition = compositions(rng);
+                let c = Case {
+                    op: DeltaLinear::new(insertion, rng.pick(&ACTIVATIONS), rng.pick(&composition)),
+                    dims,
+                    bias: rng.chance(0.7),
+                    down_bias: rng.chance(0.5),
+                    up_bias: rng.chance(0.5),
+                    separate_u: false,
+                };
+                check(rng, &c);
+            }
+        }
+    });
+}
+
+/// Row strides on x, u and y (aligned for the tensor cores and not), the padding of y
+/// untouched, a separate delta input of another width (an FFN's parallel adapter).
+fn strides_and_separate_input(backend: &Backend) {
+    for_each_dtype(backend, |rng, check| {
+        for (ld_pad, kernel) in [
+            (8, KernelVariant::Auto),
+            (3, KernelVariant::Auto),
+            (5, KernelVariant::Simt),
+        ] {
+            let mut dims = DeltaLinearDims::new(70, 40, 48, 16);
+            (dims.ld_x, dims.ld_y, dims.k_u, dims.ld_u) =
+                (48 + ld_pad, 40 + ld_pad, 88, 88 + ld_pad);
+            dims.kernel = kernel;
+            let c = Case {
+                op: DeltaLinear::parallel_adapter(Activation::Relu, 4.0),
+                dims,
+                bias: true,
+                down_bias: true,
+                up_bias: true,
+                separate_u: true,
+            };
+            check(rng, &c);
+        }
+    });
+}
+
+/// An explicit tensor-core request on operands it cannot take is an error, not a fallback.
+fn tensor_core_request_on_unaligned_operands_is_an_error(backend: &Backend) {
+    let mut rng = Rng::from_env();
+    let mut dims = DeltaLinearDims::new(4, 16, 17, 8);
+    dims.kernel = KernelVariant::TensorCore;
+    let c = Case {
+        op: DeltaLinear::lora(16.0, 8),
+        dims,
+        bias: false,
+        down_bias: false,
+        up_bias: false,
+        separate_u: false,
+    };
+    let inputs = Inputs::<bf16>::new(&mut rng, &c);
+    assert!(matches!(
+        inputs.run(&c, backend),
+        Err(Error::Unsupported(_))
+    ));
+    // The same request on f32 is refused too: there is no f32 tensor-core kernel.
+    let aligned = Case {
+        dims: DeltaLinearDims {
+            k: 16,
+            ld_x: 16,
+            ..dims
+        },
+        ..c
+    };
+    let inputs = Inputs::<f32>::new(&mut rng, &aligned);
+    assert!(matches!(
+        inputs.run(&aligned, backend),
+        Err(Error::Unsupported(_))
+    ));
+}
+
+fn multi_head_case<T: Element>(
+    backend: &Backend,
+    rng: &mut Rng,
+    insertion: Insertion,
+    in_place: bool,
+    kernel: KernelVariant,
+) {
+    let (m, heads, dh, du, r) = (
+        rng.range(1, 70),
+        rng.range(1, 5),
+        24,
+        16,
+        rng.pick(&[1, 8, 13]),
+    );
+    let du = if insertion == Insertion::Sequential {
+        dh
+    } else {
+        du
+    };
+    let width = heads * dh;
+    let h: Vec<T> = rng.uniform_vec(m * width);
+    let u: Vec<T> = rng.uniform_vec(m * heads * du);
+    let w_down: Vec<T> = scaled(rng, heads * r * du, du);
+    let b_down: Vec<T> = rng.uniform_vec(heads * r);
+    let w_up: Vec<T> = scaled(rng, heads * dh * r, r);
+    let b_up: Vec<T> = rng.uniform_vec(width);
+    let activation = rng.pick(&ACTIVATIONS);
+    let composition = rng.pick(&[Composition::Add, Composition::Scaled(2.5)]);
+    let op = DeltaLinear::new(insertion, activation, composition);
+    let u_ref = if insertion == Insertion::Sequential {
+        &h
+    } else {
+        &u
+    };
+    let expected = multi_head_adapter(
+        &MultiHeadAdapter {
+            heads,
+            rank: r,
+            activation,
+            composition,
+        },
+        &MultiHeadAdapterTensors {
+            h: MatRef::new(&h, m, width),
+            u: MatRef::new(u_ref, m, heads * du),
+            w_down: &w_down,
+            b_down: Some(&b_down),
+            w_up: &w_up,
+            b_up: Some(&b_up),
+        },
+    )
+    .expect("reference");
+    let mut dims = DeltaApplyDims::new(m, heads, dh, du, r);
+    dims.kernel = kernel;
+    let mut workspace = poisoned::<T>(dims.workspace_len());
+    let mut y = if in_place {
+        h.clone()
+    } else {
+        poisoned::<T>(m * width)
+    };
+    host::delta_apply(
+        backend,
+        &op,
+        &dims,
+        DeltaApplyArgs {
+            h: (!in_place).then_some(h.as_slice()),
+            u: (insertion == Insertion::Parallel).then_some(u.as_slice()),
+            w_down: &w_down,
+            b_down: Some(&b_down),
+            w_up: &w_up,
+            b_up: Some(&b_up),
+            gate: None,
+            workspace: &mut workspace,
+            y: &mut y,
+        },
+    )
+    .unwrap();
+    let name = format!(
+        "{} multi-head {insertion:?} in_place={in_place} {kernel:?} (seed {})",
+        T::DTYPE,
+        rng.seed()
+    );
+    assert_close_matrix(
+        &name,
+        &y,
+        MatrixLayout::contiguous(m, width),
+        &expected,
+        default_tolerance(T::DTYPE),
+    );
+}
+
+/// The multi-head parallel adapter (one bottleneck per head slice), and a sequential
+/// (Houlsby) delta on a given h, in place or not.
+fn delta_apply_per_head(backend: &Backend) {
+    let mut rng = Rng::from_env();
+    for kernel in VARIANTS {
+        for (insertion, in_place) in [
+            (Insertion::Parallel, false),
+            (Insertion::Parallel, true),
+            (Insertion::Sequential, false),
+            (Insertion::Sequential, true),
+        ] {
+            multi_head_case::<f32>(backend, &mut rng, insertion, in_place, kernel);
+            multi_head_case::<f16>(backend, &mut rng, insertion, in_place, kernel);
+            multi_head_case::<bf16>(backend, &mut rng, insertion, in_place, kernel);
+        }
+    }
+}
+
+fn merge_case<T: Element>(backend: &Backend, rng: &mut Rng, n: usize, k: usize, r: usize) {
+    let w: Vec<T> = rng.uniform_vec(n * k);
+    let a: Vec<T> = scaled(rng, r * k, k);
+    let b: Vec<T> = scaled(rng, n * r, r);
+    let s = rng.uniform(0.5, 4.0);
+    let expected = reference::lora_merge(
+        MatRef::new(&w, n, k),
+        MatRef::new(&a, r, k),
+        MatRef::new(&b, n, r),
+        s,
+    )
+    .expect("reference");
+    let mut merged = w.clone();
+    let dims = LoraMergeDims { n, k, r };
+    let args = LoraMergeArgs {
+        w: &mut merged[..],
+        lora_a: &a[..],
+        lora_b: &b[..],
+    };
+    host::lora_merge(backend, &dims, s as f32, args).unwrap();
+    let tol = default_tolerance(T::DTYPE);
+    let name = format!("{} merge {n}×{k} r={r} (seed {})", T::DTYPE, rng.seed());
+    assert_close_matrix(
+        &name,
+        &merged,
+        MatrixLayout::contiguous(n, k),
+        &expected,
+        tol,
+    );
+    // Unmerge: back to W, up to the rounding of the merged weight.
+    let back_ref = reference::lora_merge(
+        MatRef::new(&merged, n, k),
+        MatRef::new(&a, r, k),
+        MatRef::new(&b, n, r),
+        -s,
+    )
+    .expect("reference");
+    let args = LoraMergeArgs {
+        w: &mut merged[..],
+        lora_a: &a[..],
+        lora_b: &b[..],
+    };
+    host::lora_merge(backend, &dims, -s as f32, args).unwrap();
+    assert_close_matrix(
+        &format!("un{name}"),
+        &merged,
+        MatrixLayout::contiguous(n, k),
+        &back_ref,
+        tol,
+    );
+}
+
+fn lora_merge_and_unmerge(backend: &Backend) {
+    let mut rng = Rng::from_env();
+    for (n, k, r) in [(1, 1, 1), (17, 129, 8), (100, 65, 33), (64, 64, 256)] {
+        merge_case::<f32>(backend, &mut rng, n, k, r);
+        merge_case::<f16>(backend, &mut rng, n, k, r);
+        merge_case::<bf16>(backend, &mut rng, n, k, r);
+    }
+}
+
+/// Bad arguments are errors naming the argument, and nothing is written.
+fn bad_arguments_name_the_argument(backend: &Backend) {
+    let mut rng = Rng::from_env();
+    let base = Case {
+        op: DeltaLinear::lora(8.0, 4),
+        dims: DeltaLinearDims::new(6, 10, 12, 4),
+        bias: true,
+        down_bias: false,
+        up_bias: false,
+        separate_u: false,
+    };
+    let inputs = Inputs::<f32>::new(&mut rng, &base);
+    let arg_of = |r: peft_kernels::Result<Vec<f32>>| match r {
+        Err(Error::InvalidArgument { arg, .. }) => arg,
+        other => panic!("expected an invalid-argument error, got {other:?}"),
+    };
+    let with = |f: &dyn Fn(&mut Case)| {
+        let mut c = base;
+        f(&mut c);
+        c
+    };
+    assert_eq!(
+        arg_of(inputs.run(&with(&|c| c.dims.r = 0), backend)),
+        "dims.r"
+    );
+    assert_eq!(
+        arg_of(inputs.run(&with(&|c| c.dims.n = 0), backend)),
+        "dims.n"
+    );
+    assert_eq!(arg_of(inputs.run(&with(&|c| c.dims.m = 7), backend)), "x");
+    assert_eq!(arg_of(inputs.run(&with(&|c| c.dims.k = 13), backend)), "x");
+    assert_eq!(
+        arg_of(inputs.run(&with(&|c| c.dims.ld_x = 11), backend)),
+        "x"
+    );
+    assert_eq!(
+        arg_of(inputs.run(&with(&|c| c.dims.r = 5), backend)),
+        "w_down"
+    );
+    assert_eq!(
+        arg_of(inputs.run(&with(&|c| c.op.composition = Composition::Gated), backend)),
+        "gate"
+    );
+    assert_eq!(
+        arg_of(inputs.run(
+            &with(&|c| c.op.composition = Composition::Scaled(f32::NAN)),
+            backend
+        )),
+        "composition"
+    );
+    // A workspace one element short; then a dimension past what the kernels index.
+    let d = base.dims;
+    let mut y = vec![0.0f32; d.m * d.n];
+    let mut ws = vec![0.0f32; DeltaLinear::workspace_len(d.m, d.r) - 1];
+    let mut call = |dims: &DeltaLinearDims, ws: &mut [f32]| {
+        host::delta_linear(
+            backend,
+            &base.op,
+            dims,
+            DeltaLinearArgs {
+                x: &inputs.x,
+                w: &inputs.w,
+                bias: inputs.bias.as_deref(),
+                u: None,
+                w_down: &inputs.w_down,
+                b_down: None,
+                w_up: &inputs.w_up,
+                b_up: None,
+                gate: None,
+                workspace: ws,
+                y: &mut y,
+            },
+        )
+        .unwrap_err()
+    };
+    let err = call(&d, &mut ws);
+    assert!(err.to_string().contains("`workspace`"), "{err}");
+    let huge = DeltaLinearDims { m: 1 << 31, ..d };
+    assert!(call(&huge, &mut ws).to_string().contains("`dims.m`"));
+    assert!(
+        y.iter().all(|&v| v == 0.0),
+        "nothing may be written on a refused call"
+    );
+}
+
+#[cfg(feature = "emulator")]
+#[test]
+fn params_match_the_kernels_structs() {
+    unsafe extern "C" {
+        fn pk_sizeof_FusedLinearParams() -> usize;
+        fn pk_sizeof_LoraMergeParams() -> usize;
+    }
+    use peft_kernels::plan::delta_linear::{FusedLinearParams, LoraMergeParams};
+    // SAFETY: plain functions returning a constant.
+    unsafe {
+        assert_eq!(
+            pk_sizeof_FusedLinearParams(),
+            std::mem::size_of::<FusedLinearParams>()
+        );
+        assert_eq!(
+            pk_sizeof_LoraMergeParams(),
+            std::mem::size_of::<LoraMergeParams>()
+        );
+    }
+}
+
+/// Each test body above, once per backend: the emulator always, the GPU when asked.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        #[cfg(feature = "emulator")]
+        mod on_emulator {
+            $(#[test]
+            fn $name() {
+                super::$name(&super::Backend::Emulator)
+            })*
+        }
+        #[cfg(feature = "cuda")]
+        mod on_gpu {
+            $(#[test]
+            #[ignore = "needs a CUDA device"]
+            fn $name() {
+                let gpu = super::Backend::cuda(0).expect("GPU tests need a CUDA device");
+                super::$name(&gpu)
+            })*
+        }
+    };
+}
+
+on_every_backend!(
+    every_combination_every_dtype_every_kernel,
+    awkward_shapes,
+    strides_and_separate_input,
+    tensor_core_request_on_unaligned_operands_is_an_error,
+    delta_apply_per_head,
+    lora_merge_and_unmerge,
+    bad_arguments_name_the_argument,
+);
