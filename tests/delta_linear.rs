@@ -2,7 +2,6 @@
 //! the unified view's dimensions, every dtype, every kernel implementation, awkward shapes,
 //! strides, poisoned outputs and bad arguments.
 
-#[allow(dead_code)]
 mod common;
 
 use common::{poisoned, Rng};

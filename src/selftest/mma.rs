@@ -223,8 +223,12 @@ fn gemm_geometry(kernel: KernelId, gemm: &MmaGemm) -> Result<Launch> {
     };
     Ok(Launch {
         kernel,
-        // The device limits: grid.x up to 2^31 − 1 (n fits u32 first), grid.y 65535.
-        grid: [tiles("n", gemm.n, u32::MAX / GEMM_TILE)?, tiles("m", gemm.m, 65535)?, 1],
+        // grid.y may not exceed 65535 blocks; grid.x (2^31 − 1) outlasts n's u32 count.
+        grid: [
+            tiles("n", gemm.n, u32::MAX / GEMM_TILE)?,
+            tiles("m", gemm.m, 65535)?,
+            1,
+        ],
         block: [GEMM_THREADS, 1, 1],
         dynamic_smem: 0,
     })
@@ -252,11 +256,26 @@ pub fn mma_gemm<T: Element>(gemm: &MmaGemm, a: &[T], b: &[T], c: &mut [f32]) -> 
 /// [`mma_gemm`] (bf16, [`BLayout::Nk`]) with the `cp.async` wait removed, so the warps
 /// multiply shared tiles whose copies have not landed. A broken kernel: the emulator
 /// performs copies at the wait, so `c` comes out wrong.
-pub fn broken_mma_gemm_no_wait(gemm: &MmaGemm, a: &[bf16], b: &[bf16], c: &mut [f32]) -> Result<()> {
+pub fn broken_mma_gemm_no_wait(
+    gemm: &MmaGemm,
+    a: &[bf16],
+    b: &[bf16],
+    c: &mut [f32],
+) -> Result<()> {
     if gemm.b_layout != BLayout::Nk {
-        return Err(Error::invalid("gemm.b_layout", "BLayout::Nk", format!("{:?}", gemm.b_layout)));
+        return Err(Error::invalid(
+            "gemm.b_layout",
+            "BLayout::Nk",
+            format!("{:?}", gemm.b_layout),
+        ));
     }
-    run_gemm(KernelId::selftest_broken_mma_gemm_no_wait_bf16, gemm, a, b, c)
+    run_gemm(
+        KernelId::selftest_broken_mma_gemm_no_wait_bf16,
+        gemm,
+        a,
+        b,
+        c,
+    )
 }
 
 fn run_gemm<T: Element>(
@@ -267,14 +286,13 @@ fn run_gemm<T: Element>(
     c: &mut [f32],
 ) -> Result<()> {
     let &MmaGemm { m, n, k, b_layout } = gemm;
-    let size = |x: usize, y: usize| x.checked_mul(y).unwrap_or(usize::MAX);
-    check_len("a", a.len(), size(m, k), "m × k")?;
+    check_len("a", a.len(), m.saturating_mul(k), "m × k")?;
     let (b_rows, b_cols, b_dims) = match b_layout {
         BLayout::Nk => (n, k, "n × k"),
         BLayout::Kn => (k, n, "k × n"),
     };
-    check_len("b", b.len(), size(n, k), b_dims)?;
-    check_len("c", c.len(), size(m, n), "m × n")?;
+    check_len("b", b.len(), n.saturating_mul(k), b_dims)?;
+    check_len("c", c.len(), m.saturating_mul(n), "m × n")?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -305,7 +323,11 @@ fn stage_padded<T: Element>(src: &[T], rows: usize, cols: usize) -> Result<(Alig
     let ld32 = count("leading dimension", ld)?;
     let mut dev = Aligned::filled(rows * ld, T::nan());
     if cols > 0 {
-        for (dst, row) in dev.as_mut_slice().chunks_exact_mut(ld).zip(src.chunks_exact(cols)) {
+        for (dst, row) in dev
+            .as_mut_slice()
+            .chunks_exact_mut(ld)
+            .zip(src.chunks_exact(cols))
+        {
             dst[..cols].copy_from_slice(row);
         }
     }
@@ -327,7 +349,10 @@ pub fn mma_probe<T: Element>(
     a_lane_xor: u32,
     b_lane_xor: u32,
 ) -> Result<Vec<f32>> {
-    let kernel = half_kernel::<T>(KernelId::selftest_mma_probe_f16, KernelId::selftest_mma_probe_bf16)?;
+    let kernel = half_kernel::<T>(
+        KernelId::selftest_mma_probe_f16,
+        KernelId::selftest_mma_probe_bf16,
+    )?;
     check_len("a", a.len(), 256, "16 × 16")?;
     check_len("b", b.len(), 128, "16 × 8")?;
     check_len("c", c.len(), 128, "16 × 8")?;
@@ -403,7 +428,10 @@ pub struct Converted<T> {
 /// Rounds every element of `x` to `T` (f16 or bf16) and back on the device, through the
 /// scalar and the paired intrinsics.
 pub fn convert<T: Element>(x: &[f32]) -> Result<Converted<T>> {
-    let kernel = half_kernel::<T>(KernelId::selftest_convert_f16, KernelId::selftest_convert_bf16)?;
+    let kernel = half_kernel::<T>(
+        KernelId::selftest_convert_f16,
+        KernelId::selftest_convert_bf16,
+    )?;
     let n = count("x", x.len())?;
     let mut out = Converted {
         scalar: vec![T::nan(); x.len()],
