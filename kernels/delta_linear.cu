@@ -31,16 +31,20 @@
 //                         edges are zero-filled by cp.async's src-size.
 //   lora_merge_*          W ← W + sign·s·B·A in place (zero-overhead inference), SIMT tiles.
 //
-// Tile configurations of the mma kernel (chosen in src/plan.rs):
+// Tile configurations of the mma kernel (chosen in src/plan/delta_linear.rs):
 //   large:  BM=128 BN=128 BK=32, 8 warps as 2×4 (warp tile 64×32), 4 stages, 80 KiB smem.
 //           The classic Ampere/Hopper mma.sync shape: 16 mma per ldmatrix.x4 pair, enough
 //           stages to cover HBM latency at 2 blocks per SM.
+//   decode: BM=16 BN=32 BK=128, 4 warps splitting K (each a 16×32 tile over 32 of the 128 k
+//           columns), 4 stages, 52 KiB smem; partial sums reduced through shared memory.
+//           M ≤ 16 is pure weight streaming: N/32 blocks (128 for N = 4096, about one per
+//           SM of an H100) each keep three stages of 8 KiB of W in flight.
 //   small:  BM=16 BN=64 BK=64, 4 warps as 1×4 (warp tile 16×16), 4 stages, 46 KiB smem.
-//           Decode (M ≤ 64) is memory-bound on W: a 16-row tile wastes MMA work nobody
+//           16 < M ≤ 64 is still memory-bound on W: a 16-row tile wastes MMA work nobody
 //           misses, and BN=64 gives N/64 blocks each streaming 64 rows of W with 12 KiB of
 //           loads in flight per stage.
 //   Shared-memory rows are padded by 8 elements (pitch BK+8): the 8 row addresses of one
-//   ldmatrix phase then fall into 8 distinct 4-bank groups (pitch 80 B or 144 B), so the
+//   ldmatrix phase then fall into 8 distinct 4-bank groups (pitch 80, 144 or 272 B), so the
 //   fragment loads are conflict-free without a swizzle.
 //   Not yet measured on a GPU: these are starting points, to be tuned against BENCHMARKS.md.
 
@@ -210,22 +214,30 @@ PK_INLINE void fused_linear_simt(const FusedLinearParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// v3: tensor cores. grid (ceil(N/BN), ceil(M/BM), batch), block WARPS_M × WARPS_N warps.
+// v3: tensor cores. grid (ceil(N/BN), ceil(M/BM), batch), block WARPS_M × WARPS_N × WARPS_K
+// warps. With WARPS_K > 1 the warps of one output tile split each k-tile between them (warp
+// wk takes k columns [wk·BK/WARPS_K, (wk + 1)·BK/WARPS_K)) and their partial accumulators are
+// summed through shared memory at the end: decode's split over K, without a second pass.
 
-template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_>
+template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int WARPS_K_, int STAGES_>
 struct MmaConfig {
     static constexpr int BM = BM_, BN = BN_, BK = BK_, STAGES = STAGES_;
-    static constexpr int WARPS_M = WARPS_M_, WARPS_N = WARPS_N_;
-    static constexpr int THREADS = 32 * WARPS_M * WARPS_N;
+    static constexpr int WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, WARPS_K = WARPS_K_;
+    static constexpr int WARPS_MN = WARPS_M * WARPS_N;
+    static constexpr int THREADS = 32 * WARPS_MN * WARPS_K;
     static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;  // warp tile
     static constexpr int MI = WM / 16, NI = WN / 8;              // mma tiles per warp
+    static constexpr int KSLICE = BK / WARPS_K;                  // k columns per warp per tile
     static constexpr int PITCH = BK + 8;                         // elements per smem row
     static constexpr int STAGE_ELEMS = (BM + BN) * PITCH;
     static constexpr int SMEM_BYTES = STAGES * STAGE_ELEMS * 2;
-    static_assert(WM % 16 == 0 && WN % 16 == 0 && BK % 16 == 0, "mma tile shape");
+    static constexpr int REDUCE_BYTES = (WARPS_K - 1) * WARPS_MN * MI * NI * 4 * 32 * 4;
+    static_assert(WM % 16 == 0 && WN % 16 == 0 && KSLICE % 16 == 0, "mma tile shape");
+    static_assert(REDUCE_BYTES <= SMEM_BYTES, "the split-K partials reuse the pipeline's smem");
 };
-using MmaLarge = MmaConfig<128, 128, 32, 2, 4, 4>;
-using MmaSmall = MmaConfig<16, 64, 64, 1, 4, 4>;
+using MmaLarge = MmaConfig<128, 128, 32, 2, 4, 1, 4>;
+using MmaSmall = MmaConfig<16, 64, 64, 1, 4, 1, 4>;
+using MmaDecode = MmaConfig<16, 32, 128, 1, 1, 4, 4>;
 
 // Issue the cp.async loads of rows [r0, r0 + ROWS) × cols [k0, k0 + BK) of a row-major operand
 // into dst (pitch C::PITCH), 16 bytes per copy, zero-filling rows ≥ rows_lim and cols ≥ k_lim.
@@ -250,7 +262,8 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
     const Operands<T> o = operands<T>(p, blockIdx.z);
     const int m0 = blockIdx.y * C::BM, n0 = blockIdx.x * C::BN;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int wm0 = (warp / C::WARPS_N) * C::WM, wn0 = (warp % C::WARPS_N) * C::WN;
+    const int wk = warp / C::WARPS_MN, wmn = warp % C::WARPS_MN;
+    const int wm0 = (wmn / C::WARPS_N) * C::WM, wn0 = (wmn % C::WARPS_N) * C::WN;
     const int g = lane / 4, t = lane % 4;  // mma fragment coordinates
 
     float acc[C::MI][C::NI][4] = {};
@@ -280,8 +293,11 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
                     if (m < p.m && n < p.n) fn(m, n, acc[mi][ni][e]);
                 }
     };
+    // The phase switch is linear: every k-split scales its partial sum, one adds the terms.
     auto switch_phase = [&]() {
-        for_each_acc([&](int m, int n, float& v) { v = phase_switch(p, o, m, n, v); });
+        for_each_acc([&](int m, int n, float& v) {
+            v = wk == 0 ? phase_switch(p, o, m, n, v) : coef<T>(p, p.c_main, m) * v;
+        });
     };
 
     // Prologue: fill STAGES − 1 stages. Every iteration commits one group (possibly empty) so
@@ -300,7 +316,7 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
         const T* sa = smem + (kt % C::STAGES) * C::STAGE_ELEMS;
         const T* sb = sa + C::BM * C::PITCH;
 #pragma unroll
-        for (int kk = 0; kk < C::BK; kk += 16) {
+        for (int kk = wk * C::KSLICE; kk < (wk + 1) * C::KSLICE; kk += 16) {
             uint32_t af[C::MI][4], bf[C::NI][2];
 #pragma unroll
             for (int mi = 0; mi < C::MI; ++mi)
@@ -325,6 +341,25 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
     }
     cp_async_wait_all();
     if (tiles == tiles1) switch_phase();
+    if constexpr (C::WARPS_K > 1) {
+        // Sum the k-splits: warps wk > 0 park their fragments in the (now idle) pipeline
+        // memory, laid out [wk − 1][wmn][fragment element][lane] so stores are conflict-free.
+        constexpr int ELEMS = C::MI * C::NI * 4;
+        float* partial = reinterpret_cast<float*>(smem_raw);
+        __syncthreads();  // every warp is done reading the last stage
+        if (wk > 0) {
+            float* mine = partial + ((wk - 1) * C::WARPS_MN + wmn) * ELEMS * 32;
+#pragma unroll
+            for (int i = 0; i < ELEMS; ++i) mine[i * 32 + lane] = (&acc[0][0][0])[i];
+        }
+        __syncthreads();
+        if (wk > 0) return;
+        for (int s = 0; s < C::WARPS_K - 1; ++s) {
+            const float* theirs = partial + (s * C::WARPS_MN + wmn) * ELEMS * 32;
+#pragma unroll
+            for (int i = 0; i < ELEMS; ++i) (&acc[0][0][0])[i] += theirs[i * 32 + lane];
+        }
+    }
     for_each_acc([&](int m, int n, float& v) { finish(p, o, m, n, v); });
 }
 
@@ -393,6 +428,42 @@ PK_KERNEL_BOUNDS(fused_linear_mma_large_f16, (fused_linear_mma<__half, MmaLarge>
 PK_KERNEL_BOUNDS(fused_linear_mma_large_bf16, (fused_linear_mma<__nv_bfloat16, MmaLarge>), FusedLinearParams, 256, 2)
 PK_KERNEL_BOUNDS(fused_linear_mma_small_f16, (fused_linear_mma<__half, MmaSmall>), FusedLinearParams, 128, 4)
 PK_KERNEL_BOUNDS(fused_linear_mma_small_bf16, (fused_linear_mma<__nv_bfloat16, MmaSmall>), FusedLinearParams, 128, 4)
+PK_KERNEL_BOUNDS(fused_linear_mma_decode_f16, (fused_linear_mma<__half, MmaDecode>), FusedLinearParams, 128, 4)
+PK_KERNEL_BOUNDS(fused_linear_mma_decode_bf16, (fused_linear_mma<__nv_bfloat16, MmaDecode>), FusedLinearParams, 128, 4)
 PK_KERNEL_BOUNDS(lora_merge_f32, lora_merge<float>, LoraMergeParams, 256, 2)
 PK_KERNEL_BOUNDS(lora_merge_f16, lora_merge<__half>, LoraMergeParams, 256, 2)
 PK_KERNEL_BOUNDS(lora_merge_bf16, lora_merge<__nv_bfloat16>, LoraMergeParams, 256, 2)
+
+// ---------------------------------------------------------------------------------------------
+// The elementwise step of the unfused cuBLAS baseline (src/cuda/baseline.rs); the fused kernels
+// above never need it. x[m, n] ← f(x[m, n] + bias_scale·bias[n]) in place, bias optional.
+// A 1-D grid-stride loop over the rows × cols elements, consecutive threads on consecutive
+// columns, so narrow matrices (the bottleneck's [M, r]) keep every thread busy.
+
+struct BiasActivationParams {
+    void* x;           // [rows, cols], leading dimension ld
+    const void* bias;  // [cols] or null
+    int64_t ld;
+    int32_t rows, cols;
+    int32_t activation;  // Activation, as src/spec.rs numbers it
+    float bias_scale;
+};
+PK_PARAMS_SIZE(BiasActivationParams)
+
+template <typename T>
+PK_INLINE void bias_activation(const BiasActivationParams& p) {
+    T* x = static_cast<T*>(p.x);
+    const T* bias = static_cast<const T*>(p.bias);
+    const int64_t total = int64_t(p.rows) * p.cols;
+    const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+        const int64_t m = i / p.cols, n = i % p.cols;
+        float v = to_float(x[m * p.ld + n]);
+        if (bias) v += p.bias_scale * to_float(bias[n]);
+        x[m * p.ld + n] = from_float<T>(activate(static_cast<Activation>(p.activation), v));
+    }
+}
+
+PK_KERNEL_BOUNDS(bias_activation_f32, bias_activation<float>, BiasActivationParams, 256, 1)
+PK_KERNEL_BOUNDS(bias_activation_f16, bias_activation<__half>, BiasActivationParams, 256, 1)
+PK_KERNEL_BOUNDS(bias_activation_bf16, bias_activation<__nv_bfloat16>, BiasActivationParams, 256, 1)

@@ -132,10 +132,15 @@ kernel_table! {
         fused_linear_simt_bf16,
         fused_linear_mma_small_f16,
         fused_linear_mma_small_bf16,
+        fused_linear_mma_decode_f16,
+        fused_linear_mma_decode_bf16,
         fused_linear_mma_large_f16,
         fused_linear_mma_large_bf16,
         lora_merge_f32,
         lora_merge_f16,
         lora_merge_bf16,
+        bias_activation_f32,
+        bias_activation_f16,
+        bias_activation_bf16,
     }
 }

@@ -20,7 +20,36 @@
 //!   on the CPU thread by thread, with the GPU's grid, block, shared memory and warp
 //!   semantics, so kernels are tested on machines without a GPU.
 //!
-//! [`reference`] holds the f64 CPU reference every kernel is checked against.
+//! [`mod@reference`] holds the f64 CPU reference every kernel is checked against, and
+//! [`validate`] compares with it. [`host`] runs any operation on host buffers on the best
+//! backend at hand.
+//!
+//! ```
+//! # #[cfg(feature = "emulator")] {
+//! use peft_kernels::delta_linear::{DeltaLinear, DeltaLinearArgs, DeltaLinearDims};
+//! use peft_kernels::emulator;
+//!
+//! // A LoRA layer (r = 2, α = 4) on 3 tokens of width 8, 5 outputs, on the CPU emulator.
+//! let (m, n, k, r) = (3, 5, 8, 2);
+//! let x = vec![0.5f32; m * k];
+//! let w = vec![0.25f32; n * k];
+//! let (lora_a, lora_b) = (vec![0.1f32; r * k], vec![0.2f32; n * r]);
+//! let mut y = vec![0.0f32; m * n];
+//! let mut workspace = vec![0.0f32; DeltaLinear::workspace_len(m, r)];
+//! emulator::delta_linear(
+//!     &DeltaLinear::lora(4.0, r),
+//!     &DeltaLinearDims::new(m, n, k, r),
+//!     DeltaLinearArgs {
+//!         x: &x, w: &w, bias: None, u: None,
+//!         w_down: &lora_a, b_down: None, w_up: &lora_b, b_up: None, gate: None,
+//!         workspace: &mut workspace, y: &mut y,
+//!     },
+//! )?;
+//! // h = 8·0.5·0.25 = 1; Δh = s·(8·0.5·0.1)·(2·0.2) = 2·0.4·0.4 = 0.32.
+//! assert!(y.iter().all(|&v| (v - 1.32).abs() < 1e-6));
+//! # }
+//! # Ok::<(), peft_kernels::Error>(())
+//! ```
 
 pub mod delta_linear;
 pub mod error;

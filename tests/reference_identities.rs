@@ -791,13 +791,13 @@ fn erf_matches_known_values() {
         (f64::NEG_INFINITY, -1.0),
     ];
     for (x, e) in known {
-        let got = erf(x);
-        assert!(
-            (got - e).abs() <= 1e-14,
-            "erf({x}) = {got:e}, expected {e:e}"
-        );
+        approx::assert_abs_diff_eq!(erf(x), e, epsilon = 1e-14);
     }
-    assert!((erf(1e-300) / 1e-300 - 2.0 / std::f64::consts::PI.sqrt()).abs() < 1e-15);
+    approx::assert_relative_eq!(
+        erf(1e-300) / 1e-300,
+        2.0 / std::f64::consts::PI.sqrt(),
+        max_relative = 1e-15
+    );
     assert!(erf(f64::NAN).is_nan());
     // GELU (erf form) at 0 and far out.
     assert_eq!(Activation::GeluErf.apply_f64(0.0), 0.0);

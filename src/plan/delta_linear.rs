@@ -189,6 +189,7 @@ fn check_gate(gate: Option<Buf>, composition: Composition, m: usize) -> Result<(
 enum Kind {
     Naive,
     Simt,
+    MmaDecode,
     MmaSmall,
     MmaLarge,
 }
@@ -208,10 +209,10 @@ fn kind_for(
         addr % 16 == 0 && ld % per == 0 && bs % per == 0
     };
     let mma_ok = dtype != DType::F32 && operands.iter().all(vec_ok);
-    let mma = if m <= 64 {
-        Kind::MmaSmall
-    } else {
-        Kind::MmaLarge
+    let mma = match m {
+        ..=16 => Kind::MmaDecode,
+        17..=64 => Kind::MmaSmall,
+        _ => Kind::MmaLarge,
     };
     match variant {
         KernelVariant::Auto => Ok(if mma_ok { mma } else { Kind::Simt }),
@@ -251,6 +252,13 @@ fn launch_for(kind: Kind, dtype: DType, m: usize, n: usize, batch: usize) -> Res
             64,
             256,
             0,
+        ),
+        Kind::MmaDecode => (
+            [None, Some(fused_linear_mma_decode_f16), Some(fused_linear_mma_decode_bf16)],
+            16,
+            32,
+            128,
+            4 * (16 + 32) * (128 + 8) * 2,
         ),
         Kind::MmaSmall => (
             [
