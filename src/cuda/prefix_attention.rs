@@ -1,0 +1,75 @@
+//! Prefix attention on the GPU: cudarc buffers in, the same plans as the emulator.
+
+use cudarc::driver::CudaStream;
+
+use super::{Buffers, DeviceRead, DeviceWrite};
+use crate::plan::prefix_attention as plan;
+use crate::prefix_attention::{
+    KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeDims, PrefixAttention, PrefixAttentionArgs,
+    PrefixAttentionDims, PrefixOnlyArgs,
+};
+use crate::{Element, Result};
+
+/// Attention over the prefix and the masked context in one pass (see
+/// [`crate::prefix_attention`]), queued on `stream`: the output and, when given buffers,
+/// the LSE and the gate λ. Every argument is checked before anything is queued, except the
+/// `context_lens` values, which live on the device: the kernel counts a length above
+/// `kv_len` as `kv_len` ([`plan::check_context_lens`] checks a host copy).
+pub fn prefix_attention<'a, T: Element>(
+    stream: &'a CudaStream,
+    op: &PrefixAttention,
+    dims: &PrefixAttentionDims,
+    args: PrefixAttentionArgs<
+        DeviceRead<'a, T>,
+        DeviceWrite<'a, T>,
+        DeviceRead<'a, u32>,
+        DeviceWrite<'a, f32>,
+    >,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = plan::prefix_attention(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: the addresses came from `bufs`, checked by the plan.
+    unsafe { bufs.run(&steps) }
+}
+
+/// The prefix part alone, `(out_p, LSE_p)`, queued on `stream`.
+pub fn prefix_only_attention<'a, T: Element>(
+    stream: &'a CudaStream,
+    op: &PrefixAttention,
+    dims: &PrefixAttentionDims,
+    args: PrefixOnlyArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>, DeviceWrite<'a, f32>>,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = plan::prefix_only_attention(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: as above.
+    unsafe { bufs.run(&steps) }
+}
+
+/// Two attention states merged by their LSEs into the gated output, queued on `stream`.
+pub fn lse_merge<'a, T: Element>(
+    stream: &'a CudaStream,
+    dims: &LseMergeDims,
+    args: LseMergeArgs<
+        DeviceRead<'a, T>,
+        DeviceWrite<'a, T>,
+        DeviceRead<'a, f32>,
+        DeviceWrite<'a, f32>,
+    >,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = plan::lse_merge(dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: as above.
+    unsafe { bufs.run(&steps) }
+}
+
+/// `[P; C]` along the sequence, queued on `stream`.
+pub fn kv_concat<'a, T: Element>(
+    stream: &'a CudaStream,
+    dims: &KvConcatDims,
+    args: KvConcatArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>>,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = plan::kv_concat(dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: as above.
+    unsafe { bufs.run(&steps) }
+}

@@ -1,0 +1,670 @@
+//! Planning of prefix attention (kernels/prefix_attention.cu): validation of every
+//! argument, the kernel for the dtype and head dim, the grid and shared memory.
+
+use super::{Buf, KernelParams, Launch};
+use crate::error::{Error, Result};
+use crate::kernels::KernelId;
+use crate::prefix_attention::{
+    HeadLayout, KvConcatDims, LseMergeDims, PrefixAttention, PrefixAttentionDims, HEAD_DIMS,
+};
+use crate::spec::DType;
+
+/// Twin of `HeadStrides` in kernels/prefix_attention.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeadStrides {
+    pub batch: i64,
+    pub head: i64,
+    pub seq: i64,
+}
+
+impl From<HeadLayout> for HeadStrides {
+    fn from(l: HeadLayout) -> Self {
+        // `check_tensor` bounds the stride of every dimension longer than 1 by a buffer
+        // length; the others are only ever multiplied by 0.
+        HeadStrides {
+            batch: l.batch as i64,
+            head: l.head as i64,
+            seq: l.seq as i64,
+        }
+    }
+}
+
+/// Twin of `PrefixAttentionParams` in kernels/prefix_attention.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PrefixAttentionParams {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub prefix_k: u64,
+    pub prefix_v: u64,
+    pub context_lens: u64,
+    pub out: u64,
+    pub lse: u64,
+    pub lambda: u64,
+    pub sq: HeadStrides,
+    pub sk: HeadStrides,
+    pub sv: HeadStrides,
+    pub spk: HeadStrides,
+    pub spv: HeadStrides,
+    pub so: HeadStrides,
+    pub heads: i32,
+    pub group: i32,
+    pub q_len: i32,
+    pub kv_len: i32,
+    pub prefix_len: i32,
+    pub causal: i32,
+    pub scale_log2: f32,
+}
+// SAFETY: #[repr(C)], field for field the C++ struct (checked by a size test).
+unsafe impl KernelParams for PrefixAttentionParams {}
+
+/// Twin of `LseMergeParams` in kernels/prefix_attention.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LseMergeParams {
+    pub o_prefix: u64,
+    pub lse_prefix: u64,
+    pub o_context: u64,
+    pub lse_context: u64,
+    pub out: u64,
+    pub lse: u64,
+    pub lambda: u64,
+    pub sp: HeadStrides,
+    pub sc: HeadStrides,
+    pub so: HeadStrides,
+    pub rows: i64,
+    pub heads: i32,
+    pub len: i32,
+    pub dim: i32,
+}
+// SAFETY: as above.
+unsafe impl KernelParams for LseMergeParams {}
+
+/// Twin of `KvConcatParams` in kernels/prefix_attention.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct KvConcatParams {
+    pub prefix: u64,
+    pub src: u64,
+    pub dst: u64,
+    pub sp: HeadStrides,
+    pub ss: HeadStrides,
+    pub sd: HeadStrides,
+    pub rows: i64,
+    pub heads: i32,
+    pub prefix_len: i32,
+    pub len: i32,
+    pub dim: i32,
+}
+// SAFETY: as above.
+unsafe impl KernelParams for KvConcatParams {}
+
+/// The operands of `prefix_attention`, as addresses.
+#[derive(Clone, Copy, Debug)]
+pub struct PrefixAttentionBufs {
+    pub q: Buf,
+    pub k: Buf,
+    pub v: Buf,
+    pub prefix_k: Buf,
+    pub prefix_v: Buf,
+    pub context_lens: Option<Buf>,
+    pub out: Buf,
+    pub lse: Option<Buf>,
+    pub lambda: Option<Buf>,
+}
+
+/// The operands of `prefix_only_attention`.
+#[derive(Clone, Copy, Debug)]
+pub struct PrefixOnlyBufs {
+    pub q: Buf,
+    pub prefix_k: Buf,
+    pub prefix_v: Buf,
+    pub out: Buf,
+    pub lse: Buf,
+}
+
+/// The operands of `lse_merge`.
+#[derive(Clone, Copy, Debug)]
+pub struct LseMergeBufs {
+    pub o_prefix: Buf,
+    pub lse_prefix: Buf,
+    pub o_context: Buf,
+    pub lse_context: Buf,
+    pub out: Buf,
+    pub lse: Option<Buf>,
+    pub lambda: Option<Buf>,
+}
+
+/// The operands of `kv_concat`.
+#[derive(Clone, Copy, Debug)]
+pub struct KvConcatBufs {
+    pub prefix: Buf,
+    pub src: Buf,
+    pub dst: Buf,
+}
+
+/// Threads of every kernel of the module, and the rows an attention block or a
+/// merge / concat block covers (kernels/prefix_attention.cu).
+const THREADS: u32 = 128;
+const QUERY_ROWS: usize = 64;
+const WARP_ROWS: usize = 4;
+
+/// Sequence lengths the kernels index with 32-bit positions (with room for a tile past the
+/// end).
+const MAX_LEN: usize = 1 << 30;
+
+/// Grid limits (y and z) of every CUDA device; x is 2³¹ − 1.
+const MAX_GRID_YZ: usize = 65_535;
+const MAX_GRID_X: usize = (1 << 31) - 1;
+
+fn positive(arg: &'static str, v: usize) -> Result<usize> {
+    if v == 0 {
+        return Err(Error::invalid(arg, "at least 1", 0));
+    }
+    Ok(v)
+}
+
+fn at_most(arg: &'static str, v: usize, max: usize, why: &str) -> Result<()> {
+    if v > max {
+        return Err(Error::invalid(arg, format!("at most {max} ({why})"), v));
+    }
+    Ok(())
+}
+
+/// The highest element offset of a `shape` tensor plus one: the buffer length it needs.
+/// `None` when a dimension is 0 (nothing is read or written) or the size overflows.
+fn extent(layout: HeadLayout, [b, h, l, d]: [usize; 4]) -> Option<Option<usize>> {
+    if b == 0 || h == 0 || l == 0 || d == 0 {
+        return Some(None);
+    }
+    let last = (b - 1)
+        .checked_mul(layout.batch)?
+        .checked_add((h - 1).checked_mul(layout.head)?)?
+        .checked_add((l - 1).checked_mul(layout.seq)?)?
+        .checked_add(d)?;
+    Some(Some(last))
+}
+
+/// Checks that `buf` holds a `shape` tensor with `layout`'s strides.
+fn check_tensor(arg: &'static str, buf: Buf, layout: HeadLayout, shape: [usize; 4]) -> Result<()> {
+    let need = extent(layout, shape).ok_or_else(|| {
+        Error::invalid(
+            arg,
+            "strides whose extent fits in memory",
+            format!("{layout:?}"),
+        )
+    })?;
+    match need {
+        Some(need) if buf.len < need => Err(Error::invalid(
+            arg,
+            format!(
+                "at least {need} elements for shape {shape:?} with strides (batch {}, head {}, \
+                 seq {}, 1)",
+                layout.batch, layout.head, layout.seq
+            ),
+            format!("{} elements", buf.len),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Checks that an output's elements are distinct: ordering the dimensions by stride, each
+/// stride must step over everything the smaller ones span (otherwise threads would race on
+/// one element).
+fn check_distinct(arg: &'static str, layout: HeadLayout, [b, h, l, d]: [usize; 4]) -> Result<()> {
+    let mut dims = [(layout.seq, l), (layout.head, h), (layout.batch, b)];
+    dims.sort_unstable();
+    let mut span = d;
+    for (stride, n) in dims {
+        if n <= 1 {
+            continue;
+        }
+        if stride < span {
+            return Err(Error::invalid(
+                arg,
+                "strides that give every element its own address",
+                format!(
+                    "strides (batch {}, head {}, seq {}, 1) for shape {:?}",
+                    layout.batch,
+                    layout.head,
+                    layout.seq,
+                    [b, h, l, d]
+                ),
+            ));
+        }
+        span = span.saturating_add(stride.saturating_mul(n - 1));
+    }
+    Ok(())
+}
+
+/// The tensor-core kernels copy 16-byte chunks: every row must start 16-byte aligned.
+fn check_aligned(arg: &'static str, buf: Buf, layout: HeadLayout, dtype: DType) -> Result<()> {
+    let per = 16 / dtype.size();
+    let ok = buf.addr % 16 == 0
+        && [layout.batch, layout.head, layout.seq]
+            .iter()
+            .all(|s| s % per == 0);
+    if !ok {
+        return Err(Error::invalid(
+            arg,
+            format!(
+                "a 16-byte aligned {dtype} buffer with strides that are multiples of {per} \
+                 elements (the tensor-core kernels copy 16-byte chunks)"
+            ),
+            format!(
+                "address {:#x}, strides (batch {}, head {}, seq {})",
+                buf.addr, layout.batch, layout.head, layout.seq
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_len(arg: &'static str, buf: Option<Buf>, len: usize, what: &str) -> Result<()> {
+    match buf {
+        Some(b) if b.len < len => Err(Error::invalid(
+            arg,
+            format!("at least {len} elements ({what})"),
+            format!("{} elements", b.len),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn addr(b: Option<Buf>) -> u64 {
+    b.map_or(0, |b| b.addr)
+}
+
+/// The attention kernel for `dtype` and head dim `d`, and its dynamic shared memory (the
+/// tile configurations of kernels/prefix_attention.cu: `MmaTile`, `SimtTile`).
+fn attention_kernel(dtype: DType, d: usize) -> Result<(KernelId, u32)> {
+    use KernelId::*;
+    let index = HEAD_DIMS
+        .iter()
+        .position(|&h| h == d)
+        .ok_or_else(|| Error::invalid("dims.head_dim", format!("one of {HEAD_DIMS:?}"), d))?;
+    let (kernels, smem) = match dtype {
+        DType::F32 => {
+            let keys = 32;
+            let floats = (QUERY_ROWS + 2 * keys) * (d + 4) + QUERY_ROWS * (keys + 4);
+            (
+                [
+                    prefix_attention_f32_d32,
+                    prefix_attention_f32_d64,
+                    prefix_attention_f32_d80,
+                    prefix_attention_f32_d96,
+                    prefix_attention_f32_d128,
+                    prefix_attention_f32_d256,
+                ],
+                floats * 4,
+            )
+        }
+        DType::F16 | DType::BF16 => {
+            let keys = if d <= 128 { 64 } else { 32 };
+            let elems = (QUERY_ROWS + 4 * keys) * (d + 8);
+            let kernels = if dtype == DType::F16 {
+                [
+                    prefix_attention_f16_d32,
+                    prefix_attention_f16_d64,
+                    prefix_attention_f16_d80,
+                    prefix_attention_f16_d96,
+                    prefix_attention_f16_d128,
+                    prefix_attention_f16_d256,
+                ]
+            } else {
+                [
+                    prefix_attention_bf16_d32,
+                    prefix_attention_bf16_d64,
+                    prefix_attention_bf16_d80,
+                    prefix_attention_bf16_d96,
+                    prefix_attention_bf16_d128,
+                    prefix_attention_bf16_d256,
+                ]
+            };
+            (kernels, elems * 2)
+        }
+    };
+    Ok((kernels[index], smem as u32))
+}
+
+/// Checks `context_lens` values against Lk where they can be read (the emulator, or a
+/// caller's host copy); the kernels clamp them anyway.
+pub fn check_context_lens(lens: &[u32], dims: &PrefixAttentionDims) -> Result<()> {
+    match lens
+        .iter()
+        .take(dims.batch)
+        .enumerate()
+        .find(|(_, &n)| n as usize > dims.kv_len)
+    {
+        Some((b, &n)) => Err(Error::invalid(
+            "context_lens",
+            format!("lengths <= kv_len = {}", dims.kv_len),
+            format!("{n} for sequence {b}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Plans `prefix_attention`: one launch of the fused kernel.
+pub fn prefix_attention(
+    op: &PrefixAttention,
+    dims: &PrefixAttentionDims,
+    dtype: DType,
+    b: &PrefixAttentionBufs,
+) -> Result<Vec<(Launch, PrefixAttentionParams)>> {
+    let d = dims;
+    positive("dims.batch", d.batch)?;
+    positive("dims.heads", d.heads)?;
+    positive("dims.kv_heads", d.kv_heads)?;
+    positive("dims.q_len", d.q_len)?;
+    positive("dims.head_dim", d.head_dim)?;
+    at_most("dims.batch", d.batch, MAX_GRID_YZ, "the grid's z dimension")?;
+    at_most("dims.heads", d.heads, MAX_GRID_YZ, "the grid's y dimension")?;
+    at_most("dims.q_len", d.q_len, MAX_LEN, "32-bit positions")?;
+    at_most("dims.kv_len", d.kv_len, MAX_LEN, "32-bit positions")?;
+    at_most("dims.prefix_len", d.prefix_len, MAX_LEN, "32-bit positions")?;
+    let (kernel, smem) = attention_kernel(dtype, d.head_dim)?;
+    if d.value_dim != d.head_dim {
+        return Err(Error::invalid(
+            "dims.value_dim",
+            format!("the head dim d = {} (d_v = d)", d.head_dim),
+            d.value_dim,
+        ));
+    }
+    if d.heads % d.kv_heads != 0 {
+        return Err(Error::invalid(
+            "dims.kv_heads",
+            format!("a divisor of heads = {} (grouped-query attention)", d.heads),
+            d.kv_heads,
+        ));
+    }
+    let scale = op.scale.unwrap_or(1.0 / (d.head_dim as f64).sqrt());
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(Error::invalid("op.scale", "a finite scale > 0", scale));
+    }
+    let (hd, hkv) = (d.head_dim, d.kv_heads);
+    let tensors = [
+        ("q", b.q, d.q, [d.batch, d.heads, d.q_len, hd]),
+        ("k", b.k, d.k, [d.batch, hkv, d.kv_len, hd]),
+        ("v", b.v, d.v, [d.batch, hkv, d.kv_len, hd]),
+        (
+            "prefix_k",
+            b.prefix_k,
+            d.prefix_k,
+            [d.batch, hkv, d.prefix_len, hd],
+        ),
+        (
+            "prefix_v",
+            b.prefix_v,
+            d.prefix_v,
+            [d.batch, hkv, d.prefix_len, hd],
+        ),
+        ("out", b.out, d.out, [d.batch, d.heads, d.q_len, hd]),
+    ];
+    for (arg, buf, layout, shape) in tensors {
+        check_tensor(arg, buf, layout, shape)?;
+        // The tensor-core kernels need 16-byte rows, unless the tensor is not read.
+        if dtype != DType::F32 && shape[2] > 0 {
+            check_aligned(arg, buf, layout, dtype)?;
+        }
+    }
+    check_distinct("out", d.out, [d.batch, d.heads, d.q_len, hd])?;
+    check_len(
+        "context_lens",
+        b.context_lens,
+        d.batch,
+        "one length per sequence",
+    )?;
+    check_len("lse", b.lse, d.rows(), "[B, Hq, Lq]")?;
+    check_len("lambda", b.lambda, d.rows(), "[B, Hq, Lq]")?;
+
+    let launch = Launch {
+        kernel,
+        grid: [
+            d.q_len.div_ceil(QUERY_ROWS) as u32,
+            d.heads as u32,
+            d.batch as u32,
+        ],
+        block: [THREADS, 1, 1],
+        dynamic_smem: smem,
+    };
+    let params = PrefixAttentionParams {
+        q: b.q.addr,
+        k: b.k.addr,
+        v: b.v.addr,
+        prefix_k: b.prefix_k.addr,
+        prefix_v: b.prefix_v.addr,
+        context_lens: addr(b.context_lens),
+        out: b.out.addr,
+        lse: addr(b.lse),
+        lambda: addr(b.lambda),
+        sq: d.q.into(),
+        sk: d.k.into(),
+        sv: d.v.into(),
+        spk: d.prefix_k.into(),
+        spv: d.prefix_v.into(),
+        so: d.out.into(),
+        heads: d.heads as i32,
+        group: (d.heads / d.kv_heads) as i32,
+        q_len: d.q_len as i32,
+        kv_len: d.kv_len as i32,
+        prefix_len: d.prefix_len as i32,
+        causal: i32::from(op.causal),
+        scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
+    };
+    Ok(vec![(launch, params)])
+}
+
+/// Plans `prefix_only_attention`: the fused kernel with no context.
+pub fn prefix_only_attention(
+    op: &PrefixAttention,
+    dims: &PrefixAttentionDims,
+    dtype: DType,
+    b: &PrefixOnlyBufs,
+) -> Result<Vec<(Launch, PrefixAttentionParams)>> {
+    let none = Buf { addr: 0, len: 0 };
+    let dims = PrefixAttentionDims { kv_len: 0, ..*dims };
+    let bufs = PrefixAttentionBufs {
+        q: b.q,
+        k: none,
+        v: none,
+        prefix_k: b.prefix_k,
+        prefix_v: b.prefix_v,
+        context_lens: None,
+        out: b.out,
+        lse: Some(b.lse),
+        lambda: None,
+    };
+    let op = PrefixAttention {
+        causal: false,
+        ..*op
+    };
+    prefix_attention(&op, &dims, dtype, &bufs)
+}
+
+fn merge_kernel(dtype: DType) -> KernelId {
+    match dtype {
+        DType::F32 => KernelId::lse_merge_f32,
+        DType::F16 => KernelId::lse_merge_f16,
+        DType::BF16 => KernelId::lse_merge_bf16,
+    }
+}
+
+fn concat_kernel(dtype: DType) -> KernelId {
+    match dtype {
+        DType::F32 => KernelId::kv_concat_f32,
+        DType::F16 => KernelId::kv_concat_f16,
+        DType::BF16 => KernelId::kv_concat_bf16,
+    }
+}
+
+/// B·H·L, or an error when it overflows.
+fn row_count(batch: usize, heads: usize, len: usize) -> Result<usize> {
+    batch
+        .checked_mul(heads)
+        .and_then(|n| n.checked_mul(len))
+        .ok_or_else(|| Error::invalid("dims.batch", "B·H·L rows that fit in memory", batch))
+}
+
+/// One warp per row, four rows per block.
+fn row_launch(kernel: KernelId, rows: usize) -> Result<Launch> {
+    let blocks = rows.div_ceil(WARP_ROWS);
+    at_most(
+        "rows",
+        blocks,
+        MAX_GRID_X,
+        "blocks of 4 rows in the grid's x dimension",
+    )?;
+    Ok(Launch {
+        kernel,
+        grid: [blocks as u32, 1, 1],
+        block: [THREADS, 1, 1],
+        dynamic_smem: 0,
+    })
+}
+
+/// Plans `lse_merge`.
+pub fn lse_merge(
+    dims: &LseMergeDims,
+    dtype: DType,
+    b: &LseMergeBufs,
+) -> Result<Vec<(Launch, LseMergeParams)>> {
+    let d = dims;
+    positive("dims.batch", d.batch)?;
+    positive("dims.heads", d.heads)?;
+    positive("dims.q_len", d.q_len)?;
+    positive("dims.head_dim", d.head_dim)?;
+    at_most("dims.heads", d.heads, i32::MAX as usize, "32-bit indices")?;
+    at_most("dims.q_len", d.q_len, i32::MAX as usize, "32-bit indices")?;
+    at_most(
+        "dims.head_dim",
+        d.head_dim,
+        i32::MAX as usize,
+        "32-bit indices",
+    )?;
+    let shape = [d.batch, d.heads, d.q_len, d.head_dim];
+    let rows = row_count(d.batch, d.heads, d.q_len)?;
+    check_tensor("o_prefix", b.o_prefix, d.o_prefix, shape)?;
+    check_tensor("o_context", b.o_context, d.o_context, shape)?;
+    check_tensor("out", b.out, d.out, shape)?;
+    check_distinct("out", d.out, shape)?;
+    check_len("lse_prefix", Some(b.lse_prefix), rows, "[B, H, L]")?;
+    check_len("lse_context", Some(b.lse_context), rows, "[B, H, L]")?;
+    check_len("lse", b.lse, rows, "[B, H, L]")?;
+    check_len("lambda", b.lambda, rows, "[B, H, L]")?;
+    let params = LseMergeParams {
+        o_prefix: b.o_prefix.addr,
+        lse_prefix: b.lse_prefix.addr,
+        o_context: b.o_context.addr,
+        lse_context: b.lse_context.addr,
+        out: b.out.addr,
+        lse: addr(b.lse),
+        lambda: addr(b.lambda),
+        sp: d.o_prefix.into(),
+        sc: d.o_context.into(),
+        so: d.out.into(),
+        rows: rows as i64,
+        heads: d.heads as i32,
+        len: d.q_len as i32,
+        dim: d.head_dim as i32,
+    };
+    Ok(vec![(row_launch(merge_kernel(dtype), rows)?, params)])
+}
+
+/// Plans `kv_concat`.
+pub fn kv_concat(
+    dims: &KvConcatDims,
+    dtype: DType,
+    b: &KvConcatBufs,
+) -> Result<Vec<(Launch, KvConcatParams)>> {
+    let d = dims;
+    positive("dims.batch", d.batch)?;
+    positive("dims.heads", d.heads)?;
+    positive("dims.head_dim", d.head_dim)?;
+    let total = d.prefix_len.saturating_add(d.len);
+    positive("dims.prefix_len + dims.len", total)?;
+    at_most("dims.heads", d.heads, i32::MAX as usize, "32-bit indices")?;
+    at_most(
+        "dims.head_dim",
+        d.head_dim,
+        i32::MAX as usize,
+        "32-bit indices",
+    )?;
+    at_most(
+        "dims.prefix_len + dims.len",
+        total,
+        MAX_LEN,
+        "32-bit positions",
+    )?;
+    let rows = row_count(d.batch, d.heads, total)?;
+    check_tensor(
+        "prefix",
+        b.prefix,
+        d.prefix,
+        [d.batch, d.heads, d.prefix_len, d.head_dim],
+    )?;
+    check_tensor("src", b.src, d.src, [d.batch, d.heads, d.len, d.head_dim])?;
+    let dst_shape = [d.batch, d.heads, total, d.head_dim];
+    check_tensor("dst", b.dst, d.dst, dst_shape)?;
+    check_distinct("dst", d.dst, dst_shape)?;
+    let params = KvConcatParams {
+        prefix: b.prefix.addr,
+        src: b.src.addr,
+        dst: b.dst.addr,
+        sp: d.prefix.into(),
+        ss: d.src.into(),
+        sd: d.dst.into(),
+        rows: rows as i64,
+        heads: d.heads as i32,
+        prefix_len: d.prefix_len as i32,
+        len: d.len as i32,
+        dim: d.head_dim as i32,
+    };
+    Ok(vec![(row_launch(concat_kernel(dtype), rows)?, params)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distinct_outputs() {
+        let shape = [2, 3, 5, 8];
+        assert!(check_distinct("out", HeadLayout::bhsd(3, 5, 8), shape).is_ok());
+        assert!(check_distinct("out", HeadLayout::bshd(5, 3, 8), shape).is_ok());
+        // Padded rows are fine; a row stride below d or heads on top of each other are not.
+        let padded = HeadLayout {
+            batch: 1000,
+            head: 8,
+            seq: 40,
+        };
+        assert!(check_distinct("out", padded, shape).is_ok());
+        let short = HeadLayout {
+            seq: 4,
+            ..HeadLayout::bhsd(3, 5, 8)
+        };
+        assert!(check_distinct("out", short, shape).is_err());
+        let shared = HeadLayout {
+            head: 0,
+            ..HeadLayout::bhsd(3, 5, 8)
+        };
+        assert!(check_distinct("out", shared, shape).is_err());
+        // A dimension of one element may have any stride.
+        assert!(check_distinct("out", shared, [2, 1, 5, 8]).is_ok());
+    }
+
+    #[test]
+    fn extent_of_a_tensor() {
+        let l = HeadLayout::bhsd(3, 5, 8);
+        assert_eq!(extent(l, [2, 3, 5, 8]), Some(Some(2 * 3 * 5 * 8)));
+        assert_eq!(extent(l, [2, 3, 0, 8]), Some(None));
+        let huge = HeadLayout {
+            batch: usize::MAX,
+            head: 1,
+            seq: 1,
+        };
+        assert_eq!(extent(huge, [2, 1, 1, 1]), None);
+    }
+}

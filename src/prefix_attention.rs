@@ -1,0 +1,336 @@
+//! Prefix tuning's gated attention (kernels/prefix_attention.cu): per head,
+//!
+//! ```text
+//! out = (1 − λ)·Attn(q, K_c, V_c) + λ·Attn(q, P_k, P_v),    λ = sigmoid(LSE_p − LSE_c)
+//! ```
+//!
+//! which is softmax attention over the concatenation `[P; C]` (UNIFIED-VIEW.md), computed by
+//! one flash-style pass over the prefix and then the masked context, without concatenating
+//! anything in memory. The math, masking (every query sees the prefix; the context is
+//! padded by `context_lens` and, when causal, masked bottom-right aligned), grouped-query
+//! heads, layouts and empty rows are exactly those of [`crate::reference::attention`], whose
+//! [`PrefixAttention`] description the kernels take too.
+//!
+//! The operations, each on both backends with the same argument structs over the backend's
+//! buffer types (`&[T]` / `&mut [T]` in the emulator, `cuda::DeviceRead` /
+//! `cuda::DeviceWrite` on the GPU; LSE and λ are f32, `context_lens` u32):
+//! - `prefix_attention`: the fused forward, [`PrefixAttentionArgs`]: the output and, when
+//!   asked for, the LSE over prefix and context and the gate λ. With `prefix_len = 0` it is
+//!   plain (masked, grouped-query) attention.
+//! - `prefix_only_attention`: the prefix part alone, `(out_p, LSE_p)` ([`PrefixOnlyArgs`]),
+//!   to pair with an attention of your own over the context through
+//! - `lse_merge`: two attention states `(o, LSE)` of the same rows merged into the gated
+//!   output, its LSE and λ ([`LseMergeArgs`]).
+//! - `kv_concat`: `[P; C]` along the sequence ([`KvConcatArgs`]), the copy the unfused path
+//!   makes (the benchmarks' baseline).
+//!
+//! Supported head dims ([`HEAD_DIMS`]): 32, 64, 80, 96, 128, 256, with `d_v = d`. f16 and
+//! bf16 run on tensor cores and need 16-byte aligned tensors whose strides are multiples of
+//! 8 elements; f32 runs on the CUDA cores in f32 throughout, any alignment.
+
+use crate::plan::prefix_attention::{
+    KvConcatBufs, LseMergeBufs, PrefixAttentionBufs, PrefixOnlyBufs,
+};
+use crate::plan::BufSource;
+pub use crate::reference::PrefixAttention;
+
+/// The head dims the attention kernels are built for.
+pub const HEAD_DIMS: [usize; 6] = [32, 64, 80, 96, 128, 256];
+
+/// Element strides of a `[batch, heads, seq, dim]` tensor whose last dimension is
+/// contiguous. A stride of 0 broadcasts (one prefix shared by the batch, say).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeadLayout {
+    pub batch: usize,
+    pub head: usize,
+    pub seq: usize,
+}
+
+impl HeadLayout {
+    /// `[B, H, L, d]`, contiguous.
+    pub const fn bhsd(heads: usize, len: usize, dim: usize) -> Self {
+        HeadLayout {
+            batch: heads * len * dim,
+            head: len * dim,
+            seq: dim,
+        }
+    }
+
+    /// `[B, L, H, d]`, contiguous: the layout of a projection's output split into heads.
+    pub const fn bshd(len: usize, heads: usize, dim: usize) -> Self {
+        HeadLayout {
+            batch: len * heads * dim,
+            head: dim,
+            seq: heads * dim,
+        }
+    }
+
+    /// The same with batch stride 0: one tensor shared by every sequence of the batch.
+    pub const fn shared_by_batch(self) -> Self {
+        HeadLayout { batch: 0, ..self }
+    }
+
+    /// The offset of element `[b, h, i, 0]`.
+    pub const fn offset(&self, b: usize, h: usize, i: usize) -> usize {
+        b * self.batch + h * self.head + i * self.seq
+    }
+}
+
+/// Sizes and layouts of a prefix attention. Q [B, Hq, Lq, d]; K, V [B, Hkv, Lk, d]; the
+/// prefix P_k, P_v [B, Hkv, l, d] (per KV head, as PEFT's `past_key_values`); the output
+/// [B, Hq, Lq, d]; LSE and λ [B, Hq, Lq], contiguous.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefixAttentionDims {
+    pub batch: usize,
+    /// Query heads Hq.
+    pub heads: usize,
+    /// KV heads Hkv, dividing Hq (grouped-query attention; 1: multi-query).
+    pub kv_heads: usize,
+    /// Queries per sequence Lq (1 when decoding).
+    pub q_len: usize,
+    /// Context keys per sequence Lk (the valid ones per sequence: `context_lens`); 0 for
+    /// none.
+    pub kv_len: usize,
+    /// Prefix vectors l; 0 for plain attention.
+    pub prefix_len: usize,
+    /// d, one of [`HEAD_DIMS`].
+    pub head_dim: usize,
+    /// d_v, which must equal d.
+    pub value_dim: usize,
+    pub q: HeadLayout,
+    pub k: HeadLayout,
+    pub v: HeadLayout,
+    pub prefix_k: HeadLayout,
+    pub prefix_v: HeadLayout,
+    pub out: HeadLayout,
+}
+
+impl PrefixAttentionDims {
+    /// Every tensor contiguous `[B, H, L, d]`.
+    pub fn new(
+        batch: usize,
+        heads: usize,
+        kv_heads: usize,
+        q_len: usize,
+        kv_len: usize,
+        prefix_len: usize,
+        head_dim: usize,
+    ) -> Self {
+        let d = head_dim;
+        PrefixAttentionDims {
+            batch,
+            heads,
+            kv_heads,
+            q_len,
+            kv_len,
+            prefix_len,
+            head_dim,
+            value_dim: d,
+            q: HeadLayout::bhsd(heads, q_len, d),
+            k: HeadLayout::bhsd(kv_heads, kv_len, d),
+            v: HeadLayout::bhsd(kv_heads, kv_len, d),
+            prefix_k: HeadLayout::bhsd(kv_heads, prefix_len, d),
+            prefix_v: HeadLayout::bhsd(kv_heads, prefix_len, d),
+            out: HeadLayout::bhsd(heads, q_len, d),
+        }
+    }
+
+    /// The same with one prefix `[Hkv, l, d]` shared by the whole batch.
+    pub fn with_shared_prefix(self) -> Self {
+        PrefixAttentionDims {
+            prefix_k: self.prefix_k.shared_by_batch(),
+            prefix_v: self.prefix_v.shared_by_batch(),
+            ..self
+        }
+    }
+
+    /// Query rows B·Hq·Lq: the length of LSE and λ.
+    pub fn rows(&self) -> usize {
+        self.batch * self.heads * self.q_len
+    }
+}
+
+/// The tensors of `prefix_attention`, over a backend's buffer types: `R` / `W` for the
+/// element tensors, `Lens` for `context_lens` (u32) and `Stats` for LSE and λ (f32).
+#[derive(Debug)]
+pub struct PrefixAttentionArgs<R, W, Lens, Stats> {
+    pub q: R,
+    pub k: R,
+    pub v: R,
+    pub prefix_k: R,
+    pub prefix_v: R,
+    /// Valid context keys per sequence, `[B]`; `None`: all Lk. On the GPU the lengths cannot be
+    /// checked without a device read: one above Lk counts as Lk.
+    pub context_lens: Option<Lens>,
+    pub out: W,
+    /// LSE over the prefix and the visible context, natural log (−∞ for a row that sees
+    /// nothing).
+    pub lse: Option<Stats>,
+    /// The gate λ, the prefix's share of the softmax mass.
+    pub lambda: Option<Stats>,
+}
+
+/// The tensors of `prefix_only_attention` (the dims' `kv_len`, `k` and `v` are not used):
+/// `out` = Attn(q, P_k, P_v) and its `lse` (−∞ and output 0 when l = 0).
+#[derive(Debug)]
+pub struct PrefixOnlyArgs<R, W, Stats> {
+    pub q: R,
+    pub prefix_k: R,
+    pub prefix_v: R,
+    pub out: W,
+    pub lse: Stats,
+}
+
+/// Sizes and layouts of `lse_merge`: the two states and the output are [B, H, L, d], the
+/// LSEs and λ [B, H, L] contiguous.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LseMergeDims {
+    pub batch: usize,
+    pub heads: usize,
+    pub q_len: usize,
+    /// Any d ≥ 1.
+    pub head_dim: usize,
+    pub o_prefix: HeadLayout,
+    pub o_context: HeadLayout,
+    pub out: HeadLayout,
+}
+
+impl LseMergeDims {
+    /// Every tensor contiguous `[B, H, L, d]`.
+    pub fn new(batch: usize, heads: usize, q_len: usize, head_dim: usize) -> Self {
+        let l = HeadLayout::bhsd(heads, q_len, head_dim);
+        LseMergeDims {
+            batch,
+            heads,
+            q_len,
+            head_dim,
+            o_prefix: l,
+            o_context: l,
+            out: l,
+        }
+    }
+
+    /// Rows B·H·L: the length of the LSEs and λ.
+    pub fn rows(&self) -> usize {
+        self.batch * self.heads * self.q_len
+    }
+}
+
+/// The tensors of `lse_merge`: `out = (1 − λ)·o_context + λ·o_prefix` with
+/// `λ = sigmoid(lse_prefix − lse_context)`, and optionally `lse = logaddexp(lse_prefix,
+/// lse_context)` and λ. A state with LSE −∞ (nothing attended) weighs 0 and its output is
+/// not read; two such states give output 0, LSE −∞, λ = 0. `StatsR` / `StatsW` are f32.
+#[derive(Debug)]
+pub struct LseMergeArgs<R, W, StatsR, StatsW> {
+    pub o_prefix: R,
+    pub lse_prefix: StatsR,
+    pub o_context: R,
+    pub lse_context: StatsR,
+    pub out: W,
+    pub lse: Option<StatsW>,
+    pub lambda: Option<StatsW>,
+}
+
+/// Sizes and layouts of `kv_concat`: `prefix` [B, H, l, d] and `src` [B, H, L, d] into
+/// `dst` [B, H, l + L, d].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvConcatDims {
+    pub batch: usize,
+    pub heads: usize,
+    pub prefix_len: usize,
+    pub len: usize,
+    /// Any d ≥ 1.
+    pub head_dim: usize,
+    pub prefix: HeadLayout,
+    pub src: HeadLayout,
+    pub dst: HeadLayout,
+}
+
+impl KvConcatDims {
+    /// Every tensor contiguous `[B, H, L, d]`.
+    pub fn new(batch: usize, heads: usize, prefix_len: usize, len: usize, head_dim: usize) -> Self {
+        KvConcatDims {
+            batch,
+            heads,
+            prefix_len,
+            len,
+            head_dim,
+            prefix: HeadLayout::bhsd(heads, prefix_len, head_dim),
+            src: HeadLayout::bhsd(heads, len, head_dim),
+            dst: HeadLayout::bhsd(heads, prefix_len + len, head_dim),
+        }
+    }
+}
+
+/// The tensors of `kv_concat`: `dst[b, h, j] = j < l ? prefix[b, h, j] : src[b, h, j − l]`.
+#[derive(Debug)]
+pub struct KvConcatArgs<R, W> {
+    pub prefix: R,
+    pub src: R,
+    pub dst: W,
+}
+
+impl<R, W, Lens, Stats> PrefixAttentionArgs<R, W, Lens, Stats> {
+    pub(crate) fn bufs<S>(self, s: &mut S) -> PrefixAttentionBufs
+    where
+        S: BufSource<R, W> + BufSource<Lens, Stats>,
+    {
+        PrefixAttentionBufs {
+            q: BufSource::<R, W>::read(s, self.q),
+            k: BufSource::<R, W>::read(s, self.k),
+            v: BufSource::<R, W>::read(s, self.v),
+            prefix_k: BufSource::<R, W>::read(s, self.prefix_k),
+            prefix_v: BufSource::<R, W>::read(s, self.prefix_v),
+            context_lens: self
+                .context_lens
+                .map(|b| BufSource::<Lens, Stats>::read(s, b)),
+            out: BufSource::<R, W>::write(s, self.out),
+            lse: self.lse.map(|b| BufSource::<Lens, Stats>::write(s, b)),
+            lambda: self.lambda.map(|b| BufSource::<Lens, Stats>::write(s, b)),
+        }
+    }
+}
+
+impl<R, W, Stats> PrefixOnlyArgs<R, W, Stats> {
+    pub(crate) fn bufs<S>(self, s: &mut S) -> PrefixOnlyBufs
+    where
+        S: BufSource<R, W> + BufSource<R, Stats>,
+    {
+        PrefixOnlyBufs {
+            q: BufSource::<R, W>::read(s, self.q),
+            prefix_k: BufSource::<R, W>::read(s, self.prefix_k),
+            prefix_v: BufSource::<R, W>::read(s, self.prefix_v),
+            out: BufSource::<R, W>::write(s, self.out),
+            lse: BufSource::<R, Stats>::write(s, self.lse),
+        }
+    }
+}
+
+impl<R, W, StatsR, StatsW> LseMergeArgs<R, W, StatsR, StatsW> {
+    pub(crate) fn bufs<S>(self, s: &mut S) -> LseMergeBufs
+    where
+        S: BufSource<R, W> + BufSource<StatsR, StatsW>,
+    {
+        LseMergeBufs {
+            o_prefix: BufSource::<R, W>::read(s, self.o_prefix),
+            lse_prefix: BufSource::<StatsR, StatsW>::read(s, self.lse_prefix),
+            o_context: BufSource::<R, W>::read(s, self.o_context),
+            lse_context: BufSource::<StatsR, StatsW>::read(s, self.lse_context),
+            out: BufSource::<R, W>::write(s, self.out),
+            lse: self.lse.map(|b| BufSource::<StatsR, StatsW>::write(s, b)),
+            lambda: self
+                .lambda
+                .map(|b| BufSource::<StatsR, StatsW>::write(s, b)),
+        }
+    }
+}
+
+impl<R, W> KvConcatArgs<R, W> {
+    pub(crate) fn bufs(self, s: &mut impl BufSource<R, W>) -> KvConcatBufs {
+        KvConcatBufs {
+            prefix: s.read(self.prefix),
+            src: s.read(self.src),
+            dst: s.write(self.dst),
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Prefix attention on the emulator against the f64 reference (src/reference/attention.rs):
+//! every dtype and head dim, the identity with attention over the concatenation, masks
+//! (causal, ragged lengths, rows that see nothing), long prefixes, grouped-query heads,
+//! decoding, strided layouts, the prefix-only + merge path, and the argument checks. The
+//! checks themselves are in prefix_attention/harness.rs, shared with the GPU tests.
+
+mod common;
+#[path = "prefix_attention/harness.rs"]
+mod harness;
+
+use half::{bf16, f16};
+use harness::Backend;
+use peft_kernels::emulator;
+use peft_kernels::prefix_attention::{
+    KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeDims, PrefixAttention, PrefixAttentionArgs,
+    PrefixAttentionDims, PrefixOnlyArgs,
+};
+use peft_kernels::{Element, Result};
+
+struct Emulator;
+
+impl Backend for Emulator {
+    fn attention<T: Element>(
+        &self,
+        op: &PrefixAttention,
+        dims: &PrefixAttentionDims,
+        args: PrefixAttentionArgs<&[T], &mut [T], &[u32], &mut [f32]>,
+    ) -> Result<()> {
+        emulator::prefix_attention(op, dims, args)
+    }
+    fn prefix_only<T: Element>(
+        &self,
+        op: &PrefixAttention,
+        dims: &PrefixAttentionDims,
+        args: PrefixOnlyArgs<&[T], &mut [T], &mut [f32]>,
+    ) -> Result<()> {
+        emulator::prefix_only_attention(op, dims, args)
+    }
+    fn merge<T: Element>(
+        &self,
+        dims: &LseMergeDims,
+        args: LseMergeArgs<&[T], &mut [T], &[f32], &mut [f32]>,
+    ) -> Result<()> {
+        emulator::lse_merge(dims, args)
+    }
+    fn concat<T: Element>(
+        &self,
+        dims: &KvConcatDims,
+        args: KvConcatArgs<&[T], &mut [T]>,
+    ) -> Result<()> {
+        emulator::kv_concat(dims, args)
+    }
+    fn on_host(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn fused_f32_every_head_dim() {
+    harness::every_head_dim::<_, f32>(&Emulator, 2);
+}
+
+#[test]
+fn fused_f16_every_head_dim() {
+    harness::every_head_dim::<_, f16>(&Emulator, 2);
+}
+
+#[test]
+fn fused_bf16_every_head_dim() {
+    harness::every_head_dim::<_, bf16>(&Emulator, 2);
+}
+
+#[test]
+fn many_tiles() {
+    harness::many_tiles(&Emulator);
+}
+
+#[test]
+fn explicit_scale() {
+    harness::explicit_scale(&Emulator);
+}
+
+#[test]
+fn identity_with_attention_over_the_concatenation() {
+    harness::identity_with_concatenation(&Emulator);
+}
+
+#[test]
+fn rows_that_see_nothing_are_defined() {
+    harness::rows_that_see_nothing(&Emulator);
+}
+
+#[test]
+fn long_prefix() {
+    harness::long_prefix(&Emulator);
+}
+
+#[test]
+fn ragged_context_lengths() {
+    harness::ragged_context_lengths(&Emulator);
+}
+
+#[test]
+fn grouped_and_multi_query_heads() {
+    harness::grouped_and_multi_query_heads(&Emulator);
+}
+
+#[test]
+fn decode_single_query() {
+    harness::decode_single_query(&Emulator);
+}
+
+#[test]
+fn strided_layouts_and_a_shared_prefix() {
+    harness::strided_layouts_and_a_shared_prefix(&Emulator);
+}
+
+#[test]
+fn statistics_are_optional() {
+    harness::statistics_are_optional(&Emulator);
+}
+
+#[test]
+fn prefix_only_and_merge() {
+    harness::prefix_only_and_merge(&Emulator);
+}
+
+#[test]
+fn merge_with_infinite_lses() {
+    harness::merge_with_infinite_lses(&Emulator);
+}
+
+#[test]
+fn kv_concat_is_a_copy() {
+    harness::kv_concat_is_a_copy(&Emulator);
+}
+
+#[test]
+fn bad_arguments_are_errors() {
+    harness::bad_arguments_are_errors(&Emulator);
+}
+
+#[test]
+fn params_sizes_match_the_cxx_structs() {
+    use peft_kernels::plan::prefix_attention::{
+        KvConcatParams, LseMergeParams, PrefixAttentionParams,
+    };
+    unsafe extern "C" {
+        fn pk_sizeof_PrefixAttentionParams() -> usize;
+        fn pk_sizeof_LseMergeParams() -> usize;
+        fn pk_sizeof_KvConcatParams() -> usize;
+    }
+    use std::mem::size_of;
+    // SAFETY: the functions return a constant.
+    unsafe {
+        assert_eq!(
+            pk_sizeof_PrefixAttentionParams(),
+            size_of::<PrefixAttentionParams>()
+        );
+        assert_eq!(pk_sizeof_LseMergeParams(), size_of::<LseMergeParams>());
+        assert_eq!(pk_sizeof_KvConcatParams(), size_of::<KvConcatParams>());
+    }
+}

@@ -1,0 +1,1129 @@
+//! The prefix-attention checks, written once over a [`Backend`]: the emulator
+//! (tests/prefix_attention.rs) and the GPU (tests/gpu_prefix_attention.rs) run the same
+//! suites (at the end of this file) against the f64 reference (src/reference/attention.rs).
+//!
+//! Every input buffer is NaN outside the elements its shape covers (strided gaps, and the
+//! context keys past `context_lens`), so a kernel that reads what it must not reads NaN;
+//! every output buffer is NaN before the run, so an element the kernel forgot fails, and
+//! the gaps of a strided output must still be NaN after it.
+
+use crate::common::Rng;
+use half::{bf16, f16};
+use peft_kernels::prefix_attention::{
+    HeadLayout, KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeDims, PrefixAttention,
+    PrefixAttentionArgs, PrefixAttentionDims, PrefixOnlyArgs, HEAD_DIMS,
+};
+use peft_kernels::reference::{self, PrefixAttentionTensors, Tensor4};
+use peft_kernels::validate::{assert_close, default_tolerance};
+use peft_kernels::{Element, Error, Result};
+
+/// Relative tolerance of the f32 statistics (LSE, λ): the scores are exact products of the
+/// stored inputs summed in f32 on every path.
+pub const STAT_TOL: f64 = 1e-5;
+
+/// Where the kernels run. Buffers are host slices; a GPU backend copies them in and the
+/// outputs back.
+pub trait Backend {
+    fn attention<T: Element>(
+        &self,
+        op: &PrefixAttention,
+        dims: &PrefixAttentionDims,
+        args: PrefixAttentionArgs<&[T], &mut [T], &[u32], &mut [f32]>,
+    ) -> Result<()>;
+    fn prefix_only<T: Element>(
+        &self,
+        op: &PrefixAttention,
+        dims: &PrefixAttentionDims,
+        args: PrefixOnlyArgs<&[T], &mut [T], &mut [f32]>,
+    ) -> Result<()>;
+    fn merge<T: Element>(
+        &self,
+        dims: &LseMergeDims,
+        args: LseMergeArgs<&[T], &mut [T], &[f32], &mut [f32]>,
+    ) -> Result<()>;
+    fn concat<T: Element>(
+        &self,
+        dims: &KvConcatDims,
+        args: KvConcatArgs<&[T], &mut [T]>,
+    ) -> Result<()>;
+    /// Whether the kernels run on the host slices themselves (the emulator): then the
+    /// `context_lens` values are checked against Lk, and a misaligned slice stays
+    /// misaligned (a GPU backend's copies are aligned whatever the host slice).
+    fn on_host(&self) -> bool;
+}
+
+/// How the tensors lie in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Every tensor `[B, H, L, d]`, contiguous.
+    Contiguous,
+    /// Q, K, V and the output `[B, L, H, d]` with 8 elements of padding after every row of
+    /// heads and 16 after every sequence; the prefix `[B, Hkv, l, d]` with rows padded by 8.
+    Strided,
+}
+
+/// One prefix-attention problem.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub prefix_len: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+    pub lens: Option<Vec<u32>>,
+    pub layout: Layout,
+    /// One prefix for the whole batch (batch stride 0).
+    pub shared_prefix: bool,
+    pub scale: Option<f64>,
+}
+
+impl Case {
+    /// A contiguous, unmasked case with every length given.
+    pub fn new(
+        batch: usize,
+        heads: usize,
+        kv_heads: usize,
+        q_len: usize,
+        kv_len: usize,
+        prefix_len: usize,
+        head_dim: usize,
+    ) -> Case {
+        Case {
+            batch,
+            heads,
+            kv_heads,
+            q_len,
+            kv_len,
+            prefix_len,
+            head_dim,
+            causal: false,
+            lens: None,
+            layout: Layout::Contiguous,
+            shared_prefix: false,
+            scale: None,
+        }
+    }
+
+    pub fn causal(self, causal: bool) -> Case {
+        Case { causal, ..self }
+    }
+
+    pub fn lens(self, lens: Vec<u32>) -> Case {
+        Case {
+            lens: Some(lens),
+            ..self
+        }
+    }
+
+    pub fn layout(self, layout: Layout) -> Case {
+        Case { layout, ..self }
+    }
+
+    /// Random sizes around the tile edges for head dim `d`: 1–2 sequences, grouped-query
+    /// heads, up to 2 query tiles, up to 3 key tiles of context and 2 of prefix (either may
+    /// be empty), random masks and layouts.
+    pub fn random(rng: &mut Rng, d: usize) -> Case {
+        let batch = rng.range(1, 2);
+        let kv_heads = rng.range(1, 2);
+        let heads = kv_heads * rng.range(1, 3);
+        let q_len = rng.range(1, 90);
+        let kv_len = if rng.chance(0.1) {
+            0
+        } else {
+            rng.range(1, 150)
+        };
+        let prefix_len = if rng.chance(0.15) {
+            0
+        } else {
+            rng.range(1, 80)
+        };
+        let mut c =
+            Case::new(batch, heads, kv_heads, q_len, kv_len, prefix_len, d).causal(rng.chance(0.5));
+        if rng.chance(0.4) {
+            c = c.lens(random_lens(rng, batch, kv_len));
+        }
+        if rng.chance(0.3) {
+            c = c.layout(Layout::Strided);
+        }
+        c.shared_prefix = rng.chance(0.2);
+        c
+    }
+
+    pub fn dims(&self) -> PrefixAttentionDims {
+        let mut d = PrefixAttentionDims::new(
+            self.batch,
+            self.heads,
+            self.kv_heads,
+            self.q_len,
+            self.kv_len,
+            self.prefix_len,
+            self.head_dim,
+        );
+        if self.layout == Layout::Strided {
+            let hd = self.head_dim;
+            let bshd = |len: usize, heads: usize| {
+                let seq = heads * hd + 8;
+                HeadLayout {
+                    batch: len * seq + 16,
+                    head: hd,
+                    seq,
+                }
+            };
+            d.q = bshd(self.q_len, self.heads);
+            d.out = bshd(self.q_len, self.heads);
+            d.k = bshd(self.kv_len, self.kv_heads);
+            d.v = bshd(self.kv_len, self.kv_heads);
+            let prefix = HeadLayout {
+                batch: self.kv_heads * self.prefix_len * (hd + 8),
+                head: self.prefix_len * (hd + 8),
+                seq: hd + 8,
+            };
+            d.prefix_k = prefix;
+            d.prefix_v = prefix;
+        }
+        if self.shared_prefix {
+            d = d.with_shared_prefix();
+        }
+        d
+    }
+
+    pub fn op(&self) -> PrefixAttention {
+        PrefixAttention {
+            scale: self.scale,
+            causal: self.causal,
+        }
+    }
+}
+
+/// Valid context lengths in [0, kv_len], the ends included more often than chance would.
+pub fn random_lens(rng: &mut Rng, batch: usize, kv_len: usize) -> Vec<u32> {
+    (0..batch)
+        .map(|_| match rng.range(0, 5) {
+            0 => 0,
+            1 => kv_len as u32,
+            _ => rng.range(0, kv_len) as u32,
+        })
+        .collect()
+}
+
+/// A strided tensor of `shape`: the buffer, NaN wherever the shape does not reach.
+pub struct Strided<T> {
+    pub data: Vec<T>,
+    pub layout: HeadLayout,
+    pub shape: [usize; 4],
+}
+
+impl<T: Element> Strided<T> {
+    /// NaN everywhere; `extra` more elements past the last one.
+    pub fn poisoned(layout: HeadLayout, shape: [usize; 4], extra: usize) -> Strided<T> {
+        let len = if shape.contains(&0) {
+            0
+        } else {
+            layout.offset(shape[0] - 1, shape[1] - 1, shape[2] - 1) + shape[3] + extra
+        };
+        Strided {
+            data: vec![T::nan(); len],
+            layout,
+            shape,
+        }
+    }
+
+    /// Normal values of standard deviation `std` at every element of the shape, NaN
+    /// elsewhere. With a batch stride of 0 the batch shares one tensor.
+    pub fn random(rng: &mut Rng, layout: HeadLayout, shape: [usize; 4], std: f64) -> Strided<T> {
+        let mut t = Strided::poisoned(layout, shape, 5);
+        for at in t.offsets() {
+            t.data[at] = T::from_f64(std * rng.normal());
+        }
+        t
+    }
+
+    /// The offset of every element, in `[b, h, i, c]` order.
+    pub fn offsets(&self) -> Vec<usize> {
+        let [b, h, l, d] = self.shape;
+        let mut v = Vec::with_capacity(b * h * l * d);
+        for bi in 0..b {
+            for hi in 0..h {
+                for i in 0..l {
+                    let row = self.layout.offset(bi, hi, i);
+                    v.extend(row..row + d);
+                }
+            }
+        }
+        v
+    }
+
+    /// The elements in `[b, h, i, c]` order.
+    pub fn gather(&self) -> Vec<T> {
+        self.offsets().into_iter().map(|at| self.data[at]).collect()
+    }
+
+    pub fn tensor(&self) -> Tensor4<'_, T> {
+        let l = self.layout;
+        Tensor4::strided(&self.data, self.shape, [l.batch, l.head, l.seq, 1])
+    }
+
+    /// Panics unless every element outside the shape is still NaN.
+    #[track_caller]
+    pub fn assert_gaps_untouched(&self, name: &str) {
+        let mut inside = vec![false; self.data.len()];
+        for at in self.offsets() {
+            inside[at] = true;
+        }
+        let written = (0..self.data.len())
+            .filter(|&i| !inside[i] && !self.data[i].to_f64().is_nan())
+            .count();
+        assert_eq!(
+            written, 0,
+            "{name}: {written} elements outside the tensor were written"
+        );
+    }
+}
+
+/// The inputs of a case, generated once.
+pub struct Inputs<T> {
+    pub q: Strided<T>,
+    pub k: Strided<T>,
+    pub v: Strided<T>,
+    pub prefix_k: Strided<T>,
+    pub prefix_v: Strided<T>,
+}
+
+impl<T: Element> Inputs<T> {
+    pub fn new(rng: &mut Rng, case: &Case) -> Inputs<T> {
+        let d = case.dims();
+        let (b, hq, hkv, hd) = (case.batch, case.heads, case.kv_heads, case.head_dim);
+        let mut k = Strided::random(rng, d.k, [b, hkv, case.kv_len, hd], 1.0);
+        let mut v = Strided::random(rng, d.v, [b, hkv, case.kv_len, hd], 1.0);
+        // The padding keys of each sequence are never read: NaN them.
+        if let Some(lens) = &case.lens {
+            for (bi, &len) in lens.iter().enumerate() {
+                for t in [&mut k, &mut v] {
+                    for h in 0..hkv {
+                        for i in len as usize..case.kv_len {
+                            let row = t.layout.offset(bi, h, i);
+                            t.data[row..row + hd].fill(T::nan());
+                        }
+                    }
+                }
+            }
+        }
+        // A shared prefix is one [1, Hkv, l, d] tensor read with batch stride 0.
+        let pb = if case.shared_prefix { 1 } else { b };
+        let prefix_k = Strided::random(rng, d.prefix_k, [pb, hkv, case.prefix_len, hd], 1.0);
+        let prefix_v = Strided::random(rng, d.prefix_v, [pb, hkv, case.prefix_len, hd], 1.0);
+        Inputs {
+            q: Strided::random(rng, d.q, [b, hq, case.q_len, hd], 1.0),
+            k,
+            v,
+            prefix_k: Strided {
+                shape: [b, hkv, case.prefix_len, hd],
+                ..prefix_k
+            },
+            prefix_v: Strided {
+                shape: [b, hkv, case.prefix_len, hd],
+                ..prefix_v
+            },
+        }
+    }
+
+    pub fn tensors<'a>(&'a self, case: &'a Case) -> PrefixAttentionTensors<'a, T> {
+        PrefixAttentionTensors {
+            q: self.q.tensor(),
+            k: self.k.tensor(),
+            v: self.v.tensor(),
+            prefix_k: self.prefix_k.tensor(),
+            prefix_v: self.prefix_v.tensor(),
+            context_lens: case.lens.as_deref(),
+        }
+    }
+}
+
+/// A kernel's outputs: the strided output and the two statistics.
+pub struct Outputs<T> {
+    pub out: Strided<T>,
+    pub lse: Vec<f32>,
+    pub lambda: Vec<f32>,
+}
+
+impl<T: Element> Outputs<T> {
+    pub fn poisoned(dims: &PrefixAttentionDims) -> Outputs<T> {
+        let shape = [dims.batch, dims.heads, dims.q_len, dims.head_dim];
+        Outputs {
+            out: Strided::poisoned(dims.out, shape, 7),
+            lse: vec![f32::NAN; dims.rows()],
+            lambda: vec![f32::NAN; dims.rows()],
+        }
+    }
+}
+
+/// Runs the fused kernel on a case's inputs.
+pub fn run_fused<B: Backend, T: Element>(be: &B, case: &Case, x: &Inputs<T>) -> Outputs<T> {
+    let dims = case.dims();
+    let mut o = Outputs::poisoned(&dims);
+    be.attention(
+        &case.op(),
+        &dims,
+        PrefixAttentionArgs {
+            q: &x.q.data,
+            k: &x.k.data,
+            v: &x.v.data,
+            prefix_k: &x.prefix_k.data,
+            prefix_v: &x.prefix_v.data,
+            context_lens: case.lens.as_deref(),
+            out: &mut o.out.data,
+            lse: Some(&mut o.lse),
+            lambda: Some(&mut o.lambda),
+        },
+    )
+    .unwrap_or_else(|e| panic!("{case:?}: {e}"));
+    o
+}
+
+/// The fused kernel against the reference: output (and the gaps of a strided one), LSE, λ.
+pub fn check_fused<B: Backend, T: Element>(be: &B, rng: &mut Rng, case: &Case) {
+    let x = Inputs::<T>::new(rng, case);
+    let o = run_fused(be, case, &x);
+    let r = reference::prefix_attention(&case.op(), &x.tensors(case))
+        .unwrap_or_else(|e| panic!("{case:?}: reference: {e}"));
+    let name = format!("{} {case:?} (seed {})", T::DTYPE, rng.seed());
+    assert_close(
+        &format!("out {name}"),
+        &o.out.gather(),
+        &r.out,
+        default_tolerance(T::DTYPE),
+    );
+    o.out.assert_gaps_untouched(&name);
+    assert_close(&format!("lse {name}"), &o.lse, &r.lse, STAT_TOL);
+    assert_close(&format!("lambda {name}"), &o.lambda, &r.lambda, STAT_TOL);
+}
+
+/// The identity with attention over the concatenation, at kernel level: kv_concat of the
+/// prefix and the context, then the kernel with l = 0 on `[P; C]` (the unfused path), equals
+/// the fused reference. The case must keep the prefix visible to every query under the
+/// causal mask of the concatenation (Lq ≤ every context length + 1).
+pub fn check_concat_identity<B: Backend, T: Element>(be: &B, rng: &mut Rng, case: &Case) {
+    let x = Inputs::<T>::new(rng, case);
+    let (b, hkv, l, hd) = (case.batch, case.kv_heads, case.prefix_len, case.head_dim);
+    let lc = l + case.kv_len;
+    let cat = |prefix: &Strided<T>, src: &Strided<T>| {
+        let dims = KvConcatDims {
+            prefix: prefix.layout,
+            src: src.layout,
+            ..KvConcatDims::new(b, hkv, l, case.kv_len, hd)
+        };
+        let mut dst = Strided::<T>::poisoned(dims.dst, [b, hkv, lc, hd], 0);
+        be.concat(
+            &dims,
+            KvConcatArgs {
+                prefix: &prefix.data,
+                src: &src.data,
+                dst: &mut dst.data,
+            },
+        )
+        .unwrap();
+        dst
+    };
+    let (kc, vc) = (cat(&x.prefix_k, &x.k), cat(&x.prefix_v, &x.v));
+    // PEFT's unfused path: the prefix is part of every sequence's valid keys.
+    let lens: Option<Vec<u32>> = case
+        .lens
+        .as_ref()
+        .map(|lens| lens.iter().map(|&n| n + l as u32).collect());
+    let dims = PrefixAttentionDims {
+        q: x.q.layout,
+        out: x.q.layout,
+        ..PrefixAttentionDims::new(b, case.heads, hkv, case.q_len, lc, 0, hd)
+    };
+    let mut o = Outputs::<T>::poisoned(&dims);
+    let no_prefix: [T; 0] = [];
+    be.attention(
+        &case.op(),
+        &dims,
+        PrefixAttentionArgs {
+            q: &x.q.data,
+            k: &kc.data,
+            v: &vc.data,
+            prefix_k: &no_prefix,
+            prefix_v: &no_prefix,
+            context_lens: lens.as_deref(),
+            out: &mut o.out.data,
+            lse: Some(&mut o.lse),
+            lambda: Some(&mut o.lambda),
+        },
+    )
+    .unwrap();
+    let r = reference::prefix_attention(&case.op(), &x.tensors(case)).unwrap();
+    let name = format!("concat path {} {case:?} (seed {})", T::DTYPE, rng.seed());
+    assert_close(
+        &format!("out {name}"),
+        &o.out.gather(),
+        &r.out,
+        default_tolerance(T::DTYPE),
+    );
+    assert_close(&format!("lse {name}"), &o.lse, &r.lse, STAT_TOL);
+    // Without a prefix nothing is gated: λ = 0 everywhere.
+    assert!(
+        o.lambda.iter().all(|&v| v == 0.0),
+        "{name}: λ without a prefix"
+    );
+}
+
+/// The split path: the prefix-only kernel and the kernel with l = 0 (the context part) each
+/// against their reference, then the LSE merge of the two against the reference merge of
+/// the same states and against the fused reference (output, LSE, λ).
+pub fn check_prefix_only_and_merge<B: Backend, T: Element>(be: &B, rng: &mut Rng, case: &Case) {
+    let x = Inputs::<T>::new(rng, case);
+    let dims = case.dims();
+    let name = format!("{} {case:?} (seed {})", T::DTYPE, rng.seed());
+    let tol = default_tolerance(T::DTYPE);
+    let t = x.tensors(case);
+    let contiguous = HeadLayout::bhsd(case.heads, case.q_len, case.head_dim);
+    let shape = [case.batch, case.heads, case.q_len, case.head_dim];
+
+    let mut out_p = Strided::<T>::poisoned(dims.out, shape, 3);
+    let mut lse_p = vec![f32::NAN; dims.rows()];
+    be.prefix_only(
+        &case.op(),
+        &dims,
+        PrefixOnlyArgs {
+            q: &x.q.data,
+            prefix_k: &x.prefix_k.data,
+            prefix_v: &x.prefix_v.data,
+            out: &mut out_p.data,
+            lse: &mut lse_p,
+        },
+    )
+    .unwrap();
+    let rp = reference::prefix_only_attention(&case.op(), &t).unwrap();
+    assert_close(
+        &format!("prefix-only out {name}"),
+        &out_p.gather(),
+        &rp.out,
+        tol,
+    );
+    out_p.assert_gaps_untouched(&name);
+    assert_close(
+        &format!("prefix-only lse {name}"),
+        &lse_p,
+        &rp.lse,
+        STAT_TOL,
+    );
+
+    // The context part: the fused kernel with no prefix, into a contiguous output.
+    let cdims = PrefixAttentionDims {
+        prefix_len: 0,
+        out: contiguous,
+        ..dims
+    };
+    let mut out_c = Strided::<T>::poisoned(contiguous, shape, 0);
+    let mut lse_c = vec![f32::NAN; dims.rows()];
+    let no_prefix: [T; 0] = [];
+    be.attention(
+        &case.op(),
+        &cdims,
+        PrefixAttentionArgs {
+            q: &x.q.data,
+            k: &x.k.data,
+            v: &x.v.data,
+            prefix_k: &no_prefix,
+            prefix_v: &no_prefix,
+            context_lens: case.lens.as_deref(),
+            out: &mut out_c.data,
+            lse: Some(&mut lse_c),
+            lambda: None,
+        },
+    )
+    .unwrap();
+    let rc = reference::context_attention(&case.op(), &t).unwrap();
+    assert_close(&format!("context out {name}"), &out_c.data, &rc.out, tol);
+    assert_close(&format!("context lse {name}"), &lse_c, &rc.lse, STAT_TOL);
+
+    // The merge, reading the strided prefix state and the contiguous context state.
+    let mdims = LseMergeDims {
+        o_prefix: dims.out,
+        o_context: contiguous,
+        out: dims.out,
+        ..LseMergeDims::new(case.batch, case.heads, case.q_len, case.head_dim)
+    };
+    let mut merged = Strided::<T>::poisoned(dims.out, shape, 2);
+    let (mut lse, mut lambda) = (vec![f32::NAN; dims.rows()], vec![f32::NAN; dims.rows()]);
+    be.merge(
+        &mdims,
+        LseMergeArgs {
+            o_prefix: &out_p.data,
+            lse_prefix: &lse_p,
+            o_context: &out_c.data,
+            lse_context: &lse_c,
+            out: &mut merged.data,
+            lse: Some(&mut lse),
+            lambda: Some(&mut lambda),
+        },
+    )
+    .unwrap();
+    merged.assert_gaps_untouched(&name);
+    let rm =
+        reference::lse_merge(case.head_dim, &out_p.gather(), &lse_p, &out_c.data, &lse_c).unwrap();
+    assert_close(&format!("merge out {name}"), &merged.gather(), &rm.out, tol);
+    assert_close(&format!("merge lse {name}"), &lse, &rm.lse, STAT_TOL);
+    assert_close(
+        &format!("merge lambda {name}"),
+        &lambda,
+        &rm.lambda,
+        STAT_TOL,
+    );
+    // ... and the split path is the fused attention.
+    let r = reference::prefix_attention(&case.op(), &t).unwrap();
+    assert_close(
+        &format!("split path out {name}"),
+        &merged.gather(),
+        &r.out,
+        2.0 * tol,
+    );
+    assert_close(&format!("split path lse {name}"), &lse, &r.lse, STAT_TOL);
+    assert_close(
+        &format!("split path lambda {name}"),
+        &lambda,
+        &r.lambda,
+        STAT_TOL,
+    );
+}
+
+/// The merge on states with infinite LSEs: both empty, one empty (whose output is NaN
+/// garbage, which must not be read), +∞, and ordinary rows, against the reference merge.
+pub fn check_merge_infinities<B: Backend, T: Element>(be: &B, rng: &mut Rng) {
+    let inf = f32::INFINITY;
+    let pairs = [
+        (-inf, -inf),
+        (-inf, 0.5),
+        (1.5, -inf),
+        (inf, 2.0),
+        (2.0, inf),
+        (40.0, -40.0),
+        (-40.0, 40.0),
+        (0.25, 0.25),
+        (3.0, -1.0),
+    ];
+    let (rows, d) = (pairs.len(), 37);
+    let dims = LseMergeDims::new(1, 1, rows, d);
+    let lse_p: Vec<f32> = pairs.iter().map(|p| p.0).collect();
+    let lse_c: Vec<f32> = pairs.iter().map(|p| p.1).collect();
+    let mut o_p: Vec<T> = rng.uniform_vec(rows * d);
+    let mut o_c: Vec<T> = rng.uniform_vec(rows * d);
+    for (i, &(lp, lc)) in pairs.iter().enumerate() {
+        if lp == -inf {
+            o_p[i * d..(i + 1) * d].fill(T::nan());
+        }
+        if lc == -inf {
+            o_c[i * d..(i + 1) * d].fill(T::nan());
+        }
+    }
+    let mut out = vec![T::nan(); rows * d];
+    let (mut lse, mut lambda) = (vec![f32::NAN; rows], vec![f32::NAN; rows]);
+    be.merge(
+        &dims,
+        LseMergeArgs {
+            o_prefix: &o_p,
+            lse_prefix: &lse_p,
+            o_context: &o_c,
+            lse_context: &lse_c,
+            out: &mut out,
+            lse: Some(&mut lse),
+            lambda: Some(&mut lambda),
+        },
+    )
+    .unwrap();
+    let r = reference::lse_merge(d, &o_p, &lse_p, &o_c, &lse_c).unwrap();
+    let name = format!(
+        "merge with infinite LSEs {} (seed {})",
+        T::DTYPE,
+        rng.seed()
+    );
+    assert_close(
+        &format!("out {name}"),
+        &out,
+        &r.out,
+        default_tolerance(T::DTYPE),
+    );
+    assert_close(&format!("lse {name}"), &lse, &r.lse, STAT_TOL);
+    assert_close(&format!("lambda {name}"), &lambda, &r.lambda, STAT_TOL);
+    assert!(
+        out.iter().all(|v| !v.to_f64().is_nan()),
+        "{name}: NaN in the output"
+    );
+}
+
+/// kv_concat is a copy: bit for bit, strided source and destination included.
+pub fn check_concat<B: Backend, T: Element>(be: &B, rng: &mut Rng) {
+    let (b, h, l, len, d) = (2, 3, rng.range(0, 40), rng.range(1, 50), 24);
+    let prefix = Strided::<T>::random(rng, HeadLayout::bhsd(h, l, d), [b, h, l, d], 1.0);
+    let src_layout = HeadLayout {
+        batch: len * (h * d + 8) + 8,
+        head: d,
+        seq: h * d + 8,
+    };
+    let src = Strided::<T>::random(rng, src_layout, [b, h, len, d], 1.0);
+    let dst_layout = HeadLayout::bshd(l + len, h, d + 8);
+    let dims = KvConcatDims {
+        src: src_layout,
+        dst: dst_layout,
+        ..KvConcatDims::new(b, h, l, len, d)
+    };
+    let mut dst = Strided::<T>::poisoned(dst_layout, [b, h, l + len, d], 3);
+    be.concat(
+        &dims,
+        KvConcatArgs {
+            prefix: &prefix.data,
+            src: &src.data,
+            dst: &mut dst.data,
+        },
+    )
+    .unwrap();
+    dst.assert_gaps_untouched("kv_concat");
+    let (p, s, got) = (prefix.gather(), src.gather(), dst.gather());
+    let row = d;
+    for bh in 0..b * h {
+        for j in 0..l + len {
+            let want = if j < l {
+                &p[(bh * l + j) * row..][..row]
+            } else {
+                &s[(bh * len + j - l) * row..][..row]
+            };
+            let at = (bh * (l + len) + j) * row;
+            assert_eq!(
+                bytemuck::cast_slice::<T, u8>(&got[at..at + row]),
+                bytemuck::cast_slice::<T, u8>(want),
+                "kv_concat row {j} of (batch·head) {bh}"
+            );
+        }
+    }
+}
+
+#[track_caller]
+fn expect_invalid(r: Result<()>, arg: &str) {
+    match r {
+        Err(Error::InvalidArgument { arg: got, .. }) if got == arg => {}
+        other => panic!("expected an invalid `{arg}`, got {other:?}"),
+    }
+}
+
+/// Changes to the buffers of `check_rejects`' case: q, k (= v), out, lse.
+type Edit<'a, T> = &'a dyn Fn(&mut Vec<T>, &mut Vec<T>, &mut Vec<T>, &mut Vec<f32>);
+
+/// Every bad argument is an `Error::InvalidArgument` naming it, before anything runs.
+pub fn check_rejects<B: Backend, T: Element>(be: &B) {
+    let good = Case::new(2, 4, 2, 5, 7, 3, 64);
+    // Buffers sized for `good`, then edited; q is passed from element `skip` on.
+    let run_skip = |dims: &PrefixAttentionDims,
+                    op: PrefixAttention,
+                    lens: Option<&[u32]>,
+                    skip: usize,
+                    edit: Edit<T>|
+     -> Result<()> {
+        let g = good.dims();
+        let mut q = vec![T::from_f64(0.5); g.q.batch * good.batch + skip];
+        let mut k = vec![T::from_f64(0.5); g.k.batch * good.batch];
+        let mut out = vec![T::nan(); g.out.batch * good.batch];
+        let mut lse = vec![f32::NAN; g.rows()];
+        edit(&mut q, &mut k, &mut out, &mut lse);
+        let pk = vec![T::from_f64(0.5); g.prefix_k.batch * good.batch];
+        let mut lambda = vec![f32::NAN; g.rows()];
+        be.attention(
+            &op,
+            dims,
+            PrefixAttentionArgs {
+                q: &q[skip..],
+                k: &k,
+                v: &k,
+                prefix_k: &pk,
+                prefix_v: &pk,
+                context_lens: lens,
+                out: &mut out,
+                lse: Some(&mut lse),
+                lambda: Some(&mut lambda),
+            },
+        )
+    };
+    let run = |dims: &PrefixAttentionDims,
+               op: PrefixAttention,
+               lens: Option<&[u32]>,
+               edit: Edit<T>| { run_skip(dims, op, lens, 0, edit) };
+    let none = &|_: &mut Vec<T>, _: &mut Vec<T>, _: &mut Vec<T>, _: &mut Vec<f32>| {};
+    let op = good.op();
+    let dims = good.dims();
+    run(&dims, op, None, none).expect("the unedited case runs");
+
+    let with = |f: &dyn Fn(&mut PrefixAttentionDims)| {
+        let mut d = dims;
+        f(&mut d);
+        d
+    };
+    for (arg, d) in [
+        (
+            "dims.head_dim",
+            with(&|d| {
+                d.head_dim = 48;
+                d.value_dim = 48;
+            }),
+        ),
+        (
+            "dims.head_dim",
+            with(&|d| {
+                d.head_dim = 0;
+                d.value_dim = 0;
+            }),
+        ),
+        ("dims.value_dim", with(&|d| d.value_dim = 32)),
+        ("dims.kv_heads", with(&|d| d.kv_heads = 3)),
+        ("dims.kv_heads", with(&|d| d.kv_heads = 0)),
+        ("dims.batch", with(&|d| d.batch = 0)),
+        ("dims.heads", with(&|d| d.heads = 0)),
+        ("dims.q_len", with(&|d| d.q_len = 0)),
+        (
+            "dims.heads",
+            with(&|d| {
+                d.heads = 70_000;
+                d.kv_heads = 70_000;
+            }),
+        ),
+        ("dims.batch", with(&|d| d.batch = 70_000)),
+        ("dims.q_len", with(&|d| d.q_len = 1 << 31)),
+        ("dims.kv_len", with(&|d| d.kv_len = 1 << 31)),
+        // Shapes the buffers cannot hold.
+        ("q", with(&|d| d.q_len = 6)),
+        ("k", with(&|d| d.kv_len = 8)),
+        ("prefix_v", with(&|d| d.prefix_v.seq = 65)),
+        ("out", with(&|d| d.out.batch += 1)),
+        // Two output rows on one address.
+        ("out", with(&|d| d.out.seq = 32)),
+    ] {
+        expect_invalid(run(&d, op, None, none), arg);
+    }
+    let bad_scale = PrefixAttention {
+        scale: Some(-1.0),
+        ..op
+    };
+    expect_invalid(run(&dims, bad_scale, None, none), "op.scale");
+    let nan_scale = PrefixAttention {
+        scale: Some(f64::NAN),
+        ..op
+    };
+    expect_invalid(run(&dims, nan_scale, None, none), "op.scale");
+    expect_invalid(run(&dims, op, Some(&[7]), none), "context_lens");
+    if be.on_host() {
+        expect_invalid(run(&dims, op, Some(&[7, 8]), none), "context_lens");
+    }
+    expect_invalid(
+        run(&dims, op, None, &|_, _, _, lse| {
+            lse.pop();
+        }),
+        "lse",
+    );
+    expect_invalid(
+        run(&dims, op, None, &|q, _, _, _| {
+            q.pop();
+        }),
+        "q",
+    );
+    if T::DTYPE != peft_kernels::DType::F32 {
+        // A 16-bit tensor one element off 16 bytes: the tensor-core kernels refuse it.
+        if be.on_host() {
+            expect_invalid(run_skip(&dims, op, None, 1, none), "q");
+        }
+        let odd = with(&|d| d.k.seq = 68);
+        expect_invalid(
+            run(&odd, op, None, &|_, k, _, _| {
+                k.resize(4096, T::from_f64(0.0))
+            }),
+            "k",
+        );
+    }
+
+    // The merge and the concatenation.
+    let m = LseMergeDims::new(1, 2, 3, 5);
+    let o = vec![T::from_f64(0.0); 30];
+    let l = vec![0.0f32; 6];
+    let merge = |dims: &LseMergeDims, out_len: usize, lse_len: usize| {
+        let mut out = vec![T::nan(); out_len];
+        let mut lse = vec![f32::NAN; lse_len];
+        be.merge(
+            dims,
+            LseMergeArgs {
+                o_prefix: &o,
+                lse_prefix: &l,
+                o_context: &o,
+                lse_context: &l,
+                out: &mut out,
+                lse: Some(&mut lse),
+                lambda: None,
+            },
+        )
+    };
+    merge(&m, 30, 6).expect("the unedited merge runs");
+    expect_invalid(merge(&m, 29, 6), "out");
+    expect_invalid(merge(&m, 30, 5), "lse");
+    expect_invalid(
+        merge(&LseMergeDims { head_dim: 0, ..m }, 30, 6),
+        "dims.head_dim",
+    );
+    expect_invalid(merge(&LseMergeDims::new(1, 2, 4, 5), 40, 8), "o_prefix");
+    let c = KvConcatDims::new(1, 2, 3, 4, 5);
+    let mut dst = vec![T::nan(); 70];
+    expect_invalid(
+        be.concat(
+            &c,
+            KvConcatArgs {
+                prefix: &o[..29],
+                src: &o,
+                dst: &mut dst,
+            },
+        ),
+        "prefix",
+    );
+    expect_invalid(
+        be.concat(
+            &KvConcatDims::new(1, 2, 0, 0, 5),
+            KvConcatArgs {
+                prefix: &o,
+                src: &o,
+                dst: &mut dst,
+            },
+        ),
+        "dims.prefix_len + dims.len",
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The suites, one test each on every backend.
+
+/// Random shapes (around every tile edge) for every head dim, `per_dim` cases each.
+pub fn every_head_dim<B: Backend, T: Element>(be: &B, per_dim: usize) {
+    let mut rng = Rng::from_env();
+    for d in HEAD_DIMS {
+        for _ in 0..per_dim {
+            let case = Case::random(&mut rng, d);
+            check_fused::<_, T>(be, &mut rng, &case);
+        }
+    }
+}
+
+/// Several query tiles and many key tiles: the cp.async double buffer turns over.
+pub fn many_tiles<B: Backend>(be: &B) {
+    let mut rng = Rng::from_env();
+    let case = Case::new(1, 2, 1, 150, 333, 100, 128).causal(true);
+    check_fused::<_, bf16>(be, &mut rng, &case);
+    check_fused::<_, f16>(
+        be,
+        &mut rng,
+        &Case {
+            head_dim: 256,
+            ..case.clone()
+        },
+    );
+    check_fused::<_, f32>(
+        be,
+        &mut rng,
+        &Case {
+            head_dim: 96,
+            ..case
+        },
+    );
+}
+
+/// The scale of the scores given explicitly rather than 1/sqrt(d).
+pub fn explicit_scale<B: Backend>(be: &B) {
+    let mut rng = Rng::from_env();
+    let case = Case {
+        scale: Some(0.3),
+        ..Case::new(1, 2, 1, 33, 40, 9, 64).causal(true)
+    };
+    check_fused::<_, bf16>(be, &mut rng, &case);
+    check_fused::<_, f32>(be, &mut rng, &case);
+}
+
+pub fn identity_with_concatenation<B: Backend>(be: &B) {
+    let mut rng = Rng::from_env();
+    for causal in [false, true] {
+        // Lq ≤ every context length: under the causal mask of [P; C] each query still sees
+        // the whole prefix.
+        let case = Case::new(2, 4, 2, 47, 93, 30, 64)
+            .causal(causal)
+            .lens(vec![50, 93]);
+        check_concat_identity::<_, bf16>(be, &mut rng, &case);
+        check_concat_identity::<_, f32>(be, &mut rng, &case);
+        let strided = Case::new(1, 2, 1, 20, 70, 66, 128)
+            .causal(causal)
+            .layout(Layout::Strided);
+        check_concat_identity::<_, f16>(be, &mut rng, &strided);
+    }
+}
+
+/// Rows that see no context key (causal with Lq > the context length, empty sequences):
+/// with a prefix λ = 1 and the output is the prefix attention; without one the output is 0,
+/// the LSE −∞ and λ = 0. Never NaN.
+pub fn rows_that_see_nothing<B: Backend>(be: &B) {
+    let mut rng = Rng::from_env();
+    for l in [0, 5] {
+        let case = Case::new(3, 2, 1, 70, 40, l, 64)
+            .causal(true)
+            .lens(vec![0, 3, 40]);
+        check_fused::<_, bf16>(be, &mut rng, &case);
+        check_fused::<_, f32>(be, &mut rng, &case);
+        // No context at all.
+        check_fused::<_, f16>(be, &mut rng, &Case::new(1, 2, 2, 9, 0, l, 32));
+    }
+    // Exactly: the first 30 rows see no context key.
+    let case = Case::new(1, 1, 1, 70, 40, 5, 64).causal(true);
+    let x = Inputs::<bf16>::new(&mut rng, &case);
+    let o = run_fused(be, &case, &x);
+    for i in 0..30 {
+        assert_eq!(o.lambda[i], 1.0, "row {i} sees only the prefix");
+    }
+    let empty = Case {
+        prefix_len: 0,
+        ..case
+    };
+    let x = Inputs::<bf16>::new(&mut rng, &empty);
+    let o = run_fused(be, &empty, &x);
+    for i in 0..30 {
+        let stats = (o.lse[i], o.lambda[i]);
+        assert_eq!(stats, (f32::NEG_INFINITY, 0.0), "row {i} sees nothing");
+    }
+    assert!(o.out.gather()[..30 * 64].iter().all(|v| v.to_f32() == 0.0));
+}
+
+pub fn long_prefix<B: Backend>(be: &B) {
+    let mut rng = Rng::from_env();
+    let case = Case::new(1, 2, 1, 40, 70, 513, 128).causal(true);
+    check_fused::<_, bf16>(be, &mut rng, &case);
+    check_fused::<_, f32>(
+        be,
+        &mut rng,
+        &Case {
+            head_dim: 64,
+            ..case
+        },
+    );
+}
+
+pub fn ragged_context_lengths<B: Backend>(be: &B) {
+    let mut rng = Rng::from_env();
+    for causal in [false, true] {
+        let lens = random_lens(&mut rng, 4, 130);
+        let case = Case::new(4, 2, 1, 65, 130, 17, 64)
+            .causal(causal)
+            .lens(lens);
+        check_fused::<_, f16>(be, &mut rng, &case);
+        check_fused::<_, f32>(be, &mut rng, &case);
+    }
+}
+
+pub fn grouped_and_multi_query_heads<B: Backend>(be: &B) {
+    let mut rng = Rng::from_env();
+    for kv_heads in [1, 2, 4, 8] {
+        let case = Case::new(1, 8, kv_heads, 19, 45, 7, 64).causal(kv_heads % 2 == 0);
+        check_fused::<_, bf16>(be, &mut rng, &case);
+    }
+    check_fused::<_, f32>(be, &mut rng, &Case::new(2, 6, 2, 21, 33, 4, 32));
+}
+
+/// Decoding: one query per sequence against a long cached context.
+pub fn decode_single_query<B: Backend>(be: &B) {
+    let mut rng = Rng::from_env();
+    for causal in [false, true] {
+        let case = Case::new(3, 4, 2, 1, 300, 30, 128)
+            .causal(causal)
+            .lens(vec![300, 1, 177]);
+        check_fused::<_, bf16>(be, &mut rng, &case);
+        check_fused::<_, f32>(be, &mut rng, &case);
+    }
+}
+
+pub fn strided_layouts_and_a_shared_prefix<B: Backend>(be: &B) {
+    let mut rng = Rng::from_env();
+    for shared_prefix in [false, true] {
+        let case = Case {
+            shared_prefix,
+            ..Case::new(2, 4, 2, 37, 80, 21, 96)
+                .causal(true)
+                .layout(Layout::Strided)
+        };
+        check_fused::<_, bf16>(be, &mut rng, &case);
+        check_fused::<_, f32>(be, &mut rng, &case);
+        check_fused::<_, f16>(
+            be,
+            &mut rng,
+            &Case {
+                head_dim: 80,
+                ..case
+            },
+        );
+    }
+}
+
+/// Only the output asked for: no LSE, no λ.
+pub fn statistics_are_optional<B: Backend>(be: &B) {
+    let mut rng = Rng::from_env();
+    let case = Case::new(1, 2, 1, 10, 20, 5, 64);
+    let x = Inputs::<bf16>::new(&mut rng, &case);
+    let dims = case.dims();
+    let mut out = vec![bf16::NAN; dims.rows() * 64];
+    be.attention(
+        &case.op(),
+        &dims,
+        PrefixAttentionArgs {
+            q: &x.q.data,
+            k: &x.k.data,
+            v: &x.v.data,
+            prefix_k: &x.prefix_k.data,
+            prefix_v: &x.prefix_v.data,
+            context_lens: None,
+            out: &mut out,
+            lse: None,
+            lambda: None,
+        },
+    )
+    .unwrap();
+    let r = reference::prefix_attention(&case.op(), &x.tensors(&case)).unwrap();
+    assert_close(
+        "out without statistics",
+        &out,
+        &r.out,
+        default_tolerance(bf16::DTYPE),
+    );
+}
+
+pub fn prefix_only_and_merge<B: Backend>(be: &B) {
+    let mut rng = Rng::from_env();
+    for d in [64, 128] {
+        let case = Case::random(&mut rng, d);
+        check_prefix_only_and_merge::<_, bf16>(be, &mut rng, &case);
+    }
+    let case = Case::new(2, 2, 1, 50, 60, 13, 64)
+        .causal(true)
+        .lens(vec![20, 60]);
+    check_prefix_only_and_merge::<_, f32>(be, &mut rng, &case);
+    let strided = Case::new(1, 2, 2, 17, 30, 0, 32).layout(Layout::Strided);
+    check_prefix_only_and_merge::<_, f16>(be, &mut rng, &strided);
+}
+
+pub fn merge_with_infinite_lses<B: Backend>(be: &B) {
+    let mut rng = Rng::from_env();
+    check_merge_infinities::<_, f32>(be, &mut rng);
+    check_merge_infinities::<_, f16>(be, &mut rng);
+    check_merge_infinities::<_, bf16>(be, &mut rng);
+}
+
+pub fn kv_concat_is_a_copy<B: Backend>(be: &B) {
+    let mut rng = Rng::from_env();
+    check_concat::<_, f32>(be, &mut rng);
+    check_concat::<_, bf16>(be, &mut rng);
+}
+
+pub fn bad_arguments_are_errors<B: Backend>(be: &B) {
+    check_rejects::<_, f32>(be);
+    check_rejects::<_, bf16>(be);
+}
