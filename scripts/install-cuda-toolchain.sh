@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
-# Installs the pinned CUDA 13.0 compiler wheels (nvcc, ptxas, the CUDA headers) from PyPI
-# into a virtual environment in .toolchain/cuda (git-ignored) and prints nvcc's path on
-# stdout; everything else goes to stderr. No GPU is needed: nvcc only compiles.
+# Installs the pinned CUDA 13.0 compiler wheels (nvcc, ptxas, the CUDA headers) and the SASS
+# tools (cuobjdump and the nvdisasm it runs) from PyPI into a virtual environment in
+# .toolchain/cuda (git-ignored) and prints nvcc's path on stdout; everything else goes to
+# stderr. No GPU is needed: nvcc only compiles, cuobjdump only reads the cubins.
 #
 # 13.0 matches the lent GPU machines (driver 580): a newer nvcc writes PTX that their
-# driver cannot load. Idempotent: a second run checks the pins and only prints the path.
+# driver cannot load. cuobjdump and nvdisasm are 13.2 because PyPI has no 13.0 wheel of
+# them; a newer disassembler reads the sm_80 and sm_90 cubins nvcc 13.0 writes, and they
+# never touch the PTX. tests/sass.rs runs `cuobjdump -sass` on the embedded cubins.
 #
-#   bash scripts/install-cuda-toolchain.sh                     # nvcc
-#   bash scripts/install-cuda-toolchain.sh --with-cuobjdump    # nvcc, and cuobjdump
+# Idempotent: a second run checks the pins and only prints the path.
 #
-# --with-cuobjdump also installs cuobjdump and the nvdisasm it runs (`cuobjdump -sass`
-# disassembles a cubin) into the same environment. Their wheels have no 13.0 release; the
-# oldest, 13.2, reads the sm_80 and sm_90 cubins nvcc 13.0 writes. The path of cuobjdump
-# is printed on stderr.
+#   bash scripts/install-cuda-toolchain.sh
+#
+# `--with-cuobjdump`, which once asked for the SASS tools, is accepted and changes nothing.
 set -euo pipefail
 
-with_cuobjdump=0
 for arg in "$@"; do
   case "$arg" in
-    --with-cuobjdump) with_cuobjdump=1 ;;
-    *) echo "usage: $0 [--with-cuobjdump]" >&2; exit 2 ;;
+    --with-cuobjdump) ;;
+    *) echo "usage: $0" >&2; exit 2 ;;
   esac
 done
 
@@ -68,15 +68,11 @@ if [ -z "$nvcc" ]; then
   exit 1
 fi
 
-if [ "$with_cuobjdump" = 1 ]; then
-  install .pins-cuobjdump nvdisasm "${cuobjdump_pins[@]}"
-  cuobjdump="$(find_tool cuobjdump)"
-  if [ -z "$cuobjdump" ] || [ -z "$(find_tool nvdisasm)" ]; then
-    echo "install-cuda-toolchain: no cuobjdump or nvdisasm under $venv after installing" \
-      "${cuobjdump_pins[*]}" >&2
-    exit 1
-  fi
-  echo "cuobjdump: $cuobjdump" >&2
+install .pins-cuobjdump nvdisasm "${cuobjdump_pins[@]}"
+if [ -z "$(find_tool cuobjdump)" ] || [ -z "$(find_tool nvdisasm)" ]; then
+  echo "install-cuda-toolchain: no cuobjdump or nvdisasm under $venv after installing" \
+    "${cuobjdump_pins[*]}" >&2
+  exit 1
 fi
 
 echo "$nvcc"

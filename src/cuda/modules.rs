@@ -78,6 +78,17 @@ pub(crate) fn function(ctx: &Arc<CudaContext>, kernel: KernelId) -> Result<CudaF
     Ok(f)
 }
 
+/// The cubin nvcc built from `kernels/<module>.cu` for `image`'s architecture (None for
+/// [`Image::Ptx`]), for tools that read the machine code, such as `cuobjdump -sass`.
+pub fn cubin(module: Module, image: Image) -> Option<&'static [u8]> {
+    let images = images(module).ok()?;
+    match image {
+        Image::Sm80 => Some(images.sm_80),
+        Image::Sm90 => Some(images.sm_90),
+        Image::Ptx => None,
+    }
+}
+
 /// The images nvcc built for `module`.
 fn images(module: Module) -> Result<&'static ModuleImages> {
     MODULE_IMAGES

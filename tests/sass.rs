@@ -1,0 +1,224 @@
+//! The machine code of the delta-linear kernels, read from the crate's embedded sm_80 and
+//! sm_90 cubins with `cuobjdump -sass`: the tensor-core kernels issue HMMA (fed by LDSM,
+//! ldmatrix, and LDGSTS, cp.async), the SIMT kernels issue none, and the hot tensor-core
+//! kernels touch no local memory (no STL/LDL: neither a register spill nor a stack array).
+//! ptxas's report, which the build checks, says how much local memory a kernel has; only
+//! the disassembly says which instructions nvcc actually chose.
+//!
+//! cuobjdump (and the nvdisasm it runs) comes from `bash scripts/install-cuda-toolchain.sh`,
+//! next to nvcc; `CUOBJDUMP` names another. Without it the tests fail, saying so.
+#![cfg(feature = "cuda")]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use peft_kernels::cuda::{cubin, Image};
+use peft_kernels::kernels::{KernelId, Module};
+
+/// The cubin architectures the build embeds.
+const IMAGES: [Image; 2] = [Image::Sm80, Image::Sm90];
+
+/// The kernels whose every instruction matters: the tensor-core GEMMs.
+fn is_tensor_core_kernel(name: &str) -> bool {
+    name.starts_with("fused_linear_mma_")
+}
+
+/// cuobjdump by `CUOBJDUMP`, then beside `NVCC`, in `CUDA_HOME`/`CUDA_PATH`, on `PATH`, in
+/// the repository's toolchain folder (where build/cuda.rs finds nvcc too), then in CUDA's
+/// default install folder, /usr/local/cuda/bin (a GPU machine running the test binaries of
+/// scripts/build-gpu-bundle.sh has no repository).
+fn cuobjdump() -> PathBuf {
+    if let Some(path) = std::env::var_os("CUOBJDUMP").filter(|v| !v.is_empty()) {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "CUOBJDUMP={} is not a file (unset it to use the cuobjdump that \
+             `bash scripts/install-cuda-toolchain.sh` installs next to nvcc)",
+            path.display()
+        );
+        return path;
+    }
+    let exe = format!("cuobjdump{}", std::env::consts::EXE_SUFFIX);
+    let beside_nvcc = std::env::var_os("NVCC")
+        .and_then(|nvcc| PathBuf::from(nvcc).parent().map(Path::to_path_buf));
+    let homes = ["CUDA_HOME", "CUDA_PATH"]
+        .into_iter()
+        .filter_map(std::env::var_os)
+        .map(|home| PathBuf::from(home).join("bin"));
+    let path = std::env::var_os("PATH");
+    let on_path = path.iter().flat_map(std::env::split_paths);
+    let toolchain = Path::new(env!("CARGO_MANIFEST_DIR")).join(".toolchain/cuda/lib");
+    let mut pythons: Vec<PathBuf> = std::fs::read_dir(&toolchain)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("python3."))
+        })
+        .map(|p| p.join("site-packages/nvidia/cu13/bin"))
+        .collect();
+    pythons.sort();
+    beside_nvcc
+        .into_iter()
+        .chain(homes)
+        .chain(on_path)
+        .chain(pythons)
+        .chain([PathBuf::from("/usr/local/cuda/bin")])
+        .map(|dir| dir.join(&exe))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "cuobjdump not found (CUOBJDUMP, beside NVCC, CUDA_HOME/bin, CUDA_PATH/bin, \
+                 PATH, {}, /usr/local/cuda/bin): install it next to nvcc with `bash \
+                 scripts/install-cuda-toolchain.sh` (the nvidia-cuda-cuobjdump and \
+                 nvidia-cuda-nvdisasm wheels) or set CUOBJDUMP",
+                toolchain.display()
+            )
+        })
+}
+
+/// Each function of a cubin and the mnemonics of its instructions, in order, without
+/// modifiers or predicates (`@!P0 HMMA.16816.F32.BF16 R4, …` is `HMMA`).
+type Sass = BTreeMap<String, Vec<String>>;
+
+/// Parses `cuobjdump -sass`, whose functions read
+/// ```text
+///         Function : fused_linear_mma_large_bf16
+///         /*0000*/                   LDC R1, c[0x0][0x28] ;     /* 0x00000a00ff017b82 */
+///                                                               /* 0x000fe40000000f00 */
+/// ```
+fn parse(listing: &str) -> Sass {
+    let mut functions: Vec<(String, Vec<String>)> = Vec::new();
+    for line in listing.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix("Function : ") {
+            functions.push((name.trim().to_owned(), Vec::new()));
+            continue;
+        }
+        // An instruction starts with its address, /*0a30*/; encoding lines with /* 0x…
+        let Some((address, rest)) = line.strip_prefix("/*").and_then(|l| l.split_once("*/")) else {
+            continue;
+        };
+        if address.is_empty() || !address.chars().all(|c| c.is_ascii_hexdigit()) {
+            continue;
+        }
+        let mut words = rest.split_whitespace().skip_while(|w| w.starts_with('@'));
+        let (Some((_, instructions)), Some(word)) = (functions.last_mut(), words.next()) else {
+            continue;
+        };
+        let mnemonic = word.split('.').next().unwrap_or(word);
+        instructions.push(mnemonic.trim_end_matches(';').to_owned());
+    }
+    functions.into_iter().collect()
+}
+
+/// The disassembly of the delta-linear module's cubin for `image`, computed once.
+fn disassembly(image: Image) -> &'static Sass {
+    static CACHE: [OnceLock<Sass>; IMAGES.len()] = [OnceLock::new(), OnceLock::new()];
+    let index = IMAGES
+        .iter()
+        .position(|&i| i == image)
+        .expect("an embedded cubin");
+    CACHE[index].get_or_init(|| {
+        let bytes = cubin(Module::DeltaLinear, image).expect("the delta_linear cubin");
+        // The system's temporary folder, not cargo's: the test binary also runs on GPU
+        // machines without the repository (scripts/build-gpu-bundle.sh).
+        let name = format!(
+            "peft-kernels-delta_linear.{image:?}.{}.cubin",
+            std::process::id()
+        );
+        let file = std::env::temp_dir().join(name);
+        std::fs::write(&file, bytes).expect("writing the cubin");
+        let tool = cuobjdump();
+        let out = Command::new(&tool).arg("-sass").arg(&file).output();
+        let _ = std::fs::remove_file(&file);
+        let out = out.unwrap_or_else(|e| panic!("cannot run {}: {e}", tool.display()));
+        let listing = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{} -sass failed ({}): {}",
+            tool.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let sass = parse(&listing);
+        // Every kernel of the module is in the listing, with its instructions: a parser
+        // that finds nothing would pass every check below.
+        for kernel in KernelId::ALL
+            .iter()
+            .filter(|k| k.module() == Module::DeltaLinear)
+        {
+            let found = sass.get(kernel.name()).map_or(0, Vec::len);
+            assert!(
+                found > 0,
+                "{image:?}: no instructions of {} in the disassembly",
+                kernel.name()
+            );
+        }
+        sass
+    })
+}
+
+fn count(instructions: &[String], mnemonic: &str) -> usize {
+    instructions.iter().filter(|i| *i == mnemonic).count()
+}
+
+#[test]
+fn tensor_core_kernels_issue_hmma_and_the_others_do_not() {
+    for image in IMAGES {
+        for (name, instructions) in disassembly(image) {
+            let hmma = count(instructions, "HMMA");
+            if is_tensor_core_kernel(name) {
+                assert!(hmma > 0, "{image:?} {name}: no HMMA");
+                for fed_by in ["LDSM", "LDGSTS"] {
+                    assert!(
+                        count(instructions, fed_by) > 0,
+                        "{image:?} {name}: no {fed_by}"
+                    );
+                }
+            } else {
+                assert_eq!(hmma, 0, "{image:?} {name}: HMMA in a SIMT kernel");
+            }
+        }
+    }
+}
+
+#[test]
+fn tensor_core_kernels_use_no_local_memory() {
+    for image in IMAGES {
+        let sass = disassembly(image);
+        let hot: Vec<_> = sass
+            .iter()
+            .filter(|(name, _)| is_tensor_core_kernel(name))
+            .collect();
+        assert!(
+            hot.len() >= 4,
+            "{image:?}: only {} tensor-core kernels",
+            hot.len()
+        );
+        for (name, instructions) in hot {
+            for local in ["STL", "LDL"] {
+                let n = count(instructions, local);
+                assert_eq!(n, 0, "{image:?} {name}: {n} {local} (local memory)");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_parser_reads_predicates_and_modifiers() {
+    let listing = "\tcode for sm_90\n\t\tFunction : k\n\
+        \t.headerflags\t@\"EF_CUDA_SM90\"\n\
+        /*0000*/  LDC R1, c[0x0][0x28] ;  /* 0x00000a00ff017b82 */\n\
+        \t\t\t\t/* 0x000fe40000000f00 */\n\
+        /*0010*/  @!P0 HMMA.16816.F32.BF16 R4, R8, R12, R4 ;  /* 0x0000000c0804723c */\n\
+        /*0020*/  EXIT ;\n\
+        \t\tFunction : other\n\
+        /*0000*/  STL.64 [R1], R2 ;\n";
+    let sass = parse(listing);
+    assert_eq!(sass["k"], ["LDC", "HMMA", "EXIT"]);
+    assert_eq!(sass["other"], ["STL"]);
+}
