@@ -1,0 +1,338 @@
+#!/usr/bin/env bash
+# shellcheck disable=SC2317 # the step functions are called through run_step
+# The GPU check. Runs ON a machine with an NVIDIA GPU, from the bundle that
+# scripts/build-gpu-bundle.sh builds (no Rust toolchain or network needed there):
+#
+#   bash gpu-bundle/gpu-check.sh
+#
+# Every step runs, with a time limit, even when an earlier one failed:
+#   gpu          nvidia-smi -L, driver, CUDA version, clocks (read only: no setting changes)
+#   libs         finds libcublas for cudarc (system, CUDA toolkit, or PyTorch's wheel)
+#   test:NAME    each test binary with --include-ignored: the GPU tests are #[ignore]d
+#                (tests/sass reads the kernels' SASS with the machine's cuobjdump)
+#   ptx:NAME     the GPU tests again with PEFT_KERNELS_FORCE_PTX=1: the driver compiles
+#                the embedded PTX instead of loading the sm_90 cubin
+#   tour         examples/tour, every method of the unified view on the GPU
+#   peers        benches/peers/peers.py: PyTorch and PEFT on the benches' shapes
+#   bench:NAME   each criterion bench binary (--bench); the time left is shared among them
+#   sanitize     only with PEFT_GPU_CHECK_SANITIZE=1: compute-sanitizer memcheck over the
+#                GPU tests
+#
+# Environment:
+#   OUT                        where results go (the device tool sets it), else ./gpu-check-out
+#   PEFT_GPU_CHECK_SKIP        step kinds to skip, space-separated: tests ptx tour peers
+#                              benches
+#   PEFT_GPU_CHECK_TEST_ARGS   arguments of every test binary (default: --include-ignored)
+#   PEFT_GPU_CHECK_BENCH_ARGS  more arguments of every bench binary, after --bench
+#                              (criterion's, e.g. "--measurement-time 2")
+#   PEFT_GPU_CHECK_SANITIZE=1  add the compute-sanitizer step
+#   PEFT_GPU_CHECK_BUDGET_S    seconds for the whole check (default 540, inside the device
+#                              tool's 600 per call)
+#   PYTHON                     the Python with torch and peft (default python3)
+#
+# Results under $OUT, five files (the device tool brings back at most eight): summary.md,
+# gpu-check.log (this console), peers.md, benches.md (the benches' summary tables) and
+# logs.tar.gz (each step's log, criterion's data). The console ends with the
+# peers' and benches' tables and the step summary, since the device tool returns only the
+# end of the output. Exit status 1 when a step failed or ran out of time, else 0.
+# pipefail: a pipe's status is its first failure, so a command that reads a pipe must
+# read all of it (grep -c, not grep -q, whose early exit kills the writer with SIGPIPE).
+set -uo pipefail
+
+bundle="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+out="${OUT:-$PWD/gpu-check-out}"
+work="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")"
+bin="$work/bin"
+logs="$work/logs"
+budget="${PEFT_GPU_CHECK_BUDGET_S:-540}"
+skip=" ${PEFT_GPU_CHECK_SKIP:-} "
+python="${PYTHON:-python3}"
+# Seconds kept back at the end for packing the logs and printing the summary.
+reserve=20
+
+rows=()   # "step|result|seconds|note" for the summary
+failed=0
+
+skipping() { [[ "$skip" == *" $1 "* ]]; }
+
+record() {
+  rows+=("$1|$2|$3|$4")
+  case "$2" in pass | skipped) ;; *) failed=1 ;; esac
+}
+
+# run_step NAME LIMIT_S NOTE_FN CMD...: runs CMD under `timeout` (a function of this script
+# directly: it limits its own commands), its output on the console and in logs/NAME.log,
+# and records the result with the note NOTE_FN prints for that log.
+run_step() {
+  local name="$1" limit="$2" note_fn="$3"
+  shift 3
+  local log="$logs/${name//[^A-Za-z0-9_.-]/_}.log"
+  local left=$((budget - SECONDS - reserve))
+  if ((left < 5 || limit < 5)); then
+    record "$name" skipped 0 "no time left in the ${budget}s budget"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  printf '\n==> %s (limit %ss)\n' "$name" "$limit"
+  local t0=$SECONDS rc result=pass
+  if declare -F "$1" >/dev/null; then
+    "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+  else
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+  fi
+  case $rc in
+    0) ;;
+    124 | 137) result="TIMEOUT" ;;
+    *) result="FAIL (exit $rc)" ;;
+  esac
+  record "$name" "$result" $((SECONDS - t0)) "$("$note_fn" "$log" | tr '\n|' ' /' | sed 's/ *$//')"
+}
+
+gpu_note() {
+  grep -m2 -E '^GPU [0-9]+:|Driver Version|nvidia-smi not found' "$1"
+}
+
+bench_note() {
+  grep -m1 -E 'skipped|summary written' "$1"
+}
+
+# "N passed, M failed, K ignored" over a libtest log's result lines.
+test_note() {
+  awk '/^test result:/ {
+         for (i = 2; i <= NF; i++) {
+           if ($i ~ /^passed/) p += $(i - 1)
+           if ($i ~ /^failed/) f += $(i - 1)
+           if ($i ~ /^ignored/) g += $(i - 1)
+         }
+         seen = 1
+       }
+       END { if (seen) printf "%d passed, %d failed, %d ignored", p, f, g
+             else printf "no test result line" }' "$1"
+}
+
+tour_note() {
+  if grep -q ' gpu ' "$1"; then
+    echo "ran on the GPU"
+  elif grep -q ' emulator ' "$1"; then
+    echo "ran on the EMULATOR, not the GPU"
+  fi
+}
+
+peers_note() {
+  local fails
+  fails="$(grep -c '| FAIL |$' "$1")"
+  grep -m1 -o 'measured ceilings: .*' "$1"
+  ((fails == 0)) || echo "; $fails peer(s) off their float64 reference"
+  grep -m1 '^peers.py: ' "$1"
+}
+
+# A CUDA tool from PATH, else from the toolkit's usual folder.
+cuda_tool() {
+  command -v "$1" || echo "/usr/local/cuda/bin/$1"
+}
+
+gpu_info() {
+  echo "bundle: $(head -1 "$bundle/MANIFEST.txt" 2>/dev/null || echo 'no MANIFEST.txt')"
+  echo "host: $(uname -srm), $(nproc) CPUs"
+  if ! command -v nvidia-smi >/dev/null; then
+    echo "nvidia-smi not found: no NVIDIA driver here, so the GPU tests will fail"
+    return 1
+  fi
+  timeout 30 nvidia-smi -L || return 1
+  timeout 30 nvidia-smi | grep -m1 -o 'Driver Version: [0-9.]* *CUDA Version: [0-9.]*'
+  # Read-only queries; the check never changes the card's settings.
+  timeout 30 nvidia-smi --format=csv --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,power.limit,persistence_mode,compute_mode
+  echo "libcuda: $(ldconfig -p 2>/dev/null | grep -m1 -o 'libcuda\.so\.1 .*' || echo 'not in ldconfig')"
+}
+
+# The folders that may hold cuBLAS: the CUDA toolkit's, then PyTorch's wheels
+# (nvidia-cublas puts it in site-packages/nvidia/cu13/lib, the CUDA 12 one in
+# nvidia/cublas/lib), then torch/lib.
+cublas_dirs() {
+  [ -n "${CUDA_HOME:-}" ] && echo "$CUDA_HOME/lib64"
+  echo /usr/local/cuda/lib64
+  echo /usr/local/cuda/targets/x86_64-linux/lib
+  "$python" - 2>/dev/null <<'EOF'
+import glob, importlib.util, os
+for pkg in ("nvidia", "torch"):
+    spec = importlib.util.find_spec(pkg)
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        for d in [os.path.join(base, "lib")] + sorted(glob.glob(os.path.join(base, "*", "lib"))):
+            print(d)
+EOF
+}
+
+# cudarc opens libcuda.so.1 and libcublas.so.13 (CUDA 13) at run time by name; put their
+# folders on LD_LIBRARY_PATH when the dynamic loader does not know them. Runs in this shell
+# (no pipe) so that the export reaches the later steps.
+find_libs() {
+  local t0=$SECONDS d so found=""
+  printf '\n==> libs\n'
+  if ! ldconfig -p 2>/dev/null | grep -c 'libcuda\.so\.1 ' >/dev/null &&
+    [ -e /usr/local/nvidia/lib64/libcuda.so.1 ]; then
+    export LD_LIBRARY_PATH="/usr/local/nvidia/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "libcuda: /usr/local/nvidia/lib64 (not known to ldconfig)"
+  fi
+  if ldconfig -p 2>/dev/null | grep -c 'libcublas\.so\.13 ' >/dev/null; then
+    found="system (ldconfig)"
+  else
+    for so in libcublas.so.13 libcublas.so.12; do
+      while read -r d; do
+        if [ -e "$d/$so" ]; then
+          export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+          found="$d/$so"
+          break 2
+        fi
+      done < <(cublas_dirs)
+    done
+  fi
+  if [ -n "$found" ]; then
+    echo "cuBLAS: $found" | tee "$logs/libs.log"
+    record libs pass $((SECONDS - t0)) "cuBLAS: $found"
+  else
+    echo "cuBLAS not found (no libcublas.so.13 known to ldconfig, in CUDA's lib64 or in" \
+      "PyTorch's nvidia wheels): the cuBLAS baseline tests and benches will fail" | tee "$logs/libs.log"
+    record libs FAIL $((SECONDS - t0)) "libcublas.so.13 not found"
+  fi
+}
+
+# The payload is a tar.xz: tar with the xz tool, else Python's tarfile (lzma).
+unpack() {
+  if command -v xz >/dev/null; then
+    tar -xJf "$1" -C "$2"
+  else
+    "$python" - "$1" "$2" <<'EOF'
+import sys, tarfile
+# The "data" filter (Python 3.12, and security releases before it) refuses odd members.
+kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+tarfile.open(sys.argv[1]).extractall(sys.argv[2], **kw)
+EOF
+  fi
+}
+
+main() {
+  mkdir -p "$out" "$bin" "$logs"
+  cd "$work" || return 1
+  local commit
+  commit="$(sed -n 's/^commit: //p' "$bundle/MANIFEST.txt" 2>/dev/null)"
+  echo "GPU check of peft-kernels ${commit:-(unknown commit)}; results in $out"
+
+  run_step gpu 60 gpu_note gpu_info
+  local device
+  device="$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null |
+    head -1 | sed 's/, / driver /')"
+  find_libs
+
+  printf '\n==> unpacking the binaries\n'
+  if ! unpack "$bundle/payload.tar.xz" "$bin"; then
+    record payload FAIL 0 "could not unpack $bundle/payload.tar.xz"
+  fi
+
+  local f name
+  if ! skipping tests; then
+    for f in "$bin"/tests/*; do
+      [ -x "$f" ] || continue
+      # shellcheck disable=SC2086 # the arguments are a word list on purpose
+      run_step "test:$(basename "$f")" 240 test_note "$f" ${PEFT_GPU_CHECK_TEST_ARGS:---include-ignored}
+    done
+  fi
+  if ! skipping ptx; then
+    for f in "$bin"/tests/*; do
+      # Only the binaries that have GPU (ignored) tests.
+      if [ -x "$f" ] && "$f" --ignored --list 2>/dev/null | grep -c ': test$' >/dev/null; then
+        run_step "ptx:$(basename "$f")" 240 test_note env PEFT_KERNELS_FORCE_PTX=1 "$f" --ignored
+      fi
+    done
+  fi
+  if ! skipping tour && [ -x "$bin/examples/tour" ]; then
+    run_step tour 120 tour_note "$bin/examples/tour"
+    if [ -n "$device" ] && grep -q ' emulator ' "$logs/tour.log"; then
+      record "tour backend" FAIL 0 "a GPU is present but the tour used the emulator"
+    fi
+  fi
+  if ! skipping peers; then
+    run_step peers 240 peers_note env PYTHONUNBUFFERED=1 PEFT_COMMIT="$commit" \
+      "$python" "$bundle/peers/peers.py" --out "$work/peers"
+  fi
+  if ! skipping benches; then
+    mkdir -p "$work/bench"
+    local benches=("$bin"/benches/*) i=0 left
+    for f in "${benches[@]}"; do
+      [ -x "$f" ] || continue
+      name="$(basename "$f")"
+      # What is left of the budget, shared among the benches not yet run.
+      left=$(((budget - SECONDS - reserve) / (${#benches[@]} - i)))
+      i=$((i + 1))
+      # shellcheck disable=SC2086
+      run_step "bench:$name" "$left" bench_note env CRITERION_HOME="$work/criterion" \
+        PEFT_BENCH_OUT="$work/bench/$name.md" "$f" --bench ${PEFT_GPU_CHECK_BENCH_ARGS:-}
+      if [ -n "$device" ] && [ ! -s "$work/bench/$name.md" ]; then
+        record "bench:$name table" FAIL 0 "a GPU is present but the bench wrote no summary table"
+      fi
+    done
+  fi
+  if [ "${PEFT_GPU_CHECK_SANITIZE:-0}" = 1 ]; then
+    for f in "$bin"/tests/*; do
+      [ -x "$f" ] || continue
+      run_step "sanitize:$(basename "$f")" 240 test_note "$(cuda_tool compute-sanitizer)" --tool memcheck \
+        --error-exitcode 1 "$f" --ignored --test-threads 1
+    done
+  fi
+
+  # Results: at most eight files come back from $OUT, so the details go in one archive.
+  [ -f "$work/peers/peers.md" ] && cp "$work/peers/peers.md" "$out/peers.md"
+  : >"$out/benches.md"
+  for f in "$work"/bench/*.md; do
+    [ -f "$f" ] || continue
+    cat "$f" >>"$out/benches.md"
+    echo >>"$out/benches.md"
+  done
+  local parts=()
+  for f in logs bench peers criterion; do
+    [ -e "$work/$f" ] && parts+=("$f")
+  done
+  tar -czf "$out/logs.tar.gz" -C "$work" "${parts[@]}"
+
+  {
+    echo "# GPU check: ${device:-no GPU found}"
+    echo
+    echo "commit ${commit:-unknown}, $(date -u '+%Y-%m-%d %H:%M UTC'), ${SECONDS}s"
+    echo
+    echo "| step | result | s | notes |"
+    echo "|---|---|---:|---|"
+    local row
+    for row in "${rows[@]}"; do
+      IFS='|' read -r name result secs note <<<"$row"
+      echo "| $name | $result | $secs | $note |"
+    done
+    local failures
+    # "step: test" for every failed test, e.g. "test_delta_linear: on_gpu::awkward_shapes".
+    failures="$(awk '/^test .* \.\.\. FAILED$/ {
+        step = FILENAME; sub(/.*\//, "", step); sub(/\.log$/, "", step)
+        sub(/^test /, ""); sub(/ \.\.\. FAILED$/, ""); print step ": " $0
+      }' "$logs"/*.log | head -20)"
+    if [ -n "$failures" ]; then
+      echo
+      echo "Failed tests (first 20):"
+      while read -r name; do echo "- $name"; done <<<"$failures"
+    fi
+  } >"$out/summary.md"
+
+  # The end of the console is what the device tool returns: the tables, then the summary.
+  echo
+  [ -s "$out/peers.md" ] && cat "$out/peers.md"
+  echo
+  [ -s "$out/benches.md" ] && cat "$out/benches.md"
+  echo
+  cat "$out/summary.md"
+  echo
+  echo "results: $out/{summary.md,gpu-check.log,peers.md,benches.md,logs.tar.gz}"
+  return $failed
+}
+
+mkdir -p "$out"
+trap 'rm -rf "$work"' EXIT
+main 2>&1 | tee "$out/gpu-check.log"
+exit "${PIPESTATUS[0]}"
