@@ -15,11 +15,19 @@ pub enum Module {
     SelftestMma,
     /// The frozen linear layer fused with its bottleneck delta (`kernels/delta_linear.cu`).
     DeltaLinear,
+    /// Prefix tuning's gated attention, the LSE merge and the KV concatenation
+    /// (`kernels/prefix_attention.cu`).
+    PrefixAttention,
 }
 
 impl Module {
     /// Every module, in build order.
-    pub const ALL: &'static [Module] = &[Module::Selftest, Module::SelftestMma, Module::DeltaLinear];
+    pub const ALL: &'static [Module] = &[
+        Module::Selftest,
+        Module::SelftestMma,
+        Module::DeltaLinear,
+        Module::PrefixAttention,
+    ];
 
     /// The file stem under `kernels/` (and of the embedded PTX and cubins).
     pub const fn stem(self) -> &'static str {
@@ -27,6 +35,7 @@ impl Module {
             Module::Selftest => "selftest",
             Module::SelftestMma => "selftest_mma",
             Module::DeltaLinear => "delta_linear",
+            Module::PrefixAttention => "prefix_attention",
         }
     }
 }
@@ -142,5 +151,31 @@ kernel_table! {
         bias_activation_f32,
         bias_activation_f16,
         bias_activation_bf16,
+    }
+    PrefixAttention {
+        prefix_attention_f32_d32,
+        prefix_attention_f32_d64,
+        prefix_attention_f32_d80,
+        prefix_attention_f32_d96,
+        prefix_attention_f32_d128,
+        prefix_attention_f32_d256,
+        prefix_attention_f16_d32,
+        prefix_attention_f16_d64,
+        prefix_attention_f16_d80,
+        prefix_attention_f16_d96,
+        prefix_attention_f16_d128,
+        prefix_attention_f16_d256,
+        prefix_attention_bf16_d32,
+        prefix_attention_bf16_d64,
+        prefix_attention_bf16_d80,
+        prefix_attention_bf16_d96,
+        prefix_attention_bf16_d128,
+        prefix_attention_bf16_d256,
+        lse_merge_f32,
+        lse_merge_f16,
+        lse_merge_bf16,
+        kv_concat_f32,
+        kv_concat_f16,
+        kv_concat_bf16,
     }
 }

@@ -56,6 +56,7 @@ pub mod error;
 pub mod host;
 pub mod kernels;
 pub mod plan;
+pub mod prefix_attention;
 pub mod reference;
 #[cfg(feature = "emulator")]
 pub mod selftest;

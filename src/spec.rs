@@ -268,7 +268,11 @@ pub struct MatrixLayout {
 impl MatrixLayout {
     /// A contiguous `rows × cols` matrix.
     pub const fn contiguous(rows: usize, cols: usize) -> Self {
-        MatrixLayout { rows, cols, ld: cols }
+        MatrixLayout {
+            rows,
+            cols,
+            ld: cols,
+        }
     }
     /// The number of elements a buffer must hold: `(rows − 1)·ld + cols`, 0 when empty.
     pub const fn min_len(&self) -> usize {

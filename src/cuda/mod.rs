@@ -16,10 +16,13 @@
 //! unsafe { bufs.launch(&plan, &params) }?;
 //! ```
 
+pub mod baseline;
 mod delta_linear;
 mod modules;
+mod prefix_attention;
 
 pub use delta_linear::*;
+pub use prefix_attention::*;
 
 use std::sync::Arc;
 
@@ -29,7 +32,7 @@ use cudarc::driver::{
     CudaContext, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError, LaunchConfig,
     PushKernelArg, SyncOnDrop,
 };
-pub use modules::Image;
+pub use modules::{cubin, Image};
 
 use crate::plan::{Buf, BufSource, KernelParams, Launch};
 use crate::{Error, Result};
@@ -175,15 +178,15 @@ pub type DeviceRead<'a, T> = &'a dyn DevicePtr<T>;
 /// A device buffer an operation writes: a cudarc slice or mutable view.
 pub type DeviceWrite<'a, T> = &'a mut dyn DevicePtrMut<T>;
 
-impl<'a, T> BufSource<DeviceRead<'a, T>, DeviceWrite<'a, T>> for Buffers<'a> {
-    fn read(&mut self, r: DeviceRead<'a, T>) -> Buf {
+impl<'a, A, B> BufSource<DeviceRead<'a, A>, DeviceWrite<'a, B>> for Buffers<'a> {
+    fn read(&mut self, r: DeviceRead<'a, A>) -> Buf {
         let len = r.len();
         Buf {
             addr: Buffers::read(self, r),
             len,
         }
     }
-    fn write(&mut self, w: DeviceWrite<'a, T>) -> Buf {
+    fn write(&mut self, w: DeviceWrite<'a, B>) -> Buf {
         let len = w.len();
         Buf {
             addr: Buffers::write(self, w),

@@ -1,21 +1,12 @@
 //! The delta-linear family on the emulator: host slices in, the same plans as the GPU.
 
-use super::{launch, HostBufs};
+use super::{run, HostBufs};
 use crate::delta_linear::{
     DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearDims, LoraMergeArgs,
     LoraMergeDims,
 };
 use crate::plan::delta_linear as plan;
-use crate::plan::{KernelParams, Launch};
 use crate::{Element, Result};
-
-fn run<P: KernelParams>(steps: Vec<(Launch, P)>) -> Result<()> {
-    for (l, p) in steps {
-        // SAFETY: the plan checked every buffer against the shapes it launches with.
-        unsafe { launch(&l, &p) }?;
-    }
-    Ok(())
-}
 
 /// `y = compose(x·Wᵀ + b, s·f(u·W_downᵀ + b_down)·W_upᵀ + b_up)` (see
 /// [`crate::delta_linear`]) on the CPU emulator. Every argument is checked before anything
@@ -26,7 +17,7 @@ pub fn delta_linear<T: Element>(
     args: DeltaLinearArgs<&[T], &mut [T]>,
 ) -> Result<()> {
     let bufs = args.bufs(&mut HostBufs);
-    run(plan::delta_linear(op, dims, T::DTYPE, &bufs)?)
+    run(&plan::delta_linear(op, dims, T::DTYPE, &bufs)?)
 }
 
 /// `y = compose(h, Δh)` per head slice for a given h (the multi-head parallel adapter with
@@ -37,7 +28,7 @@ pub fn delta_apply<T: Element>(
     args: DeltaApplyArgs<&[T], &mut [T]>,
 ) -> Result<()> {
     let bufs = args.bufs(&mut HostBufs);
-    run(plan::delta_apply(op, dims, T::DTYPE, &bufs)?)
+    run(&plan::delta_apply(op, dims, T::DTYPE, &bufs)?)
 }
 
 /// Merges LoRA into the frozen weight in place on the CPU emulator, `W ← W + alpha·B·A`
@@ -48,5 +39,5 @@ pub fn lora_merge<T: Element>(
     args: LoraMergeArgs<&[T], &mut [T]>,
 ) -> Result<()> {
     let bufs = args.bufs(&mut HostBufs);
-    run(vec![plan::lora_merge(T::DTYPE, dims, alpha, &bufs)?])
+    run(&[plan::lora_merge(T::DTYPE, dims, alpha, &bufs)?])
 }

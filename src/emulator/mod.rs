@@ -16,8 +16,10 @@
 use std::ffi::{c_char, c_void, CStr};
 
 mod delta_linear;
+mod prefix_attention;
 
 pub use delta_linear::*;
+pub use prefix_attention::*;
 
 use crate::plan::{Buf, BufSource, KernelParams, Launch};
 use crate::{Error, Result};
@@ -90,20 +92,33 @@ pub unsafe fn launch<P: KernelParams>(launch: &Launch, params: &P) -> Result<()>
     })
 }
 
-/// Host slices as the planner's buffers: the emulator's device memory is host memory.
+/// Host slices of any element types as the planner's buffers: the emulator's device memory
+/// is host memory.
 pub(crate) struct HostBufs;
 
-impl<'a, T> BufSource<&'a [T], &'a mut [T]> for HostBufs {
-    fn read(&mut self, r: &'a [T]) -> Buf {
+impl<'r, 'w, A, B> BufSource<&'r [A], &'w mut [B]> for HostBufs {
+    fn read(&mut self, r: &'r [A]) -> Buf {
         Buf {
             addr: r.as_ptr() as u64,
             len: r.len(),
         }
     }
-    fn write(&mut self, w: &'a mut [T]) -> Buf {
+    fn write(&mut self, w: &'w mut [B]) -> Buf {
         Buf {
             addr: w.as_mut_ptr() as u64,
             len: w.len(),
         }
     }
+}
+
+/// Runs the steps of a plan in order.
+///
+/// The plan checked every buffer its steps address (made by [`HostBufs`]) against the
+/// shapes it launches with, which is what makes this safe to call with a plan's output.
+pub(crate) fn run<P: KernelParams>(steps: &[(Launch, P)]) -> Result<()> {
+    for (l, p) in steps {
+        // SAFETY: see above.
+        unsafe { launch(l, p) }?;
+    }
+    Ok(())
 }

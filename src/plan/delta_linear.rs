@@ -254,7 +254,11 @@ fn launch_for(kind: Kind, dtype: DType, m: usize, n: usize, batch: usize) -> Res
             0,
         ),
         Kind::MmaDecode => (
-            [None, Some(fused_linear_mma_decode_f16), Some(fused_linear_mma_decode_bf16)],
+            [
+                None,
+                Some(fused_linear_mma_decode_f16),
+                Some(fused_linear_mma_decode_bf16),
+            ],
             16,
             32,
             128,
