@@ -17,9 +17,11 @@ use peft_kernels::delta_linear::{
     DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearDims,
 };
 use peft_kernels::host::{self, Backend};
+use peft_kernels::prefix_attention::{PrefixAttention, PrefixAttentionArgs, PrefixAttentionDims};
 use peft_kernels::reference::adapter::{
     multi_head_adapter, MultiHeadAdapter, MultiHeadAdapterTensors,
 };
+use peft_kernels::reference::attention::{self, PrefixAttentionTensors, Tensor4};
 use peft_kernels::reference::linear::{self as reference, DeltaLinearTensors};
 use peft_kernels::reference::MatRef;
 use peft_kernels::validate::{compare, default_tolerance};
@@ -274,7 +276,86 @@ fn main() -> Result<()> {
         seconds,
     });
 
+    // Prefix tuning (Li & Liang): l = 30 learned key and value vectors per head, shared by
+    // the batch, attended with the causal context and gated by λ = sigmoid(LSE_p − LSE_c).
+    let l = 30;
+    let (e, t) = prefix_tuning(&backend, &mut g, l)?;
+    let prefix_params = 2 * l * D;
+    rows.push(Row {
+        method: "Prefix tuning (l=30)",
+        params: prefix_params,
+        rel_err: e,
+        seconds: t,
+    });
+
+    // MAM adapter: prefix tuning at attention + scaled PA (r = 512, s = 4) at the FFN, the
+    // paper's best: the two rows measured above, together.
+    let scaled_pa = rows
+        .iter()
+        .find(|r| r.method.starts_with("Scaled PA"))
+        .expect("measured above");
+    rows.push(Row {
+        method: "MAM (prefix l=30 + scaled PA)",
+        params: prefix_params + scaled_pa.params,
+        rel_err: e.max(scaled_pa.rel_err),
+        seconds: t + scaled_pa.seconds,
+    });
+
     print_table(&backend, &rows)
+}
+
+/// Causal self-attention of the block's 16 heads over its sequences, with `l` prefix
+/// vectors per head; checks the output and the gate λ.
+fn prefix_tuning(backend: &Backend, g: &mut Lcg, l: usize) -> Result<(f64, f64)> {
+    let dims = PrefixAttentionDims::new(BATCH, HEADS, HEADS, SEQ, SEQ, l, DH).with_shared_prefix();
+    let (q, k, v) = (
+        g.activations(M * D),
+        g.activations(M * D),
+        g.activations(M * D),
+    );
+    let (pk, pv) = (g.activations(l * D), g.activations(l * D));
+    let op = PrefixAttention {
+        scale: None,
+        causal: true,
+    };
+    let mut out = vec![T::nan(); M * D];
+    let mut lambda = vec![f32::NAN; dims.rows()];
+    let start = Instant::now();
+    host::prefix_attention(
+        backend,
+        &op,
+        &dims,
+        PrefixAttentionArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            prefix_k: &pk,
+            prefix_v: &pv,
+            context_lens: None,
+            out: &mut out,
+            lse: None,
+            lambda: Some(&mut lambda),
+        },
+    )?;
+    let seconds = start.elapsed().as_secs_f64();
+    let shape = [BATCH, HEADS, SEQ, DH];
+    let prefix_shape = [BATCH, HEADS, l, DH];
+    let prefix_strides = [0, l * DH, DH, 1];
+    let expected = attention::prefix_attention(
+        &op,
+        &PrefixAttentionTensors {
+            q: Tensor4::contiguous(&q, shape),
+            k: Tensor4::contiguous(&k, shape),
+            v: Tensor4::contiguous(&v, shape),
+            prefix_k: Tensor4::strided(&pk, prefix_shape, prefix_strides),
+            prefix_v: Tensor4::strided(&pv, prefix_shape, prefix_strides),
+            context_lens: None,
+        },
+    )?;
+    let tol = default_tolerance(DType::BF16);
+    let out_err = compare("out", &out, &expected.out, tol)?.rel_err;
+    let lambda_err = compare("lambda", &lambda, &expected.lambda, tol)?.rel_err;
+    Ok((out_err.max(lambda_err), seconds))
 }
 
 fn print_table(backend: &Backend, rows: &[Row]) -> Result<()> {

@@ -8,7 +8,11 @@ use crate::delta_linear::{
     LoraMergeDims,
 };
 #[cfg(feature = "cuda")]
-use crate::plan::{delta_linear as plan, Buf, BufSource, KernelParams, Launch};
+use crate::plan::{self, Buf, BufSource, KernelParams, Launch};
+use crate::prefix_attention::{
+    KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeDims, PrefixAttention, PrefixAttentionArgs,
+    PrefixAttentionDims, PrefixOnlyArgs,
+};
 use crate::{Element, Error, Result};
 
 /// Where host-buffer operations run.
@@ -57,75 +61,117 @@ impl Backend {
     }
 }
 
-/// [`crate::emulator::delta_linear`] / [`crate::cuda::delta_linear`] on host buffers.
-pub fn delta_linear<T: Element>(
+/// Each host-buffer operation: the emulator's function on the emulator; on the GPU, the
+/// same plan over device copies made by [`Upload`].
+macro_rules! host_op {
+    ($(#[$doc:meta])* $name:ident, $plan:path, ($($arg:ident: $ty:ty),*), $args:ty) => {
+        $(#[$doc])*
+        pub fn $name<T: Element>(backend: &Backend, $($arg: $ty,)* args: $args) -> Result<()> {
+            match backend {
+                #[cfg(feature = "emulator")]
+                Backend::Emulator => crate::emulator::$name($($arg,)* args),
+                #[cfg(feature = "cuda")]
+                Backend::Cuda(stream) => {
+                    let mut up = Upload::new(stream);
+                    let steps = $plan($($arg,)* T::DTYPE, &args.bufs(&mut up))?;
+                    up.run(&steps)
+                }
+            }
+        }
+    };
+}
+
+host_op!(
+    /// `delta_linear` ([`crate::delta_linear`]) on host buffers.
+    delta_linear,
+    plan::delta_linear::delta_linear,
+    (op: &DeltaLinear, dims: &DeltaLinearDims),
+    DeltaLinearArgs<&[T], &mut [T]>
+);
+host_op!(
+    /// `delta_apply` (a delta on a given h, per head) on host buffers.
+    delta_apply,
+    plan::delta_linear::delta_apply,
+    (op: &DeltaLinear, dims: &DeltaApplyDims),
+    DeltaApplyArgs<&[T], &mut [T]>
+);
+host_op!(
+    /// `lora_merge` (`W ← W + alpha·B·A`) on host buffers.
+    lora_merge,
+    lora_merge_plan,
+    (dims: &LoraMergeDims, alpha: f32),
+    LoraMergeArgs<&[T], &mut [T]>
+);
+host_op!(
+    /// `prefix_only_attention` ([`crate::prefix_attention`]) on host buffers.
+    prefix_only_attention,
+    plan::prefix_attention::prefix_only_attention,
+    (op: &PrefixAttention, dims: &PrefixAttentionDims),
+    PrefixOnlyArgs<&[T], &mut [T], &mut [f32]>
+);
+host_op!(
+    /// `lse_merge` of two attention states on host buffers.
+    lse_merge,
+    plan::prefix_attention::lse_merge,
+    (dims: &LseMergeDims),
+    LseMergeArgs<&[T], &mut [T], &[f32], &mut [f32]>
+);
+host_op!(
+    /// `kv_concat` (`[P; C]` along the sequence) on host buffers.
+    kv_concat,
+    plan::prefix_attention::kv_concat,
+    (dims: &KvConcatDims),
+    KvConcatArgs<&[T], &mut [T]>
+);
+
+/// The fused `prefix_attention` ([`crate::prefix_attention`]) on host buffers; the
+/// `context_lens` values are checked on both backends, since they are on the host here.
+pub fn prefix_attention<T: Element>(
     backend: &Backend,
-    op: &DeltaLinear,
-    dims: &DeltaLinearDims,
-    args: DeltaLinearArgs<&[T], &mut [T]>,
+    op: &PrefixAttention,
+    dims: &PrefixAttentionDims,
+    args: PrefixAttentionArgs<&[T], &mut [T], &[u32], &mut [f32]>,
 ) -> Result<()> {
     match backend {
         #[cfg(feature = "emulator")]
-        Backend::Emulator => crate::emulator::delta_linear(op, dims, args),
+        Backend::Emulator => crate::emulator::prefix_attention(op, dims, args),
         #[cfg(feature = "cuda")]
         Backend::Cuda(stream) => {
+            if let Some(lens) = args.context_lens {
+                plan::prefix_attention::check_context_lens(lens, dims)?;
+            }
             let mut up = Upload::new(stream);
-            let steps = plan::delta_linear(op, dims, T::DTYPE, &args.bufs(&mut up))?;
+            let steps =
+                plan::prefix_attention::prefix_attention(op, dims, T::DTYPE, &args.bufs(&mut up))?;
             up.run(&steps)
         }
     }
 }
 
-/// [`crate::emulator::delta_apply`] / [`crate::cuda::delta_apply`] on host buffers.
-pub fn delta_apply<T: Element>(
-    backend: &Backend,
-    op: &DeltaLinear,
-    dims: &DeltaApplyDims,
-    args: DeltaApplyArgs<&[T], &mut [T]>,
-) -> Result<()> {
-    match backend {
-        #[cfg(feature = "emulator")]
-        Backend::Emulator => crate::emulator::delta_apply(op, dims, args),
-        #[cfg(feature = "cuda")]
-        Backend::Cuda(stream) => {
-            let mut up = Upload::new(stream);
-            let steps = plan::delta_apply(op, dims, T::DTYPE, &args.bufs(&mut up))?;
-            up.run(&steps)
-        }
-    }
-}
-
-/// [`crate::emulator::lora_merge`] / [`crate::cuda::lora_merge`] on host buffers.
-pub fn lora_merge<T: Element>(
-    backend: &Backend,
+/// The LoRA merge plan as the other plans are shaped: one step in a list.
+#[cfg(feature = "cuda")]
+fn lora_merge_plan(
     dims: &LoraMergeDims,
     alpha: f32,
-    args: LoraMergeArgs<&[T], &mut [T]>,
-) -> Result<()> {
-    match backend {
-        #[cfg(feature = "emulator")]
-        Backend::Emulator => crate::emulator::lora_merge(dims, alpha, args),
-        #[cfg(feature = "cuda")]
-        Backend::Cuda(stream) => {
-            let mut up = Upload::new(stream);
-            let step = plan::lora_merge(T::DTYPE, dims, alpha, &args.bufs(&mut up))?;
-            up.run(&[step])
-        }
-    }
+    dtype: crate::DType,
+    b: &plan::delta_linear::LoraMergeBufs,
+) -> Result<Vec<(Launch, plan::delta_linear::LoraMergeParams)>> {
+    Ok(vec![plan::delta_linear::lora_merge(dtype, dims, alpha, b)?])
 }
 
-/// Host buffers copied to the GPU as a plan's operands: inputs once, outputs up (so that
-/// what a kernel leaves unwritten stays as it was) and back down after the launches.
+/// Host buffers copied to the GPU as a plan's operands, as bytes (so one upload serves the
+/// element tensors, u32 lengths and f32 statistics): inputs once, outputs up (so what a
+/// kernel leaves unwritten stays as it was) and back down after the launches.
 #[cfg(feature = "cuda")]
-pub(crate) struct Upload<'h, T: Element> {
+pub(crate) struct Upload<'h> {
     stream: &'h std::sync::Arc<cudarc::driver::CudaStream>,
-    inputs: Vec<cudarc::driver::CudaSlice<T>>,
-    outputs: Vec<(cudarc::driver::CudaSlice<T>, &'h mut [T])>,
+    inputs: Vec<cudarc::driver::CudaSlice<u8>>,
+    outputs: Vec<(cudarc::driver::CudaSlice<u8>, &'h mut [u8])>,
     error: Option<Error>,
 }
 
 #[cfg(feature = "cuda")]
-impl<'h, T: Element> Upload<'h, T> {
+impl<'h> Upload<'h> {
     pub(crate) fn new(stream: &'h std::sync::Arc<cudarc::driver::CudaStream>) -> Self {
         Upload {
             stream,
@@ -136,7 +182,7 @@ impl<'h, T: Element> Upload<'h, T> {
     }
 
     /// A device copy of `host` and its address; empty buffers are not allocated.
-    fn copy(&mut self, host: &[T]) -> Option<(cudarc::driver::CudaSlice<T>, Buf)> {
+    fn copy(&mut self, host: &[u8]) -> Option<(cudarc::driver::CudaSlice<u8>, u64)> {
         use cudarc::driver::DevicePtr;
         if host.is_empty() || self.error.is_some() {
             return None;
@@ -144,13 +190,7 @@ impl<'h, T: Element> Upload<'h, T> {
         match self.stream.clone_htod(host) {
             Ok(d) => {
                 let addr = d.device_ptr(self.stream).0;
-                Some((
-                    d,
-                    Buf {
-                        addr,
-                        len: host.len(),
-                    },
-                ))
+                Some((d, addr))
             }
             Err(e) => {
                 self.error = Some(e.into());
@@ -178,25 +218,27 @@ impl<'h, T: Element> Upload<'h, T> {
 }
 
 #[cfg(feature = "cuda")]
-impl<'h, T: Element> BufSource<&'h [T], &'h mut [T]> for Upload<'h, T> {
-    fn read(&mut self, r: &'h [T]) -> Buf {
-        let len = r.len();
-        match self.copy(r) {
-            Some((d, buf)) => {
+impl<'r, 'h, A: bytemuck::Pod, B: bytemuck::Pod> BufSource<&'r [A], &'h mut [B]> for Upload<'h> {
+    fn read(&mut self, r: &'r [A]) -> Buf {
+        let addr = match self.copy(bytemuck::cast_slice(r)) {
+            Some((d, addr)) => {
                 self.inputs.push(d);
-                buf
+                addr
             }
-            None => Buf { addr: 0, len },
-        }
+            None => 0,
+        };
+        Buf { addr, len: r.len() }
     }
-    fn write(&mut self, w: &'h mut [T]) -> Buf {
+    fn write(&mut self, w: &'h mut [B]) -> Buf {
         let len = w.len();
-        match self.copy(w) {
-            Some((d, buf)) => {
-                self.outputs.push((d, w));
-                buf
+        let bytes: &'h mut [u8] = bytemuck::cast_slice_mut(w);
+        let addr = match self.copy(bytes) {
+            Some((d, addr)) => {
+                self.outputs.push((d, bytes));
+                addr
             }
-            None => Buf { addr: 0, len },
-        }
+            None => 0,
+        };
+        Buf { addr, len }
     }
 }
