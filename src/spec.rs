@@ -155,6 +155,15 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// Every activation, in discriminant order.
+    pub const ALL: [Activation; 5] = [
+        Activation::Identity,
+        Activation::Relu,
+        Activation::GeluTanh,
+        Activation::GeluErf,
+        Activation::Silu,
+    ];
+
     /// `f(v)` in f64; the reference's definition of each activation.
     pub fn apply_f64(self, v: f64) -> f64 {
         match self {

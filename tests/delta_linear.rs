@@ -19,13 +19,6 @@ use peft_kernels::reference::MatRef;
 use peft_kernels::validate::{assert_close_matrix, assert_padding_untouched, default_tolerance};
 use peft_kernels::{Activation, Composition, Element, Error, Insertion, MatrixLayout};
 
-const ACTIVATIONS: [Activation; 5] = [
-    Activation::Identity,
-    Activation::Relu,
-    Activation::GeluTanh,
-    Activation::GeluErf,
-    Activation::Silu,
-];
 const VARIANTS: [KernelVariant; 3] = [
     KernelVariant::Naive,
     KernelVariant::Simt,
@@ -186,7 +179,7 @@ fn compositions(rng: &mut Rng) -> [Composition; 3] {
 fn every_combination_every_dtype_every_kernel(backend: &Backend) {
     for_each_dtype(backend, |rng, check| {
         for insertion in [Insertion::Parallel, Insertion::Sequential] {
-            for activation in ACTIVATIONS {
+            for activation in Activation::ALL {
                 for composition in compositions(rng) {
                     for kernel in VARIANTS {
                         let mut dims = DeltaLinearDims::new(5, 24, 40, 8);
@@ -234,7 +227,11 @@ fn awkward_shapes(backend: &Backend) {
                 dims.kernel = kernel;
                 let composition = compositions(rng);
                 let c = Case {
-                    op: DeltaLinear::new(insertion, rng.pick(&ACTIVATIONS), rng.pick(&composition)),
+                    op: DeltaLinear::new(
+                        insertion,
+                        rng.pick(&Activation::ALL),
+                        rng.pick(&composition),
+                    ),
                     dims,
                     bias: rng.chance(0.7),
                     down_bias: rng.chance(0.5),
@@ -333,7 +330,7 @@ fn multi_head_case<T: Element>(
     let b_down: Vec<T> = rng.uniform_vec(heads * r);
     let w_up: Vec<T> = scaled(rng, heads * dh * r, r);
     let b_up: Vec<T> = rng.uniform_vec(width);
-    let activation = rng.pick(&ACTIVATIONS);
+    let activation = rng.pick(&Activation::ALL);
     let composition = rng.pick(&[Composition::Add, Composition::Scaled(2.5)]);
     let op = DeltaLinear::new(insertion, activation, composition);
     let u_ref = if insertion == Insertion::Sequential {

@@ -28,14 +28,6 @@ fn pick_or_any(rng: &mut Rng, sizes: &[usize], max: usize) -> usize {
     }
 }
 
-const ACTIVATIONS: [Activation; 5] = [
-    Activation::Identity,
-    Activation::Relu,
-    Activation::GeluTanh,
-    Activation::GeluErf,
-    Activation::Silu,
-];
-
 // ---------------------------------------------------------------------------------------
 // Prefix attention
 // ---------------------------------------------------------------------------------------
@@ -514,7 +506,7 @@ fn parallel_delta_equals_k_concatenation_for<T: Element>(rng: &mut Rng) {
     for trial in 0..8 {
         let layer = Layer::<T>::random(rng, trial % 2 == 1, false);
         let op = DeltaLinear {
-            activation: rng.pick(&ACTIVATIONS),
+            activation: rng.pick(&Activation::ALL),
             insertion: Insertion::Parallel,
             composition: if rng.chance(0.5) {
                 Composition::Add
@@ -583,7 +575,7 @@ fn sequential_adapter_is_houlsby() {
     let mut rng = Rng::from_env();
     for _ in 0..8 {
         let layer = Layer::<f16>::random(&mut rng, false, true);
-        let f = rng.pick(&ACTIVATIONS);
+        let f = rng.pick(&Activation::ALL);
         // Houlsby: h = sublayer(x); y = h + up(f(down(h))).
         let h = layer.base().forward(&layer.x64());
         let delta = layer.up().forward(&act(f, layer.down().forward(&h)));
@@ -605,7 +597,7 @@ fn gated_composition_blends_h_and_delta_per_row() {
     for trial in 0..8 {
         let sequential = trial % 3 == 2;
         let layer = Layer::<f32>::random(&mut rng, trial % 3 == 1, sequential);
-        let f = rng.pick(&ACTIVATIONS);
+        let f = rng.pick(&Activation::ALL);
         // λ in [0, 1], with the end points in the mix.
         let gate: Vec<f64> = (0..layer.m)
             .map(|_| match rng.range(0, 3) {
@@ -715,7 +707,7 @@ fn multi_head_adapter_is_one_parallel_adapter_per_head() {
         let op = MultiHeadAdapter {
             heads,
             rank: r,
-            activation: rng.pick(&ACTIVATIONS),
+            activation: rng.pick(&Activation::ALL),
             composition: rng.pick(&[Composition::Add, Composition::Scaled(4.0)]),
         };
         let h: Vec<f32> = rng.uniform_vec(m * heads * d_h);

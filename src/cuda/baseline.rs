@@ -372,14 +372,6 @@ mod tests {
     use crate::validate::{assert_close_matrix, assert_padding_untouched, default_tolerance};
     use half::{bf16, f16};
 
-    const ACTIVATIONS: [Activation; 5] = [
-        Activation::Identity,
-        Activation::Relu,
-        Activation::GeluTanh,
-        Activation::GeluErf,
-        Activation::Silu,
-    ];
-
     /// Uniform values in [-1, 1) from SplitMix64, seeded by `PEFT_SEED` or the clock; the
     /// seed goes to stderr, which the harness shows when a test fails.
     struct Rng(u64);
@@ -491,7 +483,7 @@ mod tests {
                 ..natural
             };
             for launch in [natural, small(1), small(2)] {
-                for act in ACTIVATIONS {
+                for act in Activation::ALL {
                     for bias in [None, Some(1.5)] {
                         let layout = MatrixLayout { rows, cols, ld };
                         check_bias_activation::<T>(rng, layout, launch, act, bias);
