@@ -10,23 +10,42 @@
 //! B = 8, H = 32 (multi-head, no grouping), d = 128, L ∈ {512, 2048} queries and context
 //! keys, prefix l ∈ {30, 128}, bf16, causal and not. The throughput is in FLOP/s (criterion's
 //! "elem/s"): 4·d FLOPs per visible (query, key) pair, the same count for every path.
-//! Timed with CUDA events around the launches. Without a device (or without the `cuda`
-//! feature) it prints that it skips and exits.
+//! criterion times each path by the host clock around many queued calls (stream
+//! synchronized at both ends); every call works on the next of several copies of the
+//! tensors, together larger than the L2 cache. Before timing, each case checks that the
+//! fused and split outputs agree with the concat path's.
+//!
+//! After criterion's report, a summary table (benches/common): per case the three paths'
+//! times (CUDA events, median of batches), the speedups of the fused kernel over the
+//! other two, and its achieved bandwidth (bytes = Q, K, V, the prefix and the output once
+//! each) and tensor rate, against the floor measured in the same run; as markdown also to
+//! `$PEFT_BENCH_OUT`, by default `peft-summary-prefix_attention.md` in criterion's folder.
+//!
+//! Without the `cuda` feature or a CUDA device it prints why it skips and exits.
+
+mod common;
+
+fn main() {
+    if common::can_run("prefix_attention") {
+        #[cfg(feature = "cuda")]
+        gpu::main();
+    }
+}
 
 #[cfg(feature = "cuda")]
 mod gpu {
     use std::sync::Arc;
-    use std::time::Duration;
 
-    use criterion::{BenchmarkId, Criterion, Throughput};
+    use criterion::{BenchmarkId, Throughput};
     use half::bf16;
-    use peft_kernels::cuda::cudarc::driver::sys::CUevent_flags;
     use peft_kernels::cuda::cudarc::driver::{CudaSlice, CudaStream};
     use peft_kernels::cuda::{self, DeviceRead, DeviceWrite};
     use peft_kernels::prefix_attention::{
         KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeDims, PrefixAttention,
         PrefixAttentionArgs, PrefixAttentionDims, PrefixOnlyArgs,
     };
+
+    use crate::common::gpu::{agree, criterion, poison, random, Gpu, Rotation, Table};
 
     const BATCH: usize = 8;
     const HEADS: usize = 32;
@@ -50,49 +69,22 @@ mod gpu {
         lse_c: CudaSlice<f32>,
     }
 
-    /// A deterministic pseudo-random fill in [-1, 1) (the values only need to be ordinary).
-    fn random(stream: &Arc<CudaStream>, n: usize, seed: u64) -> CudaSlice<bf16> {
-        let mut s = seed;
-        let host: Vec<bf16> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                bf16::from_f32((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
-            })
-            .collect();
-        stream.clone_htod(&host).expect("upload")
-    }
+    /// A path: queues one forward pass on the buffers, writing `out`.
+    type Path = fn(
+        &CudaStream,
+        &PrefixAttention,
+        &PrefixAttentionDims,
+        &mut Buffers,
+    ) -> peft_kernels::Result<()>;
 
-    impl Buffers {
-        fn new(stream: &Arc<CudaStream>, len: usize, l: usize) -> Buffers {
-            let n = BATCH * HEADS * len * HEAD_DIM;
-            let np = BATCH * HEADS * l * HEAD_DIM;
-            let zeros = |n: usize| stream.alloc_zeros::<bf16>(n).expect("alloc");
-            let rows = BATCH * HEADS * len;
-            Buffers {
-                q: random(stream, n, 1),
-                k: random(stream, n, 2),
-                v: random(stream, n, 3),
-                prefix_k: random(stream, np, 4),
-                prefix_v: random(stream, np, 5),
-                out: zeros(n),
-                cat_k: zeros(n + np),
-                cat_v: zeros(n + np),
-                out_p: zeros(n),
-                out_c: zeros(n),
-                lse_p: stream.alloc_zeros::<f32>(rows).expect("alloc"),
-                lse_c: stream.alloc_zeros::<f32>(rows).expect("alloc"),
-            }
-        }
-    }
+    const PATHS: [(&str, Path); 3] = [("fused", fused), ("concat", concat), ("split", split)];
 
     fn fused(
         stream: &CudaStream,
         op: &PrefixAttention,
         dims: &PrefixAttentionDims,
         b: &mut Buffers,
-    ) {
+    ) -> peft_kernels::Result<()> {
         cuda::prefix_attention::<bf16>(
             stream,
             op,
@@ -109,7 +101,6 @@ mod gpu {
                 lambda: None,
             },
         )
-        .expect("fused");
     }
 
     fn concat(
@@ -117,7 +108,7 @@ mod gpu {
         op: &PrefixAttention,
         dims: &PrefixAttentionDims,
         b: &mut Buffers,
-    ) {
+    ) -> peft_kernels::Result<()> {
         let (l, len) = (dims.prefix_len, dims.kv_len);
         let cat = KvConcatDims::new(BATCH, HEADS, l, len, HEAD_DIM);
         for (prefix, src, dst) in [
@@ -125,8 +116,10 @@ mod gpu {
             (&b.prefix_v, &b.v, &mut b.cat_v),
         ] {
             let args = KvConcatArgs::<DeviceRead<bf16>, DeviceWrite<bf16>> { prefix, src, dst };
-            cuda::kv_concat::<bf16>(stream, &cat, args).expect("concat");
+            cuda::kv_concat::<bf16>(stream, &cat, args)?;
         }
+        // Causal masking is bottom-right aligned, so over the l + L keys query i still
+        // sees the whole prefix and the context up to its own position.
         let whole = PrefixAttentionDims::new(BATCH, HEADS, HEADS, dims.q_len, l + len, 0, HEAD_DIM);
         // No prefix: the prefix tensors are not read.
         let none: &CudaSlice<bf16> = &b.prefix_k;
@@ -146,7 +139,6 @@ mod gpu {
                 lambda: None,
             },
         )
-        .expect("attention over the concatenation");
     }
 
     fn split(
@@ -154,7 +146,7 @@ mod gpu {
         op: &PrefixAttention,
         dims: &PrefixAttentionDims,
         b: &mut Buffers,
-    ) {
+    ) -> peft_kernels::Result<()> {
         cuda::prefix_only_attention::<bf16>(
             stream,
             op,
@@ -166,8 +158,7 @@ mod gpu {
                 out: &mut b.out_p,
                 lse: &mut b.lse_p,
             },
-        )
-        .expect("prefix only");
+        )?;
         let context = PrefixAttentionDims {
             prefix_len: 0,
             ..*dims
@@ -187,8 +178,7 @@ mod gpu {
                 lse: Some(&mut b.lse_c as DeviceWrite<f32>),
                 lambda: None,
             },
-        )
-        .expect("context attention");
+        )?;
         cuda::lse_merge::<bf16>(
             stream,
             &LseMergeDims::new(BATCH, HEADS, dims.q_len, HEAD_DIM),
@@ -202,12 +192,81 @@ mod gpu {
                 lambda: None,
             },
         )
-        .expect("merge");
+    }
+
+    /// One shape (L, l) with its rotating buffer copies; causal and full share them.
+    struct Case {
+        dims: PrefixAttentionDims,
+        copies: Rotation<Buffers>,
+    }
+
+    impl Case {
+        fn new(stream: &Arc<CudaStream>, len: usize, l: usize) -> Case {
+            let dims = PrefixAttentionDims::new(BATCH, HEADS, HEADS, len, len, l, HEAD_DIM);
+            let n = BATCH * HEADS * len * HEAD_DIM;
+            let np = BATCH * HEADS * l * HEAD_DIM;
+            let rows = dims.rows();
+            // Uniform in [-1, 1): scores q·k/√d of a few tenths, an ordinary softmax.
+            let [q, k, v, prefix_k, prefix_v] =
+                [(n, 1), (n, 2), (n, 3), (np, 4), (np, 5)].map(|(n, seed)| random(n, 1.0, seed));
+            let up = |host: &[bf16]| stream.clone_htod(host).expect("copy to the device");
+            let zeros = |n: usize| stream.alloc_zeros::<bf16>(n).expect("device allocation");
+            let stats = || stream.alloc_zeros::<f32>(rows).expect("device allocation");
+            let copies = Rotation::new(min_bytes(len, l), || Buffers {
+                q: up(&q),
+                k: up(&k),
+                v: up(&v),
+                prefix_k: up(&prefix_k),
+                prefix_v: up(&prefix_v),
+                out: zeros(n),
+                cat_k: zeros(n + np),
+                cat_v: zeros(n + np),
+                out_p: zeros(n),
+                out_c: zeros(n),
+                lse_p: stats(),
+                lse_c: stats(),
+            });
+            Case { dims, copies }
+        }
+
+        /// Runs every path on the first copy, each into a NaN-poisoned output; an error
+        /// unless the fused and split outputs agree with the concat path's (timing a wrong
+        /// kernel is worse than not timing it).
+        fn check(&mut self, stream: &Arc<CudaStream>, op: &PrefixAttention) -> Result<(), String> {
+            let (dims, name) = (self.dims, case_name(&self.dims, op));
+            let first = self.copies.first();
+            let mut output = |(path_name, path): (&str, Path)| {
+                poison(stream, &mut first.out);
+                path(stream, op, &dims, first)
+                    .map_err(|e| format!("the {path_name} path failed: {e}"))?;
+                Ok::<_, String>(stream.clone_dtoh(&first.out).expect("copy to the host"))
+            };
+            let [fused, concat, split] = PATHS;
+            let (fused, concat, split) = (output(fused)?, output(concat)?, output(split)?);
+            agree(&name, "fused and concat", &fused, &concat)?;
+            agree(&name, "split and concat", &split, &concat)
+        }
+
+        fn run(&mut self, stream: &CudaStream, op: &PrefixAttention, (name, path): (&str, Path)) {
+            path(stream, op, &self.dims, self.copies.next_copy()).expect(name);
+        }
+    }
+
+    fn mask(op: &PrefixAttention) -> &'static str {
+        if op.causal {
+            "causal"
+        } else {
+            "full"
+        }
+    }
+
+    fn case_name(dims: &PrefixAttentionDims, op: &PrefixAttention) -> String {
+        format!("L{}/l{}/{}", dims.q_len, dims.prefix_len, mask(op))
     }
 
     /// 4·d FLOPs (two multiply-adds for S = QKᵀ and for P·V) per visible (query, key)
     /// pair: every query sees the l prefix keys, and all L context keys or, causal, the
-    /// ones up to its own position.
+    /// ones up to its own position (BENCHMARKS.md).
     fn flops(len: usize, l: usize, causal: bool) -> u64 {
         let context_pairs = if causal {
             len * (len + 1) / 2
@@ -217,62 +276,63 @@ mod gpu {
         (4 * HEAD_DIM * BATCH * HEADS * (len * l + context_pairs)) as u64
     }
 
-    type Path = fn(&CudaStream, &PrefixAttention, &PrefixAttentionDims, &mut Buffers);
+    /// The least traffic of a call (BENCHMARKS.md): Q, K, V and the prefix keys and values
+    /// read once, the output written once.
+    fn min_bytes(len: usize, l: usize) -> usize {
+        let elements = 4 * BATCH * HEADS * len * HEAD_DIM + 2 * BATCH * HEADS * l * HEAD_DIM;
+        elements * std::mem::size_of::<bf16>()
+    }
 
-    pub fn run() {
-        let ctx = cuda::context(0).expect("a CUDA device");
-        let stream = ctx.default_stream();
-        let mut c = Criterion::default()
-            .warm_up_time(Duration::from_secs(1))
-            .measurement_time(Duration::from_secs(3))
-            .configure_from_args();
-        let paths: [(&str, Path); 3] = [("fused", fused), ("concat", concat), ("split", split)];
+    pub fn main() {
+        let gpu = Gpu::new();
+        let stream = &gpu.stream;
+        let mut criterion = criterion();
+        let mut table = Table::new(
+            format!(
+                "prefix_attention, bf16, B = {BATCH}, H = {HEADS}, d = {HEAD_DIM}: fused vs \
+                 concat + attention and split (prefix-only + context + LSE merge), all ours"
+            ),
+            &[("L", "--:"), ("prefix", "--:"), ("mask", "---")],
+            &["fused µs", "concat µs", "split µs"],
+            &["concat / fused", "split / fused"],
+        );
         for len in [512, 2048] {
             for l in [30, 128] {
-                let mut b = Buffers::new(&stream, len, l);
-                let dims = PrefixAttentionDims::new(BATCH, HEADS, HEADS, len, len, l, HEAD_DIM);
+                let mut case = Case::new(stream, len, l);
                 for causal in [false, true] {
                     let op = PrefixAttention {
                         scale: None,
                         causal,
                     };
+                    let keys = vec![len.to_string(), l.to_string(), mask(&op).to_owned()];
+                    if let Err(e) = case.check(stream, &op) {
+                        table.failed(case_name(&case.dims, &op), keys, e);
+                        continue;
+                    }
                     let name = format!(
                         "prefix_attention bf16 B={BATCH} H={HEADS} d={HEAD_DIM} L={len} l={l} {} \
                          (elem/s = FLOP/s)",
-                        if causal { "causal" } else { "full" }
+                        mask(&op)
                     );
-                    let mut group = c.benchmark_group(name);
+                    let mut group = criterion.benchmark_group(name);
                     group.throughput(Throughput::Elements(flops(len, l, causal)));
-                    for (path_name, path) in paths {
-                        group.bench_function(BenchmarkId::from_parameter(path_name), |bench| {
-                            bench.iter_custom(|iters| {
-                                let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
-                                let start = stream.record_event(timing).expect("event");
-                                for _ in 0..iters {
-                                    path(&stream, &op, &dims, &mut b);
-                                }
-                                let end = stream.record_event(timing).expect("event");
-                                let ms = start.elapsed_ms(&end).expect("elapsed time");
-                                Duration::from_secs_f64(f64::from(ms) / 1e3)
-                            })
+                    for path in PATHS {
+                        group.bench_function(BenchmarkId::from_parameter(path.0), |b| {
+                            b.iter_custom(|iters| gpu.timed(iters, || case.run(stream, &op, path)))
                         });
                     }
                     group.finish();
+                    if gpu.measuring {
+                        let seconds = PATHS
+                            .iter()
+                            .map(|&path| gpu.per_call(|| case.run(stream, &op, path)))
+                            .collect();
+                        let (bytes, flops) = (min_bytes(len, l), flops(len, l, causal));
+                        table.timed(keys, seconds, bytes as f64, flops as f64);
+                    }
                 }
             }
         }
-        c.final_summary();
+        gpu.finish("prefix_attention", criterion, &table);
     }
-}
-
-fn main() {
-    #[cfg(feature = "cuda")]
-    if peft_kernels::cuda::is_available() {
-        gpu::run();
-        return;
-    }
-    println!(
-        "prefix_attention benchmarks: no CUDA device (or built without the `cuda` feature): \
-         skipped"
-    );
 }
