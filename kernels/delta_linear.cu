@@ -33,16 +33,16 @@
 //
 // Tile configurations of the mma kernel (chosen in src/plan/delta_linear.rs):
 //   large:  BM=128 BN=128 BK=32, 8 warps as 2×4 (warp tile 64×32), 4 stages, 80 KiB smem.
-//           The classic Ampere/Hopper mma.sync shape: 16 mma per ldmatrix.x4 pair, enough
+//           The classic Ampere/Hopper mma.sync shape: 16 mma per 6 ldmatrix.x4, enough
 //           stages to cover HBM latency at 2 blocks per SM.
 //   decode: BM=16 BN=32 BK=128, 4 warps splitting K (each a 16×32 tile over 32 of the 128 k
-//           columns), 4 stages, 52 KiB smem; partial sums reduced through shared memory.
+//           columns), 4 stages, 51 KiB smem; partial sums reduced through shared memory.
 //           M ≤ 16 is pure weight streaming: N/32 blocks (128 for N = 4096, about one per
 //           SM of an H100) each keep three stages of 8 KiB of W in flight.
-//   small:  BM=16 BN=64 BK=64, 4 warps as 1×4 (warp tile 16×16), 4 stages, 46 KiB smem.
+//   small:  BM=16 BN=64 BK=64, 4 warps as 1×4 (warp tile 16×16), 4 stages, 45 KiB smem.
 //           16 < M ≤ 64 is still memory-bound on W: a 16-row tile wastes MMA work nobody
-//           misses, and BN=64 gives N/64 blocks each streaming 64 rows of W with 12 KiB of
-//           loads in flight per stage.
+//           misses, and BN=64 gives N/64 blocks each streaming 64 rows of W with 10 KiB of
+//           loads (8 KiB of W) per stage.
 //   Shared-memory rows are padded by 8 elements (pitch BK+8): the 8 row addresses of one
 //   ldmatrix phase then fall into 8 distinct 4-bank groups (pitch 80, 144 or 272 B), so the
 //   fragment loads are conflict-free without a swizzle.
@@ -55,7 +55,7 @@ enum Coef : int32_t { COEF_ONE = 0, COEF_H = 1, COEF_D = 2 };
 enum Compose : int32_t { COMPOSE_ADD = 0, COMPOSE_SCALED = 1, COMPOSE_GATED = 2 };
 
 // The parameter block of every fused_linear_* kernel; twin of `FusedLinearParams` in
-// src/delta.rs. Pointers may be null when the matching term is absent (bias, h_in, A2/B2 with
+// src/plan/delta_linear.rs. Pointers may be null when the matching term is absent (bias, h_in, A2/B2 with
 // k2 = 0, bias2, gate unless composing by gate). Leading dimensions and batch strides are in
 // elements.
 struct FusedLinearParams {

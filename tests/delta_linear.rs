@@ -558,6 +558,93 @@ fn bad_arguments_name_the_argument(backend: &Backend) {
     );
 }
 
+/// The planner alone (no memory is touched): sizes whose element counts or tile coordinates
+/// overflow are refused, naming the argument, instead of passing as small matrices.
+#[test]
+fn the_planner_refuses_overflowing_sizes() {
+    use peft_kernels::plan::delta_linear::{delta_linear, DeltaLinearBufs};
+    use peft_kernels::plan::Buf;
+    use peft_kernels::DType;
+
+    let buf = |len| Buf { addr: 4096, len };
+    let (m, n, k, r) = (3, 10, 12, 4);
+    let bufs = DeltaLinearBufs {
+        x: buf(m * k),
+        w: buf(n * k),
+        bias: None,
+        u: None,
+        w_down: buf(r * k),
+        b_down: None,
+        w_up: buf(n * r),
+        b_up: None,
+        gate: None,
+        workspace: buf(DeltaLinear::workspace_len(m, r)),
+        y: buf(m * n),
+    };
+    let op = DeltaLinear::lora(8.0, r);
+    let dims = DeltaLinearDims::new(m, n, k, r);
+    fn refused(op: &DeltaLinear, dims: &DeltaLinearDims, bufs: &DeltaLinearBufs) -> &'static str {
+        match delta_linear(op, dims, DType::F16, bufs) {
+            Err(Error::InvalidArgument { arg, .. }) => arg,
+            other => panic!("expected an invalid-argument error, got {other:?}"),
+        }
+    }
+    assert!(delta_linear(&op, &dims, DType::F16, &bufs).is_ok());
+    // (m − 1)·ld wraps to 0 for ld = 2^63, m = 3: the kernels would read and write row 1
+    // 2^63 elements away.
+    let huge_ld = 1usize << (usize::BITS - 1);
+    let (wide_x, wide_y) = (
+        DeltaLinearDims {
+            ld_x: huge_ld,
+            ..dims
+        },
+        DeltaLinearDims {
+            ld_y: huge_ld,
+            ..dims
+        },
+    );
+    assert_eq!(refused(&op, &wide_x, &bufs), "x");
+    assert_eq!(refused(&op, &wide_y, &bufs), "y");
+    // The last column tile would end past i32::MAX, where the kernels' int coordinates wrap.
+    let wide = DeltaLinearDims {
+        n: i32::MAX as usize - 1,
+        ld_y: i32::MAX as usize - 1,
+        ..dims
+    };
+    let all = Buf {
+        addr: 4096,
+        len: usize::MAX,
+    };
+    let wide_bufs = DeltaLinearBufs {
+        w: all,
+        w_up: all,
+        y: all,
+        ..bufs
+    };
+    assert_eq!(refused(&op, &wide, &wide_bufs), "dims.n");
+    // More rows than grid.y has tiles for: the error names dims.m, not a grid dimension.
+    let tall = DeltaLinearDims {
+        m: 65_535 * 16 + 1,
+        kernel: KernelVariant::Naive,
+        ..dims
+    };
+    let tall_bufs = DeltaLinearBufs {
+        x: all,
+        workspace: all,
+        y: all,
+        ..bufs
+    };
+    assert_eq!(refused(&op, &tall, &tall_bufs), "dims.m");
+    // The scale is checked even when there are no rows to run.
+    let nan = DeltaLinear::new(
+        Insertion::Parallel,
+        Activation::Identity,
+        Composition::Scaled(f32::NAN),
+    );
+    let empty = DeltaLinearDims { m: 0, ..dims };
+    assert_eq!(refused(&nan, &empty, &bufs), "composition");
+}
+
 #[cfg(feature = "emulator")]
 #[test]
 fn params_match_the_kernels_structs() {

@@ -17,9 +17,10 @@
 //!
 //! so LoRA is three GEMMs and a scaled parallel adapter three GEMMs and one elementwise
 //! kernel; the scale rides on step 5's alpha and the sum on its beta, which is already
-//! kinder than eager PyTorch (a separate scaling and a separate addition). Every GEMM accumulates in f32 (`CUBLAS_COMPUTE_32F`: tensor cores for f16/bf16,
-//! plain FP32 without TF32 for f32, as the crate's f32 contract asks) and stores in the
-//! element type, so t is rounded to the storage type between steps as in the fused path.
+//! kinder than eager PyTorch (a separate scaling and a separate addition). Every GEMM
+//! accumulates in f32 (`CUBLAS_COMPUTE_32F`: tensor cores for f16/bf16, plain FP32 without
+//! TF32 for f32, as the crate's f32 contract asks) and stores in the element type, so t is
+//! rounded to the storage type between steps as in the fused path.
 //! The gated composition needs a per-row scale cuBLAS does not have and is
 //! [`Error::Unsupported`] here.
 //!

@@ -133,7 +133,9 @@ fn positive(arg: &'static str, v: usize) -> Result<i32> {
     dim_i32(arg, v)
 }
 
-/// Checks that `buf` holds the matrix `layout` (and that `ld ≥ cols`).
+/// Checks that `buf` holds the matrix `layout` (and that `ld ≥ cols`). The length is computed
+/// without wrapping: a huge `ld` must not pass as a small matrix (the kernels would index
+/// with it).
 fn check_matrix(arg: &'static str, buf: Buf, layout: MatrixLayout) -> Result<()> {
     if layout.ld < layout.cols {
         return Err(Error::invalid(
@@ -142,12 +144,22 @@ fn check_matrix(arg: &'static str, buf: Buf, layout: MatrixLayout) -> Result<()>
             layout.ld,
         ));
     }
-    let need = layout.min_len();
-    if buf.len < need {
+    let need = if layout.rows == 0 || layout.cols == 0 {
+        Some(0)
+    } else {
+        (layout.rows - 1)
+            .checked_mul(layout.ld)
+            .and_then(|v| v.checked_add(layout.cols))
+    };
+    if need.is_none_or(|need| buf.len < need) {
+        let need = need.map_or_else(
+            || "more than usize::MAX".into(),
+            |n| format!("at least {n}"),
+        );
         return Err(Error::invalid(
             arg,
             format!(
-                "at least {need} elements for a {}×{} matrix with leading dimension {}",
+                "{need} elements for a {}×{} matrix with leading dimension {}",
                 layout.rows, layout.cols, layout.ld
             ),
             format!("{} elements", buf.len),
@@ -226,7 +238,15 @@ fn kind_for(
     }
 }
 
-fn launch_for(kind: Kind, dtype: DType, m: usize, n: usize, batch: usize) -> Result<Launch> {
+/// The launch of a pass over `m` rows × `cols.1` columns (the argument `cols.0` sets) in
+/// `batch` = `dims.heads` problems.
+fn launch_for(
+    kind: Kind,
+    dtype: DType,
+    m: usize,
+    cols: (&'static str, usize),
+    batch: usize,
+) -> Result<Launch> {
     use KernelId::*;
     // (kernel per dtype f32/f16/bf16, BM, BN, threads, dynamic shared memory): the tile
     // configurations of kernels/delta_linear.cu.
@@ -302,7 +322,11 @@ fn launch_for(kind: Kind, dtype: DType, m: usize, n: usize, batch: usize) -> Res
     };
     Ok(Launch {
         kernel,
-        grid: grid_for(n, bn, m, bm, batch)?,
+        grid: grid_for([
+            (cols.0, cols.1, bn),
+            ("dims.m", m, bm),
+            ("dims.heads", batch, 1),
+        ])?,
         block,
         dynamic_smem: smem,
     })
@@ -315,9 +339,10 @@ pub(crate) fn workspace_ld(r: usize) -> usize {
 }
 
 /// One fused-linear pass with every operand absent: callers fill what they use.
-fn pass(op: &DeltaLinear, m: i32, n: i32, out: u64, ldo: usize) -> Result<FusedLinearParams> {
-    let (compose, scale) = composition_code(op.composition)?;
-    Ok(FusedLinearParams {
+/// `composition` is [`composition_code`]'s encoding.
+fn pass(composition: (i32, f32), m: i32, n: i32, out: u64, ldo: usize) -> FusedLinearParams {
+    let (compose, scale) = composition;
+    FusedLinearParams {
         out,
         ldo: ldo as i64,
         m,
@@ -326,7 +351,7 @@ fn pass(op: &DeltaLinear, m: i32, n: i32, out: u64, ldo: usize) -> Result<FusedL
         scale,
         activation: Activation::Identity as i32,
         ..Default::default()
-    })
+    }
 }
 
 fn addr(b: Option<Buf>) -> u64 {
@@ -345,6 +370,7 @@ pub fn delta_linear(
     let k = positive("dims.k", d.k)?;
     let r = positive("dims.r", d.r)?;
     let m = dim_i32("dims.m", d.m)?;
+    let composition = composition_code(op.composition)?;
     check_matrix(
         "x",
         b.x,
@@ -409,7 +435,7 @@ pub fn delta_linear(
         (Insertion::Parallel, None) => (b.x.addr, d.ld_x),
     };
     let down = {
-        let mut p = pass(op, m, r, t, ldt)?;
+        let mut p = pass(composition, m, r, t, ldt);
         (p.a1, p.lda1, p.b1, p.ldb1, p.k1) =
             (u_addr, ld_u as i64, b.w_down.addr, k_u as i64, k_u32);
         (p.bias, p.gate, p.activation) = (addr(b.b_down), gate, op.activation as i32);
@@ -420,16 +446,21 @@ pub fn delta_linear(
             d.m,
             &[(u_addr, ld_u, 0), (b.w_down.addr, k_u, 0)],
         )?;
-        (launch_for(kind, dtype, d.m, d.r, 1)?, p)
+        (launch_for(kind, dtype, d.m, ("dims.r", d.r), 1)?, p)
+    };
+    // Phase 1 as the frozen GEMM x·Wᵀ + b, and the operands it reads with vector copies.
+    let frozen_operands = [(b.x.addr, d.ld_x, 0), (b.w.addr, d.k, 0)];
+    let set_frozen = |p: &mut FusedLinearParams| {
+        (p.a1, p.lda1, p.b1, p.ldb1, p.k1) = (b.x.addr, d.ld_x as i64, b.w.addr, d.k as i64, k);
+        p.bias = addr(b.bias);
     };
     // The up-projection of t, with the frozen part (x·Wᵀ) when `frozen`, or h from y.
     let up = |frozen: bool| -> Result<(Launch, FusedLinearParams)> {
-        let mut p = pass(op, m, n, b.y.addr, d.ld_y)?;
+        let mut p = pass(composition, m, n, b.y.addr, d.ld_y);
         let mut vec_operands = vec![(t, ldt, 0), (b.w_up.addr, d.r, 0)];
         if frozen {
-            (p.a1, p.lda1, p.b1, p.ldb1, p.k1) = (b.x.addr, d.ld_x as i64, b.w.addr, d.k as i64, k);
-            p.bias = addr(b.bias);
-            vec_operands.extend([(b.x.addr, d.ld_x, 0), (b.w.addr, d.k, 0)]);
+            set_frozen(&mut p);
+            vec_operands.extend(frozen_operands);
         } else {
             (p.h_in, p.ldh) = (b.y.addr, d.ld_y as i64);
         }
@@ -437,18 +468,16 @@ pub fn delta_linear(
         (p.bias2, p.gate) = (addr(b.b_up), gate);
         (p.c_main, p.c_bias2, p.c_out) = (COEF_H, COEF_D, COEF_ONE);
         let kind = kind_for(d.kernel, dtype, d.m, &vec_operands)?;
-        Ok((launch_for(kind, dtype, d.m, d.n, 1)?, p))
+        Ok((launch_for(kind, dtype, d.m, ("dims.n", d.n), 1)?, p))
     };
     match op.insertion {
         Insertion::Parallel => Ok(vec![down, up(true)?]),
         Insertion::Sequential => {
-            let mut p = pass(op, m, n, b.y.addr, d.ld_y)?;
-            (p.a1, p.lda1, p.b1, p.ldb1, p.k1) = (b.x.addr, d.ld_x as i64, b.w.addr, d.k as i64, k);
-            p.bias = addr(b.bias);
+            let mut p = pass(composition, m, n, b.y.addr, d.ld_y);
+            set_frozen(&mut p);
             (p.c_main, p.c_out) = (COEF_ONE, COEF_ONE);
-            let vec_operands = [(b.x.addr, d.ld_x, 0), (b.w.addr, d.k, 0)];
-            let kind = kind_for(d.kernel, dtype, d.m, &vec_operands)?;
-            let frozen = (launch_for(kind, dtype, d.m, d.n, 1)?, p);
+            let kind = kind_for(d.kernel, dtype, d.m, &frozen_operands)?;
+            let frozen = (launch_for(kind, dtype, d.m, ("dims.n", d.n), 1)?, p);
             Ok(vec![frozen, down, up(false)?])
         }
     }
@@ -466,6 +495,7 @@ pub fn delta_apply(
     let dh = positive("dims.head_dim", d.head_dim)?;
     let r = positive("dims.r", d.r)?;
     let m = dim_i32("dims.m", d.m)?;
+    let composition = composition_code(op.composition)?;
     let width = d.heads * d.head_dim;
     dim_i32("dims.heads × dims.head_dim", width)?;
     if let Some(h) = b.h {
@@ -480,7 +510,7 @@ pub fn delta_apply(
         )?;
     }
     // The delta's input per head: du columns of u (parallel) or of h (sequential).
-    let (u_addr, ld_u, du) = match (op.insertion, b.u) {
+    let (u_addr, ld_u, du, du32) = match (op.insertion, b.u) {
         (Insertion::Sequential, Some(_)) => {
             return Err(Error::invalid(
                 "u",
@@ -489,8 +519,8 @@ pub fn delta_apply(
             ))
         }
         (Insertion::Sequential, None) => match b.h {
-            Some(h) => (h.addr, d.ld_h, d.head_dim),
-            None => (b.y.addr, d.ld_y, d.head_dim),
+            Some(h) => (h.addr, d.ld_h, d.head_dim, dh),
+            None => (b.y.addr, d.ld_y, d.head_dim, dh),
         },
         (Insertion::Parallel, None) => {
             return Err(Error::invalid(
@@ -500,7 +530,7 @@ pub fn delta_apply(
             ))
         }
         (Insertion::Parallel, Some(u)) => {
-            positive("dims.u_head_dim", d.u_head_dim)?;
+            let du32 = positive("dims.u_head_dim", d.u_head_dim)?;
             let cols = d.heads * d.u_head_dim;
             check_matrix(
                 "u",
@@ -511,10 +541,9 @@ pub fn delta_apply(
                     ld: d.ld_u,
                 },
             )?;
-            (u.addr, d.ld_u, d.u_head_dim)
+            (u.addr, d.ld_u, d.u_head_dim, du32)
         }
     };
-    let du32 = dim_i32("dims.u_head_dim", du)?;
     check_matrix(
         "w_down",
         b.w_down,
@@ -525,7 +554,9 @@ pub fn delta_apply(
     check_vector("b_up", b.b_up, width)?;
     check_gate(b.gate, op.composition, d.m)?;
     let ldt = d.heads * workspace_ld(d.r);
-    check_vector("workspace", Some(b.workspace), d.m * ldt)?;
+    // m·heads·r can pass usize::MAX (heads is bounded only by the grid, checked later).
+    let workspace_len = d.m.saturating_mul(ldt);
+    check_vector("workspace", Some(b.workspace), workspace_len)?;
     check_matrix(
         "y",
         b.y,
@@ -542,7 +573,7 @@ pub fn delta_apply(
     let gate = addr(b.gate);
     let rs = workspace_ld(d.r);
 
-    let mut down = pass(op, m, r, t, ldt)?;
+    let mut down = pass(composition, m, r, t, ldt);
     (down.a1, down.lda1, down.bs_a1) = (u_addr, ld_u as i64, du as i64);
     (down.b1, down.ldb1, down.bs_b1) = (b.w_down.addr, du as i64, (d.r * du) as i64);
     (down.bias, down.bs_bias) = (addr(b.b_down), d.r as i64);
@@ -555,10 +586,13 @@ pub fn delta_apply(
         d.m,
         &[(u_addr, ld_u, du), (b.w_down.addr, du, d.r * du)],
     )?;
-    let down = (launch_for(kind, dtype, d.m, d.r, d.heads)?, down);
+    let down = (
+        launch_for(kind, dtype, d.m, ("dims.r", d.r), d.heads)?,
+        down,
+    );
 
     let (h_addr, ld_h) = b.h.map_or((b.y.addr, d.ld_y), |h| (h.addr, d.ld_h));
-    let mut up = pass(op, m, dh, b.y.addr, d.ld_y)?;
+    let mut up = pass(composition, m, dh, b.y.addr, d.ld_y);
     (up.h_in, up.ldh, up.bs_h) = (h_addr, ld_h as i64, d.head_dim as i64);
     (up.a2, up.lda2, up.bs_a2) = (t, ldt as i64, rs as i64);
     (up.b2, up.ldb2, up.bs_b2) = (b.w_up.addr, d.r as i64, (d.head_dim * d.r) as i64);
@@ -571,7 +605,10 @@ pub fn delta_apply(
         d.m,
         &[(t, ldt, rs), (b.w_up.addr, d.r, d.head_dim * d.r)],
     )?;
-    let up = (launch_for(kind, dtype, d.m, d.head_dim, d.heads)?, up);
+    let up = (
+        launch_for(kind, dtype, d.m, ("dims.head_dim", d.head_dim), d.heads)?,
+        up,
+    );
     Ok(vec![down, up])
 }
 
@@ -599,7 +636,7 @@ pub fn lora_merge(
     };
     let launch = Launch {
         kernel,
-        grid: grid_for(k, 64, n, 64, 1)?,
+        grid: grid_for([("dims.k", k, 64), ("dims.n", n, 64), ("batch", 1, 1)])?,
         block: [256, 1, 1],
         dynamic_smem: 0,
     };

@@ -37,30 +37,27 @@ pub struct Buf {
 /// Grid limits of every CUDA device since compute capability 3.0.
 const MAX_GRID: [u64; 3] = [(1 << 31) - 1, 65_535, 65_535];
 
-/// The grid of a kernel that tiles `cols` by `bn` (grid.x), `rows` by `bm` (grid.y) and runs
-/// `batch` independent problems (grid.z); an error naming the dimension when it exceeds
-/// the device's grid limits.
-pub fn grid_for(cols: usize, bn: usize, rows: usize, bm: usize, batch: usize) -> Result<[u32; 3]> {
-    let want = [
-        cols.div_ceil(bn) as u64,
-        rows.div_ceil(bm) as u64,
-        batch as u64,
-    ];
-    let names = ["columns", "rows", "batch"];
+/// The grid of a kernel that tiles `x.1` by `x.2` (grid.x), `y.1` by `y.2` (grid.y) and
+/// `z.1` by `z.2` (grid.z), each given as (argument, extent, tile). An error naming the
+/// argument when its tiles exceed the device's grid limits, or when the tiles' last element
+/// index does not fit the `int` the kernels compute tile coordinates in.
+pub fn grid_for(dims: [(&'static str, usize, usize); 3]) -> Result<[u32; 3]> {
     let mut grid = [0u32; 3];
-    for i in 0..3 {
-        if want[i] > MAX_GRID[i] {
+    for (i, (arg, extent, tile)) in dims.into_iter().enumerate() {
+        let max_tiles = MAX_GRID[i].min(i32::MAX as u64 / tile as u64);
+        let tiles = extent.div_ceil(tile) as u64;
+        if tiles > max_tiles {
             return Err(Error::invalid(
-                names[i],
+                arg,
                 format!(
-                    "at most {} tiles of the grid's {} dimension",
-                    MAX_GRID[i],
+                    "at most {} ({max_tiles} tiles of {tile} along the grid's {} dimension)",
+                    max_tiles * tile as u64,
                     ["x", "y", "z"][i]
                 ),
-                format!("{} tiles", want[i]),
+                extent,
             ));
         }
-        grid[i] = want[i].max(1) as u32;
+        grid[i] = tiles.max(1) as u32;
     }
     Ok(grid)
 }
