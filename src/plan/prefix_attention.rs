@@ -151,8 +151,8 @@ const THREADS: u32 = 128;
 const QUERY_ROWS: usize = 64;
 const WARP_ROWS: usize = 4;
 
-/// Sequence lengths the kernels index with 32-bit positions (with room for a tile past the
-/// end).
+/// Sequence lengths and row widths the kernels index with 32-bit ints (with room for a
+/// tile, or a warp's stride over a row, past the end).
 const MAX_LEN: usize = 1 << 30;
 
 /// Grid limits (y and z) of every CUDA device; x is 2³¹ − 1.
@@ -381,8 +381,16 @@ pub fn prefix_attention(
         ));
     }
     let scale = op.scale.unwrap_or(1.0 / (d.head_dim as f64).sqrt());
-    if !(scale.is_finite() && scale > 0.0) {
-        return Err(Error::invalid("op.scale", "a finite scale > 0", scale));
+    // The kernels scale scores by scale·log2(e) in f32, which must be a normal positive
+    // number too: one that rounds to 0 makes a masked score −∞·0 = NaN, one that overflows
+    // makes the scores infinite (and a subnormal one keeps few digits).
+    let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
+    if !(scale_log2.is_normal() && scale_log2 > 0.0) {
+        return Err(Error::invalid(
+            "op.scale",
+            "a scale > 0 whose scale·log2(e) is a normal f32",
+            scale,
+        ));
     }
     let (hd, hkv) = (d.head_dim, d.kv_heads);
     let tensors = [
@@ -452,7 +460,7 @@ pub fn prefix_attention(
         kv_len: d.kv_len as i32,
         prefix_len: d.prefix_len as i32,
         causal: i32::from(op.causal),
-        scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
+        scale_log2,
     };
     Ok(vec![(launch, params)])
 }
@@ -538,12 +546,7 @@ pub fn lse_merge(
     positive("dims.head_dim", d.head_dim)?;
     at_most("dims.heads", d.heads, i32::MAX as usize, "32-bit indices")?;
     at_most("dims.q_len", d.q_len, i32::MAX as usize, "32-bit indices")?;
-    at_most(
-        "dims.head_dim",
-        d.head_dim,
-        i32::MAX as usize,
-        "32-bit indices",
-    )?;
+    at_most("dims.head_dim", d.head_dim, MAX_LEN, "32-bit indices")?;
     let shape = [d.batch, d.heads, d.q_len, d.head_dim];
     let rows = row_count(d.batch, d.heads, d.q_len)?;
     check_tensor("o_prefix", b.o_prefix, d.o_prefix, shape)?;
@@ -586,12 +589,7 @@ pub fn kv_concat(
     let total = d.prefix_len.saturating_add(d.len);
     positive("dims.prefix_len + dims.len", total)?;
     at_most("dims.heads", d.heads, i32::MAX as usize, "32-bit indices")?;
-    at_most(
-        "dims.head_dim",
-        d.head_dim,
-        i32::MAX as usize,
-        "32-bit indices",
-    )?;
+    at_most("dims.head_dim", d.head_dim, MAX_LEN, "32-bit indices")?;
     at_most(
         "dims.prefix_len + dims.len",
         total,
@@ -653,6 +651,50 @@ mod tests {
         assert!(check_distinct("out", shared, shape).is_err());
         // A dimension of one element may have any stride.
         assert!(check_distinct("out", shared, [2, 1, 5, 8]).is_ok());
+    }
+
+    /// The merge and the concatenation step over a row by 32 columns in an int: a width
+    /// within 32 of i32::MAX would wrap past the end (the planner alone: nothing runs).
+    #[test]
+    fn rows_too_wide_for_int_columns() {
+        let all = Buf {
+            addr: 4096,
+            len: usize::MAX,
+        };
+        let d = i32::MAX as usize - 1;
+        let merge = LseMergeBufs {
+            o_prefix: all,
+            lse_prefix: all,
+            o_context: all,
+            lse_context: all,
+            out: all,
+            lse: None,
+            lambda: None,
+        };
+        fn refused<P>(r: Result<P>) -> &'static str {
+            match r {
+                Err(Error::InvalidArgument { arg, .. }) => arg,
+                Ok(_) => "nothing",
+                Err(_) => "another error",
+            }
+        }
+        let ok = LseMergeDims::new(1, 1, 1, 1 << 30);
+        assert!(lse_merge(&ok, DType::F32, &merge).is_ok());
+        let wide = LseMergeDims::new(1, 1, 1, d);
+        assert_eq!(
+            refused(lse_merge(&wide, DType::F32, &merge)),
+            "dims.head_dim"
+        );
+        let concat = KvConcatBufs {
+            prefix: all,
+            src: all,
+            dst: all,
+        };
+        let wide = KvConcatDims::new(1, 1, 1, 1, d);
+        assert_eq!(
+            refused(kv_concat(&wide, DType::F32, &concat)),
+            "dims.head_dim"
+        );
     }
 
     #[test]
