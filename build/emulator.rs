@@ -5,6 +5,17 @@
 use std::path::{Path, PathBuf};
 
 pub fn build(kernels: &Path, sources: &[PathBuf]) {
+    // The fibers' context switch is x86-64 System V assembly with ELF directives, and the
+    // runtime uses Linux's mmap flags and signals.
+    let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
+    if arch != "x86_64" || os != "linux" {
+        println!(
+            "cargo::error=the `emulator` feature runs on x86-64 Linux only (target: {arch} \
+             {os}); build with `--no-default-features --features cuda` elsewhere."
+        );
+        return;
+    }
     let emu = kernels.join("emu");
     let mut runtime: Vec<PathBuf> = std::fs::read_dir(&emu)
         .expect("kernels/emu is missing")
@@ -40,6 +51,6 @@ pub fn build(kernels: &Path, sources: &[PathBuf]) {
     b.flag("-include").flag(emu.join("emu.h").to_str().unwrap());
     // `-x c++` must precede the .cu files; cc passes flags before files.
     b.flag("-x").flag("c++");
+    // cc also links the C++ standard library (`cargo:rustc-link-lib=stdc++`).
     b.compile("peft_kernels_emu");
-    println!("cargo:rustc-link-lib=stdc++");
 }

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let kernels = root.join("kernels");
-    println!("cargo:rerun-if-changed=build");
-    println!("cargo:rerun-if-changed=kernels");
+    println!("cargo::rerun-if-changed=build");
+    println!("cargo::rerun-if-changed=kernels");
     let sources = cu_sources(&kernels);
     if std::env::var_os("CARGO_FEATURE_EMULATOR").is_some() {
         emulator::build(&kernels, &sources);

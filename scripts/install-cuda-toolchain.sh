@@ -12,16 +12,12 @@
 # Idempotent: a second run checks the pins and only prints the path.
 #
 #   bash scripts/install-cuda-toolchain.sh
-#
-# `--with-cuobjdump`, which once asked for the SASS tools, is accepted and changes nothing.
 set -euo pipefail
 
-for arg in "$@"; do
-  case "$arg" in
-    --with-cuobjdump) ;;
-    *) echo "usage: $0" >&2; exit 2 ;;
-  esac
-done
+if [ "$#" -ne 0 ]; then
+  echo "usage: $0 (no arguments)" >&2
+  exit 2
+fi
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.toolchain/cuda"

@@ -50,7 +50,8 @@
 // another thread's read (the fixed round-robin order usually turns such a race into a
 // wrong answer, but not always); two branches of one warp calling the same warp
 // operation at different call sites (they are matched like Volta's independent thread
-// scheduling would); threads spinning on memory another block or thread writes (fibers
+// scheduling would), or threads of a block reaching __syncthreads() at different call
+// sites (counted as one barrier; the GPU requires one call site); threads spinning on memory another block or thread writes (fibers
 // are not preempted, so such a kernel hangs).
 //
 // Kernel code may use the names below as CUDA provides them: keywords (__global__,
@@ -263,19 +264,28 @@ inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) {
 // (the emulator cannot know which lanes took the caller's branch).
 inline unsigned __activemask() { return emu::detail::active_mask(); }
 
-inline unsigned __ballot_sync(unsigned mask, int predicate) {
+namespace emu::detail {
+// The votes of the lanes in `mask`, one bit each. `what` is the caller's own name, so that
+// lanes meeting in different vote operations (vote.any against vote.all) fail as any
+// other mismatched warp operations do.
+inline unsigned vote(const char* what, unsigned mask, int predicate) {
   int all[32];
-  emu::detail::warp_collective("__ballot_sync", mask, &predicate, sizeof(int), -1, all);
+  warp_collective(what, mask, &predicate, sizeof(int), -1, all);
   unsigned bits = 0;
   for (unsigned l = 0; l < 32; ++l)
     if ((mask >> l & 1u) && all[l]) bits |= 1u << l;
   return bits;
 }
+}  // namespace emu::detail
+
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+  return emu::detail::vote("__ballot_sync", mask, predicate);
+}
 inline int __any_sync(unsigned mask, int predicate) {
-  return __ballot_sync(mask, predicate) != 0;
+  return emu::detail::vote("__any_sync", mask, predicate) != 0;
 }
 inline int __all_sync(unsigned mask, int predicate) {
-  return __ballot_sync(mask, predicate) == mask;
+  return emu::detail::vote("__all_sync", mask, predicate) == mask;
 }
 
 namespace emu::detail {

@@ -490,11 +490,14 @@ void install_fault_handler() {
   std::call_once(once, [] {
     g_page_size = size_t(sysconf(_SC_PAGESIZE));
     for (int i = 0; i < 2; ++i) {
+      // Record the previous handler before installing: a fault on another thread may
+      // reach on_fault as soon as it is installed, and must find what to chain to.
+      sigaction(kFaultSignals[i], nullptr, &g_previous[i]);
       struct sigaction sa = {};
       sa.sa_sigaction = on_fault;
       sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
       sigemptyset(&sa.sa_mask);
-      sigaction(kFaultSignals[i], &sa, &g_previous[i]);
+      sigaction(kFaultSignals[i], &sa, nullptr);
     }
   });
 }
