@@ -348,6 +348,16 @@ __device__ void mismatched_warp_ops(const BrokenParams& p) {
 }
 PK_KERNEL(selftest_broken_mismatched_warp_ops, mismatched_warp_ops, BrokenParams)
 
+// The halves of the warp vote with different instructions (any vs all) under the full
+// mask: two collectives, each waiting for the other half.
+__device__ void mismatched_votes(const BrokenParams& p) {
+  const uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+  const bool odd = i % 2 == 1;
+  const int v = threadIdx.x % 32 < 16 ? __any_sync(PK_FULL_MASK, odd) : __all_sync(PK_FULL_MASK, odd);
+  if (i < p.n) p.out[i] = float(v);
+}
+PK_KERNEL(selftest_broken_mismatched_votes, mismatched_votes, BrokenParams)
+
 // Three groups of lanes shuffle with masks that each overlap the next group only: every
 // group waits for another, and no thread of the block can proceed.
 __device__ void warp_deadlock(const BrokenParams& p) {

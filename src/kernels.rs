@@ -112,6 +112,7 @@ kernel_table! {
         selftest_broken_shfl_exited_lane,
         selftest_broken_shfl_source_outside_mask,
         selftest_broken_mismatched_warp_ops,
+        selftest_broken_mismatched_votes,
         selftest_broken_warp_deadlock,
     }
     SelftestMma {

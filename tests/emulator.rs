@@ -352,6 +352,7 @@ fn broken_kernels_are_reported() {
         (Broken::ShflExitedLane, "exited"),
         (Broken::ShflSourceOutsideMask, "which is not in mask"),
         (Broken::MismatchedWarpOps, "each waits for the other"),
+        (Broken::MismatchedVotes, "__all_sync"),
         (Broken::WarpDeadlock, "deadlock"),
     ];
     assert_eq!(needles.len(), Broken::ALL.len());

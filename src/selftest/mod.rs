@@ -499,6 +499,9 @@ pub enum Broken {
     /// One half warp calls `__ballot_sync`, the other `__shfl_xor_sync`, both with the
     /// full mask: each half waits for the other.
     MismatchedWarpOps,
+    /// One half warp calls `__any_sync`, the other `__all_sync`, both with the full mask:
+    /// different instructions, so each half waits for the other.
+    MismatchedVotes,
     /// Three groups of lanes shuffle with masks that each overlap another group: a cycle
     /// of waits, so no thread can proceed.
     WarpDeadlock,
@@ -506,7 +509,7 @@ pub enum Broken {
 
 impl Broken {
     /// Every broken kernel.
-    pub const ALL: [Broken; 8] = [
+    pub const ALL: [Broken; 9] = [
         Broken::DivergentBarrier,
         Broken::ShflWrongMask,
         Broken::ShflDivergent,
@@ -514,6 +517,7 @@ impl Broken {
         Broken::ShflExitedLane,
         Broken::ShflSourceOutsideMask,
         Broken::MismatchedWarpOps,
+        Broken::MismatchedVotes,
         Broken::WarpDeadlock,
     ];
 
@@ -527,6 +531,7 @@ impl Broken {
             Broken::ShflExitedLane => KernelId::selftest_broken_shfl_exited_lane,
             Broken::ShflSourceOutsideMask => KernelId::selftest_broken_shfl_source_outside_mask,
             Broken::MismatchedWarpOps => KernelId::selftest_broken_mismatched_warp_ops,
+            Broken::MismatchedVotes => KernelId::selftest_broken_mismatched_votes,
             Broken::WarpDeadlock => KernelId::selftest_broken_warp_deadlock,
         }
     }
