@@ -412,6 +412,137 @@ fn delta_apply_per_head(backend: &Backend) {
     }
 }
 
+/// A gated delta on a given h, per head: y = (1 − λ)·h + λ·Δh with a per-row λ. The
+/// reference's multi-head adapter composed by `Add` on h = 0 gives Δh.
+fn gated_delta_apply_case<T: Element>(backend: &Backend, rng: &mut Rng, kernel: KernelVariant) {
+    let (m, heads, dh, du, r) = (rng.range(1, 40), rng.range(1, 4), 16, 24, rng.pick(&[3, 8]));
+    let width = heads * dh;
+    let h: Vec<T> = rng.uniform_vec(m * width);
+    let u: Vec<T> = rng.uniform_vec(m * heads * du);
+    let w_down: Vec<T> = scaled(rng, heads * r * du, du);
+    let w_up: Vec<T> = scaled(rng, heads * dh * r, r);
+    let b_up: Vec<T> = rng.uniform_vec(width);
+    let gate: Vec<T> = (0..m).map(|_| T::from_f64(rng.unit())).collect();
+    let activation = rng.pick(&Activation::ALL);
+    let zeros = vec![T::from_f64(0.0); m * width];
+    let delta = multi_head_adapter(
+        &MultiHeadAdapter {
+            heads,
+            rank: r,
+            activation,
+            composition: Composition::Add,
+        },
+        &MultiHeadAdapterTensors {
+            h: MatRef::new(&zeros, m, width),
+            u: MatRef::new(&u, m, heads * du),
+            w_down: &w_down,
+            b_down: None,
+            w_up: &w_up,
+            b_up: Some(&b_up),
+        },
+    )
+    .expect("reference");
+    let expected: Vec<f64> = (0..m * width)
+        .map(|i| {
+            let l = gate[i / width].to_f64();
+            (1.0 - l) * h[i].to_f64() + l * delta[i]
+        })
+        .collect();
+    let mut dims = DeltaApplyDims::new(m, heads, dh, du, r);
+    dims.kernel = kernel;
+    let mut workspace = poisoned::<T>(dims.workspace_len());
+    let mut y = poisoned::<T>(m * width);
+    let op = DeltaLinear::new(Insertion::Parallel, activation, Composition::Gated);
+    let args = DeltaApplyArgs {
+        h: Some(&h[..]),
+        u: Some(&u[..]),
+        w_down: &w_down[..],
+        b_down: None,
+        w_up: &w_up[..],
+        b_up: Some(&b_up[..]),
+        gate: Some(&gate[..]),
+        workspace: &mut workspace[..],
+        y: &mut y[..],
+    };
+    host::delta_apply(backend, &op, &dims, args).unwrap();
+    let name = format!(
+        "{} gated delta_apply {kernel:?} (seed {})",
+        T::DTYPE,
+        rng.seed()
+    );
+    let layout = MatrixLayout::contiguous(m, width);
+    assert_close_matrix(&name, &y, layout, &expected, default_tolerance(T::DTYPE));
+}
+
+fn gated_delta_apply(backend: &Backend) {
+    let mut rng = Rng::from_env();
+    for kernel in VARIANTS {
+        gated_delta_apply_case::<f32>(backend, &mut rng, kernel);
+        gated_delta_apply_case::<f16>(backend, &mut rng, kernel);
+        gated_delta_apply_case::<bf16>(backend, &mut rng, kernel);
+    }
+}
+
+/// `delta_apply`'s arguments are checked like `delta_linear`'s, naming the argument.
+fn delta_apply_bad_arguments(backend: &Backend) {
+    let (m, heads, dh, du, r) = (4, 2, 8, 8, 4);
+    let dims = DeltaApplyDims::new(m, heads, dh, du, r);
+    let u = vec![0.5f32; m * heads * du];
+    let w_down = vec![0.1f32; heads * r * du];
+    let w_up = vec![0.1f32; heads * dh * r];
+    let gate = vec![0.5f32; m];
+    let mut workspace = vec![0.0f32; dims.workspace_len()];
+    let mut y = vec![0.0f32; m * heads * dh];
+    let mut call = |op: DeltaLinear,
+                    dims: &DeltaApplyDims,
+                    u: Option<&[f32]>,
+                    w_down: &[f32],
+                    gate: Option<&[f32]>,
+                    ws_len: usize| {
+        let args = DeltaApplyArgs {
+            h: None,
+            u,
+            w_down,
+            b_down: None,
+            w_up: &w_up[..],
+            b_up: None,
+            gate,
+            workspace: &mut workspace[..ws_len],
+            y: &mut y[..],
+        };
+        match host::delta_apply(backend, &op, dims, args) {
+            Err(Error::InvalidArgument { arg, .. }) => arg,
+            other => panic!("expected an invalid-argument error, got {other:?}"),
+        }
+    };
+    let pa = DeltaLinear::parallel_adapter(Activation::Relu, 1.0);
+    let full = dims.workspace_len();
+    assert_eq!(call(pa, &dims, None, &w_down, None, full), "u");
+    let seq = DeltaLinear::houlsby(Activation::Relu);
+    assert_eq!(call(seq, &dims, Some(&u), &w_down, None, full), "u");
+    assert_eq!(
+        call(pa, &dims, Some(&u), &w_down[1..], None, full),
+        "w_down"
+    );
+    assert_eq!(
+        call(pa, &dims, Some(&u), &w_down, Some(&gate), full),
+        "gate"
+    );
+    assert_eq!(
+        call(pa, &dims, Some(&u), &w_down, None, full - 1),
+        "workspace"
+    );
+    let no_heads = DeltaApplyDims { heads: 0, ..dims };
+    assert_eq!(
+        call(pa, &no_heads, Some(&u), &w_down, None, full),
+        "dims.heads"
+    );
+    assert!(
+        y.iter().all(|&v| v == 0.0),
+        "nothing may be written on a refused call"
+    );
+}
+
 fn merge_case<T: Element>(backend: &Backend, rng: &mut Rng, n: usize, k: usize, r: usize) {
     let w: Vec<T> = rng.uniform_vec(n * k);
     let a: Vec<T> = scaled(rng, r * k, k);
@@ -694,6 +825,8 @@ on_every_backend!(
     strides_and_separate_input,
     tensor_core_request_on_unaligned_operands_is_an_error,
     delta_apply_per_head,
+    gated_delta_apply,
+    delta_apply_bad_arguments,
     lora_merge_and_unmerge,
     bad_arguments_name_the_argument,
 );
