@@ -10,6 +10,11 @@
 //! caller computed (also per head: the multi-head parallel adapter). Both backends take the
 //! same argument structs over their own buffer types: `&[T]` / `&mut [T]` in the emulator,
 //! cudarc device slices and views on the GPU.
+//!
+//! Precision: products accumulate in f32. The bottleneck activations `t` are stored in T
+//! (the workspace), and a sequential delta reads h as it is materialised in T (in `y`,
+//! between the frozen pass and the delta), as a framework's bf16 tensor h would be; a
+//! parallel delta never rounds h.
 
 use crate::plan::delta_linear::{workspace_ld, DeltaApplyBufs, DeltaLinearBufs, LoraMergeBufs};
 use crate::plan::BufSource;

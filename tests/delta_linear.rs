@@ -88,6 +88,11 @@ impl<T: Element> Inputs<T> {
         }
     }
 
+    /// The f64 reference of the kernels' contract. A sequential delta reads h as the
+    /// kernels materialise it, in T (as any framework's bf16 h is), so its reference is the
+    /// exact f64 layer over that rounded h: frozen part h_T·I, delta input u = h_T.
+    /// Without this, a rank-1 delta whose h·a cancels turns h's rounding into a relative
+    /// error over 1e-2 of a tiny output now and then.
     fn reference(&self, c: &Case) -> Vec<f64> {
         let d = c.dims;
         let k_u = self.w_down.len() / d.r;
@@ -95,21 +100,53 @@ impl<T: Element> Inputs<T> {
             .gate
             .as_ref()
             .map(|g| g.iter().map(|v| v.to_f64()).collect());
+        let (h, identity): (Vec<T>, Vec<T>);
+        let (op, x, w, b, u) = if c.op.insertion == Insertion::Sequential {
+            let x = MatRef::with_ld(&self.x, d.m, d.k, d.ld_x);
+            let w = MatRef::new(&self.w, d.n, d.k);
+            h = reference::linear(x, w, self.bias.as_deref())
+                .expect("reference")
+                .into_iter()
+                .map(T::from_f64)
+                .collect();
+            identity = (0..d.n * d.n)
+                .map(|i| T::from_f64(if i % (d.n + 1) == 0 { 1.0 } else { 0.0 }))
+                .collect();
+            let h_t = MatRef::new(&h, d.m, d.n);
+            let parallel = DeltaLinear {
+                insertion: Insertion::Parallel,
+                ..c.op
+            };
+            (
+                parallel,
+                h_t,
+                MatRef::new(&identity, d.n, d.n),
+                None,
+                Some(h_t),
+            )
+        } else {
+            (
+                c.op,
+                MatRef::with_ld(&self.x, d.m, d.k, d.ld_x),
+                MatRef::new(&self.w, d.n, d.k),
+                self.bias.as_deref(),
+                self.u
+                    .as_ref()
+                    .map(|u| MatRef::with_ld(u, d.m, d.k_u, d.ld_u)),
+            )
+        };
         let t = DeltaLinearTensors {
-            x: MatRef::with_ld(&self.x, d.m, d.k, d.ld_x),
-            w: MatRef::new(&self.w, d.n, d.k),
-            b: self.bias.as_deref(),
-            u: self
-                .u
-                .as_ref()
-                .map(|u| MatRef::with_ld(u, d.m, d.k_u, d.ld_u)),
+            x,
+            w,
+            b,
+            u,
             w_down: MatRef::new(&self.w_down, d.r, k_u),
             b_down: self.b_down.as_deref(),
             w_up: MatRef::new(&self.w_up, d.n, d.r),
             b_up: self.b_up.as_deref(),
             gate: gate.as_deref(),
         };
-        reference::delta_linear(&c.op, &t).expect("reference")
+        reference::delta_linear(&op, &t).expect("reference")
     }
 
     /// Runs the kernels into a poisoned y and workspace; returns y.
