@@ -1,7 +1,7 @@
 //! Planning of prefix attention (kernels/prefix_attention.cu): validation of every
 //! argument, the kernel for the dtype and head dim, the grid and shared memory.
 
-use super::{Buf, KernelParams, Launch};
+use super::{grid_for, Buf, KernelParams, Launch};
 use crate::error::{Error, Result};
 use crate::kernels::KernelId;
 use crate::prefix_attention::{
@@ -154,10 +154,6 @@ const WARP_ROWS: usize = 4;
 /// Sequence lengths and row widths the kernels index with 32-bit ints (with room for a
 /// tile, or a warp's stride over a row, past the end).
 const MAX_LEN: usize = 1 << 30;
-
-/// Grid limits (y and z) of every CUDA device; x is 2³¹ − 1.
-const MAX_GRID_YZ: usize = 65_535;
-const MAX_GRID_X: usize = (1 << 31) - 1;
 
 fn positive(arg: &'static str, v: usize) -> Result<usize> {
     if v == 0 {
@@ -360,8 +356,11 @@ pub fn prefix_attention(
     positive("dims.kv_heads", d.kv_heads)?;
     positive("dims.q_len", d.q_len)?;
     positive("dims.head_dim", d.head_dim)?;
-    at_most("dims.batch", d.batch, MAX_GRID_YZ, "the grid's z dimension")?;
-    at_most("dims.heads", d.heads, MAX_GRID_YZ, "the grid's y dimension")?;
+    let grid = grid_for([
+        ("dims.q_len", d.q_len, QUERY_ROWS),
+        ("dims.heads", d.heads, 1),
+        ("dims.batch", d.batch, 1),
+    ])?;
     at_most("dims.q_len", d.q_len, MAX_LEN, "32-bit positions")?;
     at_most("dims.kv_len", d.kv_len, MAX_LEN, "32-bit positions")?;
     at_most("dims.prefix_len", d.prefix_len, MAX_LEN, "32-bit positions")?;
@@ -430,11 +429,7 @@ pub fn prefix_attention(
 
     let launch = Launch {
         kernel,
-        grid: [
-            d.q_len.div_ceil(QUERY_ROWS) as u32,
-            d.heads as u32,
-            d.batch as u32,
-        ],
+        grid,
         block: [THREADS, 1, 1],
         dynamic_smem: smem,
     };
@@ -518,16 +513,9 @@ fn row_count(batch: usize, heads: usize, len: usize) -> Result<usize> {
 
 /// One warp per row, four rows per block.
 fn row_launch(kernel: KernelId, rows: usize) -> Result<Launch> {
-    let blocks = rows.div_ceil(WARP_ROWS);
-    at_most(
-        "rows",
-        blocks,
-        MAX_GRID_X,
-        "blocks of 4 rows in the grid's x dimension",
-    )?;
     Ok(Launch {
         kernel,
-        grid: [blocks as u32, 1, 1],
+        grid: grid_for([("dims.batch", rows, WARP_ROWS), ("", 1, 1), ("", 1, 1)])?,
         block: [THREADS, 1, 1],
         dynamic_smem: 0,
     })
