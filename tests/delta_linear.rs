@@ -867,3 +867,99 @@ on_every_backend!(
     lora_merge_and_unmerge,
     bad_arguments_name_the_argument,
 );
+
+/// The public GPU API on device buffers (cudarc slices, `&x` coercing to `DeviceRead`), not
+/// the host path's copies: a parallel adapter with a separate input, then a merge.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_api_on_device_buffers() {
+    let backend = Backend::cuda(0).expect("GPU tests need a CUDA device");
+    let Backend::Cuda(stream) = &backend else {
+        unreachable!("Backend::cuda gives a CUDA backend")
+    };
+    let mut rng = Rng::from_env();
+    let mut dims = DeltaLinearDims::new(37, 72, 64, 16);
+    (dims.k_u, dims.ld_u) = (40, 40);
+    let c = Case {
+        op: DeltaLinear::parallel_adapter(Activation::GeluTanh, 4.0),
+        dims,
+        bias: true,
+        down_bias: true,
+        up_bias: true,
+        separate_u: true,
+    };
+    let inputs = Inputs::<bf16>::new(&mut rng, &c);
+    let up = |v: &[bf16]| stream.clone_htod(v).unwrap();
+    let opt = |v: &Option<Vec<bf16>>| v.as_deref().map(up);
+    let (x, w, bias, u) = (
+        up(&inputs.x),
+        up(&inputs.w),
+        opt(&inputs.bias),
+        opt(&inputs.u),
+    );
+    let (w_down, b_down) = (up(&inputs.w_down), opt(&inputs.b_down));
+    let (w_up, b_up) = (up(&inputs.w_up), opt(&inputs.b_up));
+    let mut workspace = up(&poisoned::<bf16>(DeltaLinear::workspace_len(
+        dims.m, dims.r,
+    )));
+    let mut y = up(&poisoned::<bf16>(dims.m * dims.n));
+    peft_kernels::cuda::delta_linear(
+        stream,
+        &c.op,
+        &dims,
+        DeltaLinearArgs {
+            x: &x,
+            w: &w,
+            bias: bias.as_ref().map(|b| b as _),
+            u: u.as_ref().map(|b| b as _),
+            w_down: &w_down,
+            b_down: b_down.as_ref().map(|b| b as _),
+            w_up: &w_up,
+            b_up: b_up.as_ref().map(|b| b as _),
+            gate: None,
+            workspace: &mut workspace,
+            y: &mut y,
+        },
+    )
+    .unwrap();
+    let got = stream.clone_dtoh(&y).unwrap();
+    let name = format!("cuda::delta_linear (seed {})", rng.seed());
+    let layout = MatrixLayout::contiguous(dims.m, dims.n);
+    assert_close_matrix(
+        &name,
+        &got,
+        layout,
+        &inputs.reference(&c),
+        default_tolerance(peft_kernels::DType::BF16),
+    );
+
+    // Merge LoRA-style weights into W on the device and compare with the reference merge.
+    let (n, k, r) = (dims.n, dims.k, 8);
+    let a: Vec<bf16> = scaled(&mut rng, r * k, k);
+    let b: Vec<bf16> = scaled(&mut rng, n * r, r);
+    let (a_dev, b_dev) = (up(&a), up(&b));
+    let mut w_dev = up(&inputs.w);
+    let args = LoraMergeArgs {
+        w: &mut w_dev as _,
+        lora_a: &a_dev as _,
+        lora_b: &b_dev as _,
+    };
+    peft_kernels::cuda::lora_merge(stream, &LoraMergeDims { n, k, r }, 2.0, args).unwrap();
+    let merged = stream.clone_dtoh(&w_dev).unwrap();
+    let expected = reference::lora_merge(
+        MatRef::new(&inputs.w, n, k),
+        MatRef::new(&a, r, k),
+        MatRef::new(&b, n, r),
+        2.0,
+    )
+    .unwrap();
+    let layout = MatrixLayout::contiguous(n, k);
+    assert_close_matrix(
+        "cuda::lora_merge",
+        &merged,
+        layout,
+        &expected,
+        default_tolerance(peft_kernels::DType::BF16),
+    );
+}
