@@ -13,6 +13,32 @@ use crate::{Element, Result};
 /// `y = compose(x·Wᵀ + b, s·f(u·W_downᵀ + b_down)·W_upᵀ + b_up)` (see
 /// [`crate::delta_linear`]) queued on `stream`. Every argument is checked before anything
 /// is queued.
+///
+/// ```no_run
+/// use half::bf16;
+/// use peft_kernels::cuda;
+/// use peft_kernels::delta_linear::{DeltaLinear, DeltaLinearArgs, DeltaLinearDims};
+///
+/// // A LoRA layer (r = 16, α = 32) over 8 tokens of a 4096-wide projection, in bf16.
+/// let (m, n, k, r) = (8, 4096, 4096, 16);
+/// let stream = cuda::context(0)?.default_stream();
+/// let x = stream.alloc_zeros::<bf16>(m * k)?;
+/// let w = stream.alloc_zeros::<bf16>(n * k)?;
+/// let (lora_a, lora_b) = (stream.alloc_zeros::<bf16>(r * k)?, stream.alloc_zeros::<bf16>(n * r)?);
+/// let mut workspace = stream.alloc_zeros::<bf16>(DeltaLinear::workspace_len(m, r))?;
+/// let mut y = stream.alloc_zeros::<bf16>(m * n)?;
+/// cuda::delta_linear(
+///     &stream,
+///     &DeltaLinear::lora(32.0, r),
+///     &DeltaLinearDims::new(m, n, k, r),
+///     DeltaLinearArgs {
+///         x: &x, w: &w, bias: None, u: None,
+///         w_down: &lora_a, b_down: None, w_up: &lora_b, b_up: None, gate: None,
+///         workspace: &mut workspace, y: &mut y,
+///     },
+/// )?;
+/// # Ok::<(), peft_kernels::Error>(())
+/// ```
 pub fn delta_linear<'a, T: Element>(
     stream: &'a CudaStream,
     op: &DeltaLinear,
