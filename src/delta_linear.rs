@@ -36,7 +36,7 @@ pub enum KernelVariant {
 }
 
 /// One method of the unified view at a linear layer: the delta's insertion, functional form
-/// and composition (the reference, [`crate::reference::linear`], takes the same description).
+/// and composition (the reference, [`mod@crate::reference::linear`], takes the same description).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DeltaLinear {
     pub activation: Activation,
@@ -123,20 +123,20 @@ pub struct DeltaLinearArgs<R, W> {
     pub x: R,
     /// The frozen weight [n, k].
     pub w: R,
-    /// [n].
+    /// `[n]`.
     pub bias: Option<R>,
     /// A separate parallel delta input [m, k_u] (an FFN's parallel adapter reads the FFN's
     /// input); `None`: u = x (parallel) or u = h (sequential).
     pub u: Option<R>,
     /// W_down = LoRA A, [r, k_u] (k_u = n for sequential insertion).
     pub w_down: R,
-    /// [r].
+    /// `[r]`.
     pub b_down: Option<R>,
     /// W_up = LoRA B, [n, r].
     pub w_up: R,
-    /// [n].
+    /// `[n]`.
     pub b_up: Option<R>,
-    /// Per-row gate λ [m], only with `Composition::Gated`.
+    /// Per-row gate λ `[m]`, only with `Composition::Gated`.
     pub gate: Option<R>,
     /// Scratch of [`DeltaLinear::workspace_len`] elements.
     pub workspace: W,
@@ -202,7 +202,7 @@ pub struct DeltaApplyArgs<R, W> {
     pub w_up: R,
     /// [heads, head_dim].
     pub b_up: Option<R>,
-    /// Per-row gate λ [m], only with `Composition::Gated`.
+    /// Per-row gate λ `[m]`, only with `Composition::Gated`.
     pub gate: Option<R>,
     /// Scratch of [`DeltaApplyDims::workspace_len`] elements.
     pub workspace: W,
