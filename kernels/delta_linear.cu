@@ -101,24 +101,32 @@ PK_INLINE Operands<T> operands(const FusedLinearParams& p, int64_t b) {
             at(p.bias2, p.bs_bias2), static_cast<T*>(p.out) + b * p.bs_out};
 }
 
-// The row coefficient `which` for row m.
+// The coefficients of one row, computed once per row (a gated row reads its λ once).
+struct RowCoefs {
+    float main, bias2, out;
+};
+
 template <typename T>
-PK_INLINE float coef(const FusedLinearParams& p, int32_t which, int m) {
-    if (which == COEF_ONE) return 1.0f;
-    if (p.compose == COMPOSE_GATED) {
-        const float lambda = to_float(static_cast<const T*>(p.gate)[m]);
-        return which == COEF_H ? 1.0f - lambda : lambda;
+PK_INLINE RowCoefs row_coefs(const FusedLinearParams& p, int m) {
+    float h = 1.0f, d = p.compose == COMPOSE_SCALED ? p.scale : 1.0f;
+    // Only a pass that uses a coefficient has a gate (the frozen pass of a sequential delta
+    // has none).
+    const bool uses = p.c_main != COEF_ONE || p.c_bias2 != COEF_ONE || p.c_out != COEF_ONE;
+    if (p.compose == COMPOSE_GATED && uses) {
+        d = to_float(static_cast<const T*>(p.gate)[m]);
+        h = 1.0f - d;
     }
-    return which == COEF_D && p.compose == COMPOSE_SCALED ? p.scale : 1.0f;
+    auto pick = [h, d](int32_t which) { return which == COEF_H ? h : which == COEF_D ? d : 1.0f; };
+    return {pick(p.c_main), pick(p.c_bias2), pick(p.c_out)};
 }
 
 // The phase switch for element (m, n): scale the frozen part and add its bias and h_in.
 template <typename T>
 PK_INLINE float phase_switch(const FusedLinearParams& p, const Operands<T>& o, int m, int n,
-                             float acc) {
+                             const RowCoefs& c, float acc) {
     if (o.bias) acc += to_float(o.bias[n]);
     if (o.h_in) acc += to_float(o.h_in[m * p.ldh + n]);
-    return coef<T>(p, p.c_main, m) * acc;
+    return c.main * acc;
 }
 
 // The activation, out of line: the tensor-core epilogue is unrolled over every accumulator
@@ -131,11 +139,12 @@ __device__ __attribute__((noinline)) float activate_out_of_line(int32_t activati
 
 // The epilogue for element (m, n): second bias, activation, output coefficient, store.
 template <typename T>
-PK_INLINE void finish(const FusedLinearParams& p, const Operands<T>& o, int m, int n, float acc) {
-    if (o.bias2) acc += coef<T>(p, p.c_bias2, m) * to_float(o.bias2[n]);
+PK_INLINE void finish(const FusedLinearParams& p, const Operands<T>& o, int m, int n,
+                      const RowCoefs& c, float acc) {
+    if (o.bias2) acc += c.bias2 * to_float(o.bias2[n]);
     if (p.activation != static_cast<int32_t>(Activation::Identity))
         acc = activate_out_of_line(p.activation, acc);
-    o.out[m * p.ldo + n] = from_float<T>(coef<T>(p, p.c_out, m) * acc);
+    o.out[m * p.ldo + n] = from_float<T>(c.out * acc);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -150,10 +159,11 @@ PK_INLINE void fused_linear_naive(const FusedLinearParams& p) {
     float acc = 0.0f;
     for (int k = 0; k < p.k1; ++k)
         acc += to_float(o.a1[m * p.lda1 + k]) * to_float(o.b1[n * p.ldb1 + k]);
-    acc = phase_switch(p, o, m, n, acc);
+    const RowCoefs c = row_coefs<T>(p, m);
+    acc = phase_switch(p, o, m, n, c, acc);
     for (int k = 0; k < p.k2; ++k)
         acc += to_float(o.a2[m * p.lda2 + k]) * to_float(o.b2[n * p.ldb2 + k]);
-    finish(p, o, m, n, acc);
+    finish(p, o, m, n, c, acc);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -193,11 +203,15 @@ PK_INLINE void fused_linear_simt(const FusedLinearParams& p) {
     for (int kt = 0; kt < tiles1 + tiles2; ++kt) {
         if (kt == tiles1) {
             // Phase switch: rows/cols outside the output are never stored, skip them.
-            for (int i = 0; i < 4; ++i)
+            for (int i = 0; i < 4; ++i) {
+                const int m = m0 + ty + 16 * i;
+                if (m >= p.m) continue;
+                const RowCoefs c = row_coefs<T>(p, m);
                 for (int j = 0; j < 4; ++j) {
-                    const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
-                    if (m < p.m && n < p.n) acc[i][j] = phase_switch(p, o, m, n, acc[i][j]);
+                    const int n = n0 + tx + 16 * j;
+                    if (n < p.n) acc[i][j] = phase_switch(p, o, m, n, c, acc[i][j]);
                 }
+            }
         }
         const bool first = kt < tiles1;
         const int k0 = (first ? kt : kt - tiles1) * BK, k_lim = first ? p.k1 : p.k2;
@@ -213,13 +227,18 @@ PK_INLINE void fused_linear_simt(const FusedLinearParams& p) {
         }
         __syncthreads();
     }
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 4; ++i) {
+        const int m = m0 + ty + 16 * i;
+        if (m >= p.m) continue;
+        const RowCoefs c = row_coefs<T>(p, m);
         for (int j = 0; j < 4; ++j) {
-            const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
-            if (m >= p.m || n >= p.n) continue;
+            const int n = n0 + tx + 16 * j;
+            if (n >= p.n) continue;
             // Without a second phase the loop never reached the switch.
-            finish(p, o, m, n, tiles2 == 0 ? phase_switch(p, o, m, n, acc[i][j]) : acc[i][j]);
+            const float v = tiles2 == 0 ? phase_switch(p, o, m, n, c, acc[i][j]) : acc[i][j];
+            finish(p, o, m, n, c, v);
         }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -289,23 +308,29 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
         mma_load_tile<C, C::BN>(sb, first ? o.b1 : o.b2, first ? p.ldb1 : p.ldb2, n0, p.n, k0,
                                 k_lim);
     };
-    // Apply `fn(m, n, value)` to every accumulator element inside the output.
+    // Apply `fn(m, n, row coefficients, value)` to every accumulator element inside the
+    // output: element e of fragment (mi, ni) is row g (+8 for e ≥ 2), column 2t + (e & 1).
     auto for_each_acc = [&](auto fn) {
 #pragma unroll
         for (int mi = 0; mi < C::MI; ++mi)
 #pragma unroll
-            for (int ni = 0; ni < C::NI; ++ni)
+            for (int half = 0; half < 2; ++half) {
+                const int m = m0 + wm0 + mi * 16 + g + 8 * half;
+                if (m >= p.m) continue;
+                const RowCoefs c = row_coefs<T>(p, m);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int m = m0 + wm0 + mi * 16 + g + (e >= 2 ? 8 : 0);
-                    const int n = n0 + wn0 + ni * 8 + 2 * t + (e & 1);
-                    if (m < p.m && n < p.n) fn(m, n, acc[mi][ni][e]);
-                }
+                for (int ni = 0; ni < C::NI; ++ni)
+#pragma unroll
+                    for (int j = 0; j < 2; ++j) {
+                        const int n = n0 + wn0 + ni * 8 + 2 * t + j;
+                        if (n < p.n) fn(m, n, c, acc[mi][ni][2 * half + j]);
+                    }
+            }
     };
     // The phase switch is linear: every k-split scales its partial sum, one adds the terms.
     auto switch_phase = [&]() {
-        for_each_acc([&](int m, int n, float& v) {
-            v = wk == 0 ? phase_switch(p, o, m, n, v) : coef<T>(p, p.c_main, m) * v;
+        for_each_acc([&](int m, int n, const RowCoefs& c, float& v) {
+            v = wk == 0 ? phase_switch(p, o, m, n, c, v) : c.main * v;
         });
     };
 
@@ -369,7 +394,7 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
             for (int i = 0; i < ELEMS; ++i) (&acc[0][0][0])[i] += theirs[i * 32 + lane];
         }
     }
-    for_each_acc([&](int m, int n, float& v) { finish(p, o, m, n, v); });
+    for_each_acc([&](int m, int n, const RowCoefs& c, float& v) { finish(p, o, m, n, c, v); });
 }
 
 // ---------------------------------------------------------------------------------------------
