@@ -50,6 +50,13 @@ impl Gpu {
         let n = host.len();
         host.copy_from_slice(&bytes[..n]);
     }
+
+    /// [`Gpu::down`] for an optional output (LSE or λ) that was uploaded when asked for.
+    fn down_optional(&self, dev: &Option<(CudaSlice<u8>, usize)>, host: Option<&mut [f32]>) {
+        if let (Some((d, _)), Some(h)) = (dev, host) {
+            self.down(d, h);
+        }
+    }
 }
 
 /// A device byte buffer seen as `n` elements of `A`.
@@ -110,12 +117,8 @@ impl Backend for Gpu {
             )?;
         }
         self.down(&d_out, out);
-        if let (Some((d, _)), Some(h)) = (&d_lse, lse) {
-            self.down(d, h);
-        }
-        if let (Some((d, _)), Some(h)) = (&d_lambda, lambda) {
-            self.down(d, h);
-        }
+        self.down_optional(&d_lse, lse);
+        self.down_optional(&d_lambda, lambda);
         Ok(())
     }
 
@@ -196,12 +199,8 @@ impl Backend for Gpu {
             )?;
         }
         self.down(&d_out, out);
-        if let (Some((d, _)), Some(h)) = (&d_lse, lse) {
-            self.down(d, h);
-        }
-        if let (Some((d, _)), Some(h)) = (&d_lambda, lambda) {
-            self.down(d, h);
-        }
+        self.down_optional(&d_lse, lse);
+        self.down_optional(&d_lambda, lambda);
         Ok(())
     }
 
