@@ -26,9 +26,15 @@
 //                         with bounds checks: f32 (no TF32: the f32 contract is 1e-5) and
 //                         f16/bf16 operands that are not 16-byte aligned.
 //   fused_linear_mma_*    f16/bf16 tensor cores: ldmatrix + mma.sync.m16n8k16 (f32 accumulate)
-//                         fed by a cp.async multi-stage pipeline; needs 16-byte aligned bases
-//                         and leading dimensions that are multiples of 8 elements. Ragged
-//                         edges are zero-filled by cp.async's src-size.
+//                         fed by a cp.async multi-stage pipeline. An operand whose rows are
+//                         16-byte copyable (aligned base, leading dimension a multiple of 8
+//                         elements) is copied in 16-byte chunks, ragged edges zero-filled by
+//                         cp.async's src-size; any other operand element by element. The plan
+//                         sends a pass here when its frozen GEMM's operands are copyable, so
+//                         only the delta's few K steps can take the slow path: W_up [N, r] has
+//                         rows of r elements, unaligned for every rank that is not a multiple
+//                         of 8 (r = 4 is common), and that must not cost the frozen GEMM its
+//                         tensor cores.
 //   lora_merge_*          W ← W + sign·s·B·A in place (zero-overhead inference), SIMT tiles.
 //
 // Tile configurations of the mma kernel (chosen in src/plan/delta_linear.rs):
@@ -267,19 +273,35 @@ using MmaLarge = MmaConfig<128, 128, 32, 2, 4, 1, 4>;
 using MmaSmall = MmaConfig<16, 64, 64, 1, 4, 1, 4>;
 using MmaDecode = MmaConfig<16, 32, 128, 1, 1, 4, 4>;
 
-// Issue the cp.async loads of rows [r0, r0 + ROWS) × cols [k0, k0 + BK) of a row-major operand
-// into dst (pitch C::PITCH), 16 bytes per copy, zero-filling rows ≥ rows_lim and cols ≥ k_lim.
+// Whether the rows of an operand can be copied in 16-byte chunks: a 16-byte aligned base and a
+// leading dimension that is a multiple of 8 (2-byte) elements.
+template <typename T>
+PK_INLINE bool rows_copyable_16(const T* base, int64_t ld) {
+    static_assert(sizeof(T) == 2, "the tensor-core kernels take f16/bf16");
+    return reinterpret_cast<uintptr_t>(base) % 16 == 0 && ld % 8 == 0;
+}
+
+// Load rows [r0, r0 + ROWS) × cols [k0, k0 + BK) of a row-major operand into dst (pitch
+// C::PITCH), zero-filling rows ≥ rows_lim and cols ≥ k_lim. With `vec`, 16-byte cp.async
+// copies that land at the pipeline's next wait; without, plain loads and shared stores of one
+// element each (visible after the next barrier, which the pipeline has before any read).
 template <typename C, int ROWS, typename T>
-PK_INLINE void mma_load_tile(T* dst, const T* src, int64_t ld, int r0, int rows_lim, int k0,
-                             int k_lim) {
-    constexpr int CHUNKS = C::BK / 8;  // 16-byte chunks per row
+PK_INLINE void mma_load_tile(T* dst, const T* src, int64_t ld, bool vec, int r0, int rows_lim,
+                             int k0, int k_lim) {
+    constexpr int CHUNKS = C::BK / 8;  // 8-element (16-byte) chunks per row
     for (int i = threadIdx.x; i < ROWS * CHUNKS; i += C::THREADS) {
         const int row = i / CHUNKS, col = (i % CHUNKS) * 8;
         const int gr = r0 + row, gk = k0 + col;
         int valid = gr < rows_lim ? k_lim - gk : 0;
         valid = valid < 0 ? 0 : (valid > 8 ? 8 : valid);
         const T* g = valid > 0 ? src + gr * ld + gk : src;
-        cp_async_16_zfill(dst + row * C::PITCH + col, g, valid * 2);
+        T* s = dst + row * C::PITCH + col;
+        if (vec) {
+            cp_async_16_zfill(s, g, valid * 2);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) s[e] = e < valid ? g[e] : from_float<T>(0.0f);
+        }
     }
 }
 
@@ -303,10 +325,12 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
         T* sb = sa + C::BM * C::PITCH;
         const bool first = kt < tiles1;
         const int k0 = (first ? kt : kt - tiles1) * C::BK, k_lim = first ? p.k1 : p.k2;
-        mma_load_tile<C, C::BM>(sa, first ? o.a1 : o.a2, first ? p.lda1 : p.lda2, m0, p.m, k0,
-                                k_lim);
-        mma_load_tile<C, C::BN>(sb, first ? o.b1 : o.b2, first ? p.ldb1 : p.ldb2, n0, p.n, k0,
-                                k_lim);
+        const T* a = first ? o.a1 : o.a2;
+        const T* b = first ? o.b1 : o.b2;
+        const int64_t lda = first ? p.lda1 : p.lda2, ldb = first ? p.ldb1 : p.ldb2;
+        // Checked per tile, not kept in registers: the large tile has none to spare.
+        mma_load_tile<C, C::BM>(sa, a, lda, rows_copyable_16(a, lda), m0, p.m, k0, k_lim);
+        mma_load_tile<C, C::BN>(sb, b, ldb, rows_copyable_16(b, ldb), n0, p.n, k0, k_lim);
     };
     // Apply `fn(m, n, row coefficients, value)` to every accumulator element inside the
     // output: element e of fragment (mi, ni) is row g (+8 for e ≥ 2), column 2t + (e & 1).

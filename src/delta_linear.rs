@@ -24,14 +24,17 @@ use crate::spec::{Activation, Composition, Insertion};
 /// the others exist for tests and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KernelVariant {
-    /// Tensor cores for f16/bf16 with aligned operands, SIMT tiles otherwise.
+    /// Tensor cores for f16/bf16 when the frozen GEMM's operands (x and W, or u and W_down)
+    /// have 16-byte aligned rows, SIMT tiles otherwise. The delta's W_up [N, r] may have
+    /// any rank: its rows are loaded element by element when r is not a multiple of 8.
     #[default]
     Auto,
     /// One thread per output: the correctness and speed baseline.
     Naive,
     /// Shared-memory tiles on the CUDA cores (any dtype, any alignment).
     Simt,
-    /// mma.sync tensor cores; an error where the operands do not allow it.
+    /// mma.sync tensor cores on f16/bf16 of any alignment (unaligned operands are loaded
+    /// element by element, slowly); an `Unsupported` error for f32.
     TensorCore,
 }
 

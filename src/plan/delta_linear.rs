@@ -206,36 +206,38 @@ enum Kind {
     MmaLarge,
 }
 
-/// Every operand a pass reads with 16-byte vector copies: (base address, leading dimension,
-/// batch stride), all in elements of `dtype`.
+/// An operand of a pass's frozen GEMM (phase 1): (base address, leading dimension, batch
+/// stride), all in elements of `dtype`.
 type VecOperand = (u64, usize, usize);
 
-fn kind_for(
-    variant: KernelVariant,
-    dtype: DType,
-    m: usize,
-    operands: &[VecOperand],
-) -> Result<Kind> {
+/// `Auto` takes the tensor cores for f16/bf16 when the phase-1 operands can be copied in
+/// 16-byte chunks (aligned bases, strides multiples of 8 elements): the kernel loads any other
+/// operand element by element, which costs nothing on the delta's few K steps (W_up's rows
+/// of r elements are unaligned for most ranks) but would starve the frozen GEMM, so unaligned
+/// phase-1 operands go to the SIMT kernel. An explicit `TensorCore` runs on any alignment.
+fn kind_for(variant: KernelVariant, dtype: DType, m: usize, phase1: &[VecOperand]) -> Result<Kind> {
     let vec_ok = |&(addr, ld, bs): &VecOperand| {
         let per = 16 / dtype.size();
         addr % 16 == 0 && ld % per == 0 && bs % per == 0
     };
-    let mma_ok = dtype != DType::F32 && operands.iter().all(vec_ok);
     let mma = match m {
         ..=16 => Kind::MmaDecode,
         17..=64 => Kind::MmaSmall,
         _ => Kind::MmaLarge,
     };
-    match variant {
-        KernelVariant::Auto => Ok(if mma_ok { mma } else { Kind::Simt }),
-        KernelVariant::Naive => Ok(Kind::Naive),
-        KernelVariant::Simt => Ok(Kind::Simt),
-        KernelVariant::TensorCore if mma_ok => Ok(mma),
-        KernelVariant::TensorCore => Err(Error::Unsupported(format!(
-            "the tensor-core kernel needs f16/bf16 operands with 16-byte aligned bases and \
-             leading dimensions that are multiples of 8 elements (dtype {dtype})"
-        ))),
+    if variant == KernelVariant::TensorCore && dtype == DType::F32 {
+        return Err(Error::Unsupported(
+            "the tensor-core kernel takes f16/bf16 operands, not f32 (whose accuracy contract \
+             rules out TF32)"
+                .into(),
+        ));
     }
+    Ok(match variant {
+        KernelVariant::Auto if dtype != DType::F32 && phase1.iter().all(vec_ok) => mma,
+        KernelVariant::Auto | KernelVariant::Simt => Kind::Simt,
+        KernelVariant::Naive => Kind::Naive,
+        KernelVariant::TensorCore => mma,
+    })
 }
 
 /// The launch of a pass over `m` rows × `cols.1` columns (the argument `cols.0` sets) in
@@ -457,17 +459,17 @@ pub fn delta_linear(
     // The up-projection of t, with the frozen part (x·Wᵀ) when `frozen`, or h from y.
     let up = |frozen: bool| -> Result<(Launch, FusedLinearParams)> {
         let mut p = pass(composition, m, n, b.y.addr, d.ld_y);
-        let mut vec_operands = vec![(t, ldt, 0), (b.w_up.addr, d.r, 0)];
-        if frozen {
+        let phase1: &[VecOperand] = if frozen {
             set_frozen(&mut p);
-            vec_operands.extend(frozen_operands);
+            &frozen_operands
         } else {
             (p.h_in, p.ldh) = (b.y.addr, d.ld_y as i64);
-        }
+            &[]
+        };
         (p.a2, p.lda2, p.b2, p.ldb2, p.k2) = (t, ldt as i64, b.w_up.addr, d.r as i64, r);
         (p.bias2, p.gate) = (addr(b.b_up), gate);
         (p.c_main, p.c_bias2, p.c_out) = (COEF_H, COEF_D, COEF_ONE);
-        let kind = kind_for(d.kernel, dtype, d.m, &vec_operands)?;
+        let kind = kind_for(d.kernel, dtype, d.m, phase1)?;
         Ok((launch_for(kind, dtype, d.m, ("dims.n", d.n), 1)?, p))
     };
     match op.insertion {
@@ -599,12 +601,8 @@ pub fn delta_apply(
     (up.bias2, up.bs_bias2) = (addr(b.b_up), d.head_dim as i64);
     (up.k2, up.bs_out, up.gate) = (r, d.head_dim as i64, gate);
     (up.c_main, up.c_bias2, up.c_out) = (COEF_H, COEF_D, COEF_ONE);
-    let kind = kind_for(
-        d.kernel,
-        dtype,
-        d.m,
-        &[(t, ldt, rs), (b.w_up.addr, d.r, d.head_dim * d.r)],
-    )?;
+    // No phase 1: the pass reads h per element and runs the r steps of the up-projection.
+    let kind = kind_for(d.kernel, dtype, d.m, &[])?;
     let up = (
         launch_for(kind, dtype, d.m, ("dims.head_dim", d.head_dim), d.heads)?,
         up,
