@@ -265,3 +265,26 @@ PK_INLINE void cp_async_wait_all() {
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 #endif
 }
+
+// ---------------------------------------------------------------------------------------
+// Programmatic dependent launch (sm_90). A kernel launched with programmatic stream
+// serialization (`Launch::overlap_previous`, src/cuda/mod.rs) may start while the kernel
+// before it on the stream still runs. grid_dependency_wait() holds the calling thread until
+// that kernel has completed and its memory operations are visible: a thread calls it before
+// reading anything the previous kernel writes and before writing anything it reads.
+// allow_dependent_launch() lets such a next kernel start once every block of this one has
+// called it (or exited). Both are no-ops in a kernel not launched that way, and compiled out
+// below sm_90 (the host launches normally there: src/cuda/mod.rs) and in the emulator, which
+// runs launches one after another.
+
+PK_INLINE void grid_dependency_wait() {
+#if !defined(PK_EMULATOR) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+PK_INLINE void allow_dependent_launch() {
+#if !defined(PK_EMULATOR) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}

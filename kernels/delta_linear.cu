@@ -14,7 +14,10 @@
 //     down:  t = c_d(m) · f(u·W_downᵀ + b_down)              (A1 = u, B1 = W_down, c_out = c_d)
 //     main:  y = c_h(m)·(x·Wᵀ + b) + t·W_upᵀ + c_d(m)·b_up    (A1 = x, B1 = W, A2 = t, B2 = W_up)
 // so the delta is K2 = r more steps of the frozen GEMM's K loop (insight 1 of UNIFIED-VIEW.md)
-// and y is written exactly once. A sequential delta (u = h) needs the whole row of h first:
+// and y is written exactly once. On sm_90 the main pass is a programmatic dependent launch:
+// its blocks start while the down pass runs, stream W through phase 1, and wait for t only at
+// the first phase-2 tile (grid_dependency_wait, arch.cuh), so at decode the down pass hides
+// under the weight stream instead of adding its latency and a launch gap. A sequential delta (u = h) needs the whole row of h first:
 //     h = x·Wᵀ + b → y;  t = c_d·f(y·W_downᵀ + b_down);  y = c_h·y + t·W_upᵀ + c_d·b_up (in place,
 // each element read and written by the same thread). `h_in` also lets a caller add a delta to an
 // h it computed itself, and the batch index (grid.z) with per-operand batch strides runs the
@@ -158,6 +161,8 @@ PK_INLINE void finish(const FusedLinearParams& p, const Operands<T>& o, int m, i
 
 template <typename T>
 PK_INLINE void fused_linear_naive(const FusedLinearParams& p) {
+    allow_dependent_launch();
+    grid_dependency_wait();  // the baselines take no part in the overlap: wait at once
     const int n = blockIdx.x * blockDim.x + threadIdx.x;
     const int m = blockIdx.y * blockDim.y + threadIdx.y;
     if (m >= p.m || n >= p.n) return;
@@ -200,6 +205,8 @@ PK_INLINE void fused_linear_simt(const FusedLinearParams& p) {
     // +4 keeps rows 16-byte aligned while shifting banks between k rows.
     __shared__ float As[BK][BM + 4];
     __shared__ float Bs[BK][BN + 4];
+    allow_dependent_launch();
+    grid_dependency_wait();  // the baselines take no part in the overlap: wait at once
     const Operands<T> o = operands<T>(p, blockIdx.z);
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -308,6 +315,7 @@ PK_INLINE void mma_load_tile(T* dst, const T* src, int64_t ld, bool vec, int r0,
 template <typename T, typename C>
 PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
     PK_DYNAMIC_SMEM(unsigned char, smem_raw);
+    allow_dependent_launch();
     T* smem = reinterpret_cast<T*>(smem_raw);
     const Operands<T> o = operands<T>(p, blockIdx.z);
     const int m0 = blockIdx.y * C::BM, n0 = blockIdx.x * C::BN;
@@ -328,6 +336,8 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
         const T* a = first ? o.a1 : o.a2;
         const T* b = first ? o.b1 : o.b2;
         const int64_t lda = first ? p.lda1 : p.lda2, ldb = first ? p.ldb1 : p.ldb2;
+        // Phase 2 reads t, which the previous launch (the down pass) writes.
+        if (kt == tiles1) grid_dependency_wait();
         // Checked per tile, not kept in registers: the large tile has none to spare.
         mma_load_tile<C, C::BM>(sa, a, lda, rows_copyable_16(a, lda), m0, p.m, k0, k_lim);
         mma_load_tile<C, C::BN>(sb, b, ldb, rows_copyable_16(b, ldb), n0, p.n, k0, k_lim);
@@ -398,6 +408,9 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
         }
     }
     cp_async_wait_all();
+    // Without a phase 2 nothing above waited; and y, written below, may be what the previous
+    // launch reads (a sequential delta's down pass reads h in y).
+    grid_dependency_wait();
     if (tiles == tiles1) switch_phase();
     if constexpr (C::WARPS_K > 1) {
         // Sum the k-splits: warps wk > 0 park their fragments in the (now idle) pipeline

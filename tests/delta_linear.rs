@@ -834,6 +834,68 @@ fn the_planner_refuses_overflowing_sizes() {
 }
 
 #[cfg(feature = "emulator")]
+/// Only an up-projection pass, right after the down pass that writes its t, may overlap the
+/// launch before it (kernels/delta_linear.cu waits for t at its first phase-2 tile); the
+/// frozen pass and the down pass never do: they read what the caller's earlier work wrote.
+#[test]
+fn only_the_up_projection_overlaps_the_down_pass() {
+    use peft_kernels::plan::delta_linear::{
+        delta_apply, delta_linear, DeltaApplyBufs, DeltaLinearBufs,
+    };
+    use peft_kernels::plan::Buf;
+    use peft_kernels::DType;
+
+    let buf = |len| Buf { addr: 4096, len };
+    let overlaps = |steps: Vec<(peft_kernels::plan::Launch, _)>| -> Vec<bool> {
+        steps.iter().map(|(l, _)| l.overlap_previous).collect()
+    };
+    let (m, n, k, r) = (5, 24, 40, 4);
+    let bufs = DeltaLinearBufs {
+        x: buf(m * k),
+        w: buf(n * k),
+        bias: None,
+        u: None,
+        w_down: buf(r * k),
+        b_down: None,
+        w_up: buf(n * r),
+        b_up: None,
+        gate: None,
+        workspace: buf(DeltaLinear::workspace_len(m, r)),
+        y: buf(m * n),
+    };
+    let dims = DeltaLinearDims::new(m, n, k, r);
+    for kernel in [
+        KernelVariant::Auto,
+        KernelVariant::Naive,
+        KernelVariant::Simt,
+    ] {
+        let dims = DeltaLinearDims { kernel, ..dims };
+        for (insertion, expected) in [
+            (Insertion::Parallel, vec![false, true]),
+            (Insertion::Sequential, vec![false, false, true]),
+        ] {
+            let op = DeltaLinear::new(insertion, Activation::Relu, Composition::Add);
+            let steps = delta_linear(&op, &dims, DType::BF16, &bufs).unwrap();
+            assert_eq!(overlaps(steps), expected, "{insertion:?} {kernel:?}");
+        }
+    }
+    let dims = DeltaApplyDims::new(m, 3, 8, 8, r);
+    let bufs = DeltaApplyBufs {
+        h: None,
+        u: Some(buf(m * 24)),
+        w_down: buf(3 * r * 8),
+        b_down: None,
+        w_up: buf(24 * r),
+        b_up: None,
+        gate: None,
+        workspace: buf(dims.workspace_len()),
+        y: buf(m * 24),
+    };
+    let op = DeltaLinear::new(Insertion::Parallel, Activation::Relu, Composition::Add);
+    let steps = delta_apply(&op, &dims, DType::BF16, &bufs).unwrap();
+    assert_eq!(overlaps(steps), [false, true]);
+}
+
 #[test]
 fn params_match_the_kernels_structs() {
     unsafe extern "C" {

@@ -468,6 +468,7 @@ fn a_fault_in_a_kernel_is_reported_before_the_process_dies() {
             grid: [2, 1, 1],
             block: [32, 1, 1],
             dynamic_smem: 0,
+            overlap_previous: false,
         };
         // Thread (0,0,0) of block (0,0,0) runs first and stores to address 8.
         let params = selftest::ThreadIndexParams { coords: 8, n: 64 };
@@ -494,6 +495,7 @@ fn reading_past_dynamic_shared_memory_faults() {
             block: [32, 1, 1],
             // One float short: thread 0 probes buf[32], at byte 128.
             dynamic_smem: 128,
+            overlap_previous: false,
         };
         let params = selftest::ReverseParams {
             x: x.as_ptr() as u64,

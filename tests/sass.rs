@@ -1,7 +1,8 @@
 //! The machine code of the delta-linear kernels, read from the crate's embedded sm_80 and
 //! sm_90 cubins with `cuobjdump -sass`: the tensor-core kernels issue HMMA (fed by LDSM,
 //! ldmatrix, and LDGSTS, cp.async), the SIMT kernels issue none, and the hot tensor-core
-//! kernels touch no local memory (no STL/LDL: neither a register spill nor a stack array).
+//! kernels touch no local memory (no STL/LDL: neither a register spill nor a stack array),
+//! and on sm_90 the fused-linear kernels hold the dependent-launch wait they promise.
 //! ptxas's report, which the build checks, says how much local memory a kernel has; only
 //! the disassembly says which instructions nvcc actually chose.
 //!
@@ -205,6 +206,34 @@ fn tensor_core_kernels_use_no_local_memory() {
                 assert_eq!(n, 0, "{image:?} {name}: {n} {local} (local memory)");
             }
         }
+    }
+}
+
+/// The up-projection passes are programmatic dependent launches on sm_90 (src/cuda/mod.rs
+/// launches them so only from the sm_90 cubin): every fused-linear kernel there waits for
+/// the previous grid (griddepcontrol.wait, SASS ACQBULK) and lets the next one start
+/// (griddepcontrol.launch_dependents, PREEXIT); the sm_80 code has neither.
+#[test]
+fn fused_linear_kernels_take_part_in_dependent_launches_on_sm_90_only() {
+    for image in IMAGES {
+        let fused = disassembly(image)
+            .iter()
+            .filter(|(name, _)| name.starts_with("fused_linear_"));
+        let mut kernels = 0;
+        for (name, instructions) in fused {
+            kernels += 1;
+            for mnemonic in ["ACQBULK", "PREEXIT"] {
+                let n = count(instructions, mnemonic);
+                match image {
+                    Image::Sm90 => assert!(n > 0, "{image:?} {name}: no {mnemonic}"),
+                    _ => assert_eq!(n, 0, "{image:?} {name}: {n} {mnemonic}"),
+                }
+            }
+        }
+        assert!(
+            kernels >= 9,
+            "{image:?}: only {kernels} fused_linear kernels"
+        );
     }
 }
 

@@ -86,6 +86,7 @@ fn bias_activation_launch(dtype: DType, rows: usize, cols: usize) -> Launch {
         grid: [blocks as u32, 1, 1],
         block: [ELEMENTWISE_THREADS as u32, 1, 1],
         dynamic_smem: 0,
+        overlap_previous: false,
     }
 }
 

@@ -6,6 +6,12 @@
 //! with `cuda` also runs on a machine without a driver, where [`is_available`] is false
 //! and [`context`] returns [`Error::NoDevice`].
 //!
+//! A plan's step marked [`Launch::overlap_previous`] is a programmatic dependent launch
+//! where the kernel came from the sm_90 cubin (the only image whose kernels hold the wait it
+//! needs): it may start while the step before it runs. `PEFT_KERNELS_NO_OVERLAP` (any value,
+//! read once) launches every step in plain stream order instead, to measure what the
+//! overlap gains or to rule it out.
+//!
 //! A launch takes the kernel's parameter block, whose pointers are device addresses.
 //! [`Buffers`] hands them out from cudarc buffers and keeps cudarc's stream ordering:
 //!
@@ -24,13 +30,14 @@ mod prefix_attention;
 pub use delta_linear::*;
 pub use prefix_attention::*;
 
-use std::sync::Arc;
+use std::ffi::c_void;
+use std::sync::{Arc, LazyLock};
 
 pub use cudarc;
-use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::sys::{self, CUfunction_attribute, CUlaunchAttributeID};
 use cudarc::driver::{
-    CudaContext, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError, LaunchConfig,
-    PushKernelArg, SyncOnDrop,
+    CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError,
+    LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 pub use modules::{cubin, Image};
 
@@ -87,7 +94,7 @@ pub unsafe fn launch<P: KernelParams>(
     params: &P,
 ) -> Result<()> {
     let ctx = stream.context();
-    let f = modules::function(ctx, launch.kernel)?;
+    let (f, image) = modules::function(ctx, launch.kernel)?;
     let failed = |e: DriverError| Error::Cuda(format!("launching `{}`: {e}", launch.kernel.name()));
     if launch.dynamic_smem > DEFAULT_DYNAMIC_SMEM_LIMIT {
         ctx.bind_to_thread().map_err(failed)?;
@@ -103,12 +110,66 @@ pub unsafe fn launch<P: KernelParams>(
         shared_mem_bytes: launch.dynamic_smem,
     };
     let arg = ByValue(*params);
+    if launch.overlap_previous && image == Image::Sm90 && !*NO_OVERLAP {
+        // SAFETY: as below; the plan set `overlap_previous` only for a kernel that waits
+        // for the previous launch before touching what it writes or reads.
+        unsafe { launch_overlapping(stream, &f, config, &arg) }.map_err(failed)?;
+        return Ok(());
+    }
     let mut builder = stream.launch_builder(&f);
     builder.arg(&arg);
     // SAFETY: the caller's contract; the kernel's one parameter is a `P` (ByValue is
     // transparent), copied by cuLaunchKernel before it returns.
     unsafe { builder.launch(config) }.map_err(failed)?;
     Ok(())
+}
+
+/// `PEFT_KERNELS_NO_OVERLAP` is set: no programmatic dependent launches.
+static NO_OVERLAP: LazyLock<bool> =
+    LazyLock::new(|| std::env::var_os("PEFT_KERNELS_NO_OVERLAP").is_some());
+
+/// cuLaunchKernelEx with programmatic stream serialization: the kernel may start once every
+/// block of the previous kernel on the stream has started or exited (cudarc's launch
+/// builder has no launch attributes).
+///
+/// # Safety
+/// As for [`launch`], and the kernel must call `grid_dependency_wait` before it touches
+/// memory the previous kernel writes, or writes memory it reads.
+unsafe fn launch_overlapping<P: KernelParams>(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    config: LaunchConfig,
+    arg: &ByValue<P>,
+) -> std::result::Result<(), DriverError> {
+    stream.context().bind_to_thread()?;
+    // SAFETY: a C union of plain data; all zeros is a valid value of every member.
+    let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attribute.id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attribute.value.programmaticStreamSerializationAllowed = 1;
+    let ex = sys::CUlaunchConfig {
+        gridDimX: config.grid_dim.0,
+        gridDimY: config.grid_dim.1,
+        gridDimZ: config.grid_dim.2,
+        blockDimX: config.block_dim.0,
+        blockDimY: config.block_dim.1,
+        blockDimZ: config.block_dim.2,
+        sharedMemBytes: config.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attribute,
+        numAttrs: 1,
+    };
+    // The kernel's one argument, by address; the driver copies it before returning.
+    let mut args = [arg as *const ByValue<P> as *mut c_void];
+    // SAFETY: `ex` and `args` outlive the call; the caller's contract covers the kernel.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &ex,
+            f.cu_function(),
+            args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
 }
 
 /// A parameter block as cudarc's kernel argument: cuLaunchKernel copies its bytes.

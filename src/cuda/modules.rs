@@ -51,14 +51,15 @@ impl Image {
 /// another context; loaded modules stay for the life of the process, like a cuBLAS handle.
 #[derive(Default)]
 struct Cache {
-    modules: HashMap<(usize, Module), Arc<CudaModule>>,
-    functions: HashMap<(usize, KernelId), CudaFunction>,
+    modules: HashMap<(usize, Module), (Arc<CudaModule>, Image)>,
+    functions: HashMap<(usize, KernelId), (CudaFunction, Image)>,
 }
 
 static CACHE: LazyLock<RwLock<Cache>> = LazyLock::new(Default::default);
 
-/// The kernel's function in `ctx`, loading its module on first use.
-pub(crate) fn function(ctx: &Arc<CudaContext>, kernel: KernelId) -> Result<CudaFunction> {
+/// The kernel's function in `ctx`, loading its module on first use, and the image it came
+/// from.
+pub(crate) fn function(ctx: &Arc<CudaContext>, kernel: KernelId) -> Result<(CudaFunction, Image)> {
     let handle = ctx.cu_ctx() as usize;
     let cached = CACHE.read().unwrap_or_else(PoisonError::into_inner);
     if let Some(f) = cached.functions.get(&(handle, kernel)) {
@@ -67,15 +68,15 @@ pub(crate) fn function(ctx: &Arc<CudaContext>, kernel: KernelId) -> Result<CudaF
     drop(cached);
 
     let mut cache = CACHE.write().unwrap_or_else(PoisonError::into_inner);
-    let module = match cache.modules.entry((handle, kernel.module())) {
+    let (module, image) = match cache.modules.entry((handle, kernel.module())) {
         Entry::Occupied(e) => e.get().clone(),
         Entry::Vacant(e) => e.insert(load(ctx, kernel.module())?).clone(),
     };
     let f = module
         .load_function(kernel.name())
         .map_err(|e| Error::Cuda(format!("kernel `{}` not found: {e}", kernel.name())))?;
-    cache.functions.insert((handle, kernel), f.clone());
-    Ok(f)
+    cache.functions.insert((handle, kernel), (f.clone(), image));
+    Ok((f, image))
 }
 
 /// The cubin nvcc built from `kernels/<module>.cu` for `image`'s architecture (None for
@@ -97,7 +98,7 @@ fn images(module: Module) -> Result<&'static ModuleImages> {
         .ok_or_else(|| Error::Cuda(format!("kernels/{}.cu was not built", module.stem())))
 }
 
-fn load(ctx: &Arc<CudaContext>, module: Module) -> Result<Arc<CudaModule>> {
+fn load(ctx: &Arc<CudaContext>, module: Module) -> Result<(Arc<CudaModule>, Image)> {
     let images = images(module)?;
     let (major, minor) = ctx.compute_capability()?;
     let image = Image::for_compute_capability((major, minor)).ok_or_else(|| {
@@ -115,13 +116,14 @@ fn load(ctx: &Arc<CudaContext>, module: Module) -> Result<Arc<CudaModule>> {
         Image::Sm90 => Ptx::from_binary(images.sm_90.to_vec()),
         Image::Ptx => Ptx::from_src(images.ptx),
     };
-    ctx.load_module(ptx).map_err(|e| {
+    let loaded = ctx.load_module(ptx).map_err(|e| {
         Error::Cuda(format!(
             "loading kernels/{}.cu ({image:?} built by nvcc {NVCC_VERSION}) on a device of \
              compute capability {major}.{minor}: {e}",
             module.stem()
         ))
-    })
+    })?;
+    Ok((loaded, image))
 }
 
 #[cfg(test)]

@@ -331,7 +331,18 @@ fn launch_for(
         ])?,
         block,
         dynamic_smem: smem,
+        overlap_previous: false,
     })
+}
+
+/// The launch of an up-projection pass, which always follows the down pass that writes its t:
+/// it may start early and stream its phase 1 (the frozen GEMM) while the down pass runs,
+/// waiting for t at its first phase-2 tile (see kernels/delta_linear.cu).
+fn overlapping(launch: Launch) -> Launch {
+    Launch {
+        overlap_previous: true,
+        ..launch
+    }
 }
 
 /// The leading dimension of the workspace t = [rows, r]: r rounded up to 8 elements so that
@@ -470,7 +481,10 @@ pub fn delta_linear(
         (p.bias2, p.gate) = (addr(b.b_up), gate);
         (p.c_main, p.c_bias2, p.c_out) = (COEF_H, COEF_D, COEF_ONE);
         let kind = kind_for(d.kernel, dtype, d.m, phase1)?;
-        Ok((launch_for(kind, dtype, d.m, ("dims.n", d.n), 1)?, p))
+        Ok((
+            overlapping(launch_for(kind, dtype, d.m, ("dims.n", d.n), 1)?),
+            p,
+        ))
     };
     match op.insertion {
         Insertion::Parallel => Ok(vec![down, up(true)?]),
@@ -604,7 +618,13 @@ pub fn delta_apply(
     // No phase 1: the pass reads h per element and runs the r steps of the up-projection.
     let kind = kind_for(d.kernel, dtype, d.m, &[])?;
     let up = (
-        launch_for(kind, dtype, d.m, ("dims.head_dim", d.head_dim), d.heads)?,
+        overlapping(launch_for(
+            kind,
+            dtype,
+            d.m,
+            ("dims.head_dim", d.head_dim),
+            d.heads,
+        )?),
         up,
     );
     Ok(vec![down, up])
@@ -637,6 +657,7 @@ pub fn lora_merge(
         grid: grid_for([("dims.k", k, 64), ("dims.n", n, 64), ("batch", 1, 1)])?,
         block: [256, 1, 1],
         dynamic_smem: 0,
+        overlap_previous: false,
     };
     let p = LoraMergeParams {
         w: b.w.addr,

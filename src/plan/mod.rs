@@ -16,6 +16,12 @@ pub struct Launch {
     pub block: [u32; 3],
     /// Dynamic shared memory in bytes.
     pub dynamic_smem: u32,
+    /// The kernel may start while the previous launch on the stream still runs (a
+    /// programmatic dependent launch, sm_90 cubins only): it calls `grid_dependency_wait`
+    /// (kernels/arch.cuh) before it reads what that launch writes or writes what it reads.
+    /// Only a plan sets it, for a step whose kernel does so and whose previous step is its
+    /// own; the emulator runs launches in order and ignores it.
+    pub overlap_previous: bool,
 }
 
 /// A kernel's parameter block: a `#[repr(C)]` struct passed by value as the kernel's only

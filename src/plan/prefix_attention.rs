@@ -432,6 +432,7 @@ pub fn prefix_attention(
         grid,
         block: [THREADS, 1, 1],
         dynamic_smem: smem,
+        overlap_previous: false,
     };
     let params = PrefixAttentionParams {
         q: b.q.addr,
@@ -518,6 +519,7 @@ fn row_launch(kernel: KernelId, rows: usize) -> Result<Launch> {
         grid: grid_for([("dims.batch", rows, WARP_ROWS), ("", 1, 1), ("", 1, 1)])?,
         block: [THREADS, 1, 1],
         dynamic_smem: 0,
+        overlap_previous: false,
     })
 }
 

@@ -231,6 +231,7 @@ fn gemm_geometry(kernel: KernelId, gemm: &MmaGemm) -> Result<Launch> {
         ],
         block: [GEMM_THREADS, 1, 1],
         dynamic_smem: 0,
+        overlap_previous: false,
     })
 }
 
@@ -589,6 +590,7 @@ pub fn reductions(x: &[f32], block: [u32; 3]) -> Result<Reductions> {
         grid: [count("x", blocks)?, 1, 1],
         block,
         dynamic_smem: 0,
+        overlap_previous: false,
     };
     // SAFETY: x holds blocks · threads elements, one per thread; the outputs one per warp
     // and per block.

@@ -126,6 +126,7 @@ fn launch_1d(kernel: KernelId, n: usize, block: u32, dynamic_smem: u32) -> Resul
         grid: [blocks, 1, 1],
         block: [block, 1, 1],
         dynamic_smem,
+        overlap_previous: false,
     })
 }
 
@@ -221,6 +222,7 @@ fn sgemm(
         grid: [params.n.div_ceil(TILE), params.m.div_ceil(TILE), 1],
         block: [16, 16, 1],
         dynamic_smem: 0,
+        overlap_previous: false,
     };
     // SAFETY: the buffers hold m·k, k·n and m·n elements, the kernel's whole footprint.
     unsafe { emulator::launch(&launch, &params) }
@@ -352,6 +354,7 @@ pub fn thread_index(grid: [u32; 3], block: [u32; 3], dynamic_smem: u32) -> Resul
         grid,
         block,
         dynamic_smem,
+        overlap_previous: false,
     };
     // SAFETY: coords has 6 u32 per thread of the launch; the kernel writes 6 per thread
     // with a global index below n.
