@@ -51,7 +51,10 @@
 //   small:  BM=16 BN=64 BK=64, 4 warps as 1×4 (warp tile 16×16), 4 stages, 45 KiB smem.
 //           16 < M ≤ 64 is still memory-bound on W: a 16-row tile wastes MMA work nobody
 //           misses, and BN=64 gives N/64 blocks each streaming 64 rows of W with 10 KiB of
-//           loads (8 KiB of W) per stage.
+//           loads (8 KiB of W) per stage. It also takes any M when N ≤ 64 (the down pass's
+//           r columns, a head's slice): the large tile would compute mostly padding there
+//           and give the pass ceil(M/128) blocks; 16-row tiles give ceil(M/16), reading
+//           the small W from L2 again for each and u from memory once.
 //   Shared-memory rows are padded by 8 elements (pitch BK+8): the 8 row addresses of one
 //   ldmatrix phase then fall into 8 distinct 4-bank groups (pitch 80, 144 or 272 B), so the
 //   fragment loads are conflict-free without a swizzle.

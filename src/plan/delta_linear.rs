@@ -215,14 +215,22 @@ type VecOperand = (u64, usize, usize);
 /// operand element by element, which costs nothing on the delta's few K steps (W_up's rows
 /// of r elements are unaligned for most ranks) but would starve the frozen GEMM, so unaligned
 /// phase-1 operands go to the SIMT kernel. An explicit `TensorCore` runs on any alignment.
-fn kind_for(variant: KernelVariant, dtype: DType, m: usize, phase1: &[VecOperand]) -> Result<Kind> {
+fn kind_for(
+    variant: KernelVariant,
+    dtype: DType,
+    (m, n): (usize, usize),
+    phase1: &[VecOperand],
+) -> Result<Kind> {
     let vec_ok = |&(addr, ld, bs): &VecOperand| {
         let per = 16 / dtype.size();
         addr % 16 == 0 && ld % per == 0 && bs % per == 0
     };
-    let mma = match m {
-        ..=16 => Kind::MmaDecode,
-        17..=64 => Kind::MmaSmall,
+    // A narrow output (the down pass's r columns, a head's slice) takes the small tile at
+    // any m: the large tile's 128 columns would leave most of its MMA work padding and give
+    // the pass ceil(m/128) blocks, 32 for m = 4096 and r = 16, a quarter of an H100.
+    let mma = match (m, n) {
+        (..=16, _) => Kind::MmaDecode,
+        (..=64, _) | (_, ..=64) => Kind::MmaSmall,
         _ => Kind::MmaLarge,
     };
     if variant == KernelVariant::TensorCore && dtype == DType::F32 {
@@ -456,7 +464,7 @@ pub fn delta_linear(
         let kind = kind_for(
             d.kernel,
             dtype,
-            d.m,
+            (d.m, d.r),
             &[(u_addr, ld_u, 0), (b.w_down.addr, k_u, 0)],
         )?;
         (launch_for(kind, dtype, d.m, ("dims.r", d.r), 1)?, p)
@@ -480,7 +488,7 @@ pub fn delta_linear(
         (p.a2, p.lda2, p.b2, p.ldb2, p.k2) = (t, ldt as i64, b.w_up.addr, d.r as i64, r);
         (p.bias2, p.gate) = (addr(b.b_up), gate);
         (p.c_main, p.c_bias2, p.c_out) = (COEF_H, COEF_D, COEF_ONE);
-        let kind = kind_for(d.kernel, dtype, d.m, phase1)?;
+        let kind = kind_for(d.kernel, dtype, (d.m, d.n), phase1)?;
         Ok((
             overlapping(launch_for(kind, dtype, d.m, ("dims.n", d.n), 1)?),
             p,
@@ -492,7 +500,7 @@ pub fn delta_linear(
             let mut p = pass(composition, m, n, b.y.addr, d.ld_y);
             set_frozen(&mut p);
             (p.c_main, p.c_out) = (COEF_ONE, COEF_ONE);
-            let kind = kind_for(d.kernel, dtype, d.m, &frozen_operands)?;
+            let kind = kind_for(d.kernel, dtype, (d.m, d.n), &frozen_operands)?;
             let frozen = (launch_for(kind, dtype, d.m, ("dims.n", d.n), 1)?, p);
             Ok(vec![frozen, down, up(false)?])
         }
@@ -599,7 +607,7 @@ pub fn delta_apply(
     let kind = kind_for(
         d.kernel,
         dtype,
-        d.m,
+        (d.m, d.r),
         &[(u_addr, ld_u, du), (b.w_down.addr, du, d.r * du)],
     )?;
     let down = (
@@ -616,7 +624,7 @@ pub fn delta_apply(
     (up.k2, up.bs_out, up.gate) = (r, d.head_dim as i64, gate);
     (up.c_main, up.c_bias2, up.c_out) = (COEF_H, COEF_D, COEF_ONE);
     // No phase 1: the pass reads h per element and runs the r steps of the up-projection.
-    let kind = kind_for(d.kernel, dtype, d.m, &[])?;
+    let kind = kind_for(d.kernel, dtype, (d.m, d.head_dim), &[])?;
     let up = (
         overlapping(launch_for(
             kind,
