@@ -159,6 +159,26 @@ PK_INLINE void finish(const FusedLinearParams& p, const Operands<T>& o, int m, i
     o.out[m * p.ldo + n] = from_float<T>(c.out * acc);
 }
 
+// finish() for the elements (m, n) and (m, n + 1), n even, with one 4-byte load of the bias and
+// one 4-byte store: the caller checked that y's rows and bias2 are 4-byte aligned.
+template <typename T>
+PK_INLINE void finish_pair(const FusedLinearParams& p, const Operands<T>& o, int m, int n,
+                           const RowCoefs& c, float v0, float v1) {
+    if (o.bias2) {
+        const Vec<T, 2> b = load_vec<T, 2>(o.bias2 + n);
+        v0 += c.bias2 * to_float(b.v[0]);
+        v1 += c.bias2 * to_float(b.v[1]);
+    }
+    if (p.activation != static_cast<int32_t>(Activation::Identity)) {
+        v0 = activate_out_of_line(p.activation, v0);
+        v1 = activate_out_of_line(p.activation, v1);
+    }
+    Vec<T, 2> y;
+    y.v[0] = from_float<T>(c.out * v0);
+    y.v[1] = from_float<T>(c.out * v1);
+    store_vec(o.out + m * p.ldo + n, y);
+}
+
 // ---------------------------------------------------------------------------------------------
 // v1: naive. grid (ceil(N/16), ceil(M/16), batch), block 16×16; thread (x, y) owns y[m, n].
 
@@ -345,9 +365,10 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
         mma_load_tile<C, C::BM>(sa, a, lda, rows_copyable_16(a, lda), m0, p.m, k0, k_lim);
         mma_load_tile<C, C::BN>(sb, b, ldb, rows_copyable_16(b, ldb), n0, p.n, k0, k_lim);
     };
-    // Apply `fn(m, n, row coefficients, value)` to every accumulator element inside the
-    // output: element e of fragment (mi, ni) is row g (+8 for e ≥ 2), column 2t + (e & 1).
-    auto for_each_acc = [&](auto fn) {
+    // Apply `fn(m, n, row coefficients, v0, v1)` to every pair of accumulator elements that
+    // starts inside the output: elements 2·half and 2·half + 1 of fragment (mi, ni) are row
+    // g (+8 for half 1), columns n = 2t and n + 1 (which may be past the output's last).
+    auto for_each_pair = [&](auto fn) {
 #pragma unroll
         for (int mi = 0; mi < C::MI; ++mi)
 #pragma unroll
@@ -356,18 +377,18 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
                 if (m >= p.m) continue;
                 const RowCoefs c = row_coefs<T>(p, m);
 #pragma unroll
-                for (int ni = 0; ni < C::NI; ++ni)
-#pragma unroll
-                    for (int j = 0; j < 2; ++j) {
-                        const int n = n0 + wn0 + ni * 8 + 2 * t + j;
-                        if (n < p.n) fn(m, n, c, acc[mi][ni][2 * half + j]);
-                    }
+                for (int ni = 0; ni < C::NI; ++ni) {
+                    const int n = n0 + wn0 + ni * 8 + 2 * t;
+                    float* v = &acc[mi][ni][2 * half];
+                    if (n < p.n) fn(m, n, c, v[0], v[1]);
+                }
             }
     };
     // The phase switch is linear: every k-split scales its partial sum, one adds the terms.
     auto switch_phase = [&]() {
-        for_each_acc([&](int m, int n, const RowCoefs& c, float& v) {
-            v = wk == 0 ? phase_switch(p, o, m, n, c, v) : c.main * v;
+        for_each_pair([&](int m, int n, const RowCoefs& c, float& v0, float& v1) {
+            v0 = wk == 0 ? phase_switch(p, o, m, n, c, v0) : c.main * v0;
+            if (n + 1 < p.n) v1 = wk == 0 ? phase_switch(p, o, m, n + 1, c, v1) : c.main * v1;
         });
     };
 
@@ -434,7 +455,17 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
             for (int i = 0; i < ELEMS; ++i) (&acc[0][0][0])[i] += theirs[i * 32 + lane];
         }
     }
-    for_each_acc([&](int m, int n, const RowCoefs& c, float& v) { finish(p, o, m, n, c, v); });
+    // A pair (n is even) is one 4-byte store where y's rows and b_up are 4-byte aligned.
+    const bool pairs = reinterpret_cast<uintptr_t>(o.out) % 4 == 0 && p.ldo % 2 == 0 &&
+                       reinterpret_cast<uintptr_t>(o.bias2) % 4 == 0;
+    for_each_pair([&](int m, int n, const RowCoefs& c, float& v0, float& v1) {
+        if (pairs && n + 1 < p.n) {
+            finish_pair(p, o, m, n, c, v0, v1);
+        } else {
+            finish(p, o, m, n, c, v0);
+            if (n + 1 < p.n) finish(p, o, m, n + 1, c, v1);
+        }
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
