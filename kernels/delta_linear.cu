@@ -17,7 +17,8 @@
 // and y is written exactly once. On sm_90 the main pass is a programmatic dependent launch:
 // its blocks start while the down pass runs, stream W through phase 1, and wait for t only at
 // the first phase-2 tile (grid_dependency_wait, arch.cuh), so at decode the down pass hides
-// under the weight stream instead of adding its latency and a launch gap. A sequential delta (u = h) needs the whole row of h first:
+// under the weight stream instead of adding its latency and a launch gap.
+// A sequential delta (u = h) needs the whole row of h first:
 //     h = x·Wᵀ + b → y;  t = c_d·f(y·W_downᵀ + b_down);  y = c_h·y + t·W_upᵀ + c_d·b_up (in place,
 // each element read and written by the same thread). `h_in` also lets a caller add a delta to an
 // h it computed itself, and the batch index (grid.z) with per-operand batch strides runs the
@@ -47,7 +48,12 @@
 //   decode: BM=16 BN=32 BK=128, 4 warps splitting K (each a 16×32 tile over 32 of the 128 k
 //           columns), 4 stages, 51 KiB smem; partial sums reduced through shared memory.
 //           M ≤ 16 is pure weight streaming: N/32 blocks (128 for N = 4096, about one per
-//           SM of an H100) each keep three stages of 8 KiB of W in flight.
+//           SM of an H100) each keep three stages of 8 KiB of W in flight. A down pass has
+//           only ceil(r/32) column tiles (one for r = 16: one SM streaming all of W_down),
+//           so the plan splits its K into up to 32 runs of k-tiles, aiming at ~128 blocks,
+//           each storing raw f32 sums to the workspace; fused_linear_split_reduce adds the
+//           runs and applies bias, activation and scale (a dependent launch on sm_90, like
+//           the up-projection after it).
 //   small:  BM=16 BN=64 BK=64, 4 warps as 1×4 (warp tile 16×16), 4 stages, 45 KiB smem.
 //           16 < M ≤ 64 is still memory-bound on W: a 16-row tile wastes MMA work nobody
 //           misses, and BN=64 gives N/64 blocks each streaming 64 rows of W with 10 KiB of
@@ -80,9 +86,11 @@ struct FusedLinearParams {
     const void* bias2;
     const void* gate;
     void* out;
-    int64_t lda1, ldb1, ldh, lda2, ldb2, ldo;
+    float* partial;  // split-K partial sums, f32 [k_splits][m][ldp] (see fused_linear_mma)
+    int64_t lda1, ldb1, ldh, lda2, ldb2, ldo, ldp;
     int64_t bs_a1, bs_b1, bs_bias, bs_h, bs_a2, bs_b2, bs_bias2, bs_out;
     int32_t m, n, k1, k2;
+    int32_t k_splits;  // > 1: phase 1 split over blocks (k2 = 0, one batch entry)
     int32_t activation;  // Activation, as src/spec.rs numbers it
     int32_t compose;     // Compose
     int32_t c_main, c_bias2, c_out;  // Coef
@@ -283,9 +291,11 @@ PK_INLINE void fused_linear_simt(const FusedLinearParams& p) {
 // wk takes k columns [wk·BK/WARPS_K, (wk + 1)·BK/WARPS_K)) and their partial accumulators are
 // summed through shared memory at the end: decode's split over K, without a second pass.
 
-template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int WARPS_K_, int STAGES_>
+template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int WARPS_K_, int STAGES_,
+          bool SPLIT_K_ = false>
 struct MmaConfig {
     static constexpr int BM = BM_, BN = BN_, BK = BK_, STAGES = STAGES_;
+    static constexpr bool SPLIT_K = SPLIT_K_;  // honours p.k_splits (else the code is absent)
     static constexpr int WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, WARPS_K = WARPS_K_;
     static constexpr int WARPS_MN = WARPS_M * WARPS_N;
     static constexpr int THREADS = 32 * WARPS_MN * WARPS_K;
@@ -301,7 +311,7 @@ struct MmaConfig {
 };
 using MmaLarge = MmaConfig<128, 128, 32, 2, 4, 1, 4>;
 using MmaSmall = MmaConfig<16, 64, 64, 1, 4, 1, 4>;
-using MmaDecode = MmaConfig<16, 32, 128, 1, 1, 4, 4>;
+using MmaDecode = MmaConfig<16, 32, 128, 1, 1, 4, 4, true>;
 
 // Whether the rows of an operand can be copied in 16-byte chunks: a 16-byte aligned base and a
 // leading dimension that is a multiple of 8 (2-byte) elements.
@@ -341,21 +351,34 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
     allow_dependent_launch();
     T* smem = reinterpret_cast<T*>(smem_raw);
     const Operands<T> o = operands<T>(p, blockIdx.z);
-    const int m0 = blockIdx.y * C::BM, n0 = blockIdx.x * C::BN;
+    // Split-K over blocks (p.k_splits > 1, the decode tile only): block x computes column
+    // tile x mod n_tiles over run x / n_tiles of phase 1's k-tiles and stores raw f32 sums
+    // in p.partial; fused_linear_split_reduce adds the runs and finishes.
+    const bool split = C::SPLIT_K && p.k_splits > 1;
+    const int n_tiles = ceil_div(p.n, C::BN);
+    int n_tile = blockIdx.x, k_tile0 = 0, tiles1 = ceil_div(p.k1, C::BK);
+    if (split) {
+        const int per = ceil_div(tiles1, p.k_splits);
+        n_tile = blockIdx.x % n_tiles;
+        k_tile0 = blockIdx.x / n_tiles * per;
+        tiles1 = max(0, min(per, tiles1 - k_tile0));
+    }
+    const int m0 = blockIdx.y * C::BM, n0 = n_tile * C::BN;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int wk = warp / C::WARPS_MN, wmn = warp % C::WARPS_MN;
     const int wm0 = (wmn / C::WARPS_N) * C::WM, wn0 = (wmn % C::WARPS_N) * C::WN;
     const int g = lane / 4, t = lane % 4;  // mma fragment coordinates
 
     float acc[C::MI][C::NI][4] = {};
-    const int tiles1 = ceil_div(p.k1, C::BK), tiles2 = ceil_div(p.k2, C::BK);
+    const int tiles2 = ceil_div(p.k2, C::BK);
     const int tiles = tiles1 + tiles2;
 
     auto load = [&](int kt) {
         T* sa = smem + (kt % C::STAGES) * C::STAGE_ELEMS;
         T* sb = sa + C::BM * C::PITCH;
         const bool first = kt < tiles1;
-        const int k0 = (first ? kt : kt - tiles1) * C::BK, k_lim = first ? p.k1 : p.k2;
+        const int k0 = (first ? k_tile0 + kt : kt - tiles1) * C::BK;
+        const int k_lim = first ? p.k1 : p.k2;
         const T* a = first ? o.a1 : o.a2;
         const T* b = first ? o.b1 : o.b2;
         const int64_t lda = first ? p.lda1 : p.lda2, ldb = first ? p.ldb1 : p.ldb2;
@@ -435,7 +458,7 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
     // Without a phase 2 nothing above waited; and y, written below, may be what the previous
     // launch reads (a sequential delta's down pass reads h in y).
     grid_dependency_wait();
-    if (tiles == tiles1) switch_phase();
+    if (tiles == tiles1 && !split) switch_phase();
     if constexpr (C::WARPS_K > 1) {
         // Sum the k-splits: warps wk > 0 park their fragments in the (now idle) pipeline
         // memory, laid out [wk − 1][wmn][fragment element][lane] so stores are conflict-free.
@@ -455,6 +478,15 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
             for (int i = 0; i < ELEMS; ++i) (&acc[0][0][0])[i] += theirs[i * 32 + lane];
         }
     }
+    if (split) {
+        // Raw sums of this run of k-tiles: the reduction adds the runs, then switches phase.
+        float* run = p.partial + int64_t(blockIdx.x / n_tiles) * p.m * p.ldp;
+        for_each_pair([&](int m, int n, const RowCoefs&, float& v0, float& v1) {
+            run[m * p.ldp + n] = v0;
+            if (n + 1 < p.n) run[m * p.ldp + n + 1] = v1;
+        });
+        return;
+    }
     // A pair (n is even) is one 4-byte store where y's rows and b_up are 4-byte aligned.
     const bool pairs = reinterpret_cast<uintptr_t>(o.out) % 4 == 0 && p.ldo % 2 == 0 &&
                        reinterpret_cast<uintptr_t>(o.bias2) % 4 == 0;
@@ -466,6 +498,22 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
             if (n + 1 < p.n) finish(p, o, m, n + 1, c, v1);
         }
     });
+}
+
+// The split-K reduction: out[m, n] = finish(phase_switch(Σ_s partial[s][m][n])), the runs added
+// in split order. grid (ceil(N/128), M), block 128. Launched right after the split pass, as a
+// dependent launch on sm_90 (it waits before reading the partial sums).
+template <typename T>
+PK_INLINE void fused_linear_split_reduce(const FusedLinearParams& p) {
+    allow_dependent_launch();
+    grid_dependency_wait();
+    const int n = blockIdx.x * blockDim.x + threadIdx.x, m = blockIdx.y;
+    if (n >= p.n || m >= p.m) return;
+    float acc = 0.0f;
+    for (int s = 0; s < p.k_splits; ++s) acc += p.partial[(int64_t(s) * p.m + m) * p.ldp + n];
+    const Operands<T> o = operands<T>(p, 0);
+    const RowCoefs c = row_coefs<T>(p, m);
+    finish(p, o, m, n, c, phase_switch(p, o, m, n, c, acc));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -535,6 +583,8 @@ PK_KERNEL_BOUNDS(fused_linear_mma_small_f16, (fused_linear_mma<__half, MmaSmall>
 PK_KERNEL_BOUNDS(fused_linear_mma_small_bf16, (fused_linear_mma<__nv_bfloat16, MmaSmall>), FusedLinearParams, 128, 4)
 PK_KERNEL_BOUNDS(fused_linear_mma_decode_f16, (fused_linear_mma<__half, MmaDecode>), FusedLinearParams, 128, 4)
 PK_KERNEL_BOUNDS(fused_linear_mma_decode_bf16, (fused_linear_mma<__nv_bfloat16, MmaDecode>), FusedLinearParams, 128, 4)
+PK_KERNEL_BOUNDS(fused_linear_split_reduce_f16, fused_linear_split_reduce<__half>, FusedLinearParams, 128, 8)
+PK_KERNEL_BOUNDS(fused_linear_split_reduce_bf16, fused_linear_split_reduce<__nv_bfloat16>, FusedLinearParams, 128, 8)
 PK_KERNEL_BOUNDS(lora_merge_f32, lora_merge<float>, LoraMergeParams, 256, 2)
 PK_KERNEL_BOUNDS(lora_merge_f16, lora_merge<__half>, LoraMergeParams, 256, 2)
 PK_KERNEL_BOUNDS(lora_merge_bf16, lora_merge<__nv_bfloat16>, LoraMergeParams, 256, 2)

@@ -16,7 +16,9 @@
 //! between the frozen pass and the delta), as a framework's bf16 tensor h would be; a
 //! parallel delta never rounds h.
 
-use crate::plan::delta_linear::{workspace_ld, DeltaApplyBufs, DeltaLinearBufs, LoraMergeBufs};
+use crate::plan::delta_linear::{
+    workspace_layout, workspace_ld, DeltaApplyBufs, DeltaLinearBufs, LoraMergeBufs,
+};
 use crate::plan::BufSource;
 use crate::spec::{Activation, Composition, Insertion};
 
@@ -72,10 +74,12 @@ impl DeltaLinear {
             composition,
         }
     }
-    /// Elements the `workspace` of [`DeltaLinearArgs`] must hold for `m` rows and rank `r`
-    /// (the bottleneck activations, rows padded to 8 elements).
+    /// Elements the `workspace` of [`DeltaLinearArgs`] must hold for `m` rows and rank `r`:
+    /// the bottleneck activations (rows padded to 8 elements) and, for decode (m ≤ 16),
+    /// room for the f32 partial sums of a down pass whose K is split over blocks (up to 32
+    /// copies of the activations). Saturates at `usize::MAX`.
     pub fn workspace_len(m: usize, r: usize) -> usize {
-        m * workspace_ld(r)
+        workspace_layout(m, r).1
     }
 }
 

@@ -144,6 +144,8 @@ kernel_table! {
         fused_linear_mma_small_bf16,
         fused_linear_mma_decode_f16,
         fused_linear_mma_decode_bf16,
+        fused_linear_split_reduce_f16,
+        fused_linear_split_reduce_bf16,
         fused_linear_mma_large_f16,
         fused_linear_mma_large_bf16,
         lora_merge_f32,

@@ -361,6 +361,74 @@ fn tensor_cores_on_unaligned_operands(backend: &Backend) {
     ));
 }
 
+/// Decode (m ≤ 16) splits the down pass's K over blocks and adds the runs in a second
+/// kernel; the plan must take that path for each shape here (a step more than unsplit).
+/// The delta is scaled up so that an error in t is not lost in h.
+fn decode_down_pass_split_over_k(backend: &Backend) {
+    use peft_kernels::plan::delta_linear::{delta_linear, DeltaLinearBufs};
+    use peft_kernels::plan::Buf;
+    use peft_kernels::DType;
+
+    let mut rng = Rng::from_env();
+    // (m, n, k, r): 32 runs of one k-tile; 8 runs; 5 runs of a 520-column K; 2 runs.
+    let shapes = [
+        (1, 40, 4096, 16),
+        (3, 24, 1000, 33),
+        (16, 64, 520, 1),
+        (7, 16, 136, 200),
+    ];
+    for (m, n, k, r) in shapes {
+        for insertion in [Insertion::Parallel, Insertion::Sequential] {
+            for kernel in [KernelVariant::Auto, KernelVariant::TensorCore] {
+                // A sequential delta reads h: K of its down pass is n.
+                let n = if insertion == Insertion::Sequential {
+                    k
+                } else {
+                    n
+                };
+                let mut dims = DeltaLinearDims::new(m, n, k, r);
+                dims.kernel = kernel;
+                let op = DeltaLinear::new(
+                    insertion,
+                    rng.pick(&Activation::ALL),
+                    Composition::Scaled(rng.pick(&[-8.0, 6.0])),
+                );
+                let buf = |len| Buf { addr: 4096, len };
+                let bufs = DeltaLinearBufs {
+                    x: buf(m * k),
+                    w: buf(n * k),
+                    bias: None,
+                    u: None,
+                    w_down: buf(r * k),
+                    b_down: None,
+                    w_up: buf(n * r),
+                    b_up: None,
+                    gate: None,
+                    workspace: buf(DeltaLinear::workspace_len(m, r)),
+                    y: buf(m * n),
+                };
+                let steps = delta_linear(&op, &dims, DType::BF16, &bufs).unwrap().len();
+                let unsplit = if insertion == Insertion::Parallel {
+                    2
+                } else {
+                    3
+                };
+                assert_eq!(steps, unsplit + 1, "{insertion:?} {dims:?}: no split");
+                let c = Case {
+                    op,
+                    dims,
+                    bias: rng.chance(0.5),
+                    down_bias: rng.chance(0.5),
+                    up_bias: rng.chance(0.5),
+                    separate_u: false,
+                };
+                check::<f16>(&mut rng, &c, backend);
+                check::<bf16>(&mut rng, &c, backend);
+            }
+        }
+    }
+}
+
 fn multi_head_case<T: Element>(
     backend: &Backend,
     rng: &mut Rng,
@@ -943,6 +1011,7 @@ on_every_backend!(
     awkward_shapes,
     strides_and_separate_input,
     tensor_cores_on_unaligned_operands,
+    decode_down_pass_split_over_k,
     delta_apply_per_head,
     gated_delta_apply,
     delta_apply_bad_arguments,

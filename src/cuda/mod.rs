@@ -87,7 +87,10 @@ fn device_count() -> Result<usize> {
 /// `params` must be the parameter block of `launch.kernel`, and every device address in it
 /// must point to memory of the stream's context that holds every element the kernel
 /// touches for the shape in `params`, readable (and writable for outputs) until the kernel
-/// completes. [`Buffers`] gives addresses that are ordered on the stream.
+/// completes. [`Buffers`] gives addresses that are ordered on the stream. With
+/// [`Launch::overlap_previous`], the kernel may start before the previous operation on the
+/// stream completes: that operation must be the plan's step before this one (launched
+/// right before it, nothing queued in between), whose writes the kernel waits for.
 pub unsafe fn launch<P: KernelParams>(
     stream: &CudaStream,
     launch: &Launch,
@@ -129,8 +132,9 @@ static NO_OVERLAP: LazyLock<bool> =
     LazyLock::new(|| std::env::var_os("PEFT_KERNELS_NO_OVERLAP").is_some());
 
 /// cuLaunchKernelEx with programmatic stream serialization: the kernel may start once every
-/// block of the previous kernel on the stream has started or exited (cudarc's launch
-/// builder has no launch attributes).
+/// block of the previous kernel on the stream has executed `allow_dependent_launch`
+/// (kernels/arch.cuh; the fused-linear kernels do so on entry) or exited. cudarc's launch
+/// builder has no launch attributes.
 ///
 /// # Safety
 /// As for [`launch`], and the kernel must call `grid_dependency_wait` before it touches

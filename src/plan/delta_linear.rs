@@ -22,12 +22,14 @@ pub struct FusedLinearParams {
     pub bias2: u64,
     pub gate: u64,
     pub out: u64,
+    pub partial: u64,
     pub lda1: i64,
     pub ldb1: i64,
     pub ldh: i64,
     pub lda2: i64,
     pub ldb2: i64,
     pub ldo: i64,
+    pub ldp: i64,
     pub bs_a1: i64,
     pub bs_b1: i64,
     pub bs_bias: i64,
@@ -40,6 +42,7 @@ pub struct FusedLinearParams {
     pub n: i32,
     pub k1: i32,
     pub k2: i32,
+    pub k_splits: i32,
     pub activation: i32,
     pub compose: i32,
     pub c_main: i32,
@@ -204,6 +207,8 @@ enum Kind {
     MmaDecode,
     MmaSmall,
     MmaLarge,
+    /// The reduction after a split-K decode pass (one thread per output).
+    SplitReduce,
 }
 
 /// An operand of a pass's frozen GEMM (phase 1): (base address, leading dimension, batch
@@ -229,7 +234,7 @@ fn kind_for(
     // any m: the large tile's 128 columns would leave most of its MMA work padding and give
     // the pass ceil(m/128) blocks, 32 for m = 4096 and r = 16, a quarter of an H100.
     let mma = match (m, n) {
-        (..=16, _) => Kind::MmaDecode,
+        (..=DECODE_ROWS, _) => Kind::MmaDecode,
         (..=64, _) | (_, ..=64) => Kind::MmaSmall,
         _ => Kind::MmaLarge,
     };
@@ -249,13 +254,15 @@ fn kind_for(
 }
 
 /// The launch of a pass over `m` rows × `cols.1` columns (the argument `cols.0` sets) in
-/// `batch` = `dims.heads` problems.
+/// `batch` = `dims.heads` problems, its K split over `splits` runs of blocks (1: no split;
+/// more only for the decode tile, see [`decode_splits`]).
 fn launch_for(
     kind: Kind,
     dtype: DType,
     m: usize,
     cols: (&'static str, usize),
     batch: usize,
+    splits: usize,
 ) -> Result<Launch> {
     use KernelId::*;
     // (kernel per dtype f32/f16/bf16, BM, BN, threads, dynamic shared memory): the tile
@@ -316,6 +323,17 @@ fn launch_for(
             256,
             4 * (128 + 128) * (32 + 8) * 2,
         ),
+        Kind::SplitReduce => (
+            [
+                None,
+                Some(fused_linear_split_reduce_f16),
+                Some(fused_linear_split_reduce_bf16),
+            ],
+            1,
+            128,
+            128,
+            0,
+        ),
     };
     let index = match dtype {
         DType::F32 => 0,
@@ -330,13 +348,16 @@ fn launch_for(
     } else {
         [threads, 1, 1]
     };
+    let mut grid = grid_for([
+        (cols.0, cols.1, bn),
+        ("dims.m", m, bm),
+        ("dims.heads", batch, 1),
+    ])?;
+    // Column tile x of run s is block s·tiles + x (at most MAX_K_SPLITS · tiles ≤ 2^31).
+    grid[0] *= splits as u32;
     Ok(Launch {
         kernel,
-        grid: grid_for([
-            (cols.0, cols.1, bn),
-            ("dims.m", m, bm),
-            ("dims.heads", batch, 1),
-        ])?,
+        grid,
         block,
         dynamic_smem: smem,
         overlap_previous: false,
@@ -359,6 +380,43 @@ pub(crate) fn workspace_ld(r: usize) -> usize {
     r.div_ceil(8) * 8
 }
 
+/// Passes of at most this many rows take the decode tile (kernels/delta_linear.cu, MmaDecode:
+/// BM = 16, BN = 32, BK = 128): weight streaming, where a narrow down pass splits its K.
+const DECODE_ROWS: usize = 16;
+const DECODE_BN: usize = 32;
+const DECODE_BK: usize = 128;
+/// The most runs a split-K down pass has; the workspace holds as many f32 copies of t.
+const MAX_K_SPLITS: usize = 32;
+/// The blocks a split pass aims at: about one per SM of the largest GPUs (132 on an H100).
+const SPLIT_TARGET_BLOCKS: usize = 128;
+
+/// delta_linear's workspace for `m` rows and rank `r`, in elements of a 2-byte dtype: t
+/// [m, workspace_ld(r)] first; for decode (m ≤ 16) then, 16-byte aligned, the f32 partial
+/// sums of a split down pass, [MAX_K_SPLITS][m][workspace_ld(r)] (only f16/bf16 split, so
+/// two elements hold one f32; an f32 workspace has room to spare). Returns (offset of the
+/// partial sums, total length), saturating where the sizes pass usize.
+pub(crate) fn workspace_layout(m: usize, r: usize) -> (usize, usize) {
+    let t = m.saturating_mul(workspace_ld(r));
+    if m > DECODE_ROWS {
+        return (t, t);
+    }
+    let offset = t.next_multiple_of(8);
+    (offset, offset + 2 * MAX_K_SPLITS * t)
+}
+
+/// The runs a decode pass over `n` columns splits its `k` columns into: enough that the pass
+/// has about [`SPLIT_TARGET_BLOCKS`] blocks (a down pass of rank 16 has one column tile, so one
+/// block streaming all of W_down at one SM's bandwidth), each run at least one k-tile. 1: no
+/// split.
+fn decode_splits(k: usize, n: usize) -> usize {
+    let k_tiles = k.div_ceil(DECODE_BK);
+    let want = SPLIT_TARGET_BLOCKS
+        .div_ceil(n.div_ceil(DECODE_BN))
+        .clamp(1, MAX_K_SPLITS)
+        .min(k_tiles);
+    k_tiles.div_ceil(k_tiles.div_ceil(want))
+}
+
 /// One fused-linear pass with every operand absent: callers fill what they use.
 /// `composition` is [`composition_code`]'s encoding.
 fn pass(composition: (i32, f32), m: i32, n: i32, out: u64, ldo: usize) -> FusedLinearParams {
@@ -368,6 +426,7 @@ fn pass(composition: (i32, f32), m: i32, n: i32, out: u64, ldo: usize) -> FusedL
         ldo: ldo as i64,
         m,
         n,
+        k_splits: 1,
         compose,
         scale,
         activation: Activation::Identity as i32,
@@ -433,7 +492,8 @@ pub fn delta_linear(
     check_vector("b_up", b.b_up, d.n)?;
     check_gate(b.gate, op.composition, d.m)?;
     let ldt = workspace_ld(d.r);
-    check_vector("workspace", Some(b.workspace), d.m * ldt)?;
+    let (partial_offset, workspace_len) = workspace_layout(d.m, d.r);
+    check_vector("workspace", Some(b.workspace), workspace_len)?;
     check_matrix(
         "y",
         b.y,
@@ -467,7 +527,21 @@ pub fn delta_linear(
             (d.m, d.r),
             &[(u_addr, ld_u, 0), (b.w_down.addr, k_u, 0)],
         )?;
-        (launch_for(kind, dtype, d.m, ("dims.r", d.r), 1)?, p)
+        // A decode pass over r columns has ceil(r/32) blocks; split its K when the partial
+        // sums' f32 slabs are aligned (a workspace from cudarc always is).
+        let partial = b.workspace.addr + (partial_offset * dtype.size()) as u64;
+        let splits = match kind {
+            Kind::MmaDecode if partial % 4 == 0 => decode_splits(k_u, d.r),
+            _ => 1,
+        };
+        let pass = launch_for(kind, dtype, d.m, ("dims.r", d.r), 1, splits)?;
+        if splits == 1 {
+            vec![(pass, p)]
+        } else {
+            (p.partial, p.ldp, p.k_splits) = (partial, ldt as i64, splits as i32);
+            let reduce = launch_for(Kind::SplitReduce, dtype, d.m, ("dims.r", d.r), 1, 1)?;
+            vec![(pass, p), (overlapping(reduce), p)]
+        }
     };
     // Phase 1 as the frozen GEMM x·Wᵀ + b, and the operands it reads with vector copies.
     let frozen_operands = [(b.x.addr, d.ld_x, 0), (b.w.addr, d.k, 0)];
@@ -490,19 +564,19 @@ pub fn delta_linear(
         (p.c_main, p.c_bias2, p.c_out) = (COEF_H, COEF_D, COEF_ONE);
         let kind = kind_for(d.kernel, dtype, (d.m, d.n), phase1)?;
         Ok((
-            overlapping(launch_for(kind, dtype, d.m, ("dims.n", d.n), 1)?),
+            overlapping(launch_for(kind, dtype, d.m, ("dims.n", d.n), 1, 1)?),
             p,
         ))
     };
     match op.insertion {
-        Insertion::Parallel => Ok(vec![down, up(true)?]),
+        Insertion::Parallel => Ok([down, vec![up(true)?]].concat()),
         Insertion::Sequential => {
             let mut p = pass(composition, m, n, b.y.addr, d.ld_y);
             set_frozen(&mut p);
             (p.c_main, p.c_out) = (COEF_ONE, COEF_ONE);
             let kind = kind_for(d.kernel, dtype, (d.m, d.n), &frozen_operands)?;
-            let frozen = (launch_for(kind, dtype, d.m, ("dims.n", d.n), 1)?, p);
-            Ok(vec![frozen, down, up(false)?])
+            let frozen = (launch_for(kind, dtype, d.m, ("dims.n", d.n), 1, 1)?, p);
+            Ok([vec![frozen], down, vec![up(false)?]].concat())
         }
     }
 }
@@ -611,7 +685,7 @@ pub fn delta_apply(
         &[(u_addr, ld_u, du), (b.w_down.addr, du, d.r * du)],
     )?;
     let down = (
-        launch_for(kind, dtype, d.m, ("dims.r", d.r), d.heads)?,
+        launch_for(kind, dtype, d.m, ("dims.r", d.r), d.heads, 1)?,
         down,
     );
 
@@ -632,6 +706,7 @@ pub fn delta_apply(
             d.m,
             ("dims.head_dim", d.head_dim),
             d.heads,
+            1,
         )?),
         up,
     );
