@@ -17,6 +17,10 @@
 #   bench:NAME   each criterion bench binary (--bench); the time left is shared among them
 #   sanitize     only with PEFT_GPU_CHECK_SANITIZE=1: compute-sanitizer memcheck over the
 #                GPU tests
+#   profile:CASE only with PEFT_GPU_CHECK_PROFILE=1 (best in a second call, with the other
+#                steps skipped): Nsight Compute on one call's kernels of each fused bench
+#                case in PROFILE_CASES (criterion's --profile-time loop of that case alone),
+#                a table per kernel: time, DRAM and SM throughput, occupancy, registers
 #
 # Environment:
 #   OUT                        where results go (the device tool sets it), else ./gpu-check-out
@@ -26,13 +30,15 @@
 #   PEFT_GPU_CHECK_BENCH_ARGS  more arguments of every bench binary, after --bench
 #                              (criterion's, e.g. "--measurement-time 2")
 #   PEFT_GPU_CHECK_SANITIZE=1  add the compute-sanitizer step
+#   PEFT_GPU_CHECK_PROFILE=1   add the Nsight Compute steps
 #   PEFT_GPU_CHECK_BUDGET_S    seconds for the whole check (default 540, inside the device
 #                              tool's 600 per call)
 #   PYTHON                     the Python with torch and peft (default python3)
 #
 # Results under $OUT, five files (the device tool brings back at most eight): summary.md,
 # gpu-check.log (this console), peers.md, benches.md (the benches' summary tables) and
-# logs.tar.gz (each step's log, criterion's data). The console ends with the
+# logs.tar.gz (each step's log, criterion's data, the profiles); with the profile steps a
+# sixth, profile.md. The console ends with the
 # peers' and benches' tables and the step summary, since the device tool returns only the
 # end of the output. Exit status 1 when a step failed or ran out of time, else 0.
 # pipefail: a pipe's status is its first failure, so a command that reads a pipe must
@@ -118,6 +124,55 @@ tour_note() {
   elif grep -q ' emulator ' "$1"; then
     echo "ran on the EMULATOR, not the GPU"
   fi
+}
+
+profile_note() {
+  grep -m1 -E '^profiled [0-9]+ kernel' "$1" || echo "no kernel profiled"
+}
+
+# The fused bench cases the profile step looks at: "bench|criterion id regex|kernel regex".
+PROFILE_CASES=(
+  "delta_linear|^delta_linear/lora_r16/fused/1\$|^fused_linear"
+  "delta_linear|^delta_linear/lora_r16/fused/4096\$|^fused_linear"
+  "delta_linear|^delta_linear/scaled_pa_r512/fused/1\$|^fused_linear"
+  "delta_linear|^delta_linear/scaled_pa_r512/fused/4096\$|^fused_linear"
+  "prefix_attention|L=2048 l=128 causal.*/fused\$|^prefix_attention"
+)
+
+# profile_case BENCH CASE KERNELS: ncu over 4 launches of the kernels matching KERNELS,
+# after skipping the first 300 (every case's one-off check before criterion runs, and the
+# warm-up), while criterion's --profile-time loop runs CASE alone; then one row per launch.
+# The clocks are left alone (--clock-control none, see the device tool's METHOD.md).
+profile_case() {
+  local bench="$1" case="$2" kernels="$3" ncu report
+  ncu="$(cuda_tool ncu)"
+  report="$logs/profile-$(echo "$case" | tr -c 'A-Za-z0-9' '_')"
+  "$ncu" --clock-control none --kernel-name "regex:$kernels" --launch-skip 300 \
+    --launch-count 4 --section SpeedOfLight --section Occupancy --section LaunchStats \
+    -f -o "$report" "$bin/benches/$bench" --bench --profile-time 3 "$case" || return 1
+  "$ncu" --import "$report.ncu-rep" --csv --page details >"$report.csv" || return 1
+  "$python" - "$report.csv" <<'EOF'
+import csv, sys
+# --page details --csv: one row per (kernel launch, metric), the launch's fields repeated,
+# after a header row.
+rows = list(csv.reader(open(sys.argv[1])))
+start = next(i for i, r in enumerate(rows) if "Kernel Name" in r and "Metric Name" in r)
+head, rows = rows[start], [r for r in rows[start + 1:] if len(r) == len(rows[start])]
+col = {name: i for i, name in enumerate(head)}
+wanted = ["Duration", "DRAM Throughput", "Compute (SM) Throughput", "Registers Per Thread",
+          "Achieved Occupancy", "Theoretical Occupancy", "Dynamic Shared Memory Per Block"]
+launches = {}
+for r in rows:
+    key = (r[col["ID"]], r[col["Kernel Name"]], r[col["Grid Size"]], r[col["Block Size"]])
+    name = r[col["Metric Name"]]
+    if name in wanted:
+        launches.setdefault(key, {})[name] = r[col["Metric Value"]] + " " + r[col["Metric Unit"]]
+print("| kernel | grid | block | " + " | ".join(wanted) + " |")
+print("|---|---|---|" + "---|" * len(wanted))
+for (_, kernel, grid, block), m in launches.items():
+    print(f"| {kernel} | {grid} | {block} | " + " | ".join(m.get(w, "") for w in wanted) + " |")
+print(f"profiled {len(launches)} kernel launch(es)")
+EOF
 }
 
 peers_note() {
@@ -281,6 +336,22 @@ main() {
     done
   fi
 
+  if [ "${PEFT_GPU_CHECK_PROFILE:-0}" = 1 ]; then
+    local entry bench case kernels
+    rm -f "$out/profile.md"
+    for entry in "${PROFILE_CASES[@]}"; do
+      IFS='|' read -r bench case kernels <<<"$entry"
+      [ -x "$bin/benches/$bench" ] || continue
+      run_step "profile:$case" 120 profile_note profile_case "$bench" "$case" "$kernels"
+      {
+        echo "### $bench: $case"
+        echo
+        grep '^|' "$logs/profile_${case//[^A-Za-z0-9_.-]/_}.log"
+        echo
+      } >>"$out/profile.md"
+    done
+  fi
+
   # Results: at most eight files come back from $OUT, so the details go in one archive.
   [ -f "$work/peers/peers.md" ] && cp "$work/peers/peers.md" "$out/peers.md"
   : >"$out/benches.md"
@@ -325,6 +396,8 @@ main() {
   [ -s "$out/peers.md" ] && cat "$out/peers.md"
   echo
   [ -s "$out/benches.md" ] && cat "$out/benches.md"
+  echo
+  [ -s "$out/profile.md" ] && cat "$out/profile.md"
   echo
   cat "$out/summary.md"
   echo
