@@ -10,7 +10,8 @@
 //     out  = c_out(m) · f(acc + c_bias2(m) · bias2[n])
 //
 // with row coefficients chosen from the composition: (c_h, c_d) = (1, 1) for add, (1, s) for
-// scaled add, (1 − λ_m, λ_m) for the gate. A parallel delta is two launches of this pass:
+// scaled add, (1 − λ_m, λ_m) for the gate. A parallel delta is two launches of this pass (three
+// at decode with a long K, whose down pass splits: see the decode tile below):
 //     down:  t = c_d(m) · f(u·W_downᵀ + b_down)              (A1 = u, B1 = W_down, c_out = c_d)
 //     main:  y = c_h(m)·(x·Wᵀ + b) + t·W_upᵀ + c_d(m)·b_up    (A1 = x, B1 = W, A2 = t, B2 = W_up)
 // so the delta is K2 = r more steps of the frozen GEMM's K loop (insight 1 of UNIFIED-VIEW.md)
@@ -502,7 +503,9 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
 
 // The split-K reduction: out[m, n] = finish(phase_switch(Σ_s partial[s][m][n])), the runs added
 // in split order. grid (ceil(N/128), M), block 128. Launched right after the split pass, as a
-// dependent launch on sm_90 (it waits before reading the partial sums).
+// dependent launch on sm_90. Every thread waits before anything else, even one with nothing
+// to do: the up pass after it relies on this grid completing only after the split pass has
+// (a sequential delta's split pass reads h in y, which the up pass overwrites).
 template <typename T>
 PK_INLINE void fused_linear_split_reduce(const FusedLinearParams& p) {
     allow_dependent_launch();

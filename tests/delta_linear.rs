@@ -362,69 +362,73 @@ fn tensor_cores_on_unaligned_operands(backend: &Backend) {
 }
 
 /// Decode (m ≤ 16) splits the down pass's K over blocks and adds the runs in a second
-/// kernel; the plan must take that path for each shape here (a step more than unsplit).
-/// The delta is scaled up so that an error in t is not lost in h.
+/// kernel; the plan must take that path for each shape here (a step more than unsplit; the
+/// plan is made on an aligned address, as the emulator's buffers from the allocator are).
+/// The delta is scaled up, or gated (the reduction reads λ), so that an error in t is not
+/// lost in h.
 fn decode_down_pass_split_over_k(backend: &Backend) {
     use peft_kernels::plan::delta_linear::{delta_linear, DeltaLinearBufs};
     use peft_kernels::plan::Buf;
     use peft_kernels::DType;
 
     let mut rng = Rng::from_env();
-    // (m, n, k, r): 32 runs of one k-tile; 8 runs; 5 runs of a 520-column K; 2 runs.
+    // (m, n, k, r): 32 runs of one k-tile; 8 runs; 9 runs over a ragged K; 8 runs of 4
+    // k-tiles (the scaled PA's decode); 8 runs of 2 over a ragged K.
     let shapes = [
         (1, 40, 4096, 16),
         (3, 24, 1000, 33),
-        (16, 64, 520, 1),
-        (7, 16, 136, 200),
+        (16, 64, 1048, 1),
+        (1, 24, 4096, 512),
+        (2, 16, 2000, 300),
     ];
     for (m, n, k, r) in shapes {
         for insertion in [Insertion::Parallel, Insertion::Sequential] {
-            for kernel in [KernelVariant::Auto, KernelVariant::TensorCore] {
-                // A sequential delta reads h: K of its down pass is n.
-                let n = if insertion == Insertion::Sequential {
-                    k
-                } else {
-                    n
-                };
-                let mut dims = DeltaLinearDims::new(m, n, k, r);
-                dims.kernel = kernel;
-                let op = DeltaLinear::new(
-                    insertion,
-                    rng.pick(&Activation::ALL),
-                    Composition::Scaled(rng.pick(&[-8.0, 6.0])),
-                );
-                let buf = |len| Buf { addr: 4096, len };
-                let bufs = DeltaLinearBufs {
-                    x: buf(m * k),
-                    w: buf(n * k),
-                    bias: None,
-                    u: None,
-                    w_down: buf(r * k),
-                    b_down: None,
-                    w_up: buf(n * r),
-                    b_up: None,
-                    gate: None,
-                    workspace: buf(DeltaLinear::workspace_len(m, r)),
-                    y: buf(m * n),
-                };
-                let steps = delta_linear(&op, &dims, DType::BF16, &bufs).unwrap().len();
-                let unsplit = if insertion == Insertion::Parallel {
-                    2
-                } else {
-                    3
-                };
-                assert_eq!(steps, unsplit + 1, "{insertion:?} {dims:?}: no split");
-                let c = Case {
-                    op,
-                    dims,
-                    bias: rng.chance(0.5),
-                    down_bias: rng.chance(0.5),
-                    up_bias: rng.chance(0.5),
-                    separate_u: false,
-                };
-                check::<f16>(&mut rng, &c, backend);
-                check::<bf16>(&mut rng, &c, backend);
-            }
+            // Both variants take the same kernels on these aligned shapes: one of them per case.
+            let kernel = rng.pick(&[KernelVariant::Auto, KernelVariant::TensorCore]);
+            // A sequential delta reads h: K of its down pass is n.
+            let n = if insertion == Insertion::Sequential {
+                k
+            } else {
+                n
+            };
+            let mut dims = DeltaLinearDims::new(m, n, k, r);
+            dims.kernel = kernel;
+            let composition = rng.pick(&[Composition::Scaled(-8.0), Composition::Gated]);
+            let op = DeltaLinear::new(insertion, rng.pick(&Activation::ALL), composition);
+            // A parallel delta's own input, as wide as x (the split is over its K).
+            let separate_u = insertion == Insertion::Parallel && rng.chance(0.5);
+            (dims.k_u, dims.ld_u) = (k, k);
+            let buf = |len| Buf { addr: 4096, len };
+            let bufs = DeltaLinearBufs {
+                x: buf(m * k),
+                w: buf(n * k),
+                bias: None,
+                u: None,
+                w_down: buf(r * k),
+                b_down: None,
+                w_up: buf(n * r),
+                b_up: None,
+                gate: (composition == Composition::Gated).then(|| buf(m)),
+                workspace: buf(DeltaLinear::workspace_len(m, r)),
+                y: buf(m * n),
+            };
+            let steps = delta_linear(&op, &dims, DType::BF16, &bufs).unwrap().len();
+            let unsplit = if insertion == Insertion::Parallel {
+                2
+            } else {
+                3
+            };
+            assert_eq!(steps, unsplit + 1, "{insertion:?} {dims:?}: no split");
+            let c = Case {
+                op,
+                dims,
+                bias: rng.chance(0.5),
+                down_bias: rng.chance(0.5),
+                up_bias: rng.chance(0.5),
+                separate_u,
+            };
+            check::<f16>(&mut rng, &c, backend);
+            check::<bf16>(&mut rng, &c, backend);
         }
     }
 }
@@ -902,9 +906,10 @@ fn the_planner_refuses_overflowing_sizes() {
 }
 
 #[cfg(feature = "emulator")]
-/// Only an up-projection pass, right after the down pass that writes its t, may overlap the
-/// launch before it (kernels/delta_linear.cu waits for t at its first phase-2 tile); the
-/// frozen pass and the down pass never do: they read what the caller's earlier work wrote.
+/// Only an up-projection pass, right after the down pass that writes its t, and the reduction
+/// of a split down pass may overlap the launch before them (kernels/delta_linear.cu waits for
+/// t, or the partial sums, before reading them); the frozen pass and the down pass never do:
+/// they read what the caller's earlier work wrote.
 #[test]
 fn only_the_up_projection_overlaps_the_down_pass() {
     use peft_kernels::plan::delta_linear::{
@@ -946,6 +951,26 @@ fn only_the_up_projection_overlaps_the_down_pass() {
             let steps = delta_linear(&op, &dims, DType::BF16, &bufs).unwrap();
             assert_eq!(overlaps(steps), expected, "{insertion:?} {kernel:?}");
         }
+    }
+    // A split down pass (decode, K of 32 k-tiles): its reduction overlaps the split pass and
+    // the up-projection overlaps the reduction.
+    let k = 4096;
+    let split_bufs = DeltaLinearBufs {
+        x: buf(m * k),
+        w: buf(k * k),
+        w_down: buf(r * k),
+        w_up: buf(k * r),
+        y: buf(m * k),
+        ..bufs
+    };
+    for (insertion, n, expected) in [
+        (Insertion::Parallel, n, vec![false, true, true]),
+        (Insertion::Sequential, k, vec![false, false, true, true]),
+    ] {
+        let op = DeltaLinear::new(insertion, Activation::Relu, Composition::Add);
+        let dims = DeltaLinearDims::new(m, n, k, r);
+        let steps = delta_linear(&op, &dims, DType::BF16, &split_bufs).unwrap();
+        assert_eq!(overlaps(steps), expected, "split {insertion:?}");
     }
     let dims = DeltaApplyDims::new(m, 3, 8, 8, r);
     let bufs = DeltaApplyBufs {

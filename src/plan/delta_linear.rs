@@ -353,7 +353,9 @@ fn launch_for(
         ("dims.m", m, bm),
         ("dims.heads", batch, 1),
     ])?;
-    // Column tile x of run s is block s·tiles + x (at most MAX_K_SPLITS · tiles ≤ 2^31).
+    // Column tile x of run s is block s·tiles + x; decode_splits keeps splits·tiles below
+    // SPLIT_TARGET_BLOCKS + tiles.
+    debug_assert!(splits == 1 || kind == Kind::MmaDecode);
     grid[0] *= splits as u32;
     Ok(Launch {
         kernel,
@@ -364,9 +366,11 @@ fn launch_for(
     })
 }
 
-/// The launch of an up-projection pass, which always follows the down pass that writes its t:
-/// it may start early and stream its phase 1 (the frozen GEMM) while the down pass runs,
-/// waiting for t at its first phase-2 tile (see kernels/delta_linear.cu).
+/// The launch of a step that always follows the one writing what it reads: an up-projection
+/// pass after the down pass (or its reduction) that writes t, which may start early and
+/// stream its phase 1 (the frozen GEMM) while that runs, waiting for t at its first phase-2
+/// tile; a split down pass's reduction after the split pass, waiting before it reads the
+/// partial sums (see kernels/delta_linear.cu).
 fn overlapping(launch: Launch) -> Launch {
     Launch {
         overlap_previous: true,
@@ -389,6 +393,10 @@ const DECODE_BK: usize = 128;
 const MAX_K_SPLITS: usize = 32;
 /// The blocks a split pass aims at: about one per SM of the largest GPUs (132 on an H100).
 const SPLIT_TARGET_BLOCKS: usize = 128;
+/// A shorter K (1024 columns) is not split: one block streams it in a few round trips to
+/// memory, about what the reduction's extra launch costs where launches do not overlap
+/// (sm_80, the PTX, PEFT_KERNELS_NO_OVERLAP). A guess until measured.
+const MIN_SPLIT_K_TILES: usize = 8;
 
 /// delta_linear's workspace for `m` rows and rank `r`, in elements of a 2-byte dtype: t
 /// [m, workspace_ld(r)] first; for decode (m ≤ 16) then, 16-byte aligned, the f32 partial
@@ -400,16 +408,22 @@ pub(crate) fn workspace_layout(m: usize, r: usize) -> (usize, usize) {
     if m > DECODE_ROWS {
         return (t, t);
     }
-    let offset = t.next_multiple_of(8);
-    (offset, offset + 2 * MAX_K_SPLITS * t)
+    let offset = t.checked_next_multiple_of(8).unwrap_or(usize::MAX);
+    (
+        offset,
+        offset.saturating_add(t.saturating_mul(2 * MAX_K_SPLITS)),
+    )
 }
 
 /// The runs a decode pass over `n` columns splits its `k` columns into: enough that the pass
 /// has about [`SPLIT_TARGET_BLOCKS`] blocks (a down pass of rank 16 has one column tile, so one
 /// block streaming all of W_down at one SM's bandwidth), each run at least one k-tile. 1: no
-/// split.
+/// split, below [`MIN_SPLIT_K_TILES`].
 fn decode_splits(k: usize, n: usize) -> usize {
     let k_tiles = k.div_ceil(DECODE_BK);
+    if k_tiles < MIN_SPLIT_K_TILES {
+        return 1;
+    }
     let want = SPLIT_TARGET_BLOCKS
         .div_ceil(n.div_ceil(DECODE_BN))
         .clamp(1, MAX_K_SPLITS)
@@ -439,7 +453,8 @@ fn addr(b: Option<Buf>) -> u64 {
 }
 
 /// Plans `delta_linear`: parallel insertion is [down, main] (the delta is r more K steps
-/// of the frozen GEMM), sequential is [frozen, down, up] (the delta needs whole rows of h).
+/// of the frozen GEMM), sequential is [frozen, down, up] (the delta needs whole rows of h);
+/// at decode a long K makes the down pass two steps, [split, reduce].
 pub fn delta_linear(
     op: &DeltaLinear,
     d: &DeltaLinearDims,
@@ -528,7 +543,7 @@ pub fn delta_linear(
             &[(u_addr, ld_u, 0), (b.w_down.addr, k_u, 0)],
         )?;
         // A decode pass over r columns has ceil(r/32) blocks; split its K when the partial
-        // sums' f32 slabs are aligned (a workspace from cudarc always is).
+        // sums' f32 slabs are aligned (a fresh allocation's always are).
         let partial = b.workspace.addr + (partial_offset * dtype.size()) as u64;
         let splits = match kind {
             Kind::MmaDecode if partial % 4 == 0 => decode_splits(k_u, d.r),
