@@ -188,9 +188,11 @@ impl DeltaApplyDims {
             kernel: KernelVariant::Auto,
         }
     }
-    /// Elements the workspace must hold.
+    /// Elements the workspace must hold (saturating at `usize::MAX`, which no buffer holds).
     pub fn workspace_len(&self) -> usize {
-        self.m * self.heads * workspace_ld(self.r)
+        self.m
+            .saturating_mul(self.heads)
+            .saturating_mul(workspace_ld(self.r))
     }
 }
 

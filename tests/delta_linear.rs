@@ -850,6 +850,9 @@ fn the_planner_refuses_overflowing_sizes() {
         }
     }
     assert!(delta_linear(&op, &dims, DType::F16, &bufs).is_ok());
+    // The workspace size saturates instead of wrapping (decode reserves 65 copies of t).
+    assert_eq!(DeltaLinear::workspace_len(2, 1 << 62), usize::MAX);
+    assert_eq!(DeltaLinear::workspace_len(1, usize::MAX - 3), usize::MAX);
     // (m − 1)·ld wraps to 0 for ld = 2^63, m = 3: the kernels would read and write row 1
     // 2^63 elements away.
     let huge_ld = 1usize << (usize::BITS - 1);

@@ -381,7 +381,7 @@ fn overlapping(launch: Launch) -> Launch {
 /// The leading dimension of the workspace t = [rows, r]: r rounded up to 8 elements so that
 /// every row starts 16-byte aligned for the tensor-core kernels.
 pub(crate) fn workspace_ld(r: usize) -> usize {
-    r.div_ceil(8) * 8
+    r.div_ceil(8).saturating_mul(8)
 }
 
 /// Passes of at most this many rows take the decode tile (kernels/delta_linear.cu, MmaDecode:
