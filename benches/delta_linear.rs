@@ -13,7 +13,9 @@
 //! has its own. Before timing, each case checks that the fused and unfused outputs agree.
 //!
 //! After criterion's report, a summary table: per case the fused and unfused time (CUDA
-//! events, median of batches), the speedup, and the fused kernel's achieved bandwidth
+//! events, median of batches), the speedup, the fused plan's time in plain stream order
+//! (no step overlapping the one before, as on GPUs without dependent launches) over the
+//! fused time, and the fused kernel's achieved bandwidth
 //! (bytes = the minimum traffic: W, W_down, W_up, x and y once each) and tensor rate
 //! (2·M·N·K + 2·M·r·(K + N) flops), each against the floor measured here: HBM bandwidth by
 //! a device-to-device copy of 1 GiB, tensor-core rate by a cuBLAS bf16 GEMM of 8192³. The
@@ -42,7 +44,8 @@ mod gpu {
     use peft_kernels::cuda::cudarc::driver::{CudaSlice, CudaStream};
     use peft_kernels::cuda::{self, DeviceRead, DeviceWrite};
     use peft_kernels::delta_linear::{DeltaLinear, DeltaLinearArgs, DeltaLinearDims};
-    use peft_kernels::Activation;
+    use peft_kernels::plan::{self, Launch};
+    use peft_kernels::{Activation, DType};
 
     use crate::common::gpu::{agree, criterion, poison, random, Gpu, Rotation, Table};
 
@@ -141,6 +144,26 @@ mod gpu {
                 .expect("fused delta_linear");
         }
 
+        /// The fused plan with every step in plain stream order (what
+        /// `PEFT_KERNELS_NO_OVERLAP` does for a whole process): its time over `fused`'s is
+        /// what overlapping the down pass with the frozen GEMM gains.
+        fn fused_in_order(&mut self, stream: &CudaStream) {
+            let (op, dims) = (self.method.op, self.dims);
+            let mut bufs = cuda::Buffers::new(stream);
+            let planned = self.copies.next_copy().args().bufs(&mut bufs);
+            let steps = plan::delta_linear::delta_linear(&op, &dims, DType::BF16, &planned)
+                .expect("fused delta_linear plan");
+            for (launch, params) in &steps {
+                let launch = Launch {
+                    overlap_previous: false,
+                    ..*launch
+                };
+                // SAFETY: the plan checked the addresses, which came from `bufs`, whose
+                // stream-order guards are released after the launches are queued.
+                unsafe { cuda::launch(stream, &launch, params) }.expect("fused delta_linear");
+            }
+        }
+
         fn unfused(&mut self, baseline: &Baseline) {
             let (op, dims) = (self.method.op, self.dims);
             baseline
@@ -185,8 +208,8 @@ mod gpu {
         let mut table = Table::new(
             format!("delta_linear, bf16, K = N = {K}: fused vs unfused cuBLAS"),
             &[("case", "---"), ("M", "--:")],
-            &["fused µs", "unfused µs"],
-            &["speedup"],
+            &["fused µs", "unfused µs", "in order µs"],
+            &["speedup", "in order / fused"],
         );
         let w = random(N * K, 1.0 / (K as f64).sqrt(), 0);
         let methods = methods();
@@ -209,8 +232,9 @@ mod gpu {
                 if gpu.measuring {
                     let fused = gpu.per_call(|| case.fused(stream));
                     let unfused = gpu.per_call(|| case.unfused(&gpu.baseline));
+                    let in_order = gpu.per_call(|| case.fused_in_order(stream));
                     let (bytes, flops) = (min_bytes(&case.dims) as f64, flops(&case.dims));
-                    table.timed(keys, vec![fused, unfused], bytes, flops);
+                    table.timed(keys, vec![fused, unfused, in_order], bytes, flops);
                 }
             }
             group.finish();

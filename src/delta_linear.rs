@@ -220,7 +220,10 @@ pub struct DeltaApplyArgs<R, W> {
 }
 
 impl<R, W> DeltaLinearArgs<R, W> {
-    pub(crate) fn bufs(self, s: &mut impl BufSource<R, W>) -> DeltaLinearBufs {
+    /// The planner's view of these tensors: each buffer's address and length from the
+    /// backend's buffer source (on the GPU a [`crate::cuda::Buffers`], which keeps cudarc's
+    /// stream order), for running the plan's steps yourself ([`crate::plan`]).
+    pub fn bufs(self, s: &mut impl BufSource<R, W>) -> DeltaLinearBufs {
         DeltaLinearBufs {
             x: s.read(self.x),
             w: s.read(self.w),
@@ -238,7 +241,10 @@ impl<R, W> DeltaLinearArgs<R, W> {
 }
 
 impl<R, W> DeltaApplyArgs<R, W> {
-    pub(crate) fn bufs(self, s: &mut impl BufSource<R, W>) -> DeltaApplyBufs {
+    /// The planner's view of these tensors: each buffer's address and length from the
+    /// backend's buffer source (on the GPU a [`crate::cuda::Buffers`], which keeps cudarc's
+    /// stream order), for running the plan's steps yourself ([`crate::plan`]).
+    pub fn bufs(self, s: &mut impl BufSource<R, W>) -> DeltaApplyBufs {
         DeltaApplyBufs {
             h: self.h.map(|b| s.read(b)),
             u: self.u.map(|b| s.read(b)),
@@ -273,7 +279,10 @@ pub struct LoraMergeArgs<R, W> {
 }
 
 impl<R, W> LoraMergeArgs<R, W> {
-    pub(crate) fn bufs(self, s: &mut impl BufSource<R, W>) -> LoraMergeBufs {
+    /// The planner's view of these tensors: each buffer's address and length from the
+    /// backend's buffer source (on the GPU a [`crate::cuda::Buffers`], which keeps cudarc's
+    /// stream order), for running the plan's steps yourself ([`crate::plan`]).
+    pub fn bufs(self, s: &mut impl BufSource<R, W>) -> LoraMergeBufs {
         LoraMergeBufs {
             lora_a: s.read(self.lora_a),
             lora_b: s.read(self.lora_b),
