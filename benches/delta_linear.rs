@@ -15,7 +15,9 @@
 //! After criterion's report, a summary table: per case the fused and unfused time (CUDA
 //! events, median of batches), the speedup, the fused plan's time in plain stream order
 //! (no step overlapping the one before, as on GPUs without dependent launches) over the
-//! fused time, and the fused kernel's achieved bandwidth
+//! fused time, the opt-in Hopper wgmma kernel's time (`KernelVariant::Wgmma`, checked
+//! against the unfused output first; NaN where it disagrees or cannot run) over the fused
+//! time, and the fused kernel's achieved bandwidth
 //! (bytes = the minimum traffic: W, W_down, W_up, x and y once each) and tensor rate
 //! (2·M·N·K + 2·M·r·(K + N) flops), each against the floor measured here: HBM bandwidth by
 //! a device-to-device copy of 1 GiB, tensor-core rate by a cuBLAS bf16 GEMM of 8192³. The
@@ -43,7 +45,9 @@ mod gpu {
     use peft_kernels::cuda::baseline::Baseline;
     use peft_kernels::cuda::cudarc::driver::{CudaSlice, CudaStream};
     use peft_kernels::cuda::{self, DeviceRead, DeviceWrite};
-    use peft_kernels::delta_linear::{DeltaLinear, DeltaLinearArgs, DeltaLinearDims};
+    use peft_kernels::delta_linear::{
+        DeltaLinear, DeltaLinearArgs, DeltaLinearDims, KernelVariant,
+    };
     use peft_kernels::plan::{self, Launch};
     use peft_kernels::{Activation, DType};
 
@@ -164,6 +168,20 @@ mod gpu {
             }
         }
 
+        /// The fused plan on Hopper's wgmma kernel instead of the one `Auto` picks.
+        fn fused_wgmma(&mut self, stream: &CudaStream) -> peft_kernels::Result<()> {
+            let dims = DeltaLinearDims {
+                kernel: KernelVariant::Wgmma,
+                ..self.dims
+            };
+            cuda::delta_linear(
+                stream,
+                &self.method.op,
+                &dims,
+                self.copies.next_copy().args(),
+            )
+        }
+
         fn unfused(&mut self, baseline: &Baseline) {
             let (op, dims) = (self.method.op, self.dims);
             baseline
@@ -171,10 +189,15 @@ mod gpu {
                 .expect("cuBLAS baseline");
         }
 
-        /// Runs both on the first copy, each into a NaN-poisoned y; an error unless both
-        /// succeed and their outputs agree (timing a wrong kernel is worse than not timing
-        /// it).
-        fn check(&mut self, stream: &Arc<CudaStream>, baseline: &Baseline) -> Result<(), String> {
+        /// Runs the unfused sequence and the fused plan on `kernel` on the first copy, each
+        /// into a NaN-poisoned y; an error unless both succeed and their outputs agree
+        /// (timing a wrong kernel is worse than not timing it).
+        fn check(
+            &mut self,
+            stream: &Arc<CudaStream>,
+            baseline: &Baseline,
+            kernel: KernelVariant,
+        ) -> Result<(), String> {
             let (op, dims, name) = (self.method.op, self.dims, self.name());
             let first = self.copies.first();
             poison(stream, &mut first.y);
@@ -183,10 +206,16 @@ mod gpu {
                 .map_err(|e| format!("the cuBLAS baseline failed: {e}"))?;
             let unfused = stream.clone_dtoh(&first.y).expect("copy to the host");
             poison(stream, &mut first.y);
-            cuda::delta_linear(stream, &op, &dims, first.args())
-                .map_err(|e| format!("the fused kernel failed: {e}"))?;
+            let fused_dims = DeltaLinearDims { kernel, ..dims };
+            cuda::delta_linear(stream, &op, &fused_dims, first.args())
+                .map_err(|e| format!("the fused kernel ({kernel:?}) failed: {e}"))?;
             let fused = stream.clone_dtoh(&first.y).expect("copy to the host");
-            agree(&name, "fused and unfused", &fused, &unfused)
+            agree(
+                &name,
+                &format!("fused ({kernel:?}) and unfused"),
+                &fused,
+                &unfused,
+            )
         }
     }
 
@@ -208,8 +237,8 @@ mod gpu {
         let mut table = Table::new(
             format!("delta_linear, bf16, K = N = {K}: fused vs unfused cuBLAS"),
             &[("case", "---"), ("M", "--:")],
-            &["fused µs", "unfused µs", "in order µs"],
-            &["speedup", "in order / fused"],
+            &["fused µs", "unfused µs", "in order µs", "wgmma µs"],
+            &["speedup", "in order / fused", "wgmma / fused"],
         );
         let w = random(N * K, 1.0 / (K as f64).sqrt(), 0);
         let methods = methods();
@@ -218,7 +247,7 @@ mod gpu {
             for m in ROWS {
                 let mut case = Case::new(stream, method, m, &w);
                 let keys = vec![method.name.to_owned(), m.to_string()];
-                if let Err(e) = case.check(stream, &gpu.baseline) {
+                if let Err(e) = case.check(stream, &gpu.baseline, KernelVariant::Auto) {
                     table.failed(case.name(), keys, e);
                     continue;
                 }
@@ -233,8 +262,15 @@ mod gpu {
                     let fused = gpu.per_call(|| case.fused(stream));
                     let unfused = gpu.per_call(|| case.unfused(&gpu.baseline));
                     let in_order = gpu.per_call(|| case.fused_in_order(stream));
+                    let wgmma = match case.check(stream, &gpu.baseline, KernelVariant::Wgmma) {
+                        Ok(()) => gpu.per_call(|| case.fused_wgmma(stream).expect("wgmma")),
+                        Err(e) => {
+                            eprintln!("{}: wgmma not timed: {e}", case.name());
+                            f64::NAN
+                        }
+                    };
                     let (bytes, flops) = (min_bytes(&case.dims) as f64, flops(&case.dims));
-                    table.timed(keys, vec![fused, unfused, in_order], bytes, flops);
+                    table.timed(keys, vec![fused, unfused, in_order, wgmma], bytes, flops);
                 }
             }
             group.finish();

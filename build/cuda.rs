@@ -21,6 +21,16 @@ const PTX_ARCH: &str = "compute_80";
 /// The real architectures that get a cubin (and a ptxas report).
 const CUBIN_ARCHS: [&str; 2] = ["sm_80", "sm_90"];
 
+/// nvcc's name for a cubin architecture: sm_90 is built as sm_90a, whose arch-specific
+/// instructions (wgmma, kernels/arch.cuh) exist on compute capability 9.0 only, which is
+/// also the only one that loads the sm_90 cubin (src/cuda/modules.rs).
+fn nvcc_arch(arch: &str) -> String {
+    match arch {
+        "sm_90" => "sm_90a".to_owned(),
+        other => other.to_owned(),
+    }
+}
+
 pub fn build(root: &Path, kernels: &Path, sources: &[PathBuf]) {
     for var in ["NVCC", "CUDA_HOME", "CUDA_PATH"] {
         println!("cargo::rerun-if-env-changed={var}");
@@ -214,7 +224,7 @@ impl Job {
             None => cmd.arg("-ptx").arg(format!("-arch={PTX_ARCH}")),
             Some(arch) => cmd
                 .arg("-cubin")
-                .arg(format!("-arch={arch}"))
+                .arg(format!("-arch={}", nvcc_arch(arch)))
                 .args(["-Xptxas", "-v"]),
         };
         cmd.arg("-o").arg(&self.output).arg(&self.source);

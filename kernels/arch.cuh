@@ -288,3 +288,153 @@ PK_INLINE void allow_dependent_launch() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
+
+// ---------------------------------------------------------------------------------------
+// Warpgroup MMA (Hopper, sm_90a): wgmma.mma_async, both operands in shared memory, f32
+// accumulators in registers. A warpgroup is 4 consecutive warps (128 threads, the first
+// warp's index a multiple of 4); all 128 threads issue every wgmma operation together.
+//
+// The one operand layout used here: K-major tiles whose rows are 64 16-bit elements (128
+// bytes) with the 128-byte swizzle: row r of a tile at bytes [128r, 128r + 128), its 16-byte
+// chunk c stored at chunk c ^ (r % 8); every tile starts 1024-byte aligned in the shared
+// window (the swizzle is applied to shared addresses). Its matrix descriptor (PTX ISA,
+// "Matrix Descriptor Format"): bits 0–13 start address >> 4; 16–29 leading byte offset >> 4
+// (not used by swizzled K-major tiles: 1); 32–45 stride byte offset >> 4 (1024 B between
+// groups of 8 rows: 64); 49–51 base offset (0: tiles 1024-aligned); 62–63 swizzle (1: 128 B).
+// The k-step of 16 elements at column 16s starts 32s bytes into the row: descriptor + 2s.
+//
+// Accumulator fragment of m64nNk16 (f32): thread t of the warpgroup, w = t / 32,
+// g = (t % 32) / 4, q = t % 4 holds d[4j + e] = D[16w + g + 8(e / 2)][8j + 2q + e % 2]
+// for j < N / 8, the m16n8 C layout of this file's header tiled over N; so 4 warps × 16 rows.
+//
+// Ordering (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"): shared
+// memory written by ordinary stores or cp.async must be fenced for the async proxy
+// (fence_proxy_async_shared, by the writing threads, before the barrier that publishes it);
+// wgmma_fence before the first wgmma of a batch orders the accumulator registers; the
+// results are in the registers, and the operand tiles free, only after the wgmma_wait that
+// retires their group. The register pins (pin_registers) stop the compiler from moving
+// accesses to the accumulators across a wait it cannot see them in.
+//
+// Only sm_90a has these instructions: compiled elsewhere (the sm_80 cubin, the compute_80
+// PTX) they trap, and the host refuses to launch a kernel that uses them there
+// (src/cuda/mod.rs).
+
+#if defined(PK_EMULATOR) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define PK_WGMMA_AVAILABLE 1
+#endif
+
+// The shared-window address of p (cvta.to.shared): in the emulator, its offset in the
+// block's dynamic shared memory.
+PK_INLINE uint32_t shared_window_address(const void* p) {
+#ifdef PK_EMULATOR
+  return emu::shared_address(p);
+#else
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#endif
+}
+
+// The matrix descriptor of a K-major, 128-byte-swizzled tile starting at `tile` (see above).
+PK_INLINE uint64_t wgmma_descriptor(const void* tile) {
+  return uint64_t(shared_window_address(tile) >> 4 & 0x3FFF) | uint64_t(1) << 16 |
+         uint64_t(1024 >> 4) << 32 | uint64_t(1) << 62;
+}
+
+PK_INLINE void fence_proxy_async_shared() {
+#if !defined(PK_EMULATOR) && defined(PK_WGMMA_AVAILABLE)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// Every accumulator register "used and redefined" here, so no access to it moves across.
+template <int N>
+PK_INLINE void pin_registers(float (&d)[N]) {
+#ifndef PK_EMULATOR
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#else
+  (void)d;
+#endif
+}
+
+template <int N>
+PK_INLINE void wgmma_fence(float (&d)[N]) {
+  pin_registers(d);
+#if !defined(PK_EMULATOR) && defined(PK_WGMMA_AVAILABLE)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+PK_INLINE void wgmma_commit() {
+#ifdef PK_EMULATOR
+  emu::wgmma_commit();
+#elif defined(PK_WGMMA_AVAILABLE)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+template <int kPending, int N>
+PK_INLINE void wgmma_wait(float (&d)[N]) {
+  static_assert(kPending >= 0);
+#ifdef PK_EMULATOR
+  emu::wgmma_wait(kPending);
+#elif defined(PK_WGMMA_AVAILABLE)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
+  pin_registers(d);
+}
+
+// D (+)= A·B over a 64 × 128 × 16 step: A 64 rows × 16 k at desc_a, B 128 rows (n) × 16 k at
+// desc_b, both K-major; `accumulate` false overwrites D.
+template <typename T>
+PK_INLINE void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                bool accumulate) {
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  static_assert(kBf16 || std::is_same_v<T, __half>, "wgmma: T must be __half or __nv_bfloat16");
+#ifdef PK_EMULATOR
+  emu::wgmma_mma_async(d, 64, desc_a, desc_b, accumulate, kBf16);
+#elif defined(PK_WGMMA_AVAILABLE)
+// The 64 accumulator operands and their places in the instruction, written out once.
+#define PK_WGMMA_D64_PLACES \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define PK_WGMMA_D64_OPERANDS \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), \
+  "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), \
+  "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), \
+  "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), \
+  "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), \
+  "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), \
+  "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), \
+  "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), \
+  "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+  if constexpr (kBf16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" PK_WGMMA_D64_PLACES
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : PK_WGMMA_D64_OPERANDS
+        : "l"(desc_a), "l"(desc_b), "r"(int(accumulate))
+        : "memory");
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {" PK_WGMMA_D64_PLACES
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : PK_WGMMA_D64_OPERANDS
+        : "l"(desc_a), "l"(desc_b), "r"(int(accumulate))
+        : "memory");
+  }
+#undef PK_WGMMA_D64_PLACES
+#undef PK_WGMMA_D64_OPERANDS
+#else
+  (void)d;
+  (void)desc_a;
+  (void)desc_b;
+  (void)accumulate;
+  __trap();
+#endif
+}

@@ -40,6 +40,13 @@
 //                         rows of r elements, unaligned for every rank that is not a multiple
 //                         of 8 (r = 4 is common), and that must not cost the frozen GEMM its
 //                         tensor cores.
+//   fused_linear_wgmma_*  v4, Hopper (sm_90a; the emulator runs it too): the same kernel with
+//                         the k-tile product on wgmma.mma_async.m64n128k16 from shared memory
+//                         (arch.cuh) instead of ldmatrix + mma.sync: mma.sync cannot reach an
+//                         H100's tensor-core rate, which cuBLAS's prefill GEMMs do with wgmma.
+//                         Same loads (into 128-byte swizzled tiles), phases, split and
+//                         epilogue. Only on request (KernelVariant::Wgmma) until it has run on
+//                         a GPU and been measured.
 //   lora_merge_*          W ← W + sign·s·B·A in place (zero-overhead inference), SIMT tiles.
 //
 // Tile configurations of the mma kernel (chosen in src/plan/delta_linear.rs):
@@ -65,6 +72,12 @@
 //   Shared-memory rows are padded by 8 elements (pitch BK+8): the 8 row addresses of one
 //   ldmatrix phase then fall into 8 distinct 4-bank groups (pitch 80, 144 or 272 B), so the
 //   fragment loads are conflict-free without a swizzle.
+//   hopper: BM=128 BN=128 BK=64, 8 warps = 2 warpgroups of 64 rows each (one wgmma tile of
+//           64×128 per k-step), 3 stages of 32 KiB (rows of 128 bytes, swizzled, unpadded) +
+//           1 KiB to align them: 97 KiB, two blocks per SM. Each k-tile's 4 wgmma are waited
+//           for before the next barrier (simple, and the stage is free at once); keeping one
+//           group in flight needs a fourth stage. A TMA producer warp and a persistent tile
+//           loop are the next steps once measured.
 //   Not yet measured on a GPU: these are starting points, to be tuned against BENCHMARKS.md.
 
 #include "common.cuh"
@@ -293,26 +306,36 @@ PK_INLINE void fused_linear_simt(const FusedLinearParams& p) {
 // summed through shared memory at the end: decode's split over K, without a second pass.
 
 template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int WARPS_K_, int STAGES_,
-          bool SPLIT_K_ = false>
+          bool SPLIT_K_ = false, bool WGMMA_ = false>
 struct MmaConfig {
     static constexpr int BM = BM_, BN = BN_, BK = BK_, STAGES = STAGES_;
     static constexpr bool SPLIT_K = SPLIT_K_;  // honours p.k_splits (else the code is absent)
+    // Hopper's warpgroup MMA instead of mma.sync: each warpgroup's 4 warps hold their 16-row
+    // slices of one 64 × BN wgmma tile, the fragments laid out exactly as MI = 1, NI = BN / 8
+    // mma.sync tiles (arch.cuh), so the phases and the epilogue are shared; smem tiles are
+    // 128-byte swizzled rows of BK = 64 (no padding) starting 1024-byte aligned.
+    static constexpr bool WGMMA = WGMMA_;
     static constexpr int WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, WARPS_K = WARPS_K_;
     static constexpr int WARPS_MN = WARPS_M * WARPS_N;
     static constexpr int THREADS = 32 * WARPS_MN * WARPS_K;
     static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;  // warp tile
     static constexpr int MI = WM / 16, NI = WN / 8;              // mma tiles per warp
     static constexpr int KSLICE = BK / WARPS_K;                  // k columns per warp per tile
-    static constexpr int PITCH = BK + 8;                         // elements per smem row
+    static constexpr int PITCH = WGMMA ? BK : BK + 8;            // elements per smem row
     static constexpr int STAGE_ELEMS = (BM + BN) * PITCH;
-    static constexpr int SMEM_BYTES = STAGES * STAGE_ELEMS * 2;
+    // wgmma: + 1 KiB to align the tiles to the 1024-byte swizzle atom.
+    static constexpr int SMEM_BYTES = STAGES * STAGE_ELEMS * 2 + (WGMMA ? 1024 : 0);
     static constexpr int REDUCE_BYTES = (WARPS_K - 1) * WARPS_MN * MI * NI * 4 * 32 * 4;
     static_assert(WM % 16 == 0 && WN % 16 == 0 && KSLICE % 16 == 0, "mma tile shape");
     static_assert(REDUCE_BYTES <= SMEM_BYTES, "the split-K partials reuse the pipeline's smem");
+    static_assert(!WGMMA || (BK == 64 && WARPS_N == 1 && WM == 16 && BN == 128 &&
+                             WARPS_M % 4 == 0 && WARPS_K == 1 && !SPLIT_K),
+                  "wgmma: m64n128k16 per warpgroup over 128-byte rows");
 };
 using MmaLarge = MmaConfig<128, 128, 32, 2, 4, 1, 4>;
 using MmaSmall = MmaConfig<16, 64, 64, 1, 4, 1, 4>;
 using MmaDecode = MmaConfig<16, 32, 128, 1, 1, 4, 4, true>;
+using MmaHopper = MmaConfig<128, 128, 64, 8, 1, 1, 3, false, true>;
 
 // Whether the rows of an operand can be copied in 16-byte chunks: a 16-byte aligned base and a
 // leading dimension that is a multiple of 8 (2-byte) elements.
@@ -336,7 +359,8 @@ PK_INLINE void mma_load_tile(T* dst, const T* src, int64_t ld, bool vec, int r0,
         int valid = gr < rows_lim ? k_lim - gk : 0;
         valid = valid < 0 ? 0 : (valid > 8 ? 8 : valid);
         const T* g = valid > 0 ? src + gr * ld + gk : src;
-        T* s = dst + row * C::PITCH + col;
+        // wgmma's 128-byte swizzle: chunk c of row r at chunk c ^ (r % 8) (arch.cuh).
+        T* s = dst + row * C::PITCH + (C::WGMMA ? col ^ (row % 8 * 8) : col);
         if (vec) {
             cp_async_16_zfill(s, g, valid * 2);
         } else {
@@ -346,11 +370,59 @@ PK_INLINE void mma_load_tile(T* dst, const T* src, int64_t ld, bool vec, int r0,
     }
 }
 
+// One k-tile of the block's product on mma.sync: warp (wk, wm0, wn0) adds its WM × WN tile
+// over its KSLICE columns of the stage (sa: BM rows of A, sb: BN rows of B, pitch PITCH).
+template <typename T, typename C>
+PK_INLINE void mma_sync_tile(float (&acc)[C::MI][C::NI][4], const T* sa, const T* sb, int wk,
+                             int wm0, int wn0, int lane) {
+#pragma unroll
+    for (int kk = wk * C::KSLICE; kk < (wk + 1) * C::KSLICE; kk += 16) {
+        uint32_t af[C::MI][4], bf[C::NI][2];
+#pragma unroll
+        for (int mi = 0; mi < C::MI; ++mi)
+            ldmatrix_x4(af[mi], sa + (wm0 + mi * 16 + lane % 16) * C::PITCH + kk + (lane / 16) * 8);
+#pragma unroll
+        for (int ni = 0; ni < C::NI; ni += 2) {
+            // Matrices (ni, k 0–7), (ni, k 8–15), (ni + 1, k 0–7), (ni + 1, k 8–15).
+            uint32_t r[4];
+            ldmatrix_x4(r, sb + (wn0 + ni * 8 + (lane / 16) * 8 + lane % 8) * C::PITCH + kk +
+                               ((lane / 8) % 2) * 8);
+            bf[ni][0] = r[0];
+            bf[ni][1] = r[1];
+            bf[ni + 1][0] = r[2];
+            bf[ni + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < C::MI; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < C::NI; ++ni) mma_m16n8k16<T>(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
+    }
+}
+
+// One k-tile on Hopper's warpgroup MMA: the warpgroup of `warp` adds its 64 rows of A times
+// all BN rows of B in BK / 16 k-steps, and waits for them, so that the stage is free at the
+// next barrier and the accumulators hold the sum.
+template <typename T, typename C>
+PK_INLINE void wgmma_tile(float (&acc)[C::MI][C::NI][4], const T* sa, const T* sb, int warp) {
+    auto& frag = reinterpret_cast<float(&)[C::NI * 4]>(acc);
+    const uint64_t da = wgmma_descriptor(sa + warp / 4 * 64 * C::PITCH);
+    const uint64_t db = wgmma_descriptor(sb);
+    wgmma_fence(frag);
+#pragma unroll
+    for (int s = 0; s < C::BK / 16; ++s) wgmma_m64n128k16<T>(frag, da + 2 * s, db + 2 * s, true);
+    wgmma_commit();
+    wgmma_wait<0>(frag);
+}
+
 template <typename T, typename C>
 PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
     PK_DYNAMIC_SMEM(unsigned char, smem_raw);
     allow_dependent_launch();
     T* smem = reinterpret_cast<T*>(smem_raw);
+    if constexpr (C::WGMMA) {
+        const uint32_t misaligned = shared_window_address(smem_raw) % 1024;
+        smem = reinterpret_cast<T*>(smem_raw + (misaligned ? 1024 - misaligned : 0));
+    }
     const Operands<T> o = operands<T>(p, blockIdx.z);
     // Split-K over blocks (p.k_splits > 1, the decode tile only): block x computes column
     // tile x mod n_tiles over run x / n_tiles of phase 1's k-tiles and stores raw f32 sums
@@ -424,6 +496,9 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
     }
     for (int kt = 0; kt < tiles; ++kt) {
         cp_async_wait<C::STAGES - 2>();
+        // wgmma reads shared memory through the async proxy: this thread's copies and stores
+        // are fenced for it before the barrier publishes them.
+        if constexpr (C::WGMMA) fence_proxy_async_shared();
         __syncthreads();  // tile kt visible to all; stage (kt − 1) free for the next load
         if (kt + C::STAGES - 1 < tiles) load(kt + C::STAGES - 1);
         cp_async_commit();
@@ -431,28 +506,10 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
 
         const T* sa = smem + (kt % C::STAGES) * C::STAGE_ELEMS;
         const T* sb = sa + C::BM * C::PITCH;
-#pragma unroll
-        for (int kk = wk * C::KSLICE; kk < (wk + 1) * C::KSLICE; kk += 16) {
-            uint32_t af[C::MI][4], bf[C::NI][2];
-#pragma unroll
-            for (int mi = 0; mi < C::MI; ++mi)
-                ldmatrix_x4(af[mi], sa + (wm0 + mi * 16 + lane % 16) * C::PITCH + kk +
-                                        (lane / 16) * 8);
-#pragma unroll
-            for (int ni = 0; ni < C::NI; ni += 2) {
-                // Matrices (ni, k 0–7), (ni, k 8–15), (ni + 1, k 0–7), (ni + 1, k 8–15).
-                uint32_t r[4];
-                ldmatrix_x4(r, sb + (wn0 + ni * 8 + (lane / 16) * 8 + lane % 8) * C::PITCH + kk +
-                                   ((lane / 8) % 2) * 8);
-                bf[ni][0] = r[0];
-                bf[ni][1] = r[1];
-                bf[ni + 1][0] = r[2];
-                bf[ni + 1][1] = r[3];
-            }
-#pragma unroll
-            for (int mi = 0; mi < C::MI; ++mi)
-#pragma unroll
-                for (int ni = 0; ni < C::NI; ++ni) mma_m16n8k16<T>(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
+        if constexpr (C::WGMMA) {
+            wgmma_tile<T, C>(acc, sa, sb, warp);
+        } else {
+            mma_sync_tile<T, C>(acc, sa, sb, wk, wm0, wn0, lane);
         }
     }
     cp_async_wait_all();
@@ -586,6 +643,8 @@ PK_KERNEL_BOUNDS(fused_linear_mma_small_f16, (fused_linear_mma<__half, MmaSmall>
 PK_KERNEL_BOUNDS(fused_linear_mma_small_bf16, (fused_linear_mma<__nv_bfloat16, MmaSmall>), FusedLinearParams, 128, 4)
 PK_KERNEL_BOUNDS(fused_linear_mma_decode_f16, (fused_linear_mma<__half, MmaDecode>), FusedLinearParams, 128, 4)
 PK_KERNEL_BOUNDS(fused_linear_mma_decode_bf16, (fused_linear_mma<__nv_bfloat16, MmaDecode>), FusedLinearParams, 128, 4)
+PK_KERNEL_BOUNDS(fused_linear_wgmma_f16, (fused_linear_mma<__half, MmaHopper>), FusedLinearParams, 256, 2)
+PK_KERNEL_BOUNDS(fused_linear_wgmma_bf16, (fused_linear_mma<__nv_bfloat16, MmaHopper>), FusedLinearParams, 256, 2)
 PK_KERNEL_BOUNDS(fused_linear_split_reduce_f16, fused_linear_split_reduce<__half>, FusedLinearParams, 128, 8)
 PK_KERNEL_BOUNDS(fused_linear_split_reduce_bf16, fused_linear_split_reduce<__nv_bfloat16>, FusedLinearParams, 128, 8)
 PK_KERNEL_BOUNDS(lora_merge_f32, lora_merge<float>, LoraMergeParams, 256, 2)

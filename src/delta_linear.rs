@@ -38,6 +38,11 @@ pub enum KernelVariant {
     /// mma.sync tensor cores on f16/bf16 of any alignment (unaligned operands are loaded
     /// element by element, slowly); an `Unsupported` error for f32.
     TensorCore,
+    /// Hopper's warpgroup MMA (wgmma, 128 × 128 tiles) on f16/bf16 of any alignment: the
+    /// prefill path meant to reach cuBLAS on an H100. Runs in the emulator and, on the GPU,
+    /// only on compute capability 9.0 (else `Unsupported`). Not yet executed on a GPU, so
+    /// `Auto` does not choose it.
+    Wgmma,
 }
 
 /// One method of the unified view at a linear layer: the delta's insertion, functional form

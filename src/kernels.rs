@@ -144,6 +144,8 @@ kernel_table! {
         fused_linear_mma_small_bf16,
         fused_linear_mma_decode_f16,
         fused_linear_mma_decode_bf16,
+        fused_linear_wgmma_f16,
+        fused_linear_wgmma_bf16,
         fused_linear_split_reduce_f16,
         fused_linear_split_reduce_bf16,
         fused_linear_mma_large_f16,
@@ -180,5 +182,16 @@ kernel_table! {
         kv_concat_f32,
         kv_concat_f16,
         kv_concat_bf16,
+    }
+}
+
+impl KernelId {
+    /// Whether the kernel uses Hopper's arch-specific instructions (wgmma, kernels/arch.cuh):
+    /// it runs only from the sm_90a cubin, on compute capability 9.0, and in the emulator.
+    pub fn needs_sm90a(self) -> bool {
+        matches!(
+            self,
+            KernelId::fused_linear_wgmma_f16 | KernelId::fused_linear_wgmma_bf16
+        )
     }
 }

@@ -361,6 +361,66 @@ fn tensor_cores_on_unaligned_operands(backend: &Backend) {
     ));
 }
 
+/// Whether `backend` runs Hopper's wgmma kernel: the emulator always, a GPU when it loads
+/// the sm_90 cubin (compute capability 9.0, without PEFT_KERNELS_FORCE_PTX).
+fn runs_wgmma(backend: &Backend) -> bool {
+    match backend {
+        #[cfg(feature = "emulator")]
+        Backend::Emulator => true,
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(stream) => {
+            let image = peft_kernels::cuda::image(stream.context()).expect("the kernels' image");
+            image == peft_kernels::cuda::Image::Sm90
+        }
+    }
+}
+
+/// Hopper's wgmma kernel (`KernelVariant::Wgmma`) against the reference: both insertions,
+/// random activations and compositions, decode and prefill rows, ragged and unaligned shapes
+/// (an odd K, ranks that are not multiples of 8), f16 and bf16. Where the backend cannot run
+/// it, the request must be refused, and for f32 always.
+fn wgmma_kernel(backend: &Backend) {
+    let mut rng = Rng::from_env();
+    let runs = runs_wgmma(backend);
+    // (m, n, k, r)
+    let shapes = [
+        (1, 24, 40, 8),
+        (5, 131, 72, 4),
+        (129, 136, 201, 33),
+        (200, 257, 1000, 64),
+    ];
+    for (m, n, k, r) in shapes {
+        for insertion in [Insertion::Parallel, Insertion::Sequential] {
+            // One activation per case (the forms' coverage is the other tests' job).
+            let activation = rng.pick(&Activation::ALL);
+            let mut dims = DeltaLinearDims::new(m, n, k, r);
+            dims.kernel = KernelVariant::Wgmma;
+            let composition = compositions(&mut rng);
+            let c = Case {
+                op: DeltaLinear::new(insertion, activation, rng.pick(&composition)),
+                dims,
+                bias: rng.chance(0.5),
+                down_bias: rng.chance(0.5),
+                up_bias: rng.chance(0.5),
+                separate_u: false,
+            };
+            if runs {
+                check::<f16>(&mut rng, &c, backend);
+                check::<bf16>(&mut rng, &c, backend);
+            } else {
+                let inputs = Inputs::<bf16>::new(&mut rng, &c);
+                let refused = inputs.run(&c, backend);
+                assert!(matches!(refused, Err(Error::Unsupported(_))), "{refused:?}");
+            }
+            let inputs = Inputs::<f32>::new(&mut rng, &c);
+            assert!(matches!(
+                inputs.run(&c, backend),
+                Err(Error::Unsupported(_))
+            ));
+        }
+    }
+}
+
 /// Decode (m ≤ 16) splits the down pass's K over blocks and adds the runs in a second
 /// kernel; the plan must take that path for each shape here (a step more than unsplit; the
 /// plan is made on an aligned address, as the emulator's buffers from the allocator are).
@@ -1040,6 +1100,7 @@ on_every_backend!(
     strides_and_separate_input,
     tensor_cores_on_unaligned_operands,
     decode_down_pass_split_over_k,
+    wgmma_kernel,
     delta_apply_per_head,
     gated_delta_apply,
     delta_apply_bad_arguments,

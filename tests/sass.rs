@@ -1,6 +1,7 @@
 //! The machine code of the delta-linear kernels, read from the crate's embedded sm_80 and
 //! sm_90 cubins with `cuobjdump -sass`: the tensor-core kernels issue HMMA (fed by LDSM,
-//! ldmatrix, and LDGSTS, cp.async), the SIMT kernels issue none, and the hot tensor-core
+//! ldmatrix, and LDGSTS, cp.async), the wgmma kernels HGMMA on sm_90 (and nothing of it on
+//! sm_80, where they are never launched), the SIMT kernels neither, and the hot tensor-core
 //! kernels touch no local memory (no STL/LDL: neither a register spill nor a stack array),
 //! and on sm_90 the fused-linear kernels hold the dependent-launch wait they promise.
 //! ptxas's report, which the build checks, says how much local memory a kernel has; only
@@ -23,7 +24,12 @@ const IMAGES: [Image; 2] = [Image::Sm80, Image::Sm90];
 
 /// The kernels whose every instruction matters: the tensor-core GEMMs.
 fn is_tensor_core_kernel(name: &str) -> bool {
-    name.starts_with("fused_linear_mma_")
+    name.starts_with("fused_linear_mma_") || is_wgmma_kernel(name)
+}
+
+/// The GEMMs on Hopper's warpgroup MMA (sm_90a only).
+fn is_wgmma_kernel(name: &str) -> bool {
+    name.starts_with("fused_linear_wgmma_")
 }
 
 /// cuobjdump by `CUOBJDUMP`, then beside `NVCC`, in `CUDA_HOME`/`CUDA_PATH`, on `PATH`, in
@@ -172,7 +178,22 @@ fn tensor_core_kernels_issue_hmma_and_the_others_do_not() {
     for image in IMAGES {
         for (name, instructions) in disassembly(image) {
             let hmma = count(instructions, "HMMA");
-            if is_tensor_core_kernel(name) {
+            if is_wgmma_kernel(name) {
+                // wgmma: HGMMA from swizzled tiles cp.async fills, no mma.sync, no ldmatrix;
+                // on sm_80 the kernel is a trap (the host never launches it there).
+                let hgmma = count(instructions, "HGMMA");
+                assert_eq!(hmma, 0, "{image:?} {name}: HMMA in the wgmma kernel");
+                match image {
+                    Image::Sm90 => {
+                        assert!(hgmma > 0, "{image:?} {name}: no HGMMA");
+                        assert!(
+                            count(instructions, "LDGSTS") > 0,
+                            "{image:?} {name}: no LDGSTS"
+                        );
+                    }
+                    _ => assert_eq!(hgmma, 0, "{image:?} {name}: HGMMA"),
+                }
+            } else if is_tensor_core_kernel(name) {
                 assert!(hmma > 0, "{image:?} {name}: no HMMA");
                 for fed_by in ["LDSM", "LDGSTS"] {
                     assert!(

@@ -196,6 +196,22 @@ void cp_async_commit();
 // Performs every committed group but the newest `n`.
 void cp_async_wait(int n);
 
+// Warpgroup MMA (wgmma.mma_async, arch.cuh): queued per thread and computed from shared
+// memory at the wait that retires its group, so a kernel that overwrites an operand tile or
+// reads the accumulators before waiting sees the wrong values on the CPU too. `d` is the
+// thread's accumulator fragment of an m64nNk16 tile (n = N/2 floats); the descriptors are
+// the 64-bit matrix descriptors of the PTX ISA (only K-major tiles with the 128-byte
+// swizzle are emulated; anything else fails the launch).
+void wgmma_mma_async(float* d, unsigned n, uint64_t desc_a, uint64_t desc_b, bool scale_d,
+                     bool bf16);
+// Closes the current group of this thread's wgmma operations.
+void wgmma_commit();
+// Performs every committed group but the newest `n`.
+void wgmma_wait(int n);
+// The shared-window address (cvta.to.shared) of p, which must lie in the block's dynamic
+// shared memory; the window starts at the dynamic shared memory here.
+uint32_t shared_address(const void* p);
+
 // Aborts the launch with a message (printf format); the block and thread are prepended.
 [[noreturn]] void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -121,6 +121,15 @@ struct CopyOp {
   uint64_t group;
 };
 
+// One queued wgmma.mma_async of a thread (see emu.h).
+struct WgmmaOp {
+  float* d;
+  unsigned n;
+  uint64_t desc_a, desc_b;
+  bool scale_d, bf16;
+  uint64_t group;
+};
+
 struct Fiber {
   ThreadRegs regs{};
   void* sp = nullptr;
@@ -133,6 +142,9 @@ struct Fiber {
   // cp.async: queued copies, oldest first; `group` is the id of the open group.
   std::vector<CopyOp> copies;
   uint64_t group = 0;
+  // wgmma: queued operations, oldest first, and the id of the open group.
+  std::vector<WgmmaOp> wgmma;
+  uint64_t wgmma_group = 0;
 };
 
 // One warp collective some lanes wait in.
@@ -361,6 +373,8 @@ void thread_exit(Engine& e, Fiber* f) {
            w.pending[i].arrived, w.pending[i].what, w.pending[i].mask);
   if (e.exited++ == 0) e.first_exited = f->regs.linear;
   w.exited |= bit;
+  if (!f->wgmma.empty())
+    fail("exited with %zu wgmma operation(s) not waited for (wgmma.wait_group)", f->wgmma.size());
   e.state[f->regs.linear] = State::Exited;
   f->copies.clear();
   --e.runnable;
@@ -426,6 +440,8 @@ bool run_block(Engine& e, uint64_t b) {
     e.state[i] = State::Runnable;
     f->copies.clear();
     f->group = 0;
+    f->wgmma.clear();
+    f->wgmma_group = 0;
     prime(f, L.fp_env);
   }
   if (e.smem) std::memset(e.smem, 0xFF, size_t(e.smem_end - e.smem));
@@ -926,6 +942,83 @@ void cp_async_wait(int n) {
     std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
   }
   f->copies.erase(f->copies.begin(), f->copies.begin() + done);
+}
+
+uint32_t shared_address(const void* p) {
+  const detail::Engine& e = detail::engine();
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (e.smem == nullptr || c < e.smem || c >= e.smem_end)
+    fail("shared address of %p: not in the block's dynamic shared memory", p);
+  return uint32_t(c - e.smem);
+}
+
+namespace {
+
+// Element (row, k) of an operand of a wgmma, 16-bit, from its matrix descriptor: a K-major
+// tile with the 128-byte swizzle (PTX ISA, "Matrix Descriptor Format" and "Shared Memory
+// Matrix Layout"): rows of 128 bytes in groups of 8 (the stride byte offset apart), the
+// 16-byte chunk of address bits 4–6 exchanged with bits 7–9 of the shared address.
+float wgmma_operand(uint64_t desc, unsigned row, unsigned k, bool bf16) {
+  const uint32_t start = uint32_t(desc & 0x3FFF) << 4;
+  const uint32_t stride = uint32_t(desc >> 32 & 0x3FFF) << 4;
+  const unsigned base_offset = unsigned(desc >> 49 & 7), swizzle = unsigned(desc >> 62);
+  if (swizzle != 1 || base_offset != 0 || stride != 1024)
+    fail("wgmma descriptor 0x%016llx: only K-major 128-byte-swizzled tiles (swizzle 1, base "
+         "offset 0, stride 1024 B) are emulated",
+         static_cast<unsigned long long>(desc));
+  const uint32_t linear = start + row / 8 * stride + row % 8 * 128 + 2 * k;
+  const uint32_t address = linear ^ ((linear >> 7 & 7) << 4);
+  const detail::Engine& e = detail::engine();
+  if (e.smem == nullptr || e.smem + address + 2 > e.smem_end)
+    fail("wgmma operand at shared address 0x%x is outside the dynamic shared memory", address);
+  uint16_t bits;
+  std::memcpy(&bits, e.smem + address, 2);
+  return bf16 ? __bfloat162float(__ushort_as_bfloat16(bits)) : __half2float(__ushort_as_half(bits));
+}
+
+// D += A·B (or D = A·B without scale_d) for the calling thread's fragment: thread t of its
+// warpgroup, warp w = t / 32, g = lane / 4, q = lane % 4 holds d[4j + e] =
+// D[16w + g + 8(e / 2)][8j + 2q + e % 2]. Products of 16-bit values are exact in f32; the
+// 16 of a k-step are summed in k order.
+void wgmma_run(const detail::WgmmaOp& op) {
+  const unsigned t = detail::tl_thread->linear % 128, w = t / 32, g = t % 32 / 4, q = t % 4;
+  // The two rows of A and the op.n / 2 columns of B this thread's elements use.
+  float a[2][16], b[64][16];
+  const unsigned cols = op.n / 2;
+  if (cols > 64) fail("wgmma: n = %u accumulator registers, at most 128 emulated", op.n);
+  for (unsigned k = 0; k < 16; ++k) {
+    for (unsigned h = 0; h < 2; ++h) a[h][k] = wgmma_operand(op.desc_a, 16 * w + g + 8 * h, k, op.bf16);
+    for (unsigned c = 0; c < cols; ++c)
+      b[c][k] = wgmma_operand(op.desc_b, 8 * (c / 2) + 2 * q + c % 2, k, op.bf16);
+  }
+  for (unsigned i = 0; i < op.n; ++i) {
+    const unsigned j = i / 4, e = i % 4;
+    float sum = 0.0f;
+    for (unsigned k = 0; k < 16; ++k) sum += a[e / 2][k] * b[2 * j + e % 2][k];
+    op.d[i] = op.scale_d ? op.d[i] + sum : sum;
+  }
+}
+
+}  // namespace
+
+void wgmma_mma_async(float* d, unsigned n, uint64_t desc_a, uint64_t desc_b, bool scale_d,
+                     bool bf16) {
+  if (detail::tl_block_dim.y != 1 || detail::tl_block_dim.z != 1 || detail::tl_block_dim.x % 128 != 0)
+    fail("wgmma: the block (%u, %u, %u) is not whole warpgroups of 128 threads along x",
+         detail::tl_block_dim.x, detail::tl_block_dim.y, detail::tl_block_dim.z);
+  Fiber* f = detail::engine().cur;
+  f->wgmma.push_back(detail::WgmmaOp{d, n, desc_a, desc_b, scale_d, bf16, f->wgmma_group});
+}
+
+void wgmma_commit() { ++detail::engine().cur->wgmma_group; }
+
+void wgmma_wait(int n) {
+  Fiber* f = detail::engine().cur;
+  if (n < 0) fail("wgmma_wait(%d): the group count must be non-negative", n);
+  const uint64_t limit = f->wgmma_group > uint64_t(n) ? f->wgmma_group - uint64_t(n) : 0;
+  size_t done = 0;
+  for (; done < f->wgmma.size() && f->wgmma[done].group < limit; ++done) wgmma_run(f->wgmma[done]);
+  f->wgmma.erase(f->wgmma.begin(), f->wgmma.begin() + done);
 }
 
 }  // namespace emu

@@ -39,7 +39,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError,
     LaunchConfig, PushKernelArg, SyncOnDrop,
 };
-pub use modules::{cubin, Image};
+pub use modules::{cubin, image, Image};
 
 use crate::plan::{Buf, BufSource, KernelParams, Launch};
 use crate::{Error, Result};
@@ -98,6 +98,13 @@ pub unsafe fn launch<P: KernelParams>(
 ) -> Result<()> {
     let ctx = stream.context();
     let (f, image) = modules::function(ctx, launch.kernel)?;
+    if launch.kernel.needs_sm90a() && image != Image::Sm90 {
+        return Err(Error::Unsupported(format!(
+            "`{}` uses Hopper's wgmma: it needs a GPU of compute capability 9.0 (H100, H200) \
+             running the sm_90a cubin, not the {image:?} image",
+            launch.kernel.name()
+        )));
+    }
     let failed = |e: DriverError| Error::Cuda(format!("launching `{}`: {e}", launch.kernel.name()));
     if launch.dynamic_smem > DEFAULT_DYNAMIC_SMEM_LIMIT {
         ctx.bind_to_thread().map_err(failed)?;

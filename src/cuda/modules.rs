@@ -98,19 +98,26 @@ fn images(module: Module) -> Result<&'static ModuleImages> {
         .ok_or_else(|| Error::Cuda(format!("kernels/{}.cu was not built", module.stem())))
 }
 
-fn load(ctx: &Arc<CudaContext>, module: Module) -> Result<(Arc<CudaModule>, Image)> {
-    let images = images(module)?;
+/// The image the kernels load from in `ctx`: the cubin for its device's compute
+/// capability, or the PTX (newer GPUs, or any with `PEFT_KERNELS_FORCE_PTX` set, which JITs
+/// the PTX on a GPU that has a cubin, to check the PTX). Unsupported below 8.0.
+pub fn image(ctx: &CudaContext) -> Result<Image> {
     let (major, minor) = ctx.compute_capability()?;
     let image = Image::for_compute_capability((major, minor)).ok_or_else(|| {
         Error::Unsupported(format!(
             "compute capability {major}.{minor}: the kernels need 8.0 or newer"
         ))
     })?;
-    // `PEFT_KERNELS_FORCE_PTX`: JIT the PTX on a GPU that has a cubin, to check the PTX.
-    let image = match std::env::var_os("PEFT_KERNELS_FORCE_PTX") {
+    Ok(match std::env::var_os("PEFT_KERNELS_FORCE_PTX") {
         Some(_) => Image::Ptx,
         None => image,
-    };
+    })
+}
+
+fn load(ctx: &Arc<CudaContext>, module: Module) -> Result<(Arc<CudaModule>, Image)> {
+    let images = images(module)?;
+    let image = image(ctx)?;
+    let (major, minor) = ctx.compute_capability()?;
     let ptx = match image {
         Image::Sm80 => Ptx::from_binary(images.sm_80.to_vec()),
         Image::Sm90 => Ptx::from_binary(images.sm_90.to_vec()),

@@ -207,6 +207,8 @@ enum Kind {
     MmaDecode,
     MmaSmall,
     MmaLarge,
+    /// Hopper's warpgroup MMA (only on request).
+    Wgmma,
     /// The reduction after a split-K decode pass (one thread per output).
     SplitReduce,
 }
@@ -238,9 +240,10 @@ fn kind_for(
         (..=64, _) | (_, ..=64) => Kind::MmaSmall,
         _ => Kind::MmaLarge,
     };
-    if variant == KernelVariant::TensorCore && dtype == DType::F32 {
+    let tensor_cores = matches!(variant, KernelVariant::TensorCore | KernelVariant::Wgmma);
+    if tensor_cores && dtype == DType::F32 {
         return Err(Error::Unsupported(
-            "the tensor-core kernel takes f16/bf16 operands, not f32 (whose accuracy contract \
+            "the tensor-core kernels take f16/bf16 operands, not f32 (whose accuracy contract \
              rules out TF32)"
                 .into(),
         ));
@@ -250,6 +253,7 @@ fn kind_for(
         KernelVariant::Auto | KernelVariant::Simt => Kind::Simt,
         KernelVariant::Naive => Kind::Naive,
         KernelVariant::TensorCore => mma,
+        KernelVariant::Wgmma => Kind::Wgmma,
     })
 }
 
@@ -322,6 +326,17 @@ fn launch_for(
             128,
             256,
             4 * (128 + 128) * (32 + 8) * 2,
+        ),
+        Kind::Wgmma => (
+            [
+                None,
+                Some(fused_linear_wgmma_f16),
+                Some(fused_linear_wgmma_bf16),
+            ],
+            128,
+            128,
+            256,
+            3 * (128 + 128) * 64 * 2 + 1024,
         ),
         Kind::SplitReduce => (
             [
