@@ -390,3 +390,26 @@ __device__ void reduction_check(const ReductionCheckParams& p) {
 }
 
 PK_KERNEL(selftest_reduction_f32, reduction_check, ReductionCheckParams)
+
+// ---------------------------------------------------------------------------------------
+// A broken kernel the emulator must fail (src/selftest/mod.rs, Broken), kept here because it
+// needs arch.cuh. Same parameter block as selftest.cu's broken kernels.
+struct WgmmaBrokenParams {
+  float* out;
+  uint32_t n;
+};
+PK_PARAMS_SIZE(WgmmaBrokenParams)
+
+// A warpgroup issues a wgmma and reads its accumulators without waiting for it (an emulator
+// test only: on sm_90a it would read registers the tensor cores are still writing).
+__device__ void wgmma_not_waited(const WgmmaBrokenParams& p) {
+  PK_DYNAMIC_SMEM(unsigned char, smem);
+  const uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+  float d[64] = {};
+  const uint64_t tile = wgmma_descriptor(smem);
+  wgmma_fence(d);
+  wgmma_m64n128k16<__nv_bfloat16>(d, tile, tile, false);
+  wgmma_commit();
+  if (i < p.n) p.out[i] = d[0];
+}
+PK_KERNEL(selftest_broken_wgmma_not_waited, wgmma_not_waited, WgmmaBrokenParams)

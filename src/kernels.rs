@@ -132,6 +132,7 @@ kernel_table! {
         selftest_activation_f16,
         selftest_activation_bf16,
         selftest_reduction_f32,
+        selftest_broken_wgmma_not_waited,
     }
     DeltaLinear {
         fused_linear_naive_f32,

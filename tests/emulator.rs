@@ -377,6 +377,7 @@ fn broken_kernels_are_reported() {
         (Broken::MismatchedWarpOps, "each waits for the other"),
         (Broken::MismatchedVotes, "__all_sync"),
         (Broken::WarpDeadlock, "deadlock"),
+        (Broken::WgmmaNotWaited, "not waited for"),
     ];
     assert_eq!(needles.len(), Broken::ALL.len());
     for (kind, needle) in needles {

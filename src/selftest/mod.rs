@@ -508,11 +508,14 @@ pub enum Broken {
     /// Three groups of lanes shuffle with masks that each overlap another group: a cycle
     /// of waits, so no thread can proceed.
     WarpDeadlock,
+    /// A warpgroup issues a wgmma and exits without `wgmma_wait`, reading accumulators the
+    /// tensor cores may still be writing.
+    WgmmaNotWaited,
 }
 
 impl Broken {
     /// Every broken kernel.
-    pub const ALL: [Broken; 9] = [
+    pub const ALL: [Broken; 10] = [
         Broken::DivergentBarrier,
         Broken::ShflWrongMask,
         Broken::ShflDivergent,
@@ -522,6 +525,7 @@ impl Broken {
         Broken::MismatchedWarpOps,
         Broken::MismatchedVotes,
         Broken::WarpDeadlock,
+        Broken::WgmmaNotWaited,
     ];
 
     /// The kernel.
@@ -536,24 +540,26 @@ impl Broken {
             Broken::MismatchedWarpOps => KernelId::selftest_broken_mismatched_warp_ops,
             Broken::MismatchedVotes => KernelId::selftest_broken_mismatched_votes,
             Broken::WarpDeadlock => KernelId::selftest_broken_warp_deadlock,
+            Broken::WgmmaNotWaited => KernelId::selftest_broken_wgmma_not_waited,
         }
     }
 }
 
 /// Launches a broken kernel over two blocks (of 64 threads; 48 for
-/// [`Broken::ShflPartialWarp`]). On a correct emulator this returns [`Error::Emulator`].
+/// [`Broken::ShflPartialWarp`]; a warpgroup of 128 with 16 KiB of dynamic shared memory for
+/// [`Broken::WgmmaNotWaited`]). On a correct emulator this returns [`Error::Emulator`].
 pub fn run_broken(kind: Broken) -> Result<()> {
-    let block = if kind == Broken::ShflPartialWarp {
-        48
-    } else {
-        64
+    let (block, smem) = match kind {
+        Broken::ShflPartialWarp => (48, 0),
+        Broken::WgmmaNotWaited => (128, 16 << 10),
+        _ => (64, 0),
     };
     let mut out = vec![f32::NAN; 2 * block as usize];
     let params = BrokenParams {
         out: addr_mut(&mut out),
         n: out.len() as u32,
     };
-    let launch = launch_1d(kind.kernel(), out.len(), block, 0)?;
+    let launch = launch_1d(kind.kernel(), out.len(), block, smem)?;
     // SAFETY: out has n elements; the kernels write only below n.
     unsafe { emulator::launch(&launch, &params) }
 }
