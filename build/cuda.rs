@@ -104,6 +104,18 @@ pub fn build(root: &Path, kernels: &Path, sources: &[PathBuf]) {
         let (Some(arch), Ok(log)) = (job.arch, log) else {
             continue;
         };
+        // ptxas's advisory that it had to wait after each wgmma (C7510–C7515: "wgmma.mma_async
+        // instructions are serialized"): the warpgroup MMA then runs at a fraction of its rate.
+        for line in log
+            .lines()
+            .filter(|l| l.contains("wgmma.mma_async instructions are serialized"))
+        {
+            errors.push(format!(
+                "kernels/{}.cu ({arch}): {}; a serialized wgmma is a performance bug",
+                job.stem,
+                line.trim()
+            ));
+        }
         for f in parse_ptxas(log) {
             let summary = format!(
                 "{} ({arch}, kernels/{}.cu): {} registers, {} bytes stack frame, \

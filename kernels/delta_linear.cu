@@ -399,19 +399,23 @@ PK_INLINE void mma_sync_tile(float (&acc)[C::MI][C::NI][4], const T* sa, const T
     }
 }
 
-// One k-tile on Hopper's warpgroup MMA: the warpgroup of `warp` adds its 64 rows of A times
-// all BN rows of B in BK / 16 k-steps, and waits for them, so that the stage is free at the
-// next barrier and the accumulators hold the sum.
+// The accumulators as the 64 × BN wgmma fragment they are laid out as (see MmaConfig).
+template <typename C>
+PK_INLINE float (&wgmma_fragment(float (&acc)[C::MI][C::NI][4]))[C::NI * 4] {
+    return reinterpret_cast<float(&)[C::NI * 4]>(acc);
+}
+
+// Issues one k-tile on Hopper's warpgroup MMA: the warpgroup of `warp` adds its 64 rows of A
+// times all BN rows of B in BK / 16 k-steps, one commit group; the caller waits for it.
 template <typename T, typename C>
 PK_INLINE void wgmma_tile(float (&acc)[C::MI][C::NI][4], const T* sa, const T* sb, int warp) {
-    auto& frag = reinterpret_cast<float(&)[C::NI * 4]>(acc);
+    auto& frag = wgmma_fragment<C>(acc);
     const uint64_t da = wgmma_descriptor(sa + warp / 4 * 64 * C::PITCH);
     const uint64_t db = wgmma_descriptor(sb);
     wgmma_fence(frag);
 #pragma unroll
     for (int s = 0; s < C::BK / 16; ++s) wgmma_m64n128k16<T>(frag, da + 2 * s, db + 2 * s, true);
     wgmma_commit();
-    wgmma_wait<0>(frag);
 }
 
 template <typename T, typename C>
@@ -500,15 +504,21 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
         // are fenced for it before the barrier publishes them.
         if constexpr (C::WGMMA) fence_proxy_async_shared();
         __syncthreads();  // tile kt visible to all; stage (kt − 1) free for the next load
-        if (kt + C::STAGES - 1 < tiles) load(kt + C::STAGES - 1);
-        cp_async_commit();
-        if (kt == tiles1) switch_phase();
-
         const T* sa = smem + (kt % C::STAGES) * C::STAGE_ELEMS;
         const T* sb = sa + C::BM * C::PITCH;
         if constexpr (C::WGMMA) {
+            // The tensor cores start on tile kt before the next stage's copies are issued
+            // (that stage is not kt's); both are waited for before the next barrier, which
+            // frees stage kt for a load.
+            if (kt == tiles1) switch_phase();
             wgmma_tile<T, C>(acc, sa, sb, warp);
+            if (kt + C::STAGES - 1 < tiles) load(kt + C::STAGES - 1);
+            cp_async_commit();
+            wgmma_wait<0>(wgmma_fragment<C>(acc));
         } else {
+            if (kt + C::STAGES - 1 < tiles) load(kt + C::STAGES - 1);
+            cp_async_commit();
+            if (kt == tiles1) switch_phase();
             mma_sync_tile<T, C>(acc, sa, sb, wk, wm0, wn0, lane);
         }
     }

@@ -201,7 +201,9 @@ void cp_async_wait(int n);
 // reads the accumulators before waiting sees the wrong values on the CPU too. `d` is the
 // thread's accumulator fragment of an m64nNk16 tile (n = N/2 floats); the descriptors are
 // the 64-bit matrix descriptors of the PTX ISA (only K-major tiles with the 128-byte
-// swizzle are emulated; anything else fails the launch).
+// swizzle are emulated; anything else fails the launch). Every thread of a warpgroup must
+// issue the same operations with the same operands, or the launch fails. The fences
+// (wgmma.fence, fence.proxy.async) are no-ops here: leaving one out passes on the CPU.
 void wgmma_mma_async(float* d, unsigned n, uint64_t desc_a, uint64_t desc_b, bool scale_d,
                      bool bf16);
 // Closes the current group of this thread's wgmma operations.

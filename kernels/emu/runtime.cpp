@@ -142,9 +142,19 @@ struct Fiber {
   // cp.async: queued copies, oldest first; `group` is the id of the open group.
   std::vector<CopyOp> copies;
   uint64_t group = 0;
-  // wgmma: queued operations, oldest first, and the id of the open group.
+  // wgmma: queued operations, oldest first, the id of the open group, and how many this
+  // thread has issued (its index into Engine::wgmma_issued of its warpgroup).
   std::vector<WgmmaOp> wgmma;
   uint64_t wgmma_group = 0;
+  uint64_t wgmma_count = 0;
+};
+
+// What every thread of a warpgroup must pass alike to its i-th wgmma.
+struct WgmmaIssue {
+  uint64_t desc_a, desc_b;
+  unsigned n;
+  bool scale_d, bf16;
+  bool operator==(const WgmmaIssue&) const = default;
 };
 
 // One warp collective some lanes wait in.
@@ -211,6 +221,8 @@ struct Engine {
   bool failed = false;
   char message[1024] = {};
   Warp warps[kMaxThreadsPerBlock / 32];
+  // Per warpgroup, the operands of each wgmma its first thread issued.
+  std::vector<std::vector<WgmmaIssue>> wgmma_issued;
 };
 
 thread_local constinit Engine* tl_engine = nullptr;
@@ -442,8 +454,10 @@ bool run_block(Engine& e, uint64_t b) {
     f->group = 0;
     f->wgmma.clear();
     f->wgmma_group = 0;
+    f->wgmma_count = 0;
     prime(f, L.fp_env);
   }
+  e.wgmma_issued.assign((e.nthreads + 127) / 128, {});
   if (e.smem) std::memset(e.smem, 0xFF, size_t(e.smem_end - e.smem));
   e.runnable = e.nthreads;
   e.exited = e.at_barrier = 0;
@@ -1006,7 +1020,23 @@ void wgmma_mma_async(float* d, unsigned n, uint64_t desc_a, uint64_t desc_b, boo
   if (detail::tl_block_dim.y != 1 || detail::tl_block_dim.z != 1 || detail::tl_block_dim.x % 128 != 0)
     fail("wgmma: the block (%u, %u, %u) is not whole warpgroups of 128 threads along x",
          detail::tl_block_dim.x, detail::tl_block_dim.y, detail::tl_block_dim.z);
-  Fiber* f = detail::engine().cur;
+  detail::Engine& e = detail::engine();
+  Fiber* f = e.cur;
+  // The hardware takes one set of operands per warpgroup (uniform registers): every thread
+  // must pass what the first one to get here did.
+  auto& issued = e.wgmma_issued[detail::tl_thread->linear / 128];
+  const detail::WgmmaIssue mine{desc_a, desc_b, n, scale_d, bf16};
+  const uint64_t i = f->wgmma_count++;
+  if (i == issued.size()) {
+    issued.push_back(mine);
+  } else if (!(issued[i] == mine)) {
+    fail("wgmma #%llu: this thread's operands (descriptors 0x%016llx, 0x%016llx) differ from "
+         "its warpgroup's (0x%016llx, 0x%016llx); all 128 threads must issue the same wgmma",
+         static_cast<unsigned long long>(i), static_cast<unsigned long long>(desc_a),
+         static_cast<unsigned long long>(desc_b),
+         static_cast<unsigned long long>(issued[i].desc_a),
+         static_cast<unsigned long long>(issued[i].desc_b));
+  }
   f->wgmma.push_back(detail::WgmmaOp{d, n, desc_a, desc_b, scale_d, bf16, f->wgmma_group});
 }
 
