@@ -361,6 +361,31 @@ fn tensor_cores_on_unaligned_operands(backend: &Backend) {
     ));
 }
 
+/// The operands of a delta-linear call as the planner sees them, at a fake aligned address
+/// (the planner alone touches no memory): x [m, k], W [n, k], W_down [r, k], W_up [n, r],
+/// the workspace and y, no bias or gate.
+fn planner_bufs(
+    m: usize,
+    n: usize,
+    k: usize,
+    r: usize,
+) -> peft_kernels::plan::delta_linear::DeltaLinearBufs {
+    let buf = |len| peft_kernels::plan::Buf { addr: 4096, len };
+    peft_kernels::plan::delta_linear::DeltaLinearBufs {
+        x: buf(m * k),
+        w: buf(n * k),
+        bias: None,
+        u: None,
+        w_down: buf(r * k),
+        b_down: None,
+        w_up: buf(n * r),
+        b_up: None,
+        gate: None,
+        workspace: buf(DeltaLinear::workspace_len(m, r)),
+        y: buf(m * n),
+    }
+}
+
 /// Whether `backend` runs Hopper's wgmma kernel: the emulator always, a GPU when it loads
 /// the sm_90 cubin (compute capability 9.0, without PEFT_KERNELS_FORCE_PTX).
 fn runs_wgmma(backend: &Backend) -> bool {
@@ -458,19 +483,9 @@ fn decode_down_pass_split_over_k(backend: &Backend) {
             // A parallel delta's own input, as wide as x (the split is over its K).
             let separate_u = insertion == Insertion::Parallel && rng.chance(0.5);
             (dims.k_u, dims.ld_u) = (k, k);
-            let buf = |len| Buf { addr: 4096, len };
             let bufs = DeltaLinearBufs {
-                x: buf(m * k),
-                w: buf(n * k),
-                bias: None,
-                u: None,
-                w_down: buf(r * k),
-                b_down: None,
-                w_up: buf(n * r),
-                b_up: None,
-                gate: (composition == Composition::Gated).then(|| buf(m)),
-                workspace: buf(DeltaLinear::workspace_len(m, r)),
-                y: buf(m * n),
+                gate: (composition == Composition::Gated).then_some(Buf { addr: 4096, len: m }),
+                ..planner_bufs(m, n, k, r)
             };
             let steps = delta_linear(&op, &dims, DType::BF16, &bufs).unwrap().len();
             let unsplit = if insertion == Insertion::Parallel {
@@ -886,21 +901,8 @@ fn the_planner_refuses_overflowing_sizes() {
     use peft_kernels::plan::Buf;
     use peft_kernels::DType;
 
-    let buf = |len| Buf { addr: 4096, len };
     let (m, n, k, r) = (3, 10, 12, 4);
-    let bufs = DeltaLinearBufs {
-        x: buf(m * k),
-        w: buf(n * k),
-        bias: None,
-        u: None,
-        w_down: buf(r * k),
-        b_down: None,
-        w_up: buf(n * r),
-        b_up: None,
-        gate: None,
-        workspace: buf(DeltaLinear::workspace_len(m, r)),
-        y: buf(m * n),
-    };
+    let bufs = planner_bufs(m, n, k, r);
     let op = DeltaLinear::lora(8.0, r);
     let dims = DeltaLinearDims::new(m, n, k, r);
     fn refused(op: &DeltaLinear, dims: &DeltaLinearDims, bufs: &DeltaLinearBufs) -> &'static str {
@@ -986,19 +988,7 @@ fn only_the_up_projection_overlaps_the_down_pass() {
         steps.iter().map(|(l, _)| l.overlap_previous).collect()
     };
     let (m, n, k, r) = (5, 24, 40, 4);
-    let bufs = DeltaLinearBufs {
-        x: buf(m * k),
-        w: buf(n * k),
-        bias: None,
-        u: None,
-        w_down: buf(r * k),
-        b_down: None,
-        w_up: buf(n * r),
-        b_up: None,
-        gate: None,
-        workspace: buf(DeltaLinear::workspace_len(m, r)),
-        y: buf(m * n),
-    };
+    let bufs = planner_bufs(m, n, k, r);
     let dims = DeltaLinearDims::new(m, n, k, r);
     for kernel in [
         KernelVariant::Auto,
