@@ -205,6 +205,23 @@ fn for_each_dtype(backend: &Backend, f: impl Fn(&mut Rng, &dyn Fn(&mut Rng, &Cas
     f(&mut rng, &|rng, c| check::<bf16>(rng, c, backend));
 }
 
+/// A case of `insertion` on `dims` with a random activation, composition and biases.
+fn random_case(rng: &mut Rng, insertion: Insertion, dims: DeltaLinearDims) -> Case {
+    let composition = compositions(rng);
+    Case {
+        op: DeltaLinear::new(
+            insertion,
+            rng.pick(&Activation::ALL),
+            rng.pick(&composition),
+        ),
+        dims,
+        bias: rng.chance(0.5),
+        down_bias: rng.chance(0.5),
+        up_bias: rng.chance(0.5),
+        separate_u: false,
+    }
+}
+
 fn compositions(rng: &mut Rng) -> [Composition; 3] {
     [
         Composition::Add,
@@ -262,19 +279,7 @@ fn awkward_shapes(backend: &Backend) {
                 let insertion = rng.pick(&[Insertion::Parallel, Insertion::Sequential]);
                 let mut dims = DeltaLinearDims::new(m, n, k, r);
                 dims.kernel = kernel;
-                let composition = compositions(rng);
-                let c = Case {
-                    op: DeltaLinear::new(
-                        insertion,
-                        rng.pick(&Activation::ALL),
-                        rng.pick(&composition),
-                    ),
-                    dims,
-                    bias: rng.chance(0.7),
-                    down_bias: rng.chance(0.5),
-                    up_bias: rng.chance(0.5),
-                    separate_u: false,
-                };
+                let c = random_case(rng, insertion, dims);
                 check(rng, &c);
             }
         }
@@ -326,19 +331,7 @@ fn tensor_cores_on_unaligned_operands(backend: &Backend) {
             for kernel in [KernelVariant::TensorCore, KernelVariant::Auto] {
                 let mut dims = DeltaLinearDims::new(m, n, k, r);
                 (dims.ld_x, dims.ld_y, dims.kernel) = (k + pad, n + pad, kernel);
-                let composition = compositions(&mut rng);
-                let c = Case {
-                    op: DeltaLinear::new(
-                        insertion,
-                        rng.pick(&Activation::ALL),
-                        rng.pick(&composition),
-                    ),
-                    dims,
-                    bias: rng.chance(0.5),
-                    down_bias: rng.chance(0.5),
-                    up_bias: rng.chance(0.5),
-                    separate_u: false,
-                };
+                let c = random_case(&mut rng, insertion, dims);
                 check::<f16>(&mut rng, &c, backend);
                 check::<bf16>(&mut rng, &c, backend);
             }
@@ -416,19 +409,10 @@ fn wgmma_kernel(backend: &Backend) {
     ];
     for (m, n, k, r) in shapes {
         for insertion in [Insertion::Parallel, Insertion::Sequential] {
-            // One activation per case (the forms' coverage is the other tests' job).
-            let activation = rng.pick(&Activation::ALL);
+            // One random form per case (covering them all is the other tests' job).
             let mut dims = DeltaLinearDims::new(m, n, k, r);
             dims.kernel = KernelVariant::Wgmma;
-            let composition = compositions(&mut rng);
-            let c = Case {
-                op: DeltaLinear::new(insertion, activation, rng.pick(&composition)),
-                dims,
-                bias: rng.chance(0.5),
-                down_bias: rng.chance(0.5),
-                up_bias: rng.chance(0.5),
-                separate_u: false,
-            };
+            let c = random_case(&mut rng, insertion, dims);
             if runs {
                 check::<f16>(&mut rng, &c, backend);
                 check::<bf16>(&mut rng, &c, backend);
