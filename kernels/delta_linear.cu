@@ -54,14 +54,17 @@
 //           The classic Ampere/Hopper mma.sync shape: 16 mma per 6 ldmatrix.x4, enough
 //           stages to cover HBM latency at 2 blocks per SM.
 //   decode: BM=16 BN=32 BK=128, 4 warps splitting K (each a 16×32 tile over 32 of the 128 k
-//           columns), 4 stages, 51 KiB smem; partial sums reduced through shared memory.
+//           columns), 6 stages, 77 KiB smem; partial sums reduced through shared memory.
 //           M ≤ 16 is pure weight streaming: N/32 blocks (128 for N = 4096, about one per
-//           SM of an H100) each keep three stages of 8 KiB of W in flight. A down pass has
-//           only ceil(r/32) column tiles (one for r = 16: one SM streaming all of W_down),
-//           so the plan splits its K into up to 32 runs of k-tiles, aiming at ~128 blocks,
-//           each storing raw f32 sums to the workspace; fused_linear_split_reduce adds the
-//           runs and applies bias, activation and scale (a dependent launch on sm_90, like
-//           the up-projection after it).
+//           SM of an H100) each keep five stages of 8 KiB of W in flight, 40 KiB per SM. By
+//           Little's law an H100 needs 3.35 TB/s × ~1 µs (its latency under load) / 132 SMs
+//           ≈ 25 KiB in flight per SM: the first configuration's three stages (24 KiB) were
+//           at the edge, so two more (unmeasured; 4 stages is the one to compare).
+//           A down pass has only ceil(r/32) column tiles (one for r = 16: one SM streaming
+//           all of W_down), so the plan splits its K into up to 32 runs of k-tiles, aiming
+//           at ~128 blocks, each storing raw f32 sums to the workspace;
+//           fused_linear_split_reduce adds the runs and applies bias, activation and scale
+//           (a dependent launch on sm_90, like the up-projection after it).
 //   small:  BM=16 BN=64 BK=64, 4 warps as 1×4 (warp tile 16×16), 4 stages, 45 KiB smem.
 //           16 < M ≤ 64 is still memory-bound on W: a 16-row tile wastes MMA work nobody
 //           misses, and BN=64 gives N/64 blocks each streaming 64 rows of W with 10 KiB of
@@ -334,7 +337,7 @@ struct MmaConfig {
 };
 using MmaLarge = MmaConfig<128, 128, 32, 2, 4, 1, 4>;
 using MmaSmall = MmaConfig<16, 64, 64, 1, 4, 1, 4>;
-using MmaDecode = MmaConfig<16, 32, 128, 1, 1, 4, 4, true>;
+using MmaDecode = MmaConfig<16, 32, 128, 1, 1, 4, 6, true>;
 using MmaHopper = MmaConfig<128, 128, 64, 8, 1, 1, 3, false, true>;
 
 // Whether the rows of an operand can be copied in 16-byte chunks: a 16-byte aligned base and a
