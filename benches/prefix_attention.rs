@@ -99,6 +99,7 @@ mod gpu {
                 out: &mut b.out,
                 lse: None,
                 lambda: None,
+                workspace: None,
             },
         )
     }
@@ -137,6 +138,7 @@ mod gpu {
                 out: &mut b.out,
                 lse: None,
                 lambda: None,
+                workspace: None,
             },
         )
     }
@@ -177,6 +179,7 @@ mod gpu {
                 out: &mut b.out_c,
                 lse: Some(&mut b.lse_c as DeviceWrite<f32>),
                 lambda: None,
+                workspace: None,
             },
         )?;
         cuda::lse_merge::<bf16>(

@@ -335,6 +335,7 @@ fn prefix_tuning(backend: &Backend, g: &mut Lcg, l: usize) -> Result<(f64, f64)>
             out: &mut out,
             lse: None,
             lambda: Some(&mut lambda),
+            workspace: None,
         },
     )?;
     let seconds = start.elapsed().as_secs_f64();

@@ -56,6 +56,13 @@
 //       padded by 4 floats so that the 16-byte shared reads of 8 lanes hit 32 distinct banks.
 //   Prefix-only attention (out_p, LSE_p) is the same kernel with no context (Lk = 0), plain
 //   attention the same kernel with l = 0.
+//   Split-KV (flash-decoding), f16/bf16: a grid of fewer than 128 blocks (decoding: Lq = 1,
+//   few sequences and heads) over long keys would leave most SMs idle while each block walks
+//   every key tile. With the caller's workspace the plan splits the tiles into runs (grid.z
+//   = B × runs, at most 32, each at least 4 tiles); a run ends with its unnormalised state
+//   (O relative to 2^m, m, l, and m_p, l_p after its last prefix tile) in the workspace, and
+//   prefix_attention_split_merge_{f16,bf16} combines the runs of a row exactly as the
+//   single pass would have finished it: output, LSE and λ.
 //   lse_merge_{f32,f16,bf16}   two attention states (o, LSE) of the same rows merged into the
 //       gated output, LSE = logaddexp and λ: one warp per row.
 //   kv_concat_{f32,f16,bf16}   [P; C] along the sequence, the copy the unfused path makes (the
@@ -65,9 +72,10 @@
 // baseline); two attention passes and a merge (Q read twice, two outputs written and read
 // back); 128 queries per block (two m-tiles per warp: 128 accumulator registers at D = 128,
 // and half the blocks for short sequences); a separate LSE_c for λ (see above); wgmma/TMA on
-// Hopper (sm_90 only; mma.sync serves sm_80 and sm_90 from one source). Not done: split-KV
-// (flash-decoding) for decode with few (batch, head) pairs, and packing the query heads of a
-// GQA group into one block's rows when Lq is small.
+// Hopper for now (mma.sync serves sm_80 and sm_90 from one source; delta_linear's wgmma path
+// in arch.cuh is the template once it has been run and measured on a GPU). Not done: packing
+// the query heads of a GQA group into one block's rows when Lq is small (a decode block
+// computes 64 query rows of which Lq are real), and split-KV for f32.
 #include <limits>
 
 #include "common.cuh"
@@ -94,10 +102,15 @@ struct PrefixAttentionParams {
   void* out;                      // [B, Hq, Lq, D]
   float* lse;                     // [B, Hq, Lq] contiguous, or null
   float* lambda;                  // [B, Hq, Lq] contiguous, or null
+  // Split-KV (kv_splits > 1): per run, the unnormalised output [kv_splits][rows][D], then the
+  // row states [kv_splits][rows][4] (m, l, m_p, l_p); see prefix_attention_split_merge.
+  float* partial;
+  int64_t rows;                   // B·Hq·Lq
   HeadStrides sq, sk, sv, spk, spv, so;
   int32_t heads, group;           // Hq, Hq / Hkv
   int32_t q_len, kv_len, prefix_len;
   int32_t causal;
+  int32_t kv_splits, head_dim;    // runs of key tiles (1: no split); D, for the merge
   float scale_log2;               // score scale · log2(e)
 };
 PK_PARAMS_SIZE(PrefixAttentionParams)
@@ -322,8 +335,13 @@ __device__ void prefix_attention_mma(const PrefixAttentionParams& p) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t4 = lane % 4;
   const int q0 = (gridDim.x - 1 - blockIdx.x) * kQueryRows;
-  const int h = blockIdx.y, b = blockIdx.z;
+  // Split-KV (decode with few blocks): grid.z is batch × run; the block visits its run of the
+  // key tiles and leaves an unnormalised state for prefix_attention_split_merge.
+  const int splits = p.kv_splits > 1 ? p.kv_splits : 1;
+  const int h = blockIdx.y, b = blockIdx.z / splits, split = blockIdx.z % splits;
   const KeyTiles<T, N> kt(p, b, h, q0);
+  const int per = ceil_div(kt.tiles, splits);
+  const int t_begin = min(split * per, kt.tiles), t_end = min(t_begin + per, kt.tiles);
   const T* q = static_cast<const T*>(p.q) + b * p.sq.batch + h * p.sq.head + q0 * p.sq.seq;
 
   auto load_keys = [&](int t) {
@@ -334,7 +352,7 @@ __device__ void prefix_attention_mma(const PrefixAttentionParams& p) {
   };
 
   load_tile_async<T, kQueryRows, D>(sq, q, p.sq.seq, min(kQueryRows, p.q_len - q0));
-  if (kt.tiles > 0) load_keys(0);
+  if (t_begin < t_end) load_keys(t_begin);
   cp_async_commit();
 
   // This warp's rows g and g + 8 of its 16: query index, context limit.
@@ -348,8 +366,8 @@ __device__ void prefix_attention_mma(const PrefixAttentionParams& p) {
   uint32_t qf[Tile::kQInRegs ? D / 16 : 1][4];
   const T* q_row = sq + (warp * 16 + (lane & 15)) * P + (lane >> 4) * 8;  // ldmatrix A rows
 
-  for (int t = 0; t < kt.tiles; ++t) {
-    if (t + 1 < kt.tiles) load_keys(t + 1);
+  for (int t = t_begin; t < t_end; ++t) {
+    if (t + 1 < t_end) load_keys(t + 1);
     // Committed even when empty, so that "all but the newest group" is always tile t.
     cp_async_commit();
     cp_async_wait<1>();
@@ -357,7 +375,7 @@ __device__ void prefix_attention_mma(const PrefixAttentionParams& p) {
     const T* k_s = sk + (t & 1) * N * P;
     const T* v_s = sv + (t & 1) * N * P;
     if constexpr (Tile::kQInRegs) {
-      if (t == 0) {
+      if (t == t_begin) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qf[kk], q_row + kk * 16);
       }
@@ -438,7 +456,8 @@ __device__ void prefix_attention_mma(const PrefixAttentionParams& p) {
         }
       }
     }
-    if (t == kt.prefix_tiles - 1) {
+    // The prefix state after the run's last prefix tile (a run inside the prefix: its last).
+    if (t == min(kt.prefix_tiles, t_end) - 1) {
       rs[0].snapshot_prefix();
       rs[1].snapshot_prefix();
     }
@@ -450,8 +469,33 @@ __device__ void prefix_attention_mma(const PrefixAttentionParams& p) {
   cp_async_wait<0>();
   __syncthreads();
 
-  // Normalise, stage the warp's 16 rows in its own rows of the Q tile, store 16 bytes a lane.
   const int64_t row_base = (int64_t(b) * p.heads + h) * p.q_len;
+  if (splits > 1) {
+    // The run's state, unnormalised: O (relative to 2^m), m, l, m_p, l_p of each row.
+    float* const o_run = p.partial + (split * p.rows + row_base) * D;
+    float* const state = p.partial + splits * p.rows * D + (split * p.rows + row_base) * 4;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float l = row_sum<4>(rs[r].l), l_p = row_sum<4>(rs[r].l_p);
+      const int qi = row0 + 8 * r;
+      if (qi >= p.q_len) continue;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        o_run[qi * D + dt * 8 + 2 * t4] = o[dt][2 * r];
+        o_run[qi * D + dt * 8 + 2 * t4 + 1] = o[dt][2 * r + 1];
+      }
+      if (t4 == 0) {
+        float* const st = state + int64_t(qi) * 4;
+        st[0] = rs[r].m;
+        st[1] = l;
+        st[2] = rs[r].m_p;
+        st[3] = l_p;
+      }
+    }
+    return;
+  }
+
+  // Normalise, stage the warp's 16 rows in its own rows of the Q tile, store 16 bytes a lane.
   T* const stage = sq + warp * 16 * P;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -681,6 +725,52 @@ __device__ void lse_merge(const LseMergeParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Split-KV merge: the runs' states of a row combined into the output, LSE and λ exactly as
+// one pass would have left them (see finish_row): M = max m_s, L = Σ l_s·2^(m_s − M),
+// O = Σ O_s·2^(m_s − M) / L, and the same over the runs' prefix states for λ = L_p·2^(M_p −
+// M) / L. One warp per row (B·Hq·Lq rows), lane s reading run s's state (at most 32 runs).
+
+template <typename T>
+__device__ void prefix_attention_split_merge(const PrefixAttentionParams& p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  if (row >= p.rows) return;
+  const int splits = p.kv_splits, d = p.head_dim;
+  const float* const state = p.partial + int64_t(splits) * p.rows * d;
+  float m = kNegInf, l = 0.0f, m_p = kNegInf, l_p = 0.0f;
+  if (lane < splits) {
+    const float* st = state + (lane * p.rows + row) * 4;
+    m = st[0];
+    l = st[1];
+    m_p = st[2];
+    l_p = st[3];
+  }
+  const float big_m = row_max<32>(m), big_m_p = row_max<32>(m_p);
+  // A run that saw nothing (m = −∞) weighs 0, as does every run of a row that saw nothing.
+  const float w = m == kNegInf ? 0.0f : exp2f(m - big_m);
+  const float big_l = row_sum<32>(l * w);
+  const float big_l_p = row_sum<32>(m_p == kNegInf ? 0.0f : l_p * exp2f(m_p - big_m_p));
+  const float inv = big_l > 0.0f ? 1.0f / big_l : 0.0f;
+  const int64_t qi = row % p.q_len, bh = row / p.q_len, bi = bh / p.heads, h = bh % p.heads;
+  T* out = static_cast<T*>(p.out) + bi * p.so.batch + h * p.so.head + qi * p.so.seq;
+  for (int col = lane; col < d; col += 32) {
+    float v = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      const float ws = __shfl_sync(PK_FULL_MASK, w, s);
+      if (ws != 0.0f) v += ws * p.partial[(s * p.rows + row) * d + col];
+    }
+    out[col] = from_float<T>(v * inv);
+  }
+  if (lane == 0) {
+    const bool seen = big_l > 0.0f;
+    const float lambda =
+        seen && big_l_p > 0.0f ? fminf(big_l_p * exp2f(big_m_p - big_m) * inv, 1.0f) : 0.0f;
+    if (p.lse) p.lse[row] = seen ? (big_m + log2f(big_l)) * kLn2 : kNegInf;
+    if (p.lambda) p.lambda[row] = lambda;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // [P; C] along the sequence: dst[b, h, j] = j < l ? prefix[b, h, j] : src[b, h, j − l]. One
 // warp per output row.
 
@@ -727,6 +817,8 @@ PK_KERNEL_BOUNDS(prefix_attention_bf16_d80, (prefix_attention_mma<__nv_bfloat16,
 PK_KERNEL_BOUNDS(prefix_attention_bf16_d96, (prefix_attention_mma<__nv_bfloat16, 96>), PrefixAttentionParams, kThreads, 1)
 PK_KERNEL_BOUNDS(prefix_attention_bf16_d128, (prefix_attention_mma<__nv_bfloat16, 128>), PrefixAttentionParams, kThreads, 1)
 PK_KERNEL_BOUNDS(prefix_attention_bf16_d256, (prefix_attention_mma<__nv_bfloat16, 256>), PrefixAttentionParams, kThreads, 1)
+PK_KERNEL_BOUNDS(prefix_attention_split_merge_f16, prefix_attention_split_merge<__half>, PrefixAttentionParams, kThreads, 1)
+PK_KERNEL_BOUNDS(prefix_attention_split_merge_bf16, prefix_attention_split_merge<__nv_bfloat16>, PrefixAttentionParams, kThreads, 1)
 PK_KERNEL_BOUNDS(lse_merge_f32, lse_merge<float>, LseMergeParams, kThreads, 1)
 PK_KERNEL_BOUNDS(lse_merge_f16, lse_merge<__half>, LseMergeParams, kThreads, 1)
 PK_KERNEL_BOUNDS(lse_merge_bf16, lse_merge<__nv_bfloat16>, LseMergeParams, kThreads, 1)

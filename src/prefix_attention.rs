@@ -144,6 +144,12 @@ impl PrefixAttentionDims {
         }
     }
 
+    /// f32 elements of the split-KV workspace of `prefix_attention` for `dtype` (0: these
+    /// dims never split; see [`PrefixAttentionArgs::workspace`]).
+    pub fn workspace_len(&self, dtype: crate::DType) -> usize {
+        crate::plan::prefix_attention::workspace_len(self, dtype)
+    }
+
     /// Query rows B·Hq·Lq: the length of LSE and λ.
     pub fn rows(&self) -> usize {
         self.batch * self.heads * self.q_len
@@ -168,6 +174,10 @@ pub struct PrefixAttentionArgs<R, W, Lens, Stats> {
     pub lse: Option<Stats>,
     /// The gate λ, the prefix's share of the softmax mass.
     pub lambda: Option<Stats>,
+    /// f32 scratch of [`PrefixAttentionDims::workspace_len`] elements, which lets a grid too
+    /// small to fill the GPU (decoding: q_len = 1, few sequences) split the keys over more
+    /// blocks (flash-decoding); `None`, or a length of 0 needed, runs one pass.
+    pub workspace: Option<Stats>,
 }
 
 /// The tensors of `prefix_only_attention` (the dims' `kv_len`, `k` and `v` are not used):
@@ -287,6 +297,9 @@ impl<R, W, Lens, Stats> PrefixAttentionArgs<R, W, Lens, Stats> {
             out: BufSource::<R, W>::write(s, self.out),
             lse: self.lse.map(|b| BufSource::<Lens, Stats>::write(s, b)),
             lambda: self.lambda.map(|b| BufSource::<Lens, Stats>::write(s, b)),
+            workspace: self
+                .workspace
+                .map(|b| BufSource::<Lens, Stats>::write(s, b)),
         }
     }
 }

@@ -87,18 +87,21 @@ impl Backend for Gpu {
             out,
             lse,
             lambda,
+            workspace,
         } = args;
         let inputs = [q, k, v, prefix_k, prefix_v].map(|t| (self.up(t), t.len()));
         let lens = context_lens.map(|l| (self.up(l), l.len()));
         let mut d_out = self.up(out);
         let mut d_lse = lse.as_deref().map(|l| (self.up(l), l.len()));
         let mut d_lambda = lambda.as_deref().map(|l| (self.up(l), l.len()));
+        let mut d_workspace = workspace.map(|w| (self.up(w), w.len()));
         {
             let [vq, vk, vv, vpk, vpv] = inputs.each_ref().map(|(d, n)| view::<T>(d, *n));
             let v_lens = lens.as_ref().map(|(d, n)| view::<u32>(d, *n));
             let mut v_out = view_mut::<T>(&mut d_out, out.len());
             let mut v_lse = d_lse.as_mut().map(|(d, n)| view_mut::<f32>(d, *n));
             let mut v_lambda = d_lambda.as_mut().map(|(d, n)| view_mut::<f32>(d, *n));
+            let mut v_workspace = d_workspace.as_mut().map(|(d, n)| view_mut::<f32>(d, *n));
             cuda::prefix_attention::<T>(
                 &self.stream,
                 op,
@@ -113,6 +116,7 @@ impl Backend for Gpu {
                     out: &mut v_out,
                     lse: v_lse.as_mut().map(|v| v as DeviceWrite<f32>),
                     lambda: v_lambda.as_mut().map(|v| v as DeviceWrite<f32>),
+                    workspace: v_workspace.as_mut().map(|v| v as DeviceWrite<f32>),
                 },
             )?;
         }
@@ -257,6 +261,7 @@ gpu_tests! {
     ragged_context_lengths => |g: &Gpu| harness::ragged_context_lengths(g);
     grouped_and_multi_query_heads => |g: &Gpu| harness::grouped_and_multi_query_heads(g);
     decode_single_query => |g: &Gpu| harness::decode_single_query(g);
+    split_kv_decode => |g: &Gpu| harness::split_kv_decode(g);
     strided_layouts_and_a_shared_prefix => |g: &Gpu| harness::strided_layouts_and_a_shared_prefix(g);
     statistics_are_optional => |g: &Gpu| harness::statistics_are_optional(g);
     prefix_only_and_merge => |g: &Gpu| harness::prefix_only_and_merge(g);

@@ -111,6 +111,11 @@ fn decode_single_query() {
 }
 
 #[test]
+fn split_kv_decode() {
+    harness::split_kv_decode(&Emulator);
+}
+
+#[test]
 fn strided_layouts_and_a_shared_prefix() {
     harness::strided_layouts_and_a_shared_prefix(&Emulator);
 }

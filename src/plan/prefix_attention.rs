@@ -43,6 +43,8 @@ pub struct PrefixAttentionParams {
     pub out: u64,
     pub lse: u64,
     pub lambda: u64,
+    pub partial: u64,
+    pub rows: i64,
     pub sq: HeadStrides,
     pub sk: HeadStrides,
     pub sv: HeadStrides,
@@ -55,6 +57,8 @@ pub struct PrefixAttentionParams {
     pub kv_len: i32,
     pub prefix_len: i32,
     pub causal: i32,
+    pub kv_splits: i32,
+    pub head_dim: i32,
     pub scale_log2: f32,
 }
 // SAFETY: #[repr(C)], field for field the C++ struct (checked by a size test).
@@ -113,6 +117,8 @@ pub struct PrefixAttentionBufs {
     pub out: Buf,
     pub lse: Option<Buf>,
     pub lambda: Option<Buf>,
+    /// f32 scratch for split-KV decoding ([`kv_splits`]); `None`: never split.
+    pub workspace: Option<Buf>,
 }
 
 /// The operands of `prefix_only_attention`.
@@ -154,6 +160,46 @@ const WARP_ROWS: usize = 4;
 /// Sequence lengths and row widths the kernels index with 32-bit ints (with room for a
 /// tile, or a warp's stride over a row, past the end).
 const MAX_LEN: usize = 1 << 30;
+
+/// Split-KV: a grid of fewer blocks than this (about one per SM of the largest GPUs) splits
+/// its key tiles into runs, at most MAX_KV_SPLITS (the merge gives each a lane), each of at
+/// least MIN_TILES_PER_RUN tiles (256 keys at d ≤ 128) so that a run outweighs its share of
+/// the merge. Guesses until measured.
+const SPLIT_TARGET_BLOCKS: usize = 128;
+const MAX_KV_SPLITS: usize = 32;
+const MIN_TILES_PER_RUN: usize = 4;
+
+/// The runs of key tiles the fused pass splits into for these dims (1: none): flash-decoding
+/// for a grid too small to fill the GPU (decode: q_len = 1, few sequences and heads) over
+/// long keys. Tensor-core kernels (f16, bf16) only; each run leaves an unnormalised state in
+/// the workspace and `prefix_attention_split_merge` combines them.
+pub fn kv_splits(d: &PrefixAttentionDims, dtype: DType) -> usize {
+    let keys = if d.head_dim <= 128 { 64 } else { 32 };
+    let blocks = d
+        .q_len
+        .div_ceil(QUERY_ROWS)
+        .saturating_mul(d.heads)
+        .saturating_mul(d.batch);
+    if dtype == DType::F32 || blocks == 0 || blocks >= SPLIT_TARGET_BLOCKS {
+        return 1;
+    }
+    let tiles = d.prefix_len.div_ceil(keys) + d.kv_len.div_ceil(keys);
+    SPLIT_TARGET_BLOCKS
+        .div_ceil(blocks)
+        .min(tiles / MIN_TILES_PER_RUN)
+        .clamp(1, MAX_KV_SPLITS)
+}
+
+/// f32 elements of the split-KV workspace for these dims: per run, the unnormalised output
+/// and 4 row statistics of every query row; 0 when the pass does not split.
+pub fn workspace_len(d: &PrefixAttentionDims, dtype: DType) -> usize {
+    match kv_splits(d, dtype) {
+        1 => 0,
+        s => s
+            .saturating_mul(d.rows())
+            .saturating_mul(d.head_dim.saturating_add(4)),
+    }
+}
 
 fn positive(arg: &'static str, v: usize) -> Result<usize> {
     if v == 0 {
@@ -426,7 +472,25 @@ pub fn prefix_attention(
     )?;
     check_len("lse", b.lse, d.rows(), "[B, Hq, Lq]")?;
     check_len("lambda", b.lambda, d.rows(), "[B, Hq, Lq]")?;
+    // Split only with a workspace (callers who pass none keep one launch).
+    let splits = match b.workspace {
+        Some(w) => {
+            let need = workspace_len(d, dtype);
+            if w.len < need {
+                return Err(Error::invalid(
+                    "workspace",
+                    format!("at least {need} f32 (PrefixAttentionDims::workspace_len)"),
+                    w.len,
+                ));
+            }
+            kv_splits(d, dtype)
+        }
+        None => 1,
+    };
 
+    // grid.z is batch × run; splits > 1 only for grids of fewer than 128 blocks.
+    let mut grid = grid;
+    grid[2] *= splits as u32;
     let launch = Launch {
         kernel,
         grid,
@@ -444,6 +508,8 @@ pub fn prefix_attention(
         out: b.out.addr,
         lse: addr(b.lse),
         lambda: addr(b.lambda),
+        partial: if splits > 1 { addr(b.workspace) } else { 0 },
+        rows: d.rows() as i64,
         sq: d.q.into(),
         sk: d.k.into(),
         sv: d.v.into(),
@@ -456,9 +522,21 @@ pub fn prefix_attention(
         kv_len: d.kv_len as i32,
         prefix_len: d.prefix_len as i32,
         causal: i32::from(op.causal),
+        kv_splits: splits as i32,
+        head_dim: d.head_dim as i32,
         scale_log2,
     };
-    Ok(vec![(launch, params)])
+    if splits == 1 {
+        return Ok(vec![(launch, params)]);
+    }
+    let merge = match dtype {
+        DType::F16 => KernelId::prefix_attention_split_merge_f16,
+        _ => KernelId::prefix_attention_split_merge_bf16,
+    };
+    Ok(vec![
+        (launch, params),
+        (row_launch(merge, d.rows())?, params),
+    ])
 }
 
 /// Plans `prefix_only_attention`: the fused kernel with no context.
@@ -480,6 +558,7 @@ pub fn prefix_only_attention(
         out: b.out,
         lse: Some(b.lse),
         lambda: None,
+        workspace: None,
     };
     let op = PrefixAttention {
         causal: false,

@@ -360,10 +360,12 @@ impl<T: Element> Outputs<T> {
     }
 }
 
-/// Runs the fused kernel on a case's inputs.
+/// Runs the fused kernel on a case's inputs, with the split-KV workspace its dims want
+/// (NaN-poisoned), so that every case that can split does.
 pub fn run_fused<B: Backend, T: Element>(be: &B, case: &Case, x: &Inputs<T>) -> Outputs<T> {
     let dims = case.dims();
     let mut o = Outputs::poisoned(&dims);
+    let mut workspace = vec![f32::NAN; dims.workspace_len(T::DTYPE)];
     be.attention(
         &case.op(),
         &dims,
@@ -377,6 +379,7 @@ pub fn run_fused<B: Backend, T: Element>(be: &B, case: &Case, x: &Inputs<T>) -> 
             out: &mut o.out.data,
             lse: Some(&mut o.lse),
             lambda: Some(&mut o.lambda),
+            workspace: (!workspace.is_empty()).then_some(&mut workspace[..]),
         },
     )
     .unwrap_or_else(|e| panic!("{case:?}: {e}"));
@@ -453,6 +456,7 @@ pub fn check_concat_identity<B: Backend, T: Element>(be: &B, rng: &mut Rng, case
             out: &mut o.out.data,
             lse: Some(&mut o.lse),
             lambda: Some(&mut o.lambda),
+            workspace: None,
         },
     )
     .unwrap();
@@ -535,6 +539,7 @@ pub fn check_prefix_only_and_merge<B: Backend, T: Element>(be: &B, rng: &mut Rng
             out: &mut out_c.data,
             lse: Some(&mut lse_c),
             lambda: None,
+            workspace: None,
         },
     )
     .unwrap();
@@ -744,6 +749,7 @@ pub fn check_rejects<B: Backend, T: Element>(be: &B) {
                 out: &mut out,
                 lse: Some(&mut lse),
                 lambda: Some(&mut lambda),
+                workspace: None,
             },
         )
     };
@@ -1051,6 +1057,54 @@ pub fn decode_single_query<B: Backend>(be: &B) {
     }
 }
 
+/// Decoding with few sequences and heads: the keys split over runs of blocks (flash-decoding)
+/// whose states the merge combines, checked against the reference like every fused case
+/// (run_fused passes the workspace). Long and empty contexts, a long prefix, GQA, causal and
+/// ragged, d = 64 and 256; the plan must split each (else the test proves nothing), and a
+/// short workspace is an error naming it.
+pub fn split_kv_decode<B: Backend>(be: &B) {
+    use peft_kernels::DType;
+    let mut rng = Rng::from_env();
+    let cases = [
+        Case::new(1, 4, 1, 1, 2000, 30, 128),
+        Case::new(2, 8, 2, 1, 1500, 7, 64)
+            .causal(true)
+            .lens(vec![0, 1500]),
+        Case::new(1, 2, 2, 3, 300, 700, 256).causal(true),
+        Case::new(1, 1, 1, 2, 1100, 0, 128).lens(vec![999]),
+    ];
+    for case in &cases {
+        for dtype in [DType::F16, DType::BF16] {
+            let splits = peft_kernels::plan::prefix_attention::kv_splits(&case.dims(), dtype);
+            assert!(splits > 1, "{case:?} does not split");
+        }
+        check_fused::<_, f16>(be, &mut rng, case);
+        check_fused::<_, bf16>(be, &mut rng, case);
+    }
+    let case = &cases[0];
+    let x = Inputs::<bf16>::new(&mut rng, case);
+    let dims = case.dims();
+    let mut o = Outputs::poisoned(&dims);
+    let mut short = vec![0.0f32; dims.workspace_len(DType::BF16) - 1];
+    let r = be.attention(
+        &case.op(),
+        &dims,
+        PrefixAttentionArgs {
+            q: &x.q.data,
+            k: &x.k.data,
+            v: &x.v.data,
+            prefix_k: &x.prefix_k.data,
+            prefix_v: &x.prefix_v.data,
+            context_lens: None,
+            out: &mut o.out.data,
+            lse: None,
+            lambda: None,
+            workspace: Some(&mut short),
+        },
+    );
+    expect_invalid(r, "workspace");
+}
+
 pub fn strided_layouts_and_a_shared_prefix<B: Backend>(be: &B) {
     let mut rng = Rng::from_env();
     for shared_prefix in [false, true] {
@@ -1093,6 +1147,7 @@ pub fn statistics_are_optional<B: Backend>(be: &B) {
             out: &mut out,
             lse: None,
             lambda: None,
+            workspace: None,
         },
     )
     .unwrap();
