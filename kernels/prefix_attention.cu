@@ -59,10 +59,12 @@
 //   Split-KV (flash-decoding), f16/bf16: a grid of fewer than 128 blocks (decoding: Lq = 1,
 //   few sequences and heads) over long keys would leave most SMs idle while each block walks
 //   every key tile. With the caller's workspace the plan splits the tiles into runs (grid.z
-//   = B × runs, at most 32, each at least 4 tiles); a run ends with its unnormalised state
-//   (O relative to 2^m, m, l, and m_p, l_p after its last prefix tile) in the workspace, and
-//   prefix_attention_split_merge_{f16,bf16} combines the runs of a row exactly as the
-//   single pass would have finished it: output, LSE and λ.
+//   = B × runs, at most 32, of at least 4 tiles of the unmasked key count; a block whose
+//   causal or ragged mask leaves fewer tiles has shorter or empty runs); a run ends with its
+//   unnormalised state (O relative to 2^m, m, l, and m_p, l_p after its last prefix tile) in
+//   the workspace, and prefix_attention_split_merge_{f16,bf16} combines the runs of a row
+//   into what the single pass would have finished it with (the same math, not the same
+//   rounding): output, LSE and λ.
 //   lse_merge_{f32,f16,bf16}   two attention states (o, LSE) of the same rows merged into the
 //       gated output, LSE = logaddexp and λ: one warp per row.
 //   kv_concat_{f32,f16,bf16}   [P; C] along the sequence, the copy the unfused path makes (the
@@ -481,8 +483,8 @@ __device__ void prefix_attention_mma(const PrefixAttentionParams& p) {
       if (qi >= p.q_len) continue;
 #pragma unroll
       for (int dt = 0; dt < D / 8; ++dt) {
-        o_run[qi * D + dt * 8 + 2 * t4] = o[dt][2 * r];
-        o_run[qi * D + dt * 8 + 2 * t4 + 1] = o[dt][2 * r + 1];
+        o_run[int64_t(qi) * D + dt * 8 + 2 * t4] = o[dt][2 * r];
+        o_run[int64_t(qi) * D + dt * 8 + 2 * t4 + 1] = o[dt][2 * r + 1];
       }
       if (t4 == 0) {
         float* const st = state + int64_t(qi) * 4;
@@ -753,18 +755,22 @@ __device__ void prefix_attention_split_merge(const PrefixAttentionParams& p) {
   const float inv = big_l > 0.0f ? 1.0f / big_l : 0.0f;
   const int64_t qi = row % p.q_len, bh = row / p.q_len, bi = bh / p.heads, h = bh % p.heads;
   T* out = static_cast<T*>(p.out) + bi * p.so.batch + h * p.so.head + qi * p.so.seq;
-  for (int col = lane; col < d; col += 32) {
+  // Every lane takes every step (the shuffles name the whole warp), even where d is not a
+  // multiple of 32 (d = 80, 96).
+  for (int c0 = 0; c0 < d; c0 += 32) {
+    const int col = c0 + lane;
     float v = 0.0f;
     for (int s = 0; s < splits; ++s) {
       const float ws = __shfl_sync(PK_FULL_MASK, w, s);
-      if (ws != 0.0f) v += ws * p.partial[(s * p.rows + row) * d + col];
+      if (ws != 0.0f && col < d) v += ws * p.partial[(s * p.rows + row) * d + col];
     }
-    out[col] = from_float<T>(v * inv);
+    if (col < d) out[col] = from_float<T>(v * inv);
   }
   if (lane == 0) {
     const bool seen = big_l > 0.0f;
+    // Divided as finish_row divides: a row that sees only the prefix gets λ = 1 exactly.
     const float lambda =
-        seen && big_l_p > 0.0f ? fminf(big_l_p * exp2f(big_m_p - big_m) * inv, 1.0f) : 0.0f;
+        seen && big_l_p > 0.0f ? fminf(big_l_p * exp2f(big_m_p - big_m) / big_l, 1.0f) : 0.0f;
     if (p.lse) p.lse[row] = seen ? (big_m + log2f(big_l)) * kLn2 : kNegInf;
     if (p.lambda) p.lambda[row] = lambda;
   }

@@ -184,10 +184,12 @@ pub fn kv_splits(d: &PrefixAttentionDims, dtype: DType) -> usize {
         return 1;
     }
     let tiles = d.prefix_len.div_ceil(keys) + d.kv_len.div_ceil(keys);
-    SPLIT_TARGET_BLOCKS
+    let want = SPLIT_TARGET_BLOCKS
         .div_ceil(blocks)
         .min(tiles / MIN_TILES_PER_RUN)
-        .clamp(1, MAX_KV_SPLITS)
+        .clamp(1, MAX_KV_SPLITS);
+    // Runs of ceil(tiles / want) tiles, as the kernel cuts them, and no empty one at the end.
+    tiles.div_ceil(tiles.div_ceil(want).max(1)).max(1)
 }
 
 /// f32 elements of the split-KV workspace for these dims: per run, the unnormalised output
@@ -488,8 +490,10 @@ pub fn prefix_attention(
         None => 1,
     };
 
-    // grid.z is batch × run; splits > 1 only for grids of fewer than 128 blocks.
+    // grid.z is batch × run; splits > 1 only for grids of fewer than 128 blocks, so batch
+    // < 128 and the product < 4096.
     let mut grid = grid;
+    debug_assert!(splits == 1 || grid[2] < SPLIT_TARGET_BLOCKS as u32);
     grid[2] *= splits as u32;
     let launch = Launch {
         kernel,

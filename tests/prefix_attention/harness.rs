@@ -78,6 +78,9 @@ pub struct Case {
     /// One prefix for the whole batch (batch stride 0).
     pub shared_prefix: bool,
     pub scale: Option<f64>,
+    /// Give the fused kernel the split-KV workspace its dims want (the default); false runs
+    /// the single pass whatever the dims.
+    pub split: bool,
 }
 
 impl Case {
@@ -104,6 +107,15 @@ impl Case {
             layout: Layout::Contiguous,
             shared_prefix: false,
             scale: None,
+            split: true,
+        }
+    }
+
+    /// The same without the split-KV workspace: one pass over every key tile.
+    pub fn single_pass(self) -> Case {
+        Case {
+            split: false,
+            ..self
         }
     }
 
@@ -361,11 +373,16 @@ impl<T: Element> Outputs<T> {
 }
 
 /// Runs the fused kernel on a case's inputs, with the split-KV workspace its dims want
-/// (NaN-poisoned), so that every case that can split does.
+/// (NaN-poisoned), so that every case that can split does, unless it asks for one pass.
 pub fn run_fused<B: Backend, T: Element>(be: &B, case: &Case, x: &Inputs<T>) -> Outputs<T> {
     let dims = case.dims();
     let mut o = Outputs::poisoned(&dims);
-    let mut workspace = vec![f32::NAN; dims.workspace_len(T::DTYPE)];
+    let len = if case.split {
+        dims.workspace_len(T::DTYPE)
+    } else {
+        0
+    };
+    let mut workspace = vec![f32::NAN; len];
     be.attention(
         &case.op(),
         &dims,
@@ -928,24 +945,27 @@ pub fn every_head_dim<B: Backend, T: Element>(be: &B, per_dim: usize) {
 /// Several query tiles and many key tiles: the cp.async double buffer turns over.
 pub fn many_tiles<B: Backend>(be: &B) {
     let mut rng = Rng::from_env();
-    let case = Case::new(1, 2, 1, 150, 333, 100, 128).causal(true);
-    check_fused::<_, bf16>(be, &mut rng, &case);
-    check_fused::<_, f16>(
-        be,
-        &mut rng,
-        &Case {
-            head_dim: 256,
-            ..case.clone()
-        },
-    );
-    check_fused::<_, f32>(
-        be,
-        &mut rng,
-        &Case {
-            head_dim: 96,
-            ..case
-        },
-    );
+    // Few heads: the tensor-core cases split their keys; once more as one long pass.
+    let split = Case::new(1, 2, 1, 150, 333, 100, 128).causal(true);
+    for case in [split.clone(), split.single_pass()] {
+        check_fused::<_, bf16>(be, &mut rng, &case);
+        check_fused::<_, f16>(
+            be,
+            &mut rng,
+            &Case {
+                head_dim: 256,
+                ..case.clone()
+            },
+        );
+        check_fused::<_, f32>(
+            be,
+            &mut rng,
+            &Case {
+                head_dim: 96,
+                ..case
+            },
+        );
+    }
 }
 
 /// The scale of the scores given explicitly rather than 1/sqrt(d).
@@ -1072,6 +1092,13 @@ pub fn split_kv_decode<B: Backend>(be: &B) {
             .lens(vec![0, 1500]),
         Case::new(1, 2, 2, 3, 300, 700, 256).causal(true),
         Case::new(1, 1, 1, 2, 1100, 0, 128).lens(vec![999]),
+        // d not a multiple of 32 in the merge; a strided output.
+        Case::new(1, 2, 1, 1, 1200, 30, 80),
+        Case::new(1, 3, 1, 2, 900, 100, 96).layout(Layout::Strided),
+        // Prefill whose first rows see nothing of the context (and no prefix).
+        Case::new(1, 1, 1, 64, 1000, 0, 64)
+            .causal(true)
+            .lens(vec![40]),
     ];
     for case in &cases {
         for dtype in [DType::F16, DType::BF16] {
@@ -1080,6 +1107,29 @@ pub fn split_kv_decode<B: Backend>(be: &B) {
         }
         check_fused::<_, f16>(be, &mut rng, case);
         check_fused::<_, bf16>(be, &mut rng, case);
+    }
+    // Rows that see only the prefix (no context): λ = 1 exactly, as from one pass; rows that
+    // see nothing at all (no prefix, no context): 0 output, LSE −∞, λ 0.
+    for (prefix_len, lambda) in [(700, 1.0f32), (0, 0.0)] {
+        let case = Case::new(1, 64, 8, 1, 1200, prefix_len, 64).lens(vec![0]);
+        assert!(peft_kernels::plan::prefix_attention::kv_splits(&case.dims(), DType::BF16) > 1);
+        let x = Inputs::<bf16>::new(&mut rng, &case);
+        let o = run_fused(be, &case, &x);
+        assert!(
+            o.lambda.iter().all(|&l| l == lambda),
+            "{case:?}: λ {:?}",
+            o.lambda
+        );
+        if prefix_len == 0 {
+            assert!(
+                o.lse.iter().all(|&l| l == f32::NEG_INFINITY),
+                "{case:?}: LSE"
+            );
+            assert!(
+                o.out.gather().iter().all(|v| v.to_f64() == 0.0),
+                "{case:?}: output"
+            );
+        }
     }
     let case = &cases[0];
     let x = Inputs::<bf16>::new(&mut rng, case);
