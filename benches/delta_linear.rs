@@ -275,6 +275,6 @@ mod gpu {
             }
             group.finish();
         }
-        gpu.finish("delta_linear", criterion, &table);
+        gpu.finish("delta_linear", criterion, &[&table]);
     }
 }

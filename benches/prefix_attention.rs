@@ -15,6 +15,11 @@
 //! tensors, together larger than the L2 cache. Before timing, each case checks that the
 //! fused and split outputs agree with the concat path's.
 //!
+//! Decoding gets a second set: one query per sequence against a long KV cache (B = 1,
+//! Hq = 32 over Hkv = 8, prefix l = 30, L ∈ {4096, 32768}, causal), where 32 blocks would
+//! leave most of an H100 idle: the fused kernel with its split-KV workspace against the same
+//! kernel in one pass (both checked to agree first).
+//!
 //! After criterion's report, a summary table (benches/common): per case the three paths'
 //! times (CUDA events, median of batches), the speedups of the fused kernel over the
 //! other two, and its achieved bandwidth (bytes = Q, K, V, the prefix and the output once
@@ -44,6 +49,7 @@ mod gpu {
         KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeDims, PrefixAttention,
         PrefixAttentionArgs, PrefixAttentionDims, PrefixOnlyArgs,
     };
+    use peft_kernels::DType;
 
     use crate::common::gpu::{agree, criterion, poison, random, Gpu, Rotation, Table};
 
@@ -286,6 +292,157 @@ mod gpu {
         elements * std::mem::size_of::<bf16>()
     }
 
+    /// The decode shape: B = 1, Hq over Hkv (grouped-query attention), one query, l prefix
+    /// vectors.
+    const DECODE_HEADS: usize = 32;
+    const DECODE_KV_HEADS: usize = 8;
+    const DECODE_PREFIX: usize = 30;
+
+    /// The tensors of one decode step, and the split-KV workspace.
+    struct DecodeBuffers {
+        q: CudaSlice<bf16>,
+        k: CudaSlice<bf16>,
+        v: CudaSlice<bf16>,
+        prefix_k: CudaSlice<bf16>,
+        prefix_v: CudaSlice<bf16>,
+        out: CudaSlice<bf16>,
+        workspace: CudaSlice<f32>,
+    }
+
+    /// One decode step against `len` cached keys, with its rotating buffer copies.
+    struct DecodeCase {
+        dims: PrefixAttentionDims,
+        copies: Rotation<DecodeBuffers>,
+    }
+
+    impl DecodeCase {
+        const OP: PrefixAttention = PrefixAttention {
+            scale: None,
+            causal: true,
+        };
+
+        fn new(stream: &Arc<CudaStream>, len: usize) -> DecodeCase {
+            let (hq, hkv, l) = (DECODE_HEADS, DECODE_KV_HEADS, DECODE_PREFIX);
+            let dims = PrefixAttentionDims::new(1, hq, hkv, 1, len, l, HEAD_DIM);
+            let host = |n, seed| random(n, 1.0, seed);
+            let (q, out) = (host(hq * HEAD_DIM, 11), hq * HEAD_DIM);
+            let [k, v] = [12, 13].map(|seed| host(hkv * len * HEAD_DIM, seed));
+            let [pk, pv] = [14, 15].map(|seed| host(hkv * l * HEAD_DIM, seed));
+            let up = |h: &[bf16]| stream.clone_htod(h).expect("copy to the device");
+            let workspace = dims.workspace_len(DType::BF16).max(1);
+            let copies = Rotation::new(decode_bytes(&dims), || DecodeBuffers {
+                q: up(&q),
+                k: up(&k),
+                v: up(&v),
+                prefix_k: up(&pk),
+                prefix_v: up(&pv),
+                out: stream.alloc_zeros(out).expect("device allocation"),
+                workspace: stream.alloc_zeros(workspace).expect("device allocation"),
+            });
+            DecodeCase { dims, copies }
+        }
+
+        /// One step on `b`, with the split-KV workspace or in one pass.
+        fn step(
+            stream: &CudaStream,
+            dims: &PrefixAttentionDims,
+            b: &mut DecodeBuffers,
+            split: bool,
+        ) -> peft_kernels::Result<()> {
+            cuda::prefix_attention::<bf16>(
+                stream,
+                &Self::OP,
+                dims,
+                PrefixAttentionArgs {
+                    q: &b.q,
+                    k: &b.k,
+                    v: &b.v,
+                    prefix_k: &b.prefix_k,
+                    prefix_v: &b.prefix_v,
+                    context_lens: None,
+                    out: &mut b.out,
+                    lse: None,
+                    lambda: None,
+                    workspace: split.then_some(&mut b.workspace as DeviceWrite<f32>),
+                },
+            )
+        }
+
+        fn run(&mut self, stream: &CudaStream, split: bool) {
+            Self::step(stream, &self.dims, self.copies.next_copy(), split).expect("decode step");
+        }
+
+        /// Both ways on the first copy, each into a NaN-poisoned output: an error unless they
+        /// agree.
+        fn check(&mut self, stream: &Arc<CudaStream>) -> Result<(), String> {
+            let (dims, name) = (self.dims, format!("decode L{}", self.dims.kv_len));
+            let first = self.copies.first();
+            let mut output = |split| {
+                poison(stream, &mut first.out);
+                Self::step(stream, &dims, first, split)
+                    .map_err(|e| format!("the fused kernel (split {split}) failed: {e}"))?;
+                Ok::<_, String>(stream.clone_dtoh(&first.out).expect("copy to the host"))
+            };
+            let (split, whole) = (output(true)?, output(false)?);
+            agree(&name, "split-KV and one pass", &split, &whole)
+        }
+    }
+
+    /// A decode step's least traffic: q, the cached K and V, the prefix, the output once.
+    fn decode_bytes(d: &PrefixAttentionDims) -> usize {
+        let kv = 2 * d.kv_heads * (d.kv_len + d.prefix_len) * d.head_dim;
+        (2 * d.heads * d.head_dim + kv) * std::mem::size_of::<bf16>()
+    }
+
+    /// Its FLOPs: 4·d per (query head, key) pair, every key visible to the one query.
+    fn decode_flops(d: &PrefixAttentionDims) -> f64 {
+        (4 * d.head_dim * d.heads * (d.kv_len + d.prefix_len)) as f64
+    }
+
+    /// The decode cases: criterion and the second summary table.
+    fn decode(gpu: &Gpu, criterion: &mut criterion::Criterion) -> Table {
+        let stream = &gpu.stream;
+        let mut table = Table::new(
+            format!(
+                "prefix_attention decode, bf16, B = 1, Hq = {DECODE_HEADS}, Hkv = \
+                 {DECODE_KV_HEADS}, d = {HEAD_DIM}, l = {DECODE_PREFIX}, one query, causal: \
+                 split-KV vs one pass"
+            ),
+            &[("L", "--:")],
+            &["split-KV µs", "one pass µs"],
+            &["one pass / split-KV"],
+        );
+        for len in [4096, 32768] {
+            let mut case = DecodeCase::new(stream, len);
+            let keys = vec![len.to_string()];
+            if let Err(e) = case.check(stream) {
+                table.failed(format!("decode L{len}"), keys, e);
+                continue;
+            }
+            let name = format!(
+                "prefix_attention decode bf16 Hq={DECODE_HEADS} Hkv={DECODE_KV_HEADS} \
+                 d={HEAD_DIM} L={len} l={DECODE_PREFIX}"
+            );
+            let mut group = criterion.benchmark_group(name);
+            group.throughput(Throughput::Bytes(decode_bytes(&case.dims) as u64));
+            for (path, split) in [("split_kv", true), ("one_pass", false)] {
+                group.bench_function(BenchmarkId::from_parameter(path), |b| {
+                    b.iter_custom(|iters| gpu.timed(iters, || case.run(stream, split)))
+                });
+            }
+            group.finish();
+            if gpu.measuring {
+                let seconds = [true, false]
+                    .iter()
+                    .map(|&split| gpu.per_call(|| case.run(stream, split)))
+                    .collect();
+                let (bytes, flops) = (decode_bytes(&case.dims), decode_flops(&case.dims));
+                table.timed(keys, seconds, bytes as f64, flops);
+            }
+        }
+        table
+    }
+
     pub fn main() {
         let gpu = Gpu::new();
         let stream = &gpu.stream;
@@ -336,6 +493,7 @@ mod gpu {
                 }
             }
         }
-        gpu.finish("prefix_attention", criterion, &table);
+        let decode = decode(&gpu, &mut criterion);
+        gpu.finish("prefix_attention", criterion, &[&table, &decode]);
     }
 }

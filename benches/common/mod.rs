@@ -199,15 +199,19 @@ pub mod gpu {
             times[BATCHES / 2]
         }
 
-        /// The end of a bench: criterion's summary; when measuring, the summary table
+        /// The end of a bench: criterion's summary; when measuring, the summary tables
         /// (floor measured now), printed and written to [`summary_path`]; then exit 1 if
         /// any case failed its check (after the numbers: a GPU machine is lent too rarely
         /// to lose them).
-        pub fn finish(&self, bench: &str, criterion: Criterion, table: &Table) {
+        pub fn finish(&self, bench: &str, criterion: Criterion, tables: &[&Table]) {
             criterion.final_summary();
             if self.measuring {
                 let floor = Floor::measure(self);
-                let text = table.render(&self.device, &floor);
+                let text = tables
+                    .iter()
+                    .map(|t| t.render(&self.device, &floor))
+                    .collect::<Vec<_>>()
+                    .join("\n");
                 println!("\n{text}");
                 let path = summary_path(bench);
                 let written = path
@@ -219,10 +223,14 @@ pub mod gpu {
                     Err(e) => panic!("cannot write the summary to {}: {e}", path.display()),
                 }
             }
-            if !table.failures.is_empty() {
+            let failures: Vec<&str> = tables
+                .iter()
+                .flat_map(|t| t.failures.iter().map(String::as_str))
+                .collect();
+            if !failures.is_empty() {
                 eprintln!(
                     "{bench} benches: wrong or failed cases: {}",
-                    table.failures.join(", ")
+                    failures.join(", ")
                 );
                 std::process::exit(1);
             }
