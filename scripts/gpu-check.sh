@@ -137,6 +137,7 @@ PROFILE_CASES=(
   "delta_linear|^delta_linear/scaled_pa_r512/fused/1\$|^fused_linear"
   "delta_linear|^delta_linear/scaled_pa_r512/fused/4096\$|^fused_linear"
   "prefix_attention|L=2048 l=128 causal.*/fused\$|^prefix_attention"
+  "prefix_attention|decode.*L=32768 .*/split_kv\$|^prefix_attention"
 )
 
 # profile_case BENCH CASE KERNELS: ncu over 4 launches of the kernels matching KERNELS,
