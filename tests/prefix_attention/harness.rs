@@ -342,6 +342,30 @@ impl<T: Element> Inputs<T> {
         }
     }
 
+    /// The kernel's arguments over these inputs and the case's context lengths, writing
+    /// `out` and the statistics and workspace given.
+    pub fn args<'a>(
+        &'a self,
+        case: &'a Case,
+        out: &'a mut [T],
+        lse: Option<&'a mut [f32]>,
+        lambda: Option<&'a mut [f32]>,
+        workspace: Option<&'a mut [f32]>,
+    ) -> PrefixAttentionArgs<&'a [T], &'a mut [T], &'a [u32], &'a mut [f32]> {
+        PrefixAttentionArgs {
+            q: &self.q.data,
+            k: &self.k.data,
+            v: &self.v.data,
+            prefix_k: &self.prefix_k.data,
+            prefix_v: &self.prefix_v.data,
+            context_lens: case.lens.as_deref(),
+            out,
+            lse,
+            lambda,
+            workspace,
+        }
+    }
+
     pub fn tensors<'a>(&'a self, case: &'a Case) -> PrefixAttentionTensors<'a, T> {
         PrefixAttentionTensors {
             q: self.q.tensor(),
@@ -383,23 +407,15 @@ pub fn run_fused<B: Backend, T: Element>(be: &B, case: &Case, x: &Inputs<T>) -> 
         0
     };
     let mut workspace = vec![f32::NAN; len];
-    be.attention(
-        &case.op(),
-        &dims,
-        PrefixAttentionArgs {
-            q: &x.q.data,
-            k: &x.k.data,
-            v: &x.v.data,
-            prefix_k: &x.prefix_k.data,
-            prefix_v: &x.prefix_v.data,
-            context_lens: case.lens.as_deref(),
-            out: &mut o.out.data,
-            lse: Some(&mut o.lse),
-            lambda: Some(&mut o.lambda),
-            workspace: (!workspace.is_empty()).then_some(&mut workspace[..]),
-        },
-    )
-    .unwrap_or_else(|e| panic!("{case:?}: {e}"));
+    let args = x.args(
+        case,
+        &mut o.out.data,
+        Some(&mut o.lse),
+        Some(&mut o.lambda),
+        (!workspace.is_empty()).then_some(&mut workspace[..]),
+    );
+    be.attention(&case.op(), &dims, args)
+        .unwrap_or_else(|e| panic!("{case:?}: {e}"));
     o
 }
 
@@ -1136,23 +1152,8 @@ pub fn split_kv_decode<B: Backend>(be: &B) {
     let dims = case.dims();
     let mut o = Outputs::poisoned(&dims);
     let mut short = vec![0.0f32; dims.workspace_len(DType::BF16) - 1];
-    let r = be.attention(
-        &case.op(),
-        &dims,
-        PrefixAttentionArgs {
-            q: &x.q.data,
-            k: &x.k.data,
-            v: &x.v.data,
-            prefix_k: &x.prefix_k.data,
-            prefix_v: &x.prefix_v.data,
-            context_lens: None,
-            out: &mut o.out.data,
-            lse: None,
-            lambda: None,
-            workspace: Some(&mut short),
-        },
-    );
-    expect_invalid(r, "workspace");
+    let args = x.args(case, &mut o.out.data, None, None, Some(&mut short));
+    expect_invalid(be.attention(&case.op(), &dims, args), "workspace");
 }
 
 pub fn strided_layouts_and_a_shared_prefix<B: Backend>(be: &B) {
@@ -1184,23 +1185,8 @@ pub fn statistics_are_optional<B: Backend>(be: &B) {
     let x = Inputs::<bf16>::new(&mut rng, &case);
     let dims = case.dims();
     let mut out = vec![bf16::NAN; dims.rows() * 64];
-    be.attention(
-        &case.op(),
-        &dims,
-        PrefixAttentionArgs {
-            q: &x.q.data,
-            k: &x.k.data,
-            v: &x.v.data,
-            prefix_k: &x.prefix_k.data,
-            prefix_v: &x.prefix_v.data,
-            context_lens: None,
-            out: &mut out,
-            lse: None,
-            lambda: None,
-            workspace: None,
-        },
-    )
-    .unwrap();
+    let args = x.args(&case, &mut out, None, None, None);
+    be.attention(&case.op(), &dims, args).unwrap();
     let r = reference::prefix_attention(&case.op(), &x.tensors(&case)).unwrap();
     assert_close(
         "out without statistics",
