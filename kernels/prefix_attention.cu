@@ -56,6 +56,11 @@
 //       padded by 4 floats so that the 16-byte shared reads of 8 lanes hit 32 distinct banks.
 //   Prefix-only attention (out_p, LSE_p) is the same kernel with no context (Lk = 0), plain
 //   attention the same kernel with l = 0.
+//   GQA packing, f16/bf16: when a KV group's g query heads × Lq queries fit the block's 64
+//   rows (decoding: Lq = 1), one block takes the whole group, so the group's keys and values
+//   are loaded and multiplied once instead of g times; row ρ is query ρ mod Lq of head
+//   h + ρ / Lq, the rows one stride apart (the head stride when Lq = 1; else the plan
+//   requires Lq rows per head) and the masks per query.
 //   Split-KV (flash-decoding), f16/bf16: a grid of fewer than 128 blocks (decoding: Lq = 1,
 //   few sequences and heads) over long keys would leave most SMs idle while each block walks
 //   every key tile. With the caller's workspace the plan splits the tiles into runs (grid.z
@@ -75,9 +80,8 @@
 // back); 128 queries per block (two m-tiles per warp: 128 accumulator registers at D = 128,
 // and half the blocks for short sequences); a separate LSE_c for λ (see above); wgmma/TMA on
 // Hopper for now (mma.sync serves sm_80 and sm_90 from one source; delta_linear's wgmma path
-// in arch.cuh is the template once it has been run and measured on a GPU). Not done: packing
-// the query heads of a GQA group into one block's rows when Lq is small (a decode block
-// computes 64 query rows of which Lq are real), and split-KV for f32.
+// in arch.cuh is the template once it has been run and measured on a GPU). Not done for f32
+// (the SIMT kernel): split-KV and GQA packing.
 #include <limits>
 
 #include "common.cuh"
@@ -113,6 +117,7 @@ struct PrefixAttentionParams {
   int32_t q_len, kv_len, prefix_len;
   int32_t causal;
   int32_t kv_splits, head_dim;    // runs of key tiles (1: no split); D, for the merge
+  int32_t pack;                   // query heads of a GQA group sharing one block (1: none)
   float scale_log2;               // score scale · log2(e)
 };
 PK_PARAMS_SIZE(PrefixAttentionParams)
@@ -340,11 +345,18 @@ __device__ void prefix_attention_mma(const PrefixAttentionParams& p) {
   // Split-KV (decode with few blocks): grid.z is batch × run; the block visits its run of the
   // key tiles and leaves an unnormalised state for prefix_attention_split_merge.
   const int splits = p.kv_splits > 1 ? p.kv_splits : 1;
-  const int h = blockIdx.y, b = blockIdx.z / splits, split = blockIdx.z % splits;
+  // GQA packing (p.pack > 1, small Lq): the block's rows are the Lq queries of `pack`
+  // consecutive heads of one KV group, row ρ query ρ mod Lq of head h + ρ / Lq. They lie one
+  // stride apart in Q and the output (the head stride when Lq = 1, else the row stride,
+  // which the plan checks is Lq rows per head) and consecutively in the statistics.
+  const int pack = p.pack > 1 ? p.pack : 1, rows_q = p.q_len * pack;
+  const bool by_head = pack > 1 && p.q_len == 1;
+  const int64_t q_ld = by_head ? p.sq.head : p.sq.seq, o_ld = by_head ? p.so.head : p.so.seq;
+  const int h = blockIdx.y * pack, b = blockIdx.z / splits, split = blockIdx.z % splits;
   const KeyTiles<T, N> kt(p, b, h, q0);
   const int per = ceil_div(kt.tiles, splits);
   const int t_begin = min(split * per, kt.tiles), t_end = min(t_begin + per, kt.tiles);
-  const T* q = static_cast<const T*>(p.q) + b * p.sq.batch + h * p.sq.head + q0 * p.sq.seq;
+  const T* q = static_cast<const T*>(p.q) + b * p.sq.batch + h * p.sq.head + q0 * q_ld;
 
   auto load_keys = [&](int t) {
     const auto src = kt.rows(t);
@@ -353,14 +365,15 @@ __device__ void prefix_attention_mma(const PrefixAttentionParams& p) {
     load_tile_async<T, N, D>(sv + stage * N * P, src.v, src.v_ld, n);
   };
 
-  load_tile_async<T, kQueryRows, D>(sq, q, p.sq.seq, min(kQueryRows, p.q_len - q0));
+  load_tile_async<T, kQueryRows, D>(sq, q, q_ld, min(kQueryRows, rows_q - q0));
   if (t_begin < t_end) load_keys(t_begin);
   cp_async_commit();
 
   // This warp's rows g and g + 8 of its 16: query index, context limit.
   const int row0 = q0 + warp * 16 + g;
-  const int ctx_limit[2] = {kt.context_limit(row0), kt.context_limit(row0 + 8)};
-  const bool warp_active = q0 + warp * 16 < p.q_len;
+  const int ctx_limit[2] = {kt.context_limit(row0 % p.q_len),
+                            kt.context_limit((row0 + 8) % p.q_len)};
+  const bool warp_active = q0 + warp * 16 < rows_q;
   const float c = p.scale_log2;
 
   float o[D / 8][4] = {};  // the warp's 16 × D output, C-fragment layout per 8 columns
@@ -480,7 +493,7 @@ __device__ void prefix_attention_mma(const PrefixAttentionParams& p) {
     for (int r = 0; r < 2; ++r) {
       const float l = row_sum<4>(rs[r].l), l_p = row_sum<4>(rs[r].l_p);
       const int qi = row0 + 8 * r;
-      if (qi >= p.q_len) continue;
+      if (qi >= rows_q) continue;
 #pragma unroll
       for (int dt = 0; dt < D / 8; ++dt) {
         o_run[int64_t(qi) * D + dt * 8 + 2 * t4] = o[dt][2 * r];
@@ -508,7 +521,7 @@ __device__ void prefix_attention_mma(const PrefixAttentionParams& p) {
       const uint32_t pair = pack2<T>(o[dt][2 * r] * st.inv, o[dt][2 * r + 1] * st.inv);
       *reinterpret_cast<uint32_t*>(stage + row * P + dt * 8 + 2 * t4) = pair;
     }
-    if (t4 == 0 && row0 + 8 * r < p.q_len) store_stats(p, row_base, row0 + 8 * r, st);
+    if (t4 == 0 && row0 + 8 * r < rows_q) store_stats(p, row_base, row0 + 8 * r, st);
   }
   __syncwarp();
   T* const out = static_cast<T*>(p.out) + b * p.so.batch + h * p.so.head;
@@ -518,8 +531,8 @@ __device__ void prefix_attention_mma(const PrefixAttentionParams& p) {
     const int chunk = lane + 32 * i;
     const int row = chunk / kChunksPerRow, col = chunk % kChunksPerRow * 8;
     const int qi = q0 + warp * 16 + row;
-    if (qi < p.q_len)
-      store_vec(out + qi * p.so.seq + col, load_vec<T, 8>(stage + row * P + col));
+    if (qi < rows_q)
+      store_vec(out + qi * o_ld + col, load_vec<T, 8>(stage + row * P + col));
   }
 }
 

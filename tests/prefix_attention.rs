@@ -116,6 +116,11 @@ fn split_kv_decode() {
 }
 
 #[test]
+fn grouped_heads_share_a_block() {
+    harness::grouped_heads_share_a_block(&Emulator);
+}
+
+#[test]
 fn strided_layouts_and_a_shared_prefix() {
     harness::strided_layouts_and_a_shared_prefix(&Emulator);
 }

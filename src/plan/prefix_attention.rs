@@ -59,6 +59,7 @@ pub struct PrefixAttentionParams {
     pub causal: i32,
     pub kv_splits: i32,
     pub head_dim: i32,
+    pub pack: i32,
     pub scale_log2: f32,
 }
 // SAFETY: #[repr(C)], field for field the C++ struct (checked by a size test).
@@ -169,16 +170,33 @@ const SPLIT_TARGET_BLOCKS: usize = 128;
 const MAX_KV_SPLITS: usize = 32;
 const MIN_TILES_PER_RUN: usize = 4;
 
+/// The query heads of a GQA group the tensor-core pass puts in one block (1: none): the whole
+/// group when its Lq queries per head fit the block's 64 rows (decoding, short chunks), so
+/// the group's keys and values are read and multiplied once, not once per head. The packed
+/// rows must be one stride apart in Q and the output: Lq = 1, or Lq rows per head.
+pub fn packed_heads(d: &PrefixAttentionDims, dtype: DType) -> usize {
+    let group = d.heads / d.kv_heads.max(1);
+    let rows_per_head =
+        |l: &crate::prefix_attention::HeadLayout| l.head == d.q_len.saturating_mul(l.seq);
+    let contiguous = d.q_len == 1 || (rows_per_head(&d.q) && rows_per_head(&d.out));
+    let fits = group.saturating_mul(d.q_len) <= QUERY_ROWS;
+    if dtype == DType::F32 || group <= 1 || !fits || !contiguous || d.heads % d.kv_heads.max(1) != 0
+    {
+        return 1;
+    }
+    group
+}
+
 /// The runs of key tiles the fused pass splits into for these dims (1: none): flash-decoding
 /// for a grid too small to fill the GPU (decode: q_len = 1, few sequences and heads) over
 /// long keys. Tensor-core kernels (f16, bf16) only; each run leaves an unnormalised state in
 /// the workspace and `prefix_attention_split_merge` combines them.
 pub fn kv_splits(d: &PrefixAttentionDims, dtype: DType) -> usize {
     let keys = if d.head_dim <= 128 { 64 } else { 32 };
-    let blocks = d
-        .q_len
+    let pack = packed_heads(d, dtype);
+    let blocks = (d.q_len * pack)
         .div_ceil(QUERY_ROWS)
-        .saturating_mul(d.heads)
+        .saturating_mul(d.heads / pack)
         .saturating_mul(d.batch);
     if dtype == DType::F32 || blocks == 0 || blocks >= SPLIT_TARGET_BLOCKS {
         return 1;
@@ -490,9 +508,15 @@ pub fn prefix_attention(
         None => 1,
     };
 
+    // Packed GQA groups: one block row per group (grid.x is 1: the rows fit one block).
+    let pack = packed_heads(d, dtype);
+    let mut grid = grid;
+    if pack > 1 {
+        grid[0] = 1;
+        grid[1] /= pack as u32;
+    }
     // grid.z is batch × run; splits > 1 only for grids of fewer than 128 blocks, so batch
     // < 128 and the product < 4096.
-    let mut grid = grid;
     debug_assert!(splits == 1 || grid[2] < SPLIT_TARGET_BLOCKS as u32);
     grid[2] *= splits as u32;
     let launch = Launch {
@@ -528,6 +552,7 @@ pub fn prefix_attention(
         causal: i32::from(op.causal),
         kv_splits: splits as i32,
         head_dim: d.head_dim as i32,
+        pack: pack as i32,
         scale_log2,
     };
     if splits == 1 {

@@ -1156,6 +1156,38 @@ pub fn split_kv_decode<B: Backend>(be: &B) {
     expect_invalid(be.attention(&case.op(), &dims, args), "workspace");
 }
 
+/// Grouped-query attention with few queries: the query heads of a KV group share one
+/// block's rows (the plan must pack each case here, else the test proves nothing). Causal
+/// limits per query, MQA filling the 64 rows exactly, ragged lengths, decoding in the
+/// `[B, L, H, d]` layout (rows a head stride apart), and with split-KV; a strided layout
+/// with Lq > 1, whose heads are not Lq rows apart, is not packed and must still be right.
+pub fn grouped_heads_share_a_block<B: Backend>(be: &B) {
+    use peft_kernels::plan::prefix_attention::packed_heads;
+    use peft_kernels::DType;
+    let mut rng = Rng::from_env();
+    let packed = [
+        Case::new(2, 8, 2, 5, 100, 20, 64).causal(true),
+        Case::new(1, 16, 1, 4, 70, 9, 128)
+            .lens(vec![33])
+            .causal(true),
+        Case::new(3, 8, 4, 1, 50, 30, 96).layout(Layout::Strided),
+        Case::new(1, 8, 2, 1, 3000, 30, 128).causal(true),
+    ];
+    for case in &packed {
+        assert!(
+            packed_heads(&case.dims(), DType::BF16) > 1,
+            "{case:?} is not packed"
+        );
+        check_fused::<_, bf16>(be, &mut rng, case);
+        check_fused::<_, f16>(be, &mut rng, case);
+    }
+    let unpacked = Case::new(1, 8, 2, 5, 100, 20, 64)
+        .causal(true)
+        .layout(Layout::Strided);
+    assert_eq!(packed_heads(&unpacked.dims(), DType::BF16), 1);
+    check_fused::<_, bf16>(be, &mut rng, &unpacked);
+}
+
 pub fn strided_layouts_and_a_shared_prefix<B: Backend>(be: &B) {
     let mut rng = Rng::from_env();
     for shared_prefix in [false, true] {
