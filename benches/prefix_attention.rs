@@ -16,15 +16,17 @@
 //! fused and split outputs agree with the concat path's.
 //!
 //! Decoding gets a second set: one query per sequence against a long KV cache (B = 1,
-//! Hq = 32 over Hkv = 8, prefix l = 30, L ∈ {4096, 32768}, causal), where 32 blocks would
-//! leave most of an H100 idle: the fused kernel with its split-KV workspace against the same
-//! kernel in one pass (both checked to agree first).
+//! Hq = 32 over Hkv = 8, prefix l = 30, L ∈ {4096, 32768}, causal), where 8 blocks (one per
+//! KV group, its 4 query heads packed) would leave most of an H100 idle: the fused kernel
+//! with its split-KV workspace against the same kernel in one pass (both checked to agree
+//! first); criterion's throughput there is in bytes (K and V dominate).
 //!
-//! After criterion's report, a summary table (benches/common): per case the three paths'
-//! times (CUDA events, median of batches), the speedups of the fused kernel over the
+//! After criterion's report, two summary tables (benches/common): per prefill case the three
+//! paths' times (CUDA events, median of batches), the speedups of the fused kernel over the
 //! other two, and its achieved bandwidth (bytes = Q, K, V, the prefix and the output once
-//! each) and tensor rate, against the floor measured in the same run; as markdown also to
-//! `$PEFT_BENCH_OUT`, by default `peft-summary-prefix_attention.md` in criterion's folder.
+//! each) and tensor rate; per decode case split-KV and one pass, one pass / split-KV and the
+//! split pass's bandwidth; all against the floor measured in the same run; as markdown also
+//! to `$PEFT_BENCH_OUT`, by default `peft-summary-prefix_attention.md` in criterion's folder.
 //!
 //! Without the `cuda` feature or a CUDA device it prints why it skips and exits.
 

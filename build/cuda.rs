@@ -22,8 +22,8 @@ const PTX_ARCH: &str = "compute_80";
 const CUBIN_ARCHS: [&str; 2] = ["sm_80", "sm_90"];
 
 /// nvcc's name for a cubin architecture: sm_90 is built as sm_90a, whose arch-specific
-/// instructions (wgmma, kernels/arch.cuh) exist on compute capability 9.0 only, which is
-/// also the only one that loads the sm_90 cubin (src/cuda/modules.rs).
+/// instructions (wgmma, kernels/arch.cuh) exist on compute capability 9.0 only, the only one
+/// src/cuda/modules.rs loads the sm_90 cubin on.
 fn nvcc_arch(arch: &str) -> String {
     match arch {
         "sm_90" => "sm_90a".to_owned(),

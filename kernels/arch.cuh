@@ -1,5 +1,6 @@
 // Architecture primitives: the only file with inline PTX. Each primitive has the GPU
-// form (sm_80 and newer) and, under PK_EMULATOR, a twin that follows the PTX ISA's
+// form (sm_80 and newer; the dependent launch sm_90, wgmma sm_90a only) and, under
+// PK_EMULATOR, a twin that follows the PTX ISA's
 // documented semantics exactly, fragment layouts included, so a kernel that passes the
 // wrong lane's data or reads an async copy before waiting fails on the CPU as well.
 // Included through common.cuh.

@@ -44,8 +44,8 @@
 //                         the k-tile product on wgmma.mma_async.m64n128k16 from shared memory
 //                         (arch.cuh) instead of ldmatrix + mma.sync: mma.sync cannot reach an
 //                         H100's tensor-core rate, which cuBLAS's prefill GEMMs do with wgmma.
-//                         Same loads (into 128-byte swizzled tiles), phases, split and
-//                         epilogue. Only on request (KernelVariant::Wgmma) until it has run on
+//                         Same loads (into 128-byte swizzled tiles), phases and epilogue; no
+//                         split-K (only the decode tile splits). Only on request (KernelVariant::Wgmma) until it has run on
 //                         a GPU and been measured.
 //   lora_merge_*          W ← W + sign·s·B·A in place (zero-overhead inference), SIMT tiles.
 //

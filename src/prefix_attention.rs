@@ -16,7 +16,10 @@
 //! `cuda::DeviceWrite` on the GPU; LSE and λ are f32, `context_lens` u32):
 //! - `prefix_attention`: the fused forward, [`PrefixAttentionArgs`]: the output and, when
 //!   asked for, the LSE over prefix and context and the gate λ. With `prefix_len = 0` it is
-//!   plain (masked, grouped-query) attention.
+//!   plain (masked, grouped-query) attention. Decoding (few query rows) packs a GQA group's
+//!   query heads into one block and, given the f32 workspace of
+//!   [`PrefixAttentionDims::workspace_len`], splits the keys over more blocks and merges the
+//!   runs (flash-decoding).
 //! - `prefix_only_attention`: the prefix part alone, `(out_p, LSE_p)` ([`PrefixOnlyArgs`]),
 //!   to pair with an attention of your own over the context through
 //! - `lse_merge`: two attention states `(o, LSE)` of the same rows merged into the gated

@@ -51,8 +51,10 @@
 // wrong answer, but not always); two branches of one warp calling the same warp
 // operation at different call sites (they are matched like Volta's independent thread
 // scheduling would), or threads of a block reaching __syncthreads() at different call
-// sites (counted as one barrier; the GPU requires one call site); threads spinning on memory another block or thread writes (fibers
-// are not preempted, so such a kernel hangs).
+// sites (counted as one barrier; the GPU requires one call site); threads spinning on memory
+// another block or thread writes (fibers are not preempted, so such a kernel hangs); a
+// missing wgmma_fence or fence_proxy_async_shared (no-ops here), or a missing
+// grid_dependency_wait (launches run one after another here).
 //
 // Kernel code may use the names below as CUDA provides them: keywords (__global__,
 // __device__, __shared__, __launch_bounds__, __align__ ...), threadIdx / blockIdx /

@@ -26,21 +26,22 @@ include!(concat!(env!("OUT_DIR"), "/cuda_modules.rs"));
 pub enum Image {
     /// The sm_80 cubin: compute capability 8.x (A100, RTX 30xx/40xx, L4, L40).
     Sm80,
-    /// The sm_90 cubin: compute capability 9.0 (H100, H200, GH200).
+    /// The sm_90 cubin, built for sm_90a (wgmma): compute capability 9.0 only (H100, H200,
+    /// GH200).
     Sm90,
-    /// The compute_80 PTX, compiled by the driver: GPUs newer than 9.x.
+    /// The compute_80 PTX, compiled by the driver: GPUs newer than 9.0.
     Ptx,
 }
 
 impl Image {
-    /// The image for a device of compute capability `(major, minor)` (a cubin for sm_X0
-    /// runs on every X.y); None below 8.0, which these kernels do not support (they use
-    /// bf16 tensor cores and cp.async).
-    pub fn for_compute_capability((major, _minor): (i32, i32)) -> Option<Image> {
-        match major {
-            ..=7 => None,
-            8 => Some(Image::Sm80),
-            9 => Some(Image::Sm90),
+    /// The image for a device of compute capability `(major, minor)` (the sm_80 cubin runs on
+    /// every 8.y; the sm_90a one on 9.0 alone, so a later 9.y would JIT the PTX); None below
+    /// 8.0, which these kernels do not support (they use bf16 tensor cores and cp.async).
+    pub fn for_compute_capability((major, minor): (i32, i32)) -> Option<Image> {
+        match (major, minor) {
+            (..=7, _) => None,
+            (8, _) => Some(Image::Sm80),
+            (9, 0) => Some(Image::Sm90),
             _ => Some(Image::Ptx),
         }
     }
@@ -179,6 +180,7 @@ mod tests {
         assert_eq!(Image::for_compute_capability((8, 0)), Some(Image::Sm80));
         assert_eq!(Image::for_compute_capability((8, 9)), Some(Image::Sm80));
         assert_eq!(Image::for_compute_capability((9, 0)), Some(Image::Sm90));
+        assert_eq!(Image::for_compute_capability((9, 1)), Some(Image::Ptx));
         assert_eq!(Image::for_compute_capability((10, 0)), Some(Image::Ptx));
         assert_eq!(Image::for_compute_capability((12, 0)), Some(Image::Ptx));
     }

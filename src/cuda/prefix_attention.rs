@@ -11,8 +11,9 @@ use crate::prefix_attention::{
 use crate::{Element, Result};
 
 /// Attention over the prefix and the masked context in one pass (see
-/// [`crate::prefix_attention`]), queued on `stream`: the output and, when given buffers,
-/// the LSE and the gate λ. Every argument is checked before anything is queued, except the
+/// [`crate::prefix_attention`]; with a workspace, decoding splits the keys over more blocks
+/// and merges the runs, a second launch), queued on `stream`: the output and, when given
+/// buffers, the LSE and the gate λ. Every argument is checked before anything is queued, except the
 /// `context_lens` values, which live on the device: the kernel counts a length above
 /// `kv_len` as `kv_len` ([`plan::check_context_lens`] checks a host copy).
 pub fn prefix_attention<'a, T: Element>(

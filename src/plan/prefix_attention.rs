@@ -409,7 +409,8 @@ pub fn check_context_lens(lens: &[u32], dims: &PrefixAttentionDims) -> Result<()
     }
 }
 
-/// Plans `prefix_attention`: one launch of the fused kernel.
+/// Plans `prefix_attention`: one launch of the fused kernel; with a workspace and a grid of
+/// fewer than 128 blocks, the split-KV pass and then `prefix_attention_split_merge`.
 pub fn prefix_attention(
     op: &PrefixAttention,
     dims: &PrefixAttentionDims,
