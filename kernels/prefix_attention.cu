@@ -26,8 +26,9 @@
 // Kernels:
 //   prefix_attention_{f16,bf16}_d{32,64,80,96,128,256}   tensor cores (mma.sync m16n8k16, f32
 //       accumulate), the flash-attention-2 forward structure:
-//       - a block is 4 warps × 16 query rows = 64 queries of one (batch, head); the grid is
-//         (query tiles, Hq, B), query tiles in reverse so that the longest causal tiles start first;
+//       - a block is 4 warps × 16 query rows = 64 queries of one (batch, head) (of one KV
+//         group's heads when packed, below); the grid is (query tiles, Hq / pack, B × runs),
+//         query tiles in reverse so that the longest causal tiles start first;
 //       - Q (64 × D) is loaded once with cp.async; for D ≤ 128 each warp keeps its A fragments
 //         in registers, for D = 256 it re-reads them from shared memory by ldmatrix per tile
 //         (holding them would cost 64 more registers beside the 128 of the accumulator);
@@ -170,8 +171,10 @@ struct KeyPart {
   int64_t k_off, v_off, k_ld, v_ld;
 };
 
-// The key tiles of one block (one (batch, head) and 64 queries): ceil(l / kKeys) prefix tiles,
-// then the context tiles holding a key that some query of the block sees.
+// The key tiles of one block (one (batch, head) or packed KV group, and 64 query rows):
+// ceil(l / kKeys) prefix tiles, then the context tiles holding a key that some query of the
+// block sees. Packed rows are queries 0..Lq of each head, so query 0 still has the smallest
+// context limit (first_limit) and query Lq − 1 the largest.
 template <typename T, int kKeys>
 struct KeyTiles {
   KeyPart<T> prefix, context;

@@ -148,7 +148,9 @@ impl PrefixAttentionDims {
     }
 
     /// f32 elements of the split-KV workspace of `prefix_attention` for `dtype` (0: these
-    /// dims never split; see [`PrefixAttentionArgs::workspace`]).
+    /// dims never split; see [`PrefixAttentionArgs::workspace`]). It depends on every field,
+    /// the layouts too (they decide whether a GQA group's heads share a block, and so the
+    /// number of runs): compute it from the dims you launch with.
     pub fn workspace_len(&self, dtype: crate::DType) -> usize {
         crate::plan::prefix_attention::workspace_len(self, dtype)
     }

@@ -171,3 +171,34 @@ fn params_sizes_match_the_cxx_structs() {
         assert_eq!(pk_sizeof_KvConcatParams(), size_of::<KvConcatParams>());
     }
 }
+
+/// GQA packing needs the packed rows one stride apart in Q and in the output: with Lq > 1
+/// that is Lq rows per head in both, so a layout mismatch on either side is not packed (the
+/// kernels would read or write the wrong rows); at Lq = 1 any layout packs.
+#[test]
+fn packing_needs_both_q_and_out_rows_per_head() {
+    use peft_kernels::plan::prefix_attention::packed_heads;
+    use peft_kernels::prefix_attention::HeadLayout;
+    use peft_kernels::DType;
+    let (heads, kv_heads, d) = (8, 2, 64);
+    for q_len in [1, 4] {
+        let dims = PrefixAttentionDims::new(1, heads, kv_heads, q_len, 100, 10, d);
+        let bshd = HeadLayout::bshd(q_len, heads, d);
+        let q_strided = PrefixAttentionDims { q: bshd, ..dims };
+        let out_strided = PrefixAttentionDims { out: bshd, ..dims };
+        let group = heads / kv_heads;
+        assert_eq!(packed_heads(&dims, DType::BF16), group);
+        assert_eq!(packed_heads(&dims, DType::F32), 1);
+        let expected = if q_len == 1 { group } else { 1 };
+        assert_eq!(
+            packed_heads(&q_strided, DType::BF16),
+            expected,
+            "Lq {q_len}, Q strided"
+        );
+        assert_eq!(
+            packed_heads(&out_strided, DType::BF16),
+            expected,
+            "Lq {q_len}, out strided"
+        );
+    }
+}

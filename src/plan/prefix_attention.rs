@@ -176,8 +176,7 @@ const MIN_TILES_PER_RUN: usize = 4;
 /// rows must be one stride apart in Q and the output: Lq = 1, or Lq rows per head.
 pub fn packed_heads(d: &PrefixAttentionDims, dtype: DType) -> usize {
     let group = d.heads / d.kv_heads.max(1);
-    let rows_per_head =
-        |l: &crate::prefix_attention::HeadLayout| l.head == d.q_len.saturating_mul(l.seq);
+    let rows_per_head = |l: &HeadLayout| l.head == d.q_len.saturating_mul(l.seq);
     let contiguous = d.q_len == 1 || (rows_per_head(&d.q) && rows_per_head(&d.out));
     let fits = group.saturating_mul(d.q_len) <= QUERY_ROWS;
     if dtype == DType::F32 || group <= 1 || !fits || !contiguous || d.heads % d.kv_heads.max(1) != 0
@@ -512,10 +511,9 @@ pub fn prefix_attention(
     // Packed GQA groups: one block row per group (grid.x is 1: the rows fit one block).
     let pack = packed_heads(d, dtype);
     let mut grid = grid;
-    if pack > 1 {
-        grid[0] = 1;
-        grid[1] /= pack as u32;
-    }
+    // Packed rows fit one block (grid.x is 1 already); the pack is the group, dividing Hq.
+    debug_assert!(pack == 1 || (grid[0] == 1 && grid[1] % pack as u32 == 0));
+    grid[1] /= pack as u32;
     // grid.z is batch × run; splits > 1 only for grids of fewer than 128 blocks, so batch
     // < 128 and the product < 4096.
     debug_assert!(splits == 1 || grid[2] < SPLIT_TARGET_BLOCKS as u32);

@@ -1171,13 +1171,18 @@ pub fn grouped_heads_share_a_block<B: Backend>(be: &B) {
             .lens(vec![33])
             .causal(true),
         Case::new(3, 8, 4, 1, 50, 30, 96).layout(Layout::Strided),
+        // Packed and split: per-query causal limits over runs; strided decode.
         Case::new(1, 8, 2, 1, 3000, 30, 128).causal(true),
+        Case::new(1, 8, 2, 4, 2000, 30, 64).causal(true),
+        Case::new(1, 8, 2, 1, 3000, 30, 128).layout(Layout::Strided),
     ];
-    for case in &packed {
+    for (i, case) in packed.iter().enumerate() {
         assert!(
             packed_heads(&case.dims(), DType::BF16) > 1,
             "{case:?} is not packed"
         );
+        let splits = peft_kernels::plan::prefix_attention::kv_splits(&case.dims(), DType::BF16);
+        assert!(i < 3 || splits > 1, "{case:?} does not split");
         check_fused::<_, bf16>(be, &mut rng, case);
         check_fused::<_, f16>(be, &mut rng, case);
     }
