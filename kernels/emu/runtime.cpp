@@ -944,18 +944,29 @@ void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes) {
 
 void cp_async_commit() { ++detail::engine().cur->group; }
 
+namespace {
+
+// The wait of an asynchronous queue (cp.async, wgmma): `queue` holds a thread's operations,
+// oldest first, each tagged with its group; groups below `open` are committed, and all but
+// the newest `n` of them are performed (`perform`) and dropped.
+template <class Op, class Perform>
+void wait_groups(const char* what, std::vector<Op>& queue, uint64_t open, int n,
+                 Perform perform) {
+  if (n < 0) fail("%s(%d): the group count must be non-negative", what, n);
+  const uint64_t limit = open > uint64_t(n) ? open - uint64_t(n) : 0;
+  size_t done = 0;
+  for (; done < queue.size() && queue[done].group < limit; ++done) perform(queue[done]);
+  queue.erase(queue.begin(), queue.begin() + done);
+}
+
+}  // namespace
+
 void cp_async_wait(int n) {
   Fiber* f = detail::engine().cur;
-  if (n < 0) fail("cp_async_wait(%d): the group count must be non-negative", n);
-  // Committed groups are those below f->group; all but the newest n complete.
-  const uint64_t limit = f->group > uint64_t(n) ? f->group - uint64_t(n) : 0;
-  size_t done = 0;
-  for (; done < f->copies.size() && f->copies[done].group < limit; ++done) {
-    const detail::CopyOp& c = f->copies[done];
+  wait_groups("cp_async_wait", f->copies, f->group, n, [](const detail::CopyOp& c) {
     std::memcpy(c.dst, c.src, c.src_bytes);
     std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
-  }
-  f->copies.erase(f->copies.begin(), f->copies.begin() + done);
+  });
 }
 
 uint32_t shared_address(const void* p) {
@@ -1044,11 +1055,7 @@ void wgmma_commit() { ++detail::engine().cur->wgmma_group; }
 
 void wgmma_wait(int n) {
   Fiber* f = detail::engine().cur;
-  if (n < 0) fail("wgmma_wait(%d): the group count must be non-negative", n);
-  const uint64_t limit = f->wgmma_group > uint64_t(n) ? f->wgmma_group - uint64_t(n) : 0;
-  size_t done = 0;
-  for (; done < f->wgmma.size() && f->wgmma[done].group < limit; ++done) wgmma_run(f->wgmma[done]);
-  f->wgmma.erase(f->wgmma.begin(), f->wgmma.begin() + done);
+  wait_groups("wgmma_wait", f->wgmma, f->wgmma_group, n, wgmma_run);
 }
 
 }  // namespace emu
