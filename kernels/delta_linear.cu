@@ -174,14 +174,22 @@ __device__ __attribute__((noinline)) float activate_out_of_line(int32_t activati
     return activate(static_cast<Activation>(activation), x);
 }
 
-// The epilogue for element (m, n): second bias, activation, output coefficient, store.
+// The epilogue's value of one element: second bias (when there is one: `bias2`, its entry),
+// activation, output coefficient.
+PK_INLINE float epilogue(const FusedLinearParams& p, const RowCoefs& c, float acc,
+                         bool has_bias2, float bias2) {
+    if (has_bias2) acc += c.bias2 * bias2;
+    if (p.activation != static_cast<int32_t>(Activation::Identity))
+        acc = activate_out_of_line(p.activation, acc);
+    return c.out * acc;
+}
+
+// The epilogue for element (m, n): its value, stored.
 template <typename T>
 PK_INLINE void finish(const FusedLinearParams& p, const Operands<T>& o, int m, int n,
                       const RowCoefs& c, float acc) {
-    if (o.bias2) acc += c.bias2 * to_float(o.bias2[n]);
-    if (p.activation != static_cast<int32_t>(Activation::Identity))
-        acc = activate_out_of_line(p.activation, acc);
-    o.out[m * p.ldo + n] = from_float<T>(c.out * acc);
+    const float bias2 = o.bias2 ? to_float(o.bias2[n]) : 0.0f;
+    o.out[m * p.ldo + n] = from_float<T>(epilogue(p, c, acc, o.bias2 != nullptr, bias2));
 }
 
 // finish() for the elements (m, n) and (m, n + 1), n even, with one 4-byte load of the bias and
@@ -189,18 +197,15 @@ PK_INLINE void finish(const FusedLinearParams& p, const Operands<T>& o, int m, i
 template <typename T>
 PK_INLINE void finish_pair(const FusedLinearParams& p, const Operands<T>& o, int m, int n,
                            const RowCoefs& c, float v0, float v1) {
+    float b0 = 0.0f, b1 = 0.0f;
     if (o.bias2) {
         const Vec<T, 2> b = load_vec<T, 2>(o.bias2 + n);
-        v0 += c.bias2 * to_float(b.v[0]);
-        v1 += c.bias2 * to_float(b.v[1]);
-    }
-    if (p.activation != static_cast<int32_t>(Activation::Identity)) {
-        v0 = activate_out_of_line(p.activation, v0);
-        v1 = activate_out_of_line(p.activation, v1);
+        b0 = to_float(b.v[0]);
+        b1 = to_float(b.v[1]);
     }
     Vec<T, 2> y;
-    y.v[0] = from_float<T>(c.out * v0);
-    y.v[1] = from_float<T>(c.out * v1);
+    y.v[0] = from_float<T>(epilogue(p, c, v0, o.bias2 != nullptr, b0));
+    y.v[1] = from_float<T>(epilogue(p, c, v1, o.bias2 != nullptr, b1));
     store_vec(o.out + m * p.ldo + n, y);
 }
 
