@@ -191,8 +191,12 @@ pub fn packed_heads(d: &PrefixAttentionDims, dtype: DType) -> usize {
 /// long keys. Tensor-core kernels (f16, bf16) only; each run leaves an unnormalised state in
 /// the workspace and `prefix_attention_split_merge` combines them.
 pub fn kv_splits(d: &PrefixAttentionDims, dtype: DType) -> usize {
+    runs(d, dtype, packed_heads(d, dtype))
+}
+
+/// [`kv_splits`] for a grid whose blocks take `pack` query heads each.
+fn runs(d: &PrefixAttentionDims, dtype: DType, pack: usize) -> usize {
     let keys = if d.head_dim <= 128 { 64 } else { 32 };
-    let pack = packed_heads(d, dtype);
     let blocks = (d.q_len * pack)
         .div_ceil(QUERY_ROWS)
         .saturating_mul(d.heads / pack)
@@ -212,7 +216,12 @@ pub fn kv_splits(d: &PrefixAttentionDims, dtype: DType) -> usize {
 /// f32 elements of the split-KV workspace for these dims: per run, the unnormalised output
 /// and 4 row statistics of every query row; 0 when the pass does not split.
 pub fn workspace_len(d: &PrefixAttentionDims, dtype: DType) -> usize {
-    match kv_splits(d, dtype) {
+    run_states_len(d, kv_splits(d, dtype))
+}
+
+/// f32 elements of `splits` runs' states (0 for one run, which keeps none).
+fn run_states_len(d: &PrefixAttentionDims, splits: usize) -> usize {
+    match splits {
         1 => 0,
         s => s
             .saturating_mul(d.rows())
@@ -493,9 +502,12 @@ pub fn prefix_attention(
     check_len("lse", b.lse, d.rows(), "[B, Hq, Lq]")?;
     check_len("lambda", b.lambda, d.rows(), "[B, Hq, Lq]")?;
     // Split only with a workspace (callers who pass none keep one launch).
+    // Packed GQA groups: one block row per group (grid.x is 1: the rows fit one block).
+    let pack = packed_heads(d, dtype);
     let splits = match b.workspace {
         Some(w) => {
-            let need = workspace_len(d, dtype);
+            let splits = runs(d, dtype, pack);
+            let need = run_states_len(d, splits);
             if w.len < need {
                 return Err(Error::invalid(
                     "workspace",
@@ -503,13 +515,11 @@ pub fn prefix_attention(
                     w.len,
                 ));
             }
-            kv_splits(d, dtype)
+            splits
         }
         None => 1,
     };
 
-    // Packed GQA groups: one block row per group (grid.x is 1: the rows fit one block).
-    let pack = packed_heads(d, dtype);
     let mut grid = grid;
     // Packed rows fit one block (grid.x is 1 already); the pack is the group, dividing Hq.
     debug_assert!(pack == 1 || (grid[0] == 1 && grid[1] % pack as u32 == 0));
