@@ -103,7 +103,11 @@ fn images(module: Module) -> Result<&'static ModuleImages> {
 /// capability, or the PTX (newer GPUs, or any with `PEFT_KERNELS_FORCE_PTX` set, which JITs
 /// the PTX on a GPU that has a cubin, to check the PTX). Unsupported below 8.0.
 pub fn image(ctx: &CudaContext) -> Result<Image> {
-    let (major, minor) = ctx.compute_capability()?;
+    image_for(ctx.compute_capability()?)
+}
+
+/// [`image`] for a device of compute capability `(major, minor)`.
+fn image_for((major, minor): (i32, i32)) -> Result<Image> {
     let image = Image::for_compute_capability((major, minor)).ok_or_else(|| {
         Error::Unsupported(format!(
             "compute capability {major}.{minor}: the kernels need 8.0 or newer"
@@ -117,8 +121,8 @@ pub fn image(ctx: &CudaContext) -> Result<Image> {
 
 fn load(ctx: &Arc<CudaContext>, module: Module) -> Result<(Arc<CudaModule>, Image)> {
     let images = images(module)?;
-    let image = image(ctx)?;
     let (major, minor) = ctx.compute_capability()?;
+    let image = image_for((major, minor))?;
     let ptx = match image {
         Image::Sm80 => Ptx::from_binary(images.sm_80.to_vec()),
         Image::Sm90 => Ptx::from_binary(images.sm_90.to_vec()),
