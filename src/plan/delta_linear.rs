@@ -1,7 +1,7 @@
 //! Planning of the delta-linear family (kernels/delta_linear.cu): validation, kernel choice
 //! and the launch sequence of each method of the unified view.
 
-use super::{grid_for, Buf, Launch};
+use super::{check_len, grid_for, Buf, Launch};
 use crate::delta_linear::{
     DeltaApplyDims, DeltaLinear, DeltaLinearDims, KernelVariant, LoraMergeDims,
 };
@@ -171,17 +171,6 @@ fn check_matrix(arg: &'static str, buf: Buf, layout: MatrixLayout) -> Result<()>
     Ok(())
 }
 
-fn check_vector(arg: &'static str, buf: Option<Buf>, len: usize) -> Result<()> {
-    match buf {
-        Some(b) if b.len < len => Err(Error::invalid(
-            arg,
-            format!("at least {len} elements"),
-            format!("{} elements", b.len),
-        )),
-        _ => Ok(()),
-    }
-}
-
 fn check_gate(gate: Option<Buf>, composition: Composition, m: usize) -> Result<()> {
     match (composition, gate) {
         (Composition::Gated, None) => Err(Error::invalid(
@@ -189,7 +178,7 @@ fn check_gate(gate: Option<Buf>, composition: Composition, m: usize) -> Result<(
             format!("a per-row gate λ of {m} elements for Composition::Gated"),
             "None",
         )),
-        (Composition::Gated, g) => check_vector("gate", g, m),
+        (Composition::Gated, g) => check_len("gate", g, m, None),
         (_, Some(_)) => Err(Error::invalid(
             "gate",
             "None unless composition is Composition::Gated",
@@ -491,7 +480,7 @@ pub fn delta_linear(
         },
     )?;
     check_matrix("w", b.w, MatrixLayout::contiguous(d.n, d.k))?;
-    check_vector("bias", b.bias, d.n)?;
+    check_len("bias", b.bias, d.n, None)?;
     let k_u = match (op.insertion, b.u) {
         (Insertion::Sequential, Some(_)) => {
             return Err(Error::invalid(
@@ -517,13 +506,13 @@ pub fn delta_linear(
     };
     let k_u32 = positive("dims.k_u", k_u)?;
     check_matrix("w_down", b.w_down, MatrixLayout::contiguous(d.r, k_u))?;
-    check_vector("b_down", b.b_down, d.r)?;
+    check_len("b_down", b.b_down, d.r, None)?;
     check_matrix("w_up", b.w_up, MatrixLayout::contiguous(d.n, d.r))?;
-    check_vector("b_up", b.b_up, d.n)?;
+    check_len("b_up", b.b_up, d.n, None)?;
     check_gate(b.gate, op.composition, d.m)?;
     let ldt = workspace_ld(d.r);
     let (partial_offset, workspace_len) = workspace_layout(d.m, d.r);
-    check_vector("workspace", Some(b.workspace), workspace_len)?;
+    check_len("workspace", Some(b.workspace), workspace_len, None)?;
     check_matrix(
         "y",
         b.y,
@@ -677,14 +666,14 @@ pub fn delta_apply(
         b.w_down,
         MatrixLayout::contiguous(d.heads * d.r, du),
     )?;
-    check_vector("b_down", b.b_down, d.heads * d.r)?;
+    check_len("b_down", b.b_down, d.heads * d.r, None)?;
     check_matrix("w_up", b.w_up, MatrixLayout::contiguous(width, d.r))?;
-    check_vector("b_up", b.b_up, width)?;
+    check_len("b_up", b.b_up, width, None)?;
     check_gate(b.gate, op.composition, d.m)?;
     let ldt = d.heads * workspace_ld(d.r);
     // m·heads·r can pass usize::MAX (heads is bounded only by the grid, checked later).
     let workspace_len = d.m.saturating_mul(ldt);
-    check_vector("workspace", Some(b.workspace), workspace_len)?;
+    check_len("workspace", Some(b.workspace), workspace_len, None)?;
     check_matrix(
         "y",
         b.y,

@@ -68,6 +68,27 @@ pub fn grid_for(dims: [(&'static str, usize, usize); 3]) -> Result<[u32; 3]> {
     Ok(grid)
 }
 
+/// An error naming `arg` when its buffer, if given, holds fewer than `len` elements; `what`
+/// (the expected shape) goes into the message.
+pub(crate) fn check_len(
+    arg: &'static str,
+    buf: Option<Buf>,
+    len: usize,
+    what: Option<&str>,
+) -> Result<()> {
+    match buf {
+        Some(b) if b.len < len => Err(Error::invalid(
+            arg,
+            match what {
+                Some(what) => format!("at least {len} elements ({what})"),
+                None => format!("at least {len} elements"),
+            },
+            format!("{} elements", b.len),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// How a backend turns its buffers into [`Buf`]s: host slices in the emulator, cudarc
 /// device buffers on the GPU (keeping their stream-order guards alive until the launch).
 /// `R` is a buffer the kernels only read, `W` one they write.

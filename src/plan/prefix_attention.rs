@@ -1,7 +1,7 @@
 //! Planning of prefix attention (kernels/prefix_attention.cu): validation of every
 //! argument, the kernel for the dtype and head dim, the grid and shared memory.
 
-use super::{grid_for, Buf, KernelParams, Launch};
+use super::{check_len, grid_for, Buf, KernelParams, Launch};
 use crate::error::{Error, Result};
 use crate::kernels::KernelId;
 use crate::prefix_attention::{
@@ -332,17 +332,6 @@ fn check_aligned(arg: &'static str, buf: Buf, layout: HeadLayout, dtype: DType) 
     Ok(())
 }
 
-fn check_len(arg: &'static str, buf: Option<Buf>, len: usize, what: &str) -> Result<()> {
-    match buf {
-        Some(b) if b.len < len => Err(Error::invalid(
-            arg,
-            format!("at least {len} elements ({what})"),
-            format!("{} elements", b.len),
-        )),
-        _ => Ok(()),
-    }
-}
-
 fn addr(b: Option<Buf>) -> u64 {
     b.map_or(0, |b| b.addr)
 }
@@ -497,10 +486,10 @@ pub fn prefix_attention(
         "context_lens",
         b.context_lens,
         d.batch,
-        "one length per sequence",
+        Some("one length per sequence"),
     )?;
-    check_len("lse", b.lse, d.rows(), "[B, Hq, Lq]")?;
-    check_len("lambda", b.lambda, d.rows(), "[B, Hq, Lq]")?;
+    check_len("lse", b.lse, d.rows(), Some("[B, Hq, Lq]"))?;
+    check_len("lambda", b.lambda, d.rows(), Some("[B, Hq, Lq]"))?;
     // Split only with a workspace (callers who pass none keep one launch).
     // Packed GQA groups: one block row per group (grid.x is 1: the rows fit one block).
     let pack = packed_heads(d, dtype);
@@ -660,10 +649,10 @@ pub fn lse_merge(
     check_tensor("o_context", b.o_context, d.o_context, shape)?;
     check_tensor("out", b.out, d.out, shape)?;
     check_distinct("out", d.out, shape)?;
-    check_len("lse_prefix", Some(b.lse_prefix), rows, "[B, H, L]")?;
-    check_len("lse_context", Some(b.lse_context), rows, "[B, H, L]")?;
-    check_len("lse", b.lse, rows, "[B, H, L]")?;
-    check_len("lambda", b.lambda, rows, "[B, H, L]")?;
+    check_len("lse_prefix", Some(b.lse_prefix), rows, Some("[B, H, L]"))?;
+    check_len("lse_context", Some(b.lse_context), rows, Some("[B, H, L]"))?;
+    check_len("lse", b.lse, rows, Some("[B, H, L]"))?;
+    check_len("lambda", b.lambda, rows, Some("[B, H, L]"))?;
     let params = LseMergeParams {
         o_prefix: b.o_prefix.addr,
         lse_prefix: b.lse_prefix.addr,
