@@ -59,14 +59,47 @@ mod gpu {
     const HEADS: usize = 32;
     const HEAD_DIM: usize = 128;
 
-    /// Every buffer of one shape, for all three paths.
-    struct Buffers {
+    /// The tensors of one attention call: Q, the context's and the prefix's keys and values,
+    /// the output.
+    struct Tensors {
         q: CudaSlice<bf16>,
         k: CudaSlice<bf16>,
         v: CudaSlice<bf16>,
         prefix_k: CudaSlice<bf16>,
         prefix_v: CudaSlice<bf16>,
         out: CudaSlice<bf16>,
+    }
+
+    impl Tensors {
+        /// The fused kernel's arguments over them: no lengths, no statistics, the split-KV
+        /// workspace given (or none).
+        fn args<'a>(
+            &'a mut self,
+            workspace: Option<DeviceWrite<'a, f32>>,
+        ) -> PrefixAttentionArgs<
+            DeviceRead<'a, bf16>,
+            DeviceWrite<'a, bf16>,
+            DeviceRead<'a, u32>,
+            DeviceWrite<'a, f32>,
+        > {
+            PrefixAttentionArgs {
+                q: &self.q,
+                k: &self.k,
+                v: &self.v,
+                prefix_k: &self.prefix_k,
+                prefix_v: &self.prefix_v,
+                context_lens: None,
+                out: &mut self.out,
+                lse: None,
+                lambda: None,
+                workspace,
+            }
+        }
+    }
+
+    /// Every buffer of one shape, for all three paths.
+    struct Buffers {
+        t: Tensors,
         // The concatenated keys and values.
         cat_k: CudaSlice<bf16>,
         cat_v: CudaSlice<bf16>,
@@ -93,23 +126,7 @@ mod gpu {
         dims: &PrefixAttentionDims,
         b: &mut Buffers,
     ) -> peft_kernels::Result<()> {
-        cuda::prefix_attention::<bf16>(
-            stream,
-            op,
-            dims,
-            PrefixAttentionArgs {
-                q: &b.q,
-                k: &b.k,
-                v: &b.v,
-                prefix_k: &b.prefix_k,
-                prefix_v: &b.prefix_v,
-                context_lens: None,
-                out: &mut b.out,
-                lse: None,
-                lambda: None,
-                workspace: None,
-            },
-        )
+        cuda::prefix_attention::<bf16>(stream, op, dims, b.t.args(None))
     }
 
     fn concat(
@@ -121,8 +138,8 @@ mod gpu {
         let (l, len) = (dims.prefix_len, dims.kv_len);
         let cat = KvConcatDims::new(BATCH, HEADS, l, len, HEAD_DIM);
         for (prefix, src, dst) in [
-            (&b.prefix_k, &b.k, &mut b.cat_k),
-            (&b.prefix_v, &b.v, &mut b.cat_v),
+            (&b.t.prefix_k, &b.t.k, &mut b.cat_k),
+            (&b.t.prefix_v, &b.t.v, &mut b.cat_v),
         ] {
             let args = KvConcatArgs::<DeviceRead<bf16>, DeviceWrite<bf16>> { prefix, src, dst };
             cuda::kv_concat::<bf16>(stream, &cat, args)?;
@@ -131,19 +148,19 @@ mod gpu {
         // sees the whole prefix and the context up to its own position.
         let whole = PrefixAttentionDims::new(BATCH, HEADS, HEADS, dims.q_len, l + len, 0, HEAD_DIM);
         // No prefix: the prefix tensors are not read.
-        let none: &CudaSlice<bf16> = &b.prefix_k;
+        let none: &CudaSlice<bf16> = &b.t.prefix_k;
         cuda::prefix_attention::<bf16>(
             stream,
             op,
             &whole,
             PrefixAttentionArgs {
-                q: &b.q,
+                q: &b.t.q,
                 k: &b.cat_k,
                 v: &b.cat_v,
                 prefix_k: none,
                 prefix_v: none,
                 context_lens: None,
-                out: &mut b.out,
+                out: &mut b.t.out,
                 lse: None,
                 lambda: None,
                 workspace: None,
@@ -162,9 +179,9 @@ mod gpu {
             op,
             dims,
             PrefixOnlyArgs {
-                q: &b.q,
-                prefix_k: &b.prefix_k,
-                prefix_v: &b.prefix_v,
+                q: &b.t.q,
+                prefix_k: &b.t.prefix_k,
+                prefix_v: &b.t.prefix_v,
                 out: &mut b.out_p,
                 lse: &mut b.lse_p,
             },
@@ -178,11 +195,11 @@ mod gpu {
             op,
             &context,
             PrefixAttentionArgs {
-                q: &b.q,
-                k: &b.k,
-                v: &b.v,
-                prefix_k: &b.prefix_k,
-                prefix_v: &b.prefix_v,
+                q: &b.t.q,
+                k: &b.t.k,
+                v: &b.t.v,
+                prefix_k: &b.t.prefix_k,
+                prefix_v: &b.t.prefix_v,
                 context_lens: None,
                 out: &mut b.out_c,
                 lse: Some(&mut b.lse_c as DeviceWrite<f32>),
@@ -198,7 +215,7 @@ mod gpu {
                 lse_prefix: &b.lse_p,
                 o_context: &b.out_c,
                 lse_context: &b.lse_c,
-                out: &mut b.out,
+                out: &mut b.t.out,
                 lse: None,
                 lambda: None,
             },
@@ -224,12 +241,14 @@ mod gpu {
             let zeros = |n: usize| stream.alloc_zeros::<bf16>(n).expect("device allocation");
             let stats = || stream.alloc_zeros::<f32>(rows).expect("device allocation");
             let copies = Rotation::new(min_bytes(len, l), || Buffers {
-                q: up(&q),
-                k: up(&k),
-                v: up(&v),
-                prefix_k: up(&prefix_k),
-                prefix_v: up(&prefix_v),
-                out: zeros(n),
+                t: Tensors {
+                    q: up(&q),
+                    k: up(&k),
+                    v: up(&v),
+                    prefix_k: up(&prefix_k),
+                    prefix_v: up(&prefix_v),
+                    out: zeros(n),
+                },
                 cat_k: zeros(n + np),
                 cat_v: zeros(n + np),
                 out_p: zeros(n),
@@ -247,10 +266,10 @@ mod gpu {
             let (dims, name) = (self.dims, case_name(&self.dims, op));
             let first = self.copies.first();
             let mut output = |(path_name, path): (&str, Path)| {
-                poison(stream, &mut first.out);
+                poison(stream, &mut first.t.out);
                 path(stream, op, &dims, first)
                     .map_err(|e| format!("the {path_name} path failed: {e}"))?;
-                Ok::<_, String>(stream.clone_dtoh(&first.out).expect("copy to the host"))
+                Ok::<_, String>(stream.clone_dtoh(&first.t.out).expect("copy to the host"))
             };
             let [fused, concat, split] = PATHS;
             let (fused, concat, split) = (output(fused)?, output(concat)?, output(split)?);
@@ -302,12 +321,7 @@ mod gpu {
 
     /// The tensors of one decode step, and the split-KV workspace.
     struct DecodeBuffers {
-        q: CudaSlice<bf16>,
-        k: CudaSlice<bf16>,
-        v: CudaSlice<bf16>,
-        prefix_k: CudaSlice<bf16>,
-        prefix_v: CudaSlice<bf16>,
-        out: CudaSlice<bf16>,
+        t: Tensors,
         workspace: CudaSlice<f32>,
     }
 
@@ -333,12 +347,14 @@ mod gpu {
             let up = |h: &[bf16]| stream.clone_htod(h).expect("copy to the device");
             let workspace = dims.workspace_len(DType::BF16).max(1);
             let copies = Rotation::new(decode_bytes(&dims), || DecodeBuffers {
-                q: up(&q),
-                k: up(&k),
-                v: up(&v),
-                prefix_k: up(&pk),
-                prefix_v: up(&pv),
-                out: stream.alloc_zeros(out).expect("device allocation"),
+                t: Tensors {
+                    q: up(&q),
+                    k: up(&k),
+                    v: up(&v),
+                    prefix_k: up(&pk),
+                    prefix_v: up(&pv),
+                    out: stream.alloc_zeros(out).expect("device allocation"),
+                },
                 workspace: stream.alloc_zeros(workspace).expect("device allocation"),
             });
             DecodeCase { dims, copies }
@@ -351,23 +367,8 @@ mod gpu {
             b: &mut DecodeBuffers,
             split: bool,
         ) -> peft_kernels::Result<()> {
-            cuda::prefix_attention::<bf16>(
-                stream,
-                &Self::OP,
-                dims,
-                PrefixAttentionArgs {
-                    q: &b.q,
-                    k: &b.k,
-                    v: &b.v,
-                    prefix_k: &b.prefix_k,
-                    prefix_v: &b.prefix_v,
-                    context_lens: None,
-                    out: &mut b.out,
-                    lse: None,
-                    lambda: None,
-                    workspace: split.then_some(&mut b.workspace as DeviceWrite<f32>),
-                },
-            )
+            let workspace = split.then_some(&mut b.workspace as DeviceWrite<f32>);
+            cuda::prefix_attention::<bf16>(stream, &Self::OP, dims, b.t.args(workspace))
         }
 
         fn run(&mut self, stream: &CudaStream, split: bool) {
@@ -380,10 +381,10 @@ mod gpu {
             let (dims, name) = (self.dims, format!("decode L{}", self.dims.kv_len));
             let first = self.copies.first();
             let mut output = |split| {
-                poison(stream, &mut first.out);
+                poison(stream, &mut first.t.out);
                 Self::step(stream, &dims, first, split)
                     .map_err(|e| format!("the fused kernel (split {split}) failed: {e}"))?;
-                Ok::<_, String>(stream.clone_dtoh(&first.out).expect("copy to the host"))
+                Ok::<_, String>(stream.clone_dtoh(&first.t.out).expect("copy to the host"))
             };
             let (split, whole) = (output(true)?, output(false)?);
             agree(&name, "split-KV and one pass", &split, &whole)
