@@ -61,7 +61,8 @@
 //           ≈ 25 KiB in flight per SM: the first configuration's three stages (24 KiB) were
 //           at the edge, so two more (unmeasured; 4 stages is the one to compare).
 //           A down pass has only ceil(r/32) column tiles (one for r = 16: one SM streaming
-//           all of W_down), so the plan splits its K into up to 32 runs of k-tiles, aiming
+//           all of W_down), so the plan splits a single bottleneck's K (delta_linear's, or
+//           delta_apply's with one head) into up to 32 runs of k-tiles, aiming
 //           at ~128 blocks, each storing raw f32 sums to the workspace;
 //           fused_linear_split_reduce adds the runs and applies bias, activation and scale
 //           (a dependent launch on sm_90, like the up-projection after it).

@@ -16,9 +16,7 @@
 //! between the frozen pass and the delta), as a framework's bf16 tensor h would be; a
 //! parallel delta never rounds h.
 
-use crate::plan::delta_linear::{
-    workspace_layout, workspace_ld, DeltaApplyBufs, DeltaLinearBufs, LoraMergeBufs,
-};
+use crate::plan::delta_linear::{workspace_layout, DeltaApplyBufs, DeltaLinearBufs, LoraMergeBufs};
 use crate::plan::BufSource;
 use crate::spec::{Activation, Composition, Insertion};
 
@@ -84,7 +82,7 @@ impl DeltaLinear {
     /// room for the f32 partial sums of a down pass whose K is split over blocks (up to 32
     /// copies of the activations). Saturates at `usize::MAX`.
     pub fn workspace_len(m: usize, r: usize) -> usize {
-        workspace_layout(m, r).1
+        workspace_layout(m, 1, r).1
     }
 }
 
@@ -193,11 +191,12 @@ impl DeltaApplyDims {
             kernel: KernelVariant::Auto,
         }
     }
-    /// Elements the workspace must hold (saturating at `usize::MAX`, which no buffer holds).
+    /// Elements the workspace must hold: the bottleneck activations of every head (rows
+    /// padded to 8 elements) and, for a single head at decode (m ≤ 16), room for the f32
+    /// partial sums of a down pass whose K is split over blocks, as
+    /// [`DeltaLinear::workspace_len`]. Saturates at `usize::MAX`, which no buffer holds.
     pub fn workspace_len(&self) -> usize {
-        self.m
-            .saturating_mul(self.heads)
-            .saturating_mul(workspace_ld(self.r))
+        workspace_layout(self.m, self.heads, self.r).1
     }
 }
 

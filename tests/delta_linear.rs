@@ -492,25 +492,36 @@ fn decode_down_pass_split_over_k(backend: &Backend) {
     }
 }
 
-fn multi_head_case<T: Element>(
-    backend: &Backend,
-    rng: &mut Rng,
-    insertion: Insertion,
-    in_place: bool,
-    kernel: KernelVariant,
-) {
-    let (m, heads, dh, du, r) = (
-        rng.range(1, 70),
-        rng.range(1, 5),
-        24,
-        16,
-        rng.pick(&[1, 8, 13]),
-    );
+/// The shape of a delta on a given h: (m, heads, head_dim, u_head_dim, r); a sequential
+/// delta reads h, so its u_head_dim is head_dim.
+type ApplyShape = (usize, usize, usize, usize, usize);
+
+/// A random multi-head shape: up to 69 rows and 4 heads, small ranks.
+fn random_apply_shape(rng: &mut Rng, insertion: Insertion) -> ApplyShape {
+    let (dh, du) = (24, 16);
     let du = if insertion == Insertion::Sequential {
         dh
     } else {
         du
     };
+    let (m, heads) = (rng.range(1, 70), rng.range(1, 5));
+    (m, heads, dh, du, rng.pick(&[1, 8, 13]))
+}
+
+/// A delta on a given h by `delta_apply` against the reference's multi-head adapter.
+fn multi_head_case<T: Element>(
+    backend: &Backend,
+    rng: &mut Rng,
+    (m, heads, dh, du, r): ApplyShape,
+    op: DeltaLinear,
+    in_place: bool,
+    kernel: KernelVariant,
+) {
+    let DeltaLinear {
+        insertion,
+        activation,
+        composition,
+    } = op;
     let width = heads * dh;
     let h: Vec<T> = rng.uniform_vec(m * width);
     let u: Vec<T> = rng.uniform_vec(m * heads * du);
@@ -518,9 +529,6 @@ fn multi_head_case<T: Element>(
     let b_down: Vec<T> = rng.uniform_vec(heads * r);
     let w_up: Vec<T> = scaled(rng, heads * dh * r, r);
     let b_up: Vec<T> = rng.uniform_vec(width);
-    let activation = rng.pick(&Activation::ALL);
-    let composition = rng.pick(&[Composition::Add, Composition::Scaled(2.5)]);
-    let op = DeltaLinear::new(insertion, activation, composition);
     let u_ref = if insertion == Insertion::Sequential {
         &h
     } else {
@@ -569,7 +577,7 @@ fn multi_head_case<T: Element>(
     )
     .unwrap();
     let name = format!(
-        "{} multi-head {insertion:?} in_place={in_place} {kernel:?} (seed {})",
+        "{} delta_apply {op:?} {dims:?} in_place={in_place} (seed {})",
         T::DTYPE,
         rng.seed()
     );
@@ -593,9 +601,76 @@ fn delta_apply_per_head(backend: &Backend) {
             (Insertion::Sequential, false),
             (Insertion::Sequential, true),
         ] {
-            multi_head_case::<f32>(backend, &mut rng, insertion, in_place, kernel);
-            multi_head_case::<f16>(backend, &mut rng, insertion, in_place, kernel);
-            multi_head_case::<bf16>(backend, &mut rng, insertion, in_place, kernel);
+            let mut op = || {
+                let composition = rng.pick(&[Composition::Add, Composition::Scaled(2.5)]);
+                DeltaLinear::new(insertion, rng.pick(&Activation::ALL), composition)
+            };
+            let (f32_op, f16_op, bf16_op) = (op(), op(), op());
+            let shape = random_apply_shape(&mut rng, insertion);
+            multi_head_case::<f32>(backend, &mut rng, shape, f32_op, in_place, kernel);
+            let shape = random_apply_shape(&mut rng, insertion);
+            multi_head_case::<f16>(backend, &mut rng, shape, f16_op, in_place, kernel);
+            let shape = random_apply_shape(&mut rng, insertion);
+            multi_head_case::<bf16>(backend, &mut rng, shape, bf16_op, in_place, kernel);
+        }
+    }
+}
+
+/// A single head's decode on a given h (LoRA beside the user's own frozen matmul) splits
+/// its down pass's K as delta_linear does: the plan must take the split (three steps
+/// instead of two) for each shape here; a multi-head delta never splits. The delta is
+/// scaled up so that an error in t is not lost in h.
+fn delta_apply_decode_split_over_k(backend: &Backend) {
+    use peft_kernels::plan::delta_linear::{delta_apply, DeltaApplyBufs};
+    use peft_kernels::plan::Buf;
+    use peft_kernels::DType;
+
+    let mut rng = Rng::from_env();
+    // (m, head_dim, u_head_dim, r): 32 runs of one k-tile; 8 runs over a ragged K; 8 runs of
+    // two k-tiles at the largest decode m.
+    let shapes = [(1, 40, 4096, 16), (3, 24, 1000, 33), (16, 8, 2000, 5)];
+    for (m, dh, du, r) in shapes {
+        for (insertion, in_place) in [
+            (Insertion::Parallel, rng.chance(0.5)),
+            (Insertion::Sequential, rng.chance(0.5)),
+        ] {
+            // A sequential delta reads h: K of its down pass is the head's width.
+            let (dh, du) = match insertion {
+                Insertion::Sequential => (du, du),
+                Insertion::Parallel => (dh, du),
+            };
+            let buf = |len| Buf { addr: 4096, len };
+            let plan = |heads: usize| {
+                let dims = DeltaApplyDims::new(m, heads, dh, du, r);
+                let bufs = DeltaApplyBufs {
+                    h: (!in_place).then_some(buf(m * heads * dh)),
+                    u: (insertion == Insertion::Parallel).then_some(buf(m * heads * du)),
+                    w_down: buf(heads * r * du),
+                    b_down: None,
+                    w_up: buf(heads * dh * r),
+                    b_up: None,
+                    gate: None,
+                    workspace: buf(dims.workspace_len()),
+                    y: buf(m * heads * dh),
+                };
+                let op = DeltaLinear::new(insertion, Activation::Identity, Composition::Add);
+                delta_apply(&op, &dims, DType::BF16, &bufs).unwrap().len()
+            };
+            assert_eq!(plan(1), 3, "{insertion:?} m {m} du {du} r {r}: no split");
+            assert_eq!(
+                plan(2),
+                2,
+                "{insertion:?} m {m} du {du} r {r}: two heads split"
+            );
+            let op = DeltaLinear::new(
+                insertion,
+                rng.pick(&Activation::ALL),
+                Composition::Scaled(-8.0),
+            );
+            let kernel = rng.pick(&[KernelVariant::Auto, KernelVariant::TensorCore]);
+            let shape = (m, 1, dh, du, r);
+            multi_head_case::<f16>(backend, &mut rng, shape, op, in_place, kernel);
+            multi_head_case::<bf16>(backend, &mut rng, shape, op, in_place, kernel);
         }
     }
 }
@@ -1076,6 +1151,7 @@ on_every_backend!(
     decode_down_pass_split_over_k,
     wgmma_kernel,
     delta_apply_per_head,
+    delta_apply_decode_split_over_k,
     gated_delta_apply,
     delta_apply_bad_arguments,
     lora_merge_and_unmerge,

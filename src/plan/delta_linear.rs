@@ -402,14 +402,15 @@ const SPLIT_TARGET_BLOCKS: usize = 128;
 /// (sm_80, the PTX, PEFT_KERNELS_NO_OVERLAP). A guess until measured.
 const MIN_SPLIT_K_TILES: usize = 8;
 
-/// delta_linear's workspace for `m` rows and rank `r`, in elements of a 2-byte dtype: t
-/// [m, workspace_ld(r)] first; for decode (m ≤ 16) then, 16-byte aligned, the f32 partial
-/// sums of a split down pass, [MAX_K_SPLITS][m][workspace_ld(r)] (only f16/bf16 split, so
-/// two elements hold one f32; an f32 workspace has room to spare). Returns (offset of the
-/// partial sums, total length), saturating where the sizes pass usize.
-pub(crate) fn workspace_layout(m: usize, r: usize) -> (usize, usize) {
-    let t = m.saturating_mul(workspace_ld(r));
-    if m > DECODE_ROWS {
+/// The workspace for `m` rows, `heads` bottlenecks (delta_apply's; delta_linear has one) and
+/// rank `r`, in elements of a 2-byte dtype: t [m, heads·workspace_ld(r)] first; for a
+/// single-head decode (m ≤ 16) then, 16-byte aligned, the f32 partial sums of a split down
+/// pass, [MAX_K_SPLITS][m][workspace_ld(r)] (only f16/bf16 split, so two elements hold one
+/// f32; an f32 workspace has room to spare). Returns (offset of the partial sums, total
+/// length), saturating where the sizes pass usize.
+pub(crate) fn workspace_layout(m: usize, heads: usize, r: usize) -> (usize, usize) {
+    let t = m.saturating_mul(heads).saturating_mul(workspace_ld(r));
+    if m > DECODE_ROWS || heads > 1 {
         return (t, t);
     }
     let offset = t.checked_next_multiple_of(8).unwrap_or(usize::MAX);
@@ -454,6 +455,33 @@ fn pass(composition: (i32, f32), m: i32, n: i32, out: u64, ldo: usize) -> FusedL
 
 fn addr(b: Option<Buf>) -> u64 {
     b.map_or(0, |b| b.addr)
+}
+
+/// The launches of a down pass `p` over `r` columns and `k` input columns of `kind`: the pass
+/// alone, or at decode with a long K the pass split over K into runs whose f32 partial sums
+/// go to `partial` (rows `ldt` apart) and their reduction into t. A decode pass over r
+/// columns has ceil(r/32) blocks (one SM streaming all of W_down at r = 16); only a single
+/// problem splits (`batch` = 1: a multi-head delta has a block per head already), and only
+/// where the partial sums' f32 slabs are aligned (a fresh allocation's always are).
+fn down_pass(
+    kind: Kind,
+    dtype: DType,
+    (m, r, k): (usize, usize, usize),
+    batch: usize,
+    mut p: FusedLinearParams,
+    (partial, ldt): (u64, usize),
+) -> Result<Vec<(Launch, FusedLinearParams)>> {
+    let splits = match kind {
+        Kind::MmaDecode if batch == 1 && partial % 4 == 0 => decode_splits(k, r),
+        _ => 1,
+    };
+    let pass = launch_for(kind, dtype, m, ("dims.r", r), batch, splits)?;
+    if splits == 1 {
+        return Ok(vec![(pass, p)]);
+    }
+    (p.partial, p.ldp, p.k_splits) = (partial, ldt as i64, splits as i32);
+    let reduce = launch_for(Kind::SplitReduce, dtype, m, ("dims.r", r), 1, 1)?;
+    Ok(vec![(pass, p), (overlapping(reduce), p)])
 }
 
 /// Plans `delta_linear`: parallel insertion is [down, main] (the delta is r more K steps
@@ -511,7 +539,7 @@ pub fn delta_linear(
     check_len("b_up", b.b_up, d.n, None)?;
     check_gate(b.gate, op.composition, d.m)?;
     let ldt = workspace_ld(d.r);
-    let (partial_offset, workspace_len) = workspace_layout(d.m, d.r);
+    let (partial_offset, workspace_len) = workspace_layout(d.m, 1, d.r);
     check_len("workspace", Some(b.workspace), workspace_len, None)?;
     check_matrix(
         "y",
@@ -546,21 +574,8 @@ pub fn delta_linear(
             (d.m, d.r),
             &[(u_addr, ld_u, 0), (b.w_down.addr, k_u, 0)],
         )?;
-        // A decode pass over r columns has ceil(r/32) blocks; split its K when the partial
-        // sums' f32 slabs are aligned (a fresh allocation's always are).
         let partial = b.workspace.addr + (partial_offset * dtype.size()) as u64;
-        let splits = match kind {
-            Kind::MmaDecode if partial % 4 == 0 => decode_splits(k_u, d.r),
-            _ => 1,
-        };
-        let pass = launch_for(kind, dtype, d.m, ("dims.r", d.r), 1, splits)?;
-        if splits == 1 {
-            vec![(pass, p)]
-        } else {
-            (p.partial, p.ldp, p.k_splits) = (partial, ldt as i64, splits as i32);
-            let reduce = launch_for(Kind::SplitReduce, dtype, d.m, ("dims.r", d.r), 1, 1)?;
-            vec![(pass, p), (overlapping(reduce), p)]
-        }
+        down_pass(kind, dtype, (d.m, d.r, k_u), 1, p, (partial, ldt))?
     };
     // Phase 1 as the frozen GEMM x·Wᵀ + b, and the operands it reads with vector copies.
     let frozen_operands = [(b.x.addr, d.ld_x, 0), (b.w.addr, d.k, 0)];
@@ -601,7 +616,8 @@ pub fn delta_linear(
 }
 
 /// Plans `delta_apply`: a delta on a given h, one bottleneck per head slice (heads = 1: a
-/// plain delta; heads = H: the multi-head parallel adapter). Always [down, up].
+/// plain delta; heads = H: the multi-head parallel adapter). [down, up]; a single head's
+/// decode with a long K splits the down pass as delta_linear's does.
 pub fn delta_apply(
     op: &DeltaLinear,
     d: &DeltaApplyDims,
@@ -672,7 +688,7 @@ pub fn delta_apply(
     check_gate(b.gate, op.composition, d.m)?;
     let ldt = d.heads * workspace_ld(d.r);
     // m·heads·r can pass usize::MAX (heads is bounded only by the grid, checked later).
-    let workspace_len = d.m.saturating_mul(ldt);
+    let (partial_offset, workspace_len) = workspace_layout(d.m, d.heads, d.r);
     check_len("workspace", Some(b.workspace), workspace_len, None)?;
     check_matrix(
         "y",
@@ -703,10 +719,8 @@ pub fn delta_apply(
         (d.m, d.r),
         &[(u_addr, ld_u, du), (b.w_down.addr, du, d.r * du)],
     )?;
-    let down = (
-        launch_for(kind, dtype, d.m, ("dims.r", d.r), d.heads, 1)?,
-        down,
-    );
+    let partial = t + (partial_offset * dtype.size()) as u64;
+    let down = down_pass(kind, dtype, (d.m, d.r, du), d.heads, down, (partial, ldt))?;
 
     let (h_addr, ld_h) = b.h.map_or((b.y.addr, d.ld_y), |h| (h.addr, d.ld_h));
     let mut up = pass(composition, m, dh, b.y.addr, d.ld_y);
@@ -729,7 +743,7 @@ pub fn delta_apply(
         )?),
         up,
     );
-    Ok(vec![down, up])
+    Ok([down, vec![up]].concat())
 }
 
 /// Plans `lora_merge`: W ← W + alpha·B·A (alpha = ±s) for W [N, K], A [r, K], B [N, r].
