@@ -11,6 +11,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use crate::tools::tool_dirs;
+
 /// Flags of every nvcc run. Deliberately no `--use_fast_math`: kernels keep IEEE division,
 /// square roots and denormals, as the emulator and the f64 reference do.
 const NVCC_FLAGS: &[&str] = &["-std=c++17", "-O3", "-lineinfo"];
@@ -151,41 +153,16 @@ fn toolchain_dir(root: &Path) -> PathBuf {
     root.join(".toolchain").join("cuda")
 }
 
-/// nvcc by `NVCC`, then `CUDA_HOME`/`CUDA_PATH`, then `PATH`, then the repository's own
-/// toolchain folder. An explicit `NVCC` is taken as given (a wrong one fails loudly later).
+/// nvcc by `NVCC`, then in [`tool_dirs`] (`CUDA_HOME`/`CUDA_PATH`, `PATH`, the repository's
+/// own toolchain folder). An explicit `NVCC` is taken as given (a wrong one fails loudly later).
 fn find_nvcc(root: &Path) -> Option<PathBuf> {
-    let exe = format!("nvcc{}", std::env::consts::EXE_SUFFIX);
     if let Some(nvcc) = std::env::var_os("NVCC").filter(|v| !v.is_empty()) {
         return Some(PathBuf::from(nvcc));
     }
-    let homes = ["CUDA_HOME", "CUDA_PATH"]
+    let exe = format!("nvcc{}", std::env::consts::EXE_SUFFIX);
+    tool_dirs(root)
         .into_iter()
-        .filter_map(std::env::var_os)
-        .map(|home| PathBuf::from(home).join("bin"));
-    let path = std::env::var_os("PATH");
-    let on_path = path.iter().flat_map(std::env::split_paths);
-    if let Some(found) = homes
-        .chain(on_path)
         .map(|d| d.join(&exe))
-        .find(|p| p.is_file())
-    {
-        return Some(found);
-    }
-    // .toolchain/cuda/lib/python3.*/site-packages/nvidia/cu13/bin/nvcc
-    let mut pythons: Vec<PathBuf> = std::fs::read_dir(toolchain_dir(root).join("lib"))
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("python3.")
-        })
-        .collect();
-    pythons.sort();
-    pythons
-        .into_iter()
-        .map(|p| p.join("site-packages/nvidia/cu13/bin").join(&exe))
         .find(|p| p.is_file())
 }
 

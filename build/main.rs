@@ -8,6 +8,7 @@
 
 mod cuda;
 mod emulator;
+mod tools;
 
 use std::path::{Path, PathBuf};
 

@@ -19,6 +19,9 @@ use std::sync::OnceLock;
 use peft_kernels::cuda::{cubin, Image};
 use peft_kernels::kernels::{KernelId, Module};
 
+#[path = "../build/tools.rs"]
+mod tools;
+
 /// The cubin architectures the build embeds.
 const IMAGES: [Image; 2] = [Image::Sm80, Image::Sm90];
 
@@ -50,29 +53,10 @@ fn cuobjdump() -> PathBuf {
     let exe = format!("cuobjdump{}", std::env::consts::EXE_SUFFIX);
     let beside_nvcc = std::env::var_os("NVCC")
         .and_then(|nvcc| PathBuf::from(nvcc).parent().map(Path::to_path_buf));
-    let homes = ["CUDA_HOME", "CUDA_PATH"]
-        .into_iter()
-        .filter_map(std::env::var_os)
-        .map(|home| PathBuf::from(home).join("bin"));
-    let path = std::env::var_os("PATH");
-    let on_path = path.iter().flat_map(std::env::split_paths);
-    let toolchain = Path::new(env!("CARGO_MANIFEST_DIR")).join(".toolchain/cuda/lib");
-    let mut pythons: Vec<PathBuf> = std::fs::read_dir(&toolchain)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("python3."))
-        })
-        .map(|p| p.join("site-packages/nvidia/cu13/bin"))
-        .collect();
-    pythons.sort();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     beside_nvcc
         .into_iter()
-        .chain(homes)
-        .chain(on_path)
-        .chain(pythons)
+        .chain(tools::tool_dirs(root))
         .chain([PathBuf::from("/usr/local/cuda/bin")])
         .map(|dir| dir.join(&exe))
         .find(|p| p.is_file())
@@ -82,7 +66,7 @@ fn cuobjdump() -> PathBuf {
                  PATH, {}, /usr/local/cuda/bin): install it next to nvcc with `bash \
                  scripts/install-cuda-toolchain.sh` (the nvidia-cuda-cuobjdump and \
                  nvidia-cuda-nvdisasm wheels) or set CUOBJDUMP",
-                toolchain.display()
+                root.join(".toolchain/cuda").display()
             )
         })
 }
