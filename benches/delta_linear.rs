@@ -128,7 +128,7 @@ mod gpu {
                 w: up(w),
                 w_down: up(&w_down),
                 w_up: up(&w_up),
-                workspace: zeros(DeltaLinear::workspace_len(m, r)),
+                workspace: zeros(dims.workspace_len()),
                 y: zeros(m * N),
             });
             Case {

@@ -113,7 +113,7 @@ impl Layer {
             (dims.k_u, dims.ld_u) = (k_u, k_u);
         }
         let mut y = vec![T::nan(); M * self.n];
-        let mut workspace = vec![T::nan(); DeltaLinear::workspace_len(M, r)];
+        let mut workspace = vec![T::nan(); dims.workspace_len()];
         let start = Instant::now();
         host::delta_linear(
             backend,

@@ -45,7 +45,7 @@
 //                         (arch.cuh) instead of ldmatrix + mma.sync: mma.sync cannot reach an
 //                         H100's tensor-core rate, which cuBLAS's prefill GEMMs do with wgmma.
 //                         Same loads (into 128-byte swizzled tiles), phases and epilogue; no
-//                         split-K (only the decode tile splits). Only on request (KernelVariant::Wgmma) until it has run on
+//                         split-K. Only on request (KernelVariant::Wgmma) until it has run on
 //                         a GPU and been measured.
 //   lora_merge_*          W ← W + sign·s·B·A in place (zero-overhead inference), SIMT tiles.
 //
@@ -61,11 +61,7 @@
 //           ≈ 25 KiB in flight per SM: the first configuration's three stages (24 KiB) were
 //           at the edge, so two more (unmeasured; 4 stages is the one to compare).
 //           A down pass has only ceil(r/32) column tiles (one for r = 16: one SM streaming
-//           all of W_down), so the plan splits a single bottleneck's K (delta_linear's, or
-//           delta_apply's with one head) into up to 32 runs of k-tiles, aiming
-//           at ~128 blocks, each storing raw f32 sums to the workspace;
-//           fused_linear_split_reduce adds the runs and applies bias, activation and scale
-//           (a dependent launch on sm_90, like the up-projection after it).
+//           all of W_down): it splits its K (below).
 //   small:  BM=16 BN=64 BK=64, 4 warps as 1×4 (warp tile 16×16), 4 stages, 45 KiB smem.
 //           16 < M ≤ 64 is still memory-bound on W: a 16-row tile wastes MMA work nobody
 //           misses, and BN=64 gives N/64 blocks each streaming 64 rows of W with 10 KiB of
@@ -82,6 +78,16 @@
 //           for before the next barrier (simple, and the stage is free at once); keeping one
 //           group in flight needs a fourth stage. A TMA producer warp and a persistent tile
 //           loop are the next steps once measured.
+//   split-K (decode, small and large tiles): a pass of few blocks (a down pass at decode; the
+//           frozen GEMM at m = 128, n = 4096 has 32 large tiles, a quarter of an H100) over a
+//           long K (≥ 8 k-tiles) is split by the plan into up to 32 runs of k-tiles, aiming at
+//           ~128 blocks, for a single bottleneck (delta_linear's, delta_apply's with one head).
+//           A run covers consecutive k-tiles of both phases and stores its f32 sum to the
+//           workspace, the phase-1 part scaled by c_main (the switch is linear); then
+//           fused_linear_split_reduce adds the runs, c_main·(bias + h_in), and finishes (a
+//           dependent launch on sm_90, like the pass after it). Rejected: atomics into y
+//           (bf16 accumulation, and a nondeterministic sum). Costs 32 + 4 f32 bytes per output
+//           and run of workspace traffic, mostly in L2; unmeasured.
 //   Not yet measured on a GPU: these are starting points, to be tuned against BENCHMARKS.md.
 
 #include "common.cuh"
@@ -108,7 +114,7 @@ struct FusedLinearParams {
     int64_t lda1, ldb1, ldh, lda2, ldb2, ldo, ldp;
     int64_t bs_a1, bs_b1, bs_bias, bs_h, bs_a2, bs_b2, bs_bias2, bs_out;
     int32_t m, n, k1, k2;
-    int32_t k_splits;  // > 1: phase 1 split over blocks (k2 = 0, one batch entry)
+    int32_t k_splits;  // > 1: the k-tiles split over blocks (one batch entry)
     int32_t activation;  // Activation, as src/spec.rs numbers it
     int32_t compose;     // Compose
     int32_t c_main, c_bias2, c_out;  // Coef
@@ -341,8 +347,8 @@ struct MmaConfig {
                              WARPS_M % 4 == 0 && WARPS_K == 1 && !SPLIT_K),
                   "wgmma: m64n128k16 per warpgroup over 128-byte rows");
 };
-using MmaLarge = MmaConfig<128, 128, 32, 2, 4, 1, 4>;
-using MmaSmall = MmaConfig<16, 64, 64, 1, 4, 1, 4>;
+using MmaLarge = MmaConfig<128, 128, 32, 2, 4, 1, 4, true>;
+using MmaSmall = MmaConfig<16, 64, 64, 1, 4, 1, 4, true>;
 using MmaDecode = MmaConfig<16, 32, 128, 1, 1, 4, 6, true>;
 using MmaHopper = MmaConfig<128, 128, 64, 8, 1, 1, 3, false, true>;
 
@@ -437,17 +443,20 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
         smem = reinterpret_cast<T*>(smem_raw + (misaligned ? 1024 - misaligned : 0));
     }
     const Operands<T> o = operands<T>(p, blockIdx.z);
-    // Split-K over blocks (p.k_splits > 1, the decode tile only): block x computes column
-    // tile x mod n_tiles over run x / n_tiles of phase 1's k-tiles and stores raw f32 sums
-    // in p.partial; fused_linear_split_reduce adds the runs and finishes.
+    // The pass's k-tiles: phase 1's, then phase 2's. Split-K over blocks (p.k_splits > 1, one
+    // batch entry): block x computes column tile x mod n_tiles over run x / n_tiles of them
+    // and stores its f32 sum in p.partial, the phase-1 part scaled by the row's c_main (the
+    // phase switch is linear); fused_linear_split_reduce adds the runs and the switch's bias
+    // and h_in, and finishes.
     const bool split = C::SPLIT_K && p.k_splits > 1;
     const int n_tiles = ceil_div(p.n, C::BN);
-    int n_tile = blockIdx.x, k_tile0 = 0, tiles1 = ceil_div(p.k1, C::BK);
+    const int tiles1 = ceil_div(p.k1, C::BK), tiles2 = ceil_div(p.k2, C::BK);
+    int n_tile = blockIdx.x, kt_begin = 0, kt_end = tiles1 + tiles2;
     if (split) {
-        const int per = ceil_div(tiles1, p.k_splits);
+        const int per = ceil_div(kt_end, p.k_splits);
         n_tile = blockIdx.x % n_tiles;
-        k_tile0 = blockIdx.x / n_tiles * per;
-        tiles1 = max(0, min(per, tiles1 - k_tile0));
+        kt_begin = min(int(blockIdx.x / n_tiles) * per, kt_end);
+        kt_end = min(kt_begin + per, kt_end);
     }
     const int m0 = blockIdx.y * C::BM, n0 = n_tile * C::BN;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -456,20 +465,19 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
     const int g = lane / 4, t = lane % 4;  // mma fragment coordinates
 
     float acc[C::MI][C::NI][4] = {};
-    const int tiles2 = ceil_div(p.k2, C::BK);
-    const int tiles = tiles1 + tiles2;
 
     auto load = [&](int kt) {
         T* sa = smem + (kt % C::STAGES) * C::STAGE_ELEMS;
         T* sb = sa + C::BM * C::PITCH;
         const bool first = kt < tiles1;
-        const int k0 = (first ? k_tile0 + kt : kt - tiles1) * C::BK;
+        const int k0 = (first ? kt : kt - tiles1) * C::BK;
         const int k_lim = first ? p.k1 : p.k2;
         const T* a = first ? o.a1 : o.a2;
         const T* b = first ? o.b1 : o.b2;
         const int64_t lda = first ? p.lda1 : p.lda2, ldb = first ? p.ldb1 : p.ldb2;
-        // Phase 2 reads t, which the previous launch (the down pass) writes.
-        if (kt == tiles1) grid_dependency_wait();
+        // Phase 2 reads t, which the previous launch (the down pass) writes: wait before the
+        // run's first phase-2 tile.
+        if (kt == max(tiles1, kt_begin)) grid_dependency_wait();
         // Checked per tile, not kept in registers: the large tile has none to spare.
         mma_load_tile<C, C::BM>(sa, a, lda, rows_copyable_16(a, lda), m0, p.m, k0, k_lim);
         mma_load_tile<C, C::BN>(sb, b, ldb, rows_copyable_16(b, ldb), n0, p.n, k0, k_lim);
@@ -493,21 +501,23 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
                 }
             }
     };
-    // The phase switch is linear: every k-split scales its partial sum, one adds the terms.
+    // The phase switch is linear: every k-split (warps, runs) scales its partial sum, one
+    // adds the terms (warp 0 of an unsplit pass; else the reduction).
     auto switch_phase = [&]() {
+        const bool adds = wk == 0 && !split;
         for_each_pair([&](int m, int n, const RowCoefs& c, float& v0, float& v1) {
-            v0 = wk == 0 ? phase_switch(p, o, m, n, c, v0) : c.main * v0;
-            if (n + 1 < p.n) v1 = wk == 0 ? phase_switch(p, o, m, n + 1, c, v1) : c.main * v1;
+            v0 = adds ? phase_switch(p, o, m, n, c, v0) : c.main * v0;
+            if (n + 1 < p.n) v1 = adds ? phase_switch(p, o, m, n + 1, c, v1) : c.main * v1;
         });
     };
 
     // Prologue: fill STAGES − 1 stages. Every iteration commits one group (possibly empty) so
     // that wait<STAGES − 2> always means "the tile about to be used has landed".
     for (int s = 0; s < C::STAGES - 1; ++s) {
-        if (s < tiles) load(s);
+        if (kt_begin + s < kt_end) load(kt_begin + s);
         cp_async_commit();
     }
-    for (int kt = 0; kt < tiles; ++kt) {
+    for (int kt = kt_begin; kt < kt_end; ++kt) {
         cp_async_wait<C::STAGES - 2>();
         // wgmma reads shared memory through the async proxy: this thread's copies and stores
         // are fenced for it before the barrier publishes them.
@@ -521,11 +531,11 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
             // frees stage kt for a load.
             if (kt == tiles1) switch_phase();
             wgmma_tile<T, C>(acc, sa, sb, warp);
-            if (kt + C::STAGES - 1 < tiles) load(kt + C::STAGES - 1);
+            if (kt + C::STAGES - 1 < kt_end) load(kt + C::STAGES - 1);
             cp_async_commit();
             wgmma_wait<0>(wgmma_fragment<C>(acc));
         } else {
-            if (kt + C::STAGES - 1 < tiles) load(kt + C::STAGES - 1);
+            if (kt + C::STAGES - 1 < kt_end) load(kt + C::STAGES - 1);
             cp_async_commit();
             if (kt == tiles1) switch_phase();
             mma_sync_tile<T, C>(acc, sa, sb, wk, wm0, wn0, lane);
@@ -535,7 +545,8 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
     // Without a phase 2 nothing above waited; and y, written below, may be what the previous
     // launch reads (a sequential delta's down pass reads h in y).
     grid_dependency_wait();
-    if (tiles == tiles1 && !split) switch_phase();
+    // A pass or run that ended inside phase 1 has not switched yet.
+    if (kt_end <= tiles1) switch_phase();
     if constexpr (C::WARPS_K > 1) {
         // Sum the k-splits: warps wk > 0 park their fragments in the (now idle) pipeline
         // memory, laid out [wk − 1][wmn][fragment element][lane] so stores are conflict-free.
@@ -556,7 +567,7 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
         }
     }
     if (split) {
-        // Raw sums of this run of k-tiles: the reduction adds the runs, then switches phase.
+        // This run's sum: the reduction adds the runs and finishes.
         float* run = p.partial + int64_t(blockIdx.x / n_tiles) * p.m * p.ldp;
         for_each_pair([&](int m, int n, const RowCoefs&, float& v0, float& v1) {
             run[m * p.ldp + n] = v0;
@@ -577,8 +588,9 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
     });
 }
 
-// The split-K reduction: out[m, n] = finish(phase_switch(Σ_s partial[s][m][n])), the runs added
-// in split order. grid (ceil(N/128), M), block 128. Launched right after the split pass, as a
+// The split-K reduction: out[m, n] = finish(Σ_s partial[s][m][n] + phase_switch(0)), the runs
+// added in split order (each run's phase-1 part is already scaled by c_main; phase_switch(0) is
+// c_main·(bias + h_in)). grid (ceil(N/128), M), block 128. Launched right after the split pass, as a
 // dependent launch on sm_90. Every thread waits before anything else, even one with nothing
 // to do: the up pass after it relies on this grid completing only after the split pass has
 // (a sequential delta's split pass reads h in y, which the up pass overwrites).
@@ -592,7 +604,7 @@ PK_INLINE void fused_linear_split_reduce(const FusedLinearParams& p) {
     for (int s = 0; s < p.k_splits; ++s) acc += p.partial[(int64_t(s) * p.m + m) * p.ldp + n];
     const Operands<T> o = operands<T>(p, 0);
     const RowCoefs c = row_coefs<T>(p, m);
-    finish(p, o, m, n, c, phase_switch(p, o, m, n, c, acc));
+    finish(p, o, m, n, c, acc + phase_switch(p, o, m, n, c, 0.0f));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -77,13 +77,6 @@ impl DeltaLinear {
             composition,
         }
     }
-    /// Elements the `workspace` of [`DeltaLinearArgs`] must hold for `m` rows and rank `r`:
-    /// the bottleneck activations (rows padded to 8 elements) and, for decode (m ≤ 16),
-    /// room for the f32 partial sums of a down pass whose K is split over blocks (up to 32
-    /// copies of the activations). Saturates at `usize::MAX`.
-    pub fn workspace_len(m: usize, r: usize) -> usize {
-        workspace_layout(m, 1, r).1
-    }
 }
 
 /// Sizes and row strides of a delta-linear call. W, W_down, W_up are contiguous.
@@ -124,6 +117,15 @@ impl DeltaLinearDims {
             kernel: KernelVariant::Auto,
         }
     }
+    /// Elements the `workspace` of [`DeltaLinearArgs`] must hold: the bottleneck activations
+    /// t [m, r] (rows padded to 8 elements) and room for the f32 partial sums of passes whose
+    /// K is split over blocks because they have few (the down pass at decode, up to 32 copies
+    /// of t; the frozen GEMM and the up-projection when m·n is small; at most 32 MiB). It
+    /// depends on m, n and r only (not on the strides, k or the kernel variant). Saturates
+    /// at `usize::MAX`, which no buffer holds.
+    pub fn workspace_len(&self) -> usize {
+        workspace_layout(self.m, 1, self.r, self.n).len
+    }
 }
 
 /// The tensors of a delta-linear call, over a backend's buffer types (`R` read, `W` written).
@@ -148,7 +150,7 @@ pub struct DeltaLinearArgs<R, W> {
     pub b_up: Option<R>,
     /// Per-row gate λ `[m]`, only with `Composition::Gated`.
     pub gate: Option<R>,
-    /// Scratch of [`DeltaLinear::workspace_len`] elements.
+    /// Scratch of [`DeltaLinearDims::workspace_len`] elements.
     pub workspace: W,
     /// The output [m, n], row stride `ld_y`.
     pub y: W,
@@ -192,11 +194,11 @@ impl DeltaApplyDims {
         }
     }
     /// Elements the workspace must hold: the bottleneck activations of every head (rows
-    /// padded to 8 elements) and, for a single head at decode (m ≤ 16), room for the f32
-    /// partial sums of a down pass whose K is split over blocks, as
-    /// [`DeltaLinear::workspace_len`]. Saturates at `usize::MAX`, which no buffer holds.
+    /// padded to 8 elements) and, for a single head, room for the f32 partial sums of passes
+    /// whose K is split over blocks, as [`DeltaLinearDims::workspace_len`]. Saturates at
+    /// `usize::MAX`, which no buffer holds.
     pub fn workspace_len(&self) -> usize {
-        workspace_layout(self.m, self.heads, self.r).1
+        workspace_layout(self.m, self.heads, self.r, self.head_dim).len
     }
 }
 

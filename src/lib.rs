@@ -35,10 +35,11 @@
 //! let w = vec![0.25f32; n * k];
 //! let (lora_a, lora_b) = (vec![0.1f32; r * k], vec![0.2f32; n * r]);
 //! let mut y = vec![0.0f32; m * n];
-//! let mut workspace = vec![0.0f32; DeltaLinear::workspace_len(m, r)];
+//! let dims = DeltaLinearDims::new(m, n, k, r);
+//! let mut workspace = vec![0.0f32; dims.workspace_len()];
 //! emulator::delta_linear(
 //!     &DeltaLinear::lora(4.0, r),
-//!     &DeltaLinearDims::new(m, n, k, r),
+//!     &dims,
 //!     DeltaLinearArgs {
 //!         x: &x, w: &w, bias: None, u: None,
 //!         w_down: &lora_a, b_down: None, w_up: &lora_b, b_up: None, gate: None,

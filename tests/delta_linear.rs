@@ -160,7 +160,7 @@ impl<T: Element> Inputs<T> {
             }
             .min_len(),
         );
-        let mut workspace = poisoned::<T>(DeltaLinear::workspace_len(d.m, d.r));
+        let mut workspace = poisoned::<T>(d.workspace_len());
         let args = DeltaLinearArgs {
             x: &self.x[..],
             w: &self.w[..],
@@ -374,7 +374,7 @@ fn planner_bufs(
         w_up: buf(n * r),
         b_up: None,
         gate: None,
-        workspace: buf(DeltaLinear::workspace_len(m, r)),
+        workspace: buf(DeltaLinearDims::new(m, n, k, r).workspace_len()),
         y: buf(m * n),
     }
 }
@@ -430,35 +430,41 @@ fn wgmma_kernel(backend: &Backend) {
     }
 }
 
-/// Decode (m ≤ 16) splits the down pass's K over blocks and adds the runs in a second
-/// kernel; the plan must take that path for each shape here (a step more than unsplit; the
-/// plan is made on an aligned address, as the emulator's buffers from the allocator are).
-/// The delta is scaled up, or gated (the reduction reads λ), so that an error in t is not
-/// lost in h.
-fn decode_down_pass_split_over_k(backend: &Backend) {
+/// A pass with few blocks (the down pass's r columns at decode; any pass at small m·n) and
+/// a long K splits its K over blocks and adds the runs in a second kernel. The plan must
+/// split exactly the passes counted here (the plan is made on an aligned address, as the
+/// emulator's buffers from the allocator are), runs that straddle the phase switch and runs
+/// wholly in phase 2 included. The delta is scaled up, or gated (the reduction reads λ), so
+/// that an error in t is not lost in h.
+fn passes_split_over_k(backend: &Backend) {
     use peft_kernels::plan::delta_linear::{delta_linear, DeltaLinearBufs};
     use peft_kernels::plan::Buf;
     use peft_kernels::DType;
 
     let mut rng = Rng::from_env();
-    // (m, n, k, r): 32 runs of one k-tile; 8 runs; 9 runs over a ragged K; 8 runs of 4
-    // k-tiles (the scaled PA's decode); 8 runs of 2 over a ragged K.
+    // (m, n, k, r, split passes when parallel, when sequential (n = k)). Decode tile: the
+    // main pass's 34 k-tiles in runs of 2 (run 16 straddles the switch); 8 runs; a ragged K;
+    // the scaled PA's decode (runs wholly in phase 2); 16 runs over a ragged K. Small tile
+    // (m = 40); large tile (m = 130): the frozen GEMM and, at r = 256, the up-projection of a
+    // sequential delta.
     let shapes = [
-        (1, 40, 4096, 16),
-        (3, 24, 1000, 33),
-        (16, 64, 1048, 1),
-        (1, 24, 4096, 512),
-        (2, 16, 2000, 300),
+        (1, 40, 4224, 16, 2, 1),
+        (3, 24, 1000, 33, 2, 2),
+        (16, 64, 1048, 1, 2, 2),
+        (1, 24, 4096, 512, 2, 1),
+        (2, 16, 2000, 300, 2, 2),
+        (40, 72, 1000, 8, 2, 2),
+        (130, 136, 1000, 24, 2, 2),
+        (130, 264, 264, 256, 2, 3),
     ];
-    for (m, n, k, r) in shapes {
+    for (m, n, k, r, parallel_splits, sequential_splits) in shapes {
         for insertion in [Insertion::Parallel, Insertion::Sequential] {
             // Both variants take the same kernels on these aligned shapes: one of them per case.
             let kernel = rng.pick(&[KernelVariant::Auto, KernelVariant::TensorCore]);
             // A sequential delta reads h: K of its down pass is n.
-            let n = if insertion == Insertion::Sequential {
-                k
-            } else {
-                n
+            let (n, splits) = match insertion {
+                Insertion::Sequential => (k, sequential_splits),
+                Insertion::Parallel => (n, parallel_splits),
             };
             let mut dims = DeltaLinearDims::new(m, n, k, r);
             dims.kernel = kernel;
@@ -471,13 +477,12 @@ fn decode_down_pass_split_over_k(backend: &Backend) {
                 gate: (composition == Composition::Gated).then_some(Buf { addr: 4096, len: m }),
                 ..planner_bufs(m, n, k, r)
             };
-            let steps = delta_linear(&op, &dims, DType::BF16, &bufs).unwrap().len();
-            let unsplit = if insertion == Insertion::Parallel {
-                2
-            } else {
-                3
-            };
-            assert_eq!(steps, unsplit + 1, "{insertion:?} {dims:?}: no split");
+            let steps = delta_linear(&op, &dims, DType::BF16, &bufs).unwrap();
+            let reductions = steps
+                .iter()
+                .filter(|(l, _)| format!("{:?}", l.kernel).contains("split_reduce"))
+                .count();
+            assert_eq!(reductions, splits, "{insertion:?} {dims:?}: split passes");
             let c = Case {
                 op,
                 dims,
@@ -920,7 +925,7 @@ fn bad_arguments_name_the_argument(backend: &Backend) {
     // A workspace one element short; then a dimension past what the kernels index.
     let d = base.dims;
     let mut y = vec![0.0f32; d.m * d.n];
-    let mut ws = vec![0.0f32; DeltaLinear::workspace_len(d.m, d.r) - 1];
+    let mut ws = vec![0.0f32; d.workspace_len() - 1];
     let mut call = |dims: &DeltaLinearDims, ws: &mut [f32]| {
         host::delta_linear(
             backend,
@@ -971,9 +976,12 @@ fn the_planner_refuses_overflowing_sizes() {
         }
     }
     assert!(delta_linear(&op, &dims, DType::F16, &bufs).is_ok());
-    // The workspace size saturates instead of wrapping (decode reserves 65 copies of t).
-    assert_eq!(DeltaLinear::workspace_len(2, 1 << 62), usize::MAX);
-    assert_eq!(DeltaLinear::workspace_len(1, usize::MAX - 3), usize::MAX);
+    // The workspace size saturates instead of wrapping: t's rows padded to 8 elements, t's
+    // elements, t and the main pass's partial sums after it.
+    let ws_len = |m, n, r| DeltaLinearDims::new(m, n, 1, r).workspace_len();
+    assert_eq!(ws_len(1, 1, usize::MAX - 3), usize::MAX);
+    assert_eq!(ws_len(1 << 40, 1, 1 << 30), usize::MAX);
+    assert_eq!(ws_len(1, 1, usize::MAX - 7), usize::MAX);
     // (m − 1)·ld wraps to 0 for ld = 2^63, m = 3: the kernels would read and write row 1
     // 2^63 elements away.
     let huge_ld = 1usize << (usize::BITS - 1);
@@ -1075,8 +1083,9 @@ fn only_the_up_projection_overlaps_the_down_pass() {
         y: buf(m * k),
         ..bufs
     };
+    // The parallel main pass (one column tile) splits too: its reduction overlaps it.
     for (insertion, n, expected) in [
-        (Insertion::Parallel, n, vec![false, true, true]),
+        (Insertion::Parallel, n, vec![false, true, true, true]),
         (Insertion::Sequential, k, vec![false, false, true, true]),
     ] {
         let op = DeltaLinear::new(insertion, Activation::Relu, Composition::Add);
@@ -1148,7 +1157,7 @@ on_every_backend!(
     awkward_shapes,
     strides_and_separate_input,
     tensor_cores_on_unaligned_operands,
-    decode_down_pass_split_over_k,
+    passes_split_over_k,
     wgmma_kernel,
     delta_apply_per_head,
     delta_apply_decode_split_over_k,
@@ -1190,9 +1199,7 @@ fn gpu_api_on_device_buffers() {
     );
     let (w_down, b_down) = (up(&inputs.w_down), opt(&inputs.b_down));
     let (w_up, b_up) = (up(&inputs.w_up), opt(&inputs.b_up));
-    let mut workspace = up(&poisoned::<bf16>(DeltaLinear::workspace_len(
-        dims.m, dims.r,
-    )));
+    let mut workspace = up(&poisoned::<bf16>(dims.workspace_len()));
     let mut y = up(&poisoned::<bf16>(dims.m * dims.n));
     peft_kernels::cuda::delta_linear(
         stream,

@@ -561,7 +561,8 @@ mod tests {
             let (dbias, db_down, db_up) = (up(&bias), up(&b_down), up(&b_up));
             let before = vec![T::nan(); m * ld_y];
             let mut dy = up(&before);
-            let mut ws = up(&vec![T::nan(); DeltaLinear::workspace_len(m, r)]);
+            let ws_len = DeltaLinearDims::new(m, n, k, r).workspace_len();
+            let mut ws = up(&vec![T::nan(); ws_len]);
             let dims = DeltaLinearDims {
                 ld_x,
                 ld_y,
@@ -656,7 +657,8 @@ mod tests {
         let (m, n, k, r) = (4, 8, 8, 2);
         let buf = |len| stream.alloc_zeros::<f32>(len).unwrap();
         let (x, w, w_down, w_up, gate) = (buf(m * k), buf(n * k), buf(r * k), buf(n * r), buf(m));
-        let (mut ws, mut y) = (buf(DeltaLinear::workspace_len(m, r)), buf(m * n));
+        let ws_len = DeltaLinearDims::new(m, n, k, r).workspace_len();
+        let (mut ws, mut y) = (buf(ws_len), buf(m * n));
         let op = DeltaLinear::new(Insertion::Parallel, Activation::Relu, Composition::Gated);
         let args: DeltaLinearArgs<DeviceRead<f32>, DeviceWrite<f32>> = DeltaLinearArgs {
             x: &x,

@@ -25,12 +25,13 @@ use crate::{Element, Result};
 /// let x = stream.alloc_zeros::<bf16>(m * k)?;
 /// let w = stream.alloc_zeros::<bf16>(n * k)?;
 /// let (lora_a, lora_b) = (stream.alloc_zeros::<bf16>(r * k)?, stream.alloc_zeros::<bf16>(n * r)?);
-/// let mut workspace = stream.alloc_zeros::<bf16>(DeltaLinear::workspace_len(m, r))?;
+/// let dims = DeltaLinearDims::new(m, n, k, r);
+/// let mut workspace = stream.alloc_zeros::<bf16>(dims.workspace_len())?;
 /// let mut y = stream.alloc_zeros::<bf16>(m * n)?;
 /// cuda::delta_linear(
 ///     &stream,
 ///     &DeltaLinear::lora(32.0, r),
-///     &DeltaLinearDims::new(m, n, k, r),
+///     &dims,
 ///     DeltaLinearArgs {
 ///         x: &x, w: &w, bias: None, u: None,
 ///         w_down: &lora_a, b_down: None, w_up: &lora_b, b_up: None, gate: None,

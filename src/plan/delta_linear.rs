@@ -206,6 +206,18 @@ enum Kind {
 /// stride), all in elements of `dtype`.
 type VecOperand = (u64, usize, usize);
 
+/// The tensor-core tile of a pass over m × n. A narrow output (the down pass's r columns, a
+/// head's slice) takes the small tile at any m: the large tile's 128 columns would leave most
+/// of its MMA work padding and give the pass ceil(m/128) blocks, 32 for m = 4096 and r = 16, a
+/// quarter of an H100.
+fn mma_kind(m: usize, n: usize) -> Kind {
+    match (m, n) {
+        (..=DECODE_ROWS, _) => Kind::MmaDecode,
+        (..=64, _) | (_, ..=64) => Kind::MmaSmall,
+        _ => Kind::MmaLarge,
+    }
+}
+
 /// `Auto` takes the tensor cores for f16/bf16 when the phase-1 operands can be copied in
 /// 16-byte chunks (aligned bases, strides multiples of 8 elements): the kernel loads any other
 /// operand element by element, which costs nothing on the delta's few K steps (W_up's rows
@@ -221,14 +233,7 @@ fn kind_for(
         let per = 16 / dtype.size();
         addr % 16 == 0 && ld % per == 0 && bs % per == 0
     };
-    // A narrow output (the down pass's r columns, a head's slice) takes the small tile at
-    // any m: the large tile's 128 columns would leave most of its MMA work padding and give
-    // the pass ceil(m/128) blocks, 32 for m = 4096 and r = 16, a quarter of an H100.
-    let mma = match (m, n) {
-        (..=DECODE_ROWS, _) => Kind::MmaDecode,
-        (..=64, _) | (_, ..=64) => Kind::MmaSmall,
-        _ => Kind::MmaLarge,
-    };
+    let mma = mma_kind(m, n);
     let tensor_cores = matches!(variant, KernelVariant::TensorCore | KernelVariant::Wgmma);
     if tensor_cores && dtype == DType::F32 {
         return Err(Error::Unsupported(
@@ -246,9 +251,28 @@ fn kind_for(
     })
 }
 
+/// The block tile (BM, BN, BK) of each kind: the configurations of kernels/delta_linear.cu (BK
+/// only matters to the kinds that split).
+fn tile(kind: Kind) -> (usize, usize, usize) {
+    match kind {
+        Kind::Naive => (16, 16, 1),
+        Kind::Simt => (64, 64, 16),
+        Kind::MmaDecode => (16, 32, 128),
+        Kind::MmaSmall => (16, 64, 64),
+        Kind::MmaLarge => (128, 128, 32),
+        Kind::Wgmma => (128, 128, 64),
+        Kind::SplitReduce => (1, 128, 1),
+    }
+}
+
+/// Whether the kernel of `kind` can split its K over blocks (`FusedLinearParams::k_splits`).
+fn splits_k(kind: Kind) -> bool {
+    matches!(kind, Kind::MmaDecode | Kind::MmaSmall | Kind::MmaLarge)
+}
+
 /// The launch of a pass over `m` rows × `cols.1` columns (the argument `cols.0` sets) in
 /// `batch` = `dims.heads` problems, its K split over `splits` runs of blocks (1: no split;
-/// more only for the decode tile, see [`decode_splits`]).
+/// see [`pass_steps`]).
 fn launch_for(
     kind: Kind,
     dtype: DType,
@@ -258,17 +282,15 @@ fn launch_for(
     splits: usize,
 ) -> Result<Launch> {
     use KernelId::*;
-    // (kernel per dtype f32/f16/bf16, BM, BN, threads, dynamic shared memory): the tile
-    // configurations of kernels/delta_linear.cu.
-    let (kernels, bm, bn, threads, smem) = match kind {
+    // (kernel per dtype f32/f16/bf16, threads, dynamic shared memory): the kernels of
+    // kernels/delta_linear.cu.
+    let (kernels, threads, smem) = match kind {
         Kind::Naive => (
             [
                 Some(fused_linear_naive_f32),
                 Some(fused_linear_naive_f16),
                 Some(fused_linear_naive_bf16),
             ],
-            16,
-            16,
             256,
             0,
         ),
@@ -278,8 +300,6 @@ fn launch_for(
                 Some(fused_linear_simt_f16),
                 Some(fused_linear_simt_bf16),
             ],
-            64,
-            64,
             256,
             0,
         ),
@@ -289,8 +309,6 @@ fn launch_for(
                 Some(fused_linear_mma_decode_f16),
                 Some(fused_linear_mma_decode_bf16),
             ],
-            16,
-            32,
             128,
             6 * (16 + 32) * (128 + 8) * 2,
         ),
@@ -300,8 +318,6 @@ fn launch_for(
                 Some(fused_linear_mma_small_f16),
                 Some(fused_linear_mma_small_bf16),
             ],
-            16,
-            64,
             128,
             4 * (16 + 64) * (64 + 8) * 2,
         ),
@@ -311,8 +327,6 @@ fn launch_for(
                 Some(fused_linear_mma_large_f16),
                 Some(fused_linear_mma_large_bf16),
             ],
-            128,
-            128,
             256,
             4 * (128 + 128) * (32 + 8) * 2,
         ),
@@ -322,8 +336,6 @@ fn launch_for(
                 Some(fused_linear_wgmma_f16),
                 Some(fused_linear_wgmma_bf16),
             ],
-            128,
-            128,
             256,
             3 * (128 + 128) * 64 * 2 + 1024,
         ),
@@ -333,12 +345,11 @@ fn launch_for(
                 Some(fused_linear_split_reduce_f16),
                 Some(fused_linear_split_reduce_bf16),
             ],
-            1,
-            128,
             128,
             0,
         ),
     };
+    let (bm, bn, _) = tile(kind);
     let index = match dtype {
         DType::F32 => 0,
         DType::F16 => 1,
@@ -357,9 +368,9 @@ fn launch_for(
         ("dims.m", m, bm),
         ("dims.heads", batch, 1),
     ])?;
-    // Column tile x of run s is block s·tiles + x; decode_splits keeps splits·tiles below
+    // Column tile x of run s is block s·tiles + x; k_splits keeps splits·tiles below
     // SPLIT_TARGET_BLOCKS + tiles.
-    debug_assert!(splits == 1 || kind == Kind::MmaDecode);
+    debug_assert!(splits == 1 || splits_k(kind));
     grid[0] *= splits as u32;
     Ok(Launch {
         kernel,
@@ -389,51 +400,129 @@ pub(crate) fn workspace_ld(r: usize) -> usize {
 }
 
 /// Passes of at most this many rows take the decode tile (kernels/delta_linear.cu, MmaDecode:
-/// BM = 16, BN = 32, BK = 128): weight streaming, where a narrow down pass splits its K.
+/// BM = 16, BN = 32, BK = 128): weight streaming.
 const DECODE_ROWS: usize = 16;
-const DECODE_BN: usize = 32;
-const DECODE_BK: usize = 128;
-/// The most runs a split-K down pass has; the workspace holds as many f32 copies of t.
+/// The most runs a split-K pass has.
 const MAX_K_SPLITS: usize = 32;
 /// The blocks a split pass aims at: about one per SM of the largest GPUs (132 on an H100).
 const SPLIT_TARGET_BLOCKS: usize = 128;
-/// A shorter K (1024 columns) is not split: one block streams it in a few round trips to
-/// memory, about what the reduction's extra launch costs where launches do not overlap
-/// (sm_80, the PTX, PEFT_KERNELS_NO_OVERLAP). A guess until measured.
+/// A pass of fewer k-tiles is not split (1024 columns of the decode tile): one block streams
+/// them in a few round trips to memory, about what the reduction's extra launch costs where
+/// launches do not overlap (sm_80, the PTX, PEFT_KERNELS_NO_OVERLAP). A guess until measured.
 const MIN_SPLIT_K_TILES: usize = 8;
 
-/// The workspace for `m` rows, `heads` bottlenecks (delta_apply's; delta_linear has one) and
-/// rank `r`, in elements of a 2-byte dtype: t [m, heads·workspace_ld(r)] first; for a
-/// single-head decode (m ≤ 16) then, 16-byte aligned, the f32 partial sums of a split down
-/// pass, [MAX_K_SPLITS][m][workspace_ld(r)] (only f16/bf16 split, so two elements hold one
-/// f32; an f32 workspace has room to spare). Returns (offset of the partial sums, total
-/// length), saturating where the sizes pass usize.
-pub(crate) fn workspace_layout(m: usize, heads: usize, r: usize) -> (usize, usize) {
-    let t = m.saturating_mul(heads).saturating_mul(workspace_ld(r));
-    if m > DECODE_ROWS || heads > 1 {
-        return (t, t);
+/// The most runs a pass of `kind` over m × n splits its K into: enough that it has about
+/// [`SPLIT_TARGET_BLOCKS`] blocks (a down pass of rank 16 at decode has one column tile: one
+/// block streaming all of W_down at one SM's bandwidth; the large tile's frozen GEMM at
+/// m = 128, n = 4096 has 32 blocks, a quarter of an H100). 1: the pass never splits.
+fn max_k_splits(kind: Kind, m: usize, n: usize) -> usize {
+    if !splits_k(kind) {
+        return 1;
     }
-    let offset = t.checked_next_multiple_of(8).unwrap_or(usize::MAX);
-    (
-        offset,
-        offset.saturating_add(t.saturating_mul(2 * MAX_K_SPLITS)),
-    )
+    let (bm, bn, _) = tile(kind);
+    let blocks = n.div_ceil(bn).saturating_mul(m.div_ceil(bm)).max(1);
+    SPLIT_TARGET_BLOCKS.div_ceil(blocks).clamp(1, MAX_K_SPLITS)
 }
 
-/// The runs a decode pass over `n` columns splits its `k` columns into: enough that the pass
-/// has about [`SPLIT_TARGET_BLOCKS`] blocks (a down pass of rank 16 has one column tile, so one
-/// block streaming all of W_down at one SM's bandwidth), each run at least one k-tile. 1: no
-/// split, below [`MIN_SPLIT_K_TILES`].
-fn decode_splits(k: usize, n: usize) -> usize {
-    let k_tiles = k.div_ceil(DECODE_BK);
+/// The runs a pass of `kind` over m × n with `k_tiles` k-tiles (both phases) splits into: up
+/// to [`max_k_splits`], each at least one k-tile, none below [`MIN_SPLIT_K_TILES`].
+fn k_splits(kind: Kind, m: usize, n: usize, k_tiles: usize) -> usize {
     if k_tiles < MIN_SPLIT_K_TILES {
         return 1;
     }
-    let want = SPLIT_TARGET_BLOCKS
-        .div_ceil(n.div_ceil(DECODE_BN))
-        .clamp(1, MAX_K_SPLITS)
-        .min(k_tiles);
+    let want = max_k_splits(kind, m, n).min(k_tiles);
     k_tiles.div_ceil(k_tiles.div_ceil(want))
+}
+
+/// Where a delta's workspace keeps what, in elements of a 2-byte dtype (only f16/bf16 passes
+/// split, so an f32 workspace has room to spare): t [m, heads·workspace_ld(r)] at 0, then,
+/// each 16-byte aligned, the f32 partial sums of a split down pass, [runs][m][workspace_ld(r)],
+/// and of a split main pass (the frozen GEMM or the up-projection over n columns),
+/// [runs][m][n], each sized for the most runs the plan may choose. Only a single bottleneck
+/// (heads = 1) splits. The two regions are apart because a main pass starts while the down
+/// pass runs (a dependent launch). Sizes saturate where they pass usize.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct WorkspaceLayout {
+    /// The down pass's partial sums: offset in elements, room in f32s.
+    pub down: (usize, usize),
+    /// The main passes' partial sums: offset in elements, room in f32s.
+    pub main: (usize, usize),
+    /// Elements in all.
+    pub len: usize,
+}
+
+pub(crate) fn workspace_layout(m: usize, heads: usize, r: usize, n: usize) -> WorkspaceLayout {
+    let t = m.saturating_mul(heads).saturating_mul(workspace_ld(r));
+    let room = |cols: usize, ld: usize| match max_k_splits(mma_kind(m, cols), m, cols) {
+        runs if runs > 1 && heads == 1 => runs.saturating_mul(m).saturating_mul(ld),
+        _ => 0,
+    };
+    let aligned = |x: usize| x.checked_next_multiple_of(8).unwrap_or(usize::MAX);
+    let (down_room, main_room) = (room(r, workspace_ld(r)), room(n, n));
+    let down = aligned(t);
+    let main = aligned(down.saturating_add(down_room.saturating_mul(2)));
+    let len = match (down_room, main_room) {
+        (0, 0) => t,
+        (_, 0) => down.saturating_add(down_room.saturating_mul(2)),
+        _ => main.saturating_add(main_room.saturating_mul(2)),
+    };
+    WorkspaceLayout {
+        down: (down, down_room),
+        main: (main, main_room),
+        len,
+    }
+}
+
+/// Where a pass may keep the partial sums of a split: the address and the room, in f32s.
+#[derive(Clone, Copy, Debug)]
+struct Partials {
+    addr: u64,
+    room: usize,
+}
+
+/// The down and the main passes' partial sums in `workspace`, laid out as `layout` says.
+fn partials(workspace: Buf, layout: &WorkspaceLayout, dtype: DType) -> (Partials, Partials) {
+    let at = |(offset, room): (usize, usize)| Partials {
+        addr: workspace.addr + (offset * dtype.size()) as u64,
+        room,
+    };
+    (at(layout.down), at(layout.main))
+}
+
+/// The steps of pass `p` of `kind` (its columns named `cols` in errors, `batch` problems):
+/// the pass, or, where its blocks are few and its K long, the pass split over K into runs
+/// whose f32 sums go to `partials` (rows `ldp` apart) and their reduction (a dependent
+/// launch). Only a single problem splits, and only where the partial sums fit and are 4-byte
+/// aligned (a fresh allocation's always are). `overlap`: the pass is a dependent launch of
+/// the step before it (see [`overlapping`]).
+fn pass_steps(
+    (kind, dtype): (Kind, DType),
+    cols: &'static str,
+    batch: usize,
+    mut p: FusedLinearParams,
+    (partials, ldp): (Partials, usize),
+    overlap: bool,
+) -> Result<Vec<(Launch, FusedLinearParams)>> {
+    let (m, n) = (p.m as usize, p.n as usize);
+    let (_, _, bk) = tile(kind);
+    let k_tiles = (p.k1 as usize).div_ceil(bk) + (p.k2 as usize).div_ceil(bk);
+    let splits = match k_splits(kind, m, n, k_tiles) {
+        s if batch == 1
+            && partials.addr % 4 == 0
+            && s.saturating_mul(m).saturating_mul(ldp) <= partials.room =>
+        {
+            s
+        }
+        _ => 1,
+    };
+    let mut pass = launch_for(kind, dtype, m, (cols, n), batch, splits)?;
+    pass.overlap_previous = overlap;
+    if splits == 1 {
+        return Ok(vec![(pass, p)]);
+    }
+    (p.partial, p.ldp, p.k_splits) = (partials.addr, ldp as i64, splits as i32);
+    let reduce = launch_for(Kind::SplitReduce, dtype, m, (cols, n), 1, 1)?;
+    Ok(vec![(pass, p), (overlapping(reduce), p)])
 }
 
 /// One fused-linear pass with every operand absent: callers fill what they use.
@@ -457,36 +546,9 @@ fn addr(b: Option<Buf>) -> u64 {
     b.map_or(0, |b| b.addr)
 }
 
-/// The launches of a down pass `p` over `r` columns and `k` input columns of `kind`: the pass
-/// alone, or at decode with a long K the pass split over K into runs whose f32 partial sums
-/// go to `partial` (rows `ldt` apart) and their reduction into t. A decode pass over r
-/// columns has ceil(r/32) blocks (one SM streaming all of W_down at r = 16); only a single
-/// problem splits (`batch` = 1: a multi-head delta has a block per head already), and only
-/// where the partial sums' f32 slabs are aligned (a fresh allocation's always are).
-fn down_pass(
-    kind: Kind,
-    dtype: DType,
-    (m, r, k): (usize, usize, usize),
-    batch: usize,
-    mut p: FusedLinearParams,
-    (partial, ldt): (u64, usize),
-) -> Result<Vec<(Launch, FusedLinearParams)>> {
-    let splits = match kind {
-        Kind::MmaDecode if batch == 1 && partial % 4 == 0 => decode_splits(k, r),
-        _ => 1,
-    };
-    let pass = launch_for(kind, dtype, m, ("dims.r", r), batch, splits)?;
-    if splits == 1 {
-        return Ok(vec![(pass, p)]);
-    }
-    (p.partial, p.ldp, p.k_splits) = (partial, ldt as i64, splits as i32);
-    let reduce = launch_for(Kind::SplitReduce, dtype, m, ("dims.r", r), 1, 1)?;
-    Ok(vec![(pass, p), (overlapping(reduce), p)])
-}
-
 /// Plans `delta_linear`: parallel insertion is [down, main] (the delta is r more K steps
 /// of the frozen GEMM), sequential is [frozen, down, up] (the delta needs whole rows of h);
-/// at decode a long K makes the down pass two steps, [split, reduce].
+/// a pass with few blocks and a long K is two steps, [split, reduce] (see [`pass_steps`]).
 pub fn delta_linear(
     op: &DeltaLinear,
     d: &DeltaLinearDims,
@@ -539,8 +601,8 @@ pub fn delta_linear(
     check_len("b_up", b.b_up, d.n, None)?;
     check_gate(b.gate, op.composition, d.m)?;
     let ldt = workspace_ld(d.r);
-    let (partial_offset, workspace_len) = workspace_layout(d.m, 1, d.r);
-    check_len("workspace", Some(b.workspace), workspace_len, None)?;
+    let layout = workspace_layout(d.m, 1, d.r, d.n);
+    check_len("workspace", Some(b.workspace), layout.len, None)?;
     check_matrix(
         "y",
         b.y,
@@ -555,6 +617,7 @@ pub fn delta_linear(
     }
 
     let t = b.workspace.addr;
+    let (down_partials, main_partials) = partials(b.workspace, &layout, dtype);
     let gate = addr(b.gate);
     // The delta's input: u, x, or (sequential) h in y.
     let (u_addr, ld_u) = match (op.insertion, b.u) {
@@ -574,8 +637,7 @@ pub fn delta_linear(
             (d.m, d.r),
             &[(u_addr, ld_u, 0), (b.w_down.addr, k_u, 0)],
         )?;
-        let partial = b.workspace.addr + (partial_offset * dtype.size()) as u64;
-        down_pass(kind, dtype, (d.m, d.r, k_u), 1, p, (partial, ldt))?
+        pass_steps((kind, dtype), "dims.r", 1, p, (down_partials, ldt), false)?
     };
     // Phase 1 as the frozen GEMM x·Wᵀ + b, and the operands it reads with vector copies.
     let frozen_operands = [(b.x.addr, d.ld_x, 0), (b.w.addr, d.k, 0)];
@@ -584,7 +646,7 @@ pub fn delta_linear(
         p.bias = addr(b.bias);
     };
     // The up-projection of t, with the frozen part (x·Wᵀ) when `frozen`, or h from y.
-    let up = |frozen: bool| -> Result<(Launch, FusedLinearParams)> {
+    let up = |frozen: bool| -> Result<Vec<(Launch, FusedLinearParams)>> {
         let mut p = pass(composition, m, n, b.y.addr, d.ld_y);
         let phase1: &[VecOperand] = if frozen {
             set_frozen(&mut p);
@@ -597,27 +659,26 @@ pub fn delta_linear(
         (p.bias2, p.gate) = (addr(b.b_up), gate);
         (p.c_main, p.c_bias2, p.c_out) = (COEF_H, COEF_D, COEF_ONE);
         let kind = kind_for(d.kernel, dtype, (d.m, d.n), phase1)?;
-        Ok((
-            overlapping(launch_for(kind, dtype, d.m, ("dims.n", d.n), 1, 1)?),
-            p,
-        ))
+        pass_steps((kind, dtype), "dims.n", 1, p, (main_partials, d.n), true)
     };
     match op.insertion {
-        Insertion::Parallel => Ok([down, vec![up(true)?]].concat()),
+        Insertion::Parallel => Ok([down, up(true)?].concat()),
         Insertion::Sequential => {
+            // The frozen pass's partial sums share the main region with the up pass's: the
+            // down pass between them is a plain launch, so they never run at once.
             let mut p = pass(composition, m, n, b.y.addr, d.ld_y);
             set_frozen(&mut p);
             (p.c_main, p.c_out) = (COEF_ONE, COEF_ONE);
             let kind = kind_for(d.kernel, dtype, (d.m, d.n), &frozen_operands)?;
-            let frozen = (launch_for(kind, dtype, d.m, ("dims.n", d.n), 1, 1)?, p);
-            Ok([vec![frozen], down, vec![up(false)?]].concat())
+            let frozen = pass_steps((kind, dtype), "dims.n", 1, p, (main_partials, d.n), false)?;
+            Ok([frozen, down, up(false)?].concat())
         }
     }
 }
 
 /// Plans `delta_apply`: a delta on a given h, one bottleneck per head slice (heads = 1: a
 /// plain delta; heads = H: the multi-head parallel adapter). [down, up]; a single head's
-/// decode with a long K splits the down pass as delta_linear's does.
+/// passes split their K as delta_linear's do.
 pub fn delta_apply(
     op: &DeltaLinear,
     d: &DeltaApplyDims,
@@ -688,8 +749,8 @@ pub fn delta_apply(
     check_gate(b.gate, op.composition, d.m)?;
     let ldt = d.heads * workspace_ld(d.r);
     // m·heads·r can pass usize::MAX (heads is bounded only by the grid, checked later).
-    let (partial_offset, workspace_len) = workspace_layout(d.m, d.heads, d.r);
-    check_len("workspace", Some(b.workspace), workspace_len, None)?;
+    let layout = workspace_layout(d.m, d.heads, d.r, d.head_dim);
+    check_len("workspace", Some(b.workspace), layout.len, None)?;
     check_matrix(
         "y",
         b.y,
@@ -703,6 +764,7 @@ pub fn delta_apply(
         return Ok(Vec::new());
     }
     let t = b.workspace.addr;
+    let (down_partials, up_partials) = partials(b.workspace, &layout, dtype);
     let gate = addr(b.gate);
     let rs = workspace_ld(d.r);
 
@@ -719,8 +781,15 @@ pub fn delta_apply(
         (d.m, d.r),
         &[(u_addr, ld_u, du), (b.w_down.addr, du, d.r * du)],
     )?;
-    let partial = t + (partial_offset * dtype.size()) as u64;
-    let down = down_pass(kind, dtype, (d.m, d.r, du), d.heads, down, (partial, ldt))?;
+    let batch = d.heads;
+    let down = pass_steps(
+        (kind, dtype),
+        "dims.r",
+        batch,
+        down,
+        (down_partials, ldt),
+        false,
+    )?;
 
     let (h_addr, ld_h) = b.h.map_or((b.y.addr, d.ld_y), |h| (h.addr, d.ld_h));
     let mut up = pass(composition, m, dh, b.y.addr, d.ld_y);
@@ -732,18 +801,9 @@ pub fn delta_apply(
     (up.c_main, up.c_bias2, up.c_out) = (COEF_H, COEF_D, COEF_ONE);
     // No phase 1: the pass reads h per element and runs the r steps of the up-projection.
     let kind = kind_for(d.kernel, dtype, (d.m, d.head_dim), &[])?;
-    let up = (
-        overlapping(launch_for(
-            kind,
-            dtype,
-            d.m,
-            ("dims.head_dim", d.head_dim),
-            d.heads,
-            1,
-        )?),
-        up,
-    );
-    Ok([down, vec![up]].concat())
+    let partials = (up_partials, d.head_dim);
+    let up = pass_steps((kind, dtype), "dims.head_dim", batch, up, partials, true)?;
+    Ok([down, up].concat())
 }
 
 /// Plans `lora_merge`: W ← W + alpha·B·A (alpha = ±s) for W [N, K], A [r, K], B [N, r].
