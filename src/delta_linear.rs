@@ -178,9 +178,10 @@ pub struct DeltaApplyDims {
 }
 
 impl DeltaApplyDims {
-    /// Contiguous h, y [m, heads·head_dim] and u [m, heads·u_head_dim].
+    /// Contiguous h, y [m, heads·head_dim] and u [m, heads·u_head_dim]. Widths past usize
+    /// saturate (and are refused by the call).
     pub fn new(m: usize, heads: usize, head_dim: usize, u_head_dim: usize, r: usize) -> Self {
-        let w = heads * head_dim;
+        let w = heads.saturating_mul(head_dim);
         DeltaApplyDims {
             m,
             heads,
@@ -188,7 +189,7 @@ impl DeltaApplyDims {
             r,
             u_head_dim,
             ld_h: w,
-            ld_u: heads * u_head_dim,
+            ld_u: heads.saturating_mul(u_head_dim),
             ld_y: w,
             kernel: KernelVariant::Auto,
         }

@@ -283,12 +283,15 @@ impl MatrixLayout {
             ld: cols,
         }
     }
-    /// The number of elements a buffer must hold: `(rows − 1)·ld + cols`, 0 when empty.
+    /// The number of elements a buffer must hold: `(rows − 1)·ld + cols`, 0 when empty;
+    /// saturating at `usize::MAX`, which no buffer holds.
     pub const fn min_len(&self) -> usize {
         if self.rows == 0 || self.cols == 0 {
             0
         } else {
-            (self.rows - 1) * self.ld + self.cols
+            (self.rows - 1)
+                .saturating_mul(self.ld)
+                .saturating_add(self.cols)
         }
     }
 }

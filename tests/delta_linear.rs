@@ -982,6 +982,15 @@ fn the_planner_refuses_overflowing_sizes() {
     assert_eq!(ws_len(1, 1, usize::MAX - 3), usize::MAX);
     assert_eq!(ws_len(1 << 40, 1, 1 << 30), usize::MAX);
     assert_eq!(ws_len(1, 1, usize::MAX - 7), usize::MAX);
+    // A layout's length and delta_apply's widths saturate instead of wrapping (or panicking
+    // in a debug build).
+    let layout = MatrixLayout {
+        rows: 2,
+        cols: 1,
+        ld: usize::MAX,
+    };
+    assert_eq!(layout.min_len(), usize::MAX);
+    assert_eq!(DeltaApplyDims::new(1, usize::MAX, 2, 3, 1).ld_u, usize::MAX);
     // (m − 1)·ld wraps to 0 for ld = 2^63, m = 3: the kernels would read and write row 1
     // 2^63 elements away.
     let huge_ld = 1usize << (usize::BITS - 1);
@@ -1014,6 +1023,28 @@ fn the_planner_refuses_overflowing_sizes() {
         ..bufs
     };
     assert_eq!(refused(&op, &wide, &wide_bufs), "dims.n");
+    // Reduction lengths whose tile count wraps in the kernels' ints (ceil_div(k, 128) at
+    // k = 2^31 − 1): refused, not run as no tiles at all.
+    let long = |k, r| DeltaLinearDims {
+        k_u: k,
+        ld_x: k,
+        ld_u: k,
+        ..DeltaLinearDims::new(m, n, k, r)
+    };
+    let long_bufs = DeltaLinearBufs {
+        x: all,
+        w: all,
+        w_down: all,
+        w_up: all,
+        workspace: all,
+        ..bufs
+    };
+    assert_eq!(
+        refused(&op, &long(i32::MAX as usize, r), &long_bufs),
+        "dims.k"
+    );
+    assert_eq!(refused(&op, &long(k, (1 << 30) + 1), &long_bufs), "dims.r");
+    assert!(delta_linear(&op, &long(1 << 30, r), DType::F16, &long_bufs).is_ok());
     // More rows than grid.y has tiles for: the error names dims.m, not a grid dimension.
     let tall = DeltaLinearDims {
         m: 65_535 * 16 + 1,

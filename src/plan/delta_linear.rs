@@ -129,9 +129,15 @@ fn dim_i32(arg: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::invalid(arg, format!("at most {}", i32::MAX), v))
 }
 
+/// The largest width or reduction length (n, k, r, head dims): the kernels round such a
+/// length up to whole tiles in 32-bit ints (ceil_div(k, BK), a rank loop's j += 16), which
+/// wraps within a tile of i32::MAX; 2^30, as attention's lengths.
+const MAX_DIM: usize = 1 << 30;
+
+/// A width or reduction length: at least 1, at most [`MAX_DIM`].
 fn positive(arg: &'static str, v: usize) -> Result<i32> {
-    if v == 0 {
-        return Err(Error::invalid(arg, "at least 1", 0));
+    if v == 0 || v > MAX_DIM {
+        return Err(Error::invalid(arg, format!("between 1 and {MAX_DIM}"), v));
     }
     dim_i32(arg, v)
 }
