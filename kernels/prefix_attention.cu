@@ -55,22 +55,26 @@
 //       of a 16 × 8 grid owns query rows ty + 16r (r < 4), scores of keys tx + 8c (c < 4) and
 //       output columns 2tx + 16c' (pairs). Plain synchronous loads (any alignment); rows
 //       padded by 4 floats so that the 16-byte shared reads of 8 lanes hit 32 distinct banks.
+//       Packing and split-KV (below) as the tensor-core kernels, from the same block geometry
+//       (AttentionBlock) and the same plan; a run's state goes to the workspace in the same
+//       layout, each thread writing its column pairs of its 4 rows and lane tx = 0 of a row
+//       the row's statistics.
 //   Prefix-only attention (out_p, LSE_p) is the same kernel with no context (Lk = 0), plain
 //   attention the same kernel with l = 0.
-//   GQA packing, f16/bf16: when a KV group's g query heads × Lq queries fit the block's 64
-//   rows (decoding: Lq = 1), one block takes the whole group, so the group's keys and values
-//   are loaded and multiplied once instead of g times; row ρ is query ρ mod Lq of head
-//   h + ρ / Lq, the rows one stride apart (the head stride when Lq = 1; else the plan
+//   GQA packing, every attention kernel: when a KV group's g query heads × Lq queries fit the
+//   block's 64 rows (decoding: Lq = 1), one block takes the whole group, so the group's keys
+//   and values are loaded and multiplied once instead of g times; row ρ is query ρ mod Lq of
+//   head h + ρ / Lq, the rows one stride apart (the head stride when Lq = 1; else the plan
 //   requires Lq rows per head) and the masks per query.
-//   Split-KV (flash-decoding), f16/bf16: a grid of fewer than 128 blocks (decoding: Lq = 1,
-//   few sequences and heads) over long keys would leave most SMs idle while each block walks
-//   every key tile. With the caller's workspace the plan splits the tiles into runs (grid.z
-//   = B × runs, at most 32, of at least 4 tiles of the unmasked key count; a block whose
-//   causal or ragged mask leaves fewer tiles has shorter or empty runs); a run ends with its
-//   unnormalised state (O relative to 2^m, m, l, and m_p, l_p after its last prefix tile) in
-//   the workspace, and prefix_attention_split_merge_{f16,bf16} combines the runs of a row
-//   into what the single pass would have finished it with (the same math, not the same
-//   rounding): output, LSE and λ.
+//   Split-KV (flash-decoding), every attention kernel: a grid of fewer than 128 blocks
+//   (decoding: Lq = 1, few sequences and heads) over long keys would leave most SMs idle while
+//   each block walks every key tile. With the caller's workspace the plan splits the tiles
+//   into runs (grid.z = B × runs, at most 32, of at least 4 of the kernel's tiles of the
+//   unmasked key count; a block whose causal or ragged mask leaves fewer tiles has shorter or
+//   empty runs); a run ends with its unnormalised state (O relative to 2^m, m, l, and m_p, l_p
+//   after its last prefix tile) in the workspace, and prefix_attention_split_merge_{f32,f16,
+//   bf16} combines the runs of a row into what the single pass would have finished it with
+//   (the same math, not the same rounding): output, LSE and λ.
 //   lse_merge_{f32,f16,bf16}   two attention states (o, LSE) of the same rows merged into the
 //       gated output, LSE = logaddexp and λ: one warp per row.
 //   kv_concat_{f32,f16,bf16}   [P; C] along the sequence, the copy the unfused path makes (the
@@ -81,8 +85,7 @@
 // back); 128 queries per block (two m-tiles per warp: 128 accumulator registers at D = 128,
 // and half the blocks for short sequences); a separate LSE_c for λ (see above); wgmma/TMA on
 // Hopper for now (mma.sync serves sm_80 and sm_90 from one source; delta_linear's wgmma path
-// in arch.cuh is the template once it has been run and measured on a GPU). Not done for f32
-// (the SIMT kernel): split-KV and GQA packing.
+// in arch.cuh is the template once it has been run and measured on a GPU).
 #include <limits>
 
 #include "common.cuh"
@@ -294,6 +297,84 @@ PK_INLINE void store_stats(const PrefixAttentionParams& p, int64_t row_base, int
   if (p.lambda) p.lambda[row_base + i] = st.lambda;
 }
 
+// Split-KV: where a run leaves the state of its block's rows for prefix_attention_split_merge,
+// [runs][B·Hq·Lq][D] unnormalised outputs (O relative to 2^m), then [runs][B·Hq·Lq][4] row
+// states (m, l, m_p, l_p, with l and l_p summed over the row's lanes).
+struct RunState {
+  float* o;      // block row i's output at o + i·D
+  float* stats;  // block row i's state at stats + 4i
+
+  PK_INLINE void store(int i, const RowState& s, float l, float l_p) const {
+    float* const st = stats + int64_t(i) * 4;
+    st[0] = s.m;
+    st[1] = l;
+    st[2] = s.m_p;
+    st[3] = l_p;
+  }
+};
+
+// What one block of either attention kernel computes. The grid is (query tiles, Hq / pack,
+// B × runs), query tiles in reverse so that the longest causal tiles start first. A block
+// takes 64 rows of one (batch, head), or with GQA packing (p.pack > 1, small Lq) the Lq
+// queries of `pack` consecutive heads of one KV group: row ρ is query ρ mod Lq of head
+// h + ρ / Lq. Packed rows lie one stride apart in Q and the output (the head stride when
+// Lq = 1, else the row stride, which the plan checks is Lq rows per head) and consecutively in
+// the statistics and the workspace. With split-KV (p.kv_splits > 1) the block visits only its
+// run of the key tiles and leaves an unnormalised state (run_state) instead of the output.
+template <typename T, int kKeys>
+struct AttentionBlock {
+  int q0;      // the block's first row
+  int pack;    // heads per block
+  int splits;  // runs the key tiles are split into (1: no split)
+  int b, split, h;
+  KeyTiles<T, kKeys> kt;
+  int rows;            // Lq · pack rows of the block's heads (q0 + 64 may pass them)
+  int64_t q_ld, o_ld;  // the stride between consecutive rows in Q and in the output
+  int t_begin, t_end;  // the run's key tiles
+  int last_prefix;     // the run's last prefix tile, where the prefix state is taken
+
+  __device__ explicit AttentionBlock(const PrefixAttentionParams& p)
+      : q0(int(gridDim.x - 1 - blockIdx.x) * kQueryRows),
+        pack(p.pack > 1 ? p.pack : 1),
+        splits(p.kv_splits > 1 ? p.kv_splits : 1),
+        b(splits > 1 ? int(blockIdx.z) / splits : int(blockIdx.z)),  // no division unless split
+        split(int(blockIdx.z) - b * splits),
+        h(int(blockIdx.y) * pack),
+        kt(p, b, h, q0) {
+    rows = p.q_len * pack;
+    const bool by_head = pack > 1 && p.q_len == 1;
+    q_ld = by_head ? p.sq.head : p.sq.seq;
+    o_ld = by_head ? p.so.head : p.so.seq;
+    const int per = ceil_div(kt.tiles, splits);
+    t_begin = min(split * per, kt.tiles);
+    t_end = min(t_begin + per, kt.tiles);
+    // A run that lies wholly inside the prefix snapshots after its own last tile; one that
+    // starts in the context never does (its m_p = −∞, l_p = 0 weigh nothing in the merge).
+    last_prefix = min(kt.prefix_tiles, t_end) - 1;
+  }
+
+  // The query index of block row `row` (no division unless packed).
+  PK_INLINE int query(int row) const { return pack > 1 ? row % kt.q_len : row; }
+  // Block row 0 of Q; row i is i·q_ld further.
+  PK_INLINE const T* q(const PrefixAttentionParams& p) const {
+    return static_cast<const T*>(p.q) + b * p.sq.batch + h * p.sq.head + q0 * q_ld;
+  }
+  // Row 0 of the block's first head in the output; block row i is i·o_ld further.
+  PK_INLINE T* out(const PrefixAttentionParams& p) const {
+    return static_cast<T*>(p.out) + b * p.so.batch + h * p.so.head;
+  }
+  // The statistics index of row 0 of the block's first head; block row i is i further.
+  PK_INLINE int64_t row_base(const PrefixAttentionParams& p) const {
+    return (int64_t(b) * p.heads + h) * p.q_len;
+  }
+  template <int D>
+  PK_INLINE RunState run_state(const PrefixAttentionParams& p) const {
+    const int64_t base = row_base(p);
+    return {p.partial + (split * p.rows + base) * D,
+            p.partial + splits * p.rows * D + (split * p.rows + base) * 4};
+  }
+};
+
 // ---------------------------------------------------------------------------------------
 // Tensor-core attention (f16, bf16).
 
@@ -344,22 +425,9 @@ __device__ void prefix_attention_mma(const PrefixAttentionParams& p) {
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t4 = lane % 4;
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * kQueryRows;
-  // Split-KV (decode with few blocks): grid.z is batch × run; the block visits its run of the
-  // key tiles and leaves an unnormalised state for prefix_attention_split_merge.
-  const int splits = p.kv_splits > 1 ? p.kv_splits : 1;
-  // GQA packing (p.pack > 1, small Lq): the block's rows are the Lq queries of `pack`
-  // consecutive heads of one KV group, row ρ query ρ mod Lq of head h + ρ / Lq. They lie one
-  // stride apart in Q and the output (the head stride when Lq = 1, else the row stride,
-  // which the plan checks is Lq rows per head) and consecutively in the statistics.
-  const int pack = p.pack > 1 ? p.pack : 1, rows_q = p.q_len * pack;
-  const bool by_head = pack > 1 && p.q_len == 1;
-  const int64_t q_ld = by_head ? p.sq.head : p.sq.seq, o_ld = by_head ? p.so.head : p.so.seq;
-  const int h = blockIdx.y * pack, b = blockIdx.z / splits, split = blockIdx.z % splits;
-  const KeyTiles<T, N> kt(p, b, h, q0);
-  const int per = ceil_div(kt.tiles, splits);
-  const int t_begin = min(split * per, kt.tiles), t_end = min(t_begin + per, kt.tiles);
-  const T* q = static_cast<const T*>(p.q) + b * p.sq.batch + h * p.sq.head + q0 * q_ld;
+  const AttentionBlock<T, N> blk(p);
+  const KeyTiles<T, N>& kt = blk.kt;
+  const int q0 = blk.q0, t_begin = blk.t_begin, t_end = blk.t_end;
 
   auto load_keys = [&](int t) {
     const auto src = kt.rows(t);
@@ -368,15 +436,15 @@ __device__ void prefix_attention_mma(const PrefixAttentionParams& p) {
     load_tile_async<T, N, D>(sv + stage * N * P, src.v, src.v_ld, n);
   };
 
-  load_tile_async<T, kQueryRows, D>(sq, q, q_ld, min(kQueryRows, rows_q - q0));
+  load_tile_async<T, kQueryRows, D>(sq, blk.q(p), blk.q_ld, min(kQueryRows, blk.rows - q0));
   if (t_begin < t_end) load_keys(t_begin);
   cp_async_commit();
 
   // This warp's rows g and g + 8 of its 16: query index, context limit.
   const int row0 = q0 + warp * 16 + g;
-  const int ctx_limit[2] = {kt.context_limit(row0 % p.q_len),
-                            kt.context_limit((row0 + 8) % p.q_len)};
-  const bool warp_active = q0 + warp * 16 < rows_q;
+  const int ctx_limit[2] = {kt.context_limit(blk.query(row0)),
+                            kt.context_limit(blk.query(row0 + 8))};
+  const bool warp_active = q0 + warp * 16 < blk.rows;
   const float c = p.scale_log2;
 
   float o[D / 8][4] = {};  // the warp's 16 × D output, C-fragment layout per 8 columns
@@ -475,7 +543,7 @@ __device__ void prefix_attention_mma(const PrefixAttentionParams& p) {
       }
     }
     // The prefix state after the run's last prefix tile (a run inside the prefix: its last).
-    if (t == min(kt.prefix_tiles, t_end) - 1) {
+    if (t == blk.last_prefix) {
       rs[0].snapshot_prefix();
       rs[1].snapshot_prefix();
     }
@@ -487,28 +555,21 @@ __device__ void prefix_attention_mma(const PrefixAttentionParams& p) {
   cp_async_wait<0>();
   __syncthreads();
 
-  const int64_t row_base = (int64_t(b) * p.heads + h) * p.q_len;
-  if (splits > 1) {
-    // The run's state, unnormalised: O (relative to 2^m), m, l, m_p, l_p of each row.
-    float* const o_run = p.partial + (split * p.rows + row_base) * D;
-    float* const state = p.partial + splits * p.rows * D + (split * p.rows + row_base) * 4;
+  if (blk.splits > 1) {
+    // The run's state: O unnormalised, as the C fragments hold it, and each row's statistics.
+    const RunState run = blk.template run_state<D>(p);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float l = row_sum<4>(rs[r].l), l_p = row_sum<4>(rs[r].l_p);
       const int qi = row0 + 8 * r;
-      if (qi >= rows_q) continue;
+      if (qi >= blk.rows) continue;
+      float* const o_row = run.o + int64_t(qi) * D + 2 * t4;
 #pragma unroll
       for (int dt = 0; dt < D / 8; ++dt) {
-        o_run[int64_t(qi) * D + dt * 8 + 2 * t4] = o[dt][2 * r];
-        o_run[int64_t(qi) * D + dt * 8 + 2 * t4 + 1] = o[dt][2 * r + 1];
+        o_row[dt * 8] = o[dt][2 * r];
+        o_row[dt * 8 + 1] = o[dt][2 * r + 1];
       }
-      if (t4 == 0) {
-        float* const st = state + int64_t(qi) * 4;
-        st[0] = rs[r].m;
-        st[1] = l;
-        st[2] = rs[r].m_p;
-        st[3] = l_p;
-      }
+      if (t4 == 0) run.store(qi, rs[r], l, l_p);
     }
     return;
   }
@@ -524,18 +585,18 @@ __device__ void prefix_attention_mma(const PrefixAttentionParams& p) {
       const uint32_t pair = pack2<T>(o[dt][2 * r] * st.inv, o[dt][2 * r + 1] * st.inv);
       *reinterpret_cast<uint32_t*>(stage + row * P + dt * 8 + 2 * t4) = pair;
     }
-    if (t4 == 0 && row0 + 8 * r < rows_q) store_stats(p, row_base, row0 + 8 * r, st);
+    if (t4 == 0 && row0 + 8 * r < blk.rows) store_stats(p, blk.row_base(p), row0 + 8 * r, st);
   }
   __syncwarp();
-  T* const out = static_cast<T*>(p.out) + b * p.so.batch + h * p.so.head;
+  T* const out = blk.out(p);
   constexpr int kChunksPerRow = D / 8;
 #pragma unroll
   for (int i = 0; i < 16 * kChunksPerRow / 32; ++i) {
     const int chunk = lane + 32 * i;
     const int row = chunk / kChunksPerRow, col = chunk % kChunksPerRow * 8;
     const int qi = q0 + warp * 16 + row;
-    if (qi < rows_q)
-      store_vec(out + qi * o_ld + col, load_vec<T, 8>(stage + row * P + col));
+    if (qi < blk.rows)
+      store_vec(out + qi * blk.o_ld + col, load_vec<T, 8>(stage + row * P + col));
   }
 }
 
@@ -579,20 +640,19 @@ __device__ void prefix_attention_simt(const PrefixAttentionParams& p) {
   float* const sp = sv + N * P;  // [64][PP]
 
   const int tx = threadIdx.x % 8, ty = threadIdx.x / 8;
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * kQueryRows;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const KeyTiles<T, N> kt(p, b, h, q0);
-  const T* q = static_cast<const T*>(p.q) + b * p.sq.batch + h * p.sq.head + q0 * p.sq.seq;
-  load_tile_f32<T, kQueryRows, D>(sq, q, p.sq.seq, min(kQueryRows, p.q_len - q0));
+  const AttentionBlock<T, N> blk(p);
+  const KeyTiles<T, N>& kt = blk.kt;
+  const int q0 = blk.q0;
+  load_tile_f32<T, kQueryRows, D>(sq, blk.q(p), blk.q_ld, min(kQueryRows, blk.rows - q0));
 
   int ctx_limit[4];
 #pragma unroll
-  for (int r = 0; r < 4; ++r) ctx_limit[r] = kt.context_limit(q0 + ty + 16 * r);
+  for (int r = 0; r < 4; ++r) ctx_limit[r] = kt.context_limit(blk.query(q0 + ty + 16 * r));
   const float c = p.scale_log2;
 
   float o[4][kCols][2] = {};
   RowState rs[4];
-  for (int t = 0; t < kt.tiles; ++t) {
+  for (int t = blk.t_begin; t < blk.t_end; ++t) {
     // The previous tile's K, V (and the first time, Q's stores) are done with.
     __syncthreads();
     const auto src = kt.rows(t);
@@ -671,25 +731,45 @@ __device__ void prefix_attention_simt(const PrefixAttentionParams& p) {
         }
       }
     }
-    if (t == kt.prefix_tiles - 1)
+    // The prefix state after the run's last prefix tile (a run inside the prefix: its last).
+    if (t == blk.last_prefix)
 #pragma unroll
       for (int r = 0; r < 4; ++r) rs[r].snapshot_prefix();
   }
 
-  const int64_t row_base = (int64_t(b) * p.heads + h) * p.q_len;
-  T* const out = static_cast<T*>(p.out) + b * p.so.batch + h * p.so.head;
+  if (blk.splits > 1) {
+    // The run's state: O unnormalised, this thread's column pairs of its 4 rows, and each
+    // row's statistics (l, l_p summed over the row's 8 lanes) from the row's lane tx = 0.
+    const RunState run = blk.template run_state<D>(p);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const float l = row_sum<8>(rs[r].l), l_p = row_sum<8>(rs[r].l_p);
+      const int qi = q0 + ty + 16 * r;
+      if (qi >= blk.rows) continue;
+      float* const o_row = run.o + int64_t(qi) * D + 2 * tx;
+#pragma unroll
+      for (int cc = 0; cc < kCols; ++cc) {
+        o_row[16 * cc] = o[r][cc][0];
+        o_row[16 * cc + 1] = o[r][cc][1];
+      }
+      if (tx == 0) run.store(qi, rs[r], l, l_p);
+    }
+    return;
+  }
+
+  T* const out = blk.out(p);
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const RowStats st = finish_row(rs[r], row_sum<8>(rs[r].l), row_sum<8>(rs[r].l_p));
     const int qi = q0 + ty + 16 * r;
-    if (qi >= p.q_len) continue;
-    T* const row = out + qi * p.so.seq + 2 * tx;
+    if (qi >= blk.rows) continue;
+    T* const row = out + qi * blk.o_ld + 2 * tx;
 #pragma unroll
     for (int cc = 0; cc < kCols; ++cc) {
       row[16 * cc] = from_float<T>(o[r][cc][0] * st.inv);
       row[16 * cc + 1] = from_float<T>(o[r][cc][1] * st.inv);
     }
-    if (tx == 0) store_stats(p, row_base, qi, st);
+    if (tx == 0) store_stats(p, blk.row_base(p), qi, st);
   }
 }
 
@@ -839,6 +919,7 @@ PK_KERNEL_BOUNDS(prefix_attention_bf16_d80, (prefix_attention_mma<__nv_bfloat16,
 PK_KERNEL_BOUNDS(prefix_attention_bf16_d96, (prefix_attention_mma<__nv_bfloat16, 96>), PrefixAttentionParams, kThreads, 1)
 PK_KERNEL_BOUNDS(prefix_attention_bf16_d128, (prefix_attention_mma<__nv_bfloat16, 128>), PrefixAttentionParams, kThreads, 1)
 PK_KERNEL_BOUNDS(prefix_attention_bf16_d256, (prefix_attention_mma<__nv_bfloat16, 256>), PrefixAttentionParams, kThreads, 1)
+PK_KERNEL_BOUNDS(prefix_attention_split_merge_f32, prefix_attention_split_merge<float>, PrefixAttentionParams, kThreads, 1)
 PK_KERNEL_BOUNDS(prefix_attention_split_merge_f16, prefix_attention_split_merge<__half>, PrefixAttentionParams, kThreads, 1)
 PK_KERNEL_BOUNDS(prefix_attention_split_merge_bf16, prefix_attention_split_merge<__nv_bfloat16>, PrefixAttentionParams, kThreads, 1)
 PK_KERNEL_BOUNDS(lse_merge_f32, lse_merge<float>, LseMergeParams, kThreads, 1)

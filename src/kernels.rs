@@ -177,6 +177,7 @@ kernel_table! {
         prefix_attention_bf16_d96,
         prefix_attention_bf16_d128,
         prefix_attention_bf16_d256,
+        prefix_attention_split_merge_f32,
         prefix_attention_split_merge_f16,
         prefix_attention_split_merge_bf16,
         lse_merge_f32,

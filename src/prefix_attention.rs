@@ -16,8 +16,8 @@
 //! `cuda::DeviceWrite` on the GPU; LSE and λ are f32, `context_lens` u32):
 //! - `prefix_attention`: the fused forward, [`PrefixAttentionArgs`]: the output and, when
 //!   asked for, the LSE over prefix and context and the gate λ. With `prefix_len = 0` it is
-//!   plain (masked, grouped-query) attention. Decoding (few query rows) packs a GQA group's
-//!   query heads into one block and, given the f32 workspace of
+//!   plain (masked, grouped-query) attention. Decoding (few query rows), in every dtype,
+//!   packs a GQA group's query heads into one block and, given the f32 workspace of
 //!   [`PrefixAttentionDims::workspace_len`], splits the keys over more blocks and merges the
 //!   runs (flash-decoding).
 //! - `prefix_only_attention`: the prefix part alone, `(out_p, LSE_p)` ([`PrefixOnlyArgs`]),
@@ -148,9 +148,10 @@ impl PrefixAttentionDims {
     }
 
     /// f32 elements of the split-KV workspace of `prefix_attention` for `dtype` (0: these
-    /// dims never split; see [`PrefixAttentionArgs::workspace`]). It depends on every field,
-    /// the layouts too (they decide whether a GQA group's heads share a block, and so the
-    /// number of runs): compute it from the dims you launch with.
+    /// dims never split; see [`PrefixAttentionArgs::workspace`]). It depends on the dtype
+    /// (whose kernel's key tiles the runs are cut in) and on every field, the layouts too
+    /// (they decide whether a GQA group's heads share a block, and so the number of runs):
+    /// compute it from the dims you launch with.
     pub fn workspace_len(&self, dtype: crate::DType) -> usize {
         crate::plan::prefix_attention::workspace_len(self, dtype)
     }

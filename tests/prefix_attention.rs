@@ -11,11 +11,15 @@ mod harness;
 use half::{bf16, f16};
 use harness::Backend;
 use peft_kernels::emulator;
+use peft_kernels::plan::prefix_attention::{
+    self as plan, PrefixAttentionBufs, PrefixAttentionParams,
+};
+use peft_kernels::plan::{Buf, Launch};
 use peft_kernels::prefix_attention::{
     KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeDims, PrefixAttention, PrefixAttentionArgs,
     PrefixAttentionDims, PrefixOnlyArgs,
 };
-use peft_kernels::{Element, Result};
+use peft_kernels::{DType, Element, Result};
 
 struct Emulator;
 
@@ -152,9 +156,7 @@ fn bad_arguments_are_errors() {
 
 #[test]
 fn params_sizes_match_the_cxx_structs() {
-    use peft_kernels::plan::prefix_attention::{
-        KvConcatParams, LseMergeParams, PrefixAttentionParams,
-    };
+    use peft_kernels::plan::prefix_attention::{KvConcatParams, LseMergeParams};
     unsafe extern "C" {
         fn pk_sizeof_PrefixAttentionParams() -> usize;
         fn pk_sizeof_LseMergeParams() -> usize;
@@ -172,14 +174,39 @@ fn params_sizes_match_the_cxx_structs() {
     }
 }
 
+/// The launches `prefix_attention` plans for `dims` in `dtype`, given a workspace as long as
+/// they want (the planner alone: nothing runs).
+fn planned(dims: &PrefixAttentionDims, dtype: DType) -> Vec<(Launch, PrefixAttentionParams)> {
+    let all = Buf {
+        addr: 4096,
+        len: usize::MAX,
+    };
+    let bufs = PrefixAttentionBufs {
+        q: all,
+        k: all,
+        v: all,
+        prefix_k: all,
+        prefix_v: all,
+        context_lens: None,
+        out: all,
+        lse: None,
+        lambda: None,
+        workspace: Some(all),
+    };
+    let op = PrefixAttention {
+        scale: None,
+        causal: true,
+    };
+    plan::prefix_attention(&op, dims, dtype, &bufs).unwrap_or_else(|e| panic!("{dims:?}: {e}"))
+}
+
 /// GQA packing needs the packed rows one stride apart in Q and in the output: with Lq > 1
 /// that is Lq rows per head in both, so a layout mismatch on either side is not packed (the
-/// kernels would read or write the wrong rows); at Lq = 1 any layout packs.
+/// kernels would read or write the wrong rows); at Lq = 1 any layout packs. Every dtype's
+/// launch takes the same decision.
 #[test]
 fn packing_needs_both_q_and_out_rows_per_head() {
-    use peft_kernels::plan::prefix_attention::packed_heads;
     use peft_kernels::prefix_attention::HeadLayout;
-    use peft_kernels::DType;
     let (heads, kv_heads, d) = (8, 2, 64);
     for q_len in [1, 4] {
         let dims = PrefixAttentionDims::new(1, heads, kv_heads, q_len, 100, 10, d);
@@ -187,18 +214,50 @@ fn packing_needs_both_q_and_out_rows_per_head() {
         let q_strided = PrefixAttentionDims { q: bshd, ..dims };
         let out_strided = PrefixAttentionDims { out: bshd, ..dims };
         let group = heads / kv_heads;
-        assert_eq!(packed_heads(&dims, DType::BF16), group);
-        assert_eq!(packed_heads(&dims, DType::F32), 1);
         let expected = if q_len == 1 { group } else { 1 };
-        assert_eq!(
-            packed_heads(&q_strided, DType::BF16),
-            expected,
-            "Lq {q_len}, Q strided"
-        );
-        assert_eq!(
-            packed_heads(&out_strided, DType::BF16),
-            expected,
-            "Lq {q_len}, out strided"
-        );
+        for (what, dims, pack) in [
+            ("contiguous", dims, group),
+            ("Q strided", q_strided, expected),
+            ("out strided", out_strided, expected),
+        ] {
+            assert_eq!(plan::packed_heads(&dims), pack, "Lq {q_len}, {what}");
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let (launch, params) = planned(&dims, dtype)[0];
+                assert_eq!(params.pack as usize, pack, "{dtype} Lq {q_len}, {what}");
+                assert_eq!(
+                    launch.grid[1] as usize,
+                    heads / pack,
+                    "{dtype} Lq {q_len}, {what}"
+                );
+            }
+        }
+    }
+}
+
+/// Split-KV is planned alike for every dtype (over each kernel's key tiles): decoding with
+/// few heads over long keys runs the split pass, then the dtype's merge, over a grid of B ×
+/// runs; many heads, or no workspace, one pass.
+#[test]
+fn split_kv_is_planned_for_every_dtype() {
+    use peft_kernels::kernels::KernelId;
+    let decode = PrefixAttentionDims::new(2, 4, 4, 1, 3000, 30, 128);
+    let busy = PrefixAttentionDims::new(4, 32, 32, 1, 3000, 30, 128);
+    for (dtype, merge) in [
+        (DType::F32, KernelId::prefix_attention_split_merge_f32),
+        (DType::F16, KernelId::prefix_attention_split_merge_f16),
+        (DType::BF16, KernelId::prefix_attention_split_merge_bf16),
+    ] {
+        let splits = plan::kv_splits(&decode, dtype);
+        assert!(splits > 1, "{dtype}: {splits} runs");
+        let launches = planned(&decode, dtype);
+        assert_eq!(launches.len(), 2, "{dtype}");
+        let (attention, params) = launches[0];
+        assert_eq!(params.kv_splits as usize, splits, "{dtype}");
+        assert_eq!(attention.grid[2] as usize, 2 * splits, "{dtype}");
+        assert_eq!(launches[1].0.kernel, merge, "{dtype}");
+        assert!(decode.workspace_len(dtype) > 0, "{dtype}");
+        assert_eq!(plan::kv_splits(&busy, dtype), 1, "{dtype}");
+        assert_eq!(planned(&busy, dtype).len(), 1, "{dtype}");
+        assert_eq!(busy.workspace_len(dtype), 0, "{dtype}");
     }
 }

@@ -164,44 +164,56 @@ const MAX_LEN: usize = 1 << 30;
 
 /// Split-KV: a grid of fewer blocks than this (about one per SM of the largest GPUs) splits
 /// its key tiles into runs, at most MAX_KV_SPLITS (the merge gives each a lane), each of at
-/// least MIN_TILES_PER_RUN tiles (256 keys at d ≤ 128) so that a run outweighs its share of
-/// the merge. Guesses until measured.
+/// least MIN_TILES_PER_RUN of the kernel's tiles ([`key_tile`]: 256 keys on tensor cores at
+/// d ≤ 128, 128 in f32, whose keys cost more each) so that a run outweighs its share of the
+/// merge. Guesses until measured.
 const SPLIT_TARGET_BLOCKS: usize = 128;
 const MAX_KV_SPLITS: usize = 32;
 const MIN_TILES_PER_RUN: usize = 4;
 
-/// The query heads of a GQA group the tensor-core pass puts in one block (1: none): the whole
-/// group when its Lq queries per head fit the block's 64 rows (decoding, short chunks), so
-/// the group's keys and values are read and multiplied once, not once per head. The packed
-/// rows must be one stride apart in Q and the output: Lq = 1, or Lq rows per head.
-pub fn packed_heads(d: &PrefixAttentionDims, dtype: DType) -> usize {
+/// The query heads of a GQA group the fused pass puts in one block (1: none), whatever the
+/// dtype: the whole group when its Lq queries per head fit the block's 64 rows (decoding,
+/// short chunks), so the group's keys and values are read and multiplied once, not once per
+/// head. The packed rows must be one stride apart in Q and the output: Lq = 1, or Lq rows per
+/// head.
+pub fn packed_heads(d: &PrefixAttentionDims) -> usize {
     let group = d.heads / d.kv_heads.max(1);
     let rows_per_head = |l: &HeadLayout| l.head == d.q_len.saturating_mul(l.seq);
     let contiguous = d.q_len == 1 || (rows_per_head(&d.q) && rows_per_head(&d.out));
     let fits = group.saturating_mul(d.q_len) <= QUERY_ROWS;
-    if dtype == DType::F32 || group <= 1 || !fits || !contiguous || d.heads % d.kv_heads.max(1) != 0
-    {
+    if group <= 1 || !fits || !contiguous || d.heads % d.kv_heads.max(1) != 0 {
         return 1;
     }
     group
 }
 
+/// Keys per tile of the attention kernel for `dtype` and head dim `d` (`MmaTile`,
+/// `SimtTile` in kernels/prefix_attention.cu): the unit a split-KV run is cut in.
+fn key_tile(dtype: DType, d: usize) -> usize {
+    match dtype {
+        DType::F32 => 32,
+        DType::F16 | DType::BF16 if d <= 128 => 64,
+        DType::F16 | DType::BF16 => 32,
+    }
+}
+
 /// The runs of key tiles the fused pass splits into for these dims (1: none): flash-decoding
 /// for a grid too small to fill the GPU (decode: q_len = 1, few sequences and heads) over
-/// long keys. Tensor-core kernels (f16, bf16) only; each run leaves an unnormalised state in
-/// the workspace and `prefix_attention_split_merge` combines them.
+/// long keys. The same decision for every dtype, over the dtype's kernel's tiles; each run
+/// leaves an unnormalised state in the workspace and `prefix_attention_split_merge` combines
+/// them.
 pub fn kv_splits(d: &PrefixAttentionDims, dtype: DType) -> usize {
-    runs(d, dtype, packed_heads(d, dtype))
+    runs(d, dtype, packed_heads(d))
 }
 
 /// [`kv_splits`] for a grid whose blocks take `pack` query heads each.
 fn runs(d: &PrefixAttentionDims, dtype: DType, pack: usize) -> usize {
-    let keys = if d.head_dim <= 128 { 64 } else { 32 };
+    let keys = key_tile(dtype, d.head_dim);
     let blocks = (d.q_len * pack)
         .div_ceil(QUERY_ROWS)
         .saturating_mul(d.heads / pack)
         .saturating_mul(d.batch);
-    if dtype == DType::F32 || blocks == 0 || blocks >= SPLIT_TARGET_BLOCKS {
+    if blocks == 0 || blocks >= SPLIT_TARGET_BLOCKS {
         return 1;
     }
     let tiles = d.prefix_len.div_ceil(keys) + d.kv_len.div_ceil(keys);
@@ -344,9 +356,9 @@ fn attention_kernel(dtype: DType, d: usize) -> Result<(KernelId, u32)> {
         .iter()
         .position(|&h| h == d)
         .ok_or_else(|| Error::invalid("dims.head_dim", format!("one of {HEAD_DIMS:?}"), d))?;
+    let keys = key_tile(dtype, d);
     let (kernels, smem) = match dtype {
         DType::F32 => {
-            let keys = 32;
             let floats = (QUERY_ROWS + 2 * keys) * (d + 4) + QUERY_ROWS * (keys + 4);
             (
                 [
@@ -361,7 +373,6 @@ fn attention_kernel(dtype: DType, d: usize) -> Result<(KernelId, u32)> {
             )
         }
         DType::F16 | DType::BF16 => {
-            let keys = if d <= 128 { 64 } else { 32 };
             let elems = (QUERY_ROWS + 4 * keys) * (d + 8);
             let kernels = if dtype == DType::F16 {
                 [
@@ -492,7 +503,7 @@ pub fn prefix_attention(
     check_len("lambda", b.lambda, d.rows(), Some("[B, Hq, Lq]"))?;
     // Split only with a workspace (callers who pass none keep one launch).
     // Packed GQA groups: one block row per group (grid.x is 1: the rows fit one block).
-    let pack = packed_heads(d, dtype);
+    let pack = packed_heads(d);
     let splits = match b.workspace {
         Some(w) => {
             let splits = runs(d, dtype, pack);
@@ -557,8 +568,9 @@ pub fn prefix_attention(
         return Ok(vec![(launch, params)]);
     }
     let merge = match dtype {
+        DType::F32 => KernelId::prefix_attention_split_merge_f32,
         DType::F16 => KernelId::prefix_attention_split_merge_f16,
-        _ => KernelId::prefix_attention_split_merge_bf16,
+        DType::BF16 => KernelId::prefix_attention_split_merge_bf16,
     };
     Ok(vec![
         (launch, params),

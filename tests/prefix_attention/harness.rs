@@ -961,7 +961,7 @@ pub fn every_head_dim<B: Backend, T: Element>(be: &B, per_dim: usize) {
 /// Several query tiles and many key tiles: the cp.async double buffer turns over.
 pub fn many_tiles<B: Backend>(be: &B) {
     let mut rng = Rng::from_env();
-    // Few heads: the tensor-core cases split their keys; once more as one long pass.
+    // Few heads: every case splits its keys; once more as one long pass.
     let split = Case::new(1, 2, 1, 150, 333, 100, 128).causal(true);
     for case in [split.clone(), split.single_pass()] {
         check_fused::<_, bf16>(be, &mut rng, &case);
@@ -1096,10 +1096,9 @@ pub fn decode_single_query<B: Backend>(be: &B) {
 /// Decoding with few sequences and heads: the keys split over runs of blocks (flash-decoding)
 /// whose states the merge combines, checked against the reference like every fused case
 /// (run_fused passes the workspace). Long and empty contexts, a long prefix, GQA, causal and
-/// ragged, d = 64 and 256; the plan must split each (else the test proves nothing), and a
-/// short workspace is an error naming it.
+/// ragged, d = 64 and 256, every dtype; the plan must split each (else the test proves
+/// nothing), and a short workspace is an error naming it.
 pub fn split_kv_decode<B: Backend>(be: &B) {
-    use peft_kernels::DType;
     let mut rng = Rng::from_env();
     let cases = [
         Case::new(1, 4, 1, 1, 2000, 30, 128),
@@ -1117,41 +1116,54 @@ pub fn split_kv_decode<B: Backend>(be: &B) {
             .lens(vec![40]),
     ];
     for case in &cases {
-        for dtype in [DType::F16, DType::BF16] {
-            let splits = peft_kernels::plan::prefix_attention::kv_splits(&case.dims(), dtype);
-            assert!(splits > 1, "{case:?} does not split");
-        }
-        check_fused::<_, f16>(be, &mut rng, case);
-        check_fused::<_, bf16>(be, &mut rng, case);
+        check_split::<_, f32>(be, &mut rng, case);
+        check_split::<_, f16>(be, &mut rng, case);
+        check_split::<_, bf16>(be, &mut rng, case);
     }
-    // Rows that see only the prefix (no context): λ = 1 exactly, as from one pass; rows that
-    // see nothing at all (no prefix, no context): 0 output, LSE −∞, λ 0.
+    split_edges::<_, f32>(be, &mut rng, &cases[0]);
+    split_edges::<_, bf16>(be, &mut rng, &cases[0]);
+}
+
+/// The plan splits `case` for T (else the check proves nothing), and the split pass is right.
+fn check_split<B: Backend, T: Element>(be: &B, rng: &mut Rng, case: &Case) {
+    let splits = peft_kernels::plan::prefix_attention::kv_splits(&case.dims(), T::DTYPE);
+    assert!(splits > 1, "{case:?} does not split in {}", T::DTYPE);
+    check_fused::<_, T>(be, rng, case);
+}
+
+/// Split-KV's exact edges for T: rows that see only the prefix (no context) have λ = 1
+/// exactly, as from one pass; rows that see nothing at all (no prefix, no context) 0 output,
+/// LSE −∞, λ 0; and a workspace one element short of `case`'s is an error naming it.
+fn split_edges<B: Backend, T: Element>(be: &B, rng: &mut Rng, case: &Case) {
     for (prefix_len, lambda) in [(700, 1.0f32), (0, 0.0)] {
-        let case = Case::new(1, 64, 8, 1, 1200, prefix_len, 64).lens(vec![0]);
-        assert!(peft_kernels::plan::prefix_attention::kv_splits(&case.dims(), DType::BF16) > 1);
-        let x = Inputs::<bf16>::new(&mut rng, &case);
-        let o = run_fused(be, &case, &x);
+        let edge = Case::new(1, 64, 8, 1, 1200, prefix_len, 64).lens(vec![0]);
+        let splits = peft_kernels::plan::prefix_attention::kv_splits(&edge.dims(), T::DTYPE);
+        assert!(splits > 1, "{edge:?} does not split in {}", T::DTYPE);
+        let x = Inputs::<T>::new(rng, &edge);
+        let o = run_fused(be, &edge, &x);
         assert!(
             o.lambda.iter().all(|&l| l == lambda),
-            "{case:?}: λ {:?}",
+            "{} {edge:?}: λ {:?}",
+            T::DTYPE,
             o.lambda
         );
         if prefix_len == 0 {
             assert!(
                 o.lse.iter().all(|&l| l == f32::NEG_INFINITY),
-                "{case:?}: LSE"
+                "{} {edge:?}: LSE",
+                T::DTYPE
             );
             assert!(
                 o.out.gather().iter().all(|v| v.to_f64() == 0.0),
-                "{case:?}: output"
+                "{} {edge:?}: output",
+                T::DTYPE
             );
         }
     }
-    let case = &cases[0];
-    let x = Inputs::<bf16>::new(&mut rng, case);
+    let x = Inputs::<T>::new(rng, case);
     let dims = case.dims();
     let mut o = Outputs::poisoned(&dims);
-    let mut short = vec![0.0f32; dims.workspace_len(DType::BF16) - 1];
+    let mut short = vec![0.0f32; dims.workspace_len(T::DTYPE) - 1];
     let args = x.args(case, &mut o.out.data, None, None, Some(&mut short));
     expect_invalid(be.attention(&case.op(), &dims, args), "workspace");
 }
@@ -1161,9 +1173,9 @@ pub fn split_kv_decode<B: Backend>(be: &B) {
 /// limits per query, MQA filling the 64 rows exactly, ragged lengths, decoding in the
 /// `[B, L, H, d]` layout (rows a head stride apart), and with split-KV; a strided layout
 /// with Lq > 1, whose heads are not Lq rows apart, is not packed and must still be right.
+/// Every dtype.
 pub fn grouped_heads_share_a_block<B: Backend>(be: &B) {
     use peft_kernels::plan::prefix_attention::packed_heads;
-    use peft_kernels::DType;
     let mut rng = Rng::from_env();
     let packed = [
         Case::new(2, 8, 2, 5, 100, 20, 64).causal(true),
@@ -1177,20 +1189,23 @@ pub fn grouped_heads_share_a_block<B: Backend>(be: &B) {
         Case::new(1, 8, 2, 1, 3000, 30, 128).layout(Layout::Strided),
     ];
     for (i, case) in packed.iter().enumerate() {
-        assert!(
-            packed_heads(&case.dims(), DType::BF16) > 1,
-            "{case:?} is not packed"
-        );
-        let splits = peft_kernels::plan::prefix_attention::kv_splits(&case.dims(), DType::BF16);
-        assert!(i < 3 || splits > 1, "{case:?} does not split");
-        check_fused::<_, bf16>(be, &mut rng, case);
-        check_fused::<_, f16>(be, &mut rng, case);
+        assert!(packed_heads(&case.dims()) > 1, "{case:?} is not packed");
+        if i < 3 {
+            check_fused::<_, f32>(be, &mut rng, case);
+            check_fused::<_, bf16>(be, &mut rng, case);
+            check_fused::<_, f16>(be, &mut rng, case);
+        } else {
+            check_split::<_, f32>(be, &mut rng, case);
+            check_split::<_, bf16>(be, &mut rng, case);
+            check_split::<_, f16>(be, &mut rng, case);
+        }
     }
     let unpacked = Case::new(1, 8, 2, 5, 100, 20, 64)
         .causal(true)
         .layout(Layout::Strided);
-    assert_eq!(packed_heads(&unpacked.dims(), DType::BF16), 1);
+    assert_eq!(packed_heads(&unpacked.dims()), 1);
     check_fused::<_, bf16>(be, &mut rng, &unpacked);
+    check_fused::<_, f32>(be, &mut rng, &unpacked);
 }
 
 pub fn strided_layouts_and_a_shared_prefix<B: Backend>(be: &B) {
