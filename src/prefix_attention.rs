@@ -53,8 +53,8 @@ impl HeadLayout {
     /// `[B, H, L, d]`, contiguous.
     pub const fn bhsd(heads: usize, len: usize, dim: usize) -> Self {
         HeadLayout {
-            batch: heads * len * dim,
-            head: len * dim,
+            batch: heads.saturating_mul(len).saturating_mul(dim),
+            head: len.saturating_mul(dim),
             seq: dim,
         }
     }
@@ -62,9 +62,9 @@ impl HeadLayout {
     /// `[B, L, H, d]`, contiguous: the layout of a projection's output split into heads.
     pub const fn bshd(len: usize, heads: usize, dim: usize) -> Self {
         HeadLayout {
-            batch: len * heads * dim,
+            batch: len.saturating_mul(heads).saturating_mul(dim),
             head: dim,
-            seq: heads * dim,
+            seq: heads.saturating_mul(dim),
         }
     }
 
@@ -75,7 +75,9 @@ impl HeadLayout {
 
     /// The offset of element `[b, h, i, 0]`.
     pub const fn offset(&self, b: usize, h: usize, i: usize) -> usize {
-        b * self.batch + h * self.head + i * self.seq
+        b.saturating_mul(self.batch)
+            .saturating_add(h.saturating_mul(self.head))
+            .saturating_add(i.saturating_mul(self.seq))
     }
 }
 
@@ -158,7 +160,9 @@ impl PrefixAttentionDims {
 
     /// Query rows B·Hq·Lq: the length of LSE and λ.
     pub fn rows(&self) -> usize {
-        self.batch * self.heads * self.q_len
+        self.batch
+            .saturating_mul(self.heads)
+            .saturating_mul(self.q_len)
     }
 }
 
@@ -228,7 +232,9 @@ impl LseMergeDims {
 
     /// Rows B·H·L: the length of the LSEs and λ.
     pub fn rows(&self) -> usize {
-        self.batch * self.heads * self.q_len
+        self.batch
+            .saturating_mul(self.heads)
+            .saturating_mul(self.q_len)
     }
 }
 
@@ -273,7 +279,7 @@ impl KvConcatDims {
             head_dim,
             prefix: HeadLayout::bhsd(heads, prefix_len, head_dim),
             src: HeadLayout::bhsd(heads, len, head_dim),
-            dst: HeadLayout::bhsd(heads, prefix_len + len, head_dim),
+            dst: HeadLayout::bhsd(heads, prefix_len.saturating_add(len), head_dim),
         }
     }
 }

@@ -622,19 +622,23 @@ fn concat_kernel(dtype: DType) -> KernelId {
     }
 }
 
+/// The argument the row count of a one-warp-per-row kernel is named by in errors: the product,
+/// not one of its factors.
+const ROWS_ARG: &str = "dims.batch × dims.heads × rows per head";
+
 /// B·H·L, or an error when it overflows.
 fn row_count(batch: usize, heads: usize, len: usize) -> Result<usize> {
     batch
         .checked_mul(heads)
         .and_then(|n| n.checked_mul(len))
-        .ok_or_else(|| Error::invalid("dims.batch", "B·H·L rows that fit in memory", batch))
+        .ok_or_else(|| Error::invalid(ROWS_ARG, "a product that fits in memory", "more"))
 }
 
 /// One warp per row, four rows per block.
 fn row_launch(kernel: KernelId, rows: usize) -> Result<Launch> {
     Ok(Launch {
         kernel,
-        grid: grid_for([("dims.batch", rows, WARP_ROWS), ("", 1, 1), ("", 1, 1)])?,
+        grid: grid_for([(ROWS_ARG, rows, WARP_ROWS), ("", 1, 1), ("", 1, 1)])?,
         block: [THREADS, 1, 1],
         dynamic_smem: 0,
         overlap_previous: false,
