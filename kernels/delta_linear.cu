@@ -10,8 +10,8 @@
 //     out  = c_out(m) · f(acc + c_bias2(m) · bias2[n])
 //
 // with row coefficients chosen from the composition: (c_h, c_d) = (1, 1) for add, (1, s) for
-// scaled add, (1 − λ_m, λ_m) for the gate. A parallel delta is two launches of this pass (three
-// at decode with a long K, whose down pass splits: see the decode tile below):
+// scaled add, (1 − λ_m, λ_m) for the gate. A parallel delta is two launches of this pass (a pass
+// of few blocks over a long K is two: split runs and their reduction, see split-K below):
 //     down:  t = c_d(m) · f(u·W_downᵀ + b_down)              (A1 = u, B1 = W_down, c_out = c_d)
 //     main:  y = c_h(m)·(x·Wᵀ + b) + t·W_upᵀ + c_d(m)·b_up    (A1 = x, B1 = W, A2 = t, B2 = W_up)
 // so the delta is K2 = r more steps of the frozen GEMM's K loop (insight 1 of UNIFIED-VIEW.md)
@@ -543,7 +543,10 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
     }
     cp_async_wait_all();
     // Without a phase 2 nothing above waited; and y, written below, may be what the previous
-    // launch reads (a sequential delta's down pass reads h in y).
+    // launch reads (a sequential delta's down pass reads h in y). Every thread passes this
+    // wait before any global write and before it exits: so a grid completes only after the
+    // one before it, transitively, which the plans' chains of dependent launches rely on
+    // (no return may come before it).
     grid_dependency_wait();
     // A pass or run that ended inside phase 1 has not switched yet.
     if (kt_end <= tiles1) switch_phase();

@@ -1070,11 +1070,11 @@ fn the_planner_refuses_overflowing_sizes() {
 
 #[cfg(feature = "emulator")]
 /// Only an up-projection pass, right after the down pass that writes its t, and the reduction
-/// of a split down pass may overlap the launch before them (kernels/delta_linear.cu waits for
-/// t, or the partial sums, before reading them); the frozen pass and the down pass never do:
-/// they read what the caller's earlier work wrote.
+/// of a split pass may overlap the launch before them (kernels/delta_linear.cu waits for t, or
+/// the partial sums, before reading them); the frozen pass and the down pass never do: they
+/// read what the caller's earlier work wrote.
 #[test]
-fn only_the_up_projection_overlaps_the_down_pass() {
+fn only_up_projections_and_reductions_overlap() {
     use peft_kernels::plan::delta_linear::{
         delta_apply, delta_linear, DeltaApplyBufs, DeltaLinearBufs,
     };

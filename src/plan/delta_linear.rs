@@ -204,7 +204,7 @@ enum Kind {
     MmaLarge,
     /// Hopper's warpgroup MMA (only on request).
     Wgmma,
-    /// The reduction after a split-K decode pass (one thread per output).
+    /// The reduction after a split-K pass (one thread per output).
     SplitReduce,
 }
 
@@ -390,8 +390,8 @@ fn launch_for(
 /// The launch of a step that always follows the one writing what it reads: an up-projection
 /// pass after the down pass (or its reduction) that writes t, which may start early and
 /// stream its phase 1 (the frozen GEMM) while that runs, waiting for t at its first phase-2
-/// tile; a split down pass's reduction after the split pass, waiting before it reads the
-/// partial sums (see kernels/delta_linear.cu).
+/// tile; a split pass's reduction after the split runs, waiting before it reads the partial
+/// sums (see kernels/delta_linear.cu).
 fn overlapping(launch: Launch) -> Launch {
     Launch {
         overlap_previous: true,
@@ -445,8 +445,10 @@ fn k_splits(kind: Kind, m: usize, n: usize, k_tiles: usize) -> usize {
 /// each 16-byte aligned, the f32 partial sums of a split down pass, [runs][m][workspace_ld(r)],
 /// and of a split main pass (the frozen GEMM or the up-projection over n columns),
 /// [runs][m][n], each sized for the most runs the plan may choose. Only a single bottleneck
-/// (heads = 1) splits. The two regions are apart because a main pass starts while the down
-/// pass runs (a dependent launch). Sizes saturate where they pass usize.
+/// (heads = 1) splits. The two regions are apart although a main pass, a dependent launch of
+/// the down pass's reduction, writes its sums only after waiting for that reduction: sharing
+/// would save the smaller region but tie the layout to that ordering. Sizes saturate where
+/// they pass usize.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct WorkspaceLayout {
     /// The down pass's partial sums: offset in elements, room in f32s.
