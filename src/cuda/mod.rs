@@ -198,6 +198,9 @@ unsafe impl<P: KernelParams> DeviceRepr for ByValue<P> {}
 pub struct Buffers<'a> {
     stream: &'a CudaStream,
     guards: Vec<SyncOnDrop<'a>>,
+    /// Buffers of another context (device) than the stream's: refused before any launch,
+    /// since a kernel reading one faults and leaves the context unusable.
+    foreign: usize,
 }
 
 impl<'a> Buffers<'a> {
@@ -205,11 +208,13 @@ impl<'a> Buffers<'a> {
         Buffers {
             stream,
             guards: Vec::new(),
+            foreign: 0,
         }
     }
 
     /// The device address of a buffer the kernel only reads.
     pub fn read<T>(&mut self, buf: &'a (impl DevicePtr<T> + ?Sized)) -> u64 {
+        self.note_context(buf.stream());
         let (ptr, guard) = buf.device_ptr(self.stream);
         self.guards.push(guard);
         ptr
@@ -217,9 +222,32 @@ impl<'a> Buffers<'a> {
 
     /// The device address of a buffer the kernel writes (and may read).
     pub fn write<T>(&mut self, buf: &'a mut (impl DevicePtrMut<T> + ?Sized)) -> u64 {
+        self.note_context(buf.stream());
         let (ptr, guard) = buf.device_ptr_mut(self.stream);
         self.guards.push(guard);
         ptr
+    }
+
+    fn note_context(&mut self, owner: &CudaStream) {
+        if owner.context() != self.stream.context() {
+            self.foreign += 1;
+        }
+    }
+
+    /// An error if a buffer belongs to another context than the stream's: every launch
+    /// through these buffers checks it first (and the baseline before its cuBLAS calls).
+    pub(crate) fn check_contexts(&self) -> Result<()> {
+        if self.foreign == 0 {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "device buffers",
+            format!(
+                "memory of the stream's context (device {})",
+                self.stream.context().ordinal()
+            ),
+            format!("{} buffer(s) of another context", self.foreign),
+        ))
     }
 
     /// [`launch`] on this stream, then the guards' release.
@@ -227,6 +255,7 @@ impl<'a> Buffers<'a> {
     /// # Safety
     /// As for [`launch`].
     pub unsafe fn launch<P: KernelParams>(self, launch: &Launch, params: &P) -> Result<()> {
+        self.check_contexts()?;
         // SAFETY: the caller's contract.
         unsafe { self::launch(self.stream, launch, params) }
     }
@@ -237,6 +266,7 @@ impl<'a> Buffers<'a> {
     /// Every address in the steps' parameters came from these buffers, and the plan checked
     /// them against the shapes it launches with.
     pub(crate) unsafe fn run<P: KernelParams>(self, steps: &[(Launch, P)]) -> Result<()> {
+        self.check_contexts()?;
         for (l, p) in steps {
             // SAFETY: the caller's contract.
             unsafe { self::launch(self.stream, l, p) }?;
