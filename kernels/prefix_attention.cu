@@ -848,7 +848,9 @@ __device__ void prefix_attention_split_merge(const PrefixAttentionParams& p) {
   const float w = m == kNegInf ? 0.0f : exp2f(m - big_m);
   const float big_l = row_sum<32>(l * w);
   const float big_l_p = row_sum<32>(m_p == kNegInf ? 0.0f : l_p * exp2f(m_p - big_m_p));
-  const float inv = big_l > 0.0f ? 1.0f / big_l : 0.0f;
+  // The merged state, finished as one pass finishes a row (a row that sees only the prefix
+  // gets λ = 1 exactly; one that sees nothing 0, LSE −∞, λ 0).
+  const RowStats st = finish_row(RowState{big_m, big_l, big_m_p, big_l_p}, big_l, big_l_p);
   const int64_t qi = row % p.q_len, bh = row / p.q_len, bi = bh / p.heads, h = bh % p.heads;
   T* out = static_cast<T*>(p.out) + bi * p.so.batch + h * p.so.head + qi * p.so.seq;
   // Every lane takes every step (the shuffles name the whole warp), even where d is not a
@@ -860,16 +862,9 @@ __device__ void prefix_attention_split_merge(const PrefixAttentionParams& p) {
       const float ws = __shfl_sync(PK_FULL_MASK, w, s);
       if (ws != 0.0f && col < d) v += ws * p.partial[(s * p.rows + row) * d + col];
     }
-    if (col < d) out[col] = from_float<T>(v * inv);
+    if (col < d) out[col] = from_float<T>(v * st.inv);
   }
-  if (lane == 0) {
-    const bool seen = big_l > 0.0f;
-    // Divided as finish_row divides: a row that sees only the prefix gets λ = 1 exactly.
-    const float lambda =
-        seen && big_l_p > 0.0f ? fminf(big_l_p * exp2f(big_m_p - big_m) / big_l, 1.0f) : 0.0f;
-    if (p.lse) p.lse[row] = seen ? (big_m + log2f(big_l)) * kLn2 : kNegInf;
-    if (p.lambda) p.lambda[row] = lambda;
-  }
+  if (lane == 0) store_stats(p, row, 0, st);
 }
 
 // ---------------------------------------------------------------------------------------
