@@ -352,17 +352,36 @@ impl<T: Element> Inputs<T> {
         lambda: Option<&'a mut [f32]>,
         workspace: Option<&'a mut [f32]>,
     ) -> PrefixAttentionArgs<&'a [T], &'a mut [T], &'a [u32], &'a mut [f32]> {
+        let context = (&self.k.data[..], &self.v.data[..]);
         PrefixAttentionArgs {
-            q: &self.q.data,
-            k: &self.k.data,
-            v: &self.v.data,
             prefix_k: &self.prefix_k.data,
             prefix_v: &self.prefix_v.data,
-            context_lens: case.lens.as_deref(),
+            workspace,
+            ..self.without_prefix(context, case.lens.as_deref(), out, lse, lambda)
+        }
+    }
+
+    /// The kernel's arguments over these queries, no prefix and the keys and values `kv`
+    /// (the concatenation, or the context alone), with no workspace.
+    pub fn without_prefix<'a>(
+        &'a self,
+        (k, v): (&'a [T], &'a [T]),
+        context_lens: Option<&'a [u32]>,
+        out: &'a mut [T],
+        lse: Option<&'a mut [f32]>,
+        lambda: Option<&'a mut [f32]>,
+    ) -> PrefixAttentionArgs<&'a [T], &'a mut [T], &'a [u32], &'a mut [f32]> {
+        PrefixAttentionArgs {
+            q: &self.q.data,
+            k,
+            v,
+            prefix_k: &[],
+            prefix_v: &[],
+            context_lens,
             out,
             lse,
             lambda,
-            workspace,
+            workspace: None,
         }
     }
 
@@ -437,6 +456,34 @@ pub fn check_fused<B: Backend, T: Element>(be: &B, rng: &mut Rng, case: &Case) {
     assert_close(&format!("lambda {name}"), &o.lambda, &r.lambda, STAT_TOL);
 }
 
+/// `[prefix; src]` along the sequence by the backend's kv_concat, into a poisoned destination
+/// of `dims.dst` (with `extra` elements past its end).
+fn concatenated<B: Backend, T: Element>(
+    be: &B,
+    dims: &KvConcatDims,
+    prefix: &Strided<T>,
+    src: &Strided<T>,
+    extra: usize,
+) -> Strided<T> {
+    let shape = [
+        dims.batch,
+        dims.heads,
+        dims.prefix_len + dims.len,
+        dims.head_dim,
+    ];
+    let mut dst = Strided::<T>::poisoned(dims.dst, shape, extra);
+    be.concat(
+        dims,
+        KvConcatArgs {
+            prefix: &prefix.data,
+            src: &src.data,
+            dst: &mut dst.data,
+        },
+    )
+    .unwrap();
+    dst
+}
+
 /// The identity with attention over the concatenation, at kernel level: kv_concat of the
 /// prefix and the context, then the kernel with l = 0 on `[P; C]` (the unfused path), equals
 /// the fused reference. The case must keep the prefix visible to every query under the
@@ -451,17 +498,7 @@ pub fn check_concat_identity<B: Backend, T: Element>(be: &B, rng: &mut Rng, case
             src: src.layout,
             ..KvConcatDims::new(b, hkv, l, case.kv_len, hd)
         };
-        let mut dst = Strided::<T>::poisoned(dims.dst, [b, hkv, lc, hd], 0);
-        be.concat(
-            &dims,
-            KvConcatArgs {
-                prefix: &prefix.data,
-                src: &src.data,
-                dst: &mut dst.data,
-            },
-        )
-        .unwrap();
-        dst
+        concatenated(be, &dims, prefix, src, 0)
     };
     let (kc, vc) = (cat(&x.prefix_k, &x.k), cat(&x.prefix_v, &x.v));
     // PEFT's unfused path: the prefix is part of every sequence's valid keys.
@@ -475,24 +512,14 @@ pub fn check_concat_identity<B: Backend, T: Element>(be: &B, rng: &mut Rng, case
         ..PrefixAttentionDims::new(b, case.heads, hkv, case.q_len, lc, 0, hd)
     };
     let mut o = Outputs::<T>::poisoned(&dims);
-    let no_prefix: [T; 0] = [];
-    be.attention(
-        &case.op(),
-        &dims,
-        PrefixAttentionArgs {
-            q: &x.q.data,
-            k: &kc.data,
-            v: &vc.data,
-            prefix_k: &no_prefix,
-            prefix_v: &no_prefix,
-            context_lens: lens.as_deref(),
-            out: &mut o.out.data,
-            lse: Some(&mut o.lse),
-            lambda: Some(&mut o.lambda),
-            workspace: None,
-        },
-    )
-    .unwrap();
+    let concat = (&kc.data[..], &vc.data[..]);
+    let (out, lse, lambda) = (
+        &mut o.out.data,
+        Some(&mut o.lse[..]),
+        Some(&mut o.lambda[..]),
+    );
+    let args = x.without_prefix(concat, lens.as_deref(), out, lse, lambda);
+    be.attention(&case.op(), &dims, args).unwrap();
     let r = reference::prefix_attention(&case.op(), &x.tensors(case)).unwrap();
     let name = format!("concat path {} {case:?} (seed {})", T::DTYPE, rng.seed());
     assert_close(
@@ -558,24 +585,10 @@ pub fn check_prefix_only_and_merge<B: Backend, T: Element>(be: &B, rng: &mut Rng
     };
     let mut out_c = Strided::<T>::poisoned(contiguous, shape, 0);
     let mut lse_c = vec![f32::NAN; dims.rows()];
-    let no_prefix: [T; 0] = [];
-    be.attention(
-        &case.op(),
-        &cdims,
-        PrefixAttentionArgs {
-            q: &x.q.data,
-            k: &x.k.data,
-            v: &x.v.data,
-            prefix_k: &no_prefix,
-            prefix_v: &no_prefix,
-            context_lens: case.lens.as_deref(),
-            out: &mut out_c.data,
-            lse: Some(&mut lse_c),
-            lambda: None,
-            workspace: None,
-        },
-    )
-    .unwrap();
+    let context = (&x.k.data[..], &x.v.data[..]);
+    let (lens, lse) = (case.lens.as_deref(), Some(&mut lse_c[..]));
+    let args = x.without_prefix(context, lens, &mut out_c.data, lse, None);
+    be.attention(&case.op(), &cdims, args).unwrap();
     let rc = reference::context_attention(&case.op(), &t).unwrap();
     assert_close(&format!("context out {name}"), &out_c.data, &rc.out, tol);
     assert_close(&format!("context lse {name}"), &lse_c, &rc.lse, STAT_TOL);
@@ -710,16 +723,7 @@ pub fn check_concat<B: Backend, T: Element>(be: &B, rng: &mut Rng) {
         dst: dst_layout,
         ..KvConcatDims::new(b, h, l, len, d)
     };
-    let mut dst = Strided::<T>::poisoned(dst_layout, [b, h, l + len, d], 3);
-    be.concat(
-        &dims,
-        KvConcatArgs {
-            prefix: &prefix.data,
-            src: &src.data,
-            dst: &mut dst.data,
-        },
-    )
-    .unwrap();
+    let dst = concatenated(be, &dims, &prefix, &src, 3);
     dst.assert_gaps_untouched("kv_concat");
     let (p, s, got) = (prefix.gather(), src.gather(), dst.gather());
     let row = d;
