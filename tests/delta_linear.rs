@@ -480,7 +480,7 @@ fn passes_split_over_k(backend: &Backend) {
             let steps = delta_linear(&op, &dims, DType::BF16, &bufs).unwrap();
             let reductions = steps
                 .iter()
-                .filter(|(l, _)| format!("{:?}", l.kernel).contains("split_reduce"))
+                .filter(|(l, _)| l.kernel.name().contains("split_reduce"))
                 .count();
             assert_eq!(reductions, splits, "{insertion:?} {dims:?}: split passes");
             let c = Case {

@@ -261,28 +261,3 @@ fn split_kv_is_planned_for_every_dtype() {
         assert_eq!(busy.workspace_len(dtype), 0, "{dtype}");
     }
 }
-
-/// A merge of more rows than the one-warp-per-row grid has blocks for: the error names the
-/// product the rows come from, not the batch (which is 1 here).
-#[test]
-fn too_many_rows_name_their_product() {
-    let all = Buf {
-        addr: 4096,
-        len: usize::MAX,
-    };
-    let bufs = plan::LseMergeBufs {
-        o_prefix: all,
-        lse_prefix: all,
-        o_context: all,
-        lse_context: all,
-        out: all,
-        lse: None,
-        lambda: None,
-    };
-    match plan::lse_merge(&LseMergeDims::new(1, 32, 1 << 26, 1), DType::F16, &bufs) {
-        Err(peft_kernels::Error::InvalidArgument { arg, .. }) => {
-            assert_eq!(arg, "dims.batch × dims.heads × rows per head")
-        }
-        other => panic!("expected an invalid-argument error, got {other:?}"),
-    }
-}

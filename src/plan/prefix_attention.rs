@@ -766,9 +766,11 @@ mod tests {
     }
 
     /// The merge and the concatenation step over a row by 32 columns in an int: a width
-    /// within 32 of i32::MAX would wrap past the end (the planner alone: nothing runs).
+    /// within 32 of i32::MAX would wrap past the end; and they run one warp per row, so a
+    /// row count past the grid is refused naming the product, not the batch (the planner
+    /// alone: nothing runs).
     #[test]
-    fn rows_too_wide_for_int_columns() {
+    fn rows_too_wide_or_too_many() {
         let all = Buf {
             addr: 4096,
             len: usize::MAX,
@@ -796,6 +798,11 @@ mod tests {
         assert_eq!(
             refused(lse_merge(&wide, DType::F32, &merge)),
             "dims.head_dim"
+        );
+        let tall = LseMergeDims::new(1, 32, 1 << 26, 1);
+        assert_eq!(
+            refused(lse_merge(&tall, DType::F16, &merge)),
+            "dims.batch × dims.heads × rows per head"
         );
         let concat = KvConcatBufs {
             prefix: all,
