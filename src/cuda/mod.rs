@@ -36,8 +36,8 @@ use std::sync::{Arc, LazyLock};
 pub use cudarc;
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute, CUlaunchAttributeID};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError,
-    LaunchConfig, PushKernelArg, SyncOnDrop,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
+    DevicePtrMut, DeviceRepr, DriverError, LaunchConfig, PushKernelArg, SyncOnDrop, UnifiedSlice,
 };
 pub use modules::{cubin, image, Image};
 
@@ -291,10 +291,66 @@ fn too_much_shared_memory(ctx: &CudaContext, launch: &Launch) -> Option<Error> {
     })
 }
 
-/// A device buffer an operation reads: any cudarc slice or view (`&x` coerces).
-pub type DeviceRead<'a, T> = &'a dyn DevicePtr<T>;
-/// A device buffer an operation writes: a cudarc slice or mutable view.
-pub type DeviceWrite<'a, T> = &'a mut dyn DevicePtrMut<T>;
+/// A device buffer an operation reads: a cudarc `CudaSlice`, `CudaView`, `CudaViewMut` or
+/// `UnifiedSlice` (`&x` coerces).
+///
+/// ```no_run
+/// # use peft_kernels::cuda::{self, DeviceRead};
+/// let stream = cuda::context(0)?.default_stream();
+/// let x = stream.alloc_zeros::<f32>(16).map_err(|e| peft_kernels::Error::Cuda(e.to_string()))?;
+/// let read: DeviceRead<f32> = &x;
+/// let slice_of_it: DeviceRead<f32> = &x.slice(4..8);
+/// # let _ = (read, slice_of_it);
+/// # Ok::<(), peft_kernels::Error>(())
+/// ```
+///
+/// Only those: cudarc's `DevicePtr` is a safe trait, so a type of the caller's could hand
+/// any address and length to a safe launch. [`DeviceBuffer`] is sealed to close that:
+///
+/// ```compile_fail
+/// # use peft_kernels::cuda::{cudarc::driver::*, DeviceRead};
+/// struct Forged;
+/// impl DeviceSlice<f32> for Forged {
+///     fn len(&self) -> usize { 1 << 20 }
+///     fn stream(&self) -> &std::sync::Arc<CudaStream> { unimplemented!() }
+/// }
+/// impl DevicePtr<f32> for Forged {
+///     fn device_ptr<'a>(&'a self, _: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+///         (0x1000, SyncOnDrop::Sync(None))
+///     }
+/// }
+/// let forged: DeviceRead<f32> = &Forged;
+/// ```
+pub type DeviceRead<'a, T> = &'a dyn DeviceBuffer<T>;
+/// A device buffer an operation writes: a cudarc `CudaSlice`, `CudaViewMut` or
+/// `UnifiedSlice`.
+pub type DeviceWrite<'a, T> = &'a mut dyn DeviceBufferMut<T>;
+
+/// cudarc's buffer types, whose address and length come from cudarc's own allocation or
+/// view (sealed: see [`DeviceRead`]).
+pub trait DeviceBuffer<T>: DevicePtr<T> + sealed::Sealed {}
+/// The [`DeviceBuffer`]s a kernel may write.
+pub trait DeviceBufferMut<T>: DeviceBuffer<T> + DevicePtrMut<T> {}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// Implements [`DeviceBuffer`] (and with `mut`, [`DeviceBufferMut`]) for a cudarc type.
+macro_rules! device_buffer {
+    ($ty:ty) => {
+        impl<T> sealed::Sealed for $ty {}
+        impl<T> DeviceBuffer<T> for $ty {}
+    };
+    (mut $ty:ty) => {
+        device_buffer!($ty);
+        impl<T> DeviceBufferMut<T> for $ty {}
+    };
+}
+device_buffer!(mut CudaSlice<T>);
+device_buffer!(CudaView<'_, T>);
+device_buffer!(mut CudaViewMut<'_, T>);
+device_buffer!(mut UnifiedSlice<T>);
 
 impl<'a, A, B> BufSource<DeviceRead<'a, A>, DeviceWrite<'a, B>> for Buffers<'a> {
     fn read(&mut self, r: DeviceRead<'a, A>) -> Buf {
