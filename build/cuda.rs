@@ -1,5 +1,5 @@
 //! The CUDA backend's build step (see DESIGN.md, "The toolchain"): every kernels/*.cu
-//! through nvcc into PTX for compute_80 (JIT-compiled by the driver on GPUs newer than
+//! through nvcc into PTX for compute_90 (JIT-compiled by the driver on GPUs newer than
 //! the cubins) and cubins for sm_80 and sm_90, embedded into the crate by the generated
 //! OUT_DIR/cuda_modules.rs. ptxas's resource report (`-Xptxas -v`) is kept beside each
 //! cubin as `<stem>.<arch>.ptxas.txt`; a kernel that spills registers fails the build.
@@ -17,8 +17,10 @@ use crate::tools::tool_dirs;
 /// square roots and denormals, as the emulator and the f64 reference do.
 const NVCC_FLAGS: &[&str] = &["-std=c++17", "-O3", "-lineinfo"];
 
-/// The virtual architecture of the embedded PTX: the oldest GPU the kernels target.
-const PTX_ARCH: &str = "compute_80";
+/// The virtual architecture of the embedded PTX, which only GPUs newer than the cubins JIT
+/// (every 8.y runs the sm_80 cubin): compute_90, not 80, so that they get the dependent
+/// launch (griddepcontrol, PTX for sm_90 and up). wgmma is sm_90a-only and not in it.
+const PTX_ARCH: &str = "compute_90";
 
 /// The real architectures that get a cubin (and a ptxas report).
 const CUBIN_ARCHS: [&str; 2] = ["sm_80", "sm_90"];

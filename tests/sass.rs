@@ -215,7 +215,8 @@ fn tensor_core_kernels_use_no_local_memory() {
 }
 
 /// The up-projection passes are programmatic dependent launches on sm_90 (src/cuda/mod.rs
-/// launches them so only from the sm_90 cubin): every fused-linear kernel there waits for
+/// launches them so from the sm_90 cubin and the compute_90 PTX, never the sm_80 cubin;
+/// the PTX's side is src/cuda/modules.rs's test): every fused-linear kernel there waits for
 /// the previous grid (griddepcontrol.wait, SASS ACQBULK) and lets the next one start
 /// (griddepcontrol.launch_dependents, PREEXIT); the sm_80 code has neither.
 #[test]

@@ -7,8 +7,8 @@
 //! and [`context`] returns [`Error::NoDevice`].
 //!
 //! A plan's step marked [`Launch::overlap_previous`] is a programmatic dependent launch
-//! where the kernel came from the sm_90 cubin (the only image whose kernels hold the wait it
-//! needs): it may start while the step before it runs. `PEFT_KERNELS_NO_OVERLAP` (any value,
+//! where the kernel came from the sm_90 cubin or the compute_90 PTX (not the sm_80 cubin,
+//! whose kernels lack the wait it needs): it may start while the step before it runs. `PEFT_KERNELS_NO_OVERLAP` (any value,
 //! read once) launches every step in plain stream order instead, to measure what the
 //! overlap gains or to rule it out.
 //!
@@ -120,7 +120,7 @@ pub unsafe fn launch<P: KernelParams>(
         shared_mem_bytes: launch.dynamic_smem,
     };
     let arg = ByValue(*params);
-    if launch.overlap_previous && image == Image::Sm90 && !*NO_OVERLAP {
+    if launch.overlap_previous && image != Image::Sm80 && !*NO_OVERLAP {
         // SAFETY: as below; the plan set `overlap_previous` only for a kernel that waits
         // for the previous launch before touching what it writes or reads.
         unsafe { launch_overlapping(stream, &f, config, &arg) }.map_err(failed)?;

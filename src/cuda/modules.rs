@@ -12,7 +12,7 @@ use crate::{Error, Result};
 /// What nvcc built from one `kernels/<stem>.cu` (build/cuda.rs).
 pub(crate) struct ModuleImages {
     pub(crate) stem: &'static str,
-    /// For compute_80: JIT-compiled by the driver for GPUs without a cubin here.
+    /// For compute_90: JIT-compiled by the driver for GPUs newer than the cubins.
     pub(crate) ptx: &'static str,
     pub(crate) sm_80: &'static [u8],
     pub(crate) sm_90: &'static [u8],
@@ -29,7 +29,8 @@ pub enum Image {
     /// The sm_90 cubin, built for sm_90a (wgmma): compute capability 9.0 only (H100, H200,
     /// GH200).
     Sm90,
-    /// The compute_80 PTX, compiled by the driver: GPUs newer than 9.0.
+    /// The compute_90 PTX, compiled by the driver: GPUs newer than 9.0 (Blackwell and on),
+    /// with the dependent launch but not wgmma (an sm_90a instruction).
     Ptx,
 }
 
@@ -100,29 +101,35 @@ fn images(module: Module) -> Result<&'static ModuleImages> {
 }
 
 /// The image the kernels load from in `ctx`: the cubin for its device's compute
-/// capability, or the PTX (newer GPUs, or any with `PEFT_KERNELS_FORCE_PTX` set, which JITs
-/// the PTX on a GPU that has a cubin, to check the PTX). Unsupported below 8.0.
+/// capability, or the PTX (newer GPUs, or a 9.0 one with `PEFT_KERNELS_FORCE_PTX` set, which
+/// JITs the PTX on a GPU that has a cubin, to check the PTX). Unsupported below 8.0, and
+/// forcing the PTX is unsupported below 9.0 (it is compute_90 PTX).
 pub fn image(ctx: &CudaContext) -> Result<Image> {
-    image_for(ctx.compute_capability()?)
+    let force_ptx = std::env::var_os("PEFT_KERNELS_FORCE_PTX").is_some();
+    image_for(ctx.compute_capability()?, force_ptx)
 }
 
 /// [`image`] for a device of compute capability `(major, minor)`.
-fn image_for((major, minor): (i32, i32)) -> Result<Image> {
+fn image_for((major, minor): (i32, i32), force_ptx: bool) -> Result<Image> {
     let image = Image::for_compute_capability((major, minor)).ok_or_else(|| {
         Error::Unsupported(format!(
             "compute capability {major}.{minor}: the kernels need 8.0 or newer"
         ))
     })?;
-    Ok(match std::env::var_os("PEFT_KERNELS_FORCE_PTX") {
-        Some(_) => Image::Ptx,
-        None => image,
-    })
+    match (force_ptx, image) {
+        (false, image) => Ok(image),
+        (true, Image::Sm80) => Err(Error::Unsupported(format!(
+            "PEFT_KERNELS_FORCE_PTX on compute capability {major}.{minor}: the embedded PTX is \
+             compute_90, which needs 9.0 or newer"
+        ))),
+        (true, _) => Ok(Image::Ptx),
+    }
 }
 
 fn load(ctx: &Arc<CudaContext>, module: Module) -> Result<(Arc<CudaModule>, Image)> {
     let images = images(module)?;
     let (major, minor) = ctx.compute_capability()?;
-    let image = image_for((major, minor))?;
+    let image = image(ctx)?;
     let ptx = match image {
         Image::Sm80 => Ptx::from_binary(images.sm_80.to_vec()),
         Image::Sm90 => Ptx::from_binary(images.sm_90.to_vec()),
@@ -154,8 +161,8 @@ mod tests {
         for module in Module::ALL {
             let images = images(*module).unwrap();
             assert!(
-                images.ptx.contains(".target sm_80"),
-                "{}: not compute_80 PTX",
+                images.ptx.contains(".target sm_90\n"),
+                "{}: not compute_90 PTX",
                 images.stem
             );
             for cubin in [images.sm_80, images.sm_90] {
@@ -178,6 +185,29 @@ mod tests {
         }
     }
 
+    /// GPUs newer than 9.0 get the dependent launch from the PTX: src/cuda/mod.rs launches
+    /// its fused-linear kernels overlapping, so every one must hold the wait (and the early
+    /// start of the next grid).
+    #[test]
+    fn ptx_fused_linear_kernels_wait_for_the_previous_grid() {
+        let ptx = images(Module::DeltaLinear).unwrap().ptx;
+        let mut kernels = 0;
+        for entry in ptx.split(".entry ").skip(1) {
+            if !entry.starts_with("fused_linear_") {
+                continue;
+            }
+            kernels += 1;
+            let name = &entry[..entry.find('(').unwrap()];
+            for instruction in ["griddepcontrol.wait", "griddepcontrol.launch_dependents"] {
+                assert!(entry.contains(instruction), "{name}: no {instruction}");
+            }
+        }
+        assert!(
+            kernels >= 9,
+            "only {kernels} fused_linear kernels in the PTX"
+        );
+    }
+
     #[test]
     fn image_by_compute_capability() {
         assert_eq!(Image::for_compute_capability((7, 5)), None);
@@ -187,5 +217,10 @@ mod tests {
         assert_eq!(Image::for_compute_capability((9, 1)), Some(Image::Ptx));
         assert_eq!(Image::for_compute_capability((10, 0)), Some(Image::Ptx));
         assert_eq!(Image::for_compute_capability((12, 0)), Some(Image::Ptx));
+        assert_eq!(image_for((9, 0), true).unwrap(), Image::Ptx);
+        assert_eq!(image_for((10, 0), true).unwrap(), Image::Ptx);
+        let err = image_for((8, 6), true).unwrap_err().to_string();
+        assert!(err.contains("compute_90") && err.contains("8.6"), "{err}");
+        assert!(image_for((7, 5), false).is_err());
     }
 }
