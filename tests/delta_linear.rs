@@ -497,6 +497,91 @@ fn passes_split_over_k(backend: &Backend) {
     }
 }
 
+/// A size for a random configuration: uniform in 1..=max, or next to a multiple of one of
+/// the tiles (one below, on, one above), where a kernel's edge handling changes.
+fn near_tiles(rng: &mut Rng, tiles: &[usize], max: usize) -> usize {
+    if rng.chance(0.4) {
+        return rng.range(1, max);
+    }
+    let tile = rng.pick(tiles);
+    let multiple = tile * rng.range(1, (max / tile).max(1));
+    (multiple + rng.range(0, 2)).saturating_sub(1).clamp(1, max)
+}
+
+/// A random configuration drawn over everything the fixed lists pin separately: sizes
+/// around the tiles (16, 32, 64, 128 rows or columns; 32, 64, 128 deep) and past the split
+/// thresholds (8 k-tiles), decode a third of the time, any rank, padded row strides, a separate delta input, any method,
+/// any kernel the dtype has. The product m·n·(k + r) stays under ~6M so a case takes the
+/// emulator well under a second.
+fn random_configuration(rng: &mut Rng, tensor_cores: bool) -> Case {
+    // Decode (m ≤ 16, its own tile) a third of the time.
+    let m = match rng.chance(0.3) {
+        true => rng.range(1, 16),
+        false => near_tiles(rng, &[16, 64, 128], 300),
+    };
+    let k = near_tiles(rng, &[32, 64, 128, 1024], 2200);
+    let r = if rng.chance(0.5) {
+        rng.pick(&[1, 8, 16, 33, 64, 256])
+    } else {
+        rng.range(1, 256)
+    };
+    let insertion = rng.pick(&[Insertion::Parallel, Insertion::Sequential]);
+    let budget = 6_000_000 / (m * (k + r));
+    let n = match insertion {
+        // A sequential delta's down pass is n deep: let n reach the split thresholds too.
+        Insertion::Sequential => near_tiles(rng, &[32, 64, 128], budget.clamp(1, 1100)),
+        Insertion::Parallel => near_tiles(rng, &[32, 64, 128], budget.clamp(1, 600)),
+    };
+    let pad = |rng: &mut Rng| {
+        let any = rng.range(1, 9);
+        rng.pick(&[0, 0, 8, any])
+    };
+    let mut dims = DeltaLinearDims::new(m, n, k, r);
+    (dims.ld_x, dims.ld_y) = (k + pad(rng), n + pad(rng));
+    let separate_u = insertion == Insertion::Parallel && rng.chance(0.3);
+    dims.k_u = near_tiles(rng, &[32, 64], 700);
+    dims.ld_u = dims.k_u + pad(rng);
+    let mut kernels = vec![
+        KernelVariant::Auto,
+        KernelVariant::Auto,
+        KernelVariant::Simt,
+    ];
+    if tensor_cores {
+        kernels.push(KernelVariant::TensorCore);
+    }
+    if m * n * k < 200_000 {
+        kernels.push(KernelVariant::Naive);
+    }
+    dims.kernel = rng.pick(&kernels);
+    Case {
+        separate_u,
+        ..random_case(rng, insertion, dims)
+    }
+}
+
+/// How many random configurations a test draws: `PEFT_RANDOM_CASES`, default 9 (a few
+/// seconds on the emulator), more for a longer search.
+fn random_cases() -> usize {
+    std::env::var("PEFT_RANDOM_CASES").map_or(9, |v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("PEFT_RANDOM_CASES must be a count, got {v:?}"))
+    })
+}
+
+/// Random configurations (see [`random_configuration`]), fresh every run, in turn over the
+/// dtypes, [`random_cases`] of them.
+fn random_configurations(backend: &Backend) {
+    let mut rng = Rng::from_env();
+    for i in 0..random_cases() {
+        let c = random_configuration(&mut rng, i % 3 != 0);
+        match i % 3 {
+            0 => check::<f32>(&mut rng, &c, backend),
+            1 => check::<f16>(&mut rng, &c, backend),
+            _ => check::<bf16>(&mut rng, &c, backend),
+        }
+    }
+}
+
 /// The shape of a delta on a given h: (m, heads, head_dim, u_head_dim, r); a sequential
 /// delta reads h, so its u_head_dim is head_dim.
 type ApplyShape = (usize, usize, usize, usize, usize);
@@ -676,6 +761,42 @@ fn delta_apply_decode_split_over_k(backend: &Backend) {
             let shape = (m, 1, dh, du, r);
             multi_head_case::<f16>(backend, &mut rng, shape, op, in_place, kernel);
             multi_head_case::<bf16>(backend, &mut rng, shape, op, in_place, kernel);
+        }
+    }
+}
+
+/// Random delta-on-h configurations, as [`random_configurations`] for `delta_linear`: one
+/// head (whose passes may split) or several, head widths around the tiles, decode a third
+/// of the time, in place or not, any method and kernel; [`random_cases`] of them.
+fn delta_apply_random_configurations(backend: &Backend) {
+    let mut rng = Rng::from_env();
+    for i in 0..random_cases() {
+        let insertion = rng.pick(&[Insertion::Parallel, Insertion::Sequential]);
+        let m = match rng.chance(0.3) {
+            true => rng.range(1, 16),
+            false => near_tiles(&mut rng, &[16, 64, 128], 200),
+        };
+        let several = rng.range(2, 5);
+        let heads = rng.pick(&[1, 1, several]);
+        let du = near_tiles(&mut rng, &[32, 64, 128, 1024], 2200);
+        let dh = match insertion {
+            Insertion::Sequential => du,
+            Insertion::Parallel => near_tiles(&mut rng, &[32, 64], 300),
+        };
+        let r = rng.range(1, 64);
+        let shape = (m, heads, dh, du, r);
+        let composition = rng.pick(&[Composition::Add, Composition::Scaled(-3.5)]);
+        let op = DeltaLinear::new(insertion, rng.pick(&Activation::ALL), composition);
+        let in_place = rng.chance(0.5);
+        let mut kernels = vec![KernelVariant::Auto, KernelVariant::Simt];
+        if i % 3 != 0 {
+            kernels.push(KernelVariant::TensorCore);
+        }
+        let kernel = rng.pick(&kernels);
+        match i % 3 {
+            0 => multi_head_case::<f32>(backend, &mut rng, shape, op, in_place, kernel),
+            1 => multi_head_case::<f16>(backend, &mut rng, shape, op, in_place, kernel),
+            _ => multi_head_case::<bf16>(backend, &mut rng, shape, op, in_place, kernel),
         }
     }
 }
@@ -1189,9 +1310,11 @@ on_every_backend!(
     strides_and_separate_input,
     tensor_cores_on_unaligned_operands,
     passes_split_over_k,
+    random_configurations,
     wgmma_kernel,
     delta_apply_per_head,
     delta_apply_decode_split_over_k,
+    delta_apply_random_configurations,
     gated_delta_apply,
     delta_apply_bad_arguments,
     lora_merge_and_unmerge,
