@@ -228,8 +228,8 @@ pub struct DeltaApplyArgs<R, W> {
 
 impl<R, W> DeltaLinearArgs<R, W> {
     /// The planner's view of these tensors: each buffer's address and length from the
-    /// backend's buffer source (on the GPU a [`crate::cuda::Buffers`], which keeps cudarc's
-    /// stream order), for running the plan's steps yourself ([`crate::plan`]).
+    /// backend's buffer source (on the GPU a `cuda::Buffers`, feature `cuda`, which keeps
+    /// cudarc's stream order), for running the plan's steps yourself ([`crate::plan`]).
     pub fn bufs(self, s: &mut impl BufSource<R, W>) -> DeltaLinearBufs {
         DeltaLinearBufs {
             x: s.read(self.x),
@@ -249,8 +249,8 @@ impl<R, W> DeltaLinearArgs<R, W> {
 
 impl<R, W> DeltaApplyArgs<R, W> {
     /// The planner's view of these tensors: each buffer's address and length from the
-    /// backend's buffer source (on the GPU a [`crate::cuda::Buffers`], which keeps cudarc's
-    /// stream order), for running the plan's steps yourself ([`crate::plan`]).
+    /// backend's buffer source (on the GPU a `cuda::Buffers`, feature `cuda`, which keeps
+    /// cudarc's stream order), for running the plan's steps yourself ([`crate::plan`]).
     pub fn bufs(self, s: &mut impl BufSource<R, W>) -> DeltaApplyBufs {
         DeltaApplyBufs {
             h: self.h.map(|b| s.read(b)),
@@ -287,8 +287,8 @@ pub struct LoraMergeArgs<R, W> {
 
 impl<R, W> LoraMergeArgs<R, W> {
     /// The planner's view of these tensors: each buffer's address and length from the
-    /// backend's buffer source (on the GPU a [`crate::cuda::Buffers`], which keeps cudarc's
-    /// stream order), for running the plan's steps yourself ([`crate::plan`]).
+    /// backend's buffer source (on the GPU a `cuda::Buffers`, feature `cuda`, which keeps
+    /// cudarc's stream order), for running the plan's steps yourself ([`crate::plan`]).
     pub fn bufs(self, s: &mut impl BufSource<R, W>) -> LoraMergeBufs {
         LoraMergeBufs {
             lora_a: s.read(self.lora_a),

@@ -1,7 +1,7 @@
 //! Every operation on host buffers, on whichever backend is at hand: the emulator runs on
 //! them directly; the GPU gets copies (inputs up, outputs — poison and all — up and back
 //! down) and the very same plan. For tests, examples and checks against the reference; a
-//! program that keeps its tensors on the GPU calls [`crate::cuda`] with device buffers.
+//! program that keeps its tensors on the GPU calls `cuda` (feature `cuda`) with device buffers.
 
 use crate::delta_linear::{
     DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearDims, LoraMergeArgs,

@@ -556,7 +556,8 @@ fn addr(b: Option<Buf>) -> u64 {
 
 /// Plans `delta_linear`: parallel insertion is [down, main] (the delta is r more K steps
 /// of the frozen GEMM), sequential is [frozen, down, up] (the delta needs whole rows of h);
-/// a pass with few blocks and a long K is two steps, [split, reduce] (see [`pass_steps`]).
+/// a pass with few blocks and a long K is two steps, [split, reduce]: its runs of k-tiles,
+/// then the reduction of their partial sums.
 pub fn delta_linear(
     op: &DeltaLinear,
     d: &DeltaLinearDims,
