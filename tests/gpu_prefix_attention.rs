@@ -253,6 +253,7 @@ gpu_tests! {
     fused_f32_every_head_dim => |g: &Gpu| harness::every_head_dim::<_, f32>(g, 4);
     fused_f16_every_head_dim => |g: &Gpu| harness::every_head_dim::<_, half::f16>(g, 4);
     fused_bf16_every_head_dim => |g: &Gpu| harness::every_head_dim::<_, bf16>(g, 4);
+    random_configurations => |g: &Gpu| harness::random_configurations(g);
     many_tiles => |g: &Gpu| harness::many_tiles(g);
     explicit_scale => |g: &Gpu| harness::explicit_scale(g);
     identity_with_attention_over_the_concatenation => |g: &Gpu| harness::identity_with_concatenation(g);

@@ -75,6 +75,11 @@ fn fused_bf16_every_head_dim() {
 }
 
 #[test]
+fn random_configurations() {
+    harness::random_configurations(&Emulator);
+}
+
+#[test]
 fn many_tiles() {
     harness::many_tiles(&Emulator);
 }

@@ -164,6 +164,41 @@ impl Case {
         c
     }
 
+    /// Random sizes over a wider range than [`Case::random`]: any head dim, up to 3
+    /// sequences, query groups of up to 8 heads (packed when they fit a block), decoding
+    /// (q_len = 1) a third of the time, contexts of up to ~10 key tiles and prefixes of up to
+    /// ~5, either empty now and then; random masks, layouts, shared prefix, and the
+    /// split-KV workspace given or not.
+    pub fn random_wide(rng: &mut Rng) -> Case {
+        let d = rng.pick(&HEAD_DIMS);
+        let batch = rng.range(1, 3);
+        let kv_heads = rng.range(1, 2);
+        let heads = kv_heads * rng.pick(&[1, 2, 3, 4, 8]);
+        let q_len = match rng.chance(0.35) {
+            true => 1,
+            false => rng.range(1, 130),
+        };
+        let kv_len = match rng.chance(0.1) {
+            true => 0,
+            false => rng.range(1, 650),
+        };
+        let prefix_len = match rng.chance(0.15) {
+            true => 0,
+            false => rng.range(1, 330),
+        };
+        let mut c =
+            Case::new(batch, heads, kv_heads, q_len, kv_len, prefix_len, d).causal(rng.chance(0.5));
+        if rng.chance(0.4) {
+            c = c.lens(random_lens(rng, batch, kv_len));
+        }
+        if rng.chance(0.3) {
+            c = c.layout(Layout::Strided);
+        }
+        c.shared_prefix = rng.chance(0.2);
+        c.split = rng.chance(0.7);
+        c
+    }
+
     pub fn dims(&self) -> PrefixAttentionDims {
         let mut d = PrefixAttentionDims::new(
             self.batch,
@@ -958,6 +993,24 @@ pub fn every_head_dim<B: Backend, T: Element>(be: &B, per_dim: usize) {
         for _ in 0..per_dim {
             let case = Case::random(&mut rng, d);
             check_fused::<_, T>(be, &mut rng, &case);
+        }
+    }
+}
+
+/// [`Case::random_wide`] cases in turn over the dtypes, fresh every run: `PEFT_RANDOM_CASES`
+/// of them (default 6), more for a longer search.
+pub fn random_configurations<B: Backend>(be: &B) {
+    let cases: usize = std::env::var("PEFT_RANDOM_CASES").map_or(6, |v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("PEFT_RANDOM_CASES must be a count, got {v:?}"))
+    });
+    let mut rng = Rng::from_env();
+    for i in 0..cases {
+        let case = Case::random_wide(&mut rng);
+        match i % 3 {
+            0 => check_fused::<_, f32>(be, &mut rng, &case),
+            1 => check_fused::<_, f16>(be, &mut rng, &case),
+            _ => check_fused::<_, bf16>(be, &mut rng, &case),
         }
     }
 }
