@@ -21,7 +21,14 @@
 //! (bytes = the minimum traffic: W, W_down, W_up, x and y once each) and tensor rate
 //! (2·M·N·K + 2·M·r·(K + N) flops), each against the floor measured here: HBM bandwidth by
 //! a device-to-device copy of 1 GiB, tensor-core rate by a cuBLAS bf16 GEMM of 8192³. The
-//! floor time is max(bytes / bandwidth, flops / rate). The table also goes, as markdown, to
+//! floor time is max(bytes / bandwidth, flops / rate).
+//!
+//! A second table sweeps `DeltaLinearDims::split_target` (how many blocks a pass with few
+//! aims at by splitting its K) where passes split, M ∈ {1, 16, 128}: the fused time at the
+//! default, then without splitting and at the other targets, each over the default's (each
+//! plan checked against the unfused output first), to set the default from measurements.
+//!
+//! The tables also go, as markdown, to
 //! the file `$PEFT_BENCH_OUT` (scripts/gpu-check.sh collects it), by default to
 //! `peft-summary-delta_linear.md` in criterion's folder (`target/criterion`).
 //!
@@ -46,7 +53,7 @@ mod gpu {
     use peft_kernels::cuda::cudarc::driver::{CudaSlice, CudaStream};
     use peft_kernels::cuda::{self, DeviceRead, DeviceWrite};
     use peft_kernels::delta_linear::{
-        DeltaLinear, DeltaLinearArgs, DeltaLinearDims, KernelVariant,
+        DeltaLinear, DeltaLinearArgs, DeltaLinearDims, KernelVariant, DEFAULT_SPLIT_TARGET,
     };
     use peft_kernels::plan::{self, Launch};
     use peft_kernels::{Activation, DType};
@@ -56,6 +63,10 @@ mod gpu {
     const K: usize = 4096;
     const N: usize = 4096;
     const ROWS: [usize; 4] = [1, 16, 128, 4096];
+    /// The split targets the sweep times besides the default (the sweep table's headers name
+    /// them), and the rows it sweeps (at M = 4096 no pass has few blocks).
+    const SWEPT_TARGETS: [usize; 4] = [0, 64, 256, 512];
+    const SWEPT_ROWS: [usize; 3] = [1, 16, 128];
 
     /// A method of the unified view at the benchmarked layer.
     struct Method {
@@ -123,12 +134,19 @@ mod gpu {
             let w_up = random(N * r, 1.0 / (r as f64).sqrt(), 3);
             let up = |v: &[bf16]| stream.clone_htod(v).expect("copy to the device");
             let zeros = |n| stream.alloc_zeros::<bf16>(n).expect("device allocation");
+            // Room for the largest split target swept (the workspace grows with it).
+            let largest = SWEPT_TARGETS.into_iter().max().unwrap_or(0);
+            let workspace_len = DeltaLinearDims {
+                split_target: largest.max(DEFAULT_SPLIT_TARGET),
+                ..dims
+            }
+            .workspace_len();
             let copies = Rotation::new(min_bytes(&dims), || Operands {
                 x: up(&x),
                 w: up(w),
                 w_down: up(&w_down),
                 w_up: up(&w_up),
-                workspace: zeros(dims.workspace_len()),
+                workspace: zeros(workspace_len),
                 y: zeros(m * N),
             });
             Case {
@@ -143,9 +161,18 @@ mod gpu {
         }
 
         fn fused(&mut self, stream: &CudaStream) {
-            let (op, dims) = (self.method.op, self.dims);
-            cuda::delta_linear(stream, &op, &dims, self.copies.next_copy().args())
-                .expect("fused delta_linear");
+            self.fused_with(stream, self.dims);
+        }
+
+        /// The fused plan for `dims` (another kernel variant or split target than the case's).
+        fn fused_with(&mut self, stream: &CudaStream, dims: DeltaLinearDims) {
+            cuda::delta_linear(
+                stream,
+                &self.method.op,
+                &dims,
+                self.copies.next_copy().args(),
+            )
+            .expect("fused delta_linear");
         }
 
         /// The fused plan with every step in plain stream order (what
@@ -198,6 +225,20 @@ mod gpu {
             baseline: &Baseline,
             kernel: KernelVariant,
         ) -> Result<(), String> {
+            let dims = DeltaLinearDims {
+                kernel,
+                ..self.dims
+            };
+            self.check_with(stream, baseline, dims)
+        }
+
+        /// [`Case::check`] for the fused plan of `fused_dims`.
+        fn check_with(
+            &mut self,
+            stream: &Arc<CudaStream>,
+            baseline: &Baseline,
+            fused_dims: DeltaLinearDims,
+        ) -> Result<(), String> {
             let (op, dims, name) = (self.method.op, self.dims, self.name());
             let first = self.copies.first();
             poison(stream, &mut first.y);
@@ -206,13 +247,14 @@ mod gpu {
                 .map_err(|e| format!("the cuBLAS baseline failed: {e}"))?;
             let unfused = stream.clone_dtoh(&first.y).expect("copy to the host");
             poison(stream, &mut first.y);
-            let fused_dims = DeltaLinearDims { kernel, ..dims };
+            let (kernel, target) = (fused_dims.kernel, fused_dims.split_target);
+            let fused_name = format!("fused ({kernel:?}, split target {target})");
             cuda::delta_linear(stream, &op, &fused_dims, first.args())
-                .map_err(|e| format!("the fused kernel ({kernel:?}) failed: {e}"))?;
+                .map_err(|e| format!("the {fused_name} failed: {e}"))?;
             let fused = stream.clone_dtoh(&first.y).expect("copy to the host");
             agree(
                 &name,
-                &format!("fused ({kernel:?}) and unfused"),
+                &format!("{fused_name} and unfused"),
                 &fused,
                 &unfused,
             )
@@ -239,6 +281,20 @@ mod gpu {
             &[("case", "---"), ("M", "--:")],
             &["fused µs", "unfused µs", "in order µs", "wgmma µs"],
             &["speedup", "in order / fused", "wgmma / fused"],
+        );
+        let mut sweep = Table::new(
+            format!(
+                "delta_linear, bf16, K = N = {K}: split target (default {DEFAULT_SPLIT_TARGET}) \
+                 swept"
+            ),
+            &[("case", "---"), ("M", "--:")],
+            &["default µs", "no split µs", "64 µs", "256 µs", "512 µs"],
+            &[
+                "no split / default",
+                "64 / default",
+                "256 / default",
+                "512 / default",
+            ],
         );
         let w = random(N * K, 1.0 / (K as f64).sqrt(), 0);
         let methods = methods();
@@ -270,11 +326,43 @@ mod gpu {
                         }
                     };
                     let (bytes, flops) = (min_bytes(&case.dims) as f64, flops(&case.dims));
-                    table.timed(keys, vec![fused, unfused, in_order, wgmma], bytes, flops);
+                    table.timed(
+                        keys.clone(),
+                        vec![fused, unfused, in_order, wgmma],
+                        bytes,
+                        flops,
+                    );
+                    if SWEPT_ROWS.contains(&m) {
+                        sweep_targets(&gpu, &mut case, fused, keys, &mut sweep);
+                    }
                 }
             }
             group.finish();
         }
-        gpu.finish("delta_linear", criterion, &[&table]);
+        gpu.finish("delta_linear", criterion, &[&table, &sweep]);
+    }
+
+    /// The sweep's row for `case`, whose fused time at the default target is `default`.
+    fn sweep_targets(
+        gpu: &Gpu,
+        case: &mut Case,
+        default: f64,
+        keys: Vec<String>,
+        sweep: &mut Table,
+    ) {
+        let mut times = vec![default];
+        for split_target in SWEPT_TARGETS {
+            let dims = DeltaLinearDims {
+                split_target,
+                ..case.dims
+            };
+            if let Err(e) = case.check_with(&gpu.stream, &gpu.baseline, dims) {
+                sweep.failed(case.name(), keys, e);
+                return;
+            }
+            times.push(gpu.per_call(|| case.fused_with(&gpu.stream, dims)));
+        }
+        let (bytes, flops) = (min_bytes(&case.dims) as f64, flops(&case.dims));
+        sweep.timed(keys, times, bytes, flops);
     }
 }

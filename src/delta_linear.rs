@@ -79,6 +79,10 @@ impl DeltaLinear {
     }
 }
 
+/// The default [`DeltaLinearDims::split_target`] and [`DeltaApplyDims::split_target`]: about
+/// one block per SM of the largest GPUs (132 on an H100). A guess until measured.
+pub const DEFAULT_SPLIT_TARGET: usize = 128;
+
 /// Sizes and row strides of a delta-linear call. W, W_down, W_up are contiguous.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeltaLinearDims {
@@ -100,6 +104,12 @@ pub struct DeltaLinearDims {
     pub ld_u: usize,
     /// Which implementation runs the passes (`Auto` unless testing or benchmarking).
     pub kernel: KernelVariant,
+    /// The blocks a tensor-core pass with fewer aims at by splitting its K over runs of
+    /// blocks whose f32 partial sums a second kernel adds (the down pass at decode; the frozen
+    /// GEMM when m·n is small): [`DEFAULT_SPLIT_TARGET`], about one block per SM of the
+    /// largest GPUs, unless tuning (benches/delta_linear.rs sweeps it); 0 never splits. The
+    /// workspace grows with it (`workspace_len`).
+    pub split_target: usize,
 }
 
 impl DeltaLinearDims {
@@ -115,6 +125,7 @@ impl DeltaLinearDims {
             k_u: k,
             ld_u: k,
             kernel: KernelVariant::Auto,
+            split_target: DEFAULT_SPLIT_TARGET,
         }
     }
     /// Elements the `workspace` of [`DeltaLinearArgs`] must hold: the bottleneck activations
@@ -124,7 +135,7 @@ impl DeltaLinearDims {
     /// depends on m, n and r only (not on the strides, k or the kernel variant). Saturates
     /// at `usize::MAX`, which no buffer holds.
     pub fn workspace_len(&self) -> usize {
-        workspace_layout(self.m, 1, self.r, self.n).len
+        workspace_layout(self.m, 1, self.r, self.n, self.split_target).len
     }
 }
 
@@ -175,6 +186,12 @@ pub struct DeltaApplyDims {
     pub ld_y: usize,
     /// Which implementation runs the passes (`Auto` unless testing or benchmarking).
     pub kernel: KernelVariant,
+    /// The blocks a tensor-core pass with fewer aims at by splitting its K over runs of
+    /// blocks whose f32 partial sums a second kernel adds (the down pass at decode; the frozen
+    /// GEMM when m·n is small): [`DEFAULT_SPLIT_TARGET`], about one block per SM of the
+    /// largest GPUs, unless tuning (benches/delta_linear.rs sweeps it); 0 never splits. The
+    /// workspace grows with it (`workspace_len`).
+    pub split_target: usize,
 }
 
 impl DeltaApplyDims {
@@ -192,6 +209,7 @@ impl DeltaApplyDims {
             ld_u: heads.saturating_mul(u_head_dim),
             ld_y: w,
             kernel: KernelVariant::Auto,
+            split_target: DEFAULT_SPLIT_TARGET,
         }
     }
     /// Elements the workspace must hold: the bottleneck activations of every head (rows
@@ -199,7 +217,7 @@ impl DeltaApplyDims {
     /// whose K is split over blocks, as [`DeltaLinearDims::workspace_len`]. Saturates at
     /// `usize::MAX`, which no buffer holds.
     pub fn workspace_len(&self) -> usize {
-        workspace_layout(self.m, self.heads, self.r, self.head_dim).len
+        workspace_layout(self.m, self.heads, self.r, self.head_dim, self.split_target).len
     }
 }
 

@@ -497,6 +497,67 @@ fn passes_split_over_k(backend: &Backend) {
     }
 }
 
+/// `split_target` sets how many runs a pass with few blocks splits into, and the workspace
+/// follows it: at decode (m = 2, n = 256, k = 4096, r = 16: a main pass of 8 column tiles
+/// over 33 k-tiles, a down pass of one tile over 32) 0 splits nothing; the default 128 gives
+/// the down pass 32 runs (the most) and the main pass 11 (128 blocks want 16 runs: 33
+/// k-tiles in runs of 3); 512 gives the main pass 17 (32 runs wanted: runs of 2); each plan
+/// runs right against the reference. A workspace sized for a smaller
+/// target than the dims name is refused, naming it.
+fn split_target_sets_the_runs(backend: &Backend) {
+    use peft_kernels::delta_linear::DEFAULT_SPLIT_TARGET;
+    use peft_kernels::plan::delta_linear::{delta_linear, DeltaLinearBufs};
+    use peft_kernels::plan::Buf;
+    use peft_kernels::DType;
+
+    let mut rng = Rng::from_env();
+    let (m, n, k, r) = (2, 256, 4096, 16);
+    let op = DeltaLinear::lora(-64.0, r);
+    let runs = |dims: &DeltaLinearDims| -> Vec<i32> {
+        let bufs = DeltaLinearBufs {
+            workspace: Buf {
+                addr: 4096,
+                len: dims.workspace_len(),
+            },
+            ..planner_bufs(m, n, k, r)
+        };
+        let steps = delta_linear(&op, dims, DType::BF16, &bufs).unwrap();
+        steps.iter().map(|(_, p)| p.k_splits).collect()
+    };
+    let mut last_len = 0;
+    for (target, expected) in [
+        (0, vec![1, 1]),
+        (DEFAULT_SPLIT_TARGET, vec![32, 32, 11, 11]),
+        (512, vec![32, 32, 17, 17]),
+    ] {
+        let dims = DeltaLinearDims {
+            split_target: target,
+            ..DeltaLinearDims::new(m, n, k, r)
+        };
+        assert_eq!(runs(&dims), expected, "split target {target}");
+        assert!(dims.workspace_len() > last_len, "split target {target}");
+        last_len = dims.workspace_len();
+        let c = Case {
+            op,
+            dims,
+            bias: rng.chance(0.5),
+            down_bias: false,
+            up_bias: rng.chance(0.5),
+            separate_u: false,
+        };
+        check::<bf16>(&mut rng, &c, backend);
+    }
+    let dims = DeltaLinearDims {
+        split_target: 512,
+        ..DeltaLinearDims::new(m, n, k, r)
+    };
+    let bufs = planner_bufs(m, n, k, r);
+    match delta_linear(&op, &dims, DType::BF16, &bufs) {
+        Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, "workspace"),
+        other => panic!("a workspace for the default split target: {other:?}"),
+    }
+}
+
 /// A size for a random configuration: uniform in 1..=max, or next to a multiple of one of
 /// the tiles (one below, on, one above), where a kernel's edge handling changes.
 fn near_tiles(rng: &mut Rng, tiles: &[usize], max: usize) -> usize {
@@ -1310,6 +1371,7 @@ on_every_backend!(
     strides_and_separate_input,
     tensor_cores_on_unaligned_operands,
     passes_split_over_k,
+    split_target_sets_the_runs,
     random_configurations,
     wgmma_kernel,
     delta_apply_per_head,

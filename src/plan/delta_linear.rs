@@ -375,7 +375,7 @@ fn launch_for(
         ("dims.heads", batch, 1),
     ])?;
     // Column tile x of run s is block s·tiles + x; k_splits keeps splits·tiles below
-    // SPLIT_TARGET_BLOCKS + tiles.
+    // the split target + tiles.
     debug_assert!(splits == 1 || splits_k(kind));
     grid[0] *= splits as u32;
     Ok(Launch {
@@ -410,33 +410,32 @@ pub(crate) fn workspace_ld(r: usize) -> usize {
 const DECODE_ROWS: usize = 16;
 /// The most runs a split-K pass has.
 const MAX_K_SPLITS: usize = 32;
-/// The blocks a split pass aims at: about one per SM of the largest GPUs (132 on an H100).
-const SPLIT_TARGET_BLOCKS: usize = 128;
 /// A pass of fewer k-tiles is not split (1024 columns of the decode tile): one block streams
 /// them in a few round trips to memory, about what the reduction's extra launch costs where
 /// launches do not overlap (sm_80, the PTX, PEFT_KERNELS_NO_OVERLAP). A guess until measured.
 const MIN_SPLIT_K_TILES: usize = 8;
 
 /// The most runs a pass of `kind` over m × n splits its K into: enough that it has about
-/// [`SPLIT_TARGET_BLOCKS`] blocks (a down pass of rank 16 at decode has one column tile: one
-/// block streaming all of W_down at one SM's bandwidth; the large tile's frozen GEMM at
-/// m = 128, n = 4096 has 32 blocks, a quarter of an H100). 1: the pass never splits.
-fn max_k_splits(kind: Kind, m: usize, n: usize) -> usize {
+/// `target` blocks (`split_target` of the dims; a down pass of rank 16 at decode has one
+/// column tile: one block streaming all of W_down at one SM's bandwidth; the large tile's
+/// frozen GEMM at m = 128, n = 4096 has 32 blocks, a quarter of an H100). 1: the pass never
+/// splits.
+fn max_k_splits(kind: Kind, m: usize, n: usize, target: usize) -> usize {
     if !splits_k(kind) {
         return 1;
     }
     let (bm, bn, _) = tile(kind);
     let blocks = n.div_ceil(bn).saturating_mul(m.div_ceil(bm)).max(1);
-    SPLIT_TARGET_BLOCKS.div_ceil(blocks).clamp(1, MAX_K_SPLITS)
+    target.div_ceil(blocks).clamp(1, MAX_K_SPLITS)
 }
 
 /// The runs a pass of `kind` over m × n with `k_tiles` k-tiles (both phases) splits into: up
 /// to [`max_k_splits`], each at least one k-tile, none below [`MIN_SPLIT_K_TILES`].
-fn k_splits(kind: Kind, m: usize, n: usize, k_tiles: usize) -> usize {
+fn k_splits(kind: Kind, m: usize, n: usize, k_tiles: usize, target: usize) -> usize {
     if k_tiles < MIN_SPLIT_K_TILES {
         return 1;
     }
-    let want = max_k_splits(kind, m, n).min(k_tiles);
+    let want = max_k_splits(kind, m, n, target).min(k_tiles);
     k_tiles.div_ceil(k_tiles.div_ceil(want))
 }
 
@@ -444,7 +443,7 @@ fn k_splits(kind: Kind, m: usize, n: usize, k_tiles: usize) -> usize {
 /// split, so an f32 workspace has room to spare): t [m, heads·workspace_ld(r)] at 0, then,
 /// each 16-byte aligned, the f32 partial sums of a split down pass, [runs][m][workspace_ld(r)],
 /// and of a split main pass (the frozen GEMM or the up-projection over n columns),
-/// [runs][m][n], each sized for the most runs the plan may choose. Only a single bottleneck
+/// [runs][m][n], each sized for the most runs the plan may choose for `split_target`. Only a single bottleneck
 /// (heads = 1) splits. The two regions are apart although a main pass, a dependent launch of
 /// the down pass's reduction, writes its sums only after waiting for that reduction: sharing
 /// would save the smaller region but tie the layout to that ordering. Sizes saturate where
@@ -455,13 +454,22 @@ pub(crate) struct WorkspaceLayout {
     pub down: (usize, usize),
     /// The main passes' partial sums: offset in elements, room in f32s.
     pub main: (usize, usize),
+    /// The split target the rooms are sized for, which the passes then split by.
+    pub split_target: usize,
     /// Elements in all.
     pub len: usize,
 }
 
-pub(crate) fn workspace_layout(m: usize, heads: usize, r: usize, n: usize) -> WorkspaceLayout {
+pub(crate) fn workspace_layout(
+    m: usize,
+    heads: usize,
+    r: usize,
+    n: usize,
+    split_target: usize,
+) -> WorkspaceLayout {
     let t = m.saturating_mul(heads).saturating_mul(workspace_ld(r));
-    let room = |cols: usize, ld: usize| match max_k_splits(mma_kind(m, cols), m, cols) {
+    let runs = |cols: usize| max_k_splits(mma_kind(m, cols), m, cols, split_target);
+    let room = |cols: usize, ld: usize| match runs(cols) {
         runs if runs > 1 && heads == 1 => runs.saturating_mul(m).saturating_mul(ld),
         _ => 0,
     };
@@ -477,15 +485,18 @@ pub(crate) fn workspace_layout(m: usize, heads: usize, r: usize, n: usize) -> Wo
     WorkspaceLayout {
         down: (down, down_room),
         main: (main, main_room),
+        split_target,
         len,
     }
 }
 
-/// Where a pass may keep the partial sums of a split: the address and the room, in f32s.
+/// Where a pass may keep the partial sums of a split: the address and the room, in f32s;
+/// and the split target that room was sized for.
 #[derive(Clone, Copy, Debug)]
 struct Partials {
     addr: u64,
     room: usize,
+    split_target: usize,
 }
 
 /// The down and the main passes' partial sums in `workspace`, laid out as `layout` says.
@@ -493,6 +504,7 @@ fn partials(workspace: Buf, layout: &WorkspaceLayout, dtype: DType) -> (Partials
     let at = |(offset, room): (usize, usize)| Partials {
         addr: workspace.addr + (offset * dtype.size()) as u64,
         room,
+        split_target: layout.split_target,
     };
     (at(layout.down), at(layout.main))
 }
@@ -514,7 +526,7 @@ fn pass_steps(
     let (m, n) = (p.m as usize, p.n as usize);
     let (_, _, bk) = tile(kind);
     let k_tiles = (p.k1 as usize).div_ceil(bk) + (p.k2 as usize).div_ceil(bk);
-    let splits = match k_splits(kind, m, n, k_tiles) {
+    let splits = match k_splits(kind, m, n, k_tiles, partials.split_target) {
         s if batch == 1
             && partials.addr % 4 == 0
             && s.saturating_mul(m).saturating_mul(ldp) <= partials.room =>
@@ -610,7 +622,7 @@ pub fn delta_linear(
     check_len("b_up", b.b_up, d.n, None)?;
     check_gate(b.gate, op.composition, d.m)?;
     let ldt = workspace_ld(d.r);
-    let layout = workspace_layout(d.m, 1, d.r, d.n);
+    let layout = workspace_layout(d.m, 1, d.r, d.n, d.split_target);
     check_len("workspace", Some(b.workspace), layout.len, None)?;
     check_matrix(
         "y",
@@ -758,7 +770,7 @@ pub fn delta_apply(
     check_gate(b.gate, op.composition, d.m)?;
     let ldt = d.heads * workspace_ld(d.r);
     // m·heads·r can pass usize::MAX (heads is bounded only by the grid, checked later).
-    let layout = workspace_layout(d.m, d.heads, d.r, d.head_dim);
+    let layout = workspace_layout(d.m, d.heads, d.r, d.head_dim, d.split_target);
     check_len("workspace", Some(b.workspace), layout.len, None)?;
     check_matrix(
         "y",
