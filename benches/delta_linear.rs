@@ -53,10 +53,10 @@ mod gpu {
     use peft_kernels::cuda::cudarc::driver::{CudaSlice, CudaStream};
     use peft_kernels::cuda::{self, DeviceRead, DeviceWrite};
     use peft_kernels::delta_linear::{
-        DeltaLinear, DeltaLinearArgs, DeltaLinearDims, KernelVariant, DEFAULT_SPLIT_TARGET,
+        DeltaLinear, DeltaLinearArgs, DeltaLinearDims, KernelVariant,
     };
     use peft_kernels::plan::{self, Launch};
-    use peft_kernels::{Activation, DType};
+    use peft_kernels::{Activation, DType, DEFAULT_SPLIT_TARGET};
 
     use crate::common::gpu::{agree, criterion, poison, random, Gpu, Rotation, Table};
 

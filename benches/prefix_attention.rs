@@ -19,7 +19,9 @@
 //! Hq = 32 over Hkv = 8, prefix l = 30, L ∈ {4096, 32768}, causal), where 8 blocks (one per
 //! KV group, its 4 query heads packed) would leave most of an H100 idle: the fused kernel
 //! with its split-KV workspace against the same kernel in one pass (both checked to agree
-//! first); criterion's throughput there is in bytes (K and V dominate).
+//! first); criterion's throughput there is in bytes (K and V dominate). Its summary also
+//! sweeps `PrefixAttentionDims::split_target` (64, 256, 512 against the default), each
+//! checked against one pass first, to set the default from measurements.
 //!
 //! After criterion's report, two summary tables (benches/common): per prefill case the three
 //! paths' times (CUDA events, median of batches), the speedups of the fused kernel over the
@@ -51,7 +53,7 @@ mod gpu {
         KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeDims, PrefixAttention,
         PrefixAttentionArgs, PrefixAttentionDims, PrefixOnlyArgs,
     };
-    use peft_kernels::DType;
+    use peft_kernels::{DType, DEFAULT_SPLIT_TARGET};
 
     use crate::common::gpu::{agree, criterion, poison, random, Gpu, Rotation, Table};
 
@@ -318,6 +320,8 @@ mod gpu {
     const DECODE_HEADS: usize = 32;
     const DECODE_KV_HEADS: usize = 8;
     const DECODE_PREFIX: usize = 30;
+    /// The split targets the decode table times besides the default (its headers name them).
+    const SWEPT_TARGETS: [usize; 3] = [64, 256, 512];
 
     /// The tensors of one decode step, and the split-KV workspace.
     struct DecodeBuffers {
@@ -345,7 +349,17 @@ mod gpu {
             let [k, v] = [12, 13].map(|seed| host(hkv * len * HEAD_DIM, seed));
             let [pk, pv] = [14, 15].map(|seed| host(hkv * l * HEAD_DIM, seed));
             let up = |h: &[bf16]| stream.clone_htod(h).expect("copy to the device");
-            let workspace = dims.workspace_len(DType::BF16).max(1);
+            // Room for every target swept (the workspace grows with the target).
+            let workspace = (SWEPT_TARGETS.into_iter())
+                .map(|split_target| {
+                    let swept = PrefixAttentionDims {
+                        split_target,
+                        ..dims
+                    };
+                    swept.workspace_len(DType::BF16)
+                })
+                .fold(dims.workspace_len(DType::BF16), usize::max)
+                .max(1);
             let copies = Rotation::new(decode_bytes(&dims), || DecodeBuffers {
                 t: Tensors {
                     q: up(&q),
@@ -372,13 +386,22 @@ mod gpu {
         }
 
         fn run(&mut self, stream: &CudaStream, split: bool) {
-            Self::step(stream, &self.dims, self.copies.next_copy(), split).expect("decode step");
+            self.run_with(stream, self.dims, split);
         }
 
-        /// Both ways on the first copy, each into a NaN-poisoned output: an error unless they
-        /// agree.
-        fn check(&mut self, stream: &Arc<CudaStream>) -> Result<(), String> {
-            let (dims, name) = (self.dims, format!("decode L{}", self.dims.kv_len));
+        /// [`DecodeCase::run`] for `dims` (another split target than the case's).
+        fn run_with(&mut self, stream: &CudaStream, dims: PrefixAttentionDims, split: bool) {
+            Self::step(stream, &dims, self.copies.next_copy(), split).expect("decode step");
+        }
+
+        /// Split (for `dims`) and in one pass on the first copy, each into a NaN-poisoned
+        /// output: an error unless they agree.
+        fn check(
+            &mut self,
+            stream: &Arc<CudaStream>,
+            dims: PrefixAttentionDims,
+        ) -> Result<(), String> {
+            let name = format!("decode L{} split target {}", dims.kv_len, dims.split_target);
             let first = self.copies.first();
             let mut output = |split| {
                 poison(stream, &mut first.t.out);
@@ -409,16 +432,29 @@ mod gpu {
             format!(
                 "prefix_attention decode, bf16, B = 1, Hq = {DECODE_HEADS}, Hkv = \
                  {DECODE_KV_HEADS}, d = {HEAD_DIM}, l = {DECODE_PREFIX}, one query, causal: \
-                 split-KV vs one pass"
+                 split-KV (split target {DEFAULT_SPLIT_TARGET}) vs one pass and other targets"
             ),
             &[("L", "--:")],
-            &["split-KV µs", "one pass µs"],
-            &["one pass / split-KV"],
+            &["split-KV µs", "one pass µs", "64 µs", "256 µs", "512 µs"],
+            &[
+                "one pass / split-KV",
+                "64 / split-KV",
+                "256 / split-KV",
+                "512 / split-KV",
+            ],
         );
         for len in [4096, 32768] {
             let mut case = DecodeCase::new(stream, len);
             let keys = vec![len.to_string()];
-            if let Err(e) = case.check(stream) {
+            let swept = SWEPT_TARGETS.map(|split_target| PrefixAttentionDims {
+                split_target,
+                ..case.dims
+            });
+            let checked = [case.dims]
+                .iter()
+                .chain(&swept)
+                .try_for_each(|&dims| case.check(stream, dims));
+            if let Err(e) = checked {
                 table.failed(format!("decode L{len}"), keys, e);
                 continue;
             }
@@ -435,10 +471,13 @@ mod gpu {
             }
             group.finish();
             if gpu.measuring {
-                let seconds = [true, false]
+                let mut seconds: Vec<f64> = [true, false]
                     .iter()
                     .map(|&split| gpu.per_call(|| case.run(stream, split)))
                     .collect();
+                for dims in swept {
+                    seconds.push(gpu.per_call(|| case.run_with(stream, dims, true)));
+                }
                 let (bytes, flops) = (decode_bytes(&case.dims), decode_flops(&case.dims));
                 table.timed(keys, seconds, bytes as f64, flops);
             }

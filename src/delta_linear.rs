@@ -18,7 +18,7 @@
 
 use crate::plan::delta_linear::{workspace_layout, DeltaApplyBufs, DeltaLinearBufs, LoraMergeBufs};
 use crate::plan::BufSource;
-use crate::spec::{Activation, Composition, Insertion};
+use crate::spec::{Activation, Composition, Insertion, DEFAULT_SPLIT_TARGET};
 
 /// Which kernel implementation runs the passes. `Auto` (the default) is what a user wants;
 /// the others exist for tests and benchmarks.
@@ -78,10 +78,6 @@ impl DeltaLinear {
         }
     }
 }
-
-/// The default [`DeltaLinearDims::split_target`] and [`DeltaApplyDims::split_target`]: about
-/// one block per SM of the largest GPUs (132 on an H100). A guess until measured.
-pub const DEFAULT_SPLIT_TARGET: usize = 128;
 
 /// Sizes and row strides of a delta-linear call. W, W_down, W_up are contiguous.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

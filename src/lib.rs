@@ -70,4 +70,6 @@ pub mod cuda;
 pub mod emulator;
 
 pub use error::{Error, Result};
-pub use spec::{Activation, Composition, DType, Element, Insertion, MatrixLayout};
+pub use spec::{
+    Activation, Composition, DType, Element, Insertion, MatrixLayout, DEFAULT_SPLIT_TARGET,
+};

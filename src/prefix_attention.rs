@@ -36,6 +36,7 @@ use crate::plan::prefix_attention::{
 };
 use crate::plan::BufSource;
 pub use crate::reference::PrefixAttention;
+use crate::spec::DEFAULT_SPLIT_TARGET;
 
 /// The head dims the attention kernels are built for.
 pub const HEAD_DIMS: [usize; 6] = [32, 64, 80, 96, 128, 256];
@@ -108,6 +109,10 @@ pub struct PrefixAttentionDims {
     pub prefix_k: HeadLayout,
     pub prefix_v: HeadLayout,
     pub out: HeadLayout,
+    /// With a workspace, the blocks a grid of fewer aims at by splitting its key tiles into
+    /// runs (flash-decoding): [`DEFAULT_SPLIT_TARGET`] unless tuning (benches/
+    /// prefix_attention.rs sweeps it); 0 never splits. The workspace follows it.
+    pub split_target: usize,
 }
 
 impl PrefixAttentionDims {
@@ -137,6 +142,7 @@ impl PrefixAttentionDims {
             prefix_k: HeadLayout::bhsd(kv_heads, prefix_len, d),
             prefix_v: HeadLayout::bhsd(kv_heads, prefix_len, d),
             out: HeadLayout::bhsd(heads, q_len, d),
+            split_target: DEFAULT_SPLIT_TARGET,
         }
     }
 

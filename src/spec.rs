@@ -295,3 +295,9 @@ impl MatrixLayout {
         }
     }
 }
+
+/// The default `split_target` of the dims of every operation that splits a pass with few
+/// blocks over more (`DeltaLinearDims`, `DeltaApplyDims`, `PrefixAttentionDims`): about one
+/// block per SM of the largest GPUs (132 on an H100). A guess until measured: the benches
+/// sweep it.
+pub const DEFAULT_SPLIT_TARGET: usize = 128;

@@ -17,7 +17,9 @@ use peft_kernels::reference::adapter::{
 use peft_kernels::reference::linear::{self as reference, DeltaLinearTensors};
 use peft_kernels::reference::MatRef;
 use peft_kernels::validate::{assert_close_matrix, assert_padding_untouched, default_tolerance};
-use peft_kernels::{Activation, Composition, Element, Error, Insertion, MatrixLayout};
+use peft_kernels::{
+    Activation, Composition, Element, Error, Insertion, MatrixLayout, DEFAULT_SPLIT_TARGET,
+};
 
 const VARIANTS: [KernelVariant; 3] = [
     KernelVariant::Naive,
@@ -505,7 +507,6 @@ fn passes_split_over_k(backend: &Backend) {
 /// runs right against the reference. A workspace sized for a smaller
 /// target than the dims name is refused, naming it.
 fn split_target_sets_the_runs(backend: &Backend) {
-    use peft_kernels::delta_linear::DEFAULT_SPLIT_TARGET;
     use peft_kernels::plan::delta_linear::{delta_linear, DeltaLinearBufs};
     use peft_kernels::plan::Buf;
     use peft_kernels::DType;
@@ -571,7 +572,7 @@ fn near_tiles(rng: &mut Rng, tiles: &[usize], max: usize) -> usize {
 
 /// A random configuration drawn over everything the fixed lists pin separately: sizes
 /// around the tiles (16, 32, 64, 128 rows or columns; 32, 64, 128 deep) and past the split
-/// thresholds (8 k-tiles), decode a third of the time, any rank, padded row strides, a separate delta input, any method,
+/// thresholds (8 k-tiles), decode a third of the time, any split target, any rank, padded row strides, a separate delta input, any method,
 /// any kernel the dtype has. The product m·n·(k + r) stays under ~6M so a case takes the
 /// emulator well under a second.
 fn random_configuration(rng: &mut Rng, tensor_cores: bool) -> Case {
@@ -614,6 +615,7 @@ fn random_configuration(rng: &mut Rng, tensor_cores: bool) -> Case {
         kernels.push(KernelVariant::Naive);
     }
     dims.kernel = rng.pick(&kernels);
+    dims.split_target = rng.pick(&[DEFAULT_SPLIT_TARGET, DEFAULT_SPLIT_TARGET, 0, 16, 1024]);
     Case {
         separate_u,
         ..random_case(rng, insertion, dims)

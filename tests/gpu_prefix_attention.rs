@@ -263,6 +263,7 @@ gpu_tests! {
     grouped_and_multi_query_heads => |g: &Gpu| harness::grouped_and_multi_query_heads(g);
     decode_single_query => |g: &Gpu| harness::decode_single_query(g);
     split_kv_decode => |g: &Gpu| harness::split_kv_decode(g);
+    split_target_sets_the_runs => |g: &Gpu| harness::split_target_sets_the_runs(g);
     grouped_heads_share_a_block => |g: &Gpu| harness::grouped_heads_share_a_block(g);
     strided_layouts_and_a_shared_prefix => |g: &Gpu| harness::strided_layouts_and_a_shared_prefix(g);
     statistics_are_optional => |g: &Gpu| harness::statistics_are_optional(g);

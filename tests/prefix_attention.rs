@@ -125,6 +125,11 @@ fn split_kv_decode() {
 }
 
 #[test]
+fn split_target_sets_the_runs() {
+    harness::split_target_sets_the_runs(&Emulator);
+}
+
+#[test]
 fn grouped_heads_share_a_block() {
     harness::grouped_heads_share_a_block(&Emulator);
 }
@@ -264,5 +269,20 @@ fn split_kv_is_planned_for_every_dtype() {
         assert_eq!(plan::kv_splits(&busy, dtype), 1, "{dtype}");
         assert_eq!(planned(&busy, dtype).len(), 1, "{dtype}");
         assert_eq!(busy.workspace_len(dtype), 0, "{dtype}");
+    }
+}
+
+/// However large the split target, batch × runs stays within grid.z's 65535: 4096 single
+/// decoding sequences could have 32 runs each at a target past their blocks, but get 15.
+#[test]
+fn split_target_keeps_the_grid() {
+    let dims = PrefixAttentionDims {
+        split_target: usize::MAX,
+        ..PrefixAttentionDims::new(4096, 1, 1, 1, 8192, 0, 64)
+    };
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let (attention, params) = planned(&dims, dtype)[0];
+        assert_eq!(params.kv_splits, 15, "{dtype}");
+        assert_eq!(attention.grid[2], 4096 * 15, "{dtype}");
     }
 }

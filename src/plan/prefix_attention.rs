@@ -162,12 +162,11 @@ const WARP_ROWS: usize = 4;
 /// tile, or a warp's stride over a row, past the end).
 const MAX_LEN: usize = 1 << 30;
 
-/// Split-KV: a grid of fewer blocks than this (about one per SM of the largest GPUs) splits
-/// its key tiles into runs, at most MAX_KV_SPLITS (the merge gives each a lane), each of at
-/// least MIN_TILES_PER_RUN of the kernel's tiles ([`key_tile`]: 256 keys on tensor cores at
+/// Split-KV: a grid of fewer blocks than the dims' `split_target` splits its key tiles into
+/// runs, at most MAX_KV_SPLITS (the merge gives each a lane), each of at least
+/// MIN_TILES_PER_RUN of the kernel's tiles ([`key_tile`]: 256 keys on tensor cores at
 /// d ≤ 128, 128 in f32, whose keys cost more each) so that a run outweighs its share of the
 /// merge. Guesses until measured.
-const SPLIT_TARGET_BLOCKS: usize = 128;
 const MAX_KV_SPLITS: usize = 32;
 const MIN_TILES_PER_RUN: usize = 4;
 
@@ -213,13 +212,17 @@ fn runs(d: &PrefixAttentionDims, dtype: DType, pack: usize) -> usize {
         .div_ceil(QUERY_ROWS)
         .saturating_mul(d.heads / pack)
         .saturating_mul(d.batch);
-    if blocks == 0 || blocks >= SPLIT_TARGET_BLOCKS {
+    if blocks == 0 || blocks >= d.split_target {
         return 1;
     }
     let tiles = d.prefix_len.div_ceil(keys) + d.kv_len.div_ceil(keys);
-    let want = SPLIT_TARGET_BLOCKS
+    // grid.z is batch × run: within its limit whatever the target.
+    let grid_z_room = super::MAX_GRID[2] as usize / d.batch.max(1);
+    let want = d
+        .split_target
         .div_ceil(blocks)
         .min(tiles / MIN_TILES_PER_RUN)
+        .min(grid_z_room)
         .clamp(1, MAX_KV_SPLITS);
     // Runs of ceil(tiles / want) tiles, as the kernel cuts them, and no empty one at the end.
     tiles.div_ceil(tiles.div_ceil(want).max(1)).max(1)
@@ -524,9 +527,8 @@ pub fn prefix_attention(
     // Packed rows fit one block (grid.x is 1 already); the pack is the group, dividing Hq.
     debug_assert!(pack == 1 || (grid[0] == 1 && grid[1] % pack as u32 == 0));
     grid[1] /= pack as u32;
-    // grid.z is batch × run; splits > 1 only for grids of fewer than 128 blocks, so batch
-    // < 128 and the product < 4096.
-    debug_assert!(splits == 1 || grid[2] < SPLIT_TARGET_BLOCKS as u32);
+    // grid.z is batch × run, which `runs` keeps within the grid's limit.
+    debug_assert!(u64::from(grid[2]) * splits as u64 <= super::MAX_GRID[2]);
     grid[2] *= splits as u32;
     let launch = Launch {
         kernel,

@@ -15,7 +15,7 @@ use peft_kernels::prefix_attention::{
 };
 use peft_kernels::reference::{self, PrefixAttentionTensors, Tensor4};
 use peft_kernels::validate::{assert_close, default_tolerance};
-use peft_kernels::{Element, Error, Result};
+use peft_kernels::{DType, Element, Error, Result, DEFAULT_SPLIT_TARGET};
 
 /// Relative tolerance of the f32 statistics (LSE, λ): the scores are exact products of the
 /// stored inputs summed in f32 on every path.
@@ -81,6 +81,8 @@ pub struct Case {
     /// Give the fused kernel the split-KV workspace its dims want (the default); false runs
     /// the single pass whatever the dims.
     pub split: bool,
+    /// The dims' `split_target`.
+    pub split_target: usize,
 }
 
 impl Case {
@@ -108,6 +110,7 @@ impl Case {
             shared_prefix: false,
             scale: None,
             split: true,
+            split_target: DEFAULT_SPLIT_TARGET,
         }
     }
 
@@ -167,8 +170,8 @@ impl Case {
     /// Random sizes over a wider range than [`Case::random`]: any head dim, up to 3
     /// sequences, query groups of up to 8 heads (packed when they fit a block), decoding
     /// (q_len = 1) a third of the time, contexts of up to ~10 key tiles and prefixes of up to
-    /// ~5, either empty now and then; random masks, layouts, shared prefix, and the
-    /// split-KV workspace given or not.
+    /// ~5, either empty now and then; random masks, layouts, shared prefix, the split-KV
+    /// workspace given or not, and its split target.
     pub fn random_wide(rng: &mut Rng) -> Case {
         let d = rng.pick(&HEAD_DIMS);
         let batch = rng.range(1, 3);
@@ -196,6 +199,7 @@ impl Case {
         }
         c.shared_prefix = rng.chance(0.2);
         c.split = rng.chance(0.7);
+        c.split_target = rng.pick(&[DEFAULT_SPLIT_TARGET, DEFAULT_SPLIT_TARGET, 0, 16, 1024]);
         c
     }
 
@@ -234,6 +238,7 @@ impl Case {
         if self.shared_prefix {
             d = d.with_shared_prefix();
         }
+        d.split_target = self.split_target;
         d
     }
 
@@ -1179,6 +1184,33 @@ pub fn split_kv_decode<B: Backend>(be: &B) {
     }
     split_edges::<_, f32>(be, &mut rng, &cases[0]);
     split_edges::<_, bf16>(be, &mut rng, &cases[0]);
+}
+
+/// The dims' `split_target` sets the runs and the workspace follows it: one decode step of 4
+/// query heads over one KV head (one block: the group is packed) across 33 key tiles, split
+/// into 7 runs of 5 at the default target (128 blocks want 33 / 4 = 8 runs: runs of ≥ 4
+/// tiles), 4 runs at a target of 4, none at 0; each against the reference.
+pub fn split_target_sets_the_runs<B: Backend>(be: &B) {
+    let mut rng = Rng::from_env();
+    let base = Case::new(1, 4, 1, 1, 2000, 30, 128);
+    let mut last_len = usize::MAX;
+    for (split_target, runs) in [(DEFAULT_SPLIT_TARGET, 7), (4, 4), (0, 1)] {
+        let case = Case {
+            split_target,
+            ..base.clone()
+        };
+        for dtype in [DType::F16, DType::BF16] {
+            let got = peft_kernels::plan::prefix_attention::kv_splits(&case.dims(), dtype);
+            assert_eq!(got, runs, "split target {split_target}, {dtype}");
+        }
+        let len = case.dims().workspace_len(DType::BF16);
+        assert!(
+            len < last_len,
+            "split target {split_target}: workspace {len}"
+        );
+        last_len = len;
+        check_fused::<_, bf16>(be, &mut rng, &case);
+    }
 }
 
 /// The plan splits `case` for T (else the check proves nothing), and the split pass is right.
