@@ -155,10 +155,16 @@ impl Case {
         } else {
             rng.range(1, 80)
         };
-        let mut c =
-            Case::new(batch, heads, kv_heads, q_len, kv_len, prefix_len, d).causal(rng.chance(0.5));
+        Case::new(batch, heads, kv_heads, q_len, kv_len, prefix_len, d).random_options(rng)
+    }
+
+    /// The same with random options: causal or not, ragged context lengths, the strided
+    /// layout, one prefix for the batch.
+    fn random_options(self, rng: &mut Rng) -> Case {
+        let mut c = self.causal(rng.chance(0.5));
         if rng.chance(0.4) {
-            c = c.lens(random_lens(rng, batch, kv_len));
+            let lens = random_lens(rng, c.batch, c.kv_len);
+            c = c.lens(lens);
         }
         if rng.chance(0.3) {
             c = c.layout(Layout::Strided);
@@ -190,14 +196,7 @@ impl Case {
             false => rng.range(1, 330),
         };
         let mut c =
-            Case::new(batch, heads, kv_heads, q_len, kv_len, prefix_len, d).causal(rng.chance(0.5));
-        if rng.chance(0.4) {
-            c = c.lens(random_lens(rng, batch, kv_len));
-        }
-        if rng.chance(0.3) {
-            c = c.layout(Layout::Strided);
-        }
-        c.shared_prefix = rng.chance(0.2);
+            Case::new(batch, heads, kv_heads, q_len, kv_len, prefix_len, d).random_options(rng);
         c.split = rng.chance(0.7);
         c.split_target = rng.pick(&[DEFAULT_SPLIT_TARGET, DEFAULT_SPLIT_TARGET, 0, 16, 1024]);
         c
