@@ -1,7 +1,7 @@
 //! One build script for both backends (see DESIGN.md, "The toolchain").
 //! - feature `emulator`: kernels/emu/*.cpp and every kernels/*.cu, compiled as C++ with the
 //!   emulation header forced in, into one static library (build/emulator.rs);
-//! - feature `cuda`: every kernels/*.cu through nvcc into PTX (compute_80) and cubins
+//! - feature `cuda`: every kernels/*.cu through nvcc into PTX (compute_90) and cubins
 //!   (sm_80, sm_90), embedded in the crate (build/cuda.rs).
 //!
 //! Without `cuda` it never looks for nvcc.

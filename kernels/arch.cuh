@@ -316,7 +316,7 @@ PK_INLINE void allow_dependent_launch() {
 // retires their group. The register pins (pin_registers) stop the compiler from moving
 // accesses to the accumulators across a wait it cannot see them in.
 //
-// Only sm_90a has these instructions: compiled elsewhere (the sm_80 cubin, the compute_80
+// Only sm_90a has these instructions: compiled elsewhere (the sm_80 cubin, the compute_90
 // PTX) they trap, and the host refuses to launch a kernel that uses them there
 // (src/cuda/mod.rs).
 
