@@ -127,9 +127,10 @@ impl DeltaLinearDims {
     /// Elements the `workspace` of [`DeltaLinearArgs`] must hold: the bottleneck activations
     /// t [m, r] (rows padded to 8 elements) and room for the f32 partial sums of passes whose
     /// K is split over blocks because they have few (the down pass at decode, up to 32 copies
-    /// of t; the frozen GEMM and the up-projection when m·n is small; at most 32 MiB). It
-    /// depends on m, n and r only (not on the strides, k or the kernel variant). Saturates
-    /// at `usize::MAX`, which no buffer holds.
+    /// of t; the frozen GEMM and the up-projection when m·n is small; at most 32 MiB at the
+    /// default `split_target`, more at a larger one). It depends on m, n, r and
+    /// `split_target` only (not on the strides, k or the kernel variant), and grows with
+    /// `split_target`. Saturates at `usize::MAX`, which no buffer holds.
     pub fn workspace_len(&self) -> usize {
         workspace_layout(self.m, 1, self.r, self.n, self.split_target).len
     }

@@ -572,9 +572,10 @@ fn near_tiles(rng: &mut Rng, tiles: &[usize], max: usize) -> usize {
 
 /// A random configuration drawn over everything the fixed lists pin separately: sizes
 /// around the tiles (16, 32, 64, 128 rows or columns; 32, 64, 128 deep) and past the split
-/// thresholds (8 k-tiles), decode a third of the time, any split target, any rank, padded row strides, a separate delta input, any method,
-/// any kernel the dtype has. The product m·n·(k + r) stays under ~6M so a case takes the
-/// emulator well under a second.
+/// thresholds (8 k-tiles), decode a third of the time, any split target, any rank, padded
+/// row strides, a separate delta input, any method, any kernel the dtype has. The frozen
+/// GEMM and the up-projection, m·n·(k + r), stay under ~6M multiply-adds (a separate input's
+/// down pass, m·r·k_u, under ~54M) so a case takes the emulator well under a second.
 fn random_configuration(rng: &mut Rng, tensor_cores: bool) -> Case {
     // Decode (m ≤ 16, its own tile) a third of the time.
     let m = match rng.chance(0.3) {
@@ -668,7 +669,7 @@ fn multi_head_case<T: Element>(
     (m, heads, dh, du, r): ApplyShape,
     op: DeltaLinear,
     in_place: bool,
-    kernel: KernelVariant,
+    (kernel, split_target): (KernelVariant, usize),
 ) {
     let DeltaLinear {
         insertion,
@@ -705,7 +706,7 @@ fn multi_head_case<T: Element>(
     )
     .expect("reference");
     let mut dims = DeltaApplyDims::new(m, heads, dh, du, r);
-    dims.kernel = kernel;
+    (dims.kernel, dims.split_target) = (kernel, split_target);
     let mut workspace = poisoned::<T>(dims.workspace_len());
     let mut y = if in_place {
         h.clone()
@@ -760,11 +761,32 @@ fn delta_apply_per_head(backend: &Backend) {
             };
             let (f32_op, f16_op, bf16_op) = (op(), op(), op());
             let shape = random_apply_shape(&mut rng, insertion);
-            multi_head_case::<f32>(backend, &mut rng, shape, f32_op, in_place, kernel);
+            multi_head_case::<f32>(
+                backend,
+                &mut rng,
+                shape,
+                f32_op,
+                in_place,
+                (kernel, DEFAULT_SPLIT_TARGET),
+            );
             let shape = random_apply_shape(&mut rng, insertion);
-            multi_head_case::<f16>(backend, &mut rng, shape, f16_op, in_place, kernel);
+            multi_head_case::<f16>(
+                backend,
+                &mut rng,
+                shape,
+                f16_op,
+                in_place,
+                (kernel, DEFAULT_SPLIT_TARGET),
+            );
             let shape = random_apply_shape(&mut rng, insertion);
-            multi_head_case::<bf16>(backend, &mut rng, shape, bf16_op, in_place, kernel);
+            multi_head_case::<bf16>(
+                backend,
+                &mut rng,
+                shape,
+                bf16_op,
+                in_place,
+                (kernel, DEFAULT_SPLIT_TARGET),
+            );
         }
     }
 }
@@ -822,15 +844,30 @@ fn delta_apply_decode_split_over_k(backend: &Backend) {
             );
             let kernel = rng.pick(&[KernelVariant::Auto, KernelVariant::TensorCore]);
             let shape = (m, 1, dh, du, r);
-            multi_head_case::<f16>(backend, &mut rng, shape, op, in_place, kernel);
-            multi_head_case::<bf16>(backend, &mut rng, shape, op, in_place, kernel);
+            multi_head_case::<f16>(
+                backend,
+                &mut rng,
+                shape,
+                op,
+                in_place,
+                (kernel, DEFAULT_SPLIT_TARGET),
+            );
+            multi_head_case::<bf16>(
+                backend,
+                &mut rng,
+                shape,
+                op,
+                in_place,
+                (kernel, DEFAULT_SPLIT_TARGET),
+            );
         }
     }
 }
 
 /// Random delta-on-h configurations, as [`random_configurations`] for `delta_linear`: one
 /// head (whose passes may split) or several, head widths around the tiles, decode a third
-/// of the time, in place or not, any method and kernel; [`random_cases`] of them.
+/// of the time, in place or not, any method, kernel and split target; [`random_cases`] of
+/// them.
 fn delta_apply_random_configurations(backend: &Backend) {
     let mut rng = Rng::from_env();
     for i in 0..random_cases() {
@@ -855,11 +892,12 @@ fn delta_apply_random_configurations(backend: &Backend) {
         if i % 3 != 0 {
             kernels.push(KernelVariant::TensorCore);
         }
-        let kernel = rng.pick(&kernels);
+        let split_target = rng.pick(&[DEFAULT_SPLIT_TARGET, DEFAULT_SPLIT_TARGET, 0, 16, 1024]);
+        let tuning = (rng.pick(&kernels), split_target);
         match i % 3 {
-            0 => multi_head_case::<f32>(backend, &mut rng, shape, op, in_place, kernel),
-            1 => multi_head_case::<f16>(backend, &mut rng, shape, op, in_place, kernel),
-            _ => multi_head_case::<bf16>(backend, &mut rng, shape, op, in_place, kernel),
+            0 => multi_head_case::<f32>(backend, &mut rng, shape, op, in_place, tuning),
+            1 => multi_head_case::<f16>(backend, &mut rng, shape, op, in_place, tuning),
+            _ => multi_head_case::<bf16>(backend, &mut rng, shape, op, in_place, tuning),
         }
     }
 }
@@ -1250,6 +1288,44 @@ fn the_planner_refuses_overflowing_sizes() {
     );
     let empty = DeltaLinearDims { m: 0, ..dims };
     assert_eq!(refused(&nan, &empty, &bufs), "composition");
+}
+
+/// Whatever the split target, a pass of more rows than a grid has in y is not split (the
+/// reduction's grid has a row per block): 70000 rows plan and run their passes whole, at a
+/// target that would split them (a regression: targets from 1024 up refused these dims).
+#[test]
+fn many_rows_never_split() {
+    use peft_kernels::plan::delta_linear::{delta_linear, DeltaLinearBufs};
+    use peft_kernels::plan::Buf;
+    use peft_kernels::DType;
+
+    let (m, n, k, r) = (70_000, 64, 1024, 128);
+    for split_target in [DEFAULT_SPLIT_TARGET, 1024, usize::MAX] {
+        for insertion in [Insertion::Parallel, Insertion::Sequential] {
+            let dims = DeltaLinearDims {
+                split_target,
+                ..DeltaLinearDims::new(m, n, k, r)
+            };
+            let bufs = DeltaLinearBufs {
+                workspace: Buf {
+                    addr: 4096,
+                    len: dims.workspace_len(),
+                },
+                w_down: Buf {
+                    addr: 4096,
+                    len: r * k.max(n),
+                },
+                ..planner_bufs(m, n, k, r)
+            };
+            let op = DeltaLinear::new(insertion, Activation::Relu, Composition::Add);
+            let steps = delta_linear(&op, &dims, DType::BF16, &bufs)
+                .unwrap_or_else(|e| panic!("split target {split_target}, {insertion:?}: {e}"));
+            assert!(
+                steps.iter().all(|(_, p)| p.k_splits == 1),
+                "split target {split_target}, {insertion:?}: a pass splits"
+            );
+        }
+    }
 }
 
 #[cfg(feature = "emulator")]

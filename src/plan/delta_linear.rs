@@ -374,9 +374,11 @@ fn launch_for(
         ("dims.m", m, bm),
         ("dims.heads", batch, 1),
     ])?;
-    // Column tile x of run s is block s·tiles + x; k_splits keeps splits·tiles below
-    // the split target + tiles.
+    // Column tile x of run s is block s·tiles + x. grid_for keeps the tiles within
+    // i32::MAX / bn, and every kind that splits has bn ≥ 32 ≥ MAX_K_SPLITS runs: the product
+    // stays within grid.x.
     debug_assert!(splits == 1 || splits_k(kind));
+    debug_assert!(splits <= MAX_K_SPLITS && (splits == 1 || bn >= MAX_K_SPLITS));
     grid[0] *= splits as u32;
     Ok(Launch {
         kernel,
@@ -412,16 +414,17 @@ const DECODE_ROWS: usize = 16;
 const MAX_K_SPLITS: usize = 32;
 /// A pass of fewer k-tiles is not split (1024 columns of the decode tile): one block streams
 /// them in a few round trips to memory, about what the reduction's extra launch costs where
-/// launches do not overlap (sm_80, the PTX, PEFT_KERNELS_NO_OVERLAP). A guess until measured.
+/// launches do not overlap (sm_80, PEFT_KERNELS_NO_OVERLAP). A guess until measured.
 const MIN_SPLIT_K_TILES: usize = 8;
 
 /// The most runs a pass of `kind` over m × n splits its K into: enough that it has about
 /// `target` blocks (`split_target` of the dims; a down pass of rank 16 at decode has one
 /// column tile: one block streaming all of W_down at one SM's bandwidth; the large tile's
 /// frozen GEMM at m = 128, n = 4096 has 32 blocks, a quarter of an H100). 1: the pass never
-/// splits.
+/// splits, and a pass of more rows than a grid has in y (the reduction's grid is a row per
+/// block) does not either, whatever the target.
 fn max_k_splits(kind: Kind, m: usize, n: usize, target: usize) -> usize {
-    if !splits_k(kind) {
+    if !splits_k(kind) || m as u64 > super::MAX_GRID[1] {
         return 1;
     }
     let (bm, bn, _) = tile(kind);
@@ -443,11 +446,11 @@ fn k_splits(kind: Kind, m: usize, n: usize, k_tiles: usize, target: usize) -> us
 /// split, so an f32 workspace has room to spare): t [m, heads·workspace_ld(r)] at 0, then,
 /// each 16-byte aligned, the f32 partial sums of a split down pass, [runs][m][workspace_ld(r)],
 /// and of a split main pass (the frozen GEMM or the up-projection over n columns),
-/// [runs][m][n], each sized for the most runs the plan may choose for `split_target`. Only a single bottleneck
-/// (heads = 1) splits. The two regions are apart although a main pass, a dependent launch of
-/// the down pass's reduction, writes its sums only after waiting for that reduction: sharing
-/// would save the smaller region but tie the layout to that ordering. Sizes saturate where
-/// they pass usize.
+/// [runs][m][n], each sized for the most runs the plan may choose for `split_target`. Only a
+/// single bottleneck (heads = 1) splits. The two regions are apart although a main pass, a
+/// dependent launch of the down pass's reduction, writes its sums only after waiting for
+/// that reduction: sharing would save the smaller region but tie the layout to that
+/// ordering. Sizes saturate where they pass usize.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct WorkspaceLayout {
     /// The down pass's partial sums: offset in elements, room in f32s.
