@@ -8,9 +8,9 @@
 //!
 //! A plan's step marked [`Launch::overlap_previous`] is a programmatic dependent launch
 //! where the kernel came from the sm_90 cubin or the compute_90 PTX (not the sm_80 cubin,
-//! whose kernels lack the wait it needs): it may start while the step before it runs. `PEFT_KERNELS_NO_OVERLAP` (any value,
-//! read once) launches every step in plain stream order instead, to measure what the
-//! overlap gains or to rule it out.
+//! whose kernels lack the wait it needs): it may start while the step before it runs.
+//! `PEFT_KERNELS_NO_OVERLAP` (any value, read once) launches every step in plain stream
+//! order instead, to measure what the overlap gains or to rule it out.
 //!
 //! A launch takes the kernel's parameter block, whose pointers are device addresses.
 //! [`Buffers`] hands them out from cudarc buffers and keeps cudarc's stream ordering:
@@ -234,9 +234,18 @@ impl<'a> Buffers<'a> {
         }
     }
 
-    /// An error if a buffer belongs to another context than the stream's: every launch
-    /// through these buffers checks it first (and the baseline before its cuBLAS calls).
+    /// An error if a buffer belongs to another context than the stream's, or if cudarc
+    /// recorded a failure while handing out the addresses (a stream wait for a buffer's
+    /// pending writes, a unified buffer this device cannot access): cudarc defers those to
+    /// `check_err`, and a launch on such a buffer would race or fault. Every launch through
+    /// these buffers checks it first (and the baseline before its cuBLAS calls).
     pub(crate) fn check_contexts(&self) -> Result<()> {
+        self.stream.context().check_err().map_err(|e| {
+            Error::Cuda(format!(
+                "cudarc recorded an error before the launch (ordering or accessing its \
+                 buffers, or earlier deferred work): {e}"
+            ))
+        })?;
         if self.foreign == 0 {
             return Ok(());
         }
