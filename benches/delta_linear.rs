@@ -25,8 +25,10 @@
 //!
 //! A second table sweeps `DeltaLinearDims::split_target` (how many blocks a pass with few
 //! aims at by splitting its K) where passes split, M ∈ {1, 16, 128}: the fused time at the
-//! default, then without splitting and at the other targets, each over the default's (each
-//! plan checked against the unfused output first), to set the default from measurements.
+//! default, then without splitting and at targets 16, 64, 256, 512 (at decode the down
+//! pass's runs change below the default, the main pass's above it), each over the
+//! default's (each plan checked against the unfused output first), to set the default from
+//! measurements.
 //!
 //! The tables also go, as markdown, to
 //! the file `$PEFT_BENCH_OUT` (scripts/gpu-check.sh collects it), by default to
@@ -65,7 +67,7 @@ mod gpu {
     const ROWS: [usize; 4] = [1, 16, 128, 4096];
     /// The split targets the sweep times besides the default (the sweep table's headers name
     /// them), and the rows it sweeps (at M = 4096 no pass has few blocks).
-    const SWEPT_TARGETS: [usize; 4] = [0, 64, 256, 512];
+    const SWEPT_TARGETS: [usize; 5] = [0, 16, 64, 256, 512];
     const SWEPT_ROWS: [usize; 3] = [1, 16, 128];
 
     /// A method of the unified view at the benchmarked layer.
@@ -288,9 +290,17 @@ mod gpu {
                  swept"
             ),
             &[("case", "---"), ("M", "--:")],
-            &["default µs", "no split µs", "64 µs", "256 µs", "512 µs"],
+            &[
+                "default µs",
+                "no split µs",
+                "16 µs",
+                "64 µs",
+                "256 µs",
+                "512 µs",
+            ],
             &[
                 "no split / default",
+                "16 / default",
                 "64 / default",
                 "256 / default",
                 "512 / default",

@@ -20,8 +20,9 @@
 //! KV group, its 4 query heads packed) would leave most of an H100 idle: the fused kernel
 //! with its split-KV workspace against the same kernel in one pass (both checked to agree
 //! first); criterion's throughput there is in bytes (K and V dominate). Its summary also
-//! sweeps `PrefixAttentionDims::split_target` (64, 256, 512 against the default), each
-//! checked against one pass first, to set the default from measurements.
+//! sweeps `PrefixAttentionDims::split_target` (16, 32, 64, 256 against the default: 2, 4, 8
+//! and up to 31 runs of the 8 blocks), each checked against one pass first, to set the
+//! default from measurements.
 //!
 //! After criterion's report, two summary tables (benches/common): per prefill case the three
 //! paths' times (CUDA events, median of batches), the speedups of the fused kernel over the
@@ -321,7 +322,7 @@ mod gpu {
     const DECODE_KV_HEADS: usize = 8;
     const DECODE_PREFIX: usize = 30;
     /// The split targets the decode table times besides the default (its headers name them).
-    const SWEPT_TARGETS: [usize; 3] = [64, 256, 512];
+    const SWEPT_TARGETS: [usize; 4] = [16, 32, 64, 256];
 
     /// The tensors of one decode step, and the split-KV workspace.
     struct DecodeBuffers {
@@ -435,12 +436,20 @@ mod gpu {
                  split-KV (split target {DEFAULT_SPLIT_TARGET}) vs one pass and other targets"
             ),
             &[("L", "--:")],
-            &["split-KV µs", "one pass µs", "64 µs", "256 µs", "512 µs"],
+            &[
+                "split-KV µs",
+                "one pass µs",
+                "16 µs",
+                "32 µs",
+                "64 µs",
+                "256 µs",
+            ],
             &[
                 "one pass / split-KV",
+                "16 / split-KV",
+                "32 / split-KV",
                 "64 / split-KV",
                 "256 / split-KV",
-                "512 / split-KV",
             ],
         );
         for len in [4096, 32768] {

@@ -11,7 +11,10 @@
 #   test:NAME    each test binary with --include-ignored: the GPU tests are #[ignore]d
 #                (tests/sass reads the kernels' SASS with the machine's cuobjdump)
 #   ptx:NAME     the GPU tests again with PEFT_KERNELS_FORCE_PTX=1: the driver compiles
-#                the embedded PTX instead of loading the sm_90 cubin
+#                the embedded compute_90 PTX instead of loading the sm_90 cubin (skipped
+#                below compute capability 9.0, which cannot run it)
+#   inorder      the delta_linear GPU tests again with PEFT_KERNELS_NO_OVERLAP=1: every
+#                plan step in plain stream order, as the sm_80 cubin runs them
 #   tour         examples/tour, every method of the unified view on the GPU
 #   peers        benches/peers/peers.py: PyTorch and PEFT on the benches' shapes
 #   bench:NAME   each criterion bench binary (--bench); the time left is shared among them
@@ -24,8 +27,8 @@
 #
 # Environment:
 #   OUT                        where results go (the device tool sets it), else ./gpu-check-out
-#   PEFT_GPU_CHECK_SKIP        step kinds to skip, space-separated: tests ptx tour peers
-#                              benches
+#   PEFT_GPU_CHECK_SKIP        step kinds to skip, space-separated: tests ptx inorder tour
+#                              peers benches
 #   PEFT_GPU_CHECK_TEST_ARGS   arguments of every test binary (default: --include-ignored)
 #   PEFT_GPU_CHECK_BENCH_ARGS  more arguments of every bench binary, after --bench
 #                              (criterion's, e.g. "--measurement-time 2")
@@ -294,13 +297,21 @@ main() {
       run_step "test:$(basename "$f")" 240 test_note "$f" ${PEFT_GPU_CHECK_TEST_ARGS:---include-ignored}
     done
   fi
-  if ! skipping ptx; then
+  local cc
+  cc="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)"
+  if ! skipping ptx && [ "${cc%%.*}" -lt 9 ] 2>/dev/null; then
+    record ptx skipped 0 "compute capability $cc: the compute_90 PTX needs 9.0 or newer"
+  elif ! skipping ptx; then
     for f in "$bin"/tests/*; do
       # Only the binaries that have GPU (ignored) tests.
       if [ -x "$f" ] && "$f" --ignored --list 2>/dev/null | grep -c ': test$' >/dev/null; then
         run_step "ptx:$(basename "$f")" 240 test_note env PEFT_KERNELS_FORCE_PTX=1 "$f" --ignored
       fi
     done
+  fi
+  if ! skipping inorder && [ -x "$bin/tests/delta_linear" ]; then
+    run_step inorder 240 test_note env PEFT_KERNELS_NO_OVERLAP=1 "$bin/tests/delta_linear" \
+      --ignored on_gpu::
   fi
   if ! skipping tour && [ -x "$bin/examples/tour" ]; then
     run_step tour 120 tour_note "$bin/examples/tour"
