@@ -10,14 +10,15 @@
 #   libs         finds libcublas for cudarc (system, CUDA toolkit, or PyTorch's wheel)
 #   test:NAME    each test binary with --include-ignored: the GPU tests are #[ignore]d
 #                (tests/sass reads the kernels' SASS with the machine's cuobjdump)
+#   bench:NAME   each criterion bench binary (--bench); the time left is shared among them
+#   peers        benches/peers/peers.py: PyTorch and PEFT on the benches' shapes
 #   ptx:NAME     the GPU tests again with PEFT_KERNELS_FORCE_PTX=1: the driver compiles
 #                the embedded compute_90 PTX instead of loading the sm_90 cubin (skipped
 #                below compute capability 9.0, which cannot run it)
 #   inorder      the delta_linear GPU tests again with PEFT_KERNELS_NO_OVERLAP=1: every
 #                plan step in plain stream order, as the sm_80 cubin runs them
 #   tour         examples/tour, every method of the unified view on the GPU
-#   peers        benches/peers/peers.py: PyTorch and PEFT on the benches' shapes
-#   bench:NAME   each criterion bench binary (--bench); the time left is shared among them
+# in that order: what the budget cuts first is what a second call can redo quickest.
 #   sanitize     only with PEFT_GPU_CHECK_SANITIZE=1: compute-sanitizer memcheck over the
 #                GPU tests
 #   profile:CASE only with PEFT_GPU_CHECK_PROFILE=1 (best in a second call, with the other
@@ -297,6 +298,28 @@ main() {
       run_step "test:$(basename "$f")" 240 test_note "$f" ${PEFT_GPU_CHECK_TEST_ARGS:---include-ignored}
     done
   fi
+  if ! skipping benches; then
+    mkdir -p "$work/bench"
+    local benches=("$bin"/benches/*) i=0 left
+    for f in "${benches[@]}"; do
+      [ -x "$f" ] || continue
+      name="$(basename "$f")"
+      # What is left of the budget, shared among the benches not yet run (they come right
+      # after the tests: their summary tables are the figures, written only at their end).
+      left=$(((budget - SECONDS - reserve) / (${#benches[@]} - i)))
+      i=$((i + 1))
+      # shellcheck disable=SC2086
+      run_step "bench:$name" "$left" bench_note env CRITERION_HOME="$work/criterion" \
+        PEFT_BENCH_OUT="$work/bench/$name.md" "$f" --bench ${PEFT_GPU_CHECK_BENCH_ARGS:-}
+      if [ -n "$device" ] && [ ! -s "$work/bench/$name.md" ]; then
+        record "bench:$name table" FAIL 0 "a GPU is present but the bench wrote no summary table"
+      fi
+    done
+  fi
+  if ! skipping peers; then
+    run_step peers 240 peers_note env PYTHONUNBUFFERED=1 PEFT_COMMIT="$commit" \
+      "$python" "$bundle/peers/peers.py" --out "$work/peers"
+  fi
   local cc
   cc="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)"
   if ! skipping ptx && [ "${cc%%.*}" -lt 9 ] 2>/dev/null; then
@@ -318,27 +341,6 @@ main() {
     if [ -n "$device" ] && grep -q ' emulator ' "$logs/tour.log"; then
       record "tour backend" FAIL 0 "a GPU is present but the tour used the emulator"
     fi
-  fi
-  if ! skipping peers; then
-    run_step peers 240 peers_note env PYTHONUNBUFFERED=1 PEFT_COMMIT="$commit" \
-      "$python" "$bundle/peers/peers.py" --out "$work/peers"
-  fi
-  if ! skipping benches; then
-    mkdir -p "$work/bench"
-    local benches=("$bin"/benches/*) i=0 left
-    for f in "${benches[@]}"; do
-      [ -x "$f" ] || continue
-      name="$(basename "$f")"
-      # What is left of the budget, shared among the benches not yet run.
-      left=$(((budget - SECONDS - reserve) / (${#benches[@]} - i)))
-      i=$((i + 1))
-      # shellcheck disable=SC2086
-      run_step "bench:$name" "$left" bench_note env CRITERION_HOME="$work/criterion" \
-        PEFT_BENCH_OUT="$work/bench/$name.md" "$f" --bench ${PEFT_GPU_CHECK_BENCH_ARGS:-}
-      if [ -n "$device" ] && [ ! -s "$work/bench/$name.md" ]; then
-        record "bench:$name table" FAIL 0 "a GPU is present but the bench wrote no summary table"
-      fi
-    done
   fi
   if [ "${PEFT_GPU_CHECK_SANITIZE:-0}" = 1 ]; then
     for f in "$bin"/tests/*; do
