@@ -1087,7 +1087,13 @@ fn merge_case<T: Element>(backend: &Backend, rng: &mut Rng, n: usize, k: usize, 
 
 fn lora_merge_and_unmerge(backend: &Backend) {
     let mut rng = Rng::from_env();
-    for (n, k, r) in [(1, 1, 1), (17, 129, 8), (100, 65, 33), (64, 64, 256)] {
+    // The fixed shapes, and one drawn around the 64 × 64 tiles and the rank chunks.
+    let drawn = (
+        near_tiles(&mut rng, &[64], 300),
+        near_tiles(&mut rng, &[64], 300),
+        near_tiles(&mut rng, &[16, 32], 300),
+    );
+    for (n, k, r) in [(1, 1, 1), (17, 129, 8), (100, 65, 33), (64, 64, 256), drawn] {
         merge_case::<f32>(backend, &mut rng, n, k, r);
         merge_case::<f16>(backend, &mut rng, n, k, r);
         merge_case::<bf16>(backend, &mut rng, n, k, r);
