@@ -124,15 +124,23 @@ impl DeltaLinearDims {
             split_target: DEFAULT_SPLIT_TARGET,
         }
     }
-    /// Elements the `workspace` of [`DeltaLinearArgs`] must hold: the bottleneck activations
-    /// t [m, r] (rows padded to 8 elements) and room for the f32 partial sums of passes whose
-    /// K is split over blocks because they have few (the down pass at decode, up to 32 copies
-    /// of t; the frozen GEMM and the up-projection when m·n is small; at most 32 MiB at the
-    /// default `split_target`, more at a larger one). It depends on m, n, r and
-    /// `split_target` only (not on the strides, k or the kernel variant), and grows with
-    /// `split_target`. Saturates at `usize::MAX`, which no buffer holds.
+    /// Elements of the `workspace` of [`DeltaLinearArgs`] with which every pass runs as the
+    /// plan wants: the bottleneck activations t [m, r] (rows padded to 8 elements) and room
+    /// for the f32 partial sums of passes whose K is split over blocks because they have few
+    /// (the down pass at decode, up to 32 copies of t; the frozen GEMM and the up-projection
+    /// when m·n is small; at most 32 MiB at the default `split_target`, more at a larger
+    /// one). It depends on m, n, r and `split_target` only (not on the strides, k or the
+    /// kernel variant), grows with `split_target`, and is not monotone in m (a large m needs
+    /// no split). Any workspace of at least [`DeltaLinearDims::min_workspace_len`] is
+    /// accepted: a shorter one than this splits into fewer runs, or none (same result,
+    /// maybe slower). It need not be initialised, and may be reused by any call queued
+    /// after this one completes (stream order). Saturates at `usize::MAX`.
     pub fn workspace_len(&self) -> usize {
         workspace_layout(self.m, 1, self.r, self.n, self.split_target).len
+    }
+    /// The least workspace a call takes: t alone, m × r rounded up to 8 (no pass splits).
+    pub fn min_workspace_len(&self) -> usize {
+        workspace_layout(self.m, 1, self.r, self.n, self.split_target).t
     }
 }
 
@@ -209,12 +217,17 @@ impl DeltaApplyDims {
             split_target: DEFAULT_SPLIT_TARGET,
         }
     }
-    /// Elements the workspace must hold: the bottleneck activations of every head (rows
-    /// padded to 8 elements) and, for a single head, room for the f32 partial sums of passes
-    /// whose K is split over blocks, as [`DeltaLinearDims::workspace_len`]. Saturates at
-    /// `usize::MAX`, which no buffer holds.
+    /// Elements of the workspace with which every pass runs as the plan wants: the
+    /// bottleneck activations of every head (rows padded to 8 elements) and, for a single
+    /// head, room for the f32 partial sums of passes whose K is split over blocks, as
+    /// [`DeltaLinearDims::workspace_len`] (whose remarks on shorter workspaces, reuse and
+    /// monotonicity hold here too). Saturates at `usize::MAX`.
     pub fn workspace_len(&self) -> usize {
         workspace_layout(self.m, self.heads, self.r, self.head_dim, self.split_target).len
+    }
+    /// The least workspace a call takes: the activations of every head alone.
+    pub fn min_workspace_len(&self) -> usize {
+        workspace_layout(self.m, self.heads, self.r, self.head_dim, self.split_target).t
     }
 }
 

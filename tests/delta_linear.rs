@@ -153,6 +153,16 @@ impl<T: Element> Inputs<T> {
 
     /// Runs the kernels into a poisoned y and workspace; returns y.
     fn run(&self, c: &Case, backend: &Backend) -> peft_kernels::Result<Vec<T>> {
+        self.run_in(c, backend, c.dims.workspace_len())
+    }
+
+    /// [`Inputs::run`] with a workspace of `workspace_len` elements.
+    fn run_in(
+        &self,
+        c: &Case,
+        backend: &Backend,
+        workspace_len: usize,
+    ) -> peft_kernels::Result<Vec<T>> {
         let d = c.dims;
         let mut y = poisoned::<T>(
             MatrixLayout {
@@ -162,7 +172,11 @@ impl<T: Element> Inputs<T> {
             }
             .min_len(),
         );
-        let mut workspace = poisoned::<T>(d.workspace_len());
+        // The workspace is followed by a guard of NaN, which no write past it may change
+        // (the plan fits its splits to the workspace it is given).
+        const GUARD: usize = 4096;
+        let mut workspace = poisoned::<T>(workspace_len.saturating_add(GUARD));
+        let (workspace, guard) = workspace.split_at_mut(workspace_len);
         let args = DeltaLinearArgs {
             x: &self.x[..],
             w: &self.w[..],
@@ -173,10 +187,14 @@ impl<T: Element> Inputs<T> {
             w_up: &self.w_up[..],
             b_up: self.b_up.as_deref(),
             gate: self.gate.as_deref(),
-            workspace: &mut workspace[..],
+            workspace,
             y: &mut y[..],
         };
         host::delta_linear(backend, &c.op, &d, args)?;
+        assert!(
+            guard.iter().all(|v| v.to_f64().is_nan()),
+            "{c:?}: written past a workspace of {workspace_len}"
+        );
         Ok(y)
     }
 }
@@ -548,14 +566,97 @@ fn split_target_sets_the_runs(backend: &Backend) {
         };
         check::<bf16>(&mut rng, &c, backend);
     }
+    // A workspace sized for the default target holds the main pass's 11 runs, not 17.
     let dims = DeltaLinearDims {
         split_target: 512,
         ..DeltaLinearDims::new(m, n, k, r)
     };
-    let bufs = planner_bufs(m, n, k, r);
-    match delta_linear(&op, &dims, DType::BF16, &bufs) {
-        Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, "workspace"),
-        other => panic!("a workspace for the default split target: {other:?}"),
+    let steps = delta_linear(&op, &dims, DType::BF16, &planner_bufs(m, n, k, r)).unwrap();
+    let runs: Vec<i32> = steps.iter().map(|(_, p)| p.k_splits).collect();
+    assert_eq!(
+        runs,
+        [32, 32, 11, 11],
+        "target 512, the default's workspace"
+    );
+}
+
+/// A workspace shorter than `workspace_len()` but holding t is accepted: the passes split
+/// into as many runs as it has room for, or none, and the result is the same; one element
+/// short of t is refused, naming the workspace and what it must hold. At decode (m = 3,
+/// n = 200, k = 3000: a down pass of one tile over 24 k-tiles, a main pass of 7 tiles over
+/// 25) and at m = 130 (large tile, 2 × 2 blocks: the frozen GEMM of a sequential delta
+/// splits), both insertions.
+fn a_short_workspace_splits_less(backend: &Backend) {
+    use peft_kernels::plan::delta_linear::{delta_linear, DeltaLinearBufs};
+    use peft_kernels::plan::Buf;
+    use peft_kernels::DType;
+
+    let mut rng = Rng::from_env();
+    for (m, n, k, r) in [(3, 200, 3000, 16), (130, 200, 3000, 16)] {
+        for insertion in [Insertion::Parallel, Insertion::Sequential] {
+            let n = if insertion == Insertion::Sequential {
+                k
+            } else {
+                n
+            };
+            let dims = DeltaLinearDims::new(m, n, k, r);
+            let (t, full) = (dims.min_workspace_len(), dims.workspace_len());
+            assert_eq!(t, m * r.next_multiple_of(8));
+            let runs = |len: usize| -> Vec<i32> {
+                let bufs = DeltaLinearBufs {
+                    workspace: Buf { addr: 4096, len },
+                    w_down: Buf {
+                        addr: 4096,
+                        len: r * if insertion == Insertion::Sequential {
+                            n
+                        } else {
+                            k
+                        },
+                    },
+                    ..planner_bufs(m, n, k, r)
+                };
+                let op = DeltaLinear::new(insertion, Activation::Relu, Composition::Gated);
+                let bufs = DeltaLinearBufs {
+                    gate: Some(Buf { addr: 4096, len: m }),
+                    ..bufs
+                };
+                let steps = delta_linear(&op, &dims, DType::F16, &bufs).unwrap();
+                steps.iter().map(|(_, p)| p.k_splits).collect()
+            };
+            let (at_full, at_half, at_t) = (runs(full), runs(t + (full - t) / 4), runs(t));
+            let total = |v: &[i32]| v.iter().filter(|&&s| s > 1).sum::<i32>();
+            assert!(
+                total(&at_full) > total(&at_half),
+                "{insertion:?} m {m}: {at_full:?} {at_half:?}"
+            );
+            assert!(
+                at_t.iter().all(|&s| s == 1),
+                "{insertion:?} m {m}: {at_t:?}"
+            );
+            let c = Case {
+                op: DeltaLinear::new(insertion, rng.pick(&Activation::ALL), Composition::Gated),
+                dims,
+                bias: true,
+                down_bias: rng.chance(0.5),
+                up_bias: rng.chance(0.5),
+                separate_u: false,
+            };
+            let inputs = Inputs::<f16>::new(&mut rng, &c);
+            let expected = inputs.reference(&c);
+            let layout = MatrixLayout::contiguous(m, n);
+            for len in [t, t + (full - t) / 4] {
+                let y = inputs.run_in(&c, backend, len).unwrap();
+                let name = format!("{insertion:?} m {m} workspace {len} (seed {})", rng.seed());
+                assert_close_matrix(&name, &y, layout, &expected, default_tolerance(DType::F16));
+            }
+            match inputs.run_in(&c, backend, t - 1) {
+                Err(Error::InvalidArgument { arg, expected, .. }) => {
+                    assert_eq!(arg, "workspace");
+                    assert!(expected.contains("workspace_len()"), "{expected}");
+                }
+                other => panic!("a workspace one short of t: {other:?}"),
+            }
+        }
     }
 }
 
@@ -1150,10 +1251,11 @@ fn bad_arguments_name_the_argument(backend: &Backend) {
         )),
         "composition"
     );
-    // A workspace one element short; then a dimension past what the kernels index.
+    // A workspace one element short of the least; then a dimension past what the kernels
+    // index.
     let d = base.dims;
     let mut y = vec![0.0f32; d.m * d.n];
-    let mut ws = vec![0.0f32; d.workspace_len() - 1];
+    let mut ws = vec![0.0f32; d.min_workspace_len() - 1];
     let mut call = |dims: &DeltaLinearDims, ws: &mut [f32]| {
         host::delta_linear(
             backend,
@@ -1456,6 +1558,7 @@ on_every_backend!(
     tensor_cores_on_unaligned_operands,
     passes_split_over_k,
     split_target_sets_the_runs,
+    a_short_workspace_splits_less,
     random_configurations,
     wgmma_kernel,
     delta_apply_per_head,

@@ -410,6 +410,10 @@ pub(crate) fn workspace_ld(r: usize) -> usize {
 /// Passes of at most this many rows take the decode tile (kernels/delta_linear.cu, MmaDecode:
 /// BM = 16, BN = 32, BK = 128): weight streaming.
 const DECODE_ROWS: usize = 16;
+/// What the least workspace holds, for the error that names it.
+const WORKSPACE_LEAST: &str = "t: m × heads × r rounded up to 8; workspace_len() of the \
+                               dims adds the room to split passes with few blocks";
+
 /// The most runs a split-K pass has.
 const MAX_K_SPLITS: usize = 32;
 /// A pass of fewer k-tiles is not split (1024 columns of the decode tile): one block streams
@@ -433,12 +437,16 @@ fn max_k_splits(kind: Kind, m: usize, n: usize, target: usize) -> usize {
 }
 
 /// The runs a pass of `kind` over m × n with `k_tiles` k-tiles (both phases) splits into: up
-/// to [`max_k_splits`], each at least one k-tile, none below [`MIN_SPLIT_K_TILES`].
-fn k_splits(kind: Kind, m: usize, n: usize, k_tiles: usize, target: usize) -> usize {
+/// to [`max_k_splits`] and to `fit` (the runs whose partial sums the workspace has room
+/// for), each at least one k-tile, none below [`MIN_SPLIT_K_TILES`].
+fn k_splits(kind: Kind, m: usize, n: usize, k_tiles: usize, target: usize, fit: usize) -> usize {
     if k_tiles < MIN_SPLIT_K_TILES {
         return 1;
     }
-    let want = max_k_splits(kind, m, n, target).min(k_tiles);
+    let want = max_k_splits(kind, m, n, target).min(k_tiles).min(fit);
+    if want < 2 {
+        return 1;
+    }
     k_tiles.div_ceil(k_tiles.div_ceil(want))
 }
 
@@ -453,6 +461,8 @@ fn k_splits(kind: Kind, m: usize, n: usize, k_tiles: usize, target: usize) -> us
 /// ordering. Sizes saturate where they pass usize.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct WorkspaceLayout {
+    /// Elements of t, at 0: the least workspace a call takes (it then splits nothing).
+    pub t: usize,
     /// The down pass's partial sums: offset in elements, room in f32s.
     pub down: (usize, usize),
     /// The main passes' partial sums: offset in elements, room in f32s.
@@ -486,6 +496,7 @@ pub(crate) fn workspace_layout(
         _ => main.saturating_add(main_room.saturating_mul(2)),
     };
     WorkspaceLayout {
+        t,
         down: (down, down_room),
         main: (main, main_room),
         split_target,
@@ -502,12 +513,21 @@ struct Partials {
     split_target: usize,
 }
 
-/// The down and the main passes' partial sums in `workspace`, laid out as `layout` says.
+/// The down and the main passes' partial sums in `workspace`, laid out as `layout` says,
+/// each region's room cut to what `workspace` holds (a workspace shorter than `layout.len`
+/// but at least t is accepted: its passes split into fewer runs, or none).
 fn partials(workspace: Buf, layout: &WorkspaceLayout, dtype: DType) -> (Partials, Partials) {
-    let at = |(offset, room): (usize, usize)| Partials {
-        addr: workspace.addr + (offset * dtype.size()) as u64,
-        room,
-        split_target: layout.split_target,
+    let at = |(offset, room): (usize, usize)| {
+        let held = workspace
+            .len
+            .saturating_sub(offset)
+            .saturating_mul(dtype.size())
+            / 4;
+        Partials {
+            addr: workspace.addr + (offset.min(workspace.len) * dtype.size()) as u64,
+            room: room.min(held),
+            split_target: layout.split_target,
+        }
     };
     (at(layout.down), at(layout.main))
 }
@@ -515,8 +535,8 @@ fn partials(workspace: Buf, layout: &WorkspaceLayout, dtype: DType) -> (Partials
 /// The steps of pass `p` of `kind` (its columns named `cols` in errors, `batch` problems):
 /// the pass, or, where its blocks are few and its K long, the pass split over K into runs
 /// whose f32 sums go to `partials` (rows `ldp` apart) and their reduction (a dependent
-/// launch). Only a single problem splits, and only where the partial sums fit and are 4-byte
-/// aligned (a fresh allocation's always are). `overlap`: the pass is a dependent launch of
+/// launch). Only a single problem splits, into as many runs as its partial sums have room for,
+/// and only where they are 4-byte aligned (a fresh allocation's always are). `overlap`: the pass is a dependent launch of
 /// the step before it (see [`overlapping`]).
 fn pass_steps(
     (kind, dtype): (Kind, DType),
@@ -529,15 +549,11 @@ fn pass_steps(
     let (m, n) = (p.m as usize, p.n as usize);
     let (_, _, bk) = tile(kind);
     let k_tiles = (p.k1 as usize).div_ceil(bk) + (p.k2 as usize).div_ceil(bk);
-    let splits = match k_splits(kind, m, n, k_tiles, partials.split_target) {
-        s if batch == 1
-            && partials.addr % 4 == 0
-            && s.saturating_mul(m).saturating_mul(ldp) <= partials.room =>
-        {
-            s
-        }
-        _ => 1,
+    let fit = match batch == 1 && partials.addr % 4 == 0 {
+        true => partials.room / m.saturating_mul(ldp).max(1),
+        false => 0,
     };
+    let splits = k_splits(kind, m, n, k_tiles, partials.split_target, fit);
     let mut pass = launch_for(kind, dtype, m, (cols, n), batch, splits)?;
     pass.overlap_previous = overlap;
     if splits == 1 {
@@ -626,7 +642,12 @@ pub fn delta_linear(
     check_gate(b.gate, op.composition, d.m)?;
     let ldt = workspace_ld(d.r);
     let layout = workspace_layout(d.m, 1, d.r, d.n, d.split_target);
-    check_len("workspace", Some(b.workspace), layout.len, None)?;
+    check_len(
+        "workspace",
+        Some(b.workspace),
+        layout.t,
+        Some(WORKSPACE_LEAST),
+    )?;
     check_matrix(
         "y",
         b.y,
@@ -774,7 +795,12 @@ pub fn delta_apply(
     let ldt = d.heads * workspace_ld(d.r);
     // m·heads·r can pass usize::MAX (heads is bounded only by the grid, checked later).
     let layout = workspace_layout(d.m, d.heads, d.r, d.head_dim, d.split_target);
-    check_len("workspace", Some(b.workspace), layout.len, None)?;
+    check_len(
+        "workspace",
+        Some(b.workspace),
+        layout.t,
+        Some(WORKSPACE_LEAST),
+    )?;
     check_matrix(
         "y",
         b.y,
