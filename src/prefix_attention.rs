@@ -155,8 +155,9 @@ impl PrefixAttentionDims {
         }
     }
 
-    /// f32 elements of the split-KV workspace of `prefix_attention` for `dtype` (0: these
-    /// dims never split; see [`PrefixAttentionArgs::workspace`]). It depends on the dtype
+    /// f32 elements of the split-KV workspace with which `prefix_attention` splits as the plan
+    /// wants for `dtype` (0: these dims never split; a shorter workspace splits less, see
+    /// [`PrefixAttentionArgs::workspace`]). It depends on the dtype
     /// (whose kernel's key tiles the runs are cut in) and on every field, the layouts too
     /// (they decide whether a GQA group's heads share a block, and so the number of runs):
     /// compute it from the dims you launch with.
@@ -192,7 +193,11 @@ pub struct PrefixAttentionArgs<R, W, Lens, Stats> {
     pub lambda: Option<Stats>,
     /// f32 scratch of [`PrefixAttentionDims::workspace_len`] elements, which lets a grid too
     /// small to fill the GPU (decoding: q_len = 1, few sequences) split the keys over more
-    /// blocks (flash-decoding); `None`, or a length of 0 needed, runs one pass.
+    /// blocks (flash-decoding); `None`, or a length of 0 needed, runs one pass. A shorter
+    /// one is accepted and splits into as many runs as it has room for (one run's states:
+    /// B·Hq·Lq·(d + 4) f32), or none: an engine can allocate one for its largest need and
+    /// pass it to every call. It need not be initialised, and may be reused by any call
+    /// queued after this one completes (stream order).
     pub workspace: Option<Stats>,
 }
 

@@ -187,6 +187,15 @@ fn params_sizes_match_the_cxx_structs() {
 /// The launches `prefix_attention` plans for `dims` in `dtype`, given a workspace as long as
 /// they want (the planner alone: nothing runs).
 fn planned(dims: &PrefixAttentionDims, dtype: DType) -> Vec<(Launch, PrefixAttentionParams)> {
+    planned_with(dims, dtype, usize::MAX)
+}
+
+/// [`planned`] with a workspace of `workspace_len` f32.
+fn planned_with(
+    dims: &PrefixAttentionDims,
+    dtype: DType,
+    workspace_len: usize,
+) -> Vec<(Launch, PrefixAttentionParams)> {
     let all = Buf {
         addr: 4096,
         len: usize::MAX,
@@ -201,7 +210,10 @@ fn planned(dims: &PrefixAttentionDims, dtype: DType) -> Vec<(Launch, PrefixAtten
         out: all,
         lse: None,
         lambda: None,
-        workspace: Some(all),
+        workspace: Some(Buf {
+            len: workspace_len,
+            ..all
+        }),
     };
     let op = PrefixAttention {
         scale: None,
@@ -284,5 +296,33 @@ fn split_target_keeps_the_grid() {
         let (attention, params) = planned(&dims, dtype)[0];
         assert_eq!(params.kv_splits, 15, "{dtype}");
         assert_eq!(attention.grid[2], 4096 * 15, "{dtype}");
+    }
+}
+
+/// A split-KV workspace shorter than the dims want is accepted: the pass splits into the runs
+/// it has room for, none below two runs' worth (decoding 2 sequences × 4 heads over 3000
+/// keys: 16 runs wanted, 4 in four runs' worth, 3 in one state less, none in two less one).
+#[test]
+fn a_short_workspace_splits_less() {
+    let dims = PrefixAttentionDims::new(2, 4, 4, 1, 3000, 30, 128);
+    let one_run = 2 * 4 * (128 + 4);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let want = plan::kv_splits(&dims, dtype);
+        assert!(want > 4, "{dtype}: {want} runs");
+        assert_eq!(dims.workspace_len(dtype), want * one_run, "{dtype}");
+        for (len, runs) in [
+            (dims.workspace_len(dtype), want),
+            (4 * one_run, 4),
+            (4 * one_run - 1, 3),
+            (2 * one_run - 1, 1),
+            (0, 1),
+        ] {
+            let launches = planned_with(&dims, dtype, len);
+            assert_eq!(
+                launches[0].1.kv_splits as usize, runs,
+                "{dtype}, workspace {len}"
+            );
+            assert_eq!(launches.len(), if runs > 1 { 2 } else { 1 }, "{dtype}");
+        }
     }
 }

@@ -202,11 +202,12 @@ fn key_tile(dtype: DType, d: usize) -> usize {
 /// leaves an unnormalised state in the workspace and `prefix_attention_split_merge` combines
 /// them.
 pub fn kv_splits(d: &PrefixAttentionDims, dtype: DType) -> usize {
-    runs(d, dtype, packed_heads(d))
+    runs(d, dtype, packed_heads(d), usize::MAX)
 }
 
-/// [`kv_splits`] for a grid whose blocks take `pack` query heads each.
-fn runs(d: &PrefixAttentionDims, dtype: DType, pack: usize) -> usize {
+/// [`kv_splits`] for a grid whose blocks take `pack` query heads each, in at most `fit` runs
+/// (what the caller's workspace has room for).
+fn runs(d: &PrefixAttentionDims, dtype: DType, pack: usize, fit: usize) -> usize {
     let keys = key_tile(dtype, d.head_dim);
     let blocks = (d.q_len * pack)
         .div_ceil(QUERY_ROWS)
@@ -223,6 +224,7 @@ fn runs(d: &PrefixAttentionDims, dtype: DType, pack: usize) -> usize {
         .div_ceil(blocks)
         .min(tiles / MIN_TILES_PER_RUN)
         .min(grid_z_room)
+        .min(fit)
         .clamp(1, MAX_KV_SPLITS);
     // Runs of ceil(tiles / want) tiles, as the kernel cuts them, and no empty one at the end.
     tiles.div_ceil(tiles.div_ceil(want).max(1)).max(1)
@@ -238,10 +240,13 @@ pub fn workspace_len(d: &PrefixAttentionDims, dtype: DType) -> usize {
 fn run_states_len(d: &PrefixAttentionDims, splits: usize) -> usize {
     match splits {
         1 => 0,
-        s => s
-            .saturating_mul(d.rows())
-            .saturating_mul(d.head_dim.saturating_add(4)),
+        s => s.saturating_mul(run_state_len(d)),
     }
+}
+
+/// f32 elements of one run's states: the output and 4 statistics of every query row.
+fn run_state_len(d: &PrefixAttentionDims) -> usize {
+    d.rows().saturating_mul(d.head_dim.saturating_add(4))
 }
 
 fn positive(arg: &'static str, v: usize) -> Result<usize> {
@@ -504,24 +509,17 @@ pub fn prefix_attention(
     )?;
     check_len("lse", b.lse, d.rows(), Some("[B, Hq, Lq]"))?;
     check_len("lambda", b.lambda, d.rows(), Some("[B, Hq, Lq]"))?;
-    // Split only with a workspace (callers who pass none keep one launch).
-    // Packed GQA groups: one block row per group (grid.x is 1: the rows fit one block).
+    // Split only with a workspace (callers who pass none keep one launch), into as many
+    // runs as it has room for. Packed GQA groups: one block row per group (grid.x is 1: the
+    // rows fit one block).
     let pack = packed_heads(d);
     let splits = match b.workspace {
-        Some(w) => {
-            let splits = runs(d, dtype, pack);
-            let need = run_states_len(d, splits);
-            if w.len < need {
-                return Err(Error::invalid(
-                    "workspace",
-                    format!("at least {need} f32 (PrefixAttentionDims::workspace_len)"),
-                    w.len,
-                ));
-            }
-            splits
-        }
+        Some(w) => runs(d, dtype, pack, w.len / run_state_len(d).max(1)),
         None => 1,
     };
+    debug_assert!(b
+        .workspace
+        .is_none_or(|w| w.len >= run_states_len(d, splits)));
 
     let mut grid = grid;
     // Packed rows fit one block (grid.x is 1 already); the pack is the group, dividing Hq.

@@ -83,6 +83,8 @@ pub struct Case {
     pub split: bool,
     /// The dims' `split_target`.
     pub split_target: usize,
+    /// The split-KV workspace's length when `split`; None: what the dims want.
+    pub workspace_len: Option<usize>,
 }
 
 impl Case {
@@ -111,6 +113,7 @@ impl Case {
             scale: None,
             split: true,
             split_target: DEFAULT_SPLIT_TARGET,
+            workspace_len: None,
         }
     }
 
@@ -455,25 +458,31 @@ impl<T: Element> Outputs<T> {
 }
 
 /// Runs the fused kernel on a case's inputs, with the split-KV workspace its dims want
-/// (NaN-poisoned), so that every case that can split does, unless it asks for one pass.
+/// (NaN-poisoned; `case.workspace_len` if given), so that every case that can split does,
+/// unless it asks for one pass. A guard of NaN past the workspace must stay untouched.
 pub fn run_fused<B: Backend, T: Element>(be: &B, case: &Case, x: &Inputs<T>) -> Outputs<T> {
+    const GUARD: usize = 4096;
     let dims = case.dims();
     let mut o = Outputs::poisoned(&dims);
-    let len = if case.split {
-        dims.workspace_len(T::DTYPE)
-    } else {
-        0
+    let len = match case.split {
+        true => case.workspace_len.unwrap_or(dims.workspace_len(T::DTYPE)),
+        false => 0,
     };
-    let mut workspace = vec![f32::NAN; len];
+    let mut workspace = vec![f32::NAN; len + GUARD];
+    let (workspace, guard) = workspace.split_at_mut(len);
     let args = x.args(
         case,
         &mut o.out.data,
         Some(&mut o.lse),
         Some(&mut o.lambda),
-        (!workspace.is_empty()).then_some(&mut workspace[..]),
+        (!workspace.is_empty()).then_some(workspace),
     );
     be.attention(&case.op(), &dims, args)
         .unwrap_or_else(|e| panic!("{case:?}: {e}"));
+    assert!(
+        guard.iter().all(|v| v.is_nan()),
+        "{case:?}: written past a workspace of {len}"
+    );
     o
 }
 
@@ -1248,12 +1257,21 @@ fn split_edges<B: Backend, T: Element>(be: &B, rng: &mut Rng, case: &Case) {
             );
         }
     }
-    let x = Inputs::<T>::new(rng, case);
-    let dims = case.dims();
-    let mut o = Outputs::poisoned(&dims);
-    let mut short = vec![0.0f32; dims.workspace_len(T::DTYPE) - 1];
-    let args = x.args(case, &mut o.out.data, None, None, Some(&mut short));
-    expect_invalid(be.attention(&case.op(), &dims, args), "workspace");
+    // A workspace shorter than the dims want splits into the runs it has room for (or none):
+    // one short of the want, two runs' worth, one run's worth less one.
+    let (want, one_run) = (case.dims().workspace_len(T::DTYPE), run_state_len(case));
+    for len in [want - 1, 2 * one_run, one_run - 1] {
+        let short = Case {
+            workspace_len: Some(len),
+            ..case.clone()
+        };
+        check_fused::<_, T>(be, rng, &short);
+    }
+}
+
+/// f32 elements of one split-KV run's states: the output and 4 statistics per query row.
+pub fn run_state_len(case: &Case) -> usize {
+    case.batch * case.heads * case.q_len * (case.head_dim + 4)
 }
 
 /// Grouped-query attention with few queries: the query heads of a KV group share one
