@@ -79,7 +79,9 @@ impl DeltaLinear {
     }
 }
 
-/// Sizes and row strides of a delta-linear call. W, W_down, W_up are contiguous.
+/// Sizes and row strides of a delta-linear call. W, W_down, W_up, the biases and the gate
+/// are contiguous and must hold exactly their shape (a longer one is a mistaken shape and
+/// refused); x, u and y have row strides, and their buffers may run past the last row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeltaLinearDims {
     /// Rows (tokens, batch × sequence).

@@ -374,22 +374,27 @@ fn tensor_cores_on_unaligned_operands(backend: &Backend) {
     ));
 }
 
-/// The operands of a delta-linear call as the planner sees them, at a fake aligned address
-/// (the planner alone touches no memory): x [m, k], W [n, k], W_down [r, k], W_up [n, r],
-/// the workspace and y, no bias or gate.
+/// The operands of a delta-linear call of `insertion` as the planner sees them, at a fake
+/// aligned address (the planner alone touches no memory): x [m, k], W [n, k], W_down [r, k]
+/// (sequential: [r, n]), W_up [n, r], the workspace and y, no bias or gate.
 fn planner_bufs(
+    insertion: Insertion,
     m: usize,
     n: usize,
     k: usize,
     r: usize,
 ) -> peft_kernels::plan::delta_linear::DeltaLinearBufs {
     let buf = |len| peft_kernels::plan::Buf { addr: 4096, len };
+    let k_u = match insertion {
+        Insertion::Parallel => k,
+        Insertion::Sequential => n,
+    };
     peft_kernels::plan::delta_linear::DeltaLinearBufs {
         x: buf(m * k),
         w: buf(n * k),
         bias: None,
         u: None,
-        w_down: buf(r * k),
+        w_down: buf(r * k_u),
         b_down: None,
         w_up: buf(n * r),
         b_up: None,
@@ -495,7 +500,7 @@ fn passes_split_over_k(backend: &Backend) {
             (dims.k_u, dims.ld_u) = (k, k);
             let bufs = DeltaLinearBufs {
                 gate: (composition == Composition::Gated).then_some(Buf { addr: 4096, len: m }),
-                ..planner_bufs(m, n, k, r)
+                ..planner_bufs(insertion, m, n, k, r)
             };
             let steps = delta_linear(&op, &dims, DType::BF16, &bufs).unwrap();
             let reductions = steps
@@ -538,7 +543,7 @@ fn split_target_sets_the_runs(backend: &Backend) {
                 addr: 4096,
                 len: dims.workspace_len(),
             },
-            ..planner_bufs(m, n, k, r)
+            ..planner_bufs(Insertion::Parallel, m, n, k, r)
         };
         let steps = delta_linear(&op, dims, DType::BF16, &bufs).unwrap();
         steps.iter().map(|(_, p)| p.k_splits).collect()
@@ -571,7 +576,8 @@ fn split_target_sets_the_runs(backend: &Backend) {
         split_target: 512,
         ..DeltaLinearDims::new(m, n, k, r)
     };
-    let steps = delta_linear(&op, &dims, DType::BF16, &planner_bufs(m, n, k, r)).unwrap();
+    let bufs = planner_bufs(Insertion::Parallel, m, n, k, r);
+    let steps = delta_linear(&op, &dims, DType::BF16, &bufs).unwrap();
     let runs: Vec<i32> = steps.iter().map(|(_, p)| p.k_splits).collect();
     assert_eq!(
         runs,
@@ -605,21 +611,10 @@ fn a_short_workspace_splits_less(backend: &Backend) {
             let runs = |len: usize| -> Vec<i32> {
                 let bufs = DeltaLinearBufs {
                     workspace: Buf { addr: 4096, len },
-                    w_down: Buf {
-                        addr: 4096,
-                        len: r * if insertion == Insertion::Sequential {
-                            n
-                        } else {
-                            k
-                        },
-                    },
-                    ..planner_bufs(m, n, k, r)
+                    gate: Some(Buf { addr: 4096, len: m }),
+                    ..planner_bufs(insertion, m, n, k, r)
                 };
                 let op = DeltaLinear::new(insertion, Activation::Relu, Composition::Gated);
-                let bufs = DeltaLinearBufs {
-                    gate: Some(Buf { addr: 4096, len: m }),
-                    ..bufs
-                };
                 let steps = delta_linear(&op, &dims, DType::F16, &bufs).unwrap();
                 steps.iter().map(|(_, p)| p.k_splits).collect()
             };
@@ -1287,6 +1282,132 @@ fn bad_arguments_name_the_argument(backend: &Backend) {
     );
 }
 
+/// A tensor without a stride (weights, biases, the gate) must have its exact shape: one
+/// element more is a mistaken shape, not room to spare, and is refused naming it, e.g. a
+/// parallel adapter's W_down [r, k] given to a sequential one, whose W_down is [r, n].
+#[test]
+fn unstrided_tensors_have_their_exact_shape() {
+    use peft_kernels::plan::delta_linear::{
+        delta_apply, delta_linear, lora_merge, DeltaApplyBufs, DeltaLinearBufs, LoraMergeBufs,
+    };
+    use peft_kernels::plan::Buf;
+    use peft_kernels::DType;
+
+    let (m, n, k, r) = (3, 10, 12, 4);
+    let buf = |len| Buf { addr: 4096, len };
+    let op = DeltaLinear::new(Insertion::Parallel, Activation::Relu, Composition::Gated);
+    let dims = DeltaLinearDims::new(m, n, k, r);
+    let exact = DeltaLinearBufs {
+        bias: Some(buf(n)),
+        b_down: Some(buf(r)),
+        b_up: Some(buf(n)),
+        gate: Some(buf(m)),
+        ..planner_bufs(Insertion::Parallel, m, n, k, r)
+    };
+    assert!(delta_linear(&op, &dims, DType::F16, &exact).is_ok());
+    let longer = |b: Buf| Buf {
+        len: b.len + 1,
+        ..b
+    };
+    let some_longer = |b: Option<Buf>| b.map(longer);
+    for (arg, bufs) in [
+        (
+            "w",
+            DeltaLinearBufs {
+                w: longer(exact.w),
+                ..exact
+            },
+        ),
+        (
+            "bias",
+            DeltaLinearBufs {
+                bias: some_longer(exact.bias),
+                ..exact
+            },
+        ),
+        (
+            "w_down",
+            DeltaLinearBufs {
+                w_down: longer(exact.w_down),
+                ..exact
+            },
+        ),
+        (
+            "b_down",
+            DeltaLinearBufs {
+                b_down: some_longer(exact.b_down),
+                ..exact
+            },
+        ),
+        (
+            "w_up",
+            DeltaLinearBufs {
+                w_up: longer(exact.w_up),
+                ..exact
+            },
+        ),
+        (
+            "b_up",
+            DeltaLinearBufs {
+                b_up: some_longer(exact.b_up),
+                ..exact
+            },
+        ),
+        (
+            "gate",
+            DeltaLinearBufs {
+                gate: some_longer(exact.gate),
+                ..exact
+            },
+        ),
+    ] {
+        match delta_linear(&op, &dims, DType::F16, &bufs) {
+            Err(Error::InvalidArgument {
+                arg: got, expected, ..
+            }) => {
+                assert_eq!(got, arg);
+                assert!(expected.contains("exactly"), "{arg}: {expected}");
+            }
+            other => panic!("{arg} one element long: {other:?}"),
+        }
+    }
+    // A sequential adapter given the parallel shape of W_down.
+    let houlsby = DeltaLinear::houlsby(Activation::Relu);
+    let parallel_shaped = planner_bufs(Insertion::Parallel, m, n, k, r);
+    match delta_linear(&houlsby, &dims, DType::F16, &parallel_shaped) {
+        Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, "w_down"),
+        other => panic!("a sequential W_down of the parallel shape: {other:?}"),
+    }
+    // delta_apply's per-head weights and the merge's factors alike.
+    let apply = DeltaApplyDims::new(m, 2, 8, 8, r);
+    let apply_bufs = DeltaApplyBufs {
+        h: None,
+        u: Some(buf(m * 16)),
+        w_down: buf(2 * r * 8 + 1),
+        b_down: None,
+        w_up: buf(16 * r),
+        b_up: None,
+        gate: None,
+        workspace: buf(apply.workspace_len()),
+        y: buf(m * 16),
+    };
+    let plain = DeltaLinear::new(Insertion::Parallel, Activation::Relu, Composition::Add);
+    match delta_apply(&plain, &apply, DType::F16, &apply_bufs) {
+        Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, "w_down"),
+        other => panic!("delta_apply, w_down one element long: {other:?}"),
+    }
+    let merge = LoraMergeBufs {
+        w: buf(n * k),
+        lora_a: buf(r * k),
+        lora_b: buf(n * r + 1),
+    };
+    let merge_dims = LoraMergeDims { n, k, r };
+    match lora_merge(DType::F16, &merge_dims, 1.0, &merge) {
+        Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, "lora_b"),
+        other => panic!("lora_merge, lora_b one element long: {other:?}"),
+    }
+}
+
 /// The planner alone (no memory is touched): sizes whose element counts or tile coordinates
 /// overflow are refused, naming the argument, instead of passing as small matrices.
 #[test]
@@ -1296,7 +1417,7 @@ fn the_planner_refuses_overflowing_sizes() {
     use peft_kernels::DType;
 
     let (m, n, k, r) = (3, 10, 12, 4);
-    let bufs = planner_bufs(m, n, k, r);
+    let bufs = planner_bufs(Insertion::Parallel, m, n, k, r);
     let op = DeltaLinear::lora(8.0, r);
     let dims = DeltaLinearDims::new(m, n, k, r);
     fn refused(op: &DeltaLinear, dims: &DeltaLinearDims, bufs: &DeltaLinearBufs) -> &'static str {
@@ -1347,8 +1468,14 @@ fn the_planner_refuses_overflowing_sizes() {
         len: usize::MAX,
     };
     let wide_bufs = DeltaLinearBufs {
-        w: all,
-        w_up: all,
+        w: Buf {
+            len: wide.n * wide.k,
+            ..all
+        },
+        w_up: Buf {
+            len: wide.n * r,
+            ..all
+        },
         y: all,
         ..bufs
     };
@@ -1361,20 +1488,32 @@ fn the_planner_refuses_overflowing_sizes() {
         ld_u: k,
         ..DeltaLinearDims::new(m, n, k, r)
     };
-    let long_bufs = DeltaLinearBufs {
+    // Exact weights (they have no stride), everything else as long as can be.
+    let long_bufs = |d: &DeltaLinearDims| DeltaLinearBufs {
         x: all,
-        w: all,
-        w_down: all,
-        w_up: all,
+        w: Buf {
+            len: d.n * d.k,
+            ..all
+        },
+        w_down: Buf {
+            len: d.r * d.k,
+            ..all
+        },
+        w_up: Buf {
+            len: d.n * d.r,
+            ..all
+        },
         workspace: all,
         ..bufs
     };
-    assert_eq!(
-        refused(&op, &long(i32::MAX as usize, r), &long_bufs),
-        "dims.k"
+    let (too_long, too_wide, longest) = (
+        long(i32::MAX as usize, r),
+        long(k, (1 << 30) + 1),
+        long(1 << 30, r),
     );
-    assert_eq!(refused(&op, &long(k, (1 << 30) + 1), &long_bufs), "dims.r");
-    assert!(delta_linear(&op, &long(1 << 30, r), DType::F16, &long_bufs).is_ok());
+    assert_eq!(refused(&op, &too_long, &long_bufs(&too_long)), "dims.k");
+    assert_eq!(refused(&op, &too_wide, &long_bufs(&too_wide)), "dims.r");
+    assert!(delta_linear(&op, &longest, DType::F16, &long_bufs(&longest)).is_ok());
     // More rows than grid.y has tiles for: the error names dims.m, not a grid dimension.
     let tall = DeltaLinearDims {
         m: 65_535 * 16 + 1,
@@ -1419,11 +1558,7 @@ fn many_rows_never_split() {
                     addr: 4096,
                     len: dims.workspace_len(),
                 },
-                w_down: Buf {
-                    addr: 4096,
-                    len: r * k.max(n),
-                },
-                ..planner_bufs(m, n, k, r)
+                ..planner_bufs(insertion, m, n, k, r)
             };
             let op = DeltaLinear::new(insertion, Activation::Relu, Composition::Add);
             let steps = delta_linear(&op, &dims, DType::BF16, &bufs)
@@ -1443,9 +1578,7 @@ fn many_rows_never_split() {
 /// read what the caller's earlier work wrote.
 #[test]
 fn only_up_projections_and_reductions_overlap() {
-    use peft_kernels::plan::delta_linear::{
-        delta_apply, delta_linear, DeltaApplyBufs, DeltaLinearBufs,
-    };
+    use peft_kernels::plan::delta_linear::{delta_apply, delta_linear, DeltaApplyBufs};
     use peft_kernels::plan::Buf;
     use peft_kernels::DType;
 
@@ -1454,7 +1587,6 @@ fn only_up_projections_and_reductions_overlap() {
         steps.iter().map(|(l, _)| l.overlap_previous).collect()
     };
     let (m, n, k, r) = (5, 24, 40, 4);
-    let bufs = planner_bufs(m, n, k, r);
     let dims = DeltaLinearDims::new(m, n, k, r);
     for kernel in [
         KernelVariant::Auto,
@@ -1467,6 +1599,7 @@ fn only_up_projections_and_reductions_overlap() {
             (Insertion::Sequential, vec![false, false, true]),
         ] {
             let op = DeltaLinear::new(insertion, Activation::Relu, Composition::Add);
+            let bufs = planner_bufs(insertion, m, n, k, r);
             let steps = delta_linear(&op, &dims, DType::BF16, &bufs).unwrap();
             assert_eq!(overlaps(steps), expected, "{insertion:?} {kernel:?}");
         }
@@ -1474,14 +1607,6 @@ fn only_up_projections_and_reductions_overlap() {
     // A split down pass (decode, K of 32 k-tiles): its reduction overlaps the split pass and
     // the up-projection overlaps the reduction.
     let k = 4096;
-    let split_bufs = DeltaLinearBufs {
-        x: buf(m * k),
-        w: buf(k * k),
-        w_down: buf(r * k),
-        w_up: buf(k * r),
-        y: buf(m * k),
-        ..bufs
-    };
     // The parallel main pass (one column tile) splits too: its reduction overlaps it.
     for (insertion, n, expected) in [
         (Insertion::Parallel, n, vec![false, true, true, true]),
@@ -1489,6 +1614,7 @@ fn only_up_projections_and_reductions_overlap() {
     ] {
         let op = DeltaLinear::new(insertion, Activation::Relu, Composition::Add);
         let dims = DeltaLinearDims::new(m, n, k, r);
+        let split_bufs = planner_bufs(insertion, m, n, k, r);
         let steps = delta_linear(&op, &dims, DType::BF16, &split_bufs).unwrap();
         assert_eq!(overlaps(steps), expected, "split {insertion:?}");
     }

@@ -177,6 +177,29 @@ fn check_matrix(arg: &'static str, buf: Buf, layout: MatrixLayout) -> Result<()>
     Ok(())
 }
 
+/// Checks that `buf`, if given, is exactly the contiguous tensor `shape` (rows, columns): a
+/// tensor without a stride that is longer than its shape is a mistaken shape (a parallel
+/// adapter's W_down given to a sequential one, a whole fused QKV weight), not room to spare.
+fn check_exact(arg: &'static str, buf: Option<Buf>, (rows, cols): (usize, usize)) -> Result<()> {
+    let Some(buf) = buf else { return Ok(()) };
+    let shape = if rows == 1 {
+        format!("[{cols}]")
+    } else {
+        format!("[{rows}, {cols}]")
+    };
+    match rows.checked_mul(cols) {
+        Some(len) if buf.len == len => Ok(()),
+        need => Err(Error::invalid(
+            arg,
+            match need {
+                Some(len) => format!("exactly {len} elements, a contiguous {shape}"),
+                None => format!("a contiguous {shape}, more than usize::MAX elements"),
+            },
+            format!("{} elements", buf.len),
+        )),
+    }
+}
+
 fn check_gate(gate: Option<Buf>, composition: Composition, m: usize) -> Result<()> {
     match (composition, gate) {
         (Composition::Gated, None) => Err(Error::invalid(
@@ -184,7 +207,7 @@ fn check_gate(gate: Option<Buf>, composition: Composition, m: usize) -> Result<(
             format!("a per-row gate λ of {m} elements for Composition::Gated"),
             "None",
         )),
-        (Composition::Gated, g) => check_len("gate", g, m, None),
+        (Composition::Gated, g) => check_exact("gate", g, (1, m)),
         (_, Some(_)) => Err(Error::invalid(
             "gate",
             "None unless composition is Composition::Gated",
@@ -609,8 +632,8 @@ pub fn delta_linear(
             ld: d.ld_x,
         },
     )?;
-    check_matrix("w", b.w, MatrixLayout::contiguous(d.n, d.k))?;
-    check_len("bias", b.bias, d.n, None)?;
+    check_exact("w", Some(b.w), (d.n, d.k))?;
+    check_exact("bias", b.bias, (1, d.n))?;
     let k_u = match (op.insertion, b.u) {
         (Insertion::Sequential, Some(_)) => {
             return Err(Error::invalid(
@@ -635,10 +658,10 @@ pub fn delta_linear(
         (Insertion::Parallel, None) => d.k,
     };
     let k_u32 = positive("dims.k_u", k_u)?;
-    check_matrix("w_down", b.w_down, MatrixLayout::contiguous(d.r, k_u))?;
-    check_len("b_down", b.b_down, d.r, None)?;
-    check_matrix("w_up", b.w_up, MatrixLayout::contiguous(d.n, d.r))?;
-    check_len("b_up", b.b_up, d.n, None)?;
+    check_exact("w_down", Some(b.w_down), (d.r, k_u))?;
+    check_exact("b_down", b.b_down, (1, d.r))?;
+    check_exact("w_up", Some(b.w_up), (d.n, d.r))?;
+    check_exact("b_up", b.b_up, (1, d.n))?;
     check_gate(b.gate, op.composition, d.m)?;
     let ldt = workspace_ld(d.r);
     let layout = workspace_layout(d.m, 1, d.r, d.n, d.split_target);
@@ -783,14 +806,10 @@ pub fn delta_apply(
             (u.addr, d.ld_u, d.u_head_dim, du32)
         }
     };
-    check_matrix(
-        "w_down",
-        b.w_down,
-        MatrixLayout::contiguous(d.heads * d.r, du),
-    )?;
-    check_len("b_down", b.b_down, d.heads * d.r, None)?;
-    check_matrix("w_up", b.w_up, MatrixLayout::contiguous(width, d.r))?;
-    check_len("b_up", b.b_up, width, None)?;
+    check_exact("w_down", Some(b.w_down), (d.heads.saturating_mul(d.r), du))?;
+    check_exact("b_down", b.b_down, (d.heads, d.r))?;
+    check_exact("w_up", Some(b.w_up), (width, d.r))?;
+    check_exact("b_up", b.b_up, (d.heads, d.head_dim))?;
     check_gate(b.gate, op.composition, d.m)?;
     let ldt = d.heads * workspace_ld(d.r);
     // m·heads·r can pass usize::MAX (heads is bounded only by the grid, checked later).
@@ -870,9 +889,9 @@ pub fn lora_merge(
     if !alpha.is_finite() {
         return Err(Error::invalid("alpha", "a finite scale", alpha));
     }
-    check_matrix("w", b.w, MatrixLayout::contiguous(n, k))?;
-    check_matrix("lora_a", b.lora_a, MatrixLayout::contiguous(r, k))?;
-    check_matrix("lora_b", b.lora_b, MatrixLayout::contiguous(n, r))?;
+    check_exact("w", Some(b.w), (n, k))?;
+    check_exact("lora_a", Some(b.lora_a), (r, k))?;
+    check_exact("lora_b", Some(b.lora_b), (n, r))?;
     let kernel = match dtype {
         DType::F32 => KernelId::lora_merge_f32,
         DType::F16 => KernelId::lora_merge_f16,
