@@ -27,6 +27,12 @@ pub enum KernelVariant {
     /// Tensor cores for f16/bf16 when the frozen GEMM's operands (x and W, or u and W_down)
     /// have 16-byte aligned rows, SIMT tiles otherwise. The delta's W_up [N, r] may have
     /// any rank: its rows are loaded element by element when r is not a multiple of 8.
+    /// 16-byte aligned rows mean: the buffer starts 16-byte aligned (cudarc allocations
+    /// do), a view into it starts a multiple of 8 elements in, and `ld_x`, `ld_u` and k are
+    /// multiples of 8. A view at any other offset runs correctly but on the CUDA cores,
+    /// several times slower for a large m, without a warning: keep activations' views on
+    /// 8-element boundaries (`plan::delta_linear::delta_linear` returns the launches, whose
+    /// kernel names say which ran).
     #[default]
     Auto,
     /// One thread per output: the correctness and speed baseline.
@@ -96,7 +102,8 @@ pub struct DeltaLinearDims {
     pub ld_x: usize,
     /// Row stride of y, ≥ n.
     pub ld_y: usize,
-    /// Columns of a separate parallel delta input u (ignored unless u is given).
+    /// Columns of a separate parallel delta input u (ignored unless u is given: a
+    /// sequential delta reads h, whose W_down is [r, n] whatever k_u says).
     pub k_u: usize,
     /// Row stride of u, ≥ k_u.
     pub ld_u: usize,
@@ -304,7 +311,7 @@ pub struct LoraMergeDims {
     pub r: usize,
 }
 
-/// The tensors of a LoRA merge `W ← W + alpha·B·A`.
+/// The tensors of a LoRA merge `W ← W + scale·B·A` (scale = ±α / r).
 #[derive(Debug)]
 pub struct LoraMergeArgs<R, W> {
     /// The frozen weight [n, k], updated in place.

@@ -7,7 +7,9 @@ use std::fmt;
 /// Everything that can go wrong in this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An argument has the wrong shape, stride, length, dtype or alignment.
+    /// An argument has the wrong shape, stride, length, dtype or alignment, or a size the
+    /// kernels are not built for (a head dim outside `prefix_attention::HEAD_DIMS` is
+    /// `dims.head_dim`, the expected value listing the supported ones).
     #[error("invalid argument `{arg}`: expected {expected}, got {got}")]
     InvalidArgument {
         /// The argument's name as it appears in the API.
@@ -17,7 +19,9 @@ pub enum Error {
         /// What it was given.
         got: String,
     },
-    /// A well-formed request that no kernel of this crate implements (say, a head dim of 48).
+    /// A well-formed request that no kernel of this crate or this device can run: f32
+    /// operands on the tensor-core kernels, Hopper's wgmma kernel elsewhere than on a 9.0
+    /// GPU, more shared memory than the device gives a block.
     #[error("unsupported: {0}")]
     Unsupported(String),
     /// The CPU emulator refused or aborted a launch: a barrier not every thread reached, a

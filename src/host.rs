@@ -96,10 +96,10 @@ host_op!(
     DeltaApplyArgs<&[T], &mut [T]>
 );
 host_op!(
-    /// `lora_merge` (`W ← W + alpha·B·A`) on host buffers.
+    /// `lora_merge` (`W ← W + scale·B·A`, scale = ±α / r) on host buffers.
     lora_merge,
     lora_merge_plan,
-    (dims: &LoraMergeDims, alpha: f32),
+    (dims: &LoraMergeDims, scale: f32),
     LoraMergeArgs<&[T], &mut [T]>
 );
 host_op!(
@@ -152,11 +152,11 @@ pub fn prefix_attention<T: Element>(
 #[cfg(feature = "cuda")]
 fn lora_merge_plan(
     dims: &LoraMergeDims,
-    alpha: f32,
+    scale: f32,
     dtype: crate::DType,
     b: &plan::delta_linear::LoraMergeBufs,
 ) -> Result<Vec<(Launch, plan::delta_linear::LoraMergeParams)>> {
-    Ok(vec![plan::delta_linear::lora_merge(dtype, dims, alpha, b)?])
+    Ok(vec![plan::delta_linear::lora_merge(dtype, dims, scale, b)?])
 }
 
 /// Host buffers copied to the GPU as a plan's operands, as bytes (so one upload serves the

@@ -59,7 +59,9 @@ pub mod kernels;
 pub mod plan;
 pub mod prefix_attention;
 pub mod reference;
+// The emulator's own checks (the crate's tests run them); not part of the API.
 #[cfg(feature = "emulator")]
+#[doc(hidden)]
 pub mod selftest;
 pub mod spec;
 pub mod validate;

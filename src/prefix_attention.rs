@@ -253,6 +253,9 @@ impl LseMergeDims {
 /// `λ = sigmoid(lse_prefix − lse_context)`, and optionally `lse = logaddexp(lse_prefix,
 /// lse_context)` and λ. A state with LSE −∞ (nothing attended) weighs 0 and its output is
 /// not read; two such states give output 0, LSE −∞, λ = 0. `StatsR` / `StatsW` are f32.
+/// Both LSEs must be natural-log sums over the same scaled scores (`ln Σ exp(scale·q·k)`,
+/// what `prefix_only_attention` returns): an attention kernel that reports its LSE in base
+/// 2, or over unscaled scores, must be converted first (multiply a base-2 LSE by ln 2).
 #[derive(Debug)]
 pub struct LseMergeArgs<R, W, StatsR, StatsW> {
     pub o_prefix: R,

@@ -66,16 +66,17 @@ pub fn delta_apply<'a, T: Element>(
     unsafe { bufs.run(&steps) }
 }
 
-/// Merges LoRA into the frozen weight in place on `stream`, `W ← W + alpha·B·A` (alpha =
-/// s to merge, −s to unmerge).
+/// Merges LoRA into the frozen weight in place on `stream`, `W ← W + scale·B·A`: `scale` =
+/// s to merge, −s to unmerge, with s the LoRA scale α / r (what `DeltaLinear::lora(α, r)`
+/// scales by; not α).
 pub fn lora_merge<'a, T: Element>(
     stream: &'a CudaStream,
     dims: &LoraMergeDims,
-    alpha: f32,
+    scale: f32,
     args: LoraMergeArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>>,
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
-    let step = plan::lora_merge(T::DTYPE, dims, alpha, &args.bufs(&mut bufs))?;
+    let step = plan::lora_merge(T::DTYPE, dims, scale, &args.bufs(&mut bufs))?;
     // SAFETY: as above.
     unsafe { bufs.run(&[step]) }
 }

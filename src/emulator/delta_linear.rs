@@ -31,13 +31,14 @@ pub fn delta_apply<T: Element>(
     run(&plan::delta_apply(op, dims, T::DTYPE, &bufs)?)
 }
 
-/// Merges LoRA into the frozen weight in place on the CPU emulator, `W ← W + alpha·B·A`
-/// (alpha = s to merge, −s to unmerge).
+/// Merges LoRA into the frozen weight in place on the CPU emulator, `W ← W + scale·B·A`:
+/// `scale` = s to merge, −s to unmerge, with s the LoRA scale α / r (what
+/// `DeltaLinear::lora(α, r)` scales by; not α).
 pub fn lora_merge<T: Element>(
     dims: &LoraMergeDims,
-    alpha: f32,
+    scale: f32,
     args: LoraMergeArgs<&[T], &mut [T]>,
 ) -> Result<()> {
     let bufs = args.bufs(&mut HostBufs);
-    run(&[plan::lora_merge(T::DTYPE, dims, alpha, &bufs)?])
+    run(&[plan::lora_merge(T::DTYPE, dims, scale, &bufs)?])
 }

@@ -66,6 +66,7 @@ pub struct LoraMergeParams {
     pub n: i32,
     pub k: i32,
     pub r: i32,
+    /// The scale of B·A: ±α / r.
     pub alpha: f32,
 }
 // SAFETY: as above.
@@ -875,19 +876,20 @@ pub fn delta_apply(
     Ok([down, up].concat())
 }
 
-/// Plans `lora_merge`: W ← W + alpha·B·A (alpha = ±s) for W [N, K], A [r, K], B [N, r].
+/// Plans `lora_merge`: W ← W + scale·B·A (scale = ±s, s = α / r) for W [N, K], A [r, K],
+/// B [N, r].
 pub fn lora_merge(
     dtype: DType,
     d: &LoraMergeDims,
-    alpha: f32,
+    scale: f32,
     b: &LoraMergeBufs,
 ) -> Result<(Launch, LoraMergeParams)> {
     let (n, k, r) = (d.n, d.k, d.r);
     let n32 = positive("dims.n", n)?;
     let k32 = positive("dims.k", k)?;
     let r32 = positive("dims.r", r)?;
-    if !alpha.is_finite() {
-        return Err(Error::invalid("alpha", "a finite scale", alpha));
+    if !scale.is_finite() {
+        return Err(Error::invalid("scale", "a finite scale", scale));
     }
     check_exact("w", Some(b.w), (n, k))?;
     check_exact("lora_a", Some(b.lora_a), (r, k))?;
@@ -914,7 +916,7 @@ pub fn lora_merge(
         n: n32,
         k: k32,
         r: r32,
-        alpha,
+        alpha: scale,
     };
     Ok((launch, p))
 }
