@@ -856,33 +856,13 @@ fn delta_apply_per_head(backend: &Backend) {
                 DeltaLinear::new(insertion, rng.pick(&Activation::ALL), composition)
             };
             let (f32_op, f16_op, bf16_op) = (op(), op(), op());
+            let tuning = (kernel, DEFAULT_SPLIT_TARGET);
             let shape = random_apply_shape(&mut rng, insertion);
-            multi_head_case::<f32>(
-                backend,
-                &mut rng,
-                shape,
-                f32_op,
-                in_place,
-                (kernel, DEFAULT_SPLIT_TARGET),
-            );
+            multi_head_case::<f32>(backend, &mut rng, shape, f32_op, in_place, tuning);
             let shape = random_apply_shape(&mut rng, insertion);
-            multi_head_case::<f16>(
-                backend,
-                &mut rng,
-                shape,
-                f16_op,
-                in_place,
-                (kernel, DEFAULT_SPLIT_TARGET),
-            );
+            multi_head_case::<f16>(backend, &mut rng, shape, f16_op, in_place, tuning);
             let shape = random_apply_shape(&mut rng, insertion);
-            multi_head_case::<bf16>(
-                backend,
-                &mut rng,
-                shape,
-                bf16_op,
-                in_place,
-                (kernel, DEFAULT_SPLIT_TARGET),
-            );
+            multi_head_case::<bf16>(backend, &mut rng, shape, bf16_op, in_place, tuning);
         }
     }
 }
@@ -939,23 +919,9 @@ fn delta_apply_decode_split_over_k(backend: &Backend) {
                 Composition::Scaled(-8.0),
             );
             let kernel = rng.pick(&[KernelVariant::Auto, KernelVariant::TensorCore]);
-            let shape = (m, 1, dh, du, r);
-            multi_head_case::<f16>(
-                backend,
-                &mut rng,
-                shape,
-                op,
-                in_place,
-                (kernel, DEFAULT_SPLIT_TARGET),
-            );
-            multi_head_case::<bf16>(
-                backend,
-                &mut rng,
-                shape,
-                op,
-                in_place,
-                (kernel, DEFAULT_SPLIT_TARGET),
-            );
+            let (shape, tuning) = ((m, 1, dh, du, r), (kernel, DEFAULT_SPLIT_TARGET));
+            multi_head_case::<f16>(backend, &mut rng, shape, op, in_place, tuning);
+            multi_head_case::<bf16>(backend, &mut rng, shape, op, in_place, tuning);
         }
     }
 }

@@ -434,9 +434,13 @@ pub(crate) fn workspace_ld(r: usize) -> usize {
 /// Passes of at most this many rows take the decode tile (kernels/delta_linear.cu, MmaDecode:
 /// BM = 16, BN = 32, BK = 128): weight streaming.
 const DECODE_ROWS: usize = 16;
-/// What the least workspace holds, for the error that names it.
-const WORKSPACE_LEAST: &str = "t: m × heads × r rounded up to 8; workspace_len() of the \
-                               dims adds the room to split passes with few blocks";
+/// An error naming the workspace unless it holds t, the least a call takes (a shorter one
+/// than `layout.len` splits less: see [`partials`]).
+fn check_workspace(workspace: Buf, layout: &WorkspaceLayout) -> Result<()> {
+    let least = "t: m × heads × r rounded up to 8; workspace_len() of the dims adds the room \
+                 to split passes with few blocks";
+    check_len("workspace", Some(workspace), layout.t, Some(least))
+}
 
 /// The most runs a split-K pass has.
 const MAX_K_SPLITS: usize = 32;
@@ -666,12 +670,7 @@ pub fn delta_linear(
     check_gate(b.gate, op.composition, d.m)?;
     let ldt = workspace_ld(d.r);
     let layout = workspace_layout(d.m, 1, d.r, d.n, d.split_target);
-    check_len(
-        "workspace",
-        Some(b.workspace),
-        layout.t,
-        Some(WORKSPACE_LEAST),
-    )?;
+    check_workspace(b.workspace, &layout)?;
     check_matrix(
         "y",
         b.y,
@@ -815,12 +814,7 @@ pub fn delta_apply(
     let ldt = d.heads * workspace_ld(d.r);
     // m·heads·r can pass usize::MAX (heads is bounded only by the grid, checked later).
     let layout = workspace_layout(d.m, d.heads, d.r, d.head_dim, d.split_target);
-    check_len(
-        "workspace",
-        Some(b.workspace),
-        layout.t,
-        Some(WORKSPACE_LEAST),
-    )?;
+    check_workspace(b.workspace, &layout)?;
     check_matrix(
         "y",
         b.y,
