@@ -146,6 +146,20 @@ impl PrefixAttentionDims {
         }
     }
 
+    /// Dims for `prefix_only_attention`, which reads no context: [`PrefixAttentionDims::new`]
+    /// with no context keys (its `kv_len`, `k` and `v` are not used; nor is the op's
+    /// `causal`, as every query sees every prefix vector).
+    pub fn prefix_only(
+        batch: usize,
+        heads: usize,
+        kv_heads: usize,
+        q_len: usize,
+        prefix_len: usize,
+        head_dim: usize,
+    ) -> Self {
+        Self::new(batch, heads, kv_heads, q_len, 0, prefix_len, head_dim)
+    }
+
     /// The same with one prefix `[Hkv, l, d]` shared by the whole batch.
     pub fn with_shared_prefix(self) -> Self {
         PrefixAttentionDims {
@@ -201,8 +215,9 @@ pub struct PrefixAttentionArgs<R, W, Lens, Stats> {
     pub workspace: Option<Stats>,
 }
 
-/// The tensors of `prefix_only_attention` (the dims' `kv_len`, `k` and `v` are not used):
-/// `out` = Attn(q, P_k, P_v) and its `lse` (−∞ and output 0 when l = 0).
+/// The tensors of `prefix_only_attention` (the dims' `kv_len`, `k` and `v` are not used:
+/// [`PrefixAttentionDims::prefix_only`] makes dims without them): `out` = Attn(q, P_k, P_v)
+/// and its `lse` (−∞ and output 0 when l = 0).
 #[derive(Debug)]
 pub struct PrefixOnlyArgs<R, W, Stats> {
     pub q: R,

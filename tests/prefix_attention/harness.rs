@@ -624,6 +624,42 @@ pub fn check_prefix_only_and_merge<B: Backend, T: Element>(be: &B, rng: &mut Rng
         &rp.lse,
         STAT_TOL,
     );
+    // The same from dims that name no context (contiguous layouts), bit for bit.
+    if case.layout == Layout::Contiguous {
+        let (b, h, hkv, lq, l, d) = (
+            case.batch,
+            case.heads,
+            case.kv_heads,
+            case.q_len,
+            case.prefix_len,
+            case.head_dim,
+        );
+        let mut own = PrefixAttentionDims::prefix_only(b, h, hkv, lq, l, d);
+        if case.shared_prefix {
+            own = own.with_shared_prefix();
+        }
+        let mut out_own = Strided::<T>::poisoned(dims.out, shape, 3);
+        let mut lse_own = vec![f32::NAN; dims.rows()];
+        let args = PrefixOnlyArgs {
+            q: &x.q.data[..],
+            prefix_k: &x.prefix_k.data[..],
+            prefix_v: &x.prefix_v.data[..],
+            out: &mut out_own.data[..],
+            lse: &mut lse_own[..],
+        };
+        be.prefix_only(&case.op(), &own, args).unwrap();
+        let bits = |v: &[T]| v.iter().map(|e| e.to_f64().to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&out_own.data),
+            bits(&out_p.data),
+            "prefix_only dims {name}"
+        );
+        assert_eq!(
+            lse_own.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            lse_p.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "prefix_only dims lse {name}"
+        );
+    }
 
     // The context part: the fused kernel with no prefix, into a contiguous output.
     let cdims = PrefixAttentionDims {
