@@ -10,8 +10,12 @@ pub enum Error {
     /// An argument has the wrong shape, stride, length, dtype or alignment, or a size the
     /// kernels are not built for (a head dim outside `prefix_attention::HEAD_DIMS` is
     /// `dims.head_dim`, the expected value listing the supported ones).
-    #[error("invalid argument `{arg}`: expected {expected}, got {got}")]
+    #[error("{}invalid argument `{arg}`: expected {expected}, got {got}", operation(.op))]
     InvalidArgument {
+        /// The operation whose argument it is (`delta_linear`, `prefix_attention`, …), so
+        /// that an error passed up through `?` still says which call failed; empty for a
+        /// check outside the operations.
+        op: &'static str,
         /// The argument's name as it appears in the API.
         arg: &'static str,
         /// What the call needs.
@@ -43,13 +47,41 @@ pub enum Error {
 }
 
 impl Error {
-    /// Shorthand for [`Error::InvalidArgument`].
+    /// Shorthand for [`Error::InvalidArgument`] (of no operation yet: see [`Error::of`]).
     pub fn invalid(arg: &'static str, expected: impl fmt::Display, got: impl fmt::Display) -> Self {
         Error::InvalidArgument {
+            op: "",
             arg,
             expected: expected.to_string(),
             got: got.to_string(),
         }
+    }
+
+    /// The error with its invalid argument attributed to operation `op` (other errors, and
+    /// an argument already attributed, unchanged).
+    pub(crate) fn of(self, op: &'static str) -> Self {
+        match self {
+            Error::InvalidArgument {
+                op: "",
+                arg,
+                expected,
+                got,
+            } => Error::InvalidArgument {
+                op,
+                arg,
+                expected,
+                got,
+            },
+            other => other,
+        }
+    }
+}
+
+/// "`op`: " before an invalid argument's message, when it has an operation.
+fn operation(op: &str) -> String {
+    match op {
+        "" => String::new(),
+        op => format!("{op}: "),
     }
 }
 

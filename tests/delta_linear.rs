@@ -1239,7 +1239,11 @@ fn bad_arguments_name_the_argument(backend: &Backend) {
         .unwrap_err()
     };
     let err = call(&d, &mut ws);
-    assert!(err.to_string().contains("`workspace`"), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.starts_with("delta_linear: invalid argument `workspace`"),
+        "{message}"
+    );
     let huge = DeltaLinearDims { m: 1 << 31, ..d };
     assert!(call(&huge, &mut ws).to_string().contains("`dims.m`"));
     assert!(

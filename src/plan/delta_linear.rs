@@ -623,6 +623,15 @@ pub fn delta_linear(
     dtype: DType,
     b: &DeltaLinearBufs,
 ) -> Result<Vec<(Launch, FusedLinearParams)>> {
+    plan_delta_linear(op, d, dtype, b).map_err(|e| e.of("delta_linear"))
+}
+
+fn plan_delta_linear(
+    op: &DeltaLinear,
+    d: &DeltaLinearDims,
+    dtype: DType,
+    b: &DeltaLinearBufs,
+) -> Result<Vec<(Launch, FusedLinearParams)>> {
     let n = positive("dims.n", d.n)?;
     let k = positive("dims.k", d.k)?;
     let r = positive("dims.r", d.r)?;
@@ -753,6 +762,15 @@ pub fn delta_apply(
     dtype: DType,
     b: &DeltaApplyBufs,
 ) -> Result<Vec<(Launch, FusedLinearParams)>> {
+    plan_delta_apply(op, d, dtype, b).map_err(|e| e.of("delta_apply"))
+}
+
+fn plan_delta_apply(
+    op: &DeltaLinear,
+    d: &DeltaApplyDims,
+    dtype: DType,
+    b: &DeltaApplyBufs,
+) -> Result<Vec<(Launch, FusedLinearParams)>> {
     positive("dims.heads", d.heads)?;
     let dh = positive("dims.head_dim", d.head_dim)?;
     let r = positive("dims.r", d.r)?;
@@ -873,6 +891,15 @@ pub fn delta_apply(
 /// Plans `lora_merge`: W ← W + scale·B·A (scale = ±s, s = α / r) for W [N, K], A [r, K],
 /// B [N, r].
 pub fn lora_merge(
+    dtype: DType,
+    d: &LoraMergeDims,
+    scale: f32,
+    b: &LoraMergeBufs,
+) -> Result<(Launch, LoraMergeParams)> {
+    plan_lora_merge(dtype, d, scale, b).map_err(|e| e.of("lora_merge"))
+}
+
+fn plan_lora_merge(
     dtype: DType,
     d: &LoraMergeDims,
     scale: f32,

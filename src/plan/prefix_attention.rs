@@ -420,7 +420,8 @@ pub fn check_context_lens(lens: &[u32], dims: &PrefixAttentionDims) -> Result<()
             "context_lens",
             format!("lengths <= kv_len = {}", dims.kv_len),
             format!("{n} for sequence {b}"),
-        )),
+        )
+        .of("prefix_attention")),
         None => Ok(()),
     }
 }
@@ -428,6 +429,15 @@ pub fn check_context_lens(lens: &[u32], dims: &PrefixAttentionDims) -> Result<()
 /// Plans `prefix_attention`: one launch of the fused kernel; with a workspace and a grid of
 /// fewer than 128 blocks, the split-KV pass and then `prefix_attention_split_merge`.
 pub fn prefix_attention(
+    op: &PrefixAttention,
+    dims: &PrefixAttentionDims,
+    dtype: DType,
+    b: &PrefixAttentionBufs,
+) -> Result<Vec<(Launch, PrefixAttentionParams)>> {
+    plan_prefix_attention(op, dims, dtype, b).map_err(|e| e.of("prefix_attention"))
+}
+
+fn plan_prefix_attention(
     op: &PrefixAttention,
     dims: &PrefixAttentionDims,
     dtype: DType,
@@ -585,6 +595,15 @@ pub fn prefix_only_attention(
     dtype: DType,
     b: &PrefixOnlyBufs,
 ) -> Result<Vec<(Launch, PrefixAttentionParams)>> {
+    plan_prefix_only_attention(op, dims, dtype, b).map_err(|e| e.of("prefix_only_attention"))
+}
+
+fn plan_prefix_only_attention(
+    op: &PrefixAttention,
+    dims: &PrefixAttentionDims,
+    dtype: DType,
+    b: &PrefixOnlyBufs,
+) -> Result<Vec<(Launch, PrefixAttentionParams)>> {
     let none = Buf { addr: 0, len: 0 };
     let dims = PrefixAttentionDims { kv_len: 0, ..*dims };
     let bufs = PrefixAttentionBufs {
@@ -651,6 +670,14 @@ pub fn lse_merge(
     dtype: DType,
     b: &LseMergeBufs,
 ) -> Result<Vec<(Launch, LseMergeParams)>> {
+    plan_lse_merge(dims, dtype, b).map_err(|e| e.of("lse_merge"))
+}
+
+fn plan_lse_merge(
+    dims: &LseMergeDims,
+    dtype: DType,
+    b: &LseMergeBufs,
+) -> Result<Vec<(Launch, LseMergeParams)>> {
     let d = dims;
     positive("dims.batch", d.batch)?;
     positive("dims.heads", d.heads)?;
@@ -690,6 +717,14 @@ pub fn lse_merge(
 
 /// Plans `kv_concat`.
 pub fn kv_concat(
+    dims: &KvConcatDims,
+    dtype: DType,
+    b: &KvConcatBufs,
+) -> Result<Vec<(Launch, KvConcatParams)>> {
+    plan_kv_concat(dims, dtype, b).map_err(|e| e.of("kv_concat"))
+}
+
+fn plan_kv_concat(
     dims: &KvConcatDims,
     dtype: DType,
     b: &KvConcatBufs,

@@ -831,8 +831,9 @@ pub fn check_concat<B: Backend, T: Element>(be: &B, rng: &mut Rng) {
 #[track_caller]
 fn expect_invalid(r: Result<()>, arg: &str) {
     match r {
-        Err(Error::InvalidArgument { arg: got, .. }) if got == arg => {}
-        other => panic!("expected an invalid `{arg}`, got {other:?}"),
+        // Attributed to the operation, so that it says which call failed.
+        Err(Error::InvalidArgument { op, arg: got, .. }) if got == arg && !op.is_empty() => {}
+        other => panic!("expected an invalid `{arg}` of an operation, got {other:?}"),
     }
 }
 
