@@ -175,7 +175,8 @@ pub struct DeltaLinearArgs<R, W> {
     pub b_up: Option<R>,
     /// Per-row gate λ `[m]`, only with `Composition::Gated`.
     pub gate: Option<R>,
-    /// Scratch of [`DeltaLinearDims::workspace_len`] elements.
+    /// Scratch of at least [`DeltaLinearDims::min_workspace_len`] elements;
+    /// [`DeltaLinearDims::workspace_len`] lets every pass split as the plan wants.
     pub workspace: W,
     /// The output [m, n], row stride `ld_y`.
     pub y: W,
@@ -257,7 +258,8 @@ pub struct DeltaApplyArgs<R, W> {
     pub b_up: Option<R>,
     /// Per-row gate λ `[m]`, only with `Composition::Gated`.
     pub gate: Option<R>,
-    /// Scratch of [`DeltaApplyDims::workspace_len`] elements.
+    /// Scratch of at least [`DeltaApplyDims::min_workspace_len`] elements;
+    /// [`DeltaApplyDims::workspace_len`] lets every pass split as the plan wants.
     pub workspace: W,
     /// [m, heads·head_dim].
     pub y: W,

@@ -23,9 +23,10 @@ pub enum Error {
         /// What it was given.
         got: String,
     },
-    /// A well-formed request that no kernel of this crate or this device can run: f32
-    /// operands on the tensor-core kernels, Hopper's wgmma kernel elsewhere than on a 9.0
-    /// GPU, more shared memory than the device gives a block.
+    /// A well-formed request that no kernel of this crate or this device can run, for
+    /// example f32 operands on the tensor-core kernels, Hopper's wgmma kernel elsewhere
+    /// than on a 9.0 GPU, more shared memory than the device gives a block, a GPU below
+    /// compute capability 8.0.
     #[error("unsupported: {0}")]
     Unsupported(String),
     /// The CPU emulator refused or aborted a launch: a barrier not every thread reached, a

@@ -173,7 +173,8 @@ impl<T: Element> Inputs<T> {
             .min_len(),
         );
         // The workspace is followed by a guard of NaN, which no write past it may change
-        // (the plan fits its splits to the workspace it is given).
+        // (the plan fits its splits to the workspace it is given). On the emulator only:
+        // the GPU backend uploads the workspace's slice alone.
         const GUARD: usize = 4096;
         let mut workspace = poisoned::<T>(workspace_len.saturating_add(GUARD));
         let (workspace, guard) = workspace.split_at_mut(workspace_len);
@@ -891,8 +892,14 @@ fn delta_apply_decode_split_over_k(backend: &Backend) {
                 Insertion::Parallel => (dh, du),
             };
             let buf = |len| Buf { addr: 4096, len };
-            let plan = |heads: usize| {
+            // The plan's step count for `heads` heads, with the workspace the dims want or,
+            // when `least`, the least they take (which splits nothing).
+            let plan = |heads: usize, least: bool| {
                 let dims = DeltaApplyDims::new(m, heads, dh, du, r);
+                let workspace = match least {
+                    true => dims.min_workspace_len(),
+                    false => dims.workspace_len(),
+                };
                 let bufs = DeltaApplyBufs {
                     h: (!in_place).then_some(buf(m * heads * dh)),
                     u: (insertion == Insertion::Parallel).then_some(buf(m * heads * du)),
@@ -901,18 +908,16 @@ fn delta_apply_decode_split_over_k(backend: &Backend) {
                     w_up: buf(heads * dh * r),
                     b_up: None,
                     gate: None,
-                    workspace: buf(dims.workspace_len()),
+                    workspace: buf(workspace),
                     y: buf(m * heads * dh),
                 };
                 let op = DeltaLinear::new(insertion, Activation::Identity, Composition::Add);
                 delta_apply(&op, &dims, DType::BF16, &bufs).unwrap().len()
             };
-            assert_eq!(plan(1), 3, "{insertion:?} m {m} du {du} r {r}: no split");
-            assert_eq!(
-                plan(2),
-                2,
-                "{insertion:?} m {m} du {du} r {r}: two heads split"
-            );
+            let shape = format!("{insertion:?} m {m} du {du} r {r}");
+            assert_eq!(plan(1, false), 3, "{shape}: no split");
+            assert_eq!(plan(1, true), 2, "{shape}: split in the least workspace");
+            assert_eq!(plan(2, false), 2, "{shape}: two heads split");
             let op = DeltaLinear::new(
                 insertion,
                 rng.pick(&Activation::ALL),
@@ -1375,6 +1380,15 @@ fn unstrided_tensors_have_their_exact_shape() {
     match lora_merge(DType::F16, &merge_dims, 1.0, &merge) {
         Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, "lora_b"),
         other => panic!("lora_merge, lora_b one element long: {other:?}"),
+    }
+    // (And the merge's scale must be finite.)
+    let merge = LoraMergeBufs {
+        lora_b: buf(n * r),
+        ..merge
+    };
+    match lora_merge(DType::F16, &merge_dims, f32::NAN, &merge) {
+        Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, "scale"),
+        other => panic!("lora_merge, a NaN scale: {other:?}"),
     }
 }
 

@@ -178,17 +178,14 @@ fn check_matrix(arg: &'static str, buf: Buf, layout: MatrixLayout) -> Result<()>
     Ok(())
 }
 
-/// Checks that `buf`, if given, is exactly the contiguous tensor `shape` (rows, columns): a
-/// tensor without a stride that is longer than its shape is a mistaken shape (a parallel
-/// adapter's W_down given to a sequential one, a whole fused QKV weight), not room to spare.
-fn check_exact(arg: &'static str, buf: Option<Buf>, (rows, cols): (usize, usize)) -> Result<()> {
+/// Checks that `buf`, if given, is exactly the contiguous tensor of `shape`: a tensor
+/// without a stride that is longer than its shape is a mistaken shape (a parallel adapter's
+/// W_down given to a sequential one, a whole fused QKV weight), not room to spare.
+fn check_exact(arg: &'static str, buf: Option<Buf>, shape: &[usize]) -> Result<()> {
     let Some(buf) = buf else { return Ok(()) };
-    let shape = if rows == 1 {
-        format!("[{cols}]")
-    } else {
-        format!("[{rows}, {cols}]")
-    };
-    match rows.checked_mul(cols) {
+    let need = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    let shape = format!("{shape:?}");
+    match need {
         Some(len) if buf.len == len => Ok(()),
         need => Err(Error::invalid(
             arg,
@@ -208,7 +205,7 @@ fn check_gate(gate: Option<Buf>, composition: Composition, m: usize) -> Result<(
             format!("a per-row gate λ of {m} elements for Composition::Gated"),
             "None",
         )),
-        (Composition::Gated, g) => check_exact("gate", g, (1, m)),
+        (Composition::Gated, g) => check_exact("gate", g, &[m]),
         (_, Some(_)) => Err(Error::invalid(
             "gate",
             "None unless composition is Composition::Gated",
@@ -437,8 +434,8 @@ const DECODE_ROWS: usize = 16;
 /// An error naming the workspace unless it holds t, the least a call takes (a shorter one
 /// than `layout.len` splits less: see [`partials`]).
 fn check_workspace(workspace: Buf, layout: &WorkspaceLayout) -> Result<()> {
-    let least = "t: m × heads × r rounded up to 8; workspace_len() of the dims adds the room \
-                 to split passes with few blocks";
+    let least = "t: m × heads × (r rounded up to 8), heads = 1 for delta_linear; \
+                 workspace_len() of the dims adds the room to split passes with few blocks";
     check_len("workspace", Some(workspace), layout.t, Some(least))
 }
 
@@ -551,8 +548,9 @@ fn partials(workspace: Buf, layout: &WorkspaceLayout, dtype: DType) -> (Partials
             .saturating_sub(offset)
             .saturating_mul(dtype.size())
             / 4;
+        let bytes = offset.min(workspace.len).saturating_mul(dtype.size());
         Partials {
-            addr: workspace.addr + (offset.min(workspace.len) * dtype.size()) as u64,
+            addr: workspace.addr.saturating_add(bytes as u64),
             room: room.min(held),
             split_target: layout.split_target,
         }
@@ -646,8 +644,8 @@ fn plan_delta_linear(
             ld: d.ld_x,
         },
     )?;
-    check_exact("w", Some(b.w), (d.n, d.k))?;
-    check_exact("bias", b.bias, (1, d.n))?;
+    check_exact("w", Some(b.w), &[d.n, d.k])?;
+    check_exact("bias", b.bias, &[d.n])?;
     let k_u = match (op.insertion, b.u) {
         (Insertion::Sequential, Some(_)) => {
             return Err(Error::invalid(
@@ -672,10 +670,10 @@ fn plan_delta_linear(
         (Insertion::Parallel, None) => d.k,
     };
     let k_u32 = positive("dims.k_u", k_u)?;
-    check_exact("w_down", Some(b.w_down), (d.r, k_u))?;
-    check_exact("b_down", b.b_down, (1, d.r))?;
-    check_exact("w_up", Some(b.w_up), (d.n, d.r))?;
-    check_exact("b_up", b.b_up, (1, d.n))?;
+    check_exact("w_down", Some(b.w_down), &[d.r, k_u])?;
+    check_exact("b_down", b.b_down, &[d.r])?;
+    check_exact("w_up", Some(b.w_up), &[d.n, d.r])?;
+    check_exact("b_up", b.b_up, &[d.n])?;
     check_gate(b.gate, op.composition, d.m)?;
     let ldt = workspace_ld(d.r);
     let layout = workspace_layout(d.m, 1, d.r, d.n, d.split_target);
@@ -824,10 +822,10 @@ fn plan_delta_apply(
             (u.addr, d.ld_u, d.u_head_dim, du32)
         }
     };
-    check_exact("w_down", Some(b.w_down), (d.heads.saturating_mul(d.r), du))?;
-    check_exact("b_down", b.b_down, (d.heads, d.r))?;
-    check_exact("w_up", Some(b.w_up), (width, d.r))?;
-    check_exact("b_up", b.b_up, (d.heads, d.head_dim))?;
+    check_exact("w_down", Some(b.w_down), &[d.heads, d.r, du])?;
+    check_exact("b_down", b.b_down, &[d.heads, d.r])?;
+    check_exact("w_up", Some(b.w_up), &[d.heads, d.head_dim, d.r])?;
+    check_exact("b_up", b.b_up, &[d.heads, d.head_dim])?;
     check_gate(b.gate, op.composition, d.m)?;
     let ldt = d.heads * workspace_ld(d.r);
     // m·heads·r can pass usize::MAX (heads is bounded only by the grid, checked later).
@@ -912,9 +910,9 @@ fn plan_lora_merge(
     if !scale.is_finite() {
         return Err(Error::invalid("scale", "a finite scale", scale));
     }
-    check_exact("w", Some(b.w), (n, k))?;
-    check_exact("lora_a", Some(b.lora_a), (r, k))?;
-    check_exact("lora_b", Some(b.lora_b), (n, r))?;
+    check_exact("w", Some(b.w), &[n, k])?;
+    check_exact("lora_a", Some(b.lora_a), &[r, k])?;
+    check_exact("lora_b", Some(b.lora_b), &[n, r])?;
     let kernel = match dtype {
         DType::F32 => KernelId::lora_merge_f32,
         DType::F16 => KernelId::lora_merge_f16,
