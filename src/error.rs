@@ -48,7 +48,8 @@ pub enum Error {
 }
 
 impl Error {
-    /// Shorthand for [`Error::InvalidArgument`] (of no operation yet: see [`Error::of`]).
+    /// Shorthand for [`Error::InvalidArgument`] (of no operation yet: the planning entry
+    /// points attribute their errors to their operation).
     pub fn invalid(arg: &'static str, expected: impl fmt::Display, got: impl fmt::Display) -> Self {
         Error::InvalidArgument {
             op: "",
