@@ -720,13 +720,10 @@ fn random_configuration(rng: &mut Rng, tensor_cores: bool) -> Case {
     }
 }
 
-/// How many random configurations a test draws: `PEFT_RANDOM_CASES`, default 9 (a few
-/// seconds on the emulator), more for a longer search.
+/// How many random configurations a test draws: 9 (a few seconds on the emulator) unless
+/// `PEFT_RANDOM_CASES` asks for more.
 fn random_cases() -> usize {
-    std::env::var("PEFT_RANDOM_CASES").map_or(9, |v| {
-        v.parse()
-            .unwrap_or_else(|_| panic!("PEFT_RANDOM_CASES must be a count, got {v:?}"))
-    })
+    common::random_cases(9)
 }
 
 /// Random configurations (see [`random_configuration`]), fresh every run, in turn over the

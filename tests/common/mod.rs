@@ -114,3 +114,12 @@ impl Rng {
 pub fn poisoned<T: Element>(n: usize) -> Vec<T> {
     vec![T::nan(); n]
 }
+
+/// How many random configurations a test draws: `PEFT_RANDOM_CASES` if set (a longer search,
+/// or a shorter run), else `default`.
+pub fn random_cases(default: usize) -> usize {
+    std::env::var("PEFT_RANDOM_CASES").map_or(default, |v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("PEFT_RANDOM_CASES must be a count, got {v:?}"))
+    })
+}

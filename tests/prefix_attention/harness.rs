@@ -7,7 +7,7 @@
 //! every output buffer is NaN before the run, so an element the kernel forgot fails, and
 //! the gaps of a strided output must still be NaN after it.
 
-use crate::common::Rng;
+use crate::common::{random_cases, Rng};
 use half::{bf16, f16};
 use peft_kernels::prefix_attention::{
     HeadLayout, KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeDims, PrefixAttention,
@@ -1049,15 +1049,11 @@ pub fn every_head_dim<B: Backend, T: Element>(be: &B, per_dim: usize) {
     }
 }
 
-/// [`Case::random_wide`] cases in turn over the dtypes, fresh every run: `PEFT_RANDOM_CASES`
-/// of them (default 6), more for a longer search.
+/// [`Case::random_wide`] cases in turn over the dtypes, fresh every run: 6 of them unless
+/// `PEFT_RANDOM_CASES` asks for another count.
 pub fn random_configurations<B: Backend>(be: &B) {
-    let cases: usize = std::env::var("PEFT_RANDOM_CASES").map_or(6, |v| {
-        v.parse()
-            .unwrap_or_else(|_| panic!("PEFT_RANDOM_CASES must be a count, got {v:?}"))
-    });
     let mut rng = Rng::from_env();
-    for i in 0..cases {
+    for i in 0..random_cases(6) {
         let case = Case::random_wide(&mut rng);
         match i % 3 {
             0 => check_fused::<_, f32>(be, &mut rng, &case),
