@@ -405,6 +405,29 @@ fn planner_bufs(
     }
 }
 
+/// The operands of a parallel delta_apply call as the planner sees them, at a fake aligned
+/// address: h read from y, u [m, heads·du], W_down [heads, r, du], W_up [heads, dh, r], the
+/// workspace and y [m, heads·dh], no bias or gate.
+fn apply_planner_bufs(
+    m: usize,
+    heads: usize,
+    (dh, du): (usize, usize),
+    r: usize,
+) -> peft_kernels::plan::delta_linear::DeltaApplyBufs {
+    let buf = |len| peft_kernels::plan::Buf { addr: 4096, len };
+    peft_kernels::plan::delta_linear::DeltaApplyBufs {
+        h: None,
+        u: Some(buf(m * heads * du)),
+        w_down: buf(heads * r * du),
+        b_down: None,
+        w_up: buf(heads * dh * r),
+        b_up: None,
+        gate: None,
+        workspace: buf(DeltaApplyDims::new(m, heads, dh, du, r).workspace_len()),
+        y: buf(m * heads * dh),
+    }
+}
+
 /// Whether `backend` runs Hopper's wgmma kernel: the emulator always, a GPU when it loads
 /// the sm_90 cubin (compute capability 9.0, without PEFT_KERNELS_FORCE_PTX).
 fn runs_wgmma(backend: &Backend) -> bool {
@@ -1352,16 +1375,10 @@ fn unstrided_tensors_have_their_exact_shape() {
     }
     // delta_apply's per-head weights and the merge's factors alike.
     let apply = DeltaApplyDims::new(m, 2, 8, 8, r);
+    let exact = apply_planner_bufs(m, 2, (8, 8), r);
     let apply_bufs = DeltaApplyBufs {
-        h: None,
-        u: Some(buf(m * 16)),
-        w_down: buf(2 * r * 8 + 1),
-        b_down: None,
-        w_up: buf(16 * r),
-        b_up: None,
-        gate: None,
-        workspace: buf(apply.workspace_len()),
-        y: buf(m * 16),
+        w_down: longer(exact.w_down),
+        ..exact
     };
     let plain = DeltaLinear::new(Insertion::Parallel, Activation::Relu, Composition::Add);
     match delta_apply(&plain, &apply, DType::F16, &apply_bufs) {
@@ -1559,11 +1576,9 @@ fn many_rows_never_split() {
 /// read what the caller's earlier work wrote.
 #[test]
 fn only_up_projections_and_reductions_overlap() {
-    use peft_kernels::plan::delta_linear::{delta_apply, delta_linear, DeltaApplyBufs};
-    use peft_kernels::plan::Buf;
+    use peft_kernels::plan::delta_linear::{delta_apply, delta_linear};
     use peft_kernels::DType;
 
-    let buf = |len| Buf { addr: 4096, len };
     let overlaps = |steps: Vec<(peft_kernels::plan::Launch, _)>| -> Vec<bool> {
         steps.iter().map(|(l, _)| l.overlap_previous).collect()
     };
@@ -1600,17 +1615,7 @@ fn only_up_projections_and_reductions_overlap() {
         assert_eq!(overlaps(steps), expected, "split {insertion:?}");
     }
     let dims = DeltaApplyDims::new(m, 3, 8, 8, r);
-    let bufs = DeltaApplyBufs {
-        h: None,
-        u: Some(buf(m * 24)),
-        w_down: buf(3 * r * 8),
-        b_down: None,
-        w_up: buf(24 * r),
-        b_up: None,
-        gate: None,
-        workspace: buf(dims.workspace_len()),
-        y: buf(m * 24),
-    };
+    let bufs = apply_planner_bufs(m, 3, (8, 8), r);
     let op = DeltaLinear::new(Insertion::Parallel, Activation::Relu, Composition::Add);
     let steps = delta_apply(&op, &dims, DType::BF16, &bufs).unwrap();
     assert_eq!(overlaps(steps), [false, true]);
