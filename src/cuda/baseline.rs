@@ -228,7 +228,7 @@ impl Baseline {
             addr: bufs.write(c),
             ld: ldc,
         };
-        bufs.check_contexts()?;
+        bufs.check_before_launch()?;
         self.stream.context().bind_to_thread()?;
         // SAFETY: the buffers hold the checked layouts and stay guarded by `bufs` until the
         // GEMM is queued.
@@ -293,7 +293,7 @@ impl Baseline {
             unsafe { super::launch(&self.stream, &launch, &p) }
         };
 
-        bufs.check_contexts()?;
+        bufs.check_before_launch()?;
         self.stream.context().bind_to_thread()?;
         // SAFETY (each GEMM): the plan checked every operand's buffer against these shapes
         // and strides; `bufs` keeps them stream-ordered until everything is queued.

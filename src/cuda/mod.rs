@@ -239,7 +239,7 @@ impl<'a> Buffers<'a> {
     /// pending writes, a unified buffer this device cannot access): cudarc defers those to
     /// `check_err`, and a launch on such a buffer would race or fault. Every launch through
     /// these buffers checks it first (and the baseline before its cuBLAS calls).
-    pub(crate) fn check_contexts(&self) -> Result<()> {
+    pub(crate) fn check_before_launch(&self) -> Result<()> {
         self.stream.context().check_err().map_err(|e| {
             Error::Cuda(format!(
                 "cudarc recorded an error before the launch (ordering or accessing its \
@@ -264,7 +264,7 @@ impl<'a> Buffers<'a> {
     /// # Safety
     /// As for [`launch`].
     pub unsafe fn launch<P: KernelParams>(self, launch: &Launch, params: &P) -> Result<()> {
-        self.check_contexts()?;
+        self.check_before_launch()?;
         // SAFETY: the caller's contract.
         unsafe { self::launch(self.stream, launch, params) }
     }
@@ -275,7 +275,7 @@ impl<'a> Buffers<'a> {
     /// Every address in the steps' parameters came from these buffers, and the plan checked
     /// them against the shapes it launches with.
     pub(crate) unsafe fn run<P: KernelParams>(self, steps: &[(Launch, P)]) -> Result<()> {
-        self.check_contexts()?;
+        self.check_before_launch()?;
         for (l, p) in steps {
             // SAFETY: the caller's contract.
             unsafe { self::launch(self.stream, l, p) }?;
