@@ -431,14 +431,6 @@ pub(crate) fn workspace_ld(r: usize) -> usize {
 /// Passes of at most this many rows take the decode tile (kernels/delta_linear.cu, MmaDecode:
 /// BM = 16, BN = 32, BK = 128): weight streaming.
 const DECODE_ROWS: usize = 16;
-/// An error naming the workspace unless it holds t, the least a call takes (a shorter one
-/// than `layout.len` splits less: see [`partials`]).
-fn check_workspace(workspace: Buf, layout: &WorkspaceLayout) -> Result<()> {
-    let least = "t: m × heads × (r rounded up to 8), heads = 1 for delta_linear; \
-                 workspace_len() of the dims adds the room to split passes with few blocks";
-    check_len("workspace", Some(workspace), layout.t, Some(least))
-}
-
 /// The most runs a split-K pass has.
 const MAX_K_SPLITS: usize = 32;
 /// A pass of fewer k-tiles is not split (1024 columns of the decode tile): one block streams
@@ -529,6 +521,14 @@ pub(crate) fn workspace_layout(
     }
 }
 
+/// An error naming the workspace unless it holds t, the least a call takes (a shorter one
+/// than `layout.len` splits less: see [`partials`]).
+fn check_workspace(workspace: Buf, layout: &WorkspaceLayout) -> Result<()> {
+    let least = "t: m × heads × (r rounded up to 8), heads = 1 for delta_linear; \
+                 workspace_len() of the dims adds the room to split passes with few blocks";
+    check_len("workspace", Some(workspace), layout.t, Some(least))
+}
+
 /// Where a pass may keep the partial sums of a split: the address and the room, in f32s;
 /// and the split target that room was sized for.
 #[derive(Clone, Copy, Debug)]
@@ -561,9 +561,9 @@ fn partials(workspace: Buf, layout: &WorkspaceLayout, dtype: DType) -> (Partials
 /// The steps of pass `p` of `kind` (its columns named `cols` in errors, `batch` problems):
 /// the pass, or, where its blocks are few and its K long, the pass split over K into runs
 /// whose f32 sums go to `partials` (rows `ldp` apart) and their reduction (a dependent
-/// launch). Only a single problem splits, into as many runs as its partial sums have room for,
-/// and only where they are 4-byte aligned (a fresh allocation's always are). `overlap`: the pass is a dependent launch of
-/// the step before it (see [`overlapping`]).
+/// launch). Only a single problem splits, into as many runs as its partial sums have room
+/// for, and only where they are 4-byte aligned (a fresh allocation's always are).
+/// `overlap`: the pass is a dependent launch of the step before it (see [`overlapping`]).
 fn pass_steps(
     (kind, dtype): (Kind, DType),
     cols: &'static str,

@@ -18,8 +18,8 @@ pub struct Launch {
     pub dynamic_smem: u32,
     /// The kernel may start while the previous launch on the stream still runs (a
     /// programmatic dependent launch, sm_90 and newer: the sm_90 cubin or the compute_90 PTX):
-    /// it calls `grid_dependency_wait`
-    /// (kernels/arch.cuh) before it reads what that launch writes or writes what it reads.
+    /// it calls `grid_dependency_wait` (kernels/arch.cuh) before it reads what that launch
+    /// writes or writes what it reads.
     /// Only a plan sets it, for a step whose kernel does so and whose previous step is its
     /// own; the emulator runs launches in order and ignores it.
     pub overlap_previous: bool,
