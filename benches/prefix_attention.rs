@@ -350,17 +350,14 @@ mod gpu {
             let [k, v] = [12, 13].map(|seed| host(hkv * len * HEAD_DIM, seed));
             let [pk, pv] = [14, 15].map(|seed| host(hkv * l * HEAD_DIM, seed));
             let up = |h: &[bf16]| stream.clone_htod(h).expect("copy to the device");
-            // Room for every target swept (the workspace grows with the target).
-            let workspace = (SWEPT_TARGETS.into_iter())
-                .map(|split_target| {
-                    let swept = PrefixAttentionDims {
-                        split_target,
-                        ..dims
-                    };
-                    swept.workspace_len(DType::BF16)
-                })
-                .fold(dims.workspace_len(DType::BF16), usize::max)
-                .max(1);
+            // Room for the largest split target swept (the workspace grows with it).
+            let largest = SWEPT_TARGETS.into_iter().max().unwrap_or(0);
+            let workspace = PrefixAttentionDims {
+                split_target: largest.max(DEFAULT_SPLIT_TARGET),
+                ..dims
+            }
+            .workspace_len(DType::BF16)
+            .max(1);
             let copies = Rotation::new(decode_bytes(&dims), || DecodeBuffers {
                 t: Tensors {
                     q: up(&q),
