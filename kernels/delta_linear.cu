@@ -15,10 +15,10 @@
 //     down:  t = c_d(m) · f(u·W_downᵀ + b_down)              (A1 = u, B1 = W_down, c_out = c_d)
 //     main:  y = c_h(m)·(x·Wᵀ + b) + t·W_upᵀ + c_d(m)·b_up    (A1 = x, B1 = W, A2 = t, B2 = W_up)
 // so the delta is K2 = r more steps of the frozen GEMM's K loop (insight 1 of UNIFIED-VIEW.md)
-// and y is written exactly once. On sm_90 and newer the main pass is a programmatic dependent launch:
-// its blocks start while the down pass runs, stream W through phase 1, and wait for t only at
-// the first phase-2 tile (grid_dependency_wait, arch.cuh), so at decode the down pass hides
-// under the weight stream instead of adding its latency and a launch gap.
+// and y is written exactly once. On sm_90 and newer the main pass is a programmatic dependent
+// launch: its blocks start while the down pass runs, stream W through phase 1, and wait for t
+// only at the first phase-2 tile (grid_dependency_wait, arch.cuh), so at decode the down pass
+// hides under the weight stream instead of adding its latency and a launch gap.
 // A sequential delta (u = h) needs the whole row of h first:
 //     h = x·Wᵀ + b → y;  t = c_d·f(y·W_downᵀ + b_down);  y = c_h·y + t·W_upᵀ + c_d·b_up (in place,
 // each element read and written by the same thread). `h_in` also lets a caller add a delta to an
@@ -85,9 +85,9 @@
 //           A run covers consecutive k-tiles of both phases and stores its f32 sum to the
 //           workspace, the phase-1 part scaled by c_main (the switch is linear); then
 //           fused_linear_split_reduce adds the runs, c_main·(bias + h_in), and finishes (a
-//           dependent launch on sm_90 and newer, like the pass after it). Rejected: atomics into y
-//           (bf16 accumulation, and a nondeterministic sum). Costs 32 + 4 f32 bytes per output
-//           and run of workspace traffic, mostly in L2; unmeasured.
+//           dependent launch on sm_90 and newer, like the pass after it). Rejected: atomics
+//           into y (bf16 accumulation, and a nondeterministic sum). Costs 32 + 4 f32 bytes per
+//           output and run of workspace traffic, mostly in L2; unmeasured.
 //   Not yet measured on a GPU: these are starting points, to be tuned against BENCHMARKS.md.
 
 #include "common.cuh"
@@ -592,11 +592,12 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
 }
 
 // The split-K reduction: out[m, n] = finish(Σ_s partial[s][m][n] + phase_switch(0)), the runs
-// added in split order (each run's phase-1 part is already scaled by c_main; phase_switch(0) is
-// c_main·(bias + h_in)). grid (ceil(N/128), M), block 128. Launched right after the split pass, as a
-// dependent launch on sm_90 and newer. Every thread waits before anything else, even one with nothing
-// to do: the up pass after it relies on this grid completing only after the split pass has
-// (a sequential delta's split pass reads h in y, which the up pass overwrites).
+// added in split order (each run's phase-1 part is already scaled by c_main; phase_switch(0)
+// is c_main·(bias + h_in)). grid (ceil(N/128), M), block 128. Launched right after the split
+// pass, as a dependent launch on sm_90 and newer. Every thread waits before anything else,
+// even one with nothing to do: the up pass after it relies on this grid completing only after
+// the split pass has (a sequential delta's split pass reads h in y, which the up pass
+// overwrites).
 template <typename T>
 PK_INLINE void fused_linear_split_reduce(const FusedLinearParams& p) {
     allow_dependent_launch();
