@@ -74,6 +74,22 @@ mod gpu {
     }
 
     impl Tensors {
+        /// Device copies of the host tensors [q, k, v, prefix_k, prefix_v] and a zeroed
+        /// output of `out` elements.
+        fn upload(stream: &Arc<CudaStream>, host: [&[bf16]; 5], out: usize) -> Tensors {
+            let [q, k, v, prefix_k, prefix_v] =
+                host.map(|h| stream.clone_htod(h).expect("copy to the device"));
+            let out = stream.alloc_zeros(out).expect("device allocation");
+            Tensors {
+                q,
+                k,
+                v,
+                prefix_k,
+                prefix_v,
+                out,
+            }
+        }
+
         /// The fused kernel's arguments over them: no lengths, no statistics, the split-KV
         /// workspace given (or none).
         fn args<'a>(
@@ -240,18 +256,10 @@ mod gpu {
             // Uniform in [-1, 1): scores q·k/√d of a few tenths, an ordinary softmax.
             let [q, k, v, prefix_k, prefix_v] =
                 [(n, 1), (n, 2), (n, 3), (np, 4), (np, 5)].map(|(n, seed)| random(n, 1.0, seed));
-            let up = |host: &[bf16]| stream.clone_htod(host).expect("copy to the device");
             let zeros = |n: usize| stream.alloc_zeros::<bf16>(n).expect("device allocation");
             let stats = || stream.alloc_zeros::<f32>(rows).expect("device allocation");
             let copies = Rotation::new(min_bytes(len, l), || Buffers {
-                t: Tensors {
-                    q: up(&q),
-                    k: up(&k),
-                    v: up(&v),
-                    prefix_k: up(&prefix_k),
-                    prefix_v: up(&prefix_v),
-                    out: zeros(n),
-                },
+                t: Tensors::upload(stream, [&q, &k, &v, &prefix_k, &prefix_v], n),
                 cat_k: zeros(n + np),
                 cat_v: zeros(n + np),
                 out_p: zeros(n),
@@ -349,7 +357,6 @@ mod gpu {
             let (q, out) = (host(hq * HEAD_DIM, 11), hq * HEAD_DIM);
             let [k, v] = [12, 13].map(|seed| host(hkv * len * HEAD_DIM, seed));
             let [pk, pv] = [14, 15].map(|seed| host(hkv * l * HEAD_DIM, seed));
-            let up = |h: &[bf16]| stream.clone_htod(h).expect("copy to the device");
             // Room for the largest split target swept (the workspace grows with it).
             let largest = SWEPT_TARGETS.into_iter().max().unwrap_or(0);
             let workspace = PrefixAttentionDims {
@@ -359,14 +366,7 @@ mod gpu {
             .workspace_len(DType::BF16)
             .max(1);
             let copies = Rotation::new(decode_bytes(&dims), || DecodeBuffers {
-                t: Tensors {
-                    q: up(&q),
-                    k: up(&k),
-                    v: up(&v),
-                    prefix_k: up(&pk),
-                    prefix_v: up(&pv),
-                    out: stream.alloc_zeros(out).expect("device allocation"),
-                },
+                t: Tensors::upload(stream, [&q, &k, &v, &pk, &pv], out),
                 workspace: stream.alloc_zeros(workspace).expect("device allocation"),
             });
             DecodeCase { dims, copies }
