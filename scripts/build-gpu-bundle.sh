@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the GPU check bundle on a development machine (x86-64 Linux, no GPU needed):
-# every test and bench binary and the tour example, built with `--release --features cuda`
+# every test and bench binary and the tour example, built with `--release --features baseline`
 # by the pinned CUDA 13.0 nvcc, packed into gpu-bundle/ (git-ignored) together with
 # scripts/gpu-check.sh and benches/peers/, so that a machine with a GPU but no Rust
 # toolchain or network runs the whole check from it:
