@@ -321,8 +321,24 @@ pub struct KvConcatArgs<R, W> {
     pub dst: W,
 }
 
+/// [`PrefixAttentionArgs`] over host slices, as `emulator::prefix_attention` and
+/// `host::prefix_attention` take them: annotate a `let` with it to build the arguments
+/// before the call (module docs).
+pub type HostPrefixAttentionArgs<'a, T> =
+    PrefixAttentionArgs<&'a [T], &'a mut [T], &'a [u32], &'a mut [f32]>;
+/// [`PrefixOnlyArgs`] over host slices (`emulator::prefix_only_attention`,
+/// `host::prefix_only_attention`).
+pub type HostPrefixOnlyArgs<'a, T> = PrefixOnlyArgs<&'a [T], &'a mut [T], &'a mut [f32]>;
+/// [`LseMergeArgs`] over host slices (`emulator::lse_merge`, `host::lse_merge`).
+pub type HostLseMergeArgs<'a, T> = LseMergeArgs<&'a [T], &'a mut [T], &'a [f32], &'a mut [f32]>;
+/// [`KvConcatArgs`] over host slices (`emulator::kv_concat`, `host::kv_concat`).
+pub type HostKvConcatArgs<'a, T> = KvConcatArgs<&'a [T], &'a mut [T]>;
+
 impl<R, W, Lens, Stats> PrefixAttentionArgs<R, W, Lens, Stats> {
-    pub(crate) fn bufs<S>(self, s: &mut S) -> PrefixAttentionBufs
+    /// The planner's view of these tensors: each buffer's address and length from the
+    /// backend's buffer source (on the GPU a `cuda::Buffers`, feature `cuda`, which keeps
+    /// cudarc's stream order), for running the plan's steps yourself ([`crate::plan`]).
+    pub fn bufs<S>(self, s: &mut S) -> PrefixAttentionBufs
     where
         S: BufSource<R, W> + BufSource<Lens, Stats>,
     {
@@ -346,7 +362,10 @@ impl<R, W, Lens, Stats> PrefixAttentionArgs<R, W, Lens, Stats> {
 }
 
 impl<R, W, Stats> PrefixOnlyArgs<R, W, Stats> {
-    pub(crate) fn bufs<S>(self, s: &mut S) -> PrefixOnlyBufs
+    /// The planner's view of these tensors: each buffer's address and length from the
+    /// backend's buffer source (on the GPU a `cuda::Buffers`, feature `cuda`, which keeps
+    /// cudarc's stream order), for running the plan's steps yourself ([`crate::plan`]).
+    pub fn bufs<S>(self, s: &mut S) -> PrefixOnlyBufs
     where
         S: BufSource<R, W> + BufSource<R, Stats>,
     {
@@ -361,7 +380,10 @@ impl<R, W, Stats> PrefixOnlyArgs<R, W, Stats> {
 }
 
 impl<R, W, StatsR, StatsW> LseMergeArgs<R, W, StatsR, StatsW> {
-    pub(crate) fn bufs<S>(self, s: &mut S) -> LseMergeBufs
+    /// The planner's view of these tensors: each buffer's address and length from the
+    /// backend's buffer source (on the GPU a `cuda::Buffers`, feature `cuda`, which keeps
+    /// cudarc's stream order), for running the plan's steps yourself ([`crate::plan`]).
+    pub fn bufs<S>(self, s: &mut S) -> LseMergeBufs
     where
         S: BufSource<R, W> + BufSource<StatsR, StatsW>,
     {
@@ -380,7 +402,10 @@ impl<R, W, StatsR, StatsW> LseMergeArgs<R, W, StatsR, StatsW> {
 }
 
 impl<R, W> KvConcatArgs<R, W> {
-    pub(crate) fn bufs(self, s: &mut impl BufSource<R, W>) -> KvConcatBufs {
+    /// The planner's view of these tensors: each buffer's address and length from the
+    /// backend's buffer source (on the GPU a `cuda::Buffers`, feature `cuda`, which keeps
+    /// cudarc's stream order), for running the plan's steps yourself ([`crate::plan`]).
+    pub fn bufs(self, s: &mut impl BufSource<R, W>) -> KvConcatBufs {
         KvConcatBufs {
             prefix: s.read(self.prefix),
             src: s.read(self.src),

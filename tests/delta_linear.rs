@@ -361,7 +361,7 @@ fn tensor_cores_on_unaligned_operands(backend: &Backend) {
     let mut dims = DeltaLinearDims::new(4, 16, 16, 8);
     dims.kernel = KernelVariant::TensorCore;
     let c = Case {
-        op: DeltaLinear::lora(16.0, 8),
+        op: DeltaLinear::lora(16.0),
         dims,
         bias: false,
         down_bias: false,
@@ -560,7 +560,7 @@ fn split_target_sets_the_runs(backend: &Backend) {
 
     let mut rng = Rng::from_env();
     let (m, n, k, r) = (2, 256, 4096, 16);
-    let op = DeltaLinear::lora(-64.0, r);
+    let op = DeltaLinear::lora(-64.0);
     let runs = |dims: &DeltaLinearDims| -> Vec<i32> {
         let bufs = DeltaLinearBufs {
             workspace: Buf {
@@ -1136,8 +1136,8 @@ fn merge_case<T: Element>(backend: &Backend, rng: &mut Rng, n: usize, k: usize, 
     let dims = LoraMergeDims { n, k, r };
     let args = LoraMergeArgs {
         w: &mut merged[..],
-        lora_a: &a[..],
-        lora_b: &b[..],
+        w_down: &a[..],
+        w_up: &b[..],
     };
     host::lora_merge(backend, &dims, s as f32, args).unwrap();
     let tol = default_tolerance(T::DTYPE);
@@ -1159,8 +1159,8 @@ fn merge_case<T: Element>(backend: &Backend, rng: &mut Rng, n: usize, k: usize, 
     .expect("reference");
     let args = LoraMergeArgs {
         w: &mut merged[..],
-        lora_a: &a[..],
-        lora_b: &b[..],
+        w_down: &a[..],
+        w_up: &b[..],
     };
     host::lora_merge(backend, &dims, -s as f32, args).unwrap();
     assert_close_matrix(
@@ -1191,7 +1191,7 @@ fn lora_merge_and_unmerge(backend: &Backend) {
 fn bad_arguments_name_the_argument(backend: &Backend) {
     let mut rng = Rng::from_env();
     let base = Case {
-        op: DeltaLinear::lora(8.0, 4),
+        op: DeltaLinear::lora(8.0),
         dims: DeltaLinearDims::new(6, 10, 12, 4),
         bias: true,
         down_bias: false,
@@ -1387,17 +1387,17 @@ fn unstrided_tensors_have_their_exact_shape() {
     }
     let merge = LoraMergeBufs {
         w: buf(n * k),
-        lora_a: buf(r * k),
-        lora_b: buf(n * r + 1),
+        w_down: buf(r * k),
+        w_up: buf(n * r + 1),
     };
     let merge_dims = LoraMergeDims { n, k, r };
     match lora_merge(DType::F16, &merge_dims, 1.0, &merge) {
-        Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, "lora_b"),
-        other => panic!("lora_merge, lora_b one element long: {other:?}"),
+        Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, "w_up"),
+        other => panic!("lora_merge, w_up one element long: {other:?}"),
     }
     // (And the merge's scale must be finite.)
     let merge = LoraMergeBufs {
-        lora_b: buf(n * r),
+        w_up: buf(n * r),
         ..merge
     };
     match lora_merge(DType::F16, &merge_dims, f32::NAN, &merge) {
@@ -1416,7 +1416,7 @@ fn the_planner_refuses_overflowing_sizes() {
 
     let (m, n, k, r) = (3, 10, 12, 4);
     let bufs = planner_bufs(Insertion::Parallel, m, n, k, r);
-    let op = DeltaLinear::lora(8.0, r);
+    let op = DeltaLinear::lora(8.0);
     let dims = DeltaLinearDims::new(m, n, k, r);
     fn refused(op: &DeltaLinear, dims: &DeltaLinearDims, bufs: &DeltaLinearBufs) -> &'static str {
         match delta_linear(op, dims, DType::F16, bufs) {
@@ -1754,8 +1754,8 @@ fn gpu_api_on_device_buffers() {
     let mut w_dev = up(&inputs.w);
     let args = LoraMergeArgs {
         w: &mut w_dev as _,
-        lora_a: &a_dev as _,
-        lora_b: &b_dev as _,
+        w_down: &a_dev as _,
+        w_up: &b_dev as _,
     };
     peft_kernels::cuda::lora_merge(stream, &LoraMergeDims { n, k, r }, 2.0, args).unwrap();
     let merged = stream.clone_dtoh(&w_dev).unwrap();

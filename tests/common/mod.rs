@@ -123,3 +123,47 @@ pub fn random_cases(default: usize) -> usize {
             .unwrap_or_else(|_| panic!("PEFT_RANDOM_CASES must be a count, got {v:?}"))
     })
 }
+
+/// A copy of a buffer that starts one element past a 16-byte boundary, so never 16-byte
+/// aligned whatever the element type (as a slice into a `Vec<T>` may start), with NaN-free
+/// room around it: for checking that an operation accepts any alignment.
+pub struct Misaligned<T> {
+    buf: Vec<T>,
+    at: usize,
+    len: usize,
+}
+
+impl<T: bytemuck::Pod + Default> Misaligned<T> {
+    pub fn new(v: &[T]) -> Misaligned<T> {
+        let size = std::mem::size_of::<T>();
+        let mut buf = vec![T::default(); v.len() + 16];
+        // The element whose address is `size` past a multiple of 16.
+        let base = buf.as_ptr() as usize % 16;
+        let at = (16 + size - base) % 16 / size;
+        buf[at..at + v.len()].copy_from_slice(v);
+        let m = Misaligned {
+            buf,
+            at,
+            len: v.len(),
+        };
+        assert_eq!(
+            m.get().as_ptr() as usize % 16,
+            size,
+            "misaligned by one element"
+        );
+        m
+    }
+
+    pub fn get(&self) -> &[T] {
+        &self.buf[self.at..self.at + self.len]
+    }
+
+    pub fn get_mut(&mut self) -> &mut [T] {
+        &mut self.buf[self.at..self.at + self.len]
+    }
+
+    /// Copies the (possibly written) elements back into `dst`.
+    pub fn copy_to(&self, dst: &mut [T]) {
+        dst.copy_from_slice(self.get());
+    }
+}
