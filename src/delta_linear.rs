@@ -156,6 +156,10 @@ impl DeltaLinear {
 /// Sizes and row strides of a delta-linear call. W, W_down, W_up, the biases and the gate
 /// are contiguous and must hold exactly their shape (a longer one is a mistaken shape and
 /// refused); x, u and y have row strides, and their buffers may run past the last row.
+///
+/// An empty batch, `m = 0`, is a valid call: its arguments are checked as any call's, and
+/// it launches nothing (as every operation of the crate treats an empty batch). n, k, r
+/// (and k_u when u is given) must be at least 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeltaLinearDims {
     /// Rows (tokens, batch × sequence).
@@ -255,6 +259,9 @@ pub struct DeltaLinearArgs<R, W> {
 }
 
 /// Sizes and strides of a delta on a given h, with one bottleneck per head slice.
+///
+/// An empty batch, `m = 0`, is checked as any call and launches nothing; heads, head_dim,
+/// r (and u_head_dim with parallel insertion) must be at least 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeltaApplyDims {
     /// Rows.

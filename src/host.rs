@@ -2,6 +2,12 @@
 //! them directly; the GPU gets copies (inputs up, outputs — poison and all — up and back
 //! down) and the very same plan. For tests, examples and checks against the reference; a
 //! program that keeps its tensors on the GPU calls `cuda` (feature `cuda`) with device buffers.
+//!
+//! Slices of any alignment are accepted on both backends (a `Vec<bf16>` promises 2 bytes):
+//! the GPU's copies are fresh, aligned allocations, and the emulator copies a misaligned
+//! f16/bf16 attention tensor into aligned scratch ([`crate::emulator`]). Arguments built
+//! before the call take the `Host…Args` aliases (`delta_linear::HostDeltaLinearArgs`, …)
+//! as their type.
 
 use crate::delta_linear::{
     DeltaApplyDims, DeltaLinear, DeltaLinearDims, HostDeltaApplyArgs, HostDeltaLinearArgs,
@@ -96,7 +102,8 @@ host_op!(
     HostDeltaApplyArgs<'_, T>
 );
 host_op!(
-    /// `lora_merge` (`W ← W + scale·B·A`, scale = ±α / r) on host buffers.
+    /// `lora_merge` (`W ← W + scale·B·A`, scale = ±s, the layer's `composition.scale(r)`) on
+    /// host buffers.
     lora_merge,
     lora_merge_plan,
     (dims: &LoraMergeDims, scale: f32),

@@ -28,8 +28,48 @@
 //!   makes (the benchmarks' baseline).
 //!
 //! Supported head dims ([`HEAD_DIMS`]): 32, 64, 80, 96, 128, 256, with `d_v = d`. f16 and
-//! bf16 run on tensor cores and need 16-byte aligned tensors whose strides are multiples of
-//! 8 elements; f32 runs on the CUDA cores in f32 throughout, any alignment.
+//! bf16 run on tensor cores, which copy 16-byte chunks: strides must be multiples of 8
+//! elements, and on the GPU (`cuda::*`, cudarc buffers, whose allocations are 256-byte
+//! aligned) each tensor must start 16-byte aligned, else the call is refused naming it. The
+//! host entry points (`emulator::*`, `host::*`) take slices of any alignment, since a
+//! `Vec<bf16>` promises only 2 bytes: the emulator copies a 16-bit tensor that does not
+//! start 16-byte aligned into aligned scratch (an output copied back), one copy of that
+//! slice per call; `host` on a GPU uploads into fresh, aligned allocations anyway. f32 runs
+//! on the CUDA cores in f32 throughout, any alignment, never copied.
+//!
+//! An empty batch (`batch = 0` or `q_len = 0`; for `kv_concat`, `batch = 0` or no positions)
+//! is a valid call of every operation, checked as any other, that launches nothing.
+//!
+//! Build an argument struct in the call, or in a `let` annotated with the backend's alias
+//! ([`HostPrefixAttentionArgs`] and the like; `cuda::DevicePrefixAttentionArgs` on the GPU),
+//! so that `&v` of a `Vec` coerces to a slice and `None` fields get their type:
+//!
+//! ```
+//! # #[cfg(feature = "emulator")] {
+//! use half::bf16;
+//! use peft_kernels::prefix_attention::{
+//!     HostPrefixAttentionArgs, PrefixAttention, PrefixAttentionArgs, PrefixAttentionDims,
+//! };
+//!
+//! // 2 sequences, 4 query heads over 2 KV heads, 3 queries, 5 context keys, 4 prefix vectors.
+//! let dims = PrefixAttentionDims::new(2, 4, 2, 3, 5, 4, 64);
+//! let (q, kv, prefix) = (
+//!     vec![bf16::from_f32(0.1); 2 * 4 * 3 * 64],
+//!     vec![bf16::from_f32(0.2); 2 * 2 * 5 * 64],
+//!     vec![bf16::from_f32(0.2); 2 * 2 * 4 * 64],
+//! );
+//! let mut out = vec![bf16::ZERO; q.len()];
+//! let mut lambda = vec![0.0f32; dims.rows()];
+//! let args: HostPrefixAttentionArgs<bf16> = PrefixAttentionArgs {
+//!     q: &q, k: &kv, v: &kv, prefix_k: &prefix, prefix_v: &prefix,
+//!     context_lens: None, out: &mut out, lse: None, lambda: Some(&mut lambda), workspace: None,
+//! };
+//! peft_kernels::emulator::prefix_attention(&PrefixAttention::default(), &dims, args)?;
+//! // Prefix and context keys alike, so equal scores: λ = 4 / (4 + 5), the prefix's share.
+//! assert!(lambda.iter().all(|&l| (l - 4.0 / 9.0).abs() < 1e-3));
+//! # }
+//! # Ok::<(), peft_kernels::Error>(())
+//! ```
 
 use crate::plan::prefix_attention::{
     KvConcatBufs, LseMergeBufs, PrefixAttentionBufs, PrefixOnlyBufs,
@@ -85,6 +125,10 @@ impl HeadLayout {
 /// Sizes and layouts of a prefix attention. Q [B, Hq, Lq, d]; K, V [B, Hkv, Lk, d]; the
 /// prefix P_k, P_v [B, Hkv, l, d] (per KV head, as PEFT's `past_key_values`); the output
 /// [B, Hq, Lq, d]; LSE and λ [B, Hq, Lq], contiguous.
+///
+/// An empty batch (`batch = 0` or `q_len = 0`) is checked as any call and launches nothing;
+/// `kv_len` and `prefix_len` may be 0 (no context, no prefix); heads, kv_heads and head_dim
+/// must be at least 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefixAttentionDims {
     pub batch: usize,
@@ -228,7 +272,8 @@ pub struct PrefixOnlyArgs<R, W, Stats> {
 }
 
 /// Sizes and layouts of `lse_merge`: the two states and the output are [B, H, L, d], the
-/// LSEs and λ [B, H, L] contiguous.
+/// LSEs and λ [B, H, L] contiguous. An empty batch (`batch = 0` or `q_len = 0`) is checked
+/// as any call and launches nothing; heads and head_dim must be at least 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LseMergeDims {
     pub batch: usize,
@@ -283,7 +328,8 @@ pub struct LseMergeArgs<R, W, StatsR, StatsW> {
 }
 
 /// Sizes and layouts of `kv_concat`: `prefix` [B, H, l, d] and `src` [B, H, L, d] into
-/// `dst` [B, H, l + L, d].
+/// `dst` [B, H, l + L, d]. An empty batch (`batch = 0`, or `prefix_len + len = 0`) is
+/// checked as any call and launches nothing; heads and head_dim must be at least 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvConcatDims {
     pub batch: usize,

@@ -328,3 +328,21 @@ impl MatrixLayout {
 /// block per SM of the largest GPUs (132 on an H100). A guess until measured: the benches
 /// sweep it.
 pub const DEFAULT_SPLIT_TARGET: usize = 128;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each composition's scale, LoRA's resolved against r (α / r, α / √r).
+    #[test]
+    fn composition_scales() {
+        let lora = |alpha, rslora| Composition::Lora { alpha, rslora };
+        assert_eq!(lora(32.0, false).scale(16), 2.0);
+        assert_eq!(lora(32.0, true).scale(16), 8.0);
+        assert_eq!(lora(16.0, false).scale(3), (16.0f64 / 3.0) as f32);
+        assert_eq!(lora(16.0, true).scale(3), (16.0 / 3.0f64.sqrt()) as f32);
+        assert_eq!(Composition::Scaled(4.0).scale(7), 4.0);
+        assert_eq!(Composition::Add.scale(7), 1.0);
+        assert_eq!(Composition::Gated.scale(7), 1.0);
+    }
+}

@@ -645,8 +645,14 @@ fn merged_lora_equals_the_unmerged_forward_and_unmerges() {
     let mut rng = Rng::from_env();
     for _ in 0..6 {
         let layer = Layer::<f16>::random(&mut rng, false, false);
-        let s = rng.pick(&[0.5f32, 2.0, 16.0 / 3.0]);
         let (n, k, r) = (layer.n, layer.k, layer.r);
+        // The layer's LoRA, and the merge scale it documents: its composition's scale at r.
+        let alpha = rng.pick(&[0.5f32, 2.0, 16.0 / 3.0, 32.0]);
+        let op = match rng.chance(0.5) {
+            true => DeltaLinear::lora(alpha),
+            false => DeltaLinear::rslora(alpha),
+        };
+        let s = op.composition.scale(r);
         let w = MatRef::new(&layer.w, n, k);
         let (a, b) = (
             MatRef::new(&layer.w_down, r, k),
@@ -662,11 +668,6 @@ fn merged_lora_equals_the_unmerged_forward_and_unmerges() {
             bias.as_deref(),
         )
         .unwrap();
-        let op = DeltaLinear {
-            activation: Activation::Identity,
-            insertion: Insertion::Parallel,
-            composition: Composition::Scaled(s),
-        };
         let t = DeltaLinearTensors {
             b_down: None,
             b_up: None,
@@ -674,7 +675,7 @@ fn merged_lora_equals_the_unmerged_forward_and_unmerges() {
         };
         let y = delta_linear(&op, &t).unwrap();
         assert_close(
-            &format!("merged forward s={s}, {}", layer.label()),
+            &format!("merged forward {op:?} s={s}, {}", layer.label()),
             &y_merged,
             &y,
             EXACT,

@@ -20,7 +20,8 @@ use crate::{DType, Element, Result};
 /// Attention over the prefix and the masked context in one pass (see
 /// [`crate::prefix_attention`]) on the CPU emulator: the output and, when given buffers,
 /// the LSE and the gate λ. Every argument, `context_lens` values included, is checked
-/// before anything runs. Slices of any alignment (module docs).
+/// before anything runs. Slices of any alignment (see [`crate::emulator`]: a misaligned
+/// f16/bf16 slice is copied).
 pub fn prefix_attention<T: Element>(
     op: &PrefixAttention,
     dims: &PrefixAttentionDims,
@@ -64,7 +65,7 @@ pub fn prefix_attention<T: Element>(
 }
 
 /// The prefix part alone, `(out_p, LSE_p)`, on the CPU emulator. Slices of any alignment
-/// (module docs).
+/// (see [`crate::emulator`]: a misaligned f16/bf16 slice is copied).
 pub fn prefix_only_attention<T: Element>(
     op: &PrefixAttention,
     dims: &PrefixAttentionDims,

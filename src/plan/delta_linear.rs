@@ -893,7 +893,7 @@ fn plan_delta_apply(
     Ok([down, up].concat())
 }
 
-/// Plans `lora_merge`: W ← W + scale·B·A (scale = ±s, s = α / r) for W [N, K],
+/// Plans `lora_merge`: W ← W + scale·B·A (scale = ±s, `Composition::scale`) for W [N, K],
 /// A = W_down [r, K], B = W_up [N, r].
 pub fn lora_merge(
     dtype: DType,

@@ -7,7 +7,7 @@
 //! every output buffer is NaN before the run, so an element the kernel forgot fails, and
 //! the gaps of a strided output must still be NaN after it.
 
-use crate::common::{random_cases, Misaligned, Rng};
+use crate::common::{random_cases, Placed, Rng};
 use half::{bf16, f16};
 use peft_kernels::prefix_attention::{
     HeadLayout, HostKvConcatArgs, HostLseMergeArgs, HostPrefixAttentionArgs, HostPrefixOnlyArgs,
@@ -1188,11 +1188,11 @@ impl<B: Backend> Backend for Misaligning<'_, B> {
         dims: &PrefixAttentionDims,
         a: PrefixAttentionArgs<&[T], &mut [T], &[u32], &mut [f32]>,
     ) -> Result<()> {
-        let [q, k, v, pk, pv] = [a.q, a.k, a.v, a.prefix_k, a.prefix_v].map(Misaligned::new);
-        let lens = a.context_lens.map(Misaligned::new);
-        let mut out = Misaligned::new(a.out);
+        let [q, k, v, pk, pv] = [a.q, a.k, a.v, a.prefix_k, a.prefix_v].map(Placed::misaligned);
+        let lens = a.context_lens.map(Placed::misaligned);
+        let mut out = Placed::misaligned(a.out);
         let mut stats =
-            [&a.lse, &a.lambda, &a.workspace].map(|s| s.as_deref().map(Misaligned::new));
+            [&a.lse, &a.lambda, &a.workspace].map(|s| s.as_deref().map(Placed::misaligned));
         let [lse, lambda, workspace] = &mut stats;
         let result = self.0.attention(
             op,
@@ -1224,8 +1224,8 @@ impl<B: Backend> Backend for Misaligning<'_, B> {
         dims: &PrefixAttentionDims,
         a: PrefixOnlyArgs<&[T], &mut [T], &mut [f32]>,
     ) -> Result<()> {
-        let [q, pk, pv] = [a.q, a.prefix_k, a.prefix_v].map(Misaligned::new);
-        let (mut out, mut lse) = (Misaligned::new(a.out), Misaligned::new(a.lse));
+        let [q, pk, pv] = [a.q, a.prefix_k, a.prefix_v].map(Placed::misaligned);
+        let (mut out, mut lse) = (Placed::misaligned(a.out), Placed::misaligned(a.lse));
         let result = self.0.prefix_only(
             op,
             dims,
@@ -1246,10 +1246,10 @@ impl<B: Backend> Backend for Misaligning<'_, B> {
         dims: &LseMergeDims,
         a: LseMergeArgs<&[T], &mut [T], &[f32], &mut [f32]>,
     ) -> Result<()> {
-        let [o_p, o_c] = [a.o_prefix, a.o_context].map(Misaligned::new);
-        let [lse_p, lse_c] = [a.lse_prefix, a.lse_context].map(Misaligned::new);
-        let mut out = Misaligned::new(a.out);
-        let mut stats = [&a.lse, &a.lambda].map(|s| s.as_deref().map(Misaligned::new));
+        let [o_p, o_c] = [a.o_prefix, a.o_context].map(Placed::misaligned);
+        let [lse_p, lse_c] = [a.lse_prefix, a.lse_context].map(Placed::misaligned);
+        let mut out = Placed::misaligned(a.out);
+        let mut stats = [&a.lse, &a.lambda].map(|s| s.as_deref().map(Placed::misaligned));
         let [lse, lambda] = &mut stats;
         let result = self.0.merge(
             dims,
@@ -1276,8 +1276,8 @@ impl<B: Backend> Backend for Misaligning<'_, B> {
         dims: &KvConcatDims,
         a: KvConcatArgs<&[T], &mut [T]>,
     ) -> Result<()> {
-        let [prefix, src] = [a.prefix, a.src].map(Misaligned::new);
-        let mut dst = Misaligned::new(a.dst);
+        let [prefix, src] = [a.prefix, a.src].map(Placed::misaligned);
+        let mut dst = Placed::misaligned(a.dst);
         let result = self.0.concat(
             dims,
             KvConcatArgs {
