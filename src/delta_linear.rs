@@ -105,8 +105,11 @@ pub enum KernelVariant {
 /// and composition (the reference, [`mod@crate::reference::linear`], takes the same description).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DeltaLinear {
+    /// The bottleneck's `f`.
     pub activation: Activation,
+    /// Where the delta reads `u`.
     pub insertion: Insertion,
+    /// How Δh joins h, with its scale.
     pub composition: Composition,
 }
 
@@ -125,6 +128,7 @@ impl DeltaLinear {
     }
     /// Rank-stabilised LoRA (PEFT's `use_rslora = True`): as [`DeltaLinear::lora`] with
     /// `s = alpha / √r`.
+    #[doc(alias = "use_rslora")]
     pub fn rslora(alpha: f32) -> Self {
         Self::new(
             Insertion::Parallel,
@@ -274,9 +278,11 @@ pub struct DeltaApplyDims {
     pub r: usize,
     /// Columns of u per head (parallel insertion).
     pub u_head_dim: usize,
-    /// Row strides of h, u and y.
+    /// Row stride of h, ≥ heads·head_dim.
     pub ld_h: usize,
+    /// Row stride of u, ≥ heads·u_head_dim.
     pub ld_u: usize,
+    /// Row stride of y, ≥ heads·head_dim.
     pub ld_y: usize,
     /// Which implementation runs the passes (`Auto` unless testing or benchmarking).
     pub kernel: KernelVariant,
@@ -289,8 +295,9 @@ pub struct DeltaApplyDims {
 }
 
 impl DeltaApplyDims {
-    /// Contiguous h, y [m, heads·head_dim] and u [m, heads·u_head_dim]. Widths past usize
-    /// saturate (and are refused by the call).
+    /// Contiguous h, y [m, heads·head_dim] and u [m, heads·u_head_dim] (note the order:
+    /// `u_head_dim` before the rank `r`; a sequential delta reads h, so pass `head_dim`).
+    /// Widths past usize saturate (and are refused by the call).
     pub fn new(m: usize, heads: usize, head_dim: usize, u_head_dim: usize, r: usize) -> Self {
         let w = heads.saturating_mul(head_dim);
         DeltaApplyDims {
@@ -397,8 +404,11 @@ impl<R, W> DeltaApplyArgs<R, W> {
 /// merge has no batch: n, k and r must each be at least 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoraMergeDims {
+    /// Output features: rows of W and W_up.
     pub n: usize,
+    /// Input features: columns of W and W_down.
     pub k: usize,
+    /// The LoRA rank: rows of W_down, columns of W_up.
     pub r: usize,
 }
 

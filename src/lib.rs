@@ -24,6 +24,11 @@
 //! [`validate`] compares with it. [`host`] runs any operation on host buffers on the best
 //! backend at hand.
 //!
+//! The operations are in [`mod@delta_linear`] (whose docs have the names of LoRA's A and B
+//! here, `w_down` and `w_up`, and how to build arguments before a call) and
+//! [`mod@prefix_attention`]. Every operation takes an empty batch (no rows) as a valid call
+//! that launches nothing, and host slices of any alignment.
+//!
 //! ```
 //! # #[cfg(feature = "emulator")] {
 //! use peft_kernels::delta_linear::{DeltaLinear, DeltaLinearArgs, DeltaLinearDims};

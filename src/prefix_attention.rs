@@ -85,8 +85,11 @@ pub const HEAD_DIMS: [usize; 6] = [32, 64, 80, 96, 128, 256];
 /// contiguous. A stride of 0 broadcasts (one prefix shared by the batch, say).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HeadLayout {
+    /// Elements from one sequence to the next.
     pub batch: usize,
+    /// Elements from one head to the next.
     pub head: usize,
+    /// Elements from one position (row) to the next.
     pub seq: usize,
 }
 
@@ -235,14 +238,20 @@ impl PrefixAttentionDims {
 /// element tensors, `Lens` for `context_lens` (u32) and `Stats` for LSE and λ (f32).
 #[derive(Debug)]
 pub struct PrefixAttentionArgs<R, W, Lens, Stats> {
+    /// Queries [B, Hq, Lq, d], strides `dims.q`.
     pub q: R,
+    /// Context keys [B, Hkv, Lk, d], strides `dims.k` (not read when Lk = 0).
     pub k: R,
+    /// Context values [B, Hkv, Lk, d], strides `dims.v`.
     pub v: R,
+    /// Prefix keys [B, Hkv, l, d], strides `dims.prefix_k` (not read when l = 0).
     pub prefix_k: R,
+    /// Prefix values [B, Hkv, l, d], strides `dims.prefix_v`.
     pub prefix_v: R,
     /// Valid context keys per sequence, `[B]`; `None`: all Lk. On the GPU the lengths cannot be
     /// checked without a device read: one above Lk counts as Lk.
     pub context_lens: Option<Lens>,
+    /// The output [B, Hq, Lq, d], strides `dims.out`.
     pub out: W,
     /// LSE over the prefix and the visible context, natural log (−∞ for a row that sees
     /// nothing).
@@ -264,10 +273,15 @@ pub struct PrefixAttentionArgs<R, W, Lens, Stats> {
 /// and its `lse` (−∞ and output 0 when l = 0).
 #[derive(Debug)]
 pub struct PrefixOnlyArgs<R, W, Stats> {
+    /// Queries [B, Hq, Lq, d], strides `dims.q`.
     pub q: R,
+    /// Prefix keys [B, Hkv, l, d], strides `dims.prefix_k`.
     pub prefix_k: R,
+    /// Prefix values [B, Hkv, l, d], strides `dims.prefix_v`.
     pub prefix_v: R,
+    /// Attn(q, P_k, P_v) [B, Hq, Lq, d], strides `dims.out`.
     pub out: W,
+    /// Its LSE [B, Hq, Lq] (f32, natural log), what `lse_merge` takes as `lse_prefix`.
     pub lse: Stats,
 }
 
@@ -318,12 +332,19 @@ impl LseMergeDims {
 /// 2, or over unscaled scores, must be converted first (multiply a base-2 LSE by ln 2).
 #[derive(Debug)]
 pub struct LseMergeArgs<R, W, StatsR, StatsW> {
+    /// The prefix state's output [B, H, L, d], strides `dims.o_prefix`.
     pub o_prefix: R,
+    /// Its LSE [B, H, L].
     pub lse_prefix: StatsR,
+    /// The context state's output [B, H, L, d], strides `dims.o_context`.
     pub o_context: R,
+    /// Its LSE [B, H, L].
     pub lse_context: StatsR,
+    /// The merged output [B, H, L, d], strides `dims.out`.
     pub out: W,
+    /// `logaddexp(lse_prefix, lse_context)` [B, H, L], when given.
     pub lse: Option<StatsW>,
+    /// λ [B, H, L], when given.
     pub lambda: Option<StatsW>,
 }
 
@@ -362,8 +383,11 @@ impl KvConcatDims {
 /// The tensors of `kv_concat`: `dst[b, h, j] = j < l ? prefix[b, h, j] : src[b, h, j − l]`.
 #[derive(Debug)]
 pub struct KvConcatArgs<R, W> {
+    /// [B, H, l, d], strides `dims.prefix`.
     pub prefix: R,
+    /// [B, H, L, d], strides `dims.src`.
     pub src: R,
+    /// [B, H, l + L, d], strides `dims.dst`.
     pub dst: W,
 }
 

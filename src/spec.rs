@@ -264,8 +264,10 @@ pub enum Composition {
     /// scale cannot disagree with the rank the weights have. See [`Composition::scale`].
     Lora {
         /// α, PEFT's `lora_alpha`.
+        #[doc(alias = "lora_alpha")]
         alpha: f32,
         /// `s = α / √r` instead of `α / r`.
+        #[doc(alias = "use_rslora")]
         rslora: bool,
     },
     /// `(1 − λ)·h + λ·Δh` with a per-row gate λ given as a tensor of M values.
@@ -279,6 +281,7 @@ impl Composition {
     /// as PEFT's Python float scaling is applied to an f32 accumulator), 1 for `Add` and
     /// `Gated`. The kernels and the reference both take `s` from here; so should a
     /// `lora_merge` of the same layer (`scale(r)` to merge, `-scale(r)` to unmerge).
+    #[doc(alias = "scaling")]
     pub fn scale(self, r: usize) -> f32 {
         match self {
             Composition::Scaled(s) => s,

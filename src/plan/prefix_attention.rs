@@ -344,7 +344,8 @@ fn check_aligned(arg: &'static str, buf: Buf, layout: HeadLayout, dtype: DType) 
             arg,
             format!(
                 "a 16-byte aligned {dtype} buffer with strides that are multiples of {per} \
-                 elements (the tensor-core kernels copy 16-byte chunks)"
+                 elements (the tensor-core kernels copy 16-byte chunks; cudarc allocations \
+                 are aligned, a view into one must start a multiple of {per} elements in)"
             ),
             format!(
                 "address {:#x}, strides (batch {}, head {}, seq {})",
