@@ -31,9 +31,10 @@
 //! # Building the arguments
 //!
 //! Build an argument struct where its type is known: in the call, or in a `let` annotated
-//! with the backend's alias ([`HostDeltaLinearArgs`] here). Without either, `&x` of a
-//! `Vec<T>` stays a `&Vec<T>` (Rust coerces it to `&[T]` only where a slice is expected) and
-//! the call does not type-check:
+//! with the backend's alias ([`HostDeltaLinearArgs`] here, `cuda::DeviceDeltaLinearArgs` on
+//! the GPU). Without either, `&x` of a `Vec<T>` stays a `&Vec<T>` (Rust coerces it to
+//! `&[T]`, and `&` of a `CudaSlice` to the GPU API's `&dyn` buffer, only where that type is
+//! expected; `Some(&b)` too) and the call does not type-check:
 //!
 //! ```
 //! # #[cfg(feature = "emulator")] {

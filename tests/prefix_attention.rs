@@ -256,6 +256,74 @@ fn the_planner_refuses_misaligned_16_bit_tensors() {
     }
 }
 
+/// Host slices as the planner's buffers, from outside the crate: what a caller who runs the
+/// plan's steps itself writes (`PrefixAttentionArgs::bufs` is public).
+struct HostSlices;
+
+impl<'r, 'w, A, B> peft_kernels::plan::BufSource<&'r [A], &'w mut [B]> for HostSlices {
+    fn read(&mut self, r: &'r [A]) -> Buf {
+        Buf {
+            addr: r.as_ptr() as u64,
+            len: r.len(),
+        }
+    }
+    fn write(&mut self, w: &'w mut [B]) -> Buf {
+        Buf {
+            addr: w.as_mut_ptr() as u64,
+            len: w.len(),
+        }
+    }
+}
+
+/// The plan's steps run one by one from the public `bufs` give what the operation gives, bit
+/// for bit (a split decode: two steps).
+#[test]
+fn attention_args_give_their_planner_buffers() {
+    use peft_kernels::prefix_attention::HostPrefixAttentionArgs;
+    let mut rng = common::Rng::from_env();
+    let dims = PrefixAttentionDims::new(1, 4, 2, 1, 900, 20, 64);
+    let q: Vec<bf16> = rng.uniform_vec(4 * 64);
+    let (k, v): (Vec<bf16>, Vec<bf16>) =
+        (rng.uniform_vec(2 * 900 * 64), rng.uniform_vec(2 * 900 * 64));
+    let prefix: Vec<bf16> = rng.uniform_vec(2 * 20 * 64);
+    let op = PrefixAttention::default();
+    let run = |by_steps: bool| {
+        let mut out = vec![bf16::NAN; q.len()];
+        let mut lse = vec![f32::NAN; dims.rows()];
+        let mut workspace = vec![f32::NAN; dims.workspace_len(DType::BF16)];
+        let args: HostPrefixAttentionArgs<bf16> = PrefixAttentionArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            prefix_k: &prefix,
+            prefix_v: &prefix,
+            context_lens: None,
+            out: &mut out,
+            lse: Some(&mut lse),
+            lambda: None,
+            workspace: Some(&mut workspace),
+        };
+        if by_steps {
+            let steps =
+                plan::prefix_attention(&op, &dims, DType::BF16, &args.bufs(&mut HostSlices))
+                    .unwrap();
+            assert_eq!(steps.len(), 2, "a split pass and its merge");
+            for (launch, params) in &steps {
+                // SAFETY: the plan checked every buffer (host slices alive for the call).
+                unsafe { emulator::launch(launch, params) }.unwrap();
+            }
+        } else {
+            emulator::prefix_attention(&op, &dims, args).unwrap();
+        }
+        let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        (
+            bits(&out),
+            lse.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(run(true), run(false));
+}
+
 #[test]
 fn params_sizes_match_the_cxx_structs() {
     use peft_kernels::plan::prefix_attention::{KvConcatParams, LseMergeParams};
