@@ -1225,7 +1225,7 @@ fn merge_case_placed<T: Element>(
     let w: Vec<T> = rng.uniform_vec(n * k);
     let a: Vec<T> = scaled(rng, r * k, k);
     let b: Vec<T> = scaled(rng, n * r, r);
-    let s = rng.uniform(0.5, 4.0);
+    let s = rng.uniform(0.5, 4.0) as f32;
     let expected = reference::lora_merge(
         MatRef::new(&w, n, k),
         MatRef::new(&a, r, k),
@@ -1242,7 +1242,7 @@ fn merge_case_placed<T: Element>(
         w_down: a_placed.get(),
         w_up: b_placed.get(),
     };
-    host::lora_merge(backend, &dims, s as f32, args).unwrap();
+    host::lora_merge(backend, &dims, s, args).unwrap();
     let merged = merged_placed.get().to_vec();
     let tol = default_tolerance(T::DTYPE);
     let name = format!(
@@ -1270,7 +1270,7 @@ fn merge_case_placed<T: Element>(
         w_down: a_placed.get(),
         w_up: b_placed.get(),
     };
-    host::lora_merge(backend, &dims, -s as f32, args).unwrap();
+    host::lora_merge(backend, &dims, -s, args).unwrap();
     assert_close_matrix(
         &format!("un{name}"),
         merged_placed.get(),

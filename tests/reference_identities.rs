@@ -658,7 +658,7 @@ fn merged_lora_equals_the_unmerged_forward_and_unmerges() {
             MatRef::new(&layer.w_down, r, k),
             MatRef::new(&layer.w_up, n, r),
         );
-        let merged = lora_merge(w, a, b, f64::from(s)).unwrap();
+        let merged = lora_merge(w, a, b, s).unwrap();
 
         let x = layer.x64();
         let bias = layer.b.as_deref().map(widen);
@@ -686,7 +686,7 @@ fn merged_lora_equals_the_unmerged_forward_and_unmerges() {
             MatRef::new(&merged, n, k),
             MatRef::new(&a64, r, k),
             MatRef::new(&b64, n, r),
-            -f64::from(s),
+            -s,
         )
         .unwrap();
         assert_close(

@@ -253,8 +253,9 @@ pub fn lora_merge<T: Scalar>(
     w: MatRef<T>,
     w_down: MatRef<T>,
     w_up: MatRef<T>,
-    scale: f64,
+    scale: f32,
 ) -> Result<Vec<f64>> {
+    let scale = f64::from(scale);
     w.check_buffer("w")?;
     let (n, k, r) = (w.rows(), w.cols(), w_down.rows());
     w_down.check("w_down", "[r, K]", r, k)?;
