@@ -35,7 +35,7 @@
 //! use peft_kernels::emulator;
 //!
 //! // A LoRA layer (r = 2, α = 4) on 3 tokens of width 8, 5 outputs, on the CPU emulator.
-//! // LoRA's A (`lora_A.weight`) is `w_down` [r, k], B (`lora_B.weight`) is `w_up` [n, r].
+//! // LoRA's A is `w_down`, B is `w_up` (the names: `delta_linear`'s module docs).
 //! let (m, n, k, r) = (3, 5, 8, 2);
 //! let x = vec![0.5f32; m * k];
 //! let w = vec![0.25f32; n * k];

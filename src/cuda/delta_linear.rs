@@ -32,7 +32,7 @@ pub type DeviceLoraMergeArgs<'a, T> = LoraMergeArgs<DeviceRead<'a, T>, DeviceWri
 /// let stream = cuda::context(0)?.default_stream();
 /// let x = stream.alloc_zeros::<bf16>(m * k)?;
 /// let w = stream.alloc_zeros::<bf16>(n * k)?;
-/// // LoRA A (`lora_A.weight`) is w_down [r, k], B (`lora_B.weight`) is w_up [n, r].
+/// // LoRA's A is w_down [r, k], B is w_up [n, r] (crate::delta_linear's docs).
 /// let (w_down, w_up) = (stream.alloc_zeros::<bf16>(r * k)?, stream.alloc_zeros::<bf16>(n * r)?);
 /// let dims = DeltaLinearDims::new(m, n, k, r);
 /// let mut workspace = stream.alloc_zeros::<bf16>(dims.workspace_len())?;
