@@ -48,8 +48,7 @@ pub trait Backend {
         args: KvConcatArgs<&[T], &mut [T]>,
     ) -> Result<()>;
     /// Whether the kernels run on the host slices themselves (the emulator): then the
-    /// `context_lens` values are checked against Lk, and a misaligned slice stays
-    /// misaligned (a GPU backend's copies are aligned whatever the host slice).
+    /// `context_lens` values are checked against Lk.
     fn on_host(&self) -> bool;
 }
 
