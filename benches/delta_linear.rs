@@ -81,7 +81,7 @@ mod gpu {
         [
             Method {
                 name: "lora_r16",
-                op: DeltaLinear::lora(32.0, 16),
+                op: DeltaLinear::lora(32.0),
                 r: 16,
             },
             Method {
