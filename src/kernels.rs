@@ -7,7 +7,8 @@
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Module {
     /// Backend self-checks (`kernels/selftest.cu`): tiled SGEMM, warp reductions, an
-    /// ldmatrix + mma GEMM, and deliberately broken kernels the emulator must catch.
+    /// ldmatrix + mma GEMM, LoRA dropout's Philox generator, and deliberately broken
+    /// kernels the emulator must catch.
     Selftest,
     /// Self-checks of the dtype and architecture layer (`kernels/selftest_mma.cu`): an
     /// ldmatrix + mma.sync + cp.async GEMM, fragment-layout probes, 16-bit conversions
@@ -105,6 +106,8 @@ kernel_table! {
         selftest_thread_index,
         selftest_reverse_dynamic_smem_f32,
         selftest_atomics,
+        selftest_philox4x32_10,
+        selftest_dropout_mask,
         selftest_broken_divergent_barrier,
         selftest_broken_shfl_wrong_mask,
         selftest_broken_shfl_divergent,
