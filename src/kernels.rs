@@ -19,6 +19,9 @@ pub enum Module {
     /// Prefix tuning's gated attention, the LSE merge and the KV concatenation
     /// (`kernels/prefix_attention.cu`).
     PrefixAttention,
+    /// AdamW over a list of adapter tensors, with the gradient-norm passes
+    /// (`kernels/optim.cu`).
+    Optim,
 }
 
 impl Module {
@@ -28,6 +31,7 @@ impl Module {
         Module::SelftestMma,
         Module::DeltaLinear,
         Module::PrefixAttention,
+        Module::Optim,
     ];
 
     /// The file stem under `kernels/` (and of the embedded PTX and cubins).
@@ -37,6 +41,7 @@ impl Module {
             Module::SelftestMma => "selftest_mma",
             Module::DeltaLinear => "delta_linear",
             Module::PrefixAttention => "prefix_attention",
+            Module::Optim => "optim",
         }
     }
 }
@@ -189,6 +194,13 @@ kernel_table! {
         kv_concat_f32,
         kv_concat_f16,
         kv_concat_bf16,
+    }
+    Optim {
+        adamw_sumsq,
+        adamw_norm,
+        adamw_update_f32,
+        adamw_update_f16,
+        adamw_update_bf16,
     }
 }
 
