@@ -111,13 +111,15 @@ struct FusedLinearParams {
     const void* gate;
     void* out;
     float* partial;  // split-K partial sums, f32 [k_splits][m][ldp] (see fused_linear_mma)
-    int64_t lda1, ldb1, ldh, lda2, ldb2, ldo, ldp;
-    int64_t bs_a1, bs_b1, bs_bias, bs_h, bs_a2, bs_b2, bs_bias2, bs_out;
+    float* save;     // training mode: what the backward needs of each output (see finish)
+    int64_t lda1, ldb1, ldh, lda2, ldb2, ldo, ldp, ld_save;
+    int64_t bs_a1, bs_b1, bs_bias, bs_h, bs_a2, bs_b2, bs_bias2, bs_out, bs_save;
     int32_t m, n, k1, k2;
     int32_t k_splits;  // > 1: the k-tiles split over blocks (one batch entry)
     int32_t activation;  // Activation, as src/spec.rs numbers it
     int32_t compose;     // Compose
     int32_t c_main, c_bias2, c_out;  // Coef
+    int32_t save_stored;  // save the stored (T-rounded) output instead of the pre-activation
     float scale;
 };
 PK_PARAMS_SIZE(FusedLinearParams)
@@ -133,6 +135,7 @@ struct Operands {
     const T* b2;
     const T* bias2;
     T* out;
+    float* save;
 };
 
 template <typename T>
@@ -142,7 +145,8 @@ PK_INLINE Operands<T> operands(const FusedLinearParams& p, int64_t b) {
     };
     return {at(p.a1, p.bs_a1),  at(p.b1, p.bs_b1),       at(p.bias, p.bs_bias),
             at(p.h_in, p.bs_h), at(p.a2, p.bs_a2),       at(p.b2, p.bs_b2),
-            at(p.bias2, p.bs_bias2), static_cast<T*>(p.out) + b * p.bs_out};
+            at(p.bias2, p.bs_bias2), static_cast<T*>(p.out) + b * p.bs_out,
+            p.save ? p.save + b * p.bs_save : nullptr};
 }
 
 // The coefficients of one row, computed once per row (a gated row reads its λ once).
@@ -181,14 +185,21 @@ __device__ __attribute__((noinline)) float activate_out_of_line(int32_t activati
     return activate(static_cast<Activation>(activation), x);
 }
 
-// The epilogue's value of one element: second bias (when there is one: `bias2`, its entry),
-// activation, output coefficient.
-PK_INLINE float epilogue(const FusedLinearParams& p, const RowCoefs& c, float acc,
-                         bool has_bias2, float bias2) {
+// The epilogue's value of one element, stored: second bias (when there is one: `bias2`, its
+// entry), activation, output coefficient. A training-mode forward (o.save non-null) also keeps
+// in f32 what the backward reads: a down pass the pre-activation z = u·W_downᵀ + b_down
+// (before f and c_out: f′(z) needs it, and the gate's c_out may be 0), a frozen pass whose
+// output a sequential or gated delta reads (save_stored) h as stored in T, as the delta saw it.
+template <typename T>
+PK_INLINE T epilogue(const FusedLinearParams& p, const Operands<T>& o, int m, int n,
+                     const RowCoefs& c, float acc, bool has_bias2, float bias2) {
     if (has_bias2) acc += c.bias2 * bias2;
+    const float z = acc;
     if (p.activation != static_cast<int32_t>(Activation::Identity))
         acc = activate_out_of_line(p.activation, acc);
-    return c.out * acc;
+    const T v = from_float<T>(c.out * acc);
+    if (o.save) o.save[m * p.ld_save + n] = p.save_stored ? to_float(v) : z;
+    return v;
 }
 
 // The epilogue for element (m, n): its value, stored.
@@ -196,7 +207,7 @@ template <typename T>
 PK_INLINE void finish(const FusedLinearParams& p, const Operands<T>& o, int m, int n,
                       const RowCoefs& c, float acc) {
     const float bias2 = o.bias2 ? to_float(o.bias2[n]) : 0.0f;
-    o.out[m * p.ldo + n] = from_float<T>(epilogue(p, c, acc, o.bias2 != nullptr, bias2));
+    o.out[m * p.ldo + n] = epilogue(p, o, m, n, c, acc, o.bias2 != nullptr, bias2);
 }
 
 // finish() for the elements (m, n) and (m, n + 1), n even, with one 4-byte load of the bias and
@@ -211,8 +222,8 @@ PK_INLINE void finish_pair(const FusedLinearParams& p, const Operands<T>& o, int
         b1 = to_float(b.v[1]);
     }
     Vec<T, 2> y;
-    y.v[0] = from_float<T>(epilogue(p, c, v0, o.bias2 != nullptr, b0));
-    y.v[1] = from_float<T>(epilogue(p, c, v1, o.bias2 != nullptr, b1));
+    y.v[0] = epilogue(p, o, m, n, c, v0, o.bias2 != nullptr, b0);
+    y.v[1] = epilogue(p, o, m, n + 1, c, v1, o.bias2 != nullptr, b1);
     store_vec(o.out + m * p.ldo + n, y);
 }
 
