@@ -7,6 +7,7 @@ use crate::delta_linear::{
     DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearBackwardArgs,
     DeltaLinearDims, DeltaLinearTrainArgs, LoraMergeArgs, LoraMergeDims,
 };
+use crate::optim::{AdamW, AdamwArgs};
 #[cfg(feature = "cuda")]
 use crate::plan::{self, Buf, BufSource, KernelParams, Launch};
 use crate::prefix_attention::{
@@ -158,6 +159,33 @@ pub fn prefix_attention<T: Element>(
             let steps =
                 plan::prefix_attention::prefix_attention(op, dims, T::DTYPE, &args.bufs(&mut up))?;
             up.run(&steps)
+        }
+    }
+}
+
+/// One AdamW step ([`crate::optim`]) on host buffers.
+pub fn adamw<T: Element>(
+    backend: &Backend,
+    op: &AdamW,
+    step: u64,
+    args: AdamwArgs<&[f32], &mut [f32], &mut [T]>,
+) -> Result<()> {
+    match backend {
+        #[cfg(feature = "emulator")]
+        Backend::Emulator => crate::emulator::adamw(op, step, args),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(stream) => {
+            let mut up = Upload::new(stream);
+            let plan = plan::optim::adamw(op, step, T::DTYPE, &args.bufs(&mut up))?;
+            // The table goes up as one more input (its scratch words are not read back).
+            let addr = match up.copy(bytemuck::cast_slice(&plan.table)) {
+                Some((d, addr)) => {
+                    up.inputs.push(d);
+                    addr
+                }
+                None => 0,
+            };
+            up.run(&plan.steps(addr))
         }
     }
 }

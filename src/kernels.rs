@@ -7,7 +7,8 @@
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Module {
     /// Backend self-checks (`kernels/selftest.cu`): tiled SGEMM, warp reductions, an
-    /// ldmatrix + mma GEMM, and deliberately broken kernels the emulator must catch.
+    /// ldmatrix + mma GEMM, LoRA dropout's Philox generator, and deliberately broken
+    /// kernels the emulator must catch.
     Selftest,
     /// Self-checks of the dtype and architecture layer (`kernels/selftest_mma.cu`): an
     /// ldmatrix + mma.sync + cp.async GEMM, fragment-layout probes, 16-bit conversions
@@ -20,6 +21,9 @@ pub enum Module {
     /// Prefix tuning's gated attention, the LSE merge and the KV concatenation
     /// (`kernels/prefix_attention.cu`).
     PrefixAttention,
+    /// AdamW over a list of adapter tensors, with the gradient-norm passes
+    /// (`kernels/optim.cu`).
+    Optim,
 }
 
 impl Module {
@@ -30,6 +34,7 @@ impl Module {
         Module::DeltaLinear,
         Module::DeltaLinearBackward,
         Module::PrefixAttention,
+        Module::Optim,
     ];
 
     /// The file stem under `kernels/` (and of the embedded PTX and cubins).
@@ -40,6 +45,7 @@ impl Module {
             Module::DeltaLinear => "delta_linear",
             Module::DeltaLinearBackward => "delta_linear_backward",
             Module::PrefixAttention => "prefix_attention",
+            Module::Optim => "optim",
         }
     }
 }
@@ -109,6 +115,8 @@ kernel_table! {
         selftest_thread_index,
         selftest_reverse_dynamic_smem_f32,
         selftest_atomics,
+        selftest_philox4x32_10,
+        selftest_dropout_mask,
         selftest_broken_divergent_barrier,
         selftest_broken_shfl_wrong_mask,
         selftest_broken_shfl_divergent,
@@ -211,6 +219,13 @@ kernel_table! {
         kv_concat_f32,
         kv_concat_f16,
         kv_concat_bf16,
+    }
+    Optim {
+        adamw_sumsq,
+        adamw_norm,
+        adamw_update_f32,
+        adamw_update_f16,
+        adamw_update_bf16,
     }
 }
 

@@ -14,6 +14,7 @@
 //!   against central finite differences of the forwards (tests/reference_backward.rs).
 //! - [`attention`]: attention over learned prefix vectors and a masked context, the gate
 //!   λ, the unfused concatenation path, and the LSE merge of two attention states.
+//! - [`optim`]: AdamW over a list of tensors, with clipping by the global gradient norm.
 //!
 //! Every function validates its arguments and returns [`Error::InvalidArgument`] naming
 //! the offending argument, so a test that feeds a kernel and its reference the same
@@ -23,6 +24,7 @@ pub mod adapter;
 pub mod attention;
 pub mod backward;
 pub mod linear;
+pub mod optim;
 
 pub use adapter::{multi_head_adapter, MultiHeadAdapter, MultiHeadAdapterTensors};
 pub use attention::{
