@@ -91,6 +91,7 @@
 //   Not yet measured on a GPU: these are starting points, to be tuned against BENCHMARKS.md.
 
 #include "common.cuh"
+#include "philox.cuh"
 
 // Which coefficient of the row multiplies a term (see the header).
 enum Coef : int32_t { COEF_ONE = 0, COEF_H = 1, COEF_D = 2 };
@@ -114,13 +115,16 @@ struct FusedLinearParams {
     float* save;     // training mode: what the backward needs of each output (see finish)
     int64_t lda1, ldb1, ldh, lda2, ldb2, ldo, ldp, ld_save;
     int64_t bs_a1, bs_b1, bs_bias, bs_h, bs_a2, bs_b2, bs_bias2, bs_out, bs_save;
+    uint64_t drop_seed;  // LoRA dropout on A1 (a down pass's u): see a1_dropout
     int32_t m, n, k1, k2;
     int32_t k_splits;  // > 1: the k-tiles split over blocks (one batch entry)
     int32_t activation;  // Activation, as src/spec.rs numbers it
     int32_t compose;     // Compose
     int32_t c_main, c_bias2, c_out;  // Coef
     int32_t save_stored;  // save the stored (T-rounded) output instead of the pre-activation
+    int32_t dropout;      // drop elements of A1 (naive and SIMT kernels only: the plan's choice)
     float scale;
+    float drop_p;
 };
 PK_PARAMS_SIZE(FusedLinearParams)
 
@@ -147,6 +151,13 @@ PK_INLINE Operands<T> operands(const FusedLinearParams& p, int64_t b) {
             at(p.h_in, p.bs_h), at(p.a2, p.bs_a2),       at(p.b2, p.bs_b2),
             at(p.bias2, p.bs_bias2), static_cast<T*>(p.out) + b * p.bs_out,
             p.save ? p.save + b * p.bs_save : nullptr};
+}
+
+// LoRA dropout of element (m, k) of A1, a down pass's u (row m, column k of u; one batch entry):
+// the factor it is multiplied by, 0 or 1 / (1 − p), from Philox (philox.cuh), never stored.
+PK_INLINE float a1_dropout(const FusedLinearParams& p, int m, int k) {
+    return pk_dropout_keep(p.drop_seed, uint32_t(m), uint32_t(k), p.drop_p) ? pk_dropout_scale(p.drop_p)
+                                                                           : 0.0f;
 }
 
 // The coefficients of one row, computed once per row (a gated row reads its λ once).
@@ -239,8 +250,10 @@ PK_INLINE void fused_linear_naive(const FusedLinearParams& p) {
     if (m >= p.m || n >= p.n) return;
     const Operands<T> o = operands<T>(p, blockIdx.z);
     float acc = 0.0f;
-    for (int k = 0; k < p.k1; ++k)
-        acc += to_float(o.a1[m * p.lda1 + k]) * to_float(o.b1[n * p.ldb1 + k]);
+    for (int k = 0; k < p.k1; ++k) {
+        const float a = to_float(o.a1[m * p.lda1 + k]);
+        acc += (p.dropout ? a * a1_dropout(p, m, k) : a) * to_float(o.b1[n * p.ldb1 + k]);
+    }
     const RowCoefs c = row_coefs<T>(p, m);
     acc = phase_switch(p, o, m, n, c, acc);
     for (int k = 0; k < p.k2; ++k)
@@ -259,13 +272,16 @@ constexpr int BM = 64, BN = 64, BK = 16, THREADS = 256;
 
 // Load rows [r0, r0 + 64) × cols [k0, k0 + 16) of a row-major operand into dst[k][row],
 // zero outside rows < rows_lim, cols < k_lim. Thread t loads k = t % 16 of rows t / 16 + 16i.
+// `drop`: the tile is A1 under LoRA dropout (p.dropout), each element times a1_dropout.
 template <typename T>
 PK_INLINE void load_tile(float (*dst)[BM + 4], const T* src, int64_t ld, int r0, int rows_lim,
-                         int k0, int k_lim) {
+                         int k0, int k_lim, const FusedLinearParams* drop = nullptr) {
     const int k = threadIdx.x % BK;
     for (int row = threadIdx.x / BK; row < BM; row += THREADS / BK) {
         const int gr = r0 + row, gk = k0 + k;
-        dst[k][row] = (gr < rows_lim && gk < k_lim) ? to_float(src[gr * ld + gk]) : 0.0f;
+        float v = (gr < rows_lim && gk < k_lim) ? to_float(src[gr * ld + gk]) : 0.0f;
+        if (drop && gr < rows_lim && gk < k_lim) v *= a1_dropout(*drop, gr, gk);
+        dst[k][row] = v;
     }
 }
 }  // namespace simt
@@ -299,7 +315,8 @@ PK_INLINE void fused_linear_simt(const FusedLinearParams& p) {
         }
         const bool first = kt < tiles1;
         const int k0 = (first ? kt : kt - tiles1) * BK, k_lim = first ? p.k1 : p.k2;
-        load_tile(As, first ? o.a1 : o.a2, first ? p.lda1 : p.lda2, m0, p.m, k0, k_lim);
+        load_tile(As, first ? o.a1 : o.a2, first ? p.lda1 : p.lda2, m0, p.m, k0, k_lim,
+                  first && p.dropout ? &p : nullptr);
         load_tile(Bs, first ? o.b1 : o.b2, first ? p.ldb1 : p.ldb2, n0, p.n, k0, k_lim);
         __syncthreads();
         for (int k = 0; k < BK; ++k) {

@@ -4,7 +4,7 @@
 // (1 − λ_m, λ_m) gate):
 //
 //   dz pass      dz = f′(z) ⊙ (c_d·dy·W_up)                          [M, r], f32 (workspace)
-//   data pass    out = c(m)·(A·B + E) + dz·B2                         one GEMM over k1 + k2 steps
+//   data pass    out = c(m)·(A·B + E) + mask ⊙ dz·B2                  one GEMM over k1 + k2 steps
 //                  parallel, u = x:   dx = [c_h·dy | dz]·[W ; W_down]  (k1 = N, k2 = r)
 //                  separate u:        dx = c_h·dy·W;  du = dz·W_down
 //                  sequential:        dh = c_h·dy + dz·W_down (f32, workspace); dx = dh·W
@@ -15,6 +15,10 @@
 //                (deterministic: no float atomics); `accumulate` adds to the gradient
 //                (micro-batches) instead of overwriting it.
 //   dgate pass   dλ_m = Σ_n dy_mn·(Δ_mn − h_mn),  Δ = f(z)·W_upᵀ + b_up  (one block a row)
+//
+// LoRA dropout (u' = u ⊙ mask / (1 − p)) is regenerated from the forward's seed by Philox
+// (philox.cuh), never stored: the data pass masks its delta part (du, or dx's share through u
+// = x, or dh's through u = h), the dW_down pass masks u as it loads it.
 //
 // The operands of a pass are T or f32 (a flag each: dh and dz live in the f32 workspace, the
 // saved z and h are f32); every product accumulates in f32. W is read untransposed as the
@@ -28,6 +32,7 @@
 // The tensor-core (mma.sync + ldmatrix.trans) data and weight passes are not written yet.
 
 #include "common.cuh"
+#include "philox.cuh"
 
 enum BwdCoef : int32_t { BWD_COEF_ONE = 0, BWD_COEF_H = 1, BWD_COEF_D = 2 };
 enum BwdCompose : int32_t { BWD_ADD = 0, BWD_SCALED = 1, BWD_GATED = 2 };
@@ -49,6 +54,7 @@ struct DeltaBackwardParams {
     float* partial;   // weight pass, split: f32 [batch][splits][rows][ldp]
     int64_t lda, ldb, lde, lda2, ldb2, ldz, ldo, ldp;
     int64_t bs_a, bs_b, bs_e, bs_a2, bs_b2, bs_z, bs_bias, bs_out, bs_out_bias;
+    uint64_t drop_seed;  // LoRA dropout (see bwd_dropout)
     int32_t rows, cols, k1, k2;
     int32_t splits;  // weight pass: runs of the token reduction (grid.z = batch × splits)
     int32_t batch;
@@ -58,7 +64,9 @@ struct DeltaBackwardParams {
     int32_t compose;     // BwdCompose
     int32_t coef;        // BwdCoef: the row coefficient of the `a` term
     int32_t accumulate;  // weight pass: += into the gradient
+    int32_t dropout;     // data pass: mask the delta's part; weight pass: mask Q (= u)
     float scale;
+    float drop_p;
 };
 PK_PARAMS_SIZE(DeltaBackwardParams)
 
@@ -85,6 +93,13 @@ PK_INLINE float bwd_coef(const DeltaBackwardParams& p, int32_t which, int m) {
         h = 1.0f - d;
     }
     return which == BWD_COEF_H ? h : d;
+}
+
+// LoRA dropout's factor for element (m, c) of u, regenerated from (seed, row, column) as the
+// forward's down pass drew it (philox.cuh): 0 or 1 / (1 − p).
+PK_INLINE float bwd_dropout(const DeltaBackwardParams& p, int m, int c) {
+    return pk_dropout_keep(p.drop_seed, uint32_t(m), uint32_t(c), p.drop_p) ? pk_dropout_scale(p.drop_p)
+                                                                           : 0.0f;
 }
 
 // The operands of batch entry (head) bz.
@@ -146,16 +161,15 @@ PK_INLINE void bwd_data_naive(const DeltaBackwardParams& p) {
     const int m = blockIdx.y * blockDim.y + threadIdx.y;
     if (m >= p.rows || c >= p.cols) return;
     const BwdOperands o = bwd_operands<T>(p, blockIdx.z);
-    float acc = 0.0f;
+    float acc = 0.0f, delta = 0.0f;
     for (int i = 0; i < p.k1; ++i)
         acc += load<T>(o.a, p.a_f32, m * p.lda + i) * load<T>(o.b, p.b_f32, i * p.ldb + c);
     if (o.e) acc += load<T>(o.e, p.e_f32, m * p.lde + c);
-    acc *= bwd_coef<T>(p, p.coef, m);
-    for (int j = 0; j < p.k2; ++j)
-        acc += o.a2 ? static_cast<const float*>(o.a2)[m * p.lda2 + j] *
-                          to_float(static_cast<const T*>(o.b2)[j * p.ldb2 + c])
-                    : 0.0f;
-    store<T>(o.out, p.out_f32, m * p.ldo + c, acc);
+    for (int j = 0; o.a2 && j < p.k2; ++j)
+        delta += static_cast<const float*>(o.a2)[m * p.lda2 + j] *
+                 to_float(static_cast<const T*>(o.b2)[j * p.ldb2 + c]);
+    if (p.dropout) delta *= bwd_dropout(p, m, c);
+    store<T>(o.out, p.out_f32, m * p.ldo + c, bwd_coef<T>(p, p.coef, m) * acc + delta);
 }
 
 // v2: SIMT tiles, as the forward's: grid (ceil(cols/64), ceil(M/64), batch), block 256, 4×4
@@ -175,37 +189,38 @@ PK_INLINE void bwd_data_simt(const DeltaBackwardParams& p) {
     const int m0 = blockIdx.y * BM, c0 = blockIdx.x * BN;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     float acc[4][4] = {};
-    const int tiles1 = ceil_div(p.k1, BK), tiles2 = o.a2 ? ceil_div(p.k2, BK) : 0;
-    for (int kt = 0; kt < tiles1 + tiles2; ++kt) {
-        if (kt == tiles1) {
-            // Phase switch: add E and scale by the row's coefficient.
-            for (int i = 0; i < 4; ++i) {
-                const int m = m0 + ty + 16 * i;
-                if (m >= p.rows) continue;
-                const float cm = bwd_coef<T>(p, p.coef, m);
-                for (int j = 0; j < 4; ++j) {
-                    const int c = c0 + tx + 16 * j;
-                    if (c >= p.cols) continue;
-                    if (o.e) acc[i][j] += load<T>(o.e, p.e_f32, m * p.lde + c);
-                    acc[i][j] *= cm;
-                }
+    // The delta's k-tiles first, so that its sum can take the dropout mask before the frozen
+    // part joins; the frozen part's row coefficient is applied to A as it is loaded.
+    const int tiles2 = o.a2 ? ceil_div(p.k2, BK) : 0, tiles1 = ceil_div(p.k1, BK);
+    auto mask = [&]() {
+        for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) {
+                const int m = m0 + ty + 16 * i, c = c0 + tx + 16 * j;
+                if (m < p.rows && c < p.cols) acc[i][j] *= bwd_dropout(p, m, c);
             }
-        }
-        const bool first = kt < tiles1;
-        const int k0 = (first ? kt : kt - tiles1) * BK, k_lim = first ? p.k1 : p.k2;
-        const void* a = first ? o.a : o.a2;
-        const int32_t a_f32 = first ? p.a_f32 : 1;
-        const int64_t lda = first ? p.lda : p.lda2;
+    };
+    for (int kt = 0; kt < tiles2 + tiles1; ++kt) {
+        if (kt == tiles2 && p.dropout) mask();
+        const bool delta = kt < tiles2;
+        const int k0 = (delta ? kt : kt - tiles2) * BK, k_lim = delta ? p.k2 : p.k1;
+        const void* a = delta ? o.a2 : o.a;
+        const int32_t a_f32 = delta ? 1 : p.a_f32;
+        const int64_t lda = delta ? p.lda2 : p.lda;
         {
             const int k = threadIdx.x % BK;
             for (int row = threadIdx.x / BK; row < BM; row += THREADS / BK) {
                 const int gm = m0 + row, gk = k0 + k;
-                As[k][row] = (gm < p.rows && gk < k_lim) ? load<T>(a, a_f32, gm * lda + gk) : 0.0f;
+                float v = 0.0f;
+                if (gm < p.rows && gk < k_lim) {
+                    v = load<T>(a, a_f32, gm * lda + gk);
+                    if (!delta) v *= bwd_coef<T>(p, p.coef, gm);
+                }
+                As[k][row] = v;
             }
         }
-        const void* b = first ? o.b : o.b2;
-        const int32_t b_f32 = first ? p.b_f32 : 0;
-        const int64_t ldb = first ? p.ldb : p.ldb2;
+        const void* b = delta ? o.b2 : o.b;
+        const int32_t b_f32 = delta ? 0 : p.b_f32;
+        const int64_t ldb = delta ? p.ldb2 : p.ldb;
         for (int idx = threadIdx.x; idx < BK * BN; idx += THREADS) {
             const int k = idx / BN, col = idx % BN, gk = k0 + k, gc = c0 + col;
             Bs[k][col] = (gk < k_lim && gc < p.cols) ? load<T>(b, b_f32, gk * ldb + gc) : 0.0f;
@@ -220,17 +235,17 @@ PK_INLINE void bwd_data_simt(const DeltaBackwardParams& p) {
         }
         __syncthreads();
     }
+    // Without frozen k-tiles the loop never reached the mask.
+    if (tiles1 == 0 && p.dropout) mask();
     for (int i = 0; i < 4; ++i) {
         const int m = m0 + ty + 16 * i;
         if (m >= p.rows) continue;
-        const float cm = tiles2 == 0 ? bwd_coef<T>(p, p.coef, m) : 1.0f;
+        const float cm = o.e ? bwd_coef<T>(p, p.coef, m) : 0.0f;
         for (int j = 0; j < 4; ++j) {
             const int c = c0 + tx + 16 * j;
             if (c >= p.cols) continue;
-            float v = acc[i][j];
-            // Without a second phase the loop never reached the switch.
-            if (tiles2 == 0) v = cm * (v + (o.e ? load<T>(o.e, p.e_f32, m * p.lde + c) : 0.0f));
-            store<T>(o.out, p.out_f32, m * p.ldo + c, v);
+            const float e = o.e ? cm * load<T>(o.e, p.e_f32, m * p.lde + c) : 0.0f;
+            store<T>(o.out, p.out_f32, m * p.ldo + c, acc[i][j] + e);
         }
     }
 }
@@ -268,6 +283,7 @@ PK_INLINE void bwd_weight_naive(const DeltaBackwardParams& p) {
         if (c < p.cols) {
             q = load<T>(o.b, p.b_f32, m * p.ldb + c);
             if (p.b_activate) q = activate(act, q);
+            if (p.dropout) q *= bwd_dropout(p, m, c);
         }
         acc += bwd_coef<T>(p, p.coef, m) * load<T>(o.a, p.a_f32, m * p.lda + i) * q;
     }
@@ -304,6 +320,7 @@ PK_INLINE void bwd_weight_simt(const DeltaBackwardParams& p) {
             if (gm < m_end && gc < p.cols) {
                 q = load<T>(o.b, p.b_f32, gm * p.ldb + gc);
                 if (p.b_activate) q = activate(act, q);
+                if (p.dropout) q *= bwd_dropout(p, gm, gc);
             } else if (gm < m_end && gc == p.cols) {
                 q = 1.0f;  // the bias column
             }

@@ -227,8 +227,9 @@ pub struct DeltaLinearTrainArgs<R, W, S> {
     pub forward: DeltaLinearArgs<R, W>,
     /// f32 [`DeltaLinearDims::saved_len`]; the backward's `saved`.
     pub saved: S,
-    /// LoRA dropout on u (the backward must be given the same). Not yet supported: `Some`
-    /// is an `Unsupported` error.
+    /// LoRA dropout on the delta's input u (x, the separate u, or h); the backward must be
+    /// given the same. The down pass then runs on the CUDA cores (SIMT tiles; the naive
+    /// kernel with `KernelVariant::Naive`), the frozen GEMM on its usual kernel.
     pub dropout: Option<LoraDropout>,
 }
 
@@ -289,7 +290,7 @@ pub struct DeltaLinearBackwardArgs<R, S, W, G> {
     pub dgate: Option<G>,
     /// f32 scratch of [`DeltaLinearDims::backward_workspace_len`] elements.
     pub workspace: G,
-    /// The forward's dropout (same p and seed). Not yet supported: `Some` is an error.
+    /// The forward's dropout (same p and seed): the mask is regenerated, never stored.
     pub dropout: Option<LoraDropout>,
     /// `true`: the adapter gradients (dw_down, db_down, dw_up, db_up) are added to
     /// (gradient accumulation over micro-batches); `false`: overwritten.

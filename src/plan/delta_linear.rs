@@ -3,7 +3,7 @@
 
 use super::{check_len, grid_for, Buf, Launch};
 use crate::delta_linear::{
-    DeltaApplyDims, DeltaLinear, DeltaLinearDims, KernelVariant, LoraMergeDims,
+    DeltaApplyDims, DeltaLinear, DeltaLinearDims, KernelVariant, LoraDropout, LoraMergeDims,
 };
 use crate::error::{Error, Result};
 use crate::kernels::KernelId;
@@ -41,6 +41,7 @@ pub struct FusedLinearParams {
     pub bs_bias2: i64,
     pub bs_out: i64,
     pub bs_save: i64,
+    pub drop_seed: u64,
     pub m: i32,
     pub n: i32,
     pub k1: i32,
@@ -52,7 +53,9 @@ pub struct FusedLinearParams {
     pub c_bias2: i32,
     pub c_out: i32,
     pub save_stored: i32,
+    pub dropout: i32,
     pub scale: f32,
+    pub drop_p: f32,
 }
 // SAFETY: #[repr(C)], field for field the C++ struct (checked by a size test).
 unsafe impl super::KernelParams for FusedLinearParams {}
@@ -633,7 +636,7 @@ pub fn delta_linear(
 pub struct DeltaLinearTrainBufs {
     pub forward: DeltaLinearBufs,
     pub saved: Buf,
-    pub dropout: Option<crate::delta_linear::LoraDropout>,
+    pub dropout: Option<LoraDropout>,
 }
 
 /// Whether the backward of `op` needs h (a sequential delta reads it, a gate's dλ = Σ dy·(Δ −
@@ -659,12 +662,7 @@ pub fn delta_linear_train(
     dtype: DType,
     b: &DeltaLinearTrainBufs,
 ) -> Result<Vec<(Launch, FusedLinearParams)>> {
-    if b.dropout.is_some() {
-        return Err(Error::Unsupported(
-            "delta_linear_train: LoRA dropout is not fused yet".into(),
-        ));
-    }
-    plan_delta_linear(op, d, dtype, &b.forward, Some(b.saved))
+    plan_delta_linear(op, d, dtype, &b.forward, Some((b.saved, b.dropout)))
         .map_err(|e| e.of("delta_linear_train"))
 }
 
@@ -673,8 +671,15 @@ fn plan_delta_linear(
     d: &DeltaLinearDims,
     dtype: DType,
     b: &DeltaLinearBufs,
-    saved: Option<Buf>,
+    train: Option<(Buf, Option<LoraDropout>)>,
 ) -> Result<Vec<(Launch, FusedLinearParams)>> {
+    let saved = train.map(|t| t.0);
+    // Dropout with p = 0 keeps everything: no dropout at all.
+    let dropout = train.and_then(|t| t.1);
+    if let Some(dr) = dropout {
+        crate::dropout::check_p("dropout.p", dr.p)?;
+    }
+    let dropout = dropout.filter(|dr| dr.p > 0.0);
     let n = positive("dims.n", d.n)?;
     let k = positive("dims.k", d.k)?;
     let r = positive("dims.r", d.r)?;
@@ -761,12 +766,21 @@ fn plan_delta_linear(
         (p.bias, p.gate, p.activation) = (addr(b.b_down), gate, op.activation as i32);
         (p.c_main, p.c_out) = (COEF_ONE, COEF_D);
         (p.save, p.ld_save) = (saved_z, d.r as i64);
-        let kind = kind_for(
+        let mut kind = kind_for(
             d.kernel,
             dtype,
             (d.m, d.r),
             &[(u_addr, ld_u, 0), (b.w_down.addr, k_u, 0)],
         )?;
+        if let Some(dr) = dropout {
+            // Only the naive and SIMT kernels drop while loading u (the tensor-core kernels
+            // copy u to shared memory asynchronously); the down pass is r/n of the layer's
+            // work, and the frozen GEMM keeps its kernel.
+            (p.dropout, p.drop_seed, p.drop_p) = (1, dr.seed, dr.p);
+            if kind != Kind::Naive {
+                kind = Kind::Simt;
+            }
+        }
         pass_steps((kind, dtype), "dims.r", 1, p, (down_partials, ldt), false)?
     };
     // Phase 1 as the frozen GEMM x·Wᵀ + b, and the operands it reads with vector copies.

@@ -43,6 +43,7 @@ pub struct DeltaBackwardParams {
     pub bs_bias: i64,
     pub bs_out: i64,
     pub bs_out_bias: i64,
+    pub drop_seed: u64,
     pub rows: i32,
     pub cols: i32,
     pub k1: i32,
@@ -58,7 +59,9 @@ pub struct DeltaBackwardParams {
     pub compose: i32,
     pub coef: i32,
     pub accumulate: i32,
+    pub dropout: i32,
     pub scale: f32,
+    pub drop_p: f32,
 }
 // SAFETY: #[repr(C)], field for field the C++ struct (checked by a size test).
 unsafe impl super::KernelParams for DeltaBackwardParams {}
@@ -327,11 +330,16 @@ fn plan(
     dtype: DType,
     b: &DeltaLinearBackwardBufs,
 ) -> Result<Vec<(Launch, DeltaBackwardParams)>> {
-    if b.dropout.is_some() {
-        return Err(Error::Unsupported(
-            "LoRA dropout is not fused into the backward yet".into(),
-        ));
+    if let Some(dr) = b.dropout {
+        crate::dropout::check_p("dropout.p", dr.p)?;
     }
+    // p = 0 keeps everything: no dropout at all, as in the forward.
+    let dropout = b.dropout.filter(|dr| dr.p > 0.0);
+    let drop = |p: &mut DeltaBackwardParams| {
+        if let Some(dr) = dropout {
+            (p.dropout, p.drop_seed, p.drop_p) = (1, dr.seed, dr.p);
+        }
+    };
     let n = positive("dims.n", d.n)?;
     positive("dims.k", d.k)?;
     let r = positive("dims.r", d.r)?;
@@ -501,6 +509,7 @@ fn plan(
     (p.cols, p.k1, p.accumulate) = (k_u as i32, m, b.accumulate as i32);
     (p.out, p.ldo, p.out_f32) = (b.dw_down.addr, k_u as i64, 1);
     p.out_bias = b.db_down.map_or(0, |b| b.addr);
+    drop(&mut p);
     let names = ("dims.r", "dims.k_u");
     steps.extend(weight_steps(d.kernel, dtype, names, p, &ws, b.workspace)?);
 
@@ -511,6 +520,7 @@ fn plan(
     };
     let delta = |p: &mut DeltaBackwardParams| {
         (p.a2, p.lda2, p.b2, p.ldb2, p.k2) = (dz_addr, d.r as i64, b.w_down.addr, k_u as i64, r);
+        drop(p);
     };
     match (op.insertion, b.du) {
         (Insertion::Parallel, None) => {
