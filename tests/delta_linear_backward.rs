@@ -16,7 +16,7 @@ use peft_kernels::dropout;
 use peft_kernels::host::{self, Backend};
 use peft_kernels::reference::{self, DeltaLinearTensors, MatRef};
 use peft_kernels::validate::{assert_close, assert_close_matrix, default_tolerance};
-use peft_kernels::{Activation, Composition, Element, Insertion, MatrixLayout};
+use peft_kernels::{Activation, Composition, Element, Error, Insertion, MatrixLayout};
 
 /// One backward problem.
 #[derive(Clone, Copy, Debug)]
@@ -428,8 +428,41 @@ fn random_configurations_on(backend: &Backend) {
     }
 }
 
+/// The training forward on the tensor-core kernels (their epilogues save z and h, the
+/// decode tile's split-K reduction too), every form at aligned shapes; the backward runs
+/// its SIMT tiles.
+fn tensor_core_training_forward_on(backend: &Backend) {
+    let mut rng = Rng::from_env();
+    // (m, n, k, r): the decode tile with a split down pass (k = 1024), the small and the
+    // large tiles.
+    for (m, n, k, r) in [(8, 64, 1024, 16), (40, 72, 64, 8), (130, 136, 64, 8)] {
+        for (op, separate_u) in every_form() {
+            if separate_u || !rng.chance(0.2) {
+                continue;
+            }
+            let mut dims = DeltaLinearDims::new(m, n, k, r);
+            dims.kernel = KernelVariant::TensorCore;
+            let c = Case {
+                op,
+                dims,
+                separate_u,
+                biases: rng.chance(0.5),
+                accumulate: false,
+                dropout: None,
+            };
+            check_case::<f16>(backend, &c, &mut rng);
+            check_case::<bf16>(backend, &c, &mut rng);
+        }
+    }
+}
+
 mod on_emulator {
     use super::*;
+
+    #[test]
+    fn tensor_core_training_forward() {
+        tensor_core_training_forward_on(&Backend::Emulator);
+    }
 
     #[test]
     fn every_form_every_dtype() {
@@ -463,6 +496,12 @@ mod on_gpu {
 
     #[test]
     #[ignore = "needs a CUDA device"]
+    fn tensor_core_training_forward() {
+        tensor_core_training_forward_on(&gpu());
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA device"]
     fn awkward_shapes() {
         awkward_shapes_on(&gpu());
     }
@@ -472,4 +511,253 @@ mod on_gpu {
     fn random_configurations() {
         random_configurations_on(&gpu());
     }
+}
+
+/// The buffers of a small valid gated problem with a separate u (f32), for the error tests.
+struct Bufs {
+    dims: DeltaLinearDims,
+    op: DeltaLinear,
+    dy: Vec<f32>,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    u: Vec<f32>,
+    w_down: Vec<f32>,
+    w_up: Vec<f32>,
+    b_up: Vec<f32>,
+    gate: Vec<f32>,
+    saved: Vec<f32>,
+    dx: Vec<f32>,
+    du: Option<Vec<f32>>,
+    dw_down: Vec<f32>,
+    db_down: Vec<f32>,
+    dw_up: Vec<f32>,
+    db_up: Vec<f32>,
+    dgate: Option<Vec<f32>>,
+    workspace: Vec<f32>,
+    dropout: Option<LoraDropout>,
+}
+
+impl Bufs {
+    fn new(rng: &mut Rng) -> Bufs {
+        let (m, n, k, k_u, r) = (5, 6, 7, 4, 3);
+        let mut dims = DeltaLinearDims::new(m, n, k, r);
+        dims.k_u = k_u;
+        dims.ld_u = k_u;
+        let op = DeltaLinear::new(Insertion::Parallel, Activation::Silu, Composition::Gated);
+        Bufs {
+            dims,
+            op,
+            dy: rng.uniform_vec(m * n),
+            x: rng.uniform_vec(m * k),
+            w: rng.uniform_vec(n * k),
+            u: rng.uniform_vec(m * k_u),
+            w_down: rng.uniform_vec(r * k_u),
+            w_up: rng.uniform_vec(n * r),
+            b_up: rng.uniform_vec(n),
+            gate: rng.uniform_vec(m),
+            saved: rng.uniform_vec(dims.saved_len(&op)),
+            dx: vec![0.0; m * k],
+            du: Some(vec![0.0; m * k_u]),
+            dw_down: vec![0.0; r * k_u],
+            db_down: vec![0.0; r],
+            dw_up: vec![0.0; n * r],
+            db_up: vec![0.0; n],
+            dgate: Some(vec![0.0; m]),
+            workspace: vec![0.0; dims.backward_workspace_len(&op)],
+            dropout: None,
+        }
+    }
+
+    fn backward(&mut self, accumulate: bool) -> Result<(), Error> {
+        peft_kernels::emulator::delta_linear_backward(
+            &self.op,
+            &self.dims,
+            DeltaLinearBackwardArgs {
+                dy: &self.dy,
+                x: &self.x,
+                w: &self.w,
+                u: Some(&self.u),
+                w_down: &self.w_down,
+                w_up: &self.w_up,
+                b_up: Some(&self.b_up),
+                gate: Some(&self.gate),
+                saved: &self.saved,
+                dx: &mut self.dx,
+                du: self.du.as_deref_mut(),
+                dw_down: &mut self.dw_down,
+                db_down: Some(&mut self.db_down),
+                dw_up: &mut self.dw_up,
+                db_up: Some(&mut self.db_up),
+                dgate: self.dgate.as_deref_mut(),
+                workspace: &mut self.workspace,
+                dropout: self.dropout,
+                accumulate,
+            },
+        )
+    }
+}
+
+#[test]
+fn bad_arguments_are_errors_naming_them() {
+    let mut rng = Rng::from_env();
+    Bufs::new(&mut rng)
+        .backward(true)
+        .expect("the valid problem");
+    type Mutation = fn(&mut Bufs);
+    let cases: [(&str, Mutation); 11] = [
+        ("`dw_down`", |b| b.dw_down.push(0.0)),
+        ("`dw_up`", |b| {
+            b.dw_up.pop();
+        }),
+        ("`db_up`", |b| b.db_up.push(0.0)),
+        ("`db_down`", |b| {
+            b.db_down.pop();
+        }),
+        ("`saved`", |b| {
+            b.saved.pop();
+        }),
+        ("`du`", |b| b.du = None),
+        ("`dgate`", |b| b.dgate = None),
+        ("`workspace`", |b| {
+            b.workspace.pop();
+        }),
+        ("`dy`", |b| {
+            b.dy.pop();
+        }),
+        ("`dropout.p`", |b| {
+            b.dropout = Some(LoraDropout { p: 1.5, seed: 1 })
+        }),
+        ("`dims.r`", |b| b.dims.r = 0),
+    ];
+    for (name, mutate) in cases {
+        for accumulate in [false, true] {
+            let mut b = Bufs::new(&mut rng);
+            mutate(&mut b);
+            let e = b.backward(accumulate).expect_err(name).to_string();
+            assert!(
+                e.contains(name) && e.contains("delta_linear_backward"),
+                "{name}: {e}"
+            );
+        }
+    }
+}
+
+/// Gradients that alias an input (possible with device buffers; host slices cannot) are
+/// refused, naming the gradient.
+#[test]
+fn aliasing_gradients_are_refused() {
+    use peft_kernels::plan::delta_linear_backward::{
+        delta_linear_backward, DeltaLinearBackwardBufs,
+    };
+    use peft_kernels::plan::Buf;
+    use peft_kernels::DType;
+    let (m, n, k, r) = (4, 8, 8, 2);
+    let dims = DeltaLinearDims::new(m, n, k, r);
+    let op = DeltaLinear::lora(2.0, r);
+    // Every buffer 1 MiB apart, from a fake base address.
+    let mut next = 1u64 << 20;
+    let mut buf = |len: usize| {
+        next += 1 << 20;
+        Buf { addr: next, len }
+    };
+    let ok = DeltaLinearBackwardBufs {
+        dy: buf(m * n),
+        x: buf(m * k),
+        w: buf(n * k),
+        u: None,
+        w_down: buf(r * k),
+        w_up: buf(n * r),
+        b_up: None,
+        gate: None,
+        saved: buf(dims.saved_len(&op)),
+        dx: buf(m * k),
+        du: None,
+        dw_down: buf(r * k),
+        db_down: Some(buf(r)),
+        dw_up: buf(n * r),
+        db_up: None,
+        dgate: None,
+        workspace: buf(dims.backward_workspace_len(&op)),
+        dropout: None,
+        accumulate: false,
+    };
+    delta_linear_backward(&op, &dims, DType::F32, &ok).expect("disjoint buffers");
+    let cases = [
+        ("`dx`", DeltaLinearBackwardBufs { dx: ok.dy, ..ok }),
+        (
+            "`dw_down`",
+            DeltaLinearBackwardBufs {
+                dw_down: Buf {
+                    addr: ok.w_down.addr + 4,
+                    len: r * k,
+                },
+                ..ok
+            },
+        ),
+        (
+            "`db_down`",
+            DeltaLinearBackwardBufs {
+                db_down: Some(Buf {
+                    addr: ok.dw_up.addr,
+                    len: r,
+                }),
+                ..ok
+            },
+        ),
+        (
+            "`workspace`",
+            DeltaLinearBackwardBufs {
+                workspace: Buf {
+                    addr: ok.saved.addr,
+                    len: ok.workspace.len,
+                },
+                ..ok
+            },
+        ),
+    ];
+    for (name, bufs) in cases {
+        let e = delta_linear_backward(&op, &dims, DType::F32, &bufs)
+            .expect_err(name)
+            .to_string();
+        assert!(e.contains(name), "{name}: {e}");
+    }
+}
+
+/// A zero dy gives zero gradients, and dropout with p = 1 (every element of u dropped) a
+/// zero dW_down and du: never NaN.
+#[test]
+fn zero_dy_and_all_dropped_rows_give_zero_gradients() {
+    let mut rng = Rng::from_env();
+    for kernel in [KernelVariant::Naive, KernelVariant::Simt] {
+        let mut b = Bufs::new(&mut rng);
+        b.dims.kernel = kernel;
+        b.dy.iter_mut().for_each(|v| *v = 0.0);
+        b.backward(false).unwrap();
+        for g in [&b.dx, &b.dw_down, &b.db_down, &b.dw_up, &b.db_up] {
+            assert!(g.iter().all(|&v| v == 0.0), "{kernel:?}: {g:?}");
+        }
+        let (du, dgate) = (b.du.as_ref().unwrap(), b.dgate.as_ref().unwrap());
+        assert!(du.iter().chain(dgate).all(|&v| v == 0.0));
+
+        let mut b = Bufs::new(&mut rng);
+        b.dims.kernel = kernel;
+        b.dropout = Some(LoraDropout { p: 1.0, seed: 7 });
+        b.backward(false).unwrap();
+        assert!(b.dw_down.iter().all(|&v| v == 0.0), "{:?}", b.dw_down);
+        assert!(b.du.as_ref().unwrap().iter().all(|&v| v == 0.0));
+        for g in [&b.dx, &b.db_down, &b.dw_up, &b.db_up] {
+            assert!(g.iter().all(|v| v.is_finite()), "{kernel:?}: {g:?}");
+        }
+    }
+}
+
+#[test]
+fn params_match_the_kernels_struct() {
+    unsafe extern "C" {
+        fn pk_sizeof_DeltaBackwardParams() -> usize;
+    }
+    use peft_kernels::plan::delta_linear_backward::DeltaBackwardParams;
+    // SAFETY: a plain function returning a constant.
+    let size = unsafe { pk_sizeof_DeltaBackwardParams() };
+    assert_eq!(size, std::mem::size_of::<DeltaBackwardParams>());
 }
