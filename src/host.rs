@@ -4,8 +4,8 @@
 //! program that keeps its tensors on the GPU calls `cuda` (feature `cuda`) with device buffers.
 
 use crate::delta_linear::{
-    DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearDims, LoraMergeArgs,
-    LoraMergeDims,
+    DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearBackwardArgs,
+    DeltaLinearDims, DeltaLinearTrainArgs, LoraMergeArgs, LoraMergeDims,
 };
 use crate::optim::{AdamW, AdamwArgs};
 #[cfg(feature = "cuda")]
@@ -88,6 +88,20 @@ host_op!(
     plan::delta_linear::delta_linear,
     (op: &DeltaLinear, dims: &DeltaLinearDims),
     DeltaLinearArgs<&[T], &mut [T]>
+);
+host_op!(
+    /// `delta_linear_train` (the forward that saves what the backward reads) on host buffers.
+    delta_linear_train,
+    plan::delta_linear::delta_linear_train,
+    (op: &DeltaLinear, dims: &DeltaLinearDims),
+    DeltaLinearTrainArgs<&[T], &mut [T], &mut [f32]>
+);
+host_op!(
+    /// `delta_linear_backward` on host buffers.
+    delta_linear_backward,
+    plan::delta_linear_backward::delta_linear_backward,
+    (op: &DeltaLinear, dims: &DeltaLinearDims),
+    DeltaLinearBackwardArgs<&[T], &[f32], &mut [T], &mut [f32]>
 );
 host_op!(
     /// `delta_apply` (a delta on a given h, per head) on host buffers.

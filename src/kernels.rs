@@ -16,6 +16,8 @@ pub enum Module {
     SelftestMma,
     /// The frozen linear layer fused with its bottleneck delta (`kernels/delta_linear.cu`).
     DeltaLinear,
+    /// Its backward (`kernels/delta_linear_backward.cu`).
+    DeltaLinearBackward,
     /// Prefix tuning's gated attention, the LSE merge and the KV concatenation
     /// (`kernels/prefix_attention.cu`).
     PrefixAttention,
@@ -30,6 +32,7 @@ impl Module {
         Module::Selftest,
         Module::SelftestMma,
         Module::DeltaLinear,
+        Module::DeltaLinearBackward,
         Module::PrefixAttention,
         Module::Optim,
     ];
@@ -40,6 +43,7 @@ impl Module {
             Module::Selftest => "selftest",
             Module::SelftestMma => "selftest_mma",
             Module::DeltaLinear => "delta_linear",
+            Module::DeltaLinearBackward => "delta_linear_backward",
             Module::PrefixAttention => "prefix_attention",
             Module::Optim => "optim",
         }
@@ -165,6 +169,27 @@ kernel_table! {
         bias_activation_f32,
         bias_activation_f16,
         bias_activation_bf16,
+    }
+    DeltaLinearBackward {
+        delta_bwd_dz_f32,
+        delta_bwd_dz_f16,
+        delta_bwd_dz_bf16,
+        delta_bwd_data_naive_f32,
+        delta_bwd_data_naive_f16,
+        delta_bwd_data_naive_bf16,
+        delta_bwd_data_simt_f32,
+        delta_bwd_data_simt_f16,
+        delta_bwd_data_simt_bf16,
+        delta_bwd_weight_naive_f32,
+        delta_bwd_weight_naive_f16,
+        delta_bwd_weight_naive_bf16,
+        delta_bwd_weight_simt_f32,
+        delta_bwd_weight_simt_f16,
+        delta_bwd_weight_simt_bf16,
+        delta_bwd_weight_reduce,
+        delta_bwd_dgate_f32,
+        delta_bwd_dgate_f16,
+        delta_bwd_dgate_bf16,
     }
     PrefixAttention {
         prefix_attention_f32_d32,

@@ -4,10 +4,11 @@ use cudarc::driver::CudaStream;
 
 use super::{Buffers, DeviceRead, DeviceWrite};
 use crate::delta_linear::{
-    DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearDims, LoraMergeArgs,
-    LoraMergeDims,
+    DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearBackwardArgs,
+    DeltaLinearDims, DeltaLinearTrainArgs, LoraMergeArgs, LoraMergeDims,
 };
 use crate::plan::delta_linear as plan;
+use crate::plan::delta_linear_backward as backward_plan;
 use crate::{Element, Result};
 
 /// `y = compose(x·Wᵀ + b, s·f(u·W_downᵀ + b_down)·W_upᵀ + b_up)` (see
@@ -48,6 +49,39 @@ pub fn delta_linear<'a, T: Element>(
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = plan::delta_linear(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: the addresses came from `bufs`, checked by the plan.
+    unsafe { bufs.run(&steps) }
+}
+
+/// [`delta_linear`] in training mode, queued on `stream`: also saves, in `saved` (f32,
+/// [`DeltaLinearDims::saved_len`]), what [`delta_linear_backward`] reads.
+pub fn delta_linear_train<'a, T: Element>(
+    stream: &'a CudaStream,
+    op: &DeltaLinear,
+    dims: &DeltaLinearDims,
+    args: DeltaLinearTrainArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>, DeviceWrite<'a, f32>>,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = plan::delta_linear_train(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: the addresses came from `bufs`, checked by the plan.
+    unsafe { bufs.run(&steps) }
+}
+
+/// The backward of [`delta_linear_train`]'s forward (see
+/// [`crate::delta_linear::DeltaLinearBackwardArgs`]), queued on `stream`.
+pub fn delta_linear_backward<'a, T: Element>(
+    stream: &'a CudaStream,
+    op: &DeltaLinear,
+    dims: &DeltaLinearDims,
+    args: DeltaLinearBackwardArgs<
+        DeviceRead<'a, T>,
+        DeviceRead<'a, f32>,
+        DeviceWrite<'a, T>,
+        DeviceWrite<'a, f32>,
+    >,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = backward_plan::delta_linear_backward(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
     // SAFETY: the addresses came from `bufs`, checked by the plan.
     unsafe { bufs.run(&steps) }
 }

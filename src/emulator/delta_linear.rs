@@ -2,10 +2,11 @@
 
 use super::{run, HostBufs};
 use crate::delta_linear::{
-    DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearDims, LoraMergeArgs,
-    LoraMergeDims,
+    DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearBackwardArgs,
+    DeltaLinearDims, DeltaLinearTrainArgs, LoraMergeArgs, LoraMergeDims,
 };
 use crate::plan::delta_linear as plan;
+use crate::plan::delta_linear_backward as backward_plan;
 use crate::{Element, Result};
 
 /// `y = compose(x·Wᵀ + b, s·f(u·W_downᵀ + b_down)·W_upᵀ + b_up)` (see
@@ -18,6 +19,33 @@ pub fn delta_linear<T: Element>(
 ) -> Result<()> {
     let bufs = args.bufs(&mut HostBufs);
     run(&plan::delta_linear(op, dims, T::DTYPE, &bufs)?)
+}
+
+/// [`delta_linear`] in training mode: also saves, in `saved` (f32,
+/// [`DeltaLinearDims::saved_len`]), what [`delta_linear_backward`] reads.
+pub fn delta_linear_train<T: Element>(
+    op: &DeltaLinear,
+    dims: &DeltaLinearDims,
+    args: DeltaLinearTrainArgs<&[T], &mut [T], &mut [f32]>,
+) -> Result<()> {
+    let bufs = args.bufs(&mut HostBufs);
+    run(&plan::delta_linear_train(op, dims, T::DTYPE, &bufs)?)
+}
+
+/// The backward of [`delta_linear_train`]'s forward (see
+/// [`crate::delta_linear::DeltaLinearBackwardArgs`]) on the CPU emulator.
+pub fn delta_linear_backward<T: Element>(
+    op: &DeltaLinear,
+    dims: &DeltaLinearDims,
+    args: DeltaLinearBackwardArgs<&[T], &[f32], &mut [T], &mut [f32]>,
+) -> Result<()> {
+    let bufs = args.bufs(&mut HostBufs);
+    run(&backward_plan::delta_linear_backward(
+        op,
+        dims,
+        T::DTYPE,
+        &bufs,
+    )?)
 }
 
 /// `y = compose(h, Δh)` per head slice for a given h (the multi-head parallel adapter with
