@@ -64,7 +64,8 @@ pub fn keep(seed: u64, row: u32, col: u32, p: f32) -> bool {
 /// The factor a kept element is multiplied by: `1 / (1 − p)` in f32 (as the kernels), `0`
 /// when `p >= 1` drops every element (never inf or NaN), `1` when `p <= 0`.
 pub fn scale(p: f32) -> f32 {
-    if !(p < 1.0) {
+    // NaN drops everything, as `keep` does (u01 >= NaN is false).
+    if p >= 1.0 || p.is_nan() {
         0.0
     } else if p <= 0.0 {
         1.0
