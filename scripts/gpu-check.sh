@@ -18,6 +18,7 @@
 #   inorder      the delta_linear GPU tests again with PEFT_KERNELS_NO_OVERLAP=1: every
 #                plan step in plain stream order, as the sm_80 cubin runs them
 #   tour         examples/tour, every method of the unified view on the GPU
+#   finetune     examples/finetune, a student trained on the GPU recovers planted deltas
 # in that order: what the budget cuts first is what a second call can redo quickest.
 #   sanitize     only with PEFT_GPU_CHECK_SANITIZE=1: compute-sanitizer memcheck over the
 #                GPU tests
@@ -28,7 +29,7 @@
 #
 # Environment:
 #   OUT                        where results go (the device tool sets it), else ./gpu-check-out
-#   PEFT_GPU_CHECK_SKIP        step kinds to skip, space-separated: tests ptx inorder tour
+#   PEFT_GPU_CHECK_SKIP        step kinds to skip, space-separated: tests ptx inorder tour finetune
 #                              peers benches
 #   PEFT_GPU_CHECK_TEST_ARGS   arguments of every test binary (default: --include-ignored)
 #   PEFT_GPU_CHECK_BENCH_ARGS  more arguments of every bench binary, after --bench
@@ -128,6 +129,10 @@ tour_note() {
   elif grep -q ' emulator ' "$1"; then
     echo "ran on the EMULATOR, not the GPU"
   fi
+}
+
+finetune_note() {
+  grep -m2 -E '^held-out loss|^verdict' "$1"
 }
 
 profile_note() {
@@ -340,6 +345,12 @@ main() {
     run_step tour 120 tour_note "$bin/examples/tour"
     if [ -n "$device" ] && grep -q ' emulator ' "$logs/tour.log"; then
       record "tour backend" FAIL 0 "a GPU is present but the tour used the emulator"
+    fi
+  fi
+  if ! skipping finetune && [ -x "$bin/examples/finetune" ]; then
+    run_step finetune 120 finetune_note "$bin/examples/finetune"
+    if [ -n "$device" ] && grep -q '^backend: emulator' "$logs/finetune.log"; then
+      record "finetune backend" FAIL 0 "a GPU is present but the example used the emulator"
     fi
   fi
   if [ "${PEFT_GPU_CHECK_SANITIZE:-0}" = 1 ]; then
