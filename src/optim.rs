@@ -34,7 +34,9 @@
 //!     &opt,
 //!     1,
 //!     AdamwArgs {
-//!         tensors: vec![AdamwTensor { param: &mut p, grad: &g, m: &mut m, v: &mut v, param_t: &mut p_t }],
+//!         tensors: vec![AdamwTensor {
+//!             param: &mut p, grad: &g, m: &mut m, v: &mut v, param_t: &mut p_t,
+//!         }],
 //!         grad_norm: Some(&mut norm[..]),
 //!     },
 //! )?;

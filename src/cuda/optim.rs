@@ -1,5 +1,7 @@
 //! AdamW on the GPU: cudarc buffers in, the same plan as the emulator.
 
+use std::sync::Arc;
+
 use cudarc::driver::{CudaStream, DevicePtr};
 
 use super::{Buffers, DeviceRead, DeviceWrite};
@@ -10,9 +12,9 @@ use crate::{Element, Result};
 /// One AdamW step `step` (from 1) of `op` over every tensor of `args`, queued on `stream`
 /// (see [`crate::optim`]). Every argument is checked before anything is queued. The plan's
 /// table (a few words a tensor and a block) is copied to a device allocation of the stream,
-/// freed in stream order after the launches.
+/// freed in stream order after the launches (hence the `Arc`, which cudarc allocates through).
 pub fn adamw<'a, T: Element>(
-    stream: &'a CudaStream,
+    stream: &'a Arc<CudaStream>,
     op: &AdamW,
     step: u64,
     args: AdamwArgs<DeviceRead<'a, f32>, DeviceWrite<'a, f32>, DeviceWrite<'a, T>>,
