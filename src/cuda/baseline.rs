@@ -417,7 +417,7 @@ impl Baseline {
             cublas_int("r", r)?,
         );
         let mut bufs = Buffers::new(&self.stream);
-        let mut operand = |arg: &'static str, addr_len: (u64, usize), rows: usize, cols| {
+        let operand = |arg: &'static str, addr_len: (u64, usize), rows: usize, cols| {
             let (addr, len) = addr_len;
             if len < rows * cols {
                 return Err(Error::invalid(
