@@ -34,9 +34,9 @@ mod gpu {
 
     use criterion::BenchmarkId;
     use half::bf16;
+    use peft_kernels::cuda;
     use peft_kernels::cuda::baseline::{Baseline, LoraStepArgs};
     use peft_kernels::cuda::cudarc::driver::{CudaSlice, CudaStream};
-    use peft_kernels::cuda;
     use peft_kernels::delta_linear::{
         DeltaLinear, DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims,
         DeltaLinearTrainArgs,
@@ -285,7 +285,8 @@ mod gpu {
         );
         let w = random(N * K, 1.0 / (K as f64).sqrt(), 0);
         for method in &methods() {
-            let mut group = criterion.benchmark_group(format!("delta_linear_train/{}", method.name));
+            let mut group =
+                criterion.benchmark_group(format!("delta_linear_train/{}", method.name));
             for m in ROWS {
                 let mut case = Case::new(stream, method, m, &w);
                 let keys = vec![method.name.to_owned(), m.to_string()];

@@ -5,8 +5,8 @@
 
 use crate::delta_linear::{
     DeltaApplyArgs, DeltaApplyBackwardArgs, DeltaApplyDims, DeltaApplyTrainArgs, DeltaLinear,
-    DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs,
-    LoraMergeArgs, LoraMergeDims,
+    DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs, LoraMergeArgs,
+    LoraMergeDims,
 };
 use crate::optim::{AdamW, AdamwArgs};
 #[cfg(feature = "cuda")]

@@ -10,8 +10,8 @@ use common::{poisoned, random_cases, Rng};
 use half::{bf16, f16};
 use peft_kernels::delta_linear::{
     DeltaApplyArgs, DeltaApplyBackwardArgs, DeltaApplyDims, DeltaApplyTrainArgs, DeltaLinear,
-    DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs,
-    KernelVariant, LoraDropout,
+    DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs, KernelVariant,
+    LoraDropout,
 };
 use peft_kernels::dropout;
 use peft_kernels::host::{self, Backend};
@@ -358,11 +358,16 @@ fn for_every_dtype(backend: &Backend, c: &Case, rng: &mut Rng) {
     check_case::<bf16>(backend, c, rng);
 }
 
-/// Every form, every dtype, both implementations, on small awkward shapes.
+/// Every form, every dtype, every implementation (the tensor cores for f16/bf16, at any
+/// alignment), on small awkward shapes.
 fn every_form_on(backend: &Backend) {
     let mut rng = Rng::from_env();
     for form in every_form() {
-        for kernel in [KernelVariant::Naive, KernelVariant::Simt] {
+        for kernel in [
+            KernelVariant::Naive,
+            KernelVariant::Simt,
+            KernelVariant::TensorCore,
+        ] {
             let sizes = (
                 rng.pick(&[2, 3, 5]),
                 rng.pick(&[7, 17, 20]),
@@ -370,7 +375,12 @@ fn every_form_on(backend: &Backend) {
                 rng.pick(&[1, 3, 8]),
             );
             let c = case(&mut rng, form, sizes, kernel);
-            for_every_dtype(backend, &c, &mut rng);
+            if kernel == KernelVariant::TensorCore {
+                check_case::<f16>(backend, &c, &mut rng);
+                check_case::<bf16>(backend, &c, &mut rng);
+            } else {
+                for_every_dtype(backend, &c, &mut rng);
+            }
         }
     }
 }
@@ -393,13 +403,13 @@ fn awkward_shapes_on(backend: &Backend) {
     ];
     for (i, &s) in shapes.iter().enumerate() {
         let form = rng.pick(&forms);
-        let kernel = if i % 2 == 0 {
-            KernelVariant::Simt
-        } else {
-            KernelVariant::Auto
-        };
+        let kernel = [
+            KernelVariant::Simt,
+            KernelVariant::Auto,
+            KernelVariant::TensorCore,
+        ][i % 3];
         let c = case(&mut rng, form, s, kernel);
-        match rng.range(0, 2) {
+        match rng.range(u8::from(kernel == KernelVariant::TensorCore).into(), 2) {
             0 => check_case::<f32>(backend, &c, &mut rng),
             1 => check_case::<f16>(backend, &c, &mut rng),
             _ => check_case::<bf16>(backend, &c, &mut rng),
@@ -614,7 +624,10 @@ fn check_apply_case<T: Element>(
     }
     let expect = |held: &[f32], reference: &[f64]| -> Vec<f64> {
         if accumulate {
-            held.iter().zip(reference).map(|(h, r)| *h as f64 + r).collect()
+            held.iter()
+                .zip(reference)
+                .map(|(h, r)| *h as f64 + r)
+                .collect()
         } else {
             reference.to_vec()
         }
@@ -905,6 +918,22 @@ fn aliasing_gradients_are_refused() {
         accumulate: false,
     };
     delta_linear_backward(&op, &dims, DType::F32, &ok).expect("disjoint buffers");
+    // Which kernels run: at these aligned shapes dx goes to the tensor cores for bf16 and
+    // to the SIMT tiles for f32; the weight gradients to the SIMT tiles.
+    let kernels = |dtype| -> Vec<&'static str> {
+        let steps = delta_linear_backward(&op, &dims, dtype, &ok).unwrap();
+        steps.iter().map(|(l, _)| l.kernel.name()).collect()
+    };
+    assert_eq!(
+        kernels(DType::BF16),
+        [
+            "delta_bwd_dz_bf16",
+            "delta_bwd_weight_simt_bf16",
+            "delta_bwd_weight_simt_bf16",
+            "delta_bwd_data_mma_bf16"
+        ]
+    );
+    assert_eq!(kernels(DType::F32).last(), Some(&"delta_bwd_data_simt_f32"));
     let cases = [
         ("`dx`", DeltaLinearBackwardBufs { dx: ok.dy, ..ok }),
         (

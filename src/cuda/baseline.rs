@@ -362,7 +362,11 @@ impl Baseline {
             beta,
         } = shape;
         let op_b = if b_rows_n { CUBLAS_OP_T } else { CUBLAS_OP_N };
-        let op_a = if a_transposed { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        let op_a = if a_transposed {
+            CUBLAS_OP_T
+        } else {
+            CUBLAS_OP_N
+        };
         // SAFETY: the caller's contract; alpha and beta are host f32 values (the handle's
         // default pointer mode, the scale type of CUBLAS_COMPUTE_32F), read before the call
         // returns.

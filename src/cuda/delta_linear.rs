@@ -5,8 +5,8 @@ use cudarc::driver::CudaStream;
 use super::{Buffers, DeviceRead, DeviceWrite};
 use crate::delta_linear::{
     DeltaApplyArgs, DeltaApplyBackwardArgs, DeltaApplyDims, DeltaApplyTrainArgs, DeltaLinear,
-    DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs,
-    LoraMergeArgs, LoraMergeDims,
+    DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs, LoraMergeArgs,
+    LoraMergeDims,
 };
 use crate::plan::delta_linear as plan;
 use crate::plan::delta_linear_backward as backward_plan;

@@ -3,8 +3,8 @@
 use super::{run, HostBufs};
 use crate::delta_linear::{
     DeltaApplyArgs, DeltaApplyBackwardArgs, DeltaApplyDims, DeltaApplyTrainArgs, DeltaLinear,
-    DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs,
-    LoraMergeArgs, LoraMergeDims,
+    DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs, LoraMergeArgs,
+    LoraMergeDims,
 };
 use crate::plan::delta_linear as plan;
 use crate::plan::delta_linear_backward as backward_plan;
@@ -79,7 +79,12 @@ pub fn delta_apply_backward<T: Element>(
     args: DeltaApplyBackwardArgs<&[T], &[f32], &mut [T], &mut [f32]>,
 ) -> Result<()> {
     let bufs = args.bufs(&mut HostBufs);
-    run(&backward_plan::delta_apply_backward(op, dims, T::DTYPE, &bufs)?)
+    run(&backward_plan::delta_apply_backward(
+        op,
+        dims,
+        T::DTYPE,
+        &bufs,
+    )?)
 }
 
 /// Merges LoRA into the frozen weight in place on the CPU emulator, `W ← W + scale·B·A`:

@@ -72,6 +72,8 @@ unsafe impl super::KernelParams for DeltaBackwardParams {}
 const COEF_ONE: i32 = 0;
 const COEF_H: i32 = 1;
 const COEF_D: i32 = 2;
+// The gated composition (`BwdCompose`).
+const GATED: i32 = 2;
 
 /// The operands of one delta-linear backward, as addresses.
 #[derive(Clone, Copy, Debug)]
@@ -181,9 +183,8 @@ fn check_disjoint(
     Ok(())
 }
 
-/// Which implementation runs the data and weight passes: the naive baseline on request, the
-/// SIMT tiles otherwise (there is no tensor-core backward yet: `TensorCore` and `Wgmma` run
-/// the SIMT tiles too).
+/// Which implementation runs the weight passes (and the data passes the tensor cores do
+/// not take, see [`tensor_cores`]): the naive baseline on request, the SIMT tiles otherwise.
 fn tiled(variant: KernelVariant) -> bool {
     variant != KernelVariant::Naive
 }
@@ -235,6 +236,22 @@ fn dz_step(dtype: DType, p: DeltaBackwardParams) -> Result<(Launch, DeltaBackwar
     Ok((launch(id, grid, [16, 16, 1]), p))
 }
 
+/// Whether a data pass runs on the tensor cores: f16/bf16, a frozen part (k1 > 0: the dx
+/// passes; the delta-only du and dh passes are r steps deep), no E term and a row
+/// coefficient of 1 (not the gate's 1 − λ: the kernel applies none). `Auto` also wants the
+/// frozen W's rows 16-byte copyable (else the SIMT tiles, as the forward decides); an
+/// explicit `TensorCore` or `Wgmma` takes any alignment.
+fn tensor_cores(variant: KernelVariant, dtype: DType, p: &DeltaBackwardParams) -> bool {
+    let eligible =
+        dtype != DType::F32 && p.k1 > 0 && p.e == 0 && (p.coef == COEF_ONE || p.compose != GATED);
+    let aligned = p.b_f32 == 0 && p.b % 16 == 0 && p.ldb % 8 == 0;
+    match variant {
+        KernelVariant::Naive | KernelVariant::Simt => false,
+        KernelVariant::Auto => eligible && aligned,
+        KernelVariant::TensorCore | KernelVariant::Wgmma => eligible,
+    }
+}
+
 /// A data pass over rows × cols (`cols` names the columns in errors).
 fn data_step(
     variant: KernelVariant,
@@ -243,7 +260,15 @@ fn data_step(
     p: DeltaBackwardParams,
 ) -> Result<(Launch, DeltaBackwardParams)> {
     use KernelId::*;
-    let (tile, block, ids) = if tiled(variant) {
+    let (tile, block, ids) = if tensor_cores(variant, dtype, &p) {
+        // f32 never gets here; its slot repeats the SIMT kernel.
+        let ids = [
+            delta_bwd_data_simt_f32,
+            delta_bwd_data_mma_f16,
+            delta_bwd_data_mma_bf16,
+        ];
+        (128, [256, 1, 1], ids)
+    } else if tiled(variant) {
         let ids = [
             delta_bwd_data_simt_f32,
             delta_bwd_data_simt_f16,
