@@ -261,6 +261,9 @@ PK_INLINE void bwd_data_simt(const DeltaBackwardParams& p) {
 // "kn" layout of selftest_mma.cu's GEMM). Operands whose rows are 16-byte copyable (aligned
 // base, leading dimension a multiple of 8) go by cp.async with zero-filled edges; others
 // (f32 operands, converted to T, and unaligned views) element by element.
+// Launch bounds (256, 1): at two blocks an SM (128 registers) ptxas spilled ~80 bytes (the
+// generic loads' f32 conversion and the mask beside 64 accumulators); one block an SM is 8
+// warps, an occupancy to tune once measured.
 // The delta's k-tiles run first, so its sum can take the dropout mask before the frozen
 // part joins. The plan sends here only passes with a frozen part (k1 > 0), no E term and
 // a row coefficient of 1 (not the gate's 1 − λ): dx of a parallel or sequential delta.
@@ -519,8 +522,8 @@ PK_KERNEL(delta_bwd_data_naive_bf16, bwd_data_naive<__nv_bfloat16>, DeltaBackwar
 PK_KERNEL_BOUNDS(delta_bwd_data_simt_f32, bwd_data_simt<float>, DeltaBackwardParams, 256, 2)
 PK_KERNEL_BOUNDS(delta_bwd_data_simt_f16, bwd_data_simt<__half>, DeltaBackwardParams, 256, 2)
 PK_KERNEL_BOUNDS(delta_bwd_data_simt_bf16, bwd_data_simt<__nv_bfloat16>, DeltaBackwardParams, 256, 2)
-PK_KERNEL_BOUNDS(delta_bwd_data_mma_f16, bwd_data_mma<__half>, DeltaBackwardParams, 256, 2)
-PK_KERNEL_BOUNDS(delta_bwd_data_mma_bf16, bwd_data_mma<__nv_bfloat16>, DeltaBackwardParams, 256, 2)
+PK_KERNEL_BOUNDS(delta_bwd_data_mma_f16, bwd_data_mma<__half>, DeltaBackwardParams, 256, 1)
+PK_KERNEL_BOUNDS(delta_bwd_data_mma_bf16, bwd_data_mma<__nv_bfloat16>, DeltaBackwardParams, 256, 1)
 PK_KERNEL(delta_bwd_weight_naive_f32, bwd_weight_naive<float>, DeltaBackwardParams)
 PK_KERNEL(delta_bwd_weight_naive_f16, bwd_weight_naive<__half>, DeltaBackwardParams)
 PK_KERNEL(delta_bwd_weight_naive_bf16, bwd_weight_naive<__nv_bfloat16>, DeltaBackwardParams)
