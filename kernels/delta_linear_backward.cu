@@ -29,7 +29,9 @@
 //   *_naive_*   one thread per output: the correctness baseline.
 //   *_simt_*    64×64×16 shared-memory tiles, 4×4 outputs per thread (as the forward's
 //               SIMT kernel), every dtype, any alignment.
-// The tensor-core (mma.sync + ldmatrix.trans) data and weight passes are not written yet.
+//   *_mma_*     the data pass (dx) on f16/bf16 tensor cores: mma.sync with ldmatrix .trans
+//               for the untransposed W (see bwd_data_mma). The weight-gradient passes have no
+//               tensor-core version yet (they are r/N of dx's work for LoRA ranks).
 
 #include "common.cuh"
 #include "philox.cuh"
@@ -250,6 +252,134 @@ PK_INLINE void bwd_data_simt(const DeltaBackwardParams& p) {
     }
 }
 
+// v3: tensor cores (f16/bf16): mma.sync.m16n8k16 with f32 accumulation. grid (ceil(cols/128),
+// ceil(M/128), batch), block 256 = 8 warps as 2 × 4, warp tile 64 × 32 (4 × 4 mma tiles),
+// BK = 32, two shared-memory stages filled by cp.async while the warps multiply the other.
+// A (dy, or dh / dz from the f32 workspace) is a [BM][BK] tile as in the forward; B (W, or
+// W_down) is used untransposed: its tile keeps the global orientation [BK][BN] (rows = the
+// reduction index) and ldmatrix .trans hands out the col-major fragments mma wants (the
+// "kn" layout of selftest_mma.cu's GEMM). Operands whose rows are 16-byte copyable (aligned
+// base, leading dimension a multiple of 8) go by cp.async with zero-filled edges; others
+// (f32 operands, converted to T, and unaligned views) element by element.
+// Launch bounds (256, 1): at two blocks an SM (128 registers) ptxas spilled ~80 bytes (the
+// generic loads' f32 conversion and the mask beside 64 accumulators); one block an SM is 8
+// warps, an occupancy to tune once measured.
+// The delta's k-tiles run first, so its sum can take the dropout mask before the frozen
+// part joins. The plan sends here only passes with a frozen part (k1 > 0), no E term and
+// a row coefficient of 1 (not the gate's 1 − λ): dx of a parallel or sequential delta.
+namespace bwd_mma {
+constexpr int BM = 128, BN = 128, BK = 32, THREADS = 256, PAD = 8;
+}
+
+// Rows [r0, r0 + ROWS) × cols [c0, c0 + COLS) of a row-major [rows_lim, cols_lim] operand (T, or
+// f32 with src_f32) into dst, zero outside it: 8-element chunks, by cp.async with `vec`.
+template <typename T, int ROWS, int COLS>
+PK_INLINE void bwd_mma_load(T (*dst)[COLS + bwd_mma::PAD], const void* src, int32_t src_f32,
+                            bool vec, int64_t ld, int rows_lim, int cols_lim, int r0, int c0) {
+    constexpr int CHUNKS = COLS / 8;
+    for (int i = threadIdx.x; i < ROWS * CHUNKS; i += bwd_mma::THREADS) {
+        const int r = i / CHUNKS, c = (i % CHUNKS) * 8;
+        const int gr = r0 + r, gc = c0 + c;
+        int valid = gr < rows_lim ? cols_lim - gc : 0;
+        valid = valid < 0 ? 0 : (valid > 8 ? 8 : valid);
+        if (vec) {
+            const T* base = static_cast<const T*>(src);
+            cp_async_16_zfill(&dst[r][c], valid > 0 ? base + gr * ld + gc : base, valid * 2);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                dst[r][c + e] = from_float<T>(e < valid ? load<T>(src, src_f32, gr * ld + gc + e) : 0.0f);
+        }
+    }
+}
+
+PK_INLINE bool copyable_16(const void* p, int64_t ld) {
+    return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 8 == 0;
+}
+
+template <typename T>
+PK_INLINE void bwd_data_mma(const DeltaBackwardParams& p) {
+    using namespace bwd_mma;
+    __shared__ __align__(16) T as[2][BM][BK + PAD];
+    __shared__ __align__(16) T bs[2][BK][BN + PAD];
+    const BwdOperands o = bwd_operands<T>(p, blockIdx.z);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int m0 = blockIdx.y * BM, c0 = blockIdx.x * BN;
+    const int wm = (warp / 4) * 64, wn = (warp % 4) * 32;
+    const int g = lane / 4, t = lane % 4;  // mma fragment coordinates
+    const int tiles2 = o.a2 ? ceil_div(p.k2, BK) : 0, tiles1 = ceil_div(p.k1, BK);
+    const bool a_vec = !p.a_f32 && copyable_16(o.a, p.lda);
+    const bool b_vec = !p.b_f32 && copyable_16(o.b, p.ldb);
+    const bool b2_vec = o.b2 && copyable_16(o.b2, p.ldb2);
+    auto load = [&](int stage, int kt) {
+        if (kt < tiles2) {
+            const int k0 = kt * BK;
+            bwd_mma_load<T, BM, BK>(as[stage], o.a2, 1, false, p.lda2, p.rows, p.k2, m0, k0);
+            bwd_mma_load<T, BK, BN>(bs[stage], o.b2, 0, b2_vec, p.ldb2, p.k2, p.cols, k0, c0);
+        } else {
+            const int k0 = (kt - tiles2) * BK;
+            bwd_mma_load<T, BM, BK>(as[stage], o.a, p.a_f32, a_vec, p.lda, p.rows, p.k1, m0, k0);
+            bwd_mma_load<T, BK, BN>(bs[stage], o.b, p.b_f32, b_vec, p.ldb, p.k1, p.cols, k0, c0);
+        }
+    };
+    float acc[4][4][4] = {};
+    // fn(row, col, value) for every accumulator element inside the output.
+    auto for_each = [&](auto fn) {
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int row = m0 + wm + mt * 16 + g + 8 * (i / 2);
+                    const int col = c0 + wn + nt * 8 + 2 * t + (i & 1);
+                    if (row < p.rows && col < p.cols) fn(row, col, acc[mt][nt][i]);
+                }
+    };
+    auto mask = [&]() { for_each([&](int m, int c, float& v) { v *= bwd_dropout(p, m, c); }); };
+
+    const int tiles = tiles2 + tiles1;
+    if (tiles > 0) load(0, 0);
+    cp_async_commit();
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int stage = kt & 1;
+        if (kt + 1 < tiles) load(stage ^ 1, kt + 1);
+        // Commit even when nothing was issued: "all but the newest group" is then tile kt.
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        if (kt == tiles2 && p.dropout) mask();  // the delta's part is complete
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            uint32_t af[4][4], bf[4][2];
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt)
+                ldmatrix_x4(af[mt], &as[stage][wm + mt * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
+#pragma unroll
+            for (int np = 0; np < 2; ++np) {
+                // Matrices (n 0–7, k 0–7), (n 0–7, k 8–15), (n 8–15, k 0–7), (n 8–15, k 8–15).
+                uint32_t r[4];
+                ldmatrix_x4_trans(r, &bs[stage][kk + (lane & 15)][wn + np * 16 + (lane >> 4) * 8]);
+                bf[2 * np][0] = r[0];
+                bf[2 * np][1] = r[1];
+                bf[2 * np + 1][0] = r[2];
+                bf[2 * np + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt)
+                    mma_m16n8k16<T>(acc[mt][nt], af[mt], bf[nt], acc[mt][nt]);
+        }
+        // Every warp is done with this stage before the next iteration refills it.
+        __syncthreads();
+    }
+    cp_async_wait_all();
+    // Without frozen k-tiles the loop never reached the mask.
+    if (tiles1 == 0 && p.dropout) mask();
+    for_each([&](int m, int c, float& v) { store<T>(o.out, p.out_f32, m * p.ldo + c, v); });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Weight pass: out[i, c] = Σ_m coef(m)·a[m, i]·q(m, c), q = b[m, c] or f(b[m, c]); column
 // c = cols is the bias gradient (q = 1). The tokens m < k1 split into p.splits runs
@@ -392,6 +522,8 @@ PK_KERNEL(delta_bwd_data_naive_bf16, bwd_data_naive<__nv_bfloat16>, DeltaBackwar
 PK_KERNEL_BOUNDS(delta_bwd_data_simt_f32, bwd_data_simt<float>, DeltaBackwardParams, 256, 2)
 PK_KERNEL_BOUNDS(delta_bwd_data_simt_f16, bwd_data_simt<__half>, DeltaBackwardParams, 256, 2)
 PK_KERNEL_BOUNDS(delta_bwd_data_simt_bf16, bwd_data_simt<__nv_bfloat16>, DeltaBackwardParams, 256, 2)
+PK_KERNEL_BOUNDS(delta_bwd_data_mma_f16, bwd_data_mma<__half>, DeltaBackwardParams, 256, 1)
+PK_KERNEL_BOUNDS(delta_bwd_data_mma_bf16, bwd_data_mma<__nv_bfloat16>, DeltaBackwardParams, 256, 1)
 PK_KERNEL(delta_bwd_weight_naive_f32, bwd_weight_naive<float>, DeltaBackwardParams)
 PK_KERNEL(delta_bwd_weight_naive_f16, bwd_weight_naive<__half>, DeltaBackwardParams)
 PK_KERNEL(delta_bwd_weight_naive_bf16, bwd_weight_naive<__nv_bfloat16>, DeltaBackwardParams)

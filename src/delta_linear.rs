@@ -17,10 +17,12 @@
 //! parallel delta never rounds h.
 
 use crate::plan::delta_linear::{
-    saved_len, workspace_layout, DeltaApplyBufs, DeltaLinearBufs, DeltaLinearTrainBufs,
-    LoraMergeBufs,
+    saved_len, workspace_layout, DeltaApplyBufs, DeltaApplyTrainBufs, DeltaLinearBufs,
+    DeltaLinearTrainBufs, LoraMergeBufs,
 };
-use crate::plan::delta_linear_backward::{backward_workspace_layout, DeltaLinearBackwardBufs};
+use crate::plan::delta_linear_backward::{
+    backward_workspace_layout, DeltaApplyBackwardBufs, DeltaLinearBackwardBufs,
+};
 use crate::plan::BufSource;
 use crate::spec::{Activation, Composition, Insertion, DEFAULT_SPLIT_TARGET};
 
@@ -385,6 +387,119 @@ impl DeltaApplyDims {
     /// The least workspace a call takes: the activations of every head alone.
     pub fn min_workspace_len(&self) -> usize {
         workspace_layout(self.m, self.heads, self.r, self.head_dim, self.split_target).t
+    }
+    /// f32 elements of a training-mode apply's `saved` ([`DeltaApplyTrainArgs`]): z
+    /// [m, heads·r], each head's pre-activations.
+    pub fn saved_len(&self) -> usize {
+        self.m.saturating_mul(self.heads).saturating_mul(self.r)
+    }
+    /// f32 elements of the backward's `workspace` ([`DeltaApplyBackwardArgs`]): dz
+    /// [m, heads·r] and the weight gradients' partial sums when m is long enough to split
+    /// their reduction over tokens. Saturates at `usize::MAX`.
+    pub fn backward_workspace_len(&self, op: &DeltaLinear) -> usize {
+        let k_u = match op.insertion {
+            Insertion::Sequential => self.head_dim,
+            Insertion::Parallel => self.u_head_dim,
+        };
+        let parallel = DeltaLinear {
+            insertion: Insertion::Parallel,
+            ..*op
+        };
+        backward_workspace_layout(&parallel, self.m, self.heads, self.head_dim, self.r, k_u).len
+    }
+}
+
+/// A training-mode delta apply: `delta_apply`'s tensors and the f32 buffer of
+/// [`DeltaApplyDims::saved_len`] elements into which it saves z. A sequential or gated
+/// delta needs `h` given (its backward reads h; y is overwritten).
+#[derive(Debug)]
+pub struct DeltaApplyTrainArgs<R, W, S> {
+    pub forward: DeltaApplyArgs<R, W>,
+    pub saved: S,
+}
+
+impl<R, W, S> DeltaApplyTrainArgs<R, W, S> {
+    /// The planner's view of these tensors (see [`DeltaLinearArgs::bufs`]).
+    pub fn bufs<Src>(self, s: &mut Src) -> DeltaApplyTrainBufs
+    where
+        Src: BufSource<R, W> + BufSource<R, S>,
+    {
+        let saved = BufSource::<R, S>::write(s, self.saved);
+        DeltaApplyTrainBufs {
+            forward: self.forward.bufs(s),
+            saved,
+        }
+    }
+}
+
+/// The tensors of a delta-apply backward (one bottleneck per head slice), over a backend's
+/// buffer types as [`DeltaLinearBackwardArgs`]. Strides from the forward's
+/// [`DeltaApplyDims`]: dy and dh have y's (`ld_y`), h has `ld_h`, u and du `ld_u`.
+#[derive(Debug)]
+pub struct DeltaApplyBackwardArgs<R, S, W, G> {
+    /// ∂L/∂y [m, heads·head_dim].
+    pub dy: R,
+    /// The forward's h [m, heads·head_dim]: required for a sequential or gated delta.
+    pub h: Option<R>,
+    /// The forward's u [m, heads·u_head_dim] (parallel insertion).
+    pub u: Option<R>,
+    /// [heads, r, u_head_dim] (sequential: [heads, r, head_dim]).
+    pub w_down: R,
+    /// [heads, head_dim, r].
+    pub w_up: R,
+    /// [heads, head_dim]: a gated delta's dλ needs Δ (ignored otherwise).
+    pub b_up: Option<R>,
+    /// λ [m], only with `Composition::Gated` (and then one head).
+    pub gate: Option<R>,
+    /// What `delta_apply_train` saved (f32, [`DeltaApplyDims::saved_len`]).
+    pub saved: S,
+    /// ∂L/∂h [m, heads·head_dim], row stride `ld_y`: c_h·dy (+ du, sequential). Written.
+    pub dh: W,
+    /// ∂L/∂u [m, heads·u_head_dim], row stride `ld_u`, exactly with parallel insertion.
+    pub du: Option<W>,
+    /// f32 [heads, r, u_head_dim] (sequential: [heads, r, head_dim]).
+    pub dw_down: G,
+    /// f32 [heads, r]; `None` skips it.
+    pub db_down: Option<G>,
+    /// f32 [heads, head_dim, r].
+    pub dw_up: G,
+    /// f32 [heads, head_dim]; `None` skips it.
+    pub db_up: Option<G>,
+    /// f32 ∂L/∂λ [m], exactly with `Composition::Gated`.
+    pub dgate: Option<G>,
+    /// f32 scratch of [`DeltaApplyDims::backward_workspace_len`] elements.
+    pub workspace: G,
+    /// `true`: the adapter gradients are added to; `false`: overwritten.
+    pub accumulate: bool,
+}
+
+impl<R, S, W, G> DeltaApplyBackwardArgs<R, S, W, G> {
+    /// The planner's view of these tensors (see [`DeltaLinearArgs::bufs`]).
+    pub fn bufs<Src>(self, s: &mut Src) -> DeltaApplyBackwardBufs
+    where
+        Src: BufSource<R, W> + BufSource<S, G>,
+    {
+        let r = |s: &mut Src, b: R| BufSource::<R, W>::read(s, b);
+        let g = |s: &mut Src, b: G| BufSource::<S, G>::write(s, b);
+        DeltaApplyBackwardBufs {
+            dy: r(s, self.dy),
+            h: self.h.map(|b| r(s, b)),
+            u: self.u.map(|b| r(s, b)),
+            w_down: r(s, self.w_down),
+            w_up: r(s, self.w_up),
+            b_up: self.b_up.map(|b| r(s, b)),
+            gate: self.gate.map(|b| r(s, b)),
+            saved: BufSource::<S, G>::read(s, self.saved),
+            dh: BufSource::<R, W>::write(s, self.dh),
+            du: self.du.map(|b| BufSource::<R, W>::write(s, b)),
+            dw_down: g(s, self.dw_down),
+            db_down: self.db_down.map(|b| g(s, b)),
+            dw_up: g(s, self.dw_up),
+            db_up: self.db_up.map(|b| g(s, b)),
+            dgate: self.dgate.map(|b| g(s, b)),
+            workspace: g(s, self.workspace),
+            accumulate: self.accumulate,
+        }
     }
 }
 

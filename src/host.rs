@@ -4,8 +4,9 @@
 //! program that keeps its tensors on the GPU calls `cuda` (feature `cuda`) with device buffers.
 
 use crate::delta_linear::{
-    DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearBackwardArgs,
-    DeltaLinearDims, DeltaLinearTrainArgs, LoraMergeArgs, LoraMergeDims,
+    DeltaApplyArgs, DeltaApplyBackwardArgs, DeltaApplyDims, DeltaApplyTrainArgs, DeltaLinear,
+    DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs, LoraMergeArgs,
+    LoraMergeDims,
 };
 use crate::optim::{AdamW, AdamwArgs};
 #[cfg(feature = "cuda")]
@@ -109,6 +110,20 @@ host_op!(
     plan::delta_linear::delta_apply,
     (op: &DeltaLinear, dims: &DeltaApplyDims),
     DeltaApplyArgs<&[T], &mut [T]>
+);
+host_op!(
+    /// `delta_apply_train` (the apply that saves z for the backward) on host buffers.
+    delta_apply_train,
+    plan::delta_linear::delta_apply_train,
+    (op: &DeltaLinear, dims: &DeltaApplyDims),
+    DeltaApplyTrainArgs<&[T], &mut [T], &mut [f32]>
+);
+host_op!(
+    /// `delta_apply_backward` on host buffers.
+    delta_apply_backward,
+    plan::delta_linear_backward::delta_apply_backward,
+    (op: &DeltaLinear, dims: &DeltaApplyDims),
+    DeltaApplyBackwardArgs<&[T], &[f32], &mut [T], &mut [f32]>
 );
 host_op!(
     /// `lora_merge` (`W ← W + scale·B·A`, scale = ±α / r) on host buffers.

@@ -180,6 +180,8 @@ kernel_table! {
         delta_bwd_data_simt_f32,
         delta_bwd_data_simt_f16,
         delta_bwd_data_simt_bf16,
+        delta_bwd_data_mma_f16,
+        delta_bwd_data_mma_bf16,
         delta_bwd_weight_naive_f32,
         delta_bwd_weight_naive_f16,
         delta_bwd_weight_naive_bf16,

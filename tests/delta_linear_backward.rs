@@ -9,12 +9,15 @@ mod common;
 use common::{poisoned, random_cases, Rng};
 use half::{bf16, f16};
 use peft_kernels::delta_linear::{
-    DeltaLinear, DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs,
-    KernelVariant, LoraDropout,
+    DeltaApplyArgs, DeltaApplyBackwardArgs, DeltaApplyDims, DeltaApplyTrainArgs, DeltaLinear,
+    DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs, KernelVariant,
+    LoraDropout,
 };
 use peft_kernels::dropout;
 use peft_kernels::host::{self, Backend};
-use peft_kernels::reference::{self, DeltaLinearTensors, MatRef};
+use peft_kernels::reference::{
+    self, DeltaLinearTensors, MatRef, MultiHeadAdapter, MultiHeadAdapterTensors,
+};
 use peft_kernels::validate::{assert_close, assert_close_matrix, default_tolerance};
 use peft_kernels::{Activation, Composition, Element, Error, Insertion, MatrixLayout};
 
@@ -355,11 +358,16 @@ fn for_every_dtype(backend: &Backend, c: &Case, rng: &mut Rng) {
     check_case::<bf16>(backend, c, rng);
 }
 
-/// Every form, every dtype, both implementations, on small awkward shapes.
+/// Every form, every dtype, every implementation (the tensor cores for f16/bf16, at any
+/// alignment), on small awkward shapes.
 fn every_form_on(backend: &Backend) {
     let mut rng = Rng::from_env();
     for form in every_form() {
-        for kernel in [KernelVariant::Naive, KernelVariant::Simt] {
+        for kernel in [
+            KernelVariant::Naive,
+            KernelVariant::Simt,
+            KernelVariant::TensorCore,
+        ] {
             let sizes = (
                 rng.pick(&[2, 3, 5]),
                 rng.pick(&[7, 17, 20]),
@@ -367,7 +375,12 @@ fn every_form_on(backend: &Backend) {
                 rng.pick(&[1, 3, 8]),
             );
             let c = case(&mut rng, form, sizes, kernel);
-            for_every_dtype(backend, &c, &mut rng);
+            if kernel == KernelVariant::TensorCore {
+                check_case::<f16>(backend, &c, &mut rng);
+                check_case::<bf16>(backend, &c, &mut rng);
+            } else {
+                for_every_dtype(backend, &c, &mut rng);
+            }
         }
     }
 }
@@ -390,13 +403,13 @@ fn awkward_shapes_on(backend: &Backend) {
     ];
     for (i, &s) in shapes.iter().enumerate() {
         let form = rng.pick(&forms);
-        let kernel = if i % 2 == 0 {
-            KernelVariant::Simt
-        } else {
-            KernelVariant::Auto
-        };
+        let kernel = [
+            KernelVariant::Simt,
+            KernelVariant::Auto,
+            KernelVariant::TensorCore,
+        ][i % 3];
         let c = case(&mut rng, form, s, kernel);
-        match rng.range(0, 2) {
+        match rng.range(u8::from(kernel == KernelVariant::TensorCore).into(), 2) {
             0 => check_case::<f32>(backend, &c, &mut rng),
             1 => check_case::<f16>(backend, &c, &mut rng),
             _ => check_case::<bf16>(backend, &c, &mut rng),
@@ -456,8 +469,225 @@ fn tensor_core_training_forward_on(backend: &Backend) {
     }
 }
 
+/// A delta-apply problem: `heads` bottlenecks over head slices of a given h.
+fn check_apply_case<T: Element>(
+    backend: &Backend,
+    op: DeltaLinear,
+    dims: DeltaApplyDims,
+    biases: bool,
+    accumulate: bool,
+    rng: &mut Rng,
+) {
+    let d = dims;
+    let (m, heads, hd, r) = (d.m, d.heads, d.head_dim, d.r);
+    let seq = op.insertion == Insertion::Sequential;
+    let du_cols = if seq { hd } else { d.u_head_dim };
+    let width = heads * hd;
+    let (lh, ly, lu) = (
+        layout(m, width, d.ld_h),
+        layout(m, width, d.ld_y),
+        layout(m, heads * du_cols, d.ld_u),
+    );
+    let h: Vec<T> = rng.uniform_vec(lh.min_len());
+    let u: Option<Vec<T>> = (!seq).then(|| rng.uniform_vec(lu.min_len()));
+    let w_down: Vec<T> = scaled(rng, heads * r * du_cols, du_cols);
+    let b_down: Option<Vec<T>> = biases.then(|| rng.uniform_vec(heads * r));
+    let w_up: Vec<T> = scaled(rng, heads * hd * r, r);
+    let b_up: Option<Vec<T>> = biases.then(|| rng.uniform_vec(heads * hd));
+    let gate: Option<Vec<T>> = (op.composition == Composition::Gated)
+        .then(|| (0..m).map(|_| T::from_f64(rng.uniform(0.0, 1.0))).collect());
+    let dy: Vec<T> = rng.uniform_vec(ly.min_len());
+    let mut y = poisoned::<T>(ly.min_len());
+    let mut workspace = poisoned::<T>(d.workspace_len());
+    let mut saved = poisoned::<f32>(d.saved_len());
+    let case = format!("{op:?} {d:?} biases={biases} accumulate={accumulate}");
+    host::delta_apply_train(
+        backend,
+        &op,
+        &d,
+        DeltaApplyTrainArgs {
+            forward: DeltaApplyArgs {
+                h: Some(&h),
+                u: u.as_deref(),
+                w_down: &w_down,
+                b_down: b_down.as_deref(),
+                w_up: &w_up,
+                b_up: b_up.as_deref(),
+                gate: gate.as_deref(),
+                workspace: &mut workspace,
+                y: &mut y,
+            },
+            saved: &mut saved,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{case}: forward: {e}"));
+    let start = |len: usize, rng: &mut Rng| -> Vec<f32> {
+        if accumulate {
+            (0..len).map(|_| rng.uniform(-1.0, 1.0) as f32).collect()
+        } else {
+            poisoned(len)
+        }
+    };
+    let mut dh = poisoned::<T>(ly.min_len());
+    let mut du = (!seq).then(|| poisoned::<T>(lu.min_len()));
+    let mut dw_down = start(heads * r * du_cols, rng);
+    let mut db_down = biases.then(|| start(heads * r, rng));
+    let mut dw_up = start(heads * hd * r, rng);
+    let mut db_up = biases.then(|| start(heads * hd, rng));
+    let mut dgate = gate.as_ref().map(|_| poisoned::<f32>(m));
+    let held = (
+        dw_down.clone(),
+        db_down.clone(),
+        dw_up.clone(),
+        db_up.clone(),
+    );
+    let mut bwd_ws = poisoned::<f32>(d.backward_workspace_len(&op));
+    host::delta_apply_backward(
+        backend,
+        &op,
+        &d,
+        DeltaApplyBackwardArgs {
+            dy: &dy,
+            h: Some(&h),
+            u: u.as_deref(),
+            w_down: &w_down,
+            w_up: &w_up,
+            b_up: b_up.as_deref(),
+            gate: gate.as_deref(),
+            saved: &saved,
+            dh: &mut dh,
+            du: du.as_deref_mut(),
+            dw_down: &mut dw_down,
+            db_down: db_down.as_deref_mut(),
+            dw_up: &mut dw_up,
+            db_up: db_up.as_deref_mut(),
+            dgate: dgate.as_deref_mut(),
+            workspace: &mut bwd_ws,
+            accumulate,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{case}: backward: {e}"));
+
+    // The reference: the multi-head adapter's for a parallel ungated delta; else (one head)
+    // the delta-linear reference with x = h and W = I, whose dx is dh.
+    let tol = default_tolerance(T::DTYPE);
+    let dy_ref = MatRef::with_ld(&dy, m, width, d.ld_y);
+    let (y_ref, dh_ref, du_ref, dwd, dbd, dwu, dbu, dgate_ref);
+    if !seq && op.composition != Composition::Gated {
+        let mh = MultiHeadAdapter {
+            heads,
+            rank: r,
+            activation: op.activation,
+            composition: op.composition,
+        };
+        let t = MultiHeadAdapterTensors {
+            h: MatRef::with_ld(&h, m, width, d.ld_h),
+            u: MatRef::with_ld(u.as_deref().unwrap(), m, heads * du_cols, d.ld_u),
+            w_down: &w_down,
+            b_down: b_down.as_deref(),
+            w_up: &w_up,
+            b_up: b_up.as_deref(),
+        };
+        y_ref = reference::multi_head_adapter(&mh, &t).unwrap();
+        let g = reference::multi_head_adapter_backward(&mh, &t, dy_ref).unwrap();
+        (dh_ref, du_ref) = (g.dh, Some(g.du));
+        (dwd, dbd, dwu, dbu, dgate_ref) = (g.dw_down, g.db_down, g.dw_up, g.db_up, None);
+    } else {
+        assert_eq!(heads, 1);
+        let identity: Vec<T> = (0..hd * hd)
+            .map(|i| T::from_f64(if i % (hd + 1) == 0 { 1.0 } else { 0.0 }))
+            .collect();
+        let gate64: Option<Vec<f64>> = gate
+            .as_ref()
+            .map(|g| g.iter().map(|v| v.to_f64()).collect());
+        let t = DeltaLinearTensors {
+            x: MatRef::with_ld(&h, m, hd, d.ld_h),
+            w: MatRef::new(&identity, hd, hd),
+            b: None,
+            u: u.as_deref().map(|u| MatRef::with_ld(u, m, du_cols, d.ld_u)),
+            w_down: MatRef::new(&w_down, r, du_cols),
+            b_down: b_down.as_deref(),
+            w_up: MatRef::new(&w_up, hd, r),
+            b_up: b_up.as_deref(),
+            gate: gate64.as_deref(),
+        };
+        y_ref = reference::delta_linear(&op, &t).unwrap();
+        let g = reference::delta_linear_backward(&op, &t, None, dy_ref).unwrap();
+        (dh_ref, du_ref) = (g.dx, g.du);
+        (dwd, dbd, dwu, dbu, dgate_ref) = (g.dw_down, g.db_down, g.dw_up, g.db_up, g.dgate);
+    }
+    let name = |what: &str| format!("{what} of {case}");
+    assert_close_matrix(&name("y"), &y, ly, &y_ref, tol);
+    assert_close_matrix(&name("dh"), &dh, ly, &dh_ref, tol);
+    if let Some(du) = &du {
+        assert_close_matrix(&name("du"), du, lu, du_ref.as_ref().unwrap(), tol);
+    }
+    let expect = |held: &[f32], reference: &[f64]| -> Vec<f64> {
+        if accumulate {
+            held.iter()
+                .zip(reference)
+                .map(|(h, r)| *h as f64 + r)
+                .collect()
+        } else {
+            reference.to_vec()
+        }
+    };
+    assert_close(&name("dw_down"), &dw_down, &expect(&held.0, &dwd), tol);
+    assert_close(&name("dw_up"), &dw_up, &expect(&held.2, &dwu), tol);
+    if let (Some(out), Some(before)) = (&db_down, &held.1) {
+        assert_close(&name("db_down"), out, &expect(before, &dbd), tol);
+    }
+    if let (Some(out), Some(before)) = (&db_up, &held.3) {
+        assert_close(&name("db_up"), out, &expect(before, &dbu), tol);
+    }
+    if let Some(dgate) = &dgate {
+        let tol = if m < 8 { tol.max(1e-4) } else { tol };
+        assert_close(&name("dgate"), dgate, dgate_ref.as_ref().unwrap(), tol);
+    }
+}
+
+/// The multi-head parallel adapter (heads ∈ {1, 3, 4}, Add / Scaled) and, on one head,
+/// the sequential and gated forms, every activation and dtype, both implementations.
+fn delta_apply_on(backend: &Backend) {
+    let mut rng = Rng::from_env();
+    for activation in Activation::ALL {
+        for (insertion, composition, heads) in [
+            (Insertion::Parallel, Composition::Add, 3),
+            (Insertion::Parallel, Composition::Scaled(0.5), 4),
+            (Insertion::Parallel, Composition::Scaled(2.0), 1),
+            (Insertion::Parallel, Composition::Gated, 1),
+            (Insertion::Sequential, Composition::Add, 1),
+            (Insertion::Sequential, Composition::Gated, 1),
+        ] {
+            let op = DeltaLinear::new(insertion, activation, composition);
+            for kernel in [KernelVariant::Naive, KernelVariant::Simt] {
+                let (m, hd, u_hd, r) = (
+                    rng.pick(&[2, 9, 70]),
+                    rng.pick(&[8, 17, 24]),
+                    rng.pick(&[5, 16, 33]),
+                    rng.pick(&[1, 4, 9]),
+                );
+                let mut dims = DeltaApplyDims::new(m, heads, hd, u_hd, r);
+                dims.kernel = kernel;
+                dims.ld_h += rng.range(0, 3);
+                dims.ld_y += rng.range(0, 3);
+                dims.ld_u += rng.range(0, 3);
+                let (biases, accumulate) = (rng.chance(0.5), rng.chance(0.5));
+                check_apply_case::<f32>(backend, op, dims, biases, accumulate, &mut rng);
+                check_apply_case::<f16>(backend, op, dims, biases, accumulate, &mut rng);
+                check_apply_case::<bf16>(backend, op, dims, biases, accumulate, &mut rng);
+            }
+        }
+    }
+}
+
 mod on_emulator {
     use super::*;
+
+    #[test]
+    fn delta_apply_every_form() {
+        delta_apply_on(&Backend::Emulator);
+    }
 
     #[test]
     fn tensor_core_training_forward() {
@@ -492,6 +722,12 @@ mod on_gpu {
     #[ignore = "needs a CUDA device"]
     fn every_form_every_dtype() {
         every_form_on(&gpu());
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn delta_apply_every_form() {
+        delta_apply_on(&gpu());
     }
 
     #[test]
@@ -682,6 +918,22 @@ fn aliasing_gradients_are_refused() {
         accumulate: false,
     };
     delta_linear_backward(&op, &dims, DType::F32, &ok).expect("disjoint buffers");
+    // Which kernels run: at these aligned shapes dx goes to the tensor cores for bf16 and
+    // to the SIMT tiles for f32; the weight gradients to the SIMT tiles.
+    let kernels = |dtype| -> Vec<&'static str> {
+        let steps = delta_linear_backward(&op, &dims, dtype, &ok).unwrap();
+        steps.iter().map(|(l, _)| l.kernel.name()).collect()
+    };
+    assert_eq!(
+        kernels(DType::BF16),
+        [
+            "delta_bwd_dz_bf16",
+            "delta_bwd_weight_simt_bf16",
+            "delta_bwd_weight_simt_bf16",
+            "delta_bwd_data_mma_bf16"
+        ]
+    );
+    assert_eq!(kernels(DType::F32).last(), Some(&"delta_bwd_data_simt_f32"));
     let cases = [
         ("`dx`", DeltaLinearBackwardBufs { dx: ok.dy, ..ok }),
         (

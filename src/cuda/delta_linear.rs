@@ -4,8 +4,9 @@ use cudarc::driver::CudaStream;
 
 use super::{Buffers, DeviceRead, DeviceWrite};
 use crate::delta_linear::{
-    DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearBackwardArgs,
-    DeltaLinearDims, DeltaLinearTrainArgs, LoraMergeArgs, LoraMergeDims,
+    DeltaApplyArgs, DeltaApplyBackwardArgs, DeltaApplyDims, DeltaApplyTrainArgs, DeltaLinear,
+    DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs, LoraMergeArgs,
+    LoraMergeDims,
 };
 use crate::plan::delta_linear as plan;
 use crate::plan::delta_linear_backward as backward_plan;
@@ -97,6 +98,39 @@ pub fn delta_apply<'a, T: Element>(
     let mut bufs = Buffers::new(stream);
     let steps = plan::delta_apply(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
     // SAFETY: as above.
+    unsafe { bufs.run(&steps) }
+}
+
+/// [`delta_apply`] in training mode, queued on `stream`: also saves z (f32,
+/// [`DeltaApplyDims::saved_len`]) for [`delta_apply_backward`].
+pub fn delta_apply_train<'a, T: Element>(
+    stream: &'a CudaStream,
+    op: &DeltaLinear,
+    dims: &DeltaApplyDims,
+    args: DeltaApplyTrainArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>, DeviceWrite<'a, f32>>,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = plan::delta_apply_train(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: the addresses came from `bufs`, checked by the plan.
+    unsafe { bufs.run(&steps) }
+}
+
+/// The backward of [`delta_apply_train`]'s forward (see
+/// [`crate::delta_linear::DeltaApplyBackwardArgs`]), queued on `stream`.
+pub fn delta_apply_backward<'a, T: Element>(
+    stream: &'a CudaStream,
+    op: &DeltaLinear,
+    dims: &DeltaApplyDims,
+    args: DeltaApplyBackwardArgs<
+        DeviceRead<'a, T>,
+        DeviceRead<'a, f32>,
+        DeviceWrite<'a, T>,
+        DeviceWrite<'a, f32>,
+    >,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = backward_plan::delta_apply_backward(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: the addresses came from `bufs`, checked by the plan.
     unsafe { bufs.run(&steps) }
 }
 

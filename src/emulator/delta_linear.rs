@@ -2,8 +2,9 @@
 
 use super::{run, HostBufs};
 use crate::delta_linear::{
-    DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearBackwardArgs,
-    DeltaLinearDims, DeltaLinearTrainArgs, LoraMergeArgs, LoraMergeDims,
+    DeltaApplyArgs, DeltaApplyBackwardArgs, DeltaApplyDims, DeltaApplyTrainArgs, DeltaLinear,
+    DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs, LoraMergeArgs,
+    LoraMergeDims,
 };
 use crate::plan::delta_linear as plan;
 use crate::plan::delta_linear_backward as backward_plan;
@@ -57,6 +58,33 @@ pub fn delta_apply<T: Element>(
 ) -> Result<()> {
     let bufs = args.bufs(&mut HostBufs);
     run(&plan::delta_apply(op, dims, T::DTYPE, &bufs)?)
+}
+
+/// [`delta_apply`] in training mode: also saves z (f32, [`DeltaApplyDims::saved_len`]) for
+/// [`delta_apply_backward`].
+pub fn delta_apply_train<T: Element>(
+    op: &DeltaLinear,
+    dims: &DeltaApplyDims,
+    args: DeltaApplyTrainArgs<&[T], &mut [T], &mut [f32]>,
+) -> Result<()> {
+    let bufs = args.bufs(&mut HostBufs);
+    run(&plan::delta_apply_train(op, dims, T::DTYPE, &bufs)?)
+}
+
+/// The backward of [`delta_apply_train`]'s forward (see
+/// [`crate::delta_linear::DeltaApplyBackwardArgs`]) on the CPU emulator.
+pub fn delta_apply_backward<T: Element>(
+    op: &DeltaLinear,
+    dims: &DeltaApplyDims,
+    args: DeltaApplyBackwardArgs<&[T], &[f32], &mut [T], &mut [f32]>,
+) -> Result<()> {
+    let bufs = args.bufs(&mut HostBufs);
+    run(&backward_plan::delta_apply_backward(
+        op,
+        dims,
+        T::DTYPE,
+        &bufs,
+    )?)
 }
 
 /// Merges LoRA into the frozen weight in place on the CPU emulator, `W ← W + scale·B·A`:

@@ -831,7 +831,27 @@ pub fn delta_apply(
     dtype: DType,
     b: &DeltaApplyBufs,
 ) -> Result<Vec<(Launch, FusedLinearParams)>> {
-    plan_delta_apply(op, d, dtype, b).map_err(|e| e.of("delta_apply"))
+    plan_delta_apply(op, d, dtype, b, None).map_err(|e| e.of("delta_apply"))
+}
+
+/// The operands of a training-mode delta apply: the forward's, and the f32 buffer of
+/// [`DeltaApplyDims::saved_len`] elements it saves z into.
+#[derive(Clone, Copy, Debug)]
+pub struct DeltaApplyTrainBufs {
+    pub forward: DeltaApplyBufs,
+    pub saved: Buf,
+}
+
+/// Plans `delta_apply_train`: `delta_apply` that also saves z [m, heads·r] (f32) for the
+/// backward. A sequential or gated delta's backward reads h, so h must be given (not read
+/// from y in place, which the call overwrites).
+pub fn delta_apply_train(
+    op: &DeltaLinear,
+    d: &DeltaApplyDims,
+    dtype: DType,
+    b: &DeltaApplyTrainBufs,
+) -> Result<Vec<(Launch, FusedLinearParams)>> {
+    plan_delta_apply(op, d, dtype, &b.forward, Some(b.saved)).map_err(|e| e.of("delta_apply_train"))
 }
 
 fn plan_delta_apply(
@@ -839,7 +859,22 @@ fn plan_delta_apply(
     d: &DeltaApplyDims,
     dtype: DType,
     b: &DeltaApplyBufs,
+    saved: Option<Buf>,
 ) -> Result<Vec<(Launch, FusedLinearParams)>> {
+    if saved.is_some() && saves_h(op) && b.h.is_none() {
+        return Err(Error::invalid(
+            "h",
+            "the frozen output h (a sequential or gated delta's backward reads it; y is \
+             overwritten)",
+            "None",
+        ));
+    }
+    check_len(
+        "saved",
+        saved,
+        d.m.saturating_mul(d.heads).saturating_mul(d.r),
+        Some("dims.saved_len(): z [m, heads·r], f32"),
+    )?;
     positive("dims.heads", d.heads)?;
     let dh = positive("dims.head_dim", d.head_dim)?;
     let r = positive("dims.r", d.r)?;
@@ -925,6 +960,7 @@ fn plan_delta_apply(
     (down.bias, down.bs_bias) = (addr(b.b_down), d.r as i64);
     (down.k1, down.bs_out) = (du32, rs as i64);
     (down.gate, down.activation) = (gate, op.activation as i32);
+    (down.save, down.ld_save, down.bs_save) = (addr(saved), (d.heads * d.r) as i64, d.r as i64);
     (down.c_main, down.c_out) = (COEF_ONE, COEF_D);
     let kind = kind_for(
         d.kernel,

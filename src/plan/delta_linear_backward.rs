@@ -6,7 +6,9 @@ use super::delta_linear::{
     check_exact, check_gate, check_matrix, composition_code, dim_i32, positive, saved_len, saves_h,
 };
 use super::{check_len, grid_for, Buf, Launch};
-use crate::delta_linear::{DeltaLinear, DeltaLinearDims, KernelVariant, LoraDropout};
+use crate::delta_linear::{
+    DeltaApplyDims, DeltaLinear, DeltaLinearDims, KernelVariant, LoraDropout,
+};
 use crate::error::{Error, Result};
 use crate::kernels::KernelId;
 use crate::spec::{Composition, DType, Insertion, MatrixLayout};
@@ -70,6 +72,8 @@ unsafe impl super::KernelParams for DeltaBackwardParams {}
 const COEF_ONE: i32 = 0;
 const COEF_H: i32 = 1;
 const COEF_D: i32 = 2;
+// The gated composition (`BwdCompose`).
+const GATED: i32 = 2;
 
 /// The operands of one delta-linear backward, as addresses.
 #[derive(Clone, Copy, Debug)]
@@ -179,9 +183,8 @@ fn check_disjoint(
     Ok(())
 }
 
-/// Which implementation runs the data and weight passes: the naive baseline on request, the
-/// SIMT tiles otherwise (there is no tensor-core backward yet: `TensorCore` and `Wgmma` run
-/// the SIMT tiles too).
+/// Which implementation runs the weight passes (and the data passes the tensor cores do
+/// not take, see [`tensor_cores`]): the naive baseline on request, the SIMT tiles otherwise.
 fn tiled(variant: KernelVariant) -> bool {
     variant != KernelVariant::Naive
 }
@@ -233,6 +236,22 @@ fn dz_step(dtype: DType, p: DeltaBackwardParams) -> Result<(Launch, DeltaBackwar
     Ok((launch(id, grid, [16, 16, 1]), p))
 }
 
+/// Whether a data pass runs on the tensor cores: f16/bf16, a frozen part (k1 > 0: the dx
+/// passes; the delta-only du and dh passes are r steps deep), no E term and a row
+/// coefficient of 1 (not the gate's 1 − λ: the kernel applies none). `Auto` also wants the
+/// frozen W's rows 16-byte copyable (else the SIMT tiles, as the forward decides); an
+/// explicit `TensorCore` or `Wgmma` takes any alignment.
+fn tensor_cores(variant: KernelVariant, dtype: DType, p: &DeltaBackwardParams) -> bool {
+    let eligible =
+        dtype != DType::F32 && p.k1 > 0 && p.e == 0 && (p.coef == COEF_ONE || p.compose != GATED);
+    let aligned = p.b_f32 == 0 && p.b % 16 == 0 && p.ldb % 8 == 0;
+    match variant {
+        KernelVariant::Naive | KernelVariant::Simt => false,
+        KernelVariant::Auto => eligible && aligned,
+        KernelVariant::TensorCore | KernelVariant::Wgmma => eligible,
+    }
+}
+
 /// A data pass over rows × cols (`cols` names the columns in errors).
 fn data_step(
     variant: KernelVariant,
@@ -241,7 +260,15 @@ fn data_step(
     p: DeltaBackwardParams,
 ) -> Result<(Launch, DeltaBackwardParams)> {
     use KernelId::*;
-    let (tile, block, ids) = if tiled(variant) {
+    let (tile, block, ids) = if tensor_cores(variant, dtype, &p) {
+        // f32 never gets here; its slot repeats the SIMT kernel.
+        let ids = [
+            delta_bwd_data_simt_f32,
+            delta_bwd_data_mma_f16,
+            delta_bwd_data_mma_bf16,
+        ];
+        (128, [256, 1, 1], ids)
+    } else if tiled(variant) {
         let ids = [
             delta_bwd_data_simt_f32,
             delta_bwd_data_simt_f16,
@@ -553,6 +580,276 @@ fn plan(
             frozen(&mut p);
             steps.push(data_step(d.kernel, dtype, "dims.k", p)?);
         }
+    }
+    Ok(steps)
+}
+
+/// The operands of one delta-apply backward, as addresses.
+#[derive(Clone, Copy, Debug)]
+pub struct DeltaApplyBackwardBufs {
+    pub dy: Buf,
+    pub h: Option<Buf>,
+    pub u: Option<Buf>,
+    pub w_down: Buf,
+    pub w_up: Buf,
+    pub b_up: Option<Buf>,
+    pub gate: Option<Buf>,
+    pub saved: Buf,
+    pub dh: Buf,
+    pub du: Option<Buf>,
+    pub dw_down: Buf,
+    pub db_down: Option<Buf>,
+    pub dw_up: Buf,
+    pub db_up: Option<Buf>,
+    pub dgate: Option<Buf>,
+    pub workspace: Buf,
+    pub accumulate: bool,
+}
+
+/// Plans `delta_apply_backward` (see [`crate::delta_linear::DeltaApplyBackwardArgs`]): the
+/// passes of `delta_linear_backward`, one problem per head (grid.z), with dh in place of dx.
+pub fn delta_apply_backward(
+    op: &DeltaLinear,
+    d: &DeltaApplyDims,
+    dtype: DType,
+    b: &DeltaApplyBackwardBufs,
+) -> Result<Vec<(Launch, DeltaBackwardParams)>> {
+    plan_apply(op, d, dtype, b).map_err(|e| e.of("delta_apply_backward"))
+}
+
+fn plan_apply(
+    op: &DeltaLinear,
+    d: &DeltaApplyDims,
+    dtype: DType,
+    b: &DeltaApplyBackwardBufs,
+) -> Result<Vec<(Launch, DeltaBackwardParams)>> {
+    let heads = positive("dims.heads", d.heads)?;
+    let hd = positive("dims.head_dim", d.head_dim)?;
+    let r = positive("dims.r", d.r)?;
+    let m = dim_i32("dims.m", d.m)?;
+    let composition = composition_code(op.composition)?;
+    let width = d.heads.saturating_mul(d.head_dim);
+    let width32 = dim_i32("dims.heads × dims.head_dim", width)?;
+    let seq = op.insertion == Insertion::Sequential;
+    let matrix = |rows, cols, ld| MatrixLayout { rows, cols, ld };
+    check_matrix("dy", b.dy, matrix(d.m, width, d.ld_y))?;
+    if op.composition == Composition::Gated && d.heads != 1 {
+        return Err(Error::invalid(
+            "dims.heads",
+            "1 with Composition::Gated (one λ a row over every head)",
+            d.heads,
+        ));
+    }
+    match b.h {
+        Some(h) => check_matrix("h", h, matrix(d.m, width, d.ld_h))?,
+        None if saves_h(op) => {
+            return Err(Error::invalid(
+                "h",
+                "the forward's h (a sequential or gated delta's backward reads it)",
+                "None",
+            ))
+        }
+        None => {}
+    }
+    let du_cols = match (op.insertion, b.u) {
+        (Insertion::Sequential, Some(_)) => {
+            return Err(Error::invalid(
+                "u",
+                "None for sequential insertion (the delta reads h)",
+                "a delta input",
+            ))
+        }
+        (Insertion::Sequential, None) => d.head_dim,
+        (Insertion::Parallel, None) => {
+            return Err(Error::invalid(
+                "u",
+                "the delta input for parallel insertion",
+                "None",
+            ))
+        }
+        (Insertion::Parallel, Some(u)) => {
+            positive("dims.u_head_dim", d.u_head_dim)?;
+            check_matrix(
+                "u",
+                u,
+                matrix(d.m, d.heads.saturating_mul(d.u_head_dim), d.ld_u),
+            )?;
+            d.u_head_dim
+        }
+    };
+    let du32 = dim_i32("dims.u_head_dim", du_cols)?;
+    check_exact("w_down", Some(b.w_down), &[d.heads, d.r, du_cols])?;
+    check_exact("w_up", Some(b.w_up), &[d.heads, d.head_dim, d.r])?;
+    check_exact("b_up", b.b_up, &[d.heads, d.head_dim])?;
+    check_gate(b.gate, op.composition, d.m)?;
+    let z_len = d.m.saturating_mul(d.heads).saturating_mul(d.r);
+    check_len(
+        "saved",
+        Some(b.saved),
+        z_len,
+        Some("dims.saved_len(), what delta_apply_train saved"),
+    )?;
+    check_matrix("dh", b.dh, matrix(d.m, width, d.ld_y))?;
+    match (op.insertion, b.du) {
+        (Insertion::Parallel, Some(du)) => check_matrix(
+            "du",
+            du,
+            matrix(d.m, d.heads.saturating_mul(du_cols), d.ld_u),
+        )?,
+        (Insertion::Parallel, None) => {
+            return Err(Error::invalid("du", "the gradient of u", "None"))
+        }
+        (Insertion::Sequential, Some(_)) => {
+            return Err(Error::invalid(
+                "du",
+                "None (a sequential delta's input is h: its gradient is in dh)",
+                "a buffer",
+            ))
+        }
+        (Insertion::Sequential, None) => {}
+    }
+    check_exact("dw_down", Some(b.dw_down), &[d.heads, d.r, du_cols])?;
+    check_exact("db_down", b.db_down, &[d.heads, d.r])?;
+    check_exact("dw_up", Some(b.dw_up), &[d.heads, d.head_dim, d.r])?;
+    check_exact("db_up", b.db_up, &[d.heads, d.head_dim])?;
+    match (op.composition, b.dgate) {
+        (Composition::Gated, None) => {
+            return Err(Error::invalid("dgate", format!("[{}] f32", d.m), "None"))
+        }
+        (Composition::Gated, g) => check_exact("dgate", g, &[d.m])?,
+        (_, Some(_)) => {
+            return Err(Error::invalid(
+                "dgate",
+                "None unless composition is Composition::Gated",
+                "a buffer",
+            ))
+        }
+        (_, None) => {}
+    }
+    let parallel = DeltaLinear {
+        insertion: Insertion::Parallel,
+        ..*op
+    };
+    let ws = backward_workspace_layout(&parallel, d.m, d.heads, d.head_dim, d.r, du_cols);
+    check_len(
+        "workspace",
+        Some(b.workspace),
+        ws.len,
+        Some("dims.backward_workspace_len(op), f32"),
+    )?;
+    let t = dtype.size();
+    check_disjoint(
+        &[
+            ("dh", Some(b.dh), t),
+            ("du", b.du, t),
+            ("dw_down", Some(b.dw_down), 4),
+            ("db_down", b.db_down, 4),
+            ("dw_up", Some(b.dw_up), 4),
+            ("db_up", b.db_up, 4),
+            ("dgate", b.dgate, 4),
+            ("workspace", Some(b.workspace), 4),
+        ],
+        &[
+            ("dy", Some(b.dy), t),
+            ("h", b.h, t),
+            ("u", b.u, t),
+            ("w_down", Some(b.w_down), t),
+            ("w_up", Some(b.w_up), t),
+            ("b_up", b.b_up, t),
+            ("gate", b.gate, t),
+            ("saved", Some(b.saved), 4),
+        ],
+    )?;
+    if d.m == 0 {
+        return Ok(Vec::new());
+    }
+
+    let (dhd, rr) = (d.head_dim as i64, d.r as i64);
+    let ldz = (d.heads * d.r) as i64;
+    let dz_addr = b.workspace.addr;
+    let act = op.activation as i32;
+    let gate = b.gate.map_or(0, |g| g.addr);
+    let base = |rows: usize| DeltaBackwardParams {
+        batch: heads,
+        ..params(composition, act, gate, rows)
+    };
+    let mut steps = Vec::new();
+
+    // dz per head: f′(z) ⊙ (c_d·dy_h·W_up,h).
+    let mut p = base(d.m);
+    (p.a, p.lda, p.bs_a) = (b.dy.addr, d.ld_y as i64, dhd);
+    (p.b, p.ldb, p.bs_b, p.k1) = (b.w_up.addr, rr, dhd * rr, hd);
+    (p.z, p.ldz, p.bs_z, p.cols, p.coef) = (b.saved.addr, ldz, rr, r, COEF_D);
+    (p.out, p.ldo, p.bs_out, p.out_f32) = (dz_addr, ldz, rr, 1);
+    steps.push(dz_step(dtype, p)?);
+
+    if let (Some(dgate), Some(h)) = (b.dgate, b.h) {
+        let mut p = base(d.m);
+        (p.a, p.lda, p.b, p.ldb, p.k1) = (b.dy.addr, d.ld_y as i64, b.w_up.addr, rr, r);
+        (p.z, p.ldz, p.cols) = (b.saved.addr, ldz, hd);
+        (p.bias, p.e, p.lde) = (b.b_up.map_or(0, |b| b.addr), h.addr, d.ld_h as i64);
+        (p.out, p.ldo, p.out_f32) = (dgate.addr, 1, 1);
+        let id = kernel_for(
+            dtype,
+            [
+                KernelId::delta_bwd_dgate_f32,
+                KernelId::delta_bwd_dgate_f16,
+                KernelId::delta_bwd_dgate_bf16,
+            ],
+        );
+        let grid = grid_for([("dims.m", d.m, 1), ("dims.m", 1, 1), ("dims.heads", 1, 1)])?;
+        steps.push((launch(id, grid, [128, 1, 1]), p));
+    }
+
+    // dW_up,h = c_d·dy_hᵀ·f(z_h), db_up.
+    let mut p = base(d.head_dim);
+    (p.a, p.lda, p.bs_a, p.coef) = (b.dy.addr, d.ld_y as i64, dhd, COEF_D);
+    (p.b, p.ldb, p.bs_b, p.b_f32, p.b_activate) = (b.saved.addr, ldz, rr, 1, 1);
+    (p.cols, p.k1, p.accumulate) = (r, m, b.accumulate as i32);
+    (p.out, p.ldo, p.bs_out, p.out_f32) = (b.dw_up.addr, rr, dhd * rr, 1);
+    (p.out_bias, p.bs_out_bias) = (b.db_up.map_or(0, |b| b.addr), dhd);
+    let names = ("dims.head_dim", "dims.r");
+    steps.extend(weight_steps(d.kernel, dtype, names, p, &ws, b.workspace)?);
+
+    // dW_down,h = dz_hᵀ·u_h, db_down.
+    let (u_addr, ld_u) = match (op.insertion, b.u, b.h) {
+        (Insertion::Parallel, Some(u), _) => (u.addr, d.ld_u),
+        (_, _, Some(h)) => (h.addr, d.ld_h),
+        _ => unreachable!("validated: u for parallel, h for sequential"),
+    };
+    let mut p = base(d.r);
+    (p.a, p.lda, p.bs_a, p.a_f32, p.coef) = (dz_addr, ldz, rr, 1, COEF_ONE);
+    (p.b, p.ldb, p.bs_b) = (u_addr, ld_u as i64, du_cols as i64);
+    (p.cols, p.k1, p.accumulate) = (du32, m, b.accumulate as i32);
+    let du64 = du_cols as i64;
+    (p.out, p.ldo, p.bs_out, p.out_f32) = (b.dw_down.addr, du64, rr * du64, 1);
+    (p.out_bias, p.bs_out_bias) = (b.db_down.map_or(0, |b| b.addr), rr);
+    let names = ("dims.r", "dims.u_head_dim");
+    steps.extend(weight_steps(d.kernel, dtype, names, p, &ws, b.workspace)?);
+
+    // The delta's data part per head: dz_h·W_down,h.
+    let delta = |p: &mut DeltaBackwardParams| {
+        (p.a2, p.lda2, p.bs_a2) = (dz_addr, ldz, rr);
+        (p.b2, p.ldb2, p.bs_b2, p.k2) = (b.w_down.addr, du64, rr * du64, r);
+    };
+    if seq {
+        // dh = c_h·dy + dz·W_down, per head.
+        let mut p = base(d.m);
+        (p.e, p.lde, p.bs_e, p.coef) = (b.dy.addr, d.ld_y as i64, dhd, COEF_H);
+        delta(&mut p);
+        (p.cols, p.out, p.ldo, p.bs_out) = (hd, b.dh.addr, d.ld_y as i64, dhd);
+        steps.push(data_step(d.kernel, dtype, "dims.head_dim", p)?);
+    } else {
+        // dh = c_h·dy over the whole row; du = dz·W_down per head.
+        let mut p = params(composition, act, gate, d.m);
+        (p.e, p.lde, p.coef) = (b.dy.addr, d.ld_y as i64, COEF_H);
+        (p.cols, p.out, p.ldo) = (width32, b.dh.addr, d.ld_y as i64);
+        steps.push(data_step(d.kernel, dtype, "dims.head_dim", p)?);
+        let du = b.du.expect("validated");
+        let mut p = base(d.m);
+        delta(&mut p);
+        (p.cols, p.out, p.ldo, p.bs_out) = (du32, du.addr, d.ld_u as i64, du64);
+        steps.push(data_step(d.kernel, dtype, "dims.u_head_dim", p)?);
     }
     Ok(steps)
 }
