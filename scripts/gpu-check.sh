@@ -145,6 +145,7 @@ PROFILE_CASES=(
   "delta_linear|^delta_linear/lora_r16/fused/4096\$|^fused_linear"
   "delta_linear|^delta_linear/scaled_pa_r512/fused/1\$|^fused_linear"
   "delta_linear|^delta_linear/scaled_pa_r512/fused/4096\$|^fused_linear"
+  "delta_linear_train|^delta_linear_train/lora_r16/fused/4096\$|^(fused_linear|delta_bwd)"
   "prefix_attention|L=2048 l=128 causal.*/fused\$|^prefix_attention"
   "prefix_attention|decode.*L=32768 .*/split_kv\$|^prefix_attention"
 )
