@@ -162,6 +162,32 @@ PK_INLINE float activate(Activation act, float x) {
   return __int_as_float(0x7FFFFFFF);
 }
 
+// f′(x), the exact derivative of activate() as src/spec.rs Activation::derivative_f64 writes
+// it: ReLU′(0) = 0, GELU tanh differentiated as written. An unknown value gives NaN.
+PK_INLINE float activate_derivative(Activation act, float x) {
+  switch (act) {
+    case Activation::Identity:
+      return 1.0f;
+    case Activation::Relu:
+      return x > 0.0f ? 1.0f : 0.0f;
+    case Activation::GeluTanh: {
+      constexpr float kSqrt2OverPi = 0.7978845608028654f;
+      const float t = tanhf(kSqrt2OverPi * (x + 0.044715f * x * x * x));
+      return 0.5f * (1.0f + t) +
+             0.5f * x * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * 0.044715f * x * x);
+    }
+    case Activation::GeluErf: {
+      constexpr float kInvSqrt2 = 0.7071067811865476f, kInvSqrt2Pi = 0.3989422804014327f;
+      return 0.5f * (1.0f + erff(x * kInvSqrt2)) + x * kInvSqrt2Pi * expf(-0.5f * x * x);
+    }
+    case Activation::Silu: {
+      const float s = 1.0f / (1.0f + expf(-x));
+      return s * (1.0f + x * (1.0f - s));
+    }
+  }
+  return __int_as_float(0x7FFFFFFF);
+}
+
 // ---------------------------------------------------------------------------------------
 // Reductions. Warp forms take the whole warp (all 32 lanes must call them) and return the
 // result in every lane. Max follows fmaxf: a NaN operand is ignored.

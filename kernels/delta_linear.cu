@@ -91,6 +91,7 @@
 //   Not yet measured on a GPU: these are starting points, to be tuned against BENCHMARKS.md.
 
 #include "common.cuh"
+#include "philox.cuh"
 
 // Which coefficient of the row multiplies a term (see the header).
 enum Coef : int32_t { COEF_ONE = 0, COEF_H = 1, COEF_D = 2 };
@@ -111,14 +112,19 @@ struct FusedLinearParams {
     const void* gate;
     void* out;
     float* partial;  // split-K partial sums, f32 [k_splits][m][ldp] (see fused_linear_mma)
-    int64_t lda1, ldb1, ldh, lda2, ldb2, ldo, ldp;
-    int64_t bs_a1, bs_b1, bs_bias, bs_h, bs_a2, bs_b2, bs_bias2, bs_out;
+    float* save;     // training mode: what the backward needs of each output (see finish)
+    int64_t lda1, ldb1, ldh, lda2, ldb2, ldo, ldp, ld_save;
+    int64_t bs_a1, bs_b1, bs_bias, bs_h, bs_a2, bs_b2, bs_bias2, bs_out, bs_save;
+    uint64_t drop_seed;  // LoRA dropout on A1 (a down pass's u): see a1_dropout
     int32_t m, n, k1, k2;
     int32_t k_splits;  // > 1: the k-tiles split over blocks (one batch entry)
     int32_t activation;  // Activation, as src/spec.rs numbers it
     int32_t compose;     // Compose
     int32_t c_main, c_bias2, c_out;  // Coef
+    int32_t save_stored;  // save the stored (T-rounded) output instead of the pre-activation
+    int32_t dropout;      // drop elements of A1 (naive and SIMT kernels only: the plan's choice)
     float scale;
+    float drop_p;
 };
 PK_PARAMS_SIZE(FusedLinearParams)
 
@@ -133,6 +139,7 @@ struct Operands {
     const T* b2;
     const T* bias2;
     T* out;
+    float* save;
 };
 
 template <typename T>
@@ -142,7 +149,15 @@ PK_INLINE Operands<T> operands(const FusedLinearParams& p, int64_t b) {
     };
     return {at(p.a1, p.bs_a1),  at(p.b1, p.bs_b1),       at(p.bias, p.bs_bias),
             at(p.h_in, p.bs_h), at(p.a2, p.bs_a2),       at(p.b2, p.bs_b2),
-            at(p.bias2, p.bs_bias2), static_cast<T*>(p.out) + b * p.bs_out};
+            at(p.bias2, p.bs_bias2), static_cast<T*>(p.out) + b * p.bs_out,
+            p.save ? p.save + b * p.bs_save : nullptr};
+}
+
+// LoRA dropout of element (m, k) of A1, a down pass's u (row m, column k of u; one batch entry):
+// the factor it is multiplied by, 0 or 1 / (1 − p), from Philox (philox.cuh), never stored.
+PK_INLINE float a1_dropout(const FusedLinearParams& p, int m, int k) {
+    return pk_dropout_keep(p.drop_seed, uint32_t(m), uint32_t(k), p.drop_p) ? pk_dropout_scale(p.drop_p)
+                                                                           : 0.0f;
 }
 
 // The coefficients of one row, computed once per row (a gated row reads its λ once).
@@ -181,14 +196,21 @@ __device__ __attribute__((noinline)) float activate_out_of_line(int32_t activati
     return activate(static_cast<Activation>(activation), x);
 }
 
-// The epilogue's value of one element: second bias (when there is one: `bias2`, its entry),
-// activation, output coefficient.
-PK_INLINE float epilogue(const FusedLinearParams& p, const RowCoefs& c, float acc,
-                         bool has_bias2, float bias2) {
+// The epilogue's value of one element, stored: second bias (when there is one: `bias2`, its
+// entry), activation, output coefficient. A training-mode forward (o.save non-null) also keeps
+// in f32 what the backward reads: a down pass the pre-activation z = u·W_downᵀ + b_down
+// (before f and c_out: f′(z) needs it, and the gate's c_out may be 0), a frozen pass whose
+// output a sequential or gated delta reads (save_stored) h as stored in T, as the delta saw it.
+template <typename T>
+PK_INLINE T epilogue(const FusedLinearParams& p, const Operands<T>& o, int m, int n,
+                     const RowCoefs& c, float acc, bool has_bias2, float bias2) {
     if (has_bias2) acc += c.bias2 * bias2;
+    const float z = acc;
     if (p.activation != static_cast<int32_t>(Activation::Identity))
         acc = activate_out_of_line(p.activation, acc);
-    return c.out * acc;
+    const T v = from_float<T>(c.out * acc);
+    if (o.save) o.save[m * p.ld_save + n] = p.save_stored ? to_float(v) : z;
+    return v;
 }
 
 // The epilogue for element (m, n): its value, stored.
@@ -196,7 +218,7 @@ template <typename T>
 PK_INLINE void finish(const FusedLinearParams& p, const Operands<T>& o, int m, int n,
                       const RowCoefs& c, float acc) {
     const float bias2 = o.bias2 ? to_float(o.bias2[n]) : 0.0f;
-    o.out[m * p.ldo + n] = from_float<T>(epilogue(p, c, acc, o.bias2 != nullptr, bias2));
+    o.out[m * p.ldo + n] = epilogue(p, o, m, n, c, acc, o.bias2 != nullptr, bias2);
 }
 
 // finish() for the elements (m, n) and (m, n + 1), n even, with one 4-byte load of the bias and
@@ -211,8 +233,8 @@ PK_INLINE void finish_pair(const FusedLinearParams& p, const Operands<T>& o, int
         b1 = to_float(b.v[1]);
     }
     Vec<T, 2> y;
-    y.v[0] = from_float<T>(epilogue(p, c, v0, o.bias2 != nullptr, b0));
-    y.v[1] = from_float<T>(epilogue(p, c, v1, o.bias2 != nullptr, b1));
+    y.v[0] = epilogue(p, o, m, n, c, v0, o.bias2 != nullptr, b0);
+    y.v[1] = epilogue(p, o, m, n + 1, c, v1, o.bias2 != nullptr, b1);
     store_vec(o.out + m * p.ldo + n, y);
 }
 
@@ -228,8 +250,10 @@ PK_INLINE void fused_linear_naive(const FusedLinearParams& p) {
     if (m >= p.m || n >= p.n) return;
     const Operands<T> o = operands<T>(p, blockIdx.z);
     float acc = 0.0f;
-    for (int k = 0; k < p.k1; ++k)
-        acc += to_float(o.a1[m * p.lda1 + k]) * to_float(o.b1[n * p.ldb1 + k]);
+    for (int k = 0; k < p.k1; ++k) {
+        const float a = to_float(o.a1[m * p.lda1 + k]);
+        acc += (p.dropout ? a * a1_dropout(p, m, k) : a) * to_float(o.b1[n * p.ldb1 + k]);
+    }
     const RowCoefs c = row_coefs<T>(p, m);
     acc = phase_switch(p, o, m, n, c, acc);
     for (int k = 0; k < p.k2; ++k)
@@ -248,13 +272,16 @@ constexpr int BM = 64, BN = 64, BK = 16, THREADS = 256;
 
 // Load rows [r0, r0 + 64) × cols [k0, k0 + 16) of a row-major operand into dst[k][row],
 // zero outside rows < rows_lim, cols < k_lim. Thread t loads k = t % 16 of rows t / 16 + 16i.
+// `drop`: the tile is A1 under LoRA dropout (p.dropout), each element times a1_dropout.
 template <typename T>
 PK_INLINE void load_tile(float (*dst)[BM + 4], const T* src, int64_t ld, int r0, int rows_lim,
-                         int k0, int k_lim) {
+                         int k0, int k_lim, const FusedLinearParams* drop = nullptr) {
     const int k = threadIdx.x % BK;
     for (int row = threadIdx.x / BK; row < BM; row += THREADS / BK) {
         const int gr = r0 + row, gk = k0 + k;
-        dst[k][row] = (gr < rows_lim && gk < k_lim) ? to_float(src[gr * ld + gk]) : 0.0f;
+        float v = (gr < rows_lim && gk < k_lim) ? to_float(src[gr * ld + gk]) : 0.0f;
+        if (drop && gr < rows_lim && gk < k_lim) v *= a1_dropout(*drop, gr, gk);
+        dst[k][row] = v;
     }
 }
 }  // namespace simt
@@ -288,7 +315,8 @@ PK_INLINE void fused_linear_simt(const FusedLinearParams& p) {
         }
         const bool first = kt < tiles1;
         const int k0 = (first ? kt : kt - tiles1) * BK, k_lim = first ? p.k1 : p.k2;
-        load_tile(As, first ? o.a1 : o.a2, first ? p.lda1 : p.lda2, m0, p.m, k0, k_lim);
+        load_tile(As, first ? o.a1 : o.a2, first ? p.lda1 : p.lda2, m0, p.m, k0, k_lim,
+                  first && p.dropout ? &p : nullptr);
         load_tile(Bs, first ? o.b1 : o.b2, first ? p.ldb1 : p.ldb2, n0, p.n, k0, k_lim);
         __syncthreads();
         for (int k = 0; k < BK; ++k) {

@@ -1,10 +1,11 @@
 // Backend self-checks: small kernels that exercise what every real kernel relies on
 // (shared-memory tiling and __syncthreads, warp shuffles of every kind, ballots, dynamic
-// shared memory, atomics), and deliberately broken kernels that the emulator must
-// report. Valid CUDA: the same file is built by nvcc for the GPU.
+// shared memory, atomics, LoRA dropout's Philox generator), and deliberately broken
+// kernels that the emulator must report. Valid CUDA: the same file is built by nvcc for the GPU.
 #include <cstdint>
 
 #include "export.cuh"
+#include "philox.cuh"
 
 #define PK_FULL_MASK 0xFFFFFFFFu
 
@@ -281,6 +282,47 @@ __device__ void atomics(const AtomicsParams& p) {
   }
 }
 PK_KERNEL(selftest_atomics, atomics, AtomicsParams)
+
+// ---------------------------------------------------------------------------------------
+// LoRA dropout's generator (philox.cuh), checked bit for bit against its Rust twin.
+//
+// Philox4x32-10 of n (counter, key) pairs: out[4i .. 4i + 4] = philox(ctr[4i ..], key[2i ..]).
+struct PhiloxParams {
+  const uint32_t* ctr;
+  const uint32_t* key;
+  uint32_t* out;
+  uint32_t n;
+};
+PK_PARAMS_SIZE(PhiloxParams)
+
+__device__ void philox(const PhiloxParams& p) {
+  const uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= p.n) return;
+  PkPhilox4 c{{p.ctr[4 * i], p.ctr[4 * i + 1], p.ctr[4 * i + 2], p.ctr[4 * i + 3]}};
+  c = pk_philox4x32_10(c, p.key[2 * i], p.key[2 * i + 1]);
+  for (int j = 0; j < 4; ++j) p.out[4 * i + j] = c.v[j];
+}
+PK_KERNEL(selftest_philox4x32_10, philox, PhiloxParams)
+
+// The dropout factor of every element of the window rows [row0, row0 + m) × columns
+// [col0, col0 + k): out[i·k + j] = keep(seed, row0 + i, col0 + j, p) ? scale(p) : 0.
+// Grid-stride loops over both axes (x: columns, y: rows), so any grid and block shape
+// covers the window, each thread visiting its elements in its own order.
+struct DropoutMaskParams {
+  float* out;
+  uint64_t seed;
+  uint32_t row0, col0, m, k;
+  float p;
+};
+PK_PARAMS_SIZE(DropoutMaskParams)
+
+__device__ void dropout_mask(const DropoutMaskParams& p) {
+  const float scale = pk_dropout_scale(p.p);
+  for (uint32_t i = blockIdx.y * blockDim.y + threadIdx.y; i < p.m; i += gridDim.y * blockDim.y)
+    for (uint32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < p.k; j += gridDim.x * blockDim.x)
+      p.out[size_t(i) * p.k + j] = pk_dropout_keep(p.seed, p.row0 + i, p.col0 + j, p.p) ? scale : 0.0f;
+}
+PK_KERNEL(selftest_dropout_mask, dropout_mask, DropoutMaskParams)
 
 // ---------------------------------------------------------------------------------------
 // Broken kernels: each must make the emulator fail the launch. out[i] = i for the

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the GPU check bundle on a development machine (x86-64 Linux, no GPU needed):
-# every test and bench binary and the tour example, built with `--release --features baseline`
+# every test and bench binary and the examples (tour, finetune), built with `--release --features baseline`
 # by the pinned CUDA 13.0 nvcc, packed into gpu-bundle/ (git-ignored) together with
 # scripts/gpu-check.sh and benches/peers/, so that a machine with a GPU but no Rust
 # toolchain or network runs the whole check from it:
@@ -11,7 +11,7 @@
 # gpu-bundle/
 #   gpu-check.sh     the check (scripts/gpu-check.sh)
 #   payload.tar.xz   tests/<name> (tests/lib: the library's unit tests), benches/<name>,
-#                    examples/tour
+#                    examples/tour, examples/finetune
 #   peers/           benches/peers: the PyTorch / PEFT peers
 #   MANIFEST.txt     commit, toolchain, binaries, sizes
 #
@@ -70,13 +70,13 @@ cargo_json() {
 export CUDARC_CUDA_VERSION=13000
 cargo_json tests test --release --features baseline --no-run
 cargo_json benches bench --features baseline --no-run
-cargo_json tour build --release --features baseline --example tour
+cargo_json examples build --release --features baseline --example tour --example finetune
 
 step "staging the binaries"
 stage="$work/stage"
 mkdir -p "$stage/tests" "$stage/benches" "$stage/examples"
 # Lines of "<kind> <name> <path>": test binaries (harness tests and the library's unit
-# tests), bench binaries and the tour.
+# tests), bench binaries and the examples.
 python3 - "$work" >"$work/artifacts.txt" <<'EOF'
 import json, sys
 
@@ -87,7 +87,7 @@ def messages(name):
             if line.startswith("{"):
                 yield json.loads(line)
 
-for name in ("tests", "benches", "tour"):
+for name in ("tests", "benches", "examples"):
     for m in messages(name):
         if m.get("reason") != "compiler-artifact" or not m.get("executable"):
             continue
@@ -96,10 +96,11 @@ for name in ("tests", "benches", "tour"):
             print("tests", "lib" if kind == ["lib"] else target, m["executable"])
         elif name == "benches" and kind == ["bench"]:
             print("benches", target, m["executable"])
-        elif name == "tour" and kind == ["example"] and target == "tour":
+        elif name == "examples" and kind == ["example"] and target in ("tour", "finetune"):
             print("examples", target, m["executable"])
 EOF
 grep -q '^examples tour ' "$work/artifacts.txt" || die "cargo built no tour example"
+grep -q '^examples finetune ' "$work/artifacts.txt" || die "cargo built no finetune example"
 grep -q '^tests ' "$work/artifacts.txt" || die "cargo built no test binaries"
 
 while read -r kind name path; do

@@ -18,6 +18,7 @@
 #   inorder      the delta_linear GPU tests again with PEFT_KERNELS_NO_OVERLAP=1: every
 #                plan step in plain stream order, as the sm_80 cubin runs them
 #   tour         examples/tour, every method of the unified view on the GPU
+#   finetune     examples/finetune, a student trained on the GPU recovers planted deltas
 # in that order: what the budget cuts first is what a second call can redo quickest.
 #   sanitize     only with PEFT_GPU_CHECK_SANITIZE=1: compute-sanitizer memcheck over the
 #                GPU tests
@@ -28,7 +29,7 @@
 #
 # Environment:
 #   OUT                        where results go (the device tool sets it), else ./gpu-check-out
-#   PEFT_GPU_CHECK_SKIP        step kinds to skip, space-separated: tests ptx inorder tour
+#   PEFT_GPU_CHECK_SKIP        step kinds to skip, space-separated: tests ptx inorder tour finetune
 #                              peers benches
 #   PEFT_GPU_CHECK_TEST_ARGS   arguments of every test binary (default: --include-ignored)
 #   PEFT_GPU_CHECK_BENCH_ARGS  more arguments of every bench binary, after --bench
@@ -130,6 +131,10 @@ tour_note() {
   fi
 }
 
+finetune_note() {
+  grep -m2 -E '^held-out loss|^verdict' "$1"
+}
+
 profile_note() {
   grep -m1 -E '^profiled [0-9]+ kernel' "$1" || echo "no kernel profiled"
 }
@@ -140,6 +145,7 @@ PROFILE_CASES=(
   "delta_linear|^delta_linear/lora_r16/fused/4096\$|^fused_linear"
   "delta_linear|^delta_linear/scaled_pa_r512/fused/1\$|^fused_linear"
   "delta_linear|^delta_linear/scaled_pa_r512/fused/4096\$|^fused_linear"
+  "delta_linear_train|^delta_linear_train/lora_r16/fused/4096\$|^(fused_linear|delta_bwd)"
   "prefix_attention|L=2048 l=128 causal.*/fused\$|^prefix_attention"
   "prefix_attention|decode.*L=32768 .*/split_kv\$|^prefix_attention"
 )
@@ -340,6 +346,12 @@ main() {
     run_step tour 120 tour_note "$bin/examples/tour"
     if [ -n "$device" ] && grep -q ' emulator ' "$logs/tour.log"; then
       record "tour backend" FAIL 0 "a GPU is present but the tour used the emulator"
+    fi
+  fi
+  if ! skipping finetune && [ -x "$bin/examples/finetune" ]; then
+    run_step finetune 120 finetune_note "$bin/examples/finetune"
+    if [ -n "$device" ] && grep -q '^backend: emulator' "$logs/finetune.log"; then
+      record "finetune backend" FAIL 0 "a GPU is present but the example used the emulator"
     fi
   fi
   if [ "${PEFT_GPU_CHECK_SANITIZE:-0}" = 1 ]; then

@@ -69,7 +69,13 @@
 //! between the frozen pass and the delta), as a framework's bf16 tensor h would be; a
 //! parallel delta never rounds h.
 
-use crate::plan::delta_linear::{workspace_layout, DeltaApplyBufs, DeltaLinearBufs, LoraMergeBufs};
+use crate::plan::delta_linear::{
+    saved_len, workspace_layout, DeltaApplyBufs, DeltaApplyTrainBufs, DeltaLinearBufs,
+    DeltaLinearTrainBufs, LoraMergeBufs,
+};
+use crate::plan::delta_linear_backward::{
+    backward_workspace_layout, DeltaApplyBackwardBufs, DeltaLinearBackwardBufs,
+};
 use crate::plan::BufSource;
 use crate::spec::{Activation, Composition, Insertion, DEFAULT_SPLIT_TARGET};
 
@@ -228,6 +234,26 @@ impl DeltaLinearDims {
     pub fn min_workspace_len(&self) -> usize {
         workspace_layout(self.m, 1, self.r, self.n, self.split_target).t
     }
+    /// f32 elements of the `saved` buffer of a training-mode forward
+    /// ([`DeltaLinearTrainArgs`]), which the backward reads: the bottleneck pre-activations
+    /// z = u'·W_downᵀ + b_down [m, r] (f32, unrounded: f′(z) is what the gradients need), then,
+    /// for a sequential or gated delta, h [m, n] as the delta saw it (stored in T, widened).
+    /// Saturates at `usize::MAX`.
+    pub fn saved_len(&self, op: &DeltaLinear) -> usize {
+        saved_len(op, self.m, self.n, self.r)
+    }
+    /// f32 elements of the backward's `workspace` ([`DeltaLinearBackwardArgs`]): dz [m, r],
+    /// dh [m, n] for a sequential delta, and the partial sums of the weight gradients'
+    /// reduction over tokens when m is long enough to split it. Depends on m, n, r and the
+    /// delta input's width (k, k_u or n, as `op` says). Saturates at `usize::MAX`.
+    pub fn backward_workspace_len(&self, op: &DeltaLinear) -> usize {
+        // A parallel delta reads x or u: room for the wider (the call decides which).
+        let k_u = match op.insertion {
+            Insertion::Sequential => self.n,
+            Insertion::Parallel => self.k.max(self.k_u),
+        };
+        backward_workspace_layout(op, self.m, 1, self.n, self.r, k_u).len
+    }
 }
 
 /// The tensors of a delta-linear call, over a backend's buffer types (`R` read, `W` written).
@@ -261,6 +287,129 @@ pub struct DeltaLinearArgs<R, W> {
     pub workspace: W,
     /// The output [m, n], row stride `ld_y`.
     pub y: W,
+}
+
+/// LoRA dropout on the delta's input u (PEFT's `lora_dropout`; the frozen path never drops):
+/// element (row, col) of u is kept iff Philox4x32-10 keyed by `seed` at counter (col, row)
+/// draws u01 ≥ `p`, and a kept element is scaled by 1 / (1 − p). No mask is stored: the
+/// backward regenerates it from the same seed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoraDropout {
+    /// Drop probability in [0, 1]; 1 drops everything (scale 0, never inf or NaN).
+    pub p: f32,
+    /// The generator's key: a fresh one each step.
+    pub seed: u64,
+}
+
+/// A training-mode forward: `delta_linear`'s tensors and the f32 buffer of
+/// [`DeltaLinearDims::saved_len`] elements into which it saves what the backward reads.
+/// A gated parallel delta then computes h before the delta (as a sequential one does),
+/// rounded to T in y, so that the h it saves is the one it composed with.
+#[derive(Debug)]
+pub struct DeltaLinearTrainArgs<R, W, S> {
+    pub forward: DeltaLinearArgs<R, W>,
+    /// f32 [`DeltaLinearDims::saved_len`]; the backward's `saved`.
+    pub saved: S,
+    /// LoRA dropout on the delta's input u (x, the separate u, or h); the backward must be
+    /// given the same. The down pass then runs on the CUDA cores (SIMT tiles; the naive
+    /// kernel with `KernelVariant::Naive`), the frozen GEMM on its usual kernel.
+    pub dropout: Option<LoraDropout>,
+}
+
+impl<R, W, S> DeltaLinearTrainArgs<R, W, S> {
+    /// The planner's view of these tensors (see [`DeltaLinearArgs::bufs`]).
+    pub fn bufs<Src>(self, s: &mut Src) -> DeltaLinearTrainBufs
+    where
+        Src: BufSource<R, W> + BufSource<R, S>,
+    {
+        let saved = BufSource::<R, S>::write(s, self.saved);
+        DeltaLinearTrainBufs {
+            forward: self.forward.bufs(s),
+            saved,
+            dropout: self.dropout,
+        }
+    }
+}
+
+/// The tensors of a delta-linear backward (kernels/delta_linear_backward.cu), over a
+/// backend's buffer types: `R` activations and weights read (T), `S` the saved f32 buffer,
+/// `W` activation gradients written (T), `G` f32 buffers written (adapter gradients, dλ,
+/// workspace). Strides come from the forward's [`DeltaLinearDims`]: dy has y's (`ld_y`),
+/// dx has x's (`ld_x`), du has u's (`ld_u`). The frozen W and b get no gradient.
+#[derive(Debug)]
+pub struct DeltaLinearBackwardArgs<R, S, W, G> {
+    /// ∂L/∂y [m, n], row stride `ld_y`.
+    pub dy: R,
+    /// The forward's x [m, k] (the delta's input when u = x), row stride `ld_x`.
+    pub x: R,
+    /// The frozen weight [n, k].
+    pub w: R,
+    /// The forward's separate delta input [m, k_u], or `None` as in the forward.
+    pub u: Option<R>,
+    /// [r, k_u].
+    pub w_down: R,
+    /// [n, r].
+    pub w_up: R,
+    /// [n]: a gated delta's dλ needs Δ, so its b_up (ignored otherwise; may be `None`).
+    pub b_up: Option<R>,
+    /// λ [m], only with `Composition::Gated`.
+    pub gate: Option<R>,
+    /// What the training forward saved (f32, [`DeltaLinearDims::saved_len`]).
+    pub saved: S,
+    /// ∂L/∂x [m, k], row stride `ld_x`: through the frozen W and, for u = x or u = h,
+    /// through the delta. Written (`=`).
+    pub dx: W,
+    /// ∂L/∂u [m, k_u], row stride `ld_u`: given exactly when the forward had a separate u.
+    pub du: Option<W>,
+    /// f32 [r, k_u].
+    pub dw_down: G,
+    /// f32 [r]; `None` skips it.
+    pub db_down: Option<G>,
+    /// f32 [n, r].
+    pub dw_up: G,
+    /// f32 [n]; `None` skips it.
+    pub db_up: Option<G>,
+    /// f32 ∂L/∂λ [m], exactly with `Composition::Gated`. Written (`=`).
+    pub dgate: Option<G>,
+    /// f32 scratch of [`DeltaLinearDims::backward_workspace_len`] elements.
+    pub workspace: G,
+    /// The forward's dropout (same p and seed): the mask is regenerated, never stored.
+    pub dropout: Option<LoraDropout>,
+    /// `true`: the adapter gradients (dw_down, db_down, dw_up, db_up) are added to
+    /// (gradient accumulation over micro-batches); `false`: overwritten.
+    pub accumulate: bool,
+}
+
+impl<R, S, W, G> DeltaLinearBackwardArgs<R, S, W, G> {
+    /// The planner's view of these tensors (see [`DeltaLinearArgs::bufs`]).
+    pub fn bufs<Src>(self, s: &mut Src) -> DeltaLinearBackwardBufs
+    where
+        Src: BufSource<R, W> + BufSource<S, G>,
+    {
+        let r = |s: &mut Src, b: R| BufSource::<R, W>::read(s, b);
+        let g = |s: &mut Src, b: G| BufSource::<S, G>::write(s, b);
+        DeltaLinearBackwardBufs {
+            dy: r(s, self.dy),
+            x: r(s, self.x),
+            w: r(s, self.w),
+            u: self.u.map(|b| r(s, b)),
+            w_down: r(s, self.w_down),
+            w_up: r(s, self.w_up),
+            b_up: self.b_up.map(|b| r(s, b)),
+            gate: self.gate.map(|b| r(s, b)),
+            saved: BufSource::<S, G>::read(s, self.saved),
+            dx: BufSource::<R, W>::write(s, self.dx),
+            du: self.du.map(|b| BufSource::<R, W>::write(s, b)),
+            dw_down: g(s, self.dw_down),
+            db_down: self.db_down.map(|b| g(s, b)),
+            dw_up: g(s, self.dw_up),
+            db_up: self.db_up.map(|b| g(s, b)),
+            dgate: self.dgate.map(|b| g(s, b)),
+            workspace: g(s, self.workspace),
+            dropout: self.dropout,
+            accumulate: self.accumulate,
+        }
+    }
 }
 
 /// Sizes and strides of a delta on a given h, with one bottleneck per head slice.
@@ -325,6 +474,119 @@ impl DeltaApplyDims {
     /// The least workspace a call takes: the activations of every head alone.
     pub fn min_workspace_len(&self) -> usize {
         workspace_layout(self.m, self.heads, self.r, self.head_dim, self.split_target).t
+    }
+    /// f32 elements of a training-mode apply's `saved` ([`DeltaApplyTrainArgs`]): z
+    /// [m, heads·r], each head's pre-activations.
+    pub fn saved_len(&self) -> usize {
+        self.m.saturating_mul(self.heads).saturating_mul(self.r)
+    }
+    /// f32 elements of the backward's `workspace` ([`DeltaApplyBackwardArgs`]): dz
+    /// [m, heads·r] and the weight gradients' partial sums when m is long enough to split
+    /// their reduction over tokens. Saturates at `usize::MAX`.
+    pub fn backward_workspace_len(&self, op: &DeltaLinear) -> usize {
+        let k_u = match op.insertion {
+            Insertion::Sequential => self.head_dim,
+            Insertion::Parallel => self.u_head_dim,
+        };
+        let parallel = DeltaLinear {
+            insertion: Insertion::Parallel,
+            ..*op
+        };
+        backward_workspace_layout(&parallel, self.m, self.heads, self.head_dim, self.r, k_u).len
+    }
+}
+
+/// A training-mode delta apply: `delta_apply`'s tensors and the f32 buffer of
+/// [`DeltaApplyDims::saved_len`] elements into which it saves z. A sequential or gated
+/// delta needs `h` given (its backward reads h; y is overwritten).
+#[derive(Debug)]
+pub struct DeltaApplyTrainArgs<R, W, S> {
+    pub forward: DeltaApplyArgs<R, W>,
+    pub saved: S,
+}
+
+impl<R, W, S> DeltaApplyTrainArgs<R, W, S> {
+    /// The planner's view of these tensors (see [`DeltaLinearArgs::bufs`]).
+    pub fn bufs<Src>(self, s: &mut Src) -> DeltaApplyTrainBufs
+    where
+        Src: BufSource<R, W> + BufSource<R, S>,
+    {
+        let saved = BufSource::<R, S>::write(s, self.saved);
+        DeltaApplyTrainBufs {
+            forward: self.forward.bufs(s),
+            saved,
+        }
+    }
+}
+
+/// The tensors of a delta-apply backward (one bottleneck per head slice), over a backend's
+/// buffer types as [`DeltaLinearBackwardArgs`]. Strides from the forward's
+/// [`DeltaApplyDims`]: dy and dh have y's (`ld_y`), h has `ld_h`, u and du `ld_u`.
+#[derive(Debug)]
+pub struct DeltaApplyBackwardArgs<R, S, W, G> {
+    /// ∂L/∂y [m, heads·head_dim].
+    pub dy: R,
+    /// The forward's h [m, heads·head_dim]: required for a sequential or gated delta.
+    pub h: Option<R>,
+    /// The forward's u [m, heads·u_head_dim] (parallel insertion).
+    pub u: Option<R>,
+    /// [heads, r, u_head_dim] (sequential: [heads, r, head_dim]).
+    pub w_down: R,
+    /// [heads, head_dim, r].
+    pub w_up: R,
+    /// [heads, head_dim]: a gated delta's dλ needs Δ (ignored otherwise).
+    pub b_up: Option<R>,
+    /// λ [m], only with `Composition::Gated` (and then one head).
+    pub gate: Option<R>,
+    /// What `delta_apply_train` saved (f32, [`DeltaApplyDims::saved_len`]).
+    pub saved: S,
+    /// ∂L/∂h [m, heads·head_dim], row stride `ld_y`: c_h·dy (+ du, sequential). Written.
+    pub dh: W,
+    /// ∂L/∂u [m, heads·u_head_dim], row stride `ld_u`, exactly with parallel insertion.
+    pub du: Option<W>,
+    /// f32 [heads, r, u_head_dim] (sequential: [heads, r, head_dim]).
+    pub dw_down: G,
+    /// f32 [heads, r]; `None` skips it.
+    pub db_down: Option<G>,
+    /// f32 [heads, head_dim, r].
+    pub dw_up: G,
+    /// f32 [heads, head_dim]; `None` skips it.
+    pub db_up: Option<G>,
+    /// f32 ∂L/∂λ [m], exactly with `Composition::Gated`.
+    pub dgate: Option<G>,
+    /// f32 scratch of [`DeltaApplyDims::backward_workspace_len`] elements.
+    pub workspace: G,
+    /// `true`: the adapter gradients are added to; `false`: overwritten.
+    pub accumulate: bool,
+}
+
+impl<R, S, W, G> DeltaApplyBackwardArgs<R, S, W, G> {
+    /// The planner's view of these tensors (see [`DeltaLinearArgs::bufs`]).
+    pub fn bufs<Src>(self, s: &mut Src) -> DeltaApplyBackwardBufs
+    where
+        Src: BufSource<R, W> + BufSource<S, G>,
+    {
+        let r = |s: &mut Src, b: R| BufSource::<R, W>::read(s, b);
+        let g = |s: &mut Src, b: G| BufSource::<S, G>::write(s, b);
+        DeltaApplyBackwardBufs {
+            dy: r(s, self.dy),
+            h: self.h.map(|b| r(s, b)),
+            u: self.u.map(|b| r(s, b)),
+            w_down: r(s, self.w_down),
+            w_up: r(s, self.w_up),
+            b_up: self.b_up.map(|b| r(s, b)),
+            gate: self.gate.map(|b| r(s, b)),
+            saved: BufSource::<S, G>::read(s, self.saved),
+            dh: BufSource::<R, W>::write(s, self.dh),
+            du: self.du.map(|b| BufSource::<R, W>::write(s, b)),
+            dw_down: g(s, self.dw_down),
+            db_down: self.db_down.map(|b| g(s, b)),
+            dw_up: g(s, self.dw_up),
+            db_up: self.db_up.map(|b| g(s, b)),
+            dgate: self.dgate.map(|b| g(s, b)),
+            workspace: g(s, self.workspace),
+            accumulate: self.accumulate,
+        }
     }
 }
 

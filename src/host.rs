@@ -10,9 +10,11 @@
 //! as their type.
 
 use crate::delta_linear::{
-    DeltaApplyDims, DeltaLinear, DeltaLinearDims, HostDeltaApplyArgs, HostDeltaLinearArgs,
-    HostLoraMergeArgs, LoraMergeDims,
+    DeltaApplyBackwardArgs, DeltaApplyDims, DeltaApplyTrainArgs, DeltaLinear,
+    DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs, HostDeltaApplyArgs,
+    HostDeltaLinearArgs, HostLoraMergeArgs, LoraMergeDims,
 };
+use crate::optim::{AdamW, AdamwArgs};
 #[cfg(feature = "cuda")]
 use crate::plan::{self, Buf, BufSource, KernelParams, Launch};
 use crate::prefix_attention::{
@@ -95,11 +97,39 @@ host_op!(
     HostDeltaLinearArgs<'_, T>
 );
 host_op!(
+    /// `delta_linear_train` (the forward that saves what the backward reads) on host buffers.
+    delta_linear_train,
+    plan::delta_linear::delta_linear_train,
+    (op: &DeltaLinear, dims: &DeltaLinearDims),
+    DeltaLinearTrainArgs<&[T], &mut [T], &mut [f32]>
+);
+host_op!(
+    /// `delta_linear_backward` on host buffers.
+    delta_linear_backward,
+    plan::delta_linear_backward::delta_linear_backward,
+    (op: &DeltaLinear, dims: &DeltaLinearDims),
+    DeltaLinearBackwardArgs<&[T], &[f32], &mut [T], &mut [f32]>
+);
+host_op!(
     /// `delta_apply` (a delta on a given h, per head) on host buffers.
     delta_apply,
     plan::delta_linear::delta_apply,
     (op: &DeltaLinear, dims: &DeltaApplyDims),
     HostDeltaApplyArgs<'_, T>
+);
+host_op!(
+    /// `delta_apply_train` (the apply that saves z for the backward) on host buffers.
+    delta_apply_train,
+    plan::delta_linear::delta_apply_train,
+    (op: &DeltaLinear, dims: &DeltaApplyDims),
+    DeltaApplyTrainArgs<&[T], &mut [T], &mut [f32]>
+);
+host_op!(
+    /// `delta_apply_backward` on host buffers.
+    delta_apply_backward,
+    plan::delta_linear_backward::delta_apply_backward,
+    (op: &DeltaLinear, dims: &DeltaApplyDims),
+    DeltaApplyBackwardArgs<&[T], &[f32], &mut [T], &mut [f32]>
 );
 host_op!(
     /// `lora_merge` (`W ← W + scale·B·A`, scale = ±s, the layer's `composition.scale(r)`) on
@@ -151,6 +181,33 @@ pub fn prefix_attention<T: Element>(
             let steps =
                 plan::prefix_attention::prefix_attention(op, dims, T::DTYPE, &args.bufs(&mut up))?;
             up.run(&steps)
+        }
+    }
+}
+
+/// One AdamW step ([`crate::optim`]) on host buffers.
+pub fn adamw<T: Element>(
+    backend: &Backend,
+    op: &AdamW,
+    step: u64,
+    args: AdamwArgs<&[f32], &mut [f32], &mut [T]>,
+) -> Result<()> {
+    match backend {
+        #[cfg(feature = "emulator")]
+        Backend::Emulator => crate::emulator::adamw(op, step, args),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(stream) => {
+            let mut up = Upload::new(stream);
+            let plan = plan::optim::adamw(op, step, T::DTYPE, &args.bufs(&mut up))?;
+            // The table goes up as one more input (its scratch words are not read back).
+            let addr = match up.copy(bytemuck::cast_slice(&plan.table)) {
+                Some((d, addr)) => {
+                    up.inputs.push(d);
+                    addr
+                }
+                None => 0,
+            };
+            up.run(&plan.steps(addr))
         }
     }
 }

@@ -8,7 +8,8 @@
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Module {
     /// Backend self-checks (`kernels/selftest.cu`): tiled SGEMM, warp reductions, an
-    /// ldmatrix + mma GEMM, and deliberately broken kernels the emulator must catch.
+    /// ldmatrix + mma GEMM, LoRA dropout's Philox generator, and deliberately broken
+    /// kernels the emulator must catch.
     #[cfg(feature = "selftest")]
     Selftest,
     /// Self-checks of the dtype and architecture layer (`kernels/selftest_mma.cu`): an
@@ -18,9 +19,14 @@ pub enum Module {
     SelftestMma,
     /// The frozen linear layer fused with its bottleneck delta (`kernels/delta_linear.cu`).
     DeltaLinear,
+    /// Its backward (`kernels/delta_linear_backward.cu`).
+    DeltaLinearBackward,
     /// Prefix tuning's gated attention, the LSE merge and the KV concatenation
     /// (`kernels/prefix_attention.cu`).
     PrefixAttention,
+    /// AdamW over a list of adapter tensors, with the gradient-norm passes
+    /// (`kernels/optim.cu`).
+    Optim,
 }
 
 impl Module {
@@ -31,7 +37,9 @@ impl Module {
         #[cfg(feature = "selftest")]
         Module::SelftestMma,
         Module::DeltaLinear,
+        Module::DeltaLinearBackward,
         Module::PrefixAttention,
+        Module::Optim,
     ];
 
     /// The file stem under `kernels/` (and of the embedded PTX and cubins).
@@ -42,7 +50,9 @@ impl Module {
             #[cfg(feature = "selftest")]
             Module::SelftestMma => "selftest_mma",
             Module::DeltaLinear => "delta_linear",
+            Module::DeltaLinearBackward => "delta_linear_backward",
             Module::PrefixAttention => "prefix_attention",
+            Module::Optim => "optim",
         }
     }
 }
@@ -127,6 +137,8 @@ kernel_table! {
         selftest_thread_index,
         selftest_reverse_dynamic_smem_f32,
         selftest_atomics,
+        selftest_philox4x32_10,
+        selftest_dropout_mask,
         selftest_broken_divergent_barrier,
         selftest_broken_shfl_wrong_mask,
         selftest_broken_shfl_divergent,
@@ -181,6 +193,29 @@ kernel_table! {
         bias_activation_f16,
         bias_activation_bf16,
     }
+    DeltaLinearBackward {
+        delta_bwd_dz_f32,
+        delta_bwd_dz_f16,
+        delta_bwd_dz_bf16,
+        delta_bwd_data_naive_f32,
+        delta_bwd_data_naive_f16,
+        delta_bwd_data_naive_bf16,
+        delta_bwd_data_simt_f32,
+        delta_bwd_data_simt_f16,
+        delta_bwd_data_simt_bf16,
+        delta_bwd_data_mma_f16,
+        delta_bwd_data_mma_bf16,
+        delta_bwd_weight_naive_f32,
+        delta_bwd_weight_naive_f16,
+        delta_bwd_weight_naive_bf16,
+        delta_bwd_weight_simt_f32,
+        delta_bwd_weight_simt_f16,
+        delta_bwd_weight_simt_bf16,
+        delta_bwd_weight_reduce,
+        delta_bwd_dgate_f32,
+        delta_bwd_dgate_f16,
+        delta_bwd_dgate_bf16,
+    }
     PrefixAttention {
         prefix_attention_f32_d32,
         prefix_attention_f32_d64,
@@ -209,6 +244,13 @@ kernel_table! {
         kv_concat_f32,
         kv_concat_f16,
         kv_concat_bf16,
+    }
+    Optim {
+        adamw_sumsq,
+        adamw_norm,
+        adamw_update_f32,
+        adamw_update_f16,
+        adamw_update_bf16,
     }
 }
 

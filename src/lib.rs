@@ -59,9 +59,11 @@
 //! ```
 
 pub mod delta_linear;
+pub mod dropout;
 pub mod error;
 pub mod host;
 pub mod kernels;
+pub mod optim;
 pub mod plan;
 pub mod prefix_attention;
 pub mod reference;

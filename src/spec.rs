@@ -179,6 +179,37 @@ impl Activation {
     }
 }
 
+impl Activation {
+    /// `f′(v)` in f64, the exact derivative of [`Activation::apply_f64`]: ReLU′(0) = 0 (as
+    /// PyTorch), GELU tanh differentiated as written (not through the erf form).
+    pub fn derivative_f64(self, v: f64) -> f64 {
+        match self {
+            Activation::Identity => 1.0,
+            Activation::Relu => {
+                if v > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Activation::GeluTanh => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                let t = (c * (v + 0.044715 * v * v * v)).tanh();
+                0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * v * v)
+            }
+            Activation::GeluErf => {
+                let cdf = 0.5 * (1.0 + erf(v / std::f64::consts::SQRT_2));
+                let pdf = (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
+                cdf + v * pdf
+            }
+            Activation::Silu => {
+                let s = 1.0 / (1.0 + (-v).exp());
+                s * (1.0 + v * (1.0 - s))
+            }
+        }
+    }
+}
+
 /// The error function in f64 (std has none), to within ~1e-15 absolute (and relative).
 ///
 /// Below 2.5 the series `erf(x) = 2/√π · e^(−x²) · Σ 2ⁿ x^(2n+1) / (1·3·…·(2n+1))`,

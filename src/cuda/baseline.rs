@@ -318,9 +318,7 @@ impl Baseline {
     /// for the column-major mapping), f32 accumulation and f32 alpha and beta.
     ///
     /// # Safety
-    /// The addresses are device memory of the stream's context holding the matrices of
-    /// `shape` with their leading dimensions (each ≥ its columns), in use only in stream
-    /// order until the GEMM completes; the context is current on this thread.
+    /// As [`Baseline::gemm`].
     unsafe fn gemm_nt<T: Element>(
         &self,
         shape: GemmShape,
@@ -328,6 +326,29 @@ impl Baseline {
         b: Operand,
         c: Operand,
     ) -> Result<()> {
+        // SAFETY: the caller's contract.
+        unsafe { self.gemm::<T>(shape, (a, false), (b, true), c) }
+    }
+
+    /// One cublasGemmEx for the row-major `c[m, n] = alpha·Σ_k a'[m, k]·b'[k, n] + beta·c`,
+    /// where `a' = a` stored [m, k] or, with `a.1`, `aᵀ` for `a` stored [k, m]; and `b' = bᵀ`
+    /// for `b` stored [n, k] (`b.1`, the layout of W in x·Wᵀ) or `b` stored [k, n]. Read
+    /// column-major, that is `cᵀ = b'ᵀ·a'ᵀ`: cuBLAS's A is our b (transposed when stored
+    /// [n, k]), its B our a (transposed when stored [k, m]). f32 accumulation, f32 alpha and
+    /// beta.
+    ///
+    /// # Safety
+    /// The addresses are device memory of the stream's context holding the matrices of
+    /// `shape` with their leading dimensions (each ≥ its columns), in use only in stream
+    /// order until the GEMM completes; the context is current on this thread.
+    unsafe fn gemm<T: Element>(
+        &self,
+        shape: GemmShape,
+        (a, a_transposed): (Operand, bool),
+        (b, b_rows_n): (Operand, bool),
+        c: Operand,
+    ) -> Result<()> {
+        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
         let data_type = match T::DTYPE {
             DType::F32 => blas_sys::cudaDataType_t::CUDA_R_32F,
             DType::F16 => blas_sys::cudaDataType_t::CUDA_R_16F,
@@ -340,14 +361,20 @@ impl Baseline {
             alpha,
             beta,
         } = shape;
+        let op_b = if b_rows_n { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        let op_a = if a_transposed {
+            CUBLAS_OP_T
+        } else {
+            CUBLAS_OP_N
+        };
         // SAFETY: the caller's contract; alpha and beta are host f32 values (the handle's
         // default pointer mode, the scale type of CUBLAS_COMPUTE_32F), read before the call
         // returns.
         unsafe {
             cublas::gemm_ex(
                 *self.blas.handle(),
-                blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                op_b,
+                op_a,
                 n,
                 m,
                 k,
@@ -368,6 +395,124 @@ impl Baseline {
         }
         .map_err(cublas_error("GemmEx"))
     }
+
+    /// One training step of a LoRA-form layer (identity bottleneck, no biases, every tensor
+    /// contiguous) as Unsloth writes it on cuBLAS, the yardstick of
+    /// `delta_linear_train` + `delta_linear_backward` (benches/delta_linear_train.rs):
+    ///
+    /// ```text
+    /// forward   1. y = x·Wᵀ   2. t = x·Aᵀ   3. y += s·t·Bᵀ
+    /// backward  4. dx = dy·W  5. da = s·dy·B  6. dx += da·A  7. dA = daᵀ·x  8. dB = s·dyᵀ·t
+    /// ```
+    ///
+    /// eight GEMMs with f32 accumulation, every result stored in T (the adapter gradients
+    /// too, as PyTorch's autograd leaves them for bf16 parameters). A = W_down [r, k], B =
+    /// W_up [n, r]; `t` and `da` are [m, r] scratch.
+    pub fn lora_training_step<'a, T: Element>(
+        &'a self,
+        (m, n, k, r): (usize, usize, usize, usize),
+        scale: f32,
+        args: LoraStepArgs<'a, T>,
+    ) -> Result<()> {
+        let (mi, ni, ki, ri) = (
+            cublas_int("m", m)?,
+            cublas_int("n", n)?,
+            cublas_int("k", k)?,
+            cublas_int("r", r)?,
+        );
+        let mut bufs = Buffers::new(&self.stream);
+        let operand = |arg: &'static str, addr_len: (u64, usize), rows: usize, cols| {
+            let (addr, len) = addr_len;
+            if len < rows * cols {
+                return Err(Error::invalid(
+                    arg,
+                    format!("at least {rows} × {cols} elements"),
+                    len,
+                ));
+            }
+            Ok(Operand {
+                addr,
+                ld: cols as i32,
+            })
+        };
+        let mut read = |b: DeviceRead<'a, T>| (bufs.read(b), b.len());
+        let (x, w, a, b, dy) = (
+            read(args.x),
+            read(args.w),
+            read(args.lora_a),
+            read(args.lora_b),
+            read(args.dy),
+        );
+        let mut write = |b: DeviceWrite<'a, T>| {
+            let len = b.len();
+            (bufs.write(b), len)
+        };
+        let (y, t, dx, da, d_a, d_b) = (
+            write(args.y),
+            write(args.t),
+            write(args.dx),
+            write(args.da),
+            write(args.d_lora_a),
+            write(args.d_lora_b),
+        );
+        let x = operand("x", x, m, k)?;
+        let w = operand("w", w, n, k)?;
+        let a = operand("lora_a", a, r, k)?;
+        let b = operand("lora_b", b, n, r)?;
+        let dy = operand("dy", dy, m, n)?;
+        let y = operand("y", y, m, n)?;
+        let t = operand("t", t, m, r)?;
+        let dx = operand("dx", dx, m, k)?;
+        let da = operand("da", da, m, r)?;
+        let d_a = operand("d_lora_a", d_a, r, k)?;
+        let d_b = operand("d_lora_b", d_b, n, r)?;
+        if m == 0 {
+            return Ok(());
+        }
+        bufs.check_before_launch()?;
+        self.stream.context().bind_to_thread()?;
+        let g = GemmShape::new;
+        // SAFETY (each GEMM): every operand holds its shape (checked above, contiguous) and
+        // is guarded by `bufs` until everything is queued.
+        unsafe {
+            self.gemm::<T>(g(mi, ni, ki, 1.0, 0.0), (x, false), (w, true), y)?;
+            self.gemm::<T>(g(mi, ri, ki, 1.0, 0.0), (x, false), (a, true), t)?;
+            self.gemm::<T>(g(mi, ni, ri, scale, 1.0), (t, false), (b, true), y)?;
+            self.gemm::<T>(g(mi, ki, ni, 1.0, 0.0), (dy, false), (w, false), dx)?;
+            self.gemm::<T>(g(mi, ri, ni, scale, 0.0), (dy, false), (b, false), da)?;
+            self.gemm::<T>(g(mi, ki, ri, 1.0, 1.0), (da, false), (a, false), dx)?;
+            self.gemm::<T>(g(ri, ki, mi, 1.0, 0.0), (da, true), (x, false), d_a)?;
+            self.gemm::<T>(g(ni, ri, mi, scale, 0.0), (dy, true), (t, false), d_b)?;
+        }
+        drop(bufs);
+        Ok(())
+    }
+}
+
+/// The tensors of [`Baseline::lora_training_step`], contiguous.
+pub struct LoraStepArgs<'a, T> {
+    /// [m, k].
+    pub x: DeviceRead<'a, T>,
+    /// [n, k].
+    pub w: DeviceRead<'a, T>,
+    /// A = W_down [r, k].
+    pub lora_a: DeviceRead<'a, T>,
+    /// B = W_up [n, r].
+    pub lora_b: DeviceRead<'a, T>,
+    /// [m, n].
+    pub dy: DeviceRead<'a, T>,
+    /// [m, n].
+    pub y: DeviceWrite<'a, T>,
+    /// Scratch [m, r]: t = x·Aᵀ.
+    pub t: DeviceWrite<'a, T>,
+    /// [m, k].
+    pub dx: DeviceWrite<'a, T>,
+    /// Scratch [m, r]: da = s·dy·B.
+    pub da: DeviceWrite<'a, T>,
+    /// [r, k].
+    pub d_lora_a: DeviceWrite<'a, T>,
+    /// [n, r].
+    pub d_lora_b: DeviceWrite<'a, T>,
 }
 
 #[cfg(test)]

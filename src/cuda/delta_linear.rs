@@ -4,10 +4,12 @@ use cudarc::driver::CudaStream;
 
 use super::{Buffers, DeviceRead, DeviceWrite};
 use crate::delta_linear::{
-    DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearDims, LoraMergeArgs,
+    DeltaApplyArgs, DeltaApplyBackwardArgs, DeltaApplyDims, DeltaApplyTrainArgs, DeltaLinear,
+    DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs, LoraMergeArgs,
     LoraMergeDims,
 };
 use crate::plan::delta_linear as plan;
+use crate::plan::delta_linear_backward as backward_plan;
 use crate::{Element, Result};
 
 /// [`DeltaLinearArgs`] over device buffers, as [`delta_linear`] takes them: annotate a `let`
@@ -57,6 +59,39 @@ pub fn delta_linear<'a, T: Element>(
     unsafe { bufs.run(&steps) }
 }
 
+/// [`delta_linear`] in training mode, queued on `stream`: also saves, in `saved` (f32,
+/// [`DeltaLinearDims::saved_len`]), what [`delta_linear_backward`] reads.
+pub fn delta_linear_train<'a, T: Element>(
+    stream: &'a CudaStream,
+    op: &DeltaLinear,
+    dims: &DeltaLinearDims,
+    args: DeltaLinearTrainArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>, DeviceWrite<'a, f32>>,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = plan::delta_linear_train(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: the addresses came from `bufs`, checked by the plan.
+    unsafe { bufs.run(&steps) }
+}
+
+/// The backward of [`delta_linear_train`]'s forward (see
+/// [`crate::delta_linear::DeltaLinearBackwardArgs`]), queued on `stream`.
+pub fn delta_linear_backward<'a, T: Element>(
+    stream: &'a CudaStream,
+    op: &DeltaLinear,
+    dims: &DeltaLinearDims,
+    args: DeltaLinearBackwardArgs<
+        DeviceRead<'a, T>,
+        DeviceRead<'a, f32>,
+        DeviceWrite<'a, T>,
+        DeviceWrite<'a, f32>,
+    >,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = backward_plan::delta_linear_backward(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: the addresses came from `bufs`, checked by the plan.
+    unsafe { bufs.run(&steps) }
+}
+
 /// `y = compose(h, Δh)` per head slice for a given h (the multi-head parallel adapter with
 /// `heads > 1`), queued on `stream`.
 pub fn delta_apply<'a, T: Element>(
@@ -68,6 +103,39 @@ pub fn delta_apply<'a, T: Element>(
     let mut bufs = Buffers::new(stream);
     let steps = plan::delta_apply(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
     // SAFETY: as above.
+    unsafe { bufs.run(&steps) }
+}
+
+/// [`delta_apply`] in training mode, queued on `stream`: also saves z (f32,
+/// [`DeltaApplyDims::saved_len`]) for [`delta_apply_backward`].
+pub fn delta_apply_train<'a, T: Element>(
+    stream: &'a CudaStream,
+    op: &DeltaLinear,
+    dims: &DeltaApplyDims,
+    args: DeltaApplyTrainArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>, DeviceWrite<'a, f32>>,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = plan::delta_apply_train(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: the addresses came from `bufs`, checked by the plan.
+    unsafe { bufs.run(&steps) }
+}
+
+/// The backward of [`delta_apply_train`]'s forward (see
+/// [`crate::delta_linear::DeltaApplyBackwardArgs`]), queued on `stream`.
+pub fn delta_apply_backward<'a, T: Element>(
+    stream: &'a CudaStream,
+    op: &DeltaLinear,
+    dims: &DeltaApplyDims,
+    args: DeltaApplyBackwardArgs<
+        DeviceRead<'a, T>,
+        DeviceRead<'a, f32>,
+        DeviceWrite<'a, T>,
+        DeviceWrite<'a, f32>,
+    >,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = backward_plan::delta_apply_backward(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: the addresses came from `bufs`, checked by the plan.
     unsafe { bufs.run(&steps) }
 }
 

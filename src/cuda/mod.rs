@@ -29,9 +29,11 @@
 pub mod baseline;
 mod delta_linear;
 mod modules;
+mod optim;
 mod prefix_attention;
 
 pub use delta_linear::*;
+pub use optim::*;
 pub use prefix_attention::*;
 
 use std::ffi::c_void;

@@ -2,10 +2,12 @@
 
 use super::{run, HostBufs};
 use crate::delta_linear::{
-    DeltaApplyDims, DeltaLinear, DeltaLinearDims, HostDeltaApplyArgs, HostDeltaLinearArgs,
-    HostLoraMergeArgs, LoraMergeDims,
+    DeltaApplyBackwardArgs, DeltaApplyDims, DeltaApplyTrainArgs, DeltaLinear,
+    DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs, HostDeltaApplyArgs,
+    HostDeltaLinearArgs, HostLoraMergeArgs, LoraMergeDims,
 };
 use crate::plan::delta_linear as plan;
+use crate::plan::delta_linear_backward as backward_plan;
 use crate::{Element, Result};
 
 /// `y = compose(x·Wᵀ + b, s·f(u·W_downᵀ + b_down)·W_upᵀ + b_up)` (see
@@ -20,6 +22,33 @@ pub fn delta_linear<T: Element>(
     run(&plan::delta_linear(op, dims, T::DTYPE, &bufs)?)
 }
 
+/// [`delta_linear`] in training mode: also saves, in `saved` (f32,
+/// [`DeltaLinearDims::saved_len`]), what [`delta_linear_backward`] reads.
+pub fn delta_linear_train<T: Element>(
+    op: &DeltaLinear,
+    dims: &DeltaLinearDims,
+    args: DeltaLinearTrainArgs<&[T], &mut [T], &mut [f32]>,
+) -> Result<()> {
+    let bufs = args.bufs(&mut HostBufs);
+    run(&plan::delta_linear_train(op, dims, T::DTYPE, &bufs)?)
+}
+
+/// The backward of [`delta_linear_train`]'s forward (see
+/// [`crate::delta_linear::DeltaLinearBackwardArgs`]) on the CPU emulator.
+pub fn delta_linear_backward<T: Element>(
+    op: &DeltaLinear,
+    dims: &DeltaLinearDims,
+    args: DeltaLinearBackwardArgs<&[T], &[f32], &mut [T], &mut [f32]>,
+) -> Result<()> {
+    let bufs = args.bufs(&mut HostBufs);
+    run(&backward_plan::delta_linear_backward(
+        op,
+        dims,
+        T::DTYPE,
+        &bufs,
+    )?)
+}
+
 /// `y = compose(h, Δh)` per head slice for a given h (the multi-head parallel adapter with
 /// `heads > 1`), on the CPU emulator.
 pub fn delta_apply<T: Element>(
@@ -29,6 +58,33 @@ pub fn delta_apply<T: Element>(
 ) -> Result<()> {
     let bufs = args.bufs(&mut HostBufs);
     run(&plan::delta_apply(op, dims, T::DTYPE, &bufs)?)
+}
+
+/// [`delta_apply`] in training mode: also saves z (f32, [`DeltaApplyDims::saved_len`]) for
+/// [`delta_apply_backward`].
+pub fn delta_apply_train<T: Element>(
+    op: &DeltaLinear,
+    dims: &DeltaApplyDims,
+    args: DeltaApplyTrainArgs<&[T], &mut [T], &mut [f32]>,
+) -> Result<()> {
+    let bufs = args.bufs(&mut HostBufs);
+    run(&plan::delta_apply_train(op, dims, T::DTYPE, &bufs)?)
+}
+
+/// The backward of [`delta_apply_train`]'s forward (see
+/// [`crate::delta_linear::DeltaApplyBackwardArgs`]) on the CPU emulator.
+pub fn delta_apply_backward<T: Element>(
+    op: &DeltaLinear,
+    dims: &DeltaApplyDims,
+    args: DeltaApplyBackwardArgs<&[T], &[f32], &mut [T], &mut [f32]>,
+) -> Result<()> {
+    let bufs = args.bufs(&mut HostBufs);
+    run(&backward_plan::delta_apply_backward(
+        op,
+        dims,
+        T::DTYPE,
+        &bufs,
+    )?)
 }
 
 /// Merges LoRA into the frozen weight in place on the CPU emulator, `W ← W + scale·B·A`

@@ -24,9 +24,11 @@
 use std::ffi::{c_char, c_void, CStr};
 
 mod delta_linear;
+mod optim;
 mod prefix_attention;
 
 pub use delta_linear::*;
+pub use optim::*;
 pub use prefix_attention::*;
 
 use crate::plan::{Buf, BufSource, KernelParams, Launch};

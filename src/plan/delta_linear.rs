@@ -3,7 +3,7 @@
 
 use super::{check_len, grid_for, Buf, Launch};
 use crate::delta_linear::{
-    DeltaApplyDims, DeltaLinear, DeltaLinearDims, KernelVariant, LoraMergeDims,
+    DeltaApplyDims, DeltaLinear, DeltaLinearDims, KernelVariant, LoraDropout, LoraMergeDims,
 };
 use crate::error::{Error, Result};
 use crate::kernels::KernelId;
@@ -23,6 +23,7 @@ pub struct FusedLinearParams {
     pub gate: u64,
     pub out: u64,
     pub partial: u64,
+    pub save: u64,
     pub lda1: i64,
     pub ldb1: i64,
     pub ldh: i64,
@@ -30,6 +31,7 @@ pub struct FusedLinearParams {
     pub ldb2: i64,
     pub ldo: i64,
     pub ldp: i64,
+    pub ld_save: i64,
     pub bs_a1: i64,
     pub bs_b1: i64,
     pub bs_bias: i64,
@@ -38,6 +40,8 @@ pub struct FusedLinearParams {
     pub bs_b2: i64,
     pub bs_bias2: i64,
     pub bs_out: i64,
+    pub bs_save: i64,
+    pub drop_seed: u64,
     pub m: i32,
     pub n: i32,
     pub k1: i32,
@@ -48,7 +52,10 @@ pub struct FusedLinearParams {
     pub c_main: i32,
     pub c_bias2: i32,
     pub c_out: i32,
+    pub save_stored: i32,
+    pub dropout: i32,
     pub scale: f32,
+    pub drop_p: f32,
 }
 // SAFETY: #[repr(C)], field for field the C++ struct (checked by a size test).
 unsafe impl super::KernelParams for FusedLinearParams {}
@@ -120,7 +127,7 @@ pub struct LoraMergeBufs {
 
 /// The row-coefficient encoding of a composition over a bottleneck of width `r` (≥ 1,
 /// checked before): (compose code, scale), LoRA's α resolved against r here.
-fn composition_code(c: Composition, r: usize) -> Result<(i32, f32)> {
+pub(crate) fn composition_code(c: Composition, r: usize) -> Result<(i32, f32)> {
     match c {
         Composition::Add => Ok((0, 1.0)),
         Composition::Scaled(s) if s.is_finite() => Ok((1, s)),
@@ -133,7 +140,7 @@ fn composition_code(c: Composition, r: usize) -> Result<(i32, f32)> {
     }
 }
 
-fn dim_i32(arg: &'static str, v: usize) -> Result<i32> {
+pub(crate) fn dim_i32(arg: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::invalid(arg, format!("at most {}", i32::MAX), v))
 }
 
@@ -143,7 +150,7 @@ fn dim_i32(arg: &'static str, v: usize) -> Result<i32> {
 const MAX_DIM: usize = 1 << 30;
 
 /// A width or reduction length: at least 1, at most [`MAX_DIM`].
-fn positive(arg: &'static str, v: usize) -> Result<i32> {
+pub(crate) fn positive(arg: &'static str, v: usize) -> Result<i32> {
     if v == 0 || v > MAX_DIM {
         return Err(Error::invalid(arg, format!("between 1 and {MAX_DIM}"), v));
     }
@@ -153,7 +160,7 @@ fn positive(arg: &'static str, v: usize) -> Result<i32> {
 /// Checks that `buf` holds the matrix `layout` (and that `ld ≥ cols`). The length is computed
 /// without wrapping: a huge `ld` must not pass as a small matrix (the kernels would index
 /// with it).
-fn check_matrix(arg: &'static str, buf: Buf, layout: MatrixLayout) -> Result<()> {
+pub(crate) fn check_matrix(arg: &'static str, buf: Buf, layout: MatrixLayout) -> Result<()> {
     if layout.ld < layout.cols {
         return Err(Error::invalid(
             arg,
@@ -188,7 +195,7 @@ fn check_matrix(arg: &'static str, buf: Buf, layout: MatrixLayout) -> Result<()>
 /// Checks that `buf`, if given, is exactly the contiguous tensor of `shape`: a tensor
 /// without a stride that is longer than its shape is a mistaken shape (a parallel adapter's
 /// W_down given to a sequential one, a whole fused QKV weight), not room to spare.
-fn check_exact(arg: &'static str, buf: Option<Buf>, shape: &[usize]) -> Result<()> {
+pub(crate) fn check_exact(arg: &'static str, buf: Option<Buf>, shape: &[usize]) -> Result<()> {
     let Some(buf) = buf else { return Ok(()) };
     let need = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
     let shape = format!("{shape:?}");
@@ -205,7 +212,7 @@ fn check_exact(arg: &'static str, buf: Option<Buf>, shape: &[usize]) -> Result<(
     }
 }
 
-fn check_gate(gate: Option<Buf>, composition: Composition, m: usize) -> Result<()> {
+pub(crate) fn check_gate(gate: Option<Buf>, composition: Composition, m: usize) -> Result<()> {
     match (composition, gate) {
         (Composition::Gated, None) => Err(Error::invalid(
             "gate",
@@ -628,7 +635,42 @@ pub fn delta_linear(
     dtype: DType,
     b: &DeltaLinearBufs,
 ) -> Result<Vec<(Launch, FusedLinearParams)>> {
-    plan_delta_linear(op, d, dtype, b).map_err(|e| e.of("delta_linear"))
+    plan_delta_linear(op, d, dtype, b, None).map_err(|e| e.of("delta_linear"))
+}
+
+/// The operands of a training-mode forward: the forward's, and the f32 buffer it saves into.
+#[derive(Clone, Copy, Debug)]
+pub struct DeltaLinearTrainBufs {
+    pub forward: DeltaLinearBufs,
+    pub saved: Buf,
+    pub dropout: Option<LoraDropout>,
+}
+
+/// Whether the backward of `op` needs h (a sequential delta reads it, a gate's dλ = Σ dy·(Δ −
+/// h) needs it): the training forward then saves it.
+pub(crate) fn saves_h(op: &DeltaLinear) -> bool {
+    op.insertion == Insertion::Sequential || op.composition == Composition::Gated
+}
+
+/// The f32 elements of a training forward's `saved`: z [m, r] at 0, then h [m, n] where
+/// [`saves_h`]. Saturates at usize::MAX.
+pub(crate) fn saved_len(op: &DeltaLinear, m: usize, n: usize, r: usize) -> usize {
+    let h = if saves_h(op) { m.saturating_mul(n) } else { 0 };
+    m.saturating_mul(r).saturating_add(h)
+}
+
+/// Plans `delta_linear_train`: `delta_linear` that also saves, in f32, what the backward
+/// reads (see [`DeltaLinearDims::saved_len`]). A gated parallel delta then runs as a
+/// sequential one does, [frozen, down, up], so that h is stored (in y, rounded to T) and
+/// saved before the delta composes with it.
+pub fn delta_linear_train(
+    op: &DeltaLinear,
+    d: &DeltaLinearDims,
+    dtype: DType,
+    b: &DeltaLinearTrainBufs,
+) -> Result<Vec<(Launch, FusedLinearParams)>> {
+    plan_delta_linear(op, d, dtype, &b.forward, Some((b.saved, b.dropout)))
+        .map_err(|e| e.of("delta_linear_train"))
 }
 
 fn plan_delta_linear(
@@ -636,7 +678,15 @@ fn plan_delta_linear(
     d: &DeltaLinearDims,
     dtype: DType,
     b: &DeltaLinearBufs,
+    train: Option<(Buf, Option<LoraDropout>)>,
 ) -> Result<Vec<(Launch, FusedLinearParams)>> {
+    let saved = train.map(|t| t.0);
+    // Dropout with p = 0 keeps everything: no dropout at all.
+    let dropout = train.and_then(|t| t.1);
+    if let Some(dr) = dropout {
+        crate::dropout::check_p("dropout.p", dr.p)?;
+    }
+    let dropout = dropout.filter(|dr| dr.p > 0.0);
     let n = positive("dims.n", d.n)?;
     let k = positive("dims.k", d.k)?;
     let r = positive("dims.r", d.r)?;
@@ -694,9 +744,18 @@ fn plan_delta_linear(
             ld: d.ld_y,
         },
     )?;
+    check_len(
+        "saved",
+        saved,
+        saved_len(op, d.m, d.n, d.r),
+        Some("dims.saved_len(op): z [m, r], then h [m, n] for a sequential or gated delta, f32"),
+    )?;
     if d.m == 0 {
         return Ok(Vec::new());
     }
+    // The saved z, and h after it (byte addresses of f32 elements).
+    let saved_z = addr(saved);
+    let saved_h = saved.map_or(0, |s| s.addr + 4 * (d.m * d.r) as u64);
 
     let t = b.workspace.addr;
     let (down_partials, main_partials) = partials(b.workspace, &layout, dtype);
@@ -713,12 +772,22 @@ fn plan_delta_linear(
             (u_addr, ld_u as i64, b.w_down.addr, k_u as i64, k_u32);
         (p.bias, p.gate, p.activation) = (addr(b.b_down), gate, op.activation as i32);
         (p.c_main, p.c_out) = (COEF_ONE, COEF_D);
-        let kind = kind_for(
+        (p.save, p.ld_save) = (saved_z, d.r as i64);
+        let mut kind = kind_for(
             d.kernel,
             dtype,
             (d.m, d.r),
             &[(u_addr, ld_u, 0), (b.w_down.addr, k_u, 0)],
         )?;
+        if let Some(dr) = dropout {
+            // Only the naive and SIMT kernels drop while loading u (the tensor-core kernels
+            // copy u to shared memory asynchronously); the down pass is r/n of the layer's
+            // work, and the frozen GEMM keeps its kernel.
+            (p.dropout, p.drop_seed, p.drop_p) = (1, dr.seed, dr.p);
+            if kind != Kind::Naive {
+                kind = Kind::Simt;
+            }
+        }
         pass_steps((kind, dtype), "dims.r", 1, p, (down_partials, ldt), false)?
     };
     // Phase 1 as the frozen GEMM x·Wᵀ + b, and the operands it reads with vector copies.
@@ -743,18 +812,20 @@ fn plan_delta_linear(
         let kind = kind_for(d.kernel, dtype, (d.m, d.n), phase1)?;
         pass_steps((kind, dtype), "dims.n", 1, p, (main_partials, d.n), true)
     };
-    match op.insertion {
-        Insertion::Parallel => Ok([down, up(true)?].concat()),
-        Insertion::Sequential => {
-            // The frozen pass's partial sums share the main region with the up pass's: the
-            // down pass between them is a plain launch, so they never run at once.
-            let mut p = pass(composition, m, n, b.y.addr, d.ld_y);
-            set_frozen(&mut p);
-            (p.c_main, p.c_out) = (COEF_ONE, COEF_ONE);
-            let kind = kind_for(d.kernel, dtype, (d.m, d.n), &frozen_operands)?;
-            let frozen = pass_steps((kind, dtype), "dims.n", 1, p, (main_partials, d.n), false)?;
-            Ok([frozen, down, up(false)?].concat())
+    if op.insertion == Insertion::Parallel && (saved.is_none() || !saves_h(op)) {
+        Ok([down, up(true)?].concat())
+    } else {
+        // The frozen pass's partial sums share the main region with the up pass's: the
+        // down pass between them is a plain launch, so they never run at once.
+        let mut p = pass(composition, m, n, b.y.addr, d.ld_y);
+        set_frozen(&mut p);
+        (p.c_main, p.c_out) = (COEF_ONE, COEF_ONE);
+        if saved.is_some() {
+            (p.save, p.ld_save, p.save_stored) = (saved_h, d.n as i64, 1);
         }
+        let kind = kind_for(d.kernel, dtype, (d.m, d.n), &frozen_operands)?;
+        let frozen = pass_steps((kind, dtype), "dims.n", 1, p, (main_partials, d.n), false)?;
+        Ok([frozen, down, up(false)?].concat())
     }
 }
 
@@ -767,7 +838,27 @@ pub fn delta_apply(
     dtype: DType,
     b: &DeltaApplyBufs,
 ) -> Result<Vec<(Launch, FusedLinearParams)>> {
-    plan_delta_apply(op, d, dtype, b).map_err(|e| e.of("delta_apply"))
+    plan_delta_apply(op, d, dtype, b, None).map_err(|e| e.of("delta_apply"))
+}
+
+/// The operands of a training-mode delta apply: the forward's, and the f32 buffer of
+/// [`DeltaApplyDims::saved_len`] elements it saves z into.
+#[derive(Clone, Copy, Debug)]
+pub struct DeltaApplyTrainBufs {
+    pub forward: DeltaApplyBufs,
+    pub saved: Buf,
+}
+
+/// Plans `delta_apply_train`: `delta_apply` that also saves z [m, heads·r] (f32) for the
+/// backward. A sequential or gated delta's backward reads h, so h must be given (not read
+/// from y in place, which the call overwrites).
+pub fn delta_apply_train(
+    op: &DeltaLinear,
+    d: &DeltaApplyDims,
+    dtype: DType,
+    b: &DeltaApplyTrainBufs,
+) -> Result<Vec<(Launch, FusedLinearParams)>> {
+    plan_delta_apply(op, d, dtype, &b.forward, Some(b.saved)).map_err(|e| e.of("delta_apply_train"))
 }
 
 fn plan_delta_apply(
@@ -775,7 +866,22 @@ fn plan_delta_apply(
     d: &DeltaApplyDims,
     dtype: DType,
     b: &DeltaApplyBufs,
+    saved: Option<Buf>,
 ) -> Result<Vec<(Launch, FusedLinearParams)>> {
+    if saved.is_some() && saves_h(op) && b.h.is_none() {
+        return Err(Error::invalid(
+            "h",
+            "the frozen output h (a sequential or gated delta's backward reads it; y is \
+             overwritten)",
+            "None",
+        ));
+    }
+    check_len(
+        "saved",
+        saved,
+        d.m.saturating_mul(d.heads).saturating_mul(d.r),
+        Some("dims.saved_len(): z [m, heads·r], f32"),
+    )?;
     positive("dims.heads", d.heads)?;
     let dh = positive("dims.head_dim", d.head_dim)?;
     let r = positive("dims.r", d.r)?;
@@ -861,6 +967,7 @@ fn plan_delta_apply(
     (down.bias, down.bs_bias) = (addr(b.b_down), d.r as i64);
     (down.k1, down.bs_out) = (du32, rs as i64);
     (down.gate, down.activation) = (gate, op.activation as i32);
+    (down.save, down.ld_save, down.bs_save) = (addr(saved), (d.heads * d.r) as i64, d.r as i64);
     (down.c_main, down.c_out) = (COEF_ONE, COEF_D);
     let kind = kind_for(
         d.kernel,

@@ -3,6 +3,8 @@
 //! parameter block the kernel receives. A backend only allocates and launches a [`Launch`].
 
 pub mod delta_linear;
+pub mod delta_linear_backward;
+pub mod optim;
 pub mod prefix_attention;
 
 use crate::error::{Error, Result};

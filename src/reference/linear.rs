@@ -136,6 +136,13 @@ fn affine(a: &[f64], w: &[f64], bias: Option<&[f64]>, m: usize, n: usize, k: usi
     y
 }
 
+/// The bottleneck's pre-activations `z = u·W_downᵀ + b_down` [M, r].
+fn bottleneck_input<T: Scalar>(t: &DeltaLinearTensors<T>, u: &[f64], d: &Dims) -> Vec<f64> {
+    let k_u = t.w_down.cols();
+    let b_down = t.b_down.map(widen);
+    affine(u, &t.w_down.to_f64(), b_down.as_deref(), d.m, d.r, k_u)
+}
+
 /// The bottleneck's hidden activations `f(u·W_downᵀ + b_down)` [M, r].
 fn bottleneck<T: Scalar>(
     op: &DeltaLinear,
@@ -143,9 +150,7 @@ fn bottleneck<T: Scalar>(
     u: &[f64],
     d: &Dims,
 ) -> Vec<f64> {
-    let k_u = t.w_down.cols();
-    let b_down = t.b_down.map(widen);
-    let mut z = affine(u, &t.w_down.to_f64(), b_down.as_deref(), d.m, d.r, k_u);
+    let mut z = bottleneck_input(t, u, d);
     z.iter_mut().for_each(|v| *v = op.activation.apply_f64(*v));
     z
 }
@@ -161,37 +166,112 @@ pub fn linear<T: Scalar>(x: MatRef<T>, w: MatRef<T>, b: Option<&[T]>) -> Result<
     Ok(affine(&x.to_f64(), &w.to_f64(), b.as_deref(), m, n, k))
 }
 
-/// The reference forward of a delta-linear layer: `y` [M, N] (contiguous, f64), see the
-/// module docs for the formula and layouts.
-pub fn delta_linear<T: Scalar>(op: &DeltaLinear, t: &DeltaLinearTensors<T>) -> Result<Vec<f64>> {
+/// Every intermediate of the forward (contiguous f64), for the backward
+/// ([`super::backward`]).
+pub(crate) struct Forward {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub k_u: usize,
+    pub r: usize,
+    /// The frozen output h [M, N].
+    pub h: Vec<f64>,
+    /// The delta's input after dropout, u' = u ⊙ mask [M, K_u] (u = x, the separate u, or h).
+    pub u_dropped: Vec<f64>,
+    /// z = u'·W_downᵀ + b_down [M, r].
+    pub z: Vec<f64>,
+    /// a = f(z) [M, r].
+    pub a: Vec<f64>,
+    /// Δ = a·W_upᵀ + b_up [M, N].
+    pub delta: Vec<f64>,
+    /// The row coefficients (c_h, c_d) of the composition [M].
+    pub coefs: Vec<(f64, f64)>,
+    /// y [M, N].
+    pub y: Vec<f64>,
+}
+
+/// The forward with every intermediate; `dropout`, when given, is the [M, K_u] multiplier of
+/// u (0 for a dropped element, 1 / (1 − p) for a kept one).
+pub(crate) fn forward<T: Scalar>(
+    op: &DeltaLinear,
+    t: &DeltaLinearTensors<T>,
+    dropout: Option<&[f64]>,
+) -> Result<Forward> {
     let d = check(op, t)?;
     let x = t.x.to_f64();
     let b = t.b.map(widen);
     let h = affine(&x, &t.w.to_f64(), b.as_deref(), d.m, d.n, d.k);
-    let separate_u;
-    let u: &[f64] = match (op.insertion, t.u) {
-        (Insertion::Sequential, _) => &h,
-        (Insertion::Parallel, Some(u)) => {
-            separate_u = u.to_f64();
-            &separate_u
-        }
-        (Insertion::Parallel, None) => &x,
+    let u = match (op.insertion, t.u) {
+        (Insertion::Sequential, _) => h.clone(),
+        (Insertion::Parallel, Some(u)) => u.to_f64(),
+        (Insertion::Parallel, None) => x,
     };
-    let z = bottleneck(op, t, u, &d);
+    let k_u = t.w_down.cols();
+    let u_dropped = match dropout {
+        None => u,
+        Some(mask) if mask.len() == d.m * k_u => u.iter().zip(mask).map(|(u, s)| u * s).collect(),
+        Some(mask) => {
+            return Err(Error::invalid(
+                "dropout",
+                format!("a [M, K_u] = [{}, {k_u}] multiplier", d.m),
+                format!("{} elements", mask.len()),
+            ))
+        }
+    };
+    let z = bottleneck_input(t, &u_dropped, &d);
+    let a: Vec<f64> = z.iter().map(|&v| op.activation.apply_f64(v)).collect();
     let b_up = t.b_up.map(widen);
-    let delta = affine(&z, &t.w_up.to_f64(), b_up.as_deref(), d.m, d.n, d.r);
-    let mut y = h;
+    let delta = affine(&a, &t.w_up.to_f64(), b_up.as_deref(), d.m, d.n, d.r);
     let s = f64::from(op.composition.scale(d.r));
-    for (e, (y, dh)) in y.iter_mut().zip(&delta).enumerate() {
-        *y = match op.composition {
-            Composition::Add | Composition::Scaled(_) | Composition::Lora { .. } => *y + s * dh,
+    let coefs: Vec<(f64, f64)> = (0..d.m)
+        .map(|i| match op.composition {
+            Composition::Add | Composition::Scaled(_) | Composition::Lora { .. } => (1.0, s),
             Composition::Gated => {
-                let lambda = t.gate.expect("validated")[e / d.n];
-                (1.0 - lambda) * *y + lambda * dh
+                let lambda = t.gate.expect("validated")[i];
+                (1.0 - lambda, lambda)
             }
-        };
-    }
-    Ok(y)
+        })
+        .collect();
+    let y = h
+        .iter()
+        .zip(&delta)
+        .enumerate()
+        .map(|(e, (h, dh))| {
+            let (c_h, c_d) = coefs[e / d.n.max(1)];
+            c_h * h + c_d * dh
+        })
+        .collect();
+    Ok(Forward {
+        m: d.m,
+        n: d.n,
+        k: d.k,
+        k_u,
+        r: d.r,
+        h,
+        u_dropped,
+        z,
+        a,
+        delta,
+        coefs,
+        y,
+    })
+}
+
+/// The reference forward of a delta-linear layer: `y` [M, N] (contiguous, f64), see the
+/// module docs for the formula and layouts.
+pub fn delta_linear<T: Scalar>(op: &DeltaLinear, t: &DeltaLinearTensors<T>) -> Result<Vec<f64>> {
+    Ok(forward(op, t, None)?.y)
+}
+
+/// [`delta_linear`] with LoRA dropout on the delta's input: `u' = u ⊙ dropout`, where
+/// `dropout` is the [M, K_u] multiplier (0 for a dropped element, 1 / (1 − p) for a kept
+/// one; K_u = N for a sequential delta, whose u is h). The frozen path never drops.
+pub fn delta_linear_dropout<T: Scalar>(
+    op: &DeltaLinear,
+    t: &DeltaLinearTensors<T>,
+    dropout: &[f64],
+) -> Result<Vec<f64>> {
+    Ok(forward(op, t, Some(dropout))?.y)
 }
 
 /// The K-concatenation form of a parallel delta (UNIFIED-VIEW.md, fusion insight 1):

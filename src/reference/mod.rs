@@ -1,5 +1,5 @@
-//! CPU reference implementations of every forward operation: the truth each kernel is
-//! checked against.
+//! CPU reference implementations of every forward operation and of the delta's backward:
+//! the truth each kernel is checked against.
 //!
 //! Obviously right before fast: every input is widened to f64 once, every sum is an f64
 //! sum, nothing is rounded back to the storage type, and the results are returned in f64
@@ -10,8 +10,11 @@
 //! - [`mod@linear`]: the frozen linear layer plus a bottleneck delta (LoRA, adapters,
 //!   parallel / scaled / gated), the LoRA merge, and the K-concatenation form.
 //! - [`adapter`]: the multi-head parallel adapter (one bottleneck per attention head).
+//! - [`backward`]: the backward of both (every gradient for an upstream `dy`), checked
+//!   against central finite differences of the forwards (tests/reference_backward.rs).
 //! - [`attention`]: attention over learned prefix vectors and a masked context, the gate
 //!   λ, the unfused concatenation path, and the LSE merge of two attention states.
+//! - [`optim`]: AdamW over a list of tensors, with clipping by the global gradient norm.
 //!
 //! Every function validates its arguments and returns [`Error::InvalidArgument`] naming
 //! the offending argument, so a test that feeds a kernel and its reference the same
@@ -19,7 +22,9 @@
 
 pub mod adapter;
 pub mod attention;
+pub mod backward;
 pub mod linear;
+pub mod optim;
 
 pub use adapter::{multi_head_adapter, MultiHeadAdapter, MultiHeadAdapterTensors};
 pub use attention::{
@@ -27,8 +32,12 @@ pub use attention::{
     AttentionState, MergedAttention, PrefixAttention, PrefixAttentionOutput,
     PrefixAttentionTensors, Tensor4,
 };
+pub use backward::{
+    delta_linear_backward, multi_head_adapter_backward, DeltaLinearGrads, MultiHeadAdapterGrads,
+};
 pub use linear::{
-    delta_linear, delta_linear_concat, linear, lora_merge, DeltaLinear, DeltaLinearTensors,
+    delta_linear, delta_linear_concat, delta_linear_dropout, linear, lora_merge, DeltaLinear,
+    DeltaLinearTensors,
 };
 
 use crate::{Element, Error, MatrixLayout, Result};

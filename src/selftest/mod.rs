@@ -1,7 +1,8 @@
 //! Backend self-checks on the emulator: the kernels of `kernels/selftest.cu`, which
 //! exercise what every real kernel relies on (shared-memory tiling and `__syncthreads`,
 //! warp shuffles of every kind, ballots, dynamic shared memory, atomics, thread and block
-//! indices), and deliberately broken kernels the emulator must refuse.
+//! indices, LoRA dropout's Philox generator), and deliberately broken kernels the
+//! emulator must refuse.
 //!
 //! Each function takes host slices, validates them ([`Error::InvalidArgument`]), launches
 //! the kernel through [`crate::emulator`] and returns the outputs. They exist to test the
@@ -91,6 +92,29 @@ pub struct AtomicsParams {
     pub nbins: u32,
 }
 
+/// `PhiloxParams` of `kernels/selftest.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PhiloxParams {
+    pub ctr: u64,
+    pub key: u64,
+    pub out: u64,
+    pub n: u32,
+}
+
+/// `DropoutMaskParams` of `kernels/selftest.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DropoutMaskParams {
+    pub out: u64,
+    pub seed: u64,
+    pub row0: u32,
+    pub col0: u32,
+    pub m: u32,
+    pub k: u32,
+    pub p: f32,
+}
+
 /// `BrokenParams` of `kernels/selftest.cu`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -107,6 +131,8 @@ unsafe impl KernelParams for ThreadIndexParams {}
 unsafe impl KernelParams for ReverseParams {}
 unsafe impl KernelParams for AtomicsParams {}
 unsafe impl KernelParams for BrokenParams {}
+unsafe impl KernelParams for PhiloxParams {}
+unsafe impl KernelParams for DropoutMaskParams {}
 
 fn addr<T>(s: &[T]) -> u64 {
     s.as_ptr() as u64
@@ -479,6 +505,67 @@ pub fn atomics(x: &[i32], nbins: u32) -> Result<Atomics> {
     };
     let launch = launch_1d(KernelId::selftest_atomics, x.len(), 128, 0)?;
     // SAFETY: x has n elements, hist nbins; the rest are single values.
+    unsafe { emulator::launch(&launch, &params) }?;
+    Ok(out)
+}
+
+/// Philox4x32-10 (`kernels/philox.cuh`) of each `(counter, key)` pair, one thread a pair.
+pub fn philox4x32_10(counters: &[[u32; 4]], keys: &[[u32; 2]]) -> Result<Vec<[u32; 4]>> {
+    check_len("keys", keys.len(), counters.len(), "one key per counter")?;
+    let n = count("counters", counters.len())?;
+    let mut out = vec![[0xDEAD_BEEF; 4]; counters.len()];
+    if counters.is_empty() {
+        return Ok(out);
+    }
+    let params = PhiloxParams {
+        ctr: addr(counters),
+        key: addr(keys),
+        out: addr_mut(&mut out),
+        n,
+    };
+    let launch = launch_1d(KernelId::selftest_philox4x32_10, counters.len(), 64, 0)?;
+    // SAFETY: counters and out hold n × 4 u32, keys n × 2.
+    unsafe { emulator::launch(&launch, &params) }?;
+    Ok(out)
+}
+
+/// The dropout factors (`kernels/philox.cuh`) of the window of rows `[row0, row0 + m)` ×
+/// columns `[col0, col0 + k)` under `seed` and `p`, row-major: `scale(p)` where the element
+/// is kept, 0 where dropped. `grid` and `block` (x over columns, y over rows) set the launch
+/// shape; the kernel's grid-stride loops cover the window with any of them.
+#[allow(clippy::too_many_arguments)]
+pub fn dropout_mask(
+    seed: u64,
+    p: f32,
+    row0: u32,
+    col0: u32,
+    m: usize,
+    k: usize,
+    grid: [u32; 2],
+    block: [u32; 2],
+) -> Result<Vec<f32>> {
+    let (m32, k32) = (count("m", m)?, count("k", k)?);
+    let mut out = vec![f32::NAN; m.saturating_mul(k)];
+    if out.is_empty() {
+        return Ok(out);
+    }
+    let params = DropoutMaskParams {
+        out: addr_mut(&mut out),
+        seed,
+        row0,
+        col0,
+        m: m32,
+        k: k32,
+        p,
+    };
+    let launch = Launch {
+        kernel: KernelId::selftest_dropout_mask,
+        grid: [grid[0], grid[1], 1],
+        block: [block[0], block[1], 1],
+        dynamic_smem: 0,
+        overlap_previous: false,
+    };
+    // SAFETY: out holds m × k floats, every index the kernel writes.
     unsafe { emulator::launch(&launch, &params) }?;
     Ok(out)
 }

@@ -1,0 +1,20 @@
+//! AdamW on the emulator: host slices in, the same plan as the GPU.
+
+use super::{run, HostBufs};
+use crate::optim::{AdamW, AdamwArgs};
+use crate::plan::optim as plan;
+use crate::{Element, Result};
+
+/// One AdamW step `step` (from 1) of `op` over every tensor of `args`, on the CPU emulator
+/// (see [`crate::optim`]). Every argument is checked before anything runs.
+pub fn adamw<T: Element>(
+    op: &AdamW,
+    step: u64,
+    args: AdamwArgs<&[f32], &mut [f32], &mut [T]>,
+) -> Result<()> {
+    let bufs = args.bufs(&mut HostBufs);
+    let mut plan = plan::adamw(op, step, T::DTYPE, &bufs)?;
+    // The emulator's device memory is host memory: the table is used where it is.
+    let table = plan.table.as_mut_ptr() as u64;
+    run(&plan.steps(table))
+}
