@@ -23,9 +23,9 @@ pub mod linear;
 
 pub use adapter::{multi_head_adapter, MultiHeadAdapter, MultiHeadAdapterTensors};
 pub use attention::{
-    context_attention, lse_merge, prefix_attention, prefix_attention_concat, prefix_only_attention,
-    AttentionState, MergedAttention, PrefixAttention, PrefixAttentionOutput,
-    PrefixAttentionTensors, Tensor4,
+    context_attention, lse_merge, prefix_attention, prefix_attention_backward,
+    prefix_attention_concat, prefix_only_attention, AttentionState, MergedAttention,
+    PrefixAttention, PrefixAttentionGrads, PrefixAttentionOutput, PrefixAttentionTensors, Tensor4,
 };
 pub use linear::{
     delta_linear, delta_linear_concat, linear, lora_merge, DeltaLinear, DeltaLinearTensors,
