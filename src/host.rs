@@ -11,7 +11,7 @@ use crate::delta_linear::{
 use crate::plan::{self, Buf, BufSource, KernelParams, Launch};
 use crate::prefix_attention::{
     KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeDims, PrefixAttention, PrefixAttentionArgs,
-    PrefixAttentionDims, PrefixOnlyArgs,
+    PrefixAttentionBackwardArgs, PrefixAttentionBackwardDims, PrefixAttentionDims, PrefixOnlyArgs,
 };
 use crate::{Element, Error, Result};
 
@@ -143,6 +143,35 @@ pub fn prefix_attention<T: Element>(
             let mut up = Upload::new(stream);
             let steps =
                 plan::prefix_attention::prefix_attention(op, dims, T::DTYPE, &args.bufs(&mut up))?;
+            up.run(&steps)
+        }
+    }
+}
+
+/// `prefix_attention_backward` ([`crate::prefix_attention`]) on host buffers: given the
+/// forward's output and LSE and the output gradient, writes dq, dK, dV, dP_k and dP_v (the
+/// `context_lens` values are checked on both backends, since they are on the host here).
+pub fn prefix_attention_backward<T: Element>(
+    backend: &Backend,
+    op: &PrefixAttention,
+    dims: &PrefixAttentionBackwardDims,
+    args: PrefixAttentionBackwardArgs<&[T], &mut [T], &[u32], &[f32], &mut [f32]>,
+) -> Result<()> {
+    match backend {
+        #[cfg(feature = "emulator")]
+        Backend::Emulator => crate::emulator::prefix_attention_backward(op, dims, args),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(stream) => {
+            if let Some(lens) = args.context_lens {
+                plan::prefix_attention::check_context_lens(lens, &dims.forward)?;
+            }
+            let mut up = Upload::new(stream);
+            let steps = plan::prefix_attention::prefix_attention_backward(
+                op,
+                dims,
+                T::DTYPE,
+                &args.bufs(&mut up),
+            )?;
             up.run(&steps)
         }
     }

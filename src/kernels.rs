@@ -18,6 +18,8 @@ pub enum Module {
     /// Prefix tuning's gated attention, the LSE merge and the KV concatenation
     /// (`kernels/prefix_attention.cu`).
     PrefixAttention,
+    /// The backward of prefix attention (`kernels/prefix_attention_backward.cu`).
+    PrefixAttentionBackward,
 }
 
 impl Module {
@@ -27,6 +29,7 @@ impl Module {
         Module::SelftestMma,
         Module::DeltaLinear,
         Module::PrefixAttention,
+        Module::PrefixAttentionBackward,
     ];
 
     /// The file stem under `kernels/` (and of the embedded PTX and cubins).
@@ -36,6 +39,7 @@ impl Module {
             Module::SelftestMma => "selftest_mma",
             Module::DeltaLinear => "delta_linear",
             Module::PrefixAttention => "prefix_attention",
+            Module::PrefixAttentionBackward => "prefix_attention_backward",
         }
     }
 }
@@ -186,6 +190,47 @@ kernel_table! {
         kv_concat_f32,
         kv_concat_f16,
         kv_concat_bf16,
+    }
+    PrefixAttentionBackward {
+        prefix_attention_backward_dot_f32,
+        prefix_attention_backward_dot_f16,
+        prefix_attention_backward_dot_bf16,
+        prefix_attention_backward_dkv_f32_d32,
+        prefix_attention_backward_dkv_f32_d64,
+        prefix_attention_backward_dkv_f32_d80,
+        prefix_attention_backward_dkv_f32_d96,
+        prefix_attention_backward_dkv_f32_d128,
+        prefix_attention_backward_dkv_f32_d256,
+        prefix_attention_backward_dkv_f16_d32,
+        prefix_attention_backward_dkv_f16_d64,
+        prefix_attention_backward_dkv_f16_d80,
+        prefix_attention_backward_dkv_f16_d96,
+        prefix_attention_backward_dkv_f16_d128,
+        prefix_attention_backward_dkv_f16_d256,
+        prefix_attention_backward_dkv_bf16_d32,
+        prefix_attention_backward_dkv_bf16_d64,
+        prefix_attention_backward_dkv_bf16_d80,
+        prefix_attention_backward_dkv_bf16_d96,
+        prefix_attention_backward_dkv_bf16_d128,
+        prefix_attention_backward_dkv_bf16_d256,
+        prefix_attention_backward_dq_f32_d32,
+        prefix_attention_backward_dq_f32_d64,
+        prefix_attention_backward_dq_f32_d80,
+        prefix_attention_backward_dq_f32_d96,
+        prefix_attention_backward_dq_f32_d128,
+        prefix_attention_backward_dq_f32_d256,
+        prefix_attention_backward_dq_f16_d32,
+        prefix_attention_backward_dq_f16_d64,
+        prefix_attention_backward_dq_f16_d80,
+        prefix_attention_backward_dq_f16_d96,
+        prefix_attention_backward_dq_f16_d128,
+        prefix_attention_backward_dq_f16_d256,
+        prefix_attention_backward_dq_bf16_d32,
+        prefix_attention_backward_dq_bf16_d64,
+        prefix_attention_backward_dq_bf16_d80,
+        prefix_attention_backward_dq_bf16_d96,
+        prefix_attention_backward_dq_bf16_d128,
+        prefix_attention_backward_dq_bf16_d256,
     }
 }
 

@@ -3,9 +3,16 @@
 //! the emulator's kernels against the reference (the suites of
 //! prefix_attention/backward.rs, which the GPU runs too: tests/gpu_prefix_attention_backward.rs).
 
+#[path = "prefix_attention/backward.rs"]
+mod backward;
 mod common;
+// The forward's harness: its cases, inputs and strided buffers (its suites are not run here).
+#[allow(dead_code)]
+#[path = "prefix_attention/harness.rs"]
+mod harness;
 
 use common::Rng;
+use peft_kernels::host::Backend;
 use peft_kernels::reference::{
     self, PrefixAttention, PrefixAttentionGrads, PrefixAttentionTensors, Tensor4,
 };
@@ -277,5 +284,59 @@ fn reference_backward_mutations_are_caught() {
     assert!(
         err > 10.0 * FD_TOL && which == "dprefix_v",
         "a wrong element: {err:e} {which}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The emulator's kernels against the reference backward.
+
+const EMU: Backend = Backend::Emulator;
+
+#[test]
+fn every_head_dim_and_dtype() {
+    backward::every_head_dim_and_dtype(&EMU);
+}
+
+#[test]
+fn random_configurations() {
+    backward::random_configurations(&EMU);
+}
+
+#[test]
+fn awkward_shapes() {
+    backward::awkward_shapes(&EMU);
+}
+
+#[test]
+fn rows_that_see_nothing() {
+    backward::rows_that_see_nothing(&EMU);
+}
+
+#[test]
+fn f32_prefix_gradients() {
+    backward::f32_prefix_gradients(&EMU);
+}
+
+#[test]
+fn forward_then_backward() {
+    backward::forward_then_backward(&EMU);
+}
+
+#[test]
+fn bad_arguments_are_errors() {
+    backward::bad_arguments_are_errors(&EMU);
+}
+
+/// The Rust twin of the kernels' parameter block has the C++ layout.
+#[test]
+fn parameter_block_matches_the_kernels() {
+    unsafe extern "C" {
+        fn pk_sizeof_PrefixAttentionBackwardParams() -> usize;
+    }
+    // SAFETY: returns a constant.
+    let size = unsafe { pk_sizeof_PrefixAttentionBackwardParams() };
+    assert_eq!(
+        size,
+        std::mem::size_of::<peft_kernels::plan::prefix_attention::PrefixAttentionBackwardParams>()
     );
 }

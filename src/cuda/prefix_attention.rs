@@ -6,7 +6,7 @@ use super::{Buffers, DeviceRead, DeviceWrite};
 use crate::plan::prefix_attention as plan;
 use crate::prefix_attention::{
     KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeDims, PrefixAttention, PrefixAttentionArgs,
-    PrefixAttentionDims, PrefixOnlyArgs,
+    PrefixAttentionBackwardArgs, PrefixAttentionBackwardDims, PrefixAttentionDims, PrefixOnlyArgs,
 };
 use crate::{Element, Result};
 
@@ -71,6 +71,29 @@ pub fn kv_concat<'a, T: Element>(
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = plan::kv_concat(dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: as above.
+    unsafe { bufs.run(&steps) }
+}
+
+/// The backward of `prefix_attention` (dq, dK, dV, dP_k, dP_v from the forward's output and
+/// LSE and the output gradient), queued on `stream`: three launches (the pre-pass, the key
+/// kernel, the dq kernel). Every argument is checked before anything is queued, except the
+/// `context_lens` values, which live on the device (a length above `kv_len` counts as
+/// `kv_len`, as in the forward).
+pub fn prefix_attention_backward<'a, T: Element>(
+    stream: &'a CudaStream,
+    op: &PrefixAttention,
+    dims: &PrefixAttentionBackwardDims,
+    args: PrefixAttentionBackwardArgs<
+        DeviceRead<'a, T>,
+        DeviceWrite<'a, T>,
+        DeviceRead<'a, u32>,
+        DeviceRead<'a, f32>,
+        DeviceWrite<'a, f32>,
+    >,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = plan::prefix_attention_backward(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
     // SAFETY: as above.
     unsafe { bufs.run(&steps) }
 }

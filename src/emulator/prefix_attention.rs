@@ -4,7 +4,7 @@ use super::{run, HostBufs};
 use crate::plan::prefix_attention as plan;
 use crate::prefix_attention::{
     KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeDims, PrefixAttention, PrefixAttentionArgs,
-    PrefixAttentionDims, PrefixOnlyArgs,
+    PrefixAttentionBackwardArgs, PrefixAttentionBackwardDims, PrefixAttentionDims, PrefixOnlyArgs,
 };
 use crate::{Element, Result};
 
@@ -53,4 +53,20 @@ pub fn kv_concat<T: Element>(
     args: KvConcatArgs<&[T], &mut [T]>,
 ) -> Result<()> {
     run(&plan::kv_concat(dims, T::DTYPE, &args.bufs(&mut HostBufs))?)
+}
+
+/// The backward of `prefix_attention` (dq, dK, dV, dP_k, dP_v from the forward's output and
+/// LSE and the output gradient) on the CPU emulator. Every argument, `context_lens` values
+/// included, is checked before anything runs.
+pub fn prefix_attention_backward<T: Element>(
+    op: &PrefixAttention,
+    dims: &PrefixAttentionBackwardDims,
+    args: PrefixAttentionBackwardArgs<&[T], &mut [T], &[u32], &[f32], &mut [f32]>,
+) -> Result<()> {
+    let lens = args.context_lens;
+    let steps = plan::prefix_attention_backward(op, dims, T::DTYPE, &args.bufs(&mut HostBufs))?;
+    if let Some(lens) = lens {
+        plan::check_context_lens(lens, &dims.forward)?;
+    }
+    run(&steps)
 }

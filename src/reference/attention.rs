@@ -597,12 +597,12 @@ pub struct PrefixAttentionGrads {
 /// that sees nothing (lse = −∞) contributes nothing and gets dq = 0, never NaN. `out` and
 /// `lse` are inputs, not recomputed: the gradient is that of the forward only when they are
 /// the forward's (the tests check it against finite differences of [`prefix_attention`]).
-pub fn prefix_attention_backward<T: Scalar, O: Scalar, L: Scalar>(
+pub fn prefix_attention_backward<T: Scalar, O: Scalar, L: Scalar, G: Scalar>(
     op: &PrefixAttention,
     t: &PrefixAttentionTensors<T>,
     out: &[O],
     lse: &[L],
-    dout: &[O],
+    dout: &[G],
 ) -> Result<PrefixAttentionGrads> {
     let p = Problem::new(op, t)?;
     let (d, dv, lq, lk, l, g) = (p.d, p.dv, p.lq, p.lk, p.l, p.group);
