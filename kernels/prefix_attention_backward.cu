@@ -35,6 +35,11 @@
 //       d = 256) of one (sequence, head) walks the key tiles its rows see, as the forward does,
 //       recomputing p and ds, and accumulates dq in registers. It recomputes q·k and dO·v once
 //       more than a fused dq would (FlashAttention-2 accumulates dq with atomics instead).
+//   lse_merge_backward_{f32,f16,bf16}   the backward of lse_merge (kernels/prefix_attention.cu)
+//       for a part whose own backward takes its output's and its LSE's gradients: with
+//       λ = sigmoid(LSE_p − LSE_c), do_p = λ·dO, do_c = (1 − λ)·dO, dLSE_p = λ(1 − λ)·dO·(o_p −
+//       o_c) = −dLSE_c; an empty state (LSE −∞) gets zeros and its output is not read. One warp
+//       per row.
 //   Tiles: kKeys = 64 keys at d ≤ 64, 32 at d ≤ 128, 16 at d = 256, so that a thread of the
 //   key kernel holds (kKeys / 8)·(d / 16) elements of each of dK and dV (≤ 64 registers
 //   for the two) and every tile fits in shared memory; the accumulators are spread as a
@@ -42,6 +47,13 @@
 //   Rows are padded by 4 floats in shared memory (16-byte reads of consecutive rows fall in
 //   distinct bank groups). Gradients are stored in the input dtype, dP_k/dP_v optionally in
 //   f32 (trained parameters: f32 master gradients), any strides (no alignment needed).
+//
+// Rejected alternatives: dq by float atomics from the key-tile blocks (FlashAttention-2's
+// default; not deterministic, not bitwise reproducible across runs); dq partials per key tile
+// in a workspace and a reduce kernel (key tiles × B·Hq·Lq·d floats: over 8 GiB at B = 8, H = 32,
+// L = 2048, d = 128); materialising [P; C] (the unfused path the bench times). Still to come:
+// tensor-core (mma.sync) versions of the key and dq kernels for f16/bf16, which the SDPA peer
+// needs for a fair race; these SIMT kernels have not run on a GPU yet.
 #include <limits>
 
 #include "common.cuh"
@@ -84,6 +96,23 @@ struct PrefixAttentionBackwardParams {
   float scale_log2;              // τ·log2(e)
 };
 PK_PARAMS_SIZE(PrefixAttentionBackwardParams)
+
+// Twin of `LseMergeBackwardParams` in src/plan/prefix_attention.rs.
+struct LseMergeBackwardParams {
+  const void* o_prefix;       // [B, H, L, D]
+  const float* lse_prefix;    // [B, H, L] contiguous
+  const void* o_context;      // [B, H, L, D]
+  const float* lse_context;   // [B, H, L] contiguous
+  const void* dout;           // [B, H, L, D]
+  void* do_prefix;            // [B, H, L, D]
+  float* dlse_prefix;         // [B, H, L] contiguous
+  void* do_context;           // [B, H, L, D]
+  float* dlse_context;        // [B, H, L] contiguous
+  HeadStrides sp, sc, sdo, sdp, sdc;
+  int64_t rows;               // B·H·L
+  int32_t heads, len, dim;
+};
+PK_PARAMS_SIZE(LseMergeBackwardParams)
 
 namespace {
 
@@ -400,11 +429,57 @@ __device__ void backward_dq(const PrefixAttentionBackwardParams& p) {
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// The LSE merge's backward, one warp per row (the merge's own row mapping).
+
+PK_INLINE float sigmoid(float x) {
+  if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
+  const float e = expf(x);
+  return e / (1.0f + e);
+}
+
+template <typename T>
+__device__ void lse_merge_backward(const LseMergeBackwardParams& p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  if (row >= p.rows) return;
+  const int64_t bh = row / p.len;
+  const int64_t i = row % p.len, b = bh / p.heads, h = bh % p.heads;
+  auto at = [&](const HeadStrides& s) { return b * s.batch + h * s.head + i * s.seq; };
+  const float lp = p.lse_prefix[row], lc = p.lse_context[row];
+  const float lambda = lp == kNegInf ? 0.0f : lc == kNegInf ? 1.0f : sigmoid(lp - lc);
+  const bool both_empty = lp == kNegInf && lc == kNegInf;
+  const float wp = both_empty ? 0.0f : lambda, wc = both_empty ? 0.0f : 1.0f - lambda;
+  const T* g = static_cast<const T*>(p.dout) + at(p.sdo);
+  T* dp = static_cast<T*>(p.do_prefix) + at(p.sdp);
+  T* dc = static_cast<T*>(p.do_context) + at(p.sdc);
+  // Only a mixed row reads both outputs (an empty state's output may be garbage).
+  const bool mixed = lambda > 0.0f && lambda < 1.0f;
+  const T* op = static_cast<const T*>(p.o_prefix) + at(p.sp);
+  const T* oc = static_cast<const T*>(p.o_context) + at(p.sc);
+  float diff = 0.0f;
+  for (int c = lane; c < p.dim; c += 32) {
+    const float gc = to_float(g[c]);
+    if (mixed) diff = fmaf(gc, to_float(op[c]) - to_float(oc[c]), diff);
+    dp[c] = from_float<T>(wp * gc);
+    dc[c] = from_float<T>(wc * gc);
+  }
+  diff = warp_sum(diff);
+  if (lane == 0) {
+    const float dl = mixed ? lambda * (1.0f - lambda) * diff : 0.0f;
+    p.dlse_prefix[row] = dl;
+    p.dlse_context[row] = -dl;
+  }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
 // The kernels, one line per instantiation.
 
+PK_KERNEL_BOUNDS(lse_merge_backward_f32, lse_merge_backward<float>, LseMergeBackwardParams, kThreads, 1)
+PK_KERNEL_BOUNDS(lse_merge_backward_f16, lse_merge_backward<__half>, LseMergeBackwardParams, kThreads, 1)
+PK_KERNEL_BOUNDS(lse_merge_backward_bf16, lse_merge_backward<__nv_bfloat16>, LseMergeBackwardParams, kThreads, 1)
 PK_KERNEL_BOUNDS(prefix_attention_backward_dot_f32, backward_dot<float>, PrefixAttentionBackwardParams, kThreads, 1)
 PK_KERNEL_BOUNDS(prefix_attention_backward_dot_f16, backward_dot<__half>, PrefixAttentionBackwardParams, kThreads, 1)
 PK_KERNEL_BOUNDS(prefix_attention_backward_dot_bf16, backward_dot<__nv_bfloat16>, PrefixAttentionBackwardParams, kThreads, 1)

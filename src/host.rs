@@ -10,8 +10,9 @@ use crate::delta_linear::{
 #[cfg(feature = "cuda")]
 use crate::plan::{self, Buf, BufSource, KernelParams, Launch};
 use crate::prefix_attention::{
-    KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeDims, PrefixAttention, PrefixAttentionArgs,
-    PrefixAttentionBackwardArgs, PrefixAttentionBackwardDims, PrefixAttentionDims, PrefixOnlyArgs,
+    KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeBackwardArgs, LseMergeBackwardDims,
+    LseMergeDims, PrefixAttention, PrefixAttentionArgs, PrefixAttentionBackwardArgs,
+    PrefixAttentionBackwardDims, PrefixAttentionDims, PrefixOnlyArgs,
 };
 use crate::{Element, Error, Result};
 
@@ -117,6 +118,13 @@ host_op!(
     LseMergeArgs<&[T], &mut [T], &[f32], &mut [f32]>
 );
 host_op!(
+    /// `lse_merge_backward` (each state's output and LSE gradient) on host buffers.
+    lse_merge_backward,
+    plan::prefix_attention::lse_merge_backward,
+    (dims: &LseMergeBackwardDims),
+    LseMergeBackwardArgs<&[T], &mut [T], &[f32], &mut [f32]>
+);
+host_op!(
     /// `kv_concat` (`[P; C]` along the sequence) on host buffers.
     kv_concat,
     plan::prefix_attention::kv_concat,
@@ -163,7 +171,7 @@ pub fn prefix_attention_backward<T: Element>(
         #[cfg(feature = "cuda")]
         Backend::Cuda(stream) => {
             if let Some(lens) = args.context_lens {
-                plan::prefix_attention::check_context_lens(lens, &dims.forward)?;
+                plan::prefix_attention::check_backward_context_lens(lens, dims)?;
             }
             let mut up = Upload::new(stream);
             let steps = plan::prefix_attention::prefix_attention_backward(

@@ -192,6 +192,9 @@ kernel_table! {
         kv_concat_bf16,
     }
     PrefixAttentionBackward {
+        lse_merge_backward_f32,
+        lse_merge_backward_f16,
+        lse_merge_backward_bf16,
         prefix_attention_backward_dot_f32,
         prefix_attention_backward_dot_f16,
         prefix_attention_backward_dot_bf16,

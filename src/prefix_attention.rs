@@ -30,14 +30,24 @@
 //!   merged output and LSE and the output gradient ([`PrefixAttentionBackwardArgs`],
 //!   [`PrefixAttentionBackwardDims`]); with `kv_len = 0` the backward of
 //!   `prefix_only_attention` inside a split form (see `lse_merge_backward`).
+//! - `lse_merge_backward`: the merged output's gradient into each state's output and LSE
+//!   ([`LseMergeBackwardArgs`]), for a part whose own backward takes both.
+//!
+//! Training the split form (`prefix_only_attention` + your own attention + `lse_merge`):
+//! run each part's backward against the MERGED output, LSE and dO, unchanged (TRAINING.md):
+//! ours with `kv_len = 0` for the prefix part (dq_p, dP_k, dP_v), yours for the context with
+//! `out` = the merged output and `lse` = the merged LSE (FlashAttention-2's backward takes
+//! both), and add the two dq. That is exact, because p_j = exp(s_j − L) with the merged L is
+//! each key's share of the merged softmax. A part backward that instead takes its own
+//! output's and LSE's gradients gets them from `lse_merge_backward`.
 //!
 //! Supported head dims ([`HEAD_DIMS`]): 32, 64, 80, 96, 128, 256, with `d_v = d`. f16 and
 //! bf16 run on tensor cores and need 16-byte aligned tensors whose strides are multiples of
 //! 8 elements; f32 runs on the CUDA cores in f32 throughout, any alignment.
 
 use crate::plan::prefix_attention::{
-    KvConcatBufs, LseMergeBufs, PrefixAttentionBackwardBufs, PrefixAttentionBufs, PrefixGradBuf,
-    PrefixOnlyBufs,
+    KvConcatBufs, LseMergeBackwardBufs, LseMergeBufs, PrefixAttentionBackwardBufs,
+    PrefixAttentionBufs, PrefixGradBuf, PrefixOnlyBufs,
 };
 use crate::plan::BufSource;
 pub use crate::reference::PrefixAttention;
@@ -511,6 +521,64 @@ impl<R, W, Lens, StatsR, StatsW> PrefixAttentionBackwardArgs<R, W, Lens, StatsR,
             dprefix_k: grad(self.dprefix_k, s),
             dprefix_v: grad(self.dprefix_v, s),
             workspace: BufSource::<StatsR, StatsW>::write(s, self.workspace),
+        }
+    }
+}
+
+/// Sizes and layouts of `lse_merge_backward`: the merge's ([`LseMergeDims`], whose `out` is
+/// not read) and those of the merged output's gradient and of the two states' gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LseMergeBackwardDims {
+    pub merge: LseMergeDims,
+    pub dout: HeadLayout,
+    pub do_prefix: HeadLayout,
+    pub do_context: HeadLayout,
+}
+
+impl LseMergeBackwardDims {
+    /// dO in the merged output's layout, each state's gradient in the state's.
+    pub fn new(merge: LseMergeDims) -> Self {
+        LseMergeBackwardDims {
+            merge,
+            dout: merge.out,
+            do_prefix: merge.o_prefix,
+            do_context: merge.o_context,
+        }
+    }
+}
+
+/// The tensors of `lse_merge_backward`: with λ = sigmoid(lse_prefix − lse_context),
+/// `do_prefix = λ·dout`, `do_context = (1 − λ)·dout`, `dlse_prefix = λ(1 − λ)·dout·(o_prefix −
+/// o_context) = −dlse_context` (f32 `[B, H, L]`). A state with LSE −∞ gets zero gradients and
+/// its output is not read. The merged LSE has no gradient of its own.
+#[derive(Debug)]
+pub struct LseMergeBackwardArgs<R, W, StatsR, StatsW> {
+    pub o_prefix: R,
+    pub lse_prefix: StatsR,
+    pub o_context: R,
+    pub lse_context: StatsR,
+    pub dout: R,
+    pub do_prefix: W,
+    pub dlse_prefix: StatsW,
+    pub do_context: W,
+    pub dlse_context: StatsW,
+}
+
+impl<R, W, StatsR, StatsW> LseMergeBackwardArgs<R, W, StatsR, StatsW> {
+    pub(crate) fn bufs<S>(self, s: &mut S) -> LseMergeBackwardBufs
+    where
+        S: BufSource<R, W> + BufSource<StatsR, StatsW>,
+    {
+        LseMergeBackwardBufs {
+            o_prefix: BufSource::<R, W>::read(s, self.o_prefix),
+            lse_prefix: BufSource::<StatsR, StatsW>::read(s, self.lse_prefix),
+            o_context: BufSource::<R, W>::read(s, self.o_context),
+            lse_context: BufSource::<StatsR, StatsW>::read(s, self.lse_context),
+            dout: BufSource::<R, W>::read(s, self.dout),
+            do_prefix: BufSource::<R, W>::write(s, self.do_prefix),
+            dlse_prefix: BufSource::<StatsR, StatsW>::write(s, self.dlse_prefix),
+            do_context: BufSource::<R, W>::write(s, self.do_context),
+            dlse_context: BufSource::<StatsR, StatsW>::write(s, self.dlse_context),
         }
     }
 }

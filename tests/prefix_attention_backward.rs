@@ -287,6 +287,73 @@ fn reference_backward_mutations_are_caught() {
     );
 }
 
+/// The LSE merge's backward against central differences of the merge: mixed rows, a row whose
+/// prefix state is empty, one whose context state is empty, both empty, a far-apart pair.
+#[test]
+fn lse_merge_backward_matches_finite_differences() {
+    let mut rng = Rng::from_env();
+    let inf = f64::NEG_INFINITY;
+    let lses = [
+        (0.3, -0.2),
+        (inf, 1.0),
+        (2.0, inf),
+        (inf, inf),
+        (1.5, 1.5),
+        (9.0, -9.0),
+    ];
+    let (rows, dv) = (lses.len(), 5);
+    let lp: Vec<f64> = lses.iter().map(|l| l.0).collect();
+    let lc: Vec<f64> = lses.iter().map(|l| l.1).collect();
+    let op = rng.uniform_f64(rows * dv);
+    let oc = rng.uniform_f64(rows * dv);
+    let dout = rng.uniform_f64(rows * dv);
+    let loss = |op: &[f64], lp: &[f64], oc: &[f64], lc: &[f64]| -> f64 {
+        let m = reference::lse_merge(dv, op, lp, oc, lc).unwrap();
+        m.out.iter().zip(&dout).map(|(o, g)| o * g).sum()
+    };
+    let g = reference::lse_merge_backward(dv, &op, &lp, &oc, &lc, &dout).unwrap();
+    const H: f64 = 1e-6;
+    let fd = |x: &[f64], f: &dyn Fn(&[f64]) -> f64| -> Vec<f64> {
+        (0..x.len())
+            .map(|e| {
+                let (mut a, mut b) = (x.to_vec(), x.to_vec());
+                a[e] += H;
+                b[e] -= H;
+                (f(&a) - f(&b)) / (2.0 * H)
+            })
+            .collect()
+    };
+    let checks = [
+        (
+            "do_prefix",
+            &g.do_prefix,
+            fd(&op, &|x| loss(x, &lp, &oc, &lc)),
+        ),
+        (
+            "dlse_prefix",
+            &g.dlse_prefix,
+            fd(&lp, &|x| loss(&op, x, &oc, &lc)),
+        ),
+        (
+            "do_context",
+            &g.do_context,
+            fd(&oc, &|x| loss(&op, &lp, x, &lc)),
+        ),
+        (
+            "dlse_context",
+            &g.dlse_context,
+            fd(&lc, &|x| loss(&op, &lp, &oc, x)),
+        ),
+    ];
+    for (name, got, want) in checks {
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() < 1e-7, "{name}[{i}]: {a} vs {b}");
+        }
+    }
+    // The far-apart row still mixes: its gate gradient is tiny but not dropped.
+    assert!(g.dlse_prefix[5] != 0.0);
+}
+
 // ---------------------------------------------------------------------------------------
 // The emulator's kernels against the reference backward.
 
@@ -320,6 +387,16 @@ fn f32_prefix_gradients() {
 #[test]
 fn forward_then_backward() {
     backward::forward_then_backward(&EMU);
+}
+
+#[test]
+fn split_form_trains() {
+    backward::split_form_trains(&EMU);
+}
+
+#[test]
+fn lse_merge_backward() {
+    backward::merge_backward(&EMU);
 }
 
 #[test]

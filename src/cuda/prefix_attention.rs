@@ -5,8 +5,9 @@ use cudarc::driver::CudaStream;
 use super::{Buffers, DeviceRead, DeviceWrite};
 use crate::plan::prefix_attention as plan;
 use crate::prefix_attention::{
-    KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeDims, PrefixAttention, PrefixAttentionArgs,
-    PrefixAttentionBackwardArgs, PrefixAttentionBackwardDims, PrefixAttentionDims, PrefixOnlyArgs,
+    KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeBackwardArgs, LseMergeBackwardDims,
+    LseMergeDims, PrefixAttention, PrefixAttentionArgs, PrefixAttentionBackwardArgs,
+    PrefixAttentionBackwardDims, PrefixAttentionDims, PrefixOnlyArgs,
 };
 use crate::{Element, Result};
 
@@ -94,6 +95,23 @@ pub fn prefix_attention_backward<'a, T: Element>(
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = plan::prefix_attention_backward(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: as above.
+    unsafe { bufs.run(&steps) }
+}
+
+/// The LSE merge's backward (each state's output and LSE gradient), queued on `stream`.
+pub fn lse_merge_backward<'a, T: Element>(
+    stream: &'a CudaStream,
+    dims: &LseMergeBackwardDims,
+    args: LseMergeBackwardArgs<
+        DeviceRead<'a, T>,
+        DeviceWrite<'a, T>,
+        DeviceRead<'a, f32>,
+        DeviceWrite<'a, f32>,
+    >,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = plan::lse_merge_backward(dims, T::DTYPE, &args.bufs(&mut bufs))?;
     // SAFETY: as above.
     unsafe { bufs.run(&steps) }
 }

@@ -3,8 +3,9 @@
 use super::{run, HostBufs};
 use crate::plan::prefix_attention as plan;
 use crate::prefix_attention::{
-    KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeDims, PrefixAttention, PrefixAttentionArgs,
-    PrefixAttentionBackwardArgs, PrefixAttentionBackwardDims, PrefixAttentionDims, PrefixOnlyArgs,
+    KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeBackwardArgs, LseMergeBackwardDims,
+    LseMergeDims, PrefixAttention, PrefixAttentionArgs, PrefixAttentionBackwardArgs,
+    PrefixAttentionBackwardDims, PrefixAttentionDims, PrefixOnlyArgs,
 };
 use crate::{Element, Result};
 
@@ -66,7 +67,19 @@ pub fn prefix_attention_backward<T: Element>(
     let lens = args.context_lens;
     let steps = plan::prefix_attention_backward(op, dims, T::DTYPE, &args.bufs(&mut HostBufs))?;
     if let Some(lens) = lens {
-        plan::check_context_lens(lens, &dims.forward)?;
+        plan::check_backward_context_lens(lens, dims)?;
     }
     run(&steps)
+}
+
+/// The LSE merge's backward (each state's output and LSE gradient) on the CPU emulator.
+pub fn lse_merge_backward<T: Element>(
+    dims: &LseMergeBackwardDims,
+    args: LseMergeBackwardArgs<&[T], &mut [T], &[f32], &mut [f32]>,
+) -> Result<()> {
+    run(&plan::lse_merge_backward(
+        dims,
+        T::DTYPE,
+        &args.bufs(&mut HostBufs),
+    )?)
 }

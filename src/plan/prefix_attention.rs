@@ -5,8 +5,8 @@ use super::{check_len, grid_for, Buf, KernelParams, Launch};
 use crate::error::{Error, Result};
 use crate::kernels::KernelId;
 use crate::prefix_attention::{
-    HeadLayout, KvConcatDims, LseMergeDims, PrefixAttention, PrefixAttentionBackwardDims,
-    PrefixAttentionDims, HEAD_DIMS,
+    HeadLayout, KvConcatDims, LseMergeBackwardDims, LseMergeDims, PrefixAttention,
+    PrefixAttentionBackwardDims, PrefixAttentionDims, HEAD_DIMS,
 };
 use crate::spec::DType;
 
@@ -452,6 +452,15 @@ fn check_attention_dims(op: &PrefixAttention, d: &PrefixAttentionDims) -> Result
 /// Checks `context_lens` values against Lk where they can be read (the emulator, or a
 /// caller's host copy); the kernels clamp them anyway.
 pub fn check_context_lens(lens: &[u32], dims: &PrefixAttentionDims) -> Result<()> {
+    context_lens_within(lens, dims).map_err(|e| e.of("prefix_attention"))
+}
+
+/// [`check_context_lens`] for `prefix_attention_backward`.
+pub fn check_backward_context_lens(lens: &[u32], dims: &PrefixAttentionBackwardDims) -> Result<()> {
+    context_lens_within(lens, &dims.forward).map_err(|e| e.of("prefix_attention_backward"))
+}
+
+fn context_lens_within(lens: &[u32], dims: &PrefixAttentionDims) -> Result<()> {
     match lens
         .iter()
         .take(dims.batch)
@@ -462,8 +471,7 @@ pub fn check_context_lens(lens: &[u32], dims: &PrefixAttentionDims) -> Result<()
             "context_lens",
             format!("lengths <= kv_len = {}", dims.kv_len),
             format!("{n} for sequence {b}"),
-        )
-        .of("prefix_attention")),
+        )),
         None => Ok(()),
     }
 }
@@ -1161,6 +1169,132 @@ fn plan_prefix_attention_backward(
     Ok(steps)
 }
 
+/// Twin of `LseMergeBackwardParams` in kernels/prefix_attention_backward.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LseMergeBackwardParams {
+    pub o_prefix: u64,
+    pub lse_prefix: u64,
+    pub o_context: u64,
+    pub lse_context: u64,
+    pub dout: u64,
+    pub do_prefix: u64,
+    pub dlse_prefix: u64,
+    pub do_context: u64,
+    pub dlse_context: u64,
+    pub sp: HeadStrides,
+    pub sc: HeadStrides,
+    pub sdo: HeadStrides,
+    pub sdp: HeadStrides,
+    pub sdc: HeadStrides,
+    pub rows: i64,
+    pub heads: i32,
+    pub len: i32,
+    pub dim: i32,
+}
+// SAFETY: as above.
+unsafe impl KernelParams for LseMergeBackwardParams {}
+
+/// The operands of `lse_merge_backward`.
+#[derive(Clone, Copy, Debug)]
+pub struct LseMergeBackwardBufs {
+    pub o_prefix: Buf,
+    pub lse_prefix: Buf,
+    pub o_context: Buf,
+    pub lse_context: Buf,
+    pub dout: Buf,
+    pub do_prefix: Buf,
+    pub dlse_prefix: Buf,
+    pub do_context: Buf,
+    pub dlse_context: Buf,
+}
+
+/// Plans `lse_merge_backward`: one warp per row.
+pub fn lse_merge_backward(
+    dims: &LseMergeBackwardDims,
+    dtype: DType,
+    b: &LseMergeBackwardBufs,
+) -> Result<Vec<(Launch, LseMergeBackwardParams)>> {
+    plan_lse_merge_backward(dims, dtype, b).map_err(|e| e.of("lse_merge_backward"))
+}
+
+fn plan_lse_merge_backward(
+    dims: &LseMergeBackwardDims,
+    dtype: DType,
+    b: &LseMergeBackwardBufs,
+) -> Result<Vec<(Launch, LseMergeBackwardParams)>> {
+    let d = &dims.merge;
+    positive("dims.batch", d.batch)?;
+    positive("dims.heads", d.heads)?;
+    positive("dims.q_len", d.q_len)?;
+    positive("dims.head_dim", d.head_dim)?;
+    at_most("dims.heads", d.heads, i32::MAX as usize, "32-bit indices")?;
+    at_most("dims.q_len", d.q_len, i32::MAX as usize, "32-bit indices")?;
+    at_most("dims.head_dim", d.head_dim, MAX_LEN, "32-bit indices")?;
+    let shape = [d.batch, d.heads, d.q_len, d.head_dim];
+    let rows = row_count(d.batch, d.heads, d.q_len)?;
+    check_tensor("o_prefix", b.o_prefix, d.o_prefix, shape)?;
+    check_tensor("o_context", b.o_context, d.o_context, shape)?;
+    check_tensor("dout", b.dout, dims.dout, shape)?;
+    for (arg, buf, layout) in [
+        ("do_prefix", b.do_prefix, dims.do_prefix),
+        ("do_context", b.do_context, dims.do_context),
+    ] {
+        check_tensor(arg, buf, layout, shape)?;
+        check_distinct(arg, layout, shape)?;
+    }
+    for (arg, buf) in [
+        ("lse_prefix", b.lse_prefix),
+        ("lse_context", b.lse_context),
+        ("dlse_prefix", b.dlse_prefix),
+        ("dlse_context", b.dlse_context),
+    ] {
+        check_len(arg, Some(buf), rows, Some("[B, H, L]"))?;
+    }
+    let es = dtype.size();
+    check_no_alias(
+        &[
+            ("do_prefix", b.do_prefix, es),
+            ("dlse_prefix", b.dlse_prefix, 4),
+            ("do_context", b.do_context, es),
+            ("dlse_context", b.dlse_context, 4),
+        ],
+        &[
+            ("o_prefix", b.o_prefix, es),
+            ("lse_prefix", b.lse_prefix, 4),
+            ("o_context", b.o_context, es),
+            ("lse_context", b.lse_context, 4),
+            ("dout", b.dout, es),
+        ],
+    )?;
+    let kernel = match dtype {
+        DType::F32 => KernelId::lse_merge_backward_f32,
+        DType::F16 => KernelId::lse_merge_backward_f16,
+        DType::BF16 => KernelId::lse_merge_backward_bf16,
+    };
+    let params = LseMergeBackwardParams {
+        o_prefix: b.o_prefix.addr,
+        lse_prefix: b.lse_prefix.addr,
+        o_context: b.o_context.addr,
+        lse_context: b.lse_context.addr,
+        dout: b.dout.addr,
+        do_prefix: b.do_prefix.addr,
+        dlse_prefix: b.dlse_prefix.addr,
+        do_context: b.do_context.addr,
+        dlse_context: b.dlse_context.addr,
+        sp: d.o_prefix.into(),
+        sc: d.o_context.into(),
+        sdo: dims.dout.into(),
+        sdp: dims.do_prefix.into(),
+        sdc: dims.do_context.into(),
+        rows: rows as i64,
+        heads: d.heads as i32,
+        len: d.q_len as i32,
+        dim: d.head_dim as i32,
+    };
+    Ok(vec![(row_launch(kernel, rows)?, params)])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1253,5 +1387,84 @@ mod tests {
             seq: 1,
         };
         assert_eq!(extent(huge, [2, 1, 1, 1]), None);
+    }
+
+    /// A gradient (or the workspace) that shares memory with an input or with another output
+    /// is refused, naming it; disjoint buffers pass (the planner alone: nothing runs).
+    #[test]
+    fn backward_buffers_must_not_alias() {
+        let dims = PrefixAttentionBackwardDims::new(PrefixAttentionDims::new(1, 2, 1, 4, 5, 3, 32));
+        let (nq, nk, np, rows) = (2 * 4 * 32, 5 * 32, 3 * 32, 8);
+        let mut next = 1 << 20;
+        let mut buf = |len: usize| {
+            let b = Buf { addr: next, len };
+            next += (len as u64) * 4 + 256;
+            b
+        };
+        let good = PrefixAttentionBackwardBufs {
+            q: buf(nq),
+            k: buf(nk),
+            v: buf(nk),
+            prefix_k: buf(np),
+            prefix_v: buf(np),
+            context_lens: None,
+            out: buf(nq),
+            lse: buf(rows),
+            dout: buf(nq),
+            dq: buf(nq),
+            dk: buf(nk),
+            dv: buf(nk),
+            dprefix_k: PrefixGradBuf::Elem(buf(np)),
+            dprefix_v: PrefixGradBuf::F32(buf(np)),
+            workspace: buf(rows),
+        };
+        let op = PrefixAttention {
+            scale: None,
+            causal: true,
+        };
+        let refused = |b: PrefixAttentionBackwardBufs| match prefix_attention_backward(
+            &op,
+            &dims,
+            DType::F32,
+            &b,
+        ) {
+            Err(Error::InvalidArgument { arg, .. }) => arg,
+            Ok(_) => "nothing",
+            Err(_) => "another error",
+        };
+        assert_eq!(refused(good), "nothing");
+        let at = |b: Buf, shift: u64, len: usize| Buf {
+            addr: b.addr + shift,
+            len,
+        };
+        // dq over q; dv overlapping dk by one element; dP_v inside O; the workspace on the LSE.
+        assert_eq!(
+            refused(PrefixAttentionBackwardBufs { dq: good.q, ..good }),
+            "dq"
+        );
+        let dv = at(good.dk, (nk as u64 - 1) * 4, nk);
+        assert_eq!(refused(PrefixAttentionBackwardBufs { dv, ..good }), "dv");
+        let dpv = PrefixGradBuf::F32(at(good.out, 64, np));
+        assert_eq!(
+            refused(PrefixAttentionBackwardBufs {
+                dprefix_v: dpv,
+                ..good
+            }),
+            "dprefix_v"
+        );
+        let ws = at(good.lse, 4, rows);
+        assert_eq!(
+            refused(PrefixAttentionBackwardBufs {
+                workspace: ws,
+                ..good
+            }),
+            "workspace"
+        );
+        // Adjacent, not overlapping: fine.
+        let dv = at(good.dk, nk as u64 * 4, nk);
+        assert_eq!(
+            refused(PrefixAttentionBackwardBufs { dv, ..good }),
+            "nothing"
+        );
     }
 }

@@ -700,3 +700,83 @@ pub fn prefix_attention_backward<T: Scalar, O: Scalar, L: Scalar, G: Scalar>(
     }
     Ok(r)
 }
+
+/// The gradients of [`lse_merge`]'s output with respect to its two states.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MergeGrads {
+    /// dL/do_prefix = λ·dout, [rows, d_v].
+    pub do_prefix: Vec<f64>,
+    /// dL/dlse_prefix = λ(1 − λ)·dout·(o_prefix − o_context), `[rows]`.
+    pub dlse_prefix: Vec<f64>,
+    /// dL/do_context = (1 − λ)·dout, [rows, d_v].
+    pub do_context: Vec<f64>,
+    /// dL/dlse_context = −dlse_prefix, `[rows]`.
+    pub dlse_context: Vec<f64>,
+}
+
+/// The backward of [`lse_merge`] (the merged output's gradient `dout` into each state), for a
+/// part whose own backward takes the gradients of its output and of its LSE:
+///
+/// ```text
+/// do_p = λ·dout,   do_c = (1 − λ)·dout,   dlse_p = λ(1 − λ)·dout·(o_p − o_c) = −dlse_c
+/// ```
+///
+/// A part's attention backward fed (o_part, lse_part, do_part, dlse_part) is then exact:
+/// its ds_j = p_j·(do_part·v_j − do_part·o_part) + p_j·dlse_part equals the merged form
+/// p_j·(dout·v_j − dout·out) with p_j = exp(s_j − lse) of the merged LSE (TRAINING.md, "each
+/// part's backward against the merged O and L", which is the other way to use it: pass the
+/// merged `out`, `lse` and `dout` to each part's backward unchanged). An empty state (LSE −∞)
+/// gets zero gradients and its output is not read; the merged LSE has no gradient of its own
+/// (as in FlashAttention).
+pub fn lse_merge_backward<O: Scalar, L: Scalar, G: Scalar>(
+    dv: usize,
+    o_prefix: &[O],
+    lse_prefix: &[L],
+    o_context: &[O],
+    lse_context: &[L],
+    dout: &[G],
+) -> Result<MergeGrads> {
+    let rows = lse_prefix.len();
+    check_vec("lse_context", Some(lse_context), "[rows]", rows)?;
+    check_vec("o_prefix", Some(o_prefix), "[rows·d_v]", rows * dv)?;
+    check_vec("o_context", Some(o_context), "[rows·d_v]", rows * dv)?;
+    check_vec("dout", Some(dout), "[rows·d_v]", rows * dv)?;
+    let mut g = MergeGrads {
+        do_prefix: Vec::with_capacity(rows * dv),
+        dlse_prefix: Vec::with_capacity(rows),
+        do_context: Vec::with_capacity(rows * dv),
+        dlse_context: Vec::with_capacity(rows),
+    };
+    for row in 0..rows {
+        let (lp, lc) = (lse_prefix[row].as_f64(), lse_context[row].as_f64());
+        let (op, oc) = (&o_prefix[row * dv..][..dv], &o_context[row * dv..][..dv]);
+        let dor = &dout[row * dv..][..dv];
+        let lambda = if lp == f64::NEG_INFINITY {
+            0.0
+        } else if lc == f64::NEG_INFINITY {
+            1.0
+        } else {
+            sigmoid(lp - lc)
+        };
+        let both_empty = lp == f64::NEG_INFINITY && lc == f64::NEG_INFINITY;
+        // Only a mixed row reads both outputs (and has a gate gradient).
+        let dlse = if lambda > 0.0 && lambda < 1.0 {
+            let diff: f64 = (0..dv)
+                .map(|c| dor[c].as_f64() * (op[c].as_f64() - oc[c].as_f64()))
+                .sum();
+            lambda * (1.0 - lambda) * diff
+        } else {
+            0.0
+        };
+        let (wp, wc) = if both_empty {
+            (0.0, 0.0)
+        } else {
+            (lambda, 1.0 - lambda)
+        };
+        g.do_prefix.extend(dor.iter().map(|d| wp * d.as_f64()));
+        g.do_context.extend(dor.iter().map(|d| wc * d.as_f64()));
+        g.dlse_prefix.push(dlse);
+        g.dlse_context.push(-dlse);
+    }
+    Ok(g)
+}

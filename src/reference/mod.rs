@@ -23,8 +23,8 @@ pub mod linear;
 
 pub use adapter::{multi_head_adapter, MultiHeadAdapter, MultiHeadAdapterTensors};
 pub use attention::{
-    context_attention, lse_merge, prefix_attention, prefix_attention_backward,
-    prefix_attention_concat, prefix_only_attention, AttentionState, MergedAttention,
+    context_attention, lse_merge, lse_merge_backward, prefix_attention, prefix_attention_backward,
+    prefix_attention_concat, prefix_only_attention, AttentionState, MergeGrads, MergedAttention,
     PrefixAttention, PrefixAttentionGrads, PrefixAttentionOutput, PrefixAttentionTensors, Tensor4,
 };
 pub use linear::{

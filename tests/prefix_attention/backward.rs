@@ -13,7 +13,7 @@ use crate::harness::{random_lens, Case, Inputs, Layout, Strided};
 use half::{bf16, f16};
 use peft_kernels::host::{self, Backend};
 use peft_kernels::prefix_attention::{
-    PrefixAttentionBackwardArgs, PrefixAttentionBackwardDims, PrefixGrad, HEAD_DIMS,
+    HeadLayout, PrefixAttentionBackwardArgs, PrefixAttentionBackwardDims, PrefixGrad, HEAD_DIMS,
 };
 use peft_kernels::reference::{self, PrefixAttentionGrads};
 use peft_kernels::validate::{assert_close, default_tolerance};
@@ -366,7 +366,7 @@ pub fn bad_arguments_are_errors(be: &Backend) {
     let (qn, kn, pn) = (n([2, 4, 5, 32]), n([2, 2, 6, 32]), n([2, 2, 3, 32]));
     type Edit<'e> = &'e dyn Fn(&mut PrefixAttentionBackwardDims, &mut [usize; 7]);
     // Runs with buffer lengths [dq, dk, dv, dprefix_k, dprefix_v, workspace, lse] after `edit`.
-    let run = |edit: Edit| -> Result<()> {
+    let run = |lens_of_context: Option<&[u32]>, edit: Edit| -> Result<()> {
         let mut dims = good;
         let mut lens = [qn, kn, kn, pn, pn, 40, 40];
         edit(&mut dims, &mut lens);
@@ -380,7 +380,7 @@ pub fn bad_arguments_are_errors(be: &Backend) {
             v: &x.v.data[..],
             prefix_k: &x.prefix_k.data[..],
             prefix_v: &x.prefix_v.data[..],
-            context_lens: None,
+            context_lens: lens_of_context,
             out: &saved.out.data[..],
             lse: &saved.lse[..lens[6]],
             dout: &saved.dout.data[..],
@@ -393,33 +393,220 @@ pub fn bad_arguments_are_errors(be: &Backend) {
         };
         host::prefix_attention_backward(be, &case.op(), &dims, args)
     };
-    run(&|_, _| {}).expect("the unedited case runs");
+    run(None, &|_, _| {}).expect("the unedited case runs");
     let expect = |what: &str, r: Result<()>| match r {
         Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, what, "{r:?}"),
         other => panic!("{what}: expected an invalid-argument error, got {other:?}"),
     };
     expect(
         "dims.head_dim",
-        run(&|d, _| {
+        run(None, &|d, _| {
             d.forward.head_dim = 48;
             d.forward.value_dim = 48;
         }),
     );
-    expect("dims.kv_heads", run(&|d, _| d.forward.kv_heads = 3));
-    expect("q", run(&|d, _| d.forward.q_len = 6));
-    expect("out", run(&|d, _| d.forward.out.batch += 10));
-    expect("dout", run(&|d, _| d.dout.seq = 40));
-    expect("lse", run(&|_, l| l[6] -= 1));
-    expect("dq", run(&|_, l| l[0] -= 1));
-    expect("dk", run(&|_, l| l[1] -= 1));
-    expect("dprefix_v", run(&|_, l| l[4] -= 1));
-    expect("workspace", run(&|_, l| l[5] = 39));
+    expect("dims.kv_heads", run(None, &|d, _| d.forward.kv_heads = 3));
+    expect("q", run(None, &|d, _| d.forward.q_len = 6));
+    expect("out", run(None, &|d, _| d.forward.out.batch += 10));
+    expect("dout", run(None, &|d, _| d.dout.seq = 40));
+    expect("lse", run(None, &|_, l| l[6] -= 1));
+    expect("dq", run(None, &|_, l| l[0] -= 1));
+    expect("dk", run(None, &|_, l| l[1] -= 1));
+    expect("dprefix_v", run(None, &|_, l| l[4] -= 1));
+    expect("workspace", run(None, &|_, l| l[5] = 39));
     // Two rows of a gradient on one address.
-    expect("dq", run(&|d, _| d.dq.seq = 16));
-    expect("dprefix_k", run(&|d, _| d.dprefix_k.head = 0));
+    expect("dq", run(None, &|d, _| d.dq.seq = 16));
+    expect("dprefix_k", run(None, &|d, _| d.dprefix_k.head = 0));
+    // A sequence length past kv_len, and a length per sequence missing.
+    expect("context_lens", run(Some(&[7, 2]), &|_, _| {}));
+    expect("context_lens", run(Some(&[2]), &|_, _| {}));
     // One prefix tensor shared by the batch and the other not.
     expect(
         "dims.forward.prefix_v",
-        run(&|d, _| d.forward.prefix_k.batch = 0),
+        run(None, &|d, _| d.forward.prefix_k.batch = 0),
     );
+}
+
+/// The split form trains: `prefix_only_attention`'s part and a context attention of one's own,
+/// merged by `lse_merge`, each backpropagated on its own against the MERGED output, LSE and
+/// dO (the host composition `lse_merge_backward` documents): the prefix part is our backward
+/// with no context (kv_len = 0), the context part our backward with no prefix (l = 0), and
+/// their dq add up. Equal to the fused backward's reference: dP_k, dP_v, dK, dV and dq.
+pub fn split_form_trains(be: &Backend) {
+    let mut rng = Rng::from_env();
+    for case in [
+        Case::new(2, 4, 2, 33, 40, 30, 64)
+            .causal(true)
+            .lens(vec![40, 5]),
+        Case {
+            shared_prefix: true,
+            ..Case::new(3, 2, 1, 1, 70, 7, 128)
+        },
+    ] {
+        let x = Inputs::<f32>::new(&mut rng, &case);
+        let saved = Saved::from_reference(&mut rng, &case, &x);
+        let r = reference_grads(&case, &x, &saved);
+        let name = format!("split form {case:?} (seed {})", rng.seed());
+        let (tol, full) = (grad_tolerance(DType::F32), case.dims());
+        let part = |forward: peft_kernels::prefix_attention::PrefixAttentionDims,
+                    prefix: bool|
+         -> Grads<f32, f32> {
+            let dims = PrefixAttentionBackwardDims::new(forward);
+            let mut g = Grads::<f32, f32>::poisoned(&dims);
+            let mut workspace = vec![f32::NAN; dims.workspace_len()];
+            let none: &[f32] = &[];
+            let args = PrefixAttentionBackwardArgs {
+                q: &x.q.data[..],
+                k: if prefix { none } else { &x.k.data[..] },
+                v: if prefix { none } else { &x.v.data[..] },
+                prefix_k: if prefix { &x.prefix_k.data[..] } else { none },
+                prefix_v: if prefix { &x.prefix_v.data[..] } else { none },
+                context_lens: if prefix { None } else { case.lens.as_deref() },
+                out: &saved.out.data[..],
+                lse: &saved.lse[..],
+                dout: &saved.dout.data[..],
+                dq: &mut g.dq.data[..],
+                dk: &mut g.dk.data[..],
+                dv: &mut g.dv.data[..],
+                dprefix_k: PrefixGrad::Elem(&mut g.dprefix_k.data[..]),
+                dprefix_v: PrefixGrad::Elem(&mut g.dprefix_v.data[..]),
+                workspace: &mut workspace[..],
+            };
+            host::prefix_attention_backward(be, &case.op(), &dims, args)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            g
+        };
+        let gp = part(
+            peft_kernels::prefix_attention::PrefixAttentionDims { kv_len: 0, ..full },
+            true,
+        );
+        let gc = part(
+            peft_kernels::prefix_attention::PrefixAttentionDims {
+                prefix_len: 0,
+                ..full
+            },
+            false,
+        );
+        assert_close(
+            &format!("dprefix_k {name}"),
+            &gp.dprefix_k.gather(),
+            &r.dprefix_k,
+            tol,
+        );
+        assert_close(
+            &format!("dprefix_v {name}"),
+            &gp.dprefix_v.gather(),
+            &r.dprefix_v,
+            tol,
+        );
+        assert_close(&format!("dk {name}"), &gc.dk.gather(), &r.dk, tol);
+        assert_close(&format!("dv {name}"), &gc.dv.gather(), &r.dv, tol);
+        let dq: Vec<f32> = gp
+            .dq
+            .gather()
+            .iter()
+            .zip(gc.dq.gather())
+            .map(|(a, b)| a + b)
+            .collect();
+        assert_close(&format!("dq {name}"), &dq, &r.dq, tol);
+    }
+}
+
+/// `lse_merge_backward` against the reference on rows with infinite LSEs (an empty state's
+/// output is NaN garbage, never read) and ordinary ones, d = 37 (not a multiple of a warp), the
+/// states and gradients `[B, L, H, d]` (strided as heads), NaN-poisoned gradients.
+pub fn check_merge_backward<T: Element>(be: &Backend, rng: &mut Rng) {
+    use peft_kernels::prefix_attention::{
+        LseMergeBackwardArgs, LseMergeBackwardDims, LseMergeDims,
+    };
+    let inf = f32::INFINITY;
+    let pairs = [
+        (-inf, -inf),
+        (-inf, 0.5),
+        (1.5, -inf),
+        (40.0, -40.0),
+        (0.25, 0.25),
+        (3.0, -1.0),
+    ];
+    let (b, h, len, d) = (2, 3, pairs.len(), 37);
+    let rows = b * h * len;
+    let layout = HeadLayout::bshd(len, h, d);
+    let dims = LseMergeBackwardDims::new(LseMergeDims {
+        o_prefix: layout,
+        o_context: layout,
+        out: layout,
+        ..LseMergeDims::new(b, h, len, d)
+    });
+    let shape = [b, h, len, d];
+    let lse_p: Vec<f32> = (0..rows).map(|r| pairs[r % len].0).collect();
+    let lse_c: Vec<f32> = (0..rows).map(|r| pairs[r % len].1).collect();
+    let (mut op, mut oc) = (
+        Strided::<T>::random(rng, layout, shape, 1.0),
+        Strided::<T>::random(rng, layout, shape, 1.0),
+    );
+    let dout = Strided::<T>::random(rng, layout, shape, 1.0);
+    // An empty state's output: garbage.
+    for (t, prefix) in [(&mut op, true), (&mut oc, false)] {
+        let offsets = t.offsets();
+        for (e, at) in offsets.into_iter().enumerate() {
+            let (lp, lc) = pairs[e / d % len];
+            if (if prefix { lp } else { lc }) == -inf {
+                t.data[at] = T::nan();
+            }
+        }
+    }
+    let mut dp = Strided::<T>::poisoned(layout, shape, 2);
+    let mut dc = Strided::<T>::poisoned(layout, shape, 2);
+    let (mut dlp, mut dlc) = (vec![f32::NAN; rows], vec![f32::NAN; rows]);
+    host::lse_merge_backward(
+        be,
+        &dims,
+        LseMergeBackwardArgs {
+            o_prefix: &op.data[..],
+            lse_prefix: &lse_p[..],
+            o_context: &oc.data[..],
+            lse_context: &lse_c[..],
+            dout: &dout.data[..],
+            do_prefix: &mut dp.data[..],
+            dlse_prefix: &mut dlp[..],
+            do_context: &mut dc.data[..],
+            dlse_context: &mut dlc[..],
+        },
+    )
+    .unwrap();
+    let r = reference::lse_merge_backward(
+        d,
+        &op.gather(),
+        &lse_p,
+        &oc.gather(),
+        &lse_c,
+        &dout.gather(),
+    )
+    .unwrap();
+    let name = format!("lse_merge_backward {} (seed {})", T::DTYPE, rng.seed());
+    let tol = default_tolerance(T::DTYPE);
+    assert_close(
+        &format!("do_prefix {name}"),
+        &dp.gather(),
+        &r.do_prefix,
+        tol,
+    );
+    assert_close(
+        &format!("do_context {name}"),
+        &dc.gather(),
+        &r.do_context,
+        tol,
+    );
+    // The LSE gradients sum d products of rounded inputs in f32.
+    assert_close(&format!("dlse_prefix {name}"), &dlp, &r.dlse_prefix, 1e-5);
+    assert_close(&format!("dlse_context {name}"), &dlc, &r.dlse_context, 1e-5);
+    dp.assert_gaps_untouched(&name);
+    dc.assert_gaps_untouched(&name);
+}
+
+pub fn merge_backward(be: &Backend) {
+    let mut rng = Rng::from_env();
+    check_merge_backward::<f32>(be, &mut rng);
+    check_merge_backward::<f16>(be, &mut rng);
+    check_merge_backward::<bf16>(be, &mut rng);
 }
