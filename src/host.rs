@@ -11,8 +11,8 @@ use crate::delta_linear::{
 use crate::plan::{self, Buf, BufSource, KernelParams, Launch};
 use crate::prefix_attention::{
     KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeBackwardArgs, LseMergeBackwardDims,
-    LseMergeDims, PrefixAttention, PrefixAttentionArgs, PrefixAttentionBackwardArgs,
-    PrefixAttentionBackwardDims, PrefixAttentionDims, PrefixOnlyArgs,
+    LseMergeDims, PrefixAttention, PrefixAttentionArgs, PrefixAttentionBackwardDims,
+    PrefixAttentionBackwardHostArgs, PrefixAttentionDims, PrefixOnlyArgs,
 };
 use crate::{Element, Error, Result};
 
@@ -163,7 +163,7 @@ pub fn prefix_attention_backward<T: Element>(
     backend: &Backend,
     op: &PrefixAttention,
     dims: &PrefixAttentionBackwardDims,
-    args: PrefixAttentionBackwardArgs<&[T], &mut [T], &[u32], &[f32], &mut [f32]>,
+    args: PrefixAttentionBackwardHostArgs<'_, T>,
 ) -> Result<()> {
     match backend {
         #[cfg(feature = "emulator")]

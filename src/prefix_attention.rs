@@ -494,6 +494,10 @@ pub struct PrefixAttentionBackwardArgs<R, W, Lens, StatsR, StatsW> {
     pub workspace: StatsW,
 }
 
+/// [`PrefixAttentionBackwardArgs`] over host slices (the emulator's and `host`'s).
+pub type PrefixAttentionBackwardHostArgs<'a, T> =
+    PrefixAttentionBackwardArgs<&'a [T], &'a mut [T], &'a [u32], &'a [f32], &'a mut [f32]>;
+
 impl<R, W, Lens, StatsR, StatsW> PrefixAttentionBackwardArgs<R, W, Lens, StatsR, StatsW> {
     pub(crate) fn bufs<S>(self, s: &mut S) -> PrefixAttentionBackwardBufs
     where

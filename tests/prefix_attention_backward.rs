@@ -417,3 +417,40 @@ fn parameter_block_matches_the_kernels() {
         std::mem::size_of::<peft_kernels::plan::prefix_attention::PrefixAttentionBackwardParams>()
     );
 }
+
+/// No float atomics, no order-dependent reduction: the gradients are bitwise the same when the
+/// emulator spreads the blocks over several worker threads (a shared prefix, whose gradient
+/// sums the batch, and GQA, which sums a group's heads).
+#[test]
+fn deterministic_over_workers() {
+    use half::bf16;
+    let mut rng = Rng::from_env();
+    let case = harness::Case {
+        shared_prefix: true,
+        ..harness::Case::new(3, 4, 1, 40, 50, 30, 64).causal(true)
+    };
+    let x = harness::Inputs::<bf16>::new(&mut rng, &case);
+    let saved = backward::Saved::from_reference(&mut rng, &case, &x);
+    let bits = |workers: u32| {
+        peft_kernels::emulator::set_workers(workers);
+        let g = backward::run_backward::<bf16, f32>(&EMU, &case, &x, &saved);
+        peft_kernels::emulator::set_workers(0);
+        let g = g.unwrap();
+        let mut v: Vec<u32> = g.dq.data.iter().map(|e| u32::from(e.to_bits())).collect();
+        v.extend(
+            g.dk.data
+                .iter()
+                .chain(&g.dv.data)
+                .map(|e| u32::from(e.to_bits())),
+        );
+        v.extend(
+            g.dprefix_k
+                .data
+                .iter()
+                .chain(&g.dprefix_v.data)
+                .map(|e| e.to_bits()),
+        );
+        v
+    };
+    assert_eq!(bits(1), bits(2), "the gradients depend on the block order");
+}

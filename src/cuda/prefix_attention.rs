@@ -76,6 +76,15 @@ pub fn kv_concat<'a, T: Element>(
     unsafe { bufs.run(&steps) }
 }
 
+/// [`PrefixAttentionBackwardArgs`] over device buffers.
+pub type PrefixAttentionBackwardDeviceArgs<'a, T> = PrefixAttentionBackwardArgs<
+    DeviceRead<'a, T>,
+    DeviceWrite<'a, T>,
+    DeviceRead<'a, u32>,
+    DeviceRead<'a, f32>,
+    DeviceWrite<'a, f32>,
+>;
+
 /// The backward of `prefix_attention` (dq, dK, dV, dP_k, dP_v from the forward's output and
 /// LSE and the output gradient), queued on `stream`: three launches (the pre-pass, the key
 /// kernel, the dq kernel). Every argument is checked before anything is queued, except the
@@ -85,13 +94,7 @@ pub fn prefix_attention_backward<'a, T: Element>(
     stream: &'a CudaStream,
     op: &PrefixAttention,
     dims: &PrefixAttentionBackwardDims,
-    args: PrefixAttentionBackwardArgs<
-        DeviceRead<'a, T>,
-        DeviceWrite<'a, T>,
-        DeviceRead<'a, u32>,
-        DeviceRead<'a, f32>,
-        DeviceWrite<'a, f32>,
-    >,
+    args: PrefixAttentionBackwardDeviceArgs<'a, T>,
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = plan::prefix_attention_backward(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;

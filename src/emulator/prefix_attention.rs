@@ -4,8 +4,8 @@ use super::{run, HostBufs};
 use crate::plan::prefix_attention as plan;
 use crate::prefix_attention::{
     KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeBackwardArgs, LseMergeBackwardDims,
-    LseMergeDims, PrefixAttention, PrefixAttentionArgs, PrefixAttentionBackwardArgs,
-    PrefixAttentionBackwardDims, PrefixAttentionDims, PrefixOnlyArgs,
+    LseMergeDims, PrefixAttention, PrefixAttentionArgs, PrefixAttentionBackwardDims,
+    PrefixAttentionBackwardHostArgs, PrefixAttentionDims, PrefixOnlyArgs,
 };
 use crate::{Element, Result};
 
@@ -62,7 +62,7 @@ pub fn kv_concat<T: Element>(
 pub fn prefix_attention_backward<T: Element>(
     op: &PrefixAttention,
     dims: &PrefixAttentionBackwardDims,
-    args: PrefixAttentionBackwardArgs<&[T], &mut [T], &[u32], &[f32], &mut [f32]>,
+    args: PrefixAttentionBackwardHostArgs<'_, T>,
 ) -> Result<()> {
     let lens = args.context_lens;
     let steps = plan::prefix_attention_backward(op, dims, T::DTYPE, &args.bufs(&mut HostBufs))?;

@@ -889,10 +889,12 @@ pub struct PrefixAttentionBackwardBufs {
 /// The backward kernels' tiles (`BwdTile` in kernels/prefix_attention_backward.cu): keys per
 /// tile, query rows per step of the key kernel and query rows of a dq block.
 fn backward_tiles(d: usize) -> (usize, usize, usize) {
-    let keys = match d {
-        ..=64 => 64,
-        ..=128 => 32,
-        _ => 16,
+    let keys = if d <= 64 {
+        64
+    } else if d <= 128 {
+        32
+    } else {
+        16
     };
     (keys, 32, if d <= 128 { 64 } else { 32 })
 }

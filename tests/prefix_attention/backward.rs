@@ -101,15 +101,14 @@ pub fn run_backward<T: Element, P: Element>(
     Ok(g)
 }
 
-/// A prefix gradient buffer as the argument: in T when P is T, else f32.
-fn prefix_grad<'a, T: Element, P: Element>(
-    buf: &'a mut Vec<P>,
-) -> PrefixGrad<&'a mut [T], &'a mut [f32]> {
-    let any: &'a mut dyn std::any::Any = buf;
+/// A prefix gradient buffer as the argument: in T when P is T, else f32 (P is one of the
+/// two: the casts are between identical types).
+fn prefix_grad<T: Element, P: Element>(buf: &mut [P]) -> PrefixGrad<&mut [T], &mut [f32]> {
     if P::DTYPE == T::DTYPE {
-        PrefixGrad::Elem(any.downcast_mut::<Vec<T>>().expect("P is T"))
+        PrefixGrad::Elem(bytemuck::cast_slice_mut(buf))
     } else {
-        PrefixGrad::F32(any.downcast_mut::<Vec<f32>>().expect("P is f32"))
+        assert_eq!(P::DTYPE, DType::F32, "dP in T or f32");
+        PrefixGrad::F32(bytemuck::cast_slice_mut(buf))
     }
 }
 
@@ -253,7 +252,7 @@ pub fn random_configurations(be: &Backend) {
 
 /// The shapes the kernels' tiles find awkward, fixed: the largest of the grid (129 queries and
 /// keys, l = 30, 3 sequences) causal with ragged lengths (one empty) and a shared prefix; a
-/// strided layout; decode (q_len = 1) against 129 keys; l = 1 with one key.
+/// strided layout; decode (q_len = 1) against 129 keys; l = 1 with one key; an explicit scale.
 pub fn awkward_shapes(be: &Backend) {
     let mut rng = Rng::from_env();
     let big = Case {
@@ -282,6 +281,12 @@ pub fn awkward_shapes(be: &Backend) {
         &mut rng,
         &Case::new(1, 8, 1, 17, 1, 1, 256).causal(true),
     );
+    // An explicit score scale (τ enters dq and dK).
+    let scaled = Case {
+        scale: Some(0.3),
+        ..Case::new(2, 4, 2, 17, 30, 5, 32).causal(true)
+    };
+    check_backward::<f32>(be, &mut rng, &scaled);
 }
 
 /// Rows that see nothing (no prefix, causal with Lq > the context): zero dq, never NaN; keys
