@@ -19,18 +19,19 @@
 //! (CUDA events, median of batches), concat / fused, and the fused path's bandwidth and FLOP
 //! rate against the floor measured in the same run.
 //!
-//! Without the `cuda` feature or a CUDA device it prints why it skips and exits.
+//! Without the `baseline` feature (`cuda` and the cuBLAS baseline the bench tools use) or a
+//! CUDA device it prints why it skips and exits.
 
 mod common;
 
 fn main() {
     if common::can_run("prefix_attention_backward") {
-        #[cfg(feature = "cuda")]
+        #[cfg(feature = "baseline")]
         gpu::main();
     }
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(feature = "baseline")]
 mod gpu {
     use std::sync::Arc;
 

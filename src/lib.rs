@@ -59,8 +59,9 @@ pub mod kernels;
 pub mod plan;
 pub mod prefix_attention;
 pub mod reference;
-// The emulator's own checks (the crate's tests run them); not part of the API.
-#[cfg(feature = "emulator")]
+// The emulator's own checks (the crate's tests run them, feature `selftest`); not part of
+// the API.
+#[cfg(all(feature = "emulator", feature = "selftest"))]
 #[doc(hidden)]
 pub mod selftest;
 pub mod spec;
