@@ -9,8 +9,10 @@
 #   gpu          nvidia-smi -L, driver, CUDA version, clocks (read only: no setting changes)
 #   libs         finds libcublas for cudarc (system, CUDA toolkit, or PyTorch's wheel)
 #   test:NAME    each test binary with --include-ignored: the GPU tests are #[ignore]d
-#                (tests/sass reads the kernels' SASS with the machine's cuobjdump)
+#                (tests/sass reads the kernels' SASS with the machine's cuobjdump;
+#                gpu_prefix_attention_backward: the attention backward and lse_merge_backward)
 #   bench:NAME   each criterion bench binary (--bench); the time left is shared among them
+#                (prefix_attention_backward: the backward, fused vs kv_concat + backward)
 #   peers        benches/peers/peers.py: PyTorch and PEFT on the benches' shapes
 #   ptx:NAME     the GPU tests again with PEFT_KERNELS_FORCE_PTX=1: the driver compiles
 #                the embedded compute_90 PTX instead of loading the sm_90 cubin (skipped
@@ -148,6 +150,7 @@ PROFILE_CASES=(
   "delta_linear_train|^delta_linear_train/lora_r16/fused/4096\$|^(fused_linear|delta_bwd)"
   "prefix_attention|L=2048 l=128 causal.*/fused\$|^prefix_attention"
   "prefix_attention|decode.*L=32768 .*/split_kv\$|^prefix_attention"
+  "prefix_attention_backward|L=2048 l=30 causal.*/fused\$|^prefix_attention_backward"
 )
 
 # profile_case BENCH CASE KERNELS: ncu over 4 launches of the kernels matching KERNELS,

@@ -18,8 +18,9 @@ use crate::optim::{AdamW, AdamwArgs};
 #[cfg(feature = "cuda")]
 use crate::plan::{self, Buf, BufSource, KernelParams, Launch};
 use crate::prefix_attention::{
-    HostKvConcatArgs, HostLseMergeArgs, HostPrefixAttentionArgs, HostPrefixOnlyArgs, KvConcatDims,
-    LseMergeDims, PrefixAttention, PrefixAttentionDims,
+    HostKvConcatArgs, HostLseMergeArgs, HostPrefixAttentionArgs, HostPrefixOnlyArgs,
+    KvConcatDims, LseMergeBackwardArgs, LseMergeBackwardDims, LseMergeDims, PrefixAttention,
+    PrefixAttentionBackwardDims, PrefixAttentionBackwardHostArgs, PrefixAttentionDims,
 };
 use crate::{Element, Error, Result};
 
@@ -154,6 +155,13 @@ host_op!(
     HostLseMergeArgs<'_, T>
 );
 host_op!(
+    /// `lse_merge_backward` (each state's output and LSE gradient) on host buffers.
+    lse_merge_backward,
+    plan::prefix_attention::lse_merge_backward,
+    (dims: &LseMergeBackwardDims),
+    LseMergeBackwardArgs<&[T], &mut [T], &[f32], &mut [f32]>
+);
+host_op!(
     /// `kv_concat` (`[P; C]` along the sequence) on host buffers.
     kv_concat,
     plan::prefix_attention::kv_concat,
@@ -208,6 +216,35 @@ pub fn adamw<T: Element>(
                 None => 0,
             };
             up.run(&plan.steps(addr))
+        }
+    }
+}
+
+/// `prefix_attention_backward` ([`crate::prefix_attention`]) on host buffers: given the
+/// forward's output and LSE and the output gradient, writes dq, dK, dV, dP_k and dP_v (the
+/// `context_lens` values are checked on both backends, since they are on the host here).
+pub fn prefix_attention_backward<T: Element>(
+    backend: &Backend,
+    op: &PrefixAttention,
+    dims: &PrefixAttentionBackwardDims,
+    args: PrefixAttentionBackwardHostArgs<'_, T>,
+) -> Result<()> {
+    match backend {
+        #[cfg(feature = "emulator")]
+        Backend::Emulator => crate::emulator::prefix_attention_backward(op, dims, args),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(stream) => {
+            if let Some(lens) = args.context_lens {
+                plan::prefix_attention::check_backward_context_lens(lens, dims)?;
+            }
+            let mut up = Upload::new(stream);
+            let steps = plan::prefix_attention::prefix_attention_backward(
+                op,
+                dims,
+                T::DTYPE,
+                &args.bufs(&mut up),
+            )?;
+            up.run(&steps)
         }
     }
 }

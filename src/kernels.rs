@@ -27,6 +27,8 @@ pub enum Module {
     /// AdamW over a list of adapter tensors, with the gradient-norm passes
     /// (`kernels/optim.cu`).
     Optim,
+    /// The backward of prefix attention (`kernels/prefix_attention_backward.cu`).
+    PrefixAttentionBackward,
 }
 
 impl Module {
@@ -40,6 +42,7 @@ impl Module {
         Module::DeltaLinearBackward,
         Module::PrefixAttention,
         Module::Optim,
+        Module::PrefixAttentionBackward,
     ];
 
     /// The file stem under `kernels/` (and of the embedded PTX and cubins).
@@ -53,6 +56,7 @@ impl Module {
             Module::DeltaLinearBackward => "delta_linear_backward",
             Module::PrefixAttention => "prefix_attention",
             Module::Optim => "optim",
+            Module::PrefixAttentionBackward => "prefix_attention_backward",
         }
     }
 }
@@ -251,6 +255,50 @@ kernel_table! {
         adamw_update_f32,
         adamw_update_f16,
         adamw_update_bf16,
+    }
+    PrefixAttentionBackward {
+        lse_merge_backward_f32,
+        lse_merge_backward_f16,
+        lse_merge_backward_bf16,
+        prefix_attention_backward_dot_f32,
+        prefix_attention_backward_dot_f16,
+        prefix_attention_backward_dot_bf16,
+        prefix_attention_backward_dkv_f32_d32,
+        prefix_attention_backward_dkv_f32_d64,
+        prefix_attention_backward_dkv_f32_d80,
+        prefix_attention_backward_dkv_f32_d96,
+        prefix_attention_backward_dkv_f32_d128,
+        prefix_attention_backward_dkv_f32_d256,
+        prefix_attention_backward_dkv_f16_d32,
+        prefix_attention_backward_dkv_f16_d64,
+        prefix_attention_backward_dkv_f16_d80,
+        prefix_attention_backward_dkv_f16_d96,
+        prefix_attention_backward_dkv_f16_d128,
+        prefix_attention_backward_dkv_f16_d256,
+        prefix_attention_backward_dkv_bf16_d32,
+        prefix_attention_backward_dkv_bf16_d64,
+        prefix_attention_backward_dkv_bf16_d80,
+        prefix_attention_backward_dkv_bf16_d96,
+        prefix_attention_backward_dkv_bf16_d128,
+        prefix_attention_backward_dkv_bf16_d256,
+        prefix_attention_backward_dq_f32_d32,
+        prefix_attention_backward_dq_f32_d64,
+        prefix_attention_backward_dq_f32_d80,
+        prefix_attention_backward_dq_f32_d96,
+        prefix_attention_backward_dq_f32_d128,
+        prefix_attention_backward_dq_f32_d256,
+        prefix_attention_backward_dq_f16_d32,
+        prefix_attention_backward_dq_f16_d64,
+        prefix_attention_backward_dq_f16_d80,
+        prefix_attention_backward_dq_f16_d96,
+        prefix_attention_backward_dq_f16_d128,
+        prefix_attention_backward_dq_f16_d256,
+        prefix_attention_backward_dq_bf16_d32,
+        prefix_attention_backward_dq_bf16_d64,
+        prefix_attention_backward_dq_bf16_d80,
+        prefix_attention_backward_dq_bf16_d96,
+        prefix_attention_backward_dq_bf16_d128,
+        prefix_attention_backward_dq_bf16_d256,
     }
 }
 

@@ -26,6 +26,20 @@
 //!   output, its LSE and λ ([`LseMergeArgs`]).
 //! - `kv_concat`: `[P; C]` along the sequence ([`KvConcatArgs`]), the copy the unfused path
 //!   makes (the benchmarks' baseline).
+//! - `prefix_attention_backward`: the gradients dq, dK, dV, dP_k, dP_v from the forward's
+//!   merged output and LSE and the output gradient ([`PrefixAttentionBackwardArgs`],
+//!   [`PrefixAttentionBackwardDims`]); with `kv_len = 0` the backward of
+//!   `prefix_only_attention` inside a split form (see `lse_merge_backward`).
+//! - `lse_merge_backward`: the merged output's gradient into each state's output and LSE
+//!   ([`LseMergeBackwardArgs`]), for a part whose own backward takes both.
+//!
+//! Training the split form (`prefix_only_attention` + your own attention + `lse_merge`):
+//! run each part's backward against the MERGED output, LSE and dO, unchanged (TRAINING.md):
+//! ours with `kv_len = 0` for the prefix part (dq_p, dP_k, dP_v), yours for the context with
+//! `out` = the merged output and `lse` = the merged LSE (FlashAttention-2's backward takes
+//! both), and add the two dq. That is exact, because p_j = exp(s_j − L) with the merged L is
+//! each key's share of the merged softmax. A part backward that instead takes its own
+//! output's and LSE's gradients gets them from `lse_merge_backward`.
 //!
 //! Supported head dims ([`HEAD_DIMS`]): 32, 64, 80, 96, 128, 256, with `d_v = d`. f16 and
 //! bf16 run on tensor cores, which copy 16-byte chunks: strides must be multiples of 8
@@ -72,7 +86,8 @@
 //! ```
 
 use crate::plan::prefix_attention::{
-    KvConcatBufs, LseMergeBufs, PrefixAttentionBufs, PrefixOnlyBufs,
+    KvConcatBufs, LseMergeBackwardBufs, LseMergeBufs, PrefixAttentionBackwardBufs,
+    PrefixAttentionBufs, PrefixGradBuf, PrefixOnlyBufs,
 };
 use crate::plan::BufSource;
 pub use crate::reference::PrefixAttention;
@@ -254,7 +269,12 @@ pub struct PrefixAttentionArgs<R, W, Lens, Stats> {
     /// The output [B, Hq, Lq, d], strides `dims.out`.
     pub out: W,
     /// LSE over the prefix and the visible context, natural log (−∞ for a row that sees
-    /// nothing).
+    /// nothing): `ln Σ_j exp(scale·q·k_j)`, f32 `[B, Hq, Lq]` contiguous.
+    ///
+    /// Training: the backward (`prefix_attention_backward`, [`PrefixAttentionBackwardArgs`])
+    /// needs exactly two things from the forward, this merged LSE and the merged `out`; keep
+    /// both (never a part's own LSE from a split computation). Nothing else (λ, the
+    /// workspace) is saved.
     pub lse: Option<Stats>,
     /// The gate λ, the prefix's share of the softmax mass.
     pub lambda: Option<Stats>,
@@ -480,6 +500,184 @@ impl<R, W> KvConcatArgs<R, W> {
             prefix: s.read(self.prefix),
             src: s.read(self.src),
             dst: s.write(self.dst),
+        }
+    }
+}
+
+/// Sizes and layouts of `prefix_attention_backward`: the forward's dims (whose `out` layout is
+/// the saved output O's), and the layouts of the output gradient dO and of the gradients.
+///
+/// The prefix is shared by the batch when the forward's `prefix_k` and `prefix_v` both have
+/// batch stride 0 (and B > 1): then dP_k and dP_v are one `[1, Hkv, l, d]` tensor each, summed
+/// over the batch; else `[B, Hkv, l, d]`. dq is `[B, Hq, Lq, d]`, dK and dV `[B, Hkv, Lk, d]`
+/// (0 for the padding keys past `context_lens` and keys no query sees).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefixAttentionBackwardDims {
+    pub forward: PrefixAttentionDims,
+    pub dout: HeadLayout,
+    pub dq: HeadLayout,
+    pub dk: HeadLayout,
+    pub dv: HeadLayout,
+    pub dprefix_k: HeadLayout,
+    pub dprefix_v: HeadLayout,
+}
+
+impl PrefixAttentionBackwardDims {
+    /// dO in the layout of the output, each gradient in the layout of its input (a shared
+    /// prefix's gradient with batch stride 0, a single tensor).
+    pub fn new(forward: PrefixAttentionDims) -> Self {
+        PrefixAttentionBackwardDims {
+            forward,
+            dout: forward.out,
+            dq: forward.q,
+            dk: forward.k,
+            dv: forward.v,
+            dprefix_k: forward.prefix_k,
+            dprefix_v: forward.prefix_v,
+        }
+    }
+
+    /// Whether one prefix serves the batch (both prefix tensors with batch stride 0, B > 1).
+    pub fn shared_prefix(&self) -> bool {
+        let f = &self.forward;
+        f.batch > 1 && f.prefix_k.batch == 0 && f.prefix_v.batch == 0
+    }
+
+    /// f32 elements of the workspace: one value a query row (D = rowsum(dO∘O)), B·Hq·Lq.
+    pub fn workspace_len(&self) -> usize {
+        self.forward.rows()
+    }
+}
+
+/// A prefix gradient's buffer: in the element type of the inputs, or f32 (the trained
+/// parameters' master gradients, for f16/bf16 inputs).
+#[derive(Debug)]
+pub enum PrefixGrad<W, F> {
+    /// The inputs' element type.
+    Elem(W),
+    /// f32.
+    F32(F),
+}
+
+/// The tensors of `prefix_attention_backward` over a backend's buffer types (`R` / `W`
+/// element tensors, `Lens` u32, `StatsR` / `StatsW` f32). The contract with the forward
+/// ([`PrefixAttentionArgs::lse`]): `out` and `lse` are the forward's merged output and merged
+/// natural-log LSE, exactly as it returned them. Every gradient is written in full (not
+/// accumulated into): add it to a running gradient yourself.
+#[derive(Debug)]
+pub struct PrefixAttentionBackwardArgs<R, W, Lens, StatsR, StatsW> {
+    pub q: R,
+    pub k: R,
+    pub v: R,
+    pub prefix_k: R,
+    pub prefix_v: R,
+    /// As in the forward: valid context keys per sequence, `[B]`; `None`: all Lk.
+    pub context_lens: Option<Lens>,
+    /// The forward's output O.
+    pub out: R,
+    /// The forward's LSE L, f32 `[B, Hq, Lq]` contiguous.
+    pub lse: StatsR,
+    /// The gradient of the loss with respect to the output, dO.
+    pub dout: R,
+    pub dq: W,
+    pub dk: W,
+    pub dv: W,
+    pub dprefix_k: PrefixGrad<W, StatsW>,
+    pub dprefix_v: PrefixGrad<W, StatsW>,
+    /// f32 scratch of [`PrefixAttentionBackwardDims::workspace_len`] elements (need not be
+    /// initialised).
+    pub workspace: StatsW,
+}
+
+/// [`PrefixAttentionBackwardArgs`] over host slices (the emulator's and `host`'s).
+pub type PrefixAttentionBackwardHostArgs<'a, T> =
+    PrefixAttentionBackwardArgs<&'a [T], &'a mut [T], &'a [u32], &'a [f32], &'a mut [f32]>;
+
+impl<R, W, Lens, StatsR, StatsW> PrefixAttentionBackwardArgs<R, W, Lens, StatsR, StatsW> {
+    pub(crate) fn bufs<S>(self, s: &mut S) -> PrefixAttentionBackwardBufs
+    where
+        S: BufSource<R, W> + BufSource<Lens, StatsW> + BufSource<StatsR, StatsW>,
+    {
+        let grad = |g: PrefixGrad<W, StatsW>, s: &mut S| match g {
+            PrefixGrad::Elem(w) => PrefixGradBuf::Elem(BufSource::<R, W>::write(s, w)),
+            PrefixGrad::F32(w) => PrefixGradBuf::F32(BufSource::<StatsR, StatsW>::write(s, w)),
+        };
+        PrefixAttentionBackwardBufs {
+            q: BufSource::<R, W>::read(s, self.q),
+            k: BufSource::<R, W>::read(s, self.k),
+            v: BufSource::<R, W>::read(s, self.v),
+            prefix_k: BufSource::<R, W>::read(s, self.prefix_k),
+            prefix_v: BufSource::<R, W>::read(s, self.prefix_v),
+            context_lens: self
+                .context_lens
+                .map(|b| BufSource::<Lens, StatsW>::read(s, b)),
+            out: BufSource::<R, W>::read(s, self.out),
+            lse: BufSource::<StatsR, StatsW>::read(s, self.lse),
+            dout: BufSource::<R, W>::read(s, self.dout),
+            dq: BufSource::<R, W>::write(s, self.dq),
+            dk: BufSource::<R, W>::write(s, self.dk),
+            dv: BufSource::<R, W>::write(s, self.dv),
+            dprefix_k: grad(self.dprefix_k, s),
+            dprefix_v: grad(self.dprefix_v, s),
+            workspace: BufSource::<StatsR, StatsW>::write(s, self.workspace),
+        }
+    }
+}
+
+/// Sizes and layouts of `lse_merge_backward`: the merge's ([`LseMergeDims`], whose `out` is
+/// not read) and those of the merged output's gradient and of the two states' gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LseMergeBackwardDims {
+    pub merge: LseMergeDims,
+    pub dout: HeadLayout,
+    pub do_prefix: HeadLayout,
+    pub do_context: HeadLayout,
+}
+
+impl LseMergeBackwardDims {
+    /// dO in the merged output's layout, each state's gradient in the state's.
+    pub fn new(merge: LseMergeDims) -> Self {
+        LseMergeBackwardDims {
+            merge,
+            dout: merge.out,
+            do_prefix: merge.o_prefix,
+            do_context: merge.o_context,
+        }
+    }
+}
+
+/// The tensors of `lse_merge_backward`: with λ = sigmoid(lse_prefix − lse_context),
+/// `do_prefix = λ·dout`, `do_context = (1 − λ)·dout`, `dlse_prefix = λ(1 − λ)·dout·(o_prefix −
+/// o_context) = −dlse_context` (f32 `[B, H, L]`). A state with LSE −∞ gets zero gradients and
+/// its output is not read. The merged LSE has no gradient of its own.
+#[derive(Debug)]
+pub struct LseMergeBackwardArgs<R, W, StatsR, StatsW> {
+    pub o_prefix: R,
+    pub lse_prefix: StatsR,
+    pub o_context: R,
+    pub lse_context: StatsR,
+    pub dout: R,
+    pub do_prefix: W,
+    pub dlse_prefix: StatsW,
+    pub do_context: W,
+    pub dlse_context: StatsW,
+}
+
+impl<R, W, StatsR, StatsW> LseMergeBackwardArgs<R, W, StatsR, StatsW> {
+    pub(crate) fn bufs<S>(self, s: &mut S) -> LseMergeBackwardBufs
+    where
+        S: BufSource<R, W> + BufSource<StatsR, StatsW>,
+    {
+        LseMergeBackwardBufs {
+            o_prefix: BufSource::<R, W>::read(s, self.o_prefix),
+            lse_prefix: BufSource::<StatsR, StatsW>::read(s, self.lse_prefix),
+            o_context: BufSource::<R, W>::read(s, self.o_context),
+            lse_context: BufSource::<StatsR, StatsW>::read(s, self.lse_context),
+            dout: BufSource::<R, W>::read(s, self.dout),
+            do_prefix: BufSource::<R, W>::write(s, self.do_prefix),
+            dlse_prefix: BufSource::<StatsR, StatsW>::write(s, self.dlse_prefix),
+            do_context: BufSource::<R, W>::write(s, self.do_context),
+            dlse_context: BufSource::<StatsR, StatsW>::write(s, self.dlse_context),
         }
     }
 }

@@ -14,6 +14,11 @@ benches/delta_linear.rs and benches/prefix_attention.rs, all in bf16:
     context's, causal on the context only: with an explicit boolean mask and with torch's
     lower-right causal bias, each timed with the concatenation and on tensors
     concatenated beforehand; plain causal SDPA without a prefix as a reference point.
+  prefix attention backward (B=8, H=32, d=128, prefix P=30, causal, L in {512, 2048, 4096};
+    benches/prefix_attention_backward.rs)
+    SDPA's backward (torch.autograd.grad of the forward's output, the forward run once
+    outside the timing) on K/V concatenated beforehand, and through the concatenation
+    (gradients of the prefix and the context separately, what prefix tuning needs).
 
 Each peer's output is checked against a float64 reference computed from the same bf16
 inputs (relative error ‖out − ref‖ / ‖ref‖, bf16 tolerance 1e-2; NaN fails; attention on
@@ -26,7 +31,7 @@ times an H100's L2), so weights come from device memory. Launch and Python overh
 count where they exceed the GPU time, as a user sees them. The card's copy bandwidth and
 bf16 matrix rate are measured the same way (1 GiB device-to-device copy, 8192³ matmul).
 
-    python3 benches/peers/peers.py [--out DIR] [--only linear|attention]
+    python3 benches/peers/peers.py [--out DIR] [--only linear|attention|backward]
 
 Writes the markdown report to stdout and to DIR/peers.md (DIR: --out, else $OUT, else
 the current directory). Exit status: 0 when every peer matched its reference, 1 when one
@@ -271,6 +276,55 @@ def attention(gen, rows):
             del full
 
 
+def attention_backward_flops(ctx, p):
+    # Five d-long products per allowed pair (q·k, dO·v, p·dO, ds·q, ds·k): 2.5 forwards.
+    return 10 * BATCH * HEADS * D * (ctx * p + ctx * (ctx + 1) // 2)
+
+
+def attention_backward_err(dq, q, kk, vv, dout, p):
+    """Rel. error of dq against float64 autograd through attention over [prefix ; causal
+    context] (kk, vv already concatenated), on the first batch element."""
+    ctx = q.shape[2]
+    allowed = torch.ones(ctx, p + ctx, dtype=torch.bool, device="cuda").tril(p)
+    q64 = q[:1].detach().double().requires_grad_()
+    scores = (q64 @ kk[:1].detach().double().transpose(-1, -2)) / math.sqrt(D)
+    out = torch.softmax(scores.masked_fill(~allowed, -math.inf), dim=-1) @ vv[:1].detach().double()
+    (ref,) = torch.autograd.grad(out, q64, dout[:1].double())
+    return rel_err(dq[:1], ref)
+
+
+def attention_backward(gen, rows):
+    """SDPA's backward on the prefix-attention shape, the forward run once outside the
+    timing and its graph kept (retain_graph) so each call is the backward alone."""
+    sdpa = F.scaled_dot_product_attention
+    p = 30
+    for ctx in (512, 2048, 4096):
+        mask = (causal_lower_right(ctx, p + ctx) if causal_lower_right is not None else
+                torch.ones(ctx, p + ctx, dtype=torch.bool, device="cuda").tril(p))
+        nbytes = 9 * 2 * BATCH * HEADS * ctx * D
+        pre, through = [], []
+        for _ in range(copies_for(nbytes)):
+            q = randn(gen, BATCH, HEADS, ctx, D).requires_grad_()
+            k, v = (randn(gen, BATCH, HEADS, ctx, D).requires_grad_() for _ in range(2))
+            pk, pv = (randn(gen, BATCH, HEADS, p, D).requires_grad_() for _ in range(2))
+            dout = randn(gen, BATCH, HEADS, ctx, D)
+            kk, vv = (t.detach().requires_grad_() for t in concat(pk, pv, k, v))
+            pre.append((sdpa(q, kk, vv, attn_mask=mask), (q, kk, vv), dout))
+            through.append((sdpa(q, *concat(pk, pv, k, v), attn_mask=mask),
+                            (q, pk, pv, k, v), dout))
+        q, kk, vv = pre[0][1]
+        (dq, _, _) = torch.autograd.grad(*pre[0][:2], pre[0][2], retain_graph=True)
+        err = attention_backward_err(dq, q, kk, vv, pre[0][2], p)
+        for name, calls in (("SDPA backward, pre-concatenated K/V", pre),
+                            ("SDPA backward through the concatenation", through)):
+            t = per_call([lambda c=c: torch.autograd.grad(c[0], c[1], c[2], retain_graph=True)
+                          for c in calls])
+            rows.append(dict(peer=name, L=ctx, P=p, us=t * 1e6, err=err,
+                             flop_s=attention_backward_flops(ctx, p) / t))
+        del pre, through
+        torch.cuda.empty_cache()
+
+
 def attention_row(peer, ctx, p, seconds, err):
     return dict(peer=peer, L=ctx, P=p, us=seconds * 1e6, err=err,
                 flop_s=attention_flops(ctx, p) / seconds)
@@ -295,7 +349,7 @@ def verdict(err):
     return "ok" if err <= BF16_TOL else "FAIL"  # NaN compares false: it fails
 
 
-def report(meta, bw, rate, lin, att):
+def report(meta, bw, rate, lin, att, bwd):
     out = ["## Peers (PyTorch, PEFT)", ""]
     out += [f"- {k}: {v}" for k, v in meta.items()]
     out += [f"- measured ceilings: copy {bw * 1e-9:.0f} GB/s (read + write), "
@@ -319,6 +373,15 @@ def report(meta, bw, rate, lin, att):
                 f"| {r['flop_s'] * 1e-12:.1f} | {100 * r['flop_s'] / rate:.1f} "
                 f"| {r['err']:.1e} | {verdict(r['err'])} |" for r in att]
         out.append("")
+    if bwd:
+        out += ["### Prefix attention backward (B = 8, H = 32, d = 128, causal, bf16)", "",
+                "rel. err.: dq of the pre-concatenated call on the first batch element.", "",
+                "| peer | L | prefix | µs | TFLOP/s | % peak | rel. err. | |",
+                "|---|--:|--:|--:|--:|--:|--:|---|"]
+        out += [f"| {r['peer']} | {r['L']} | {r['P']} | {r['us']:.1f} "
+                f"| {r['flop_s'] * 1e-12:.1f} | {100 * r['flop_s'] / rate:.1f} "
+                f"| {r['err']:.1e} | {verdict(r['err'])} |" for r in bwd]
+        out.append("")
     return "\n".join(out)
 
 
@@ -326,7 +389,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or ".",
                     help="folder for peers.md (default: $OUT, else .)")
-    ap.add_argument("--only", choices=["linear", "attention"])
+    ap.add_argument("--only", choices=["linear", "attention", "backward"])
     args = ap.parse_args()
 
     if not torch.cuda.is_available():
@@ -345,7 +408,7 @@ def main():
                     f"peft {peft.__version__}, Python {platform.python_version()}",
         "seed": f"PEFT_SEED={seed}",
     }
-    lin, att = [], []
+    lin, att, bwd = [], [], []
     with torch.no_grad():
         bw, rate = ceilings(gen)
         torch.cuda.empty_cache()
@@ -354,13 +417,16 @@ def main():
             torch.cuda.empty_cache()
         if args.only in (None, "attention"):
             attention(gen, att)
+            torch.cuda.empty_cache()
+    if args.only in (None, "backward"):
+        attention_backward(gen, bwd)
 
-    text = report(meta, bw, rate, lin, att)
+    text = report(meta, bw, rate, lin, att, bwd)
     print(text, flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "peers.md"), "w") as f:
         f.write(text + "\n")
-    failed = sorted({r["peer"] for r in lin + att if verdict(r["err"]) != "ok"})
+    failed = sorted({r["peer"] for r in lin + att + bwd if verdict(r["err"]) != "ok"})
     if failed:
         sys.stderr.write(f"peers.py: off the float64 reference: {', '.join(failed)}\n")
         return 1

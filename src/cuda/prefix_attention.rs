@@ -5,8 +5,9 @@ use cudarc::driver::CudaStream;
 use super::{Buffers, DeviceRead, DeviceWrite};
 use crate::plan::prefix_attention as plan;
 use crate::prefix_attention::{
-    KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeDims, PrefixAttention, PrefixAttentionArgs,
-    PrefixAttentionDims, PrefixOnlyArgs,
+    KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeBackwardArgs, LseMergeBackwardDims,
+    LseMergeDims, PrefixAttention, PrefixAttentionArgs, PrefixAttentionBackwardArgs,
+    PrefixAttentionBackwardDims, PrefixAttentionDims, PrefixOnlyArgs,
 };
 use crate::{Element, Result};
 
@@ -78,6 +79,49 @@ pub fn kv_concat<'a, T: Element>(
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = plan::kv_concat(dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: as above.
+    unsafe { bufs.run(&steps) }
+}
+
+/// [`PrefixAttentionBackwardArgs`] over device buffers.
+pub type PrefixAttentionBackwardDeviceArgs<'a, T> = PrefixAttentionBackwardArgs<
+    DeviceRead<'a, T>,
+    DeviceWrite<'a, T>,
+    DeviceRead<'a, u32>,
+    DeviceRead<'a, f32>,
+    DeviceWrite<'a, f32>,
+>;
+
+/// The backward of `prefix_attention` (dq, dK, dV, dP_k, dP_v from the forward's output and
+/// LSE and the output gradient), queued on `stream`: three launches (the pre-pass, the key
+/// kernel, the dq kernel). Every argument is checked before anything is queued, except the
+/// `context_lens` values, which live on the device (a length above `kv_len` counts as
+/// `kv_len`, as in the forward).
+pub fn prefix_attention_backward<'a, T: Element>(
+    stream: &'a CudaStream,
+    op: &PrefixAttention,
+    dims: &PrefixAttentionBackwardDims,
+    args: PrefixAttentionBackwardDeviceArgs<'a, T>,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = plan::prefix_attention_backward(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: as above.
+    unsafe { bufs.run(&steps) }
+}
+
+/// The LSE merge's backward (each state's output and LSE gradient), queued on `stream`.
+pub fn lse_merge_backward<'a, T: Element>(
+    stream: &'a CudaStream,
+    dims: &LseMergeBackwardDims,
+    args: LseMergeBackwardArgs<
+        DeviceRead<'a, T>,
+        DeviceWrite<'a, T>,
+        DeviceRead<'a, f32>,
+        DeviceWrite<'a, f32>,
+    >,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = plan::lse_merge_backward(dims, T::DTYPE, &args.bufs(&mut bufs))?;
     // SAFETY: as above.
     unsafe { bufs.run(&steps) }
 }

@@ -12,8 +12,10 @@
 use super::{run, HostBufs};
 use crate::plan::prefix_attention as plan;
 use crate::prefix_attention::{
-    HostKvConcatArgs, HostLseMergeArgs, HostPrefixAttentionArgs, HostPrefixOnlyArgs, KvConcatDims,
-    LseMergeDims, PrefixAttention, PrefixAttentionArgs, PrefixAttentionDims, PrefixOnlyArgs,
+    HostKvConcatArgs, HostLseMergeArgs, HostPrefixAttentionArgs, HostPrefixOnlyArgs,
+    KvConcatDims, LseMergeBackwardArgs, LseMergeBackwardDims, LseMergeDims, PrefixAttention,
+    PrefixAttentionArgs, PrefixAttentionBackwardDims, PrefixAttentionBackwardHostArgs,
+    PrefixAttentionDims, PrefixOnlyArgs,
 };
 use crate::{DType, Element, Result};
 
@@ -148,4 +150,32 @@ fn realigned<T: Element, const N: usize>(
     let result = f(reads, &mut elements_mut::<T>(&mut copy)[..len]);
     out.copy_from_slice(&elements::<T>(&copy)[..len]);
     result
+}
+
+/// The backward of `prefix_attention` (dq, dK, dV, dP_k, dP_v from the forward's output and
+/// LSE and the output gradient) on the CPU emulator. Every argument, `context_lens` values
+/// included, is checked before anything runs.
+pub fn prefix_attention_backward<T: Element>(
+    op: &PrefixAttention,
+    dims: &PrefixAttentionBackwardDims,
+    args: PrefixAttentionBackwardHostArgs<'_, T>,
+) -> Result<()> {
+    let lens = args.context_lens;
+    let steps = plan::prefix_attention_backward(op, dims, T::DTYPE, &args.bufs(&mut HostBufs))?;
+    if let Some(lens) = lens {
+        plan::check_backward_context_lens(lens, dims)?;
+    }
+    run(&steps)
+}
+
+/// The LSE merge's backward (each state's output and LSE gradient) on the CPU emulator.
+pub fn lse_merge_backward<T: Element>(
+    dims: &LseMergeBackwardDims,
+    args: LseMergeBackwardArgs<&[T], &mut [T], &[f32], &mut [f32]>,
+) -> Result<()> {
+    run(&plan::lse_merge_backward(
+        dims,
+        T::DTYPE,
+        &args.bufs(&mut HostBufs),
+    )?)
 }

@@ -5,7 +5,8 @@ use super::{check_len, grid_for, Buf, KernelParams, Launch};
 use crate::error::{Error, Result};
 use crate::kernels::KernelId;
 use crate::prefix_attention::{
-    HeadLayout, KvConcatDims, LseMergeDims, PrefixAttention, PrefixAttentionDims, HEAD_DIMS,
+    HeadLayout, KvConcatDims, LseMergeBackwardDims, LseMergeDims, PrefixAttention,
+    PrefixAttentionBackwardDims, PrefixAttentionDims, HEAD_DIMS,
 };
 use crate::spec::DType;
 
@@ -411,56 +412,17 @@ fn attention_kernel(dtype: DType, d: usize) -> Result<(KernelId, u32)> {
     Ok((kernels[index], smem as u32))
 }
 
-/// Checks `context_lens` values against Lk where they can be read (the emulator, or a
-/// caller's host copy); the kernels clamp them anyway.
-pub fn check_context_lens(lens: &[u32], dims: &PrefixAttentionDims) -> Result<()> {
-    match lens
-        .iter()
-        .take(dims.batch)
-        .enumerate()
-        .find(|(_, &n)| n as usize > dims.kv_len)
-    {
-        Some((b, &n)) => Err(Error::invalid(
-            "context_lens",
-            format!("lengths <= kv_len = {}", dims.kv_len),
-            format!("{n} for sequence {b}"),
-        )
-        .of("prefix_attention")),
-        None => Ok(()),
-    }
-}
-
-/// Plans `prefix_attention`: one launch of the fused kernel; with a workspace and a grid of
-/// fewer than 128 blocks, the split-KV pass and then `prefix_attention_split_merge`.
-pub fn prefix_attention(
-    op: &PrefixAttention,
-    dims: &PrefixAttentionDims,
-    dtype: DType,
-    b: &PrefixAttentionBufs,
-) -> Result<Vec<(Launch, PrefixAttentionParams)>> {
-    plan_prefix_attention(op, dims, dtype, b).map_err(|e| e.of("prefix_attention"))
-}
-
-fn plan_prefix_attention(
-    op: &PrefixAttention,
-    dims: &PrefixAttentionDims,
-    dtype: DType,
-    b: &PrefixAttentionBufs,
-) -> Result<Vec<(Launch, PrefixAttentionParams)>> {
-    let d = dims;
-    // batch = 0 or q_len = 0 (no query rows) is checked as any call and launches nothing.
+/// The checks of an attention's dims that the forward and the backward share: model sizes of
+/// at least 1 (batch and q_len may be 0: an empty batch), 32-bit positions, d_v = d, Hkv
+/// dividing Hq, and a scale whose f32 scale·log2(e) is normal; returns that scale·log2(e) and
+/// the scale in f32.
+fn check_attention_dims(op: &PrefixAttention, d: &PrefixAttentionDims) -> Result<(f32, f32)> {
     positive("dims.heads", d.heads)?;
     positive("dims.kv_heads", d.kv_heads)?;
     positive("dims.head_dim", d.head_dim)?;
-    let grid = grid_for([
-        ("dims.q_len", d.q_len, QUERY_ROWS),
-        ("dims.heads", d.heads, 1),
-        ("dims.batch", d.batch, 1),
-    ])?;
     at_most("dims.q_len", d.q_len, MAX_LEN, "32-bit positions")?;
     at_most("dims.kv_len", d.kv_len, MAX_LEN, "32-bit positions")?;
     at_most("dims.prefix_len", d.prefix_len, MAX_LEN, "32-bit positions")?;
-    let (kernel, smem) = attention_kernel(dtype, d.head_dim)?;
     if d.value_dim != d.head_dim {
         return Err(Error::invalid(
             "dims.value_dim",
@@ -487,6 +449,61 @@ fn plan_prefix_attention(
             scale,
         ));
     }
+    Ok((scale_log2, scale as f32))
+}
+
+/// Checks `context_lens` values against Lk where they can be read (the emulator, or a
+/// caller's host copy); the kernels clamp them anyway.
+pub fn check_context_lens(lens: &[u32], dims: &PrefixAttentionDims) -> Result<()> {
+    context_lens_within(lens, dims).map_err(|e| e.of("prefix_attention"))
+}
+
+/// [`check_context_lens`] for `prefix_attention_backward`.
+pub fn check_backward_context_lens(lens: &[u32], dims: &PrefixAttentionBackwardDims) -> Result<()> {
+    context_lens_within(lens, &dims.forward).map_err(|e| e.of("prefix_attention_backward"))
+}
+
+fn context_lens_within(lens: &[u32], dims: &PrefixAttentionDims) -> Result<()> {
+    match lens
+        .iter()
+        .take(dims.batch)
+        .enumerate()
+        .find(|(_, &n)| n as usize > dims.kv_len)
+    {
+        Some((b, &n)) => Err(Error::invalid(
+            "context_lens",
+            format!("lengths <= kv_len = {}", dims.kv_len),
+            format!("{n} for sequence {b}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Plans `prefix_attention`: one launch of the fused kernel; with a workspace and a grid of
+/// fewer than 128 blocks, the split-KV pass and then `prefix_attention_split_merge`.
+pub fn prefix_attention(
+    op: &PrefixAttention,
+    dims: &PrefixAttentionDims,
+    dtype: DType,
+    b: &PrefixAttentionBufs,
+) -> Result<Vec<(Launch, PrefixAttentionParams)>> {
+    plan_prefix_attention(op, dims, dtype, b).map_err(|e| e.of("prefix_attention"))
+}
+
+fn plan_prefix_attention(
+    op: &PrefixAttention,
+    dims: &PrefixAttentionDims,
+    dtype: DType,
+    b: &PrefixAttentionBufs,
+) -> Result<Vec<(Launch, PrefixAttentionParams)>> {
+    let d = dims;
+    let (scale_log2, _) = check_attention_dims(op, d)?;
+    let grid = grid_for([
+        ("dims.q_len", d.q_len, QUERY_ROWS),
+        ("dims.heads", d.heads, 1),
+        ("dims.batch", d.batch, 1),
+    ])?;
+    let (kernel, smem) = attention_kernel(dtype, d.head_dim)?;
     let (hd, hkv) = (d.head_dim, d.kv_heads);
     let tensors = [
         ("q", b.q, d.q, [d.batch, d.heads, d.q_len, hd]),
@@ -782,6 +799,524 @@ fn plan_kv_concat(
     Ok(vec![(row_launch(concat_kernel(dtype), rows)?, params)])
 }
 
+// ---------------------------------------------------------------------------------------
+// The backward (kernels/prefix_attention_backward.cu).
+
+/// Twin of `PrefixAttentionBackwardParams` in kernels/prefix_attention_backward.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PrefixAttentionBackwardParams {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub prefix_k: u64,
+    pub prefix_v: u64,
+    pub context_lens: u64,
+    pub out: u64,
+    pub dout: u64,
+    pub lse: u64,
+    pub delta: u64,
+    pub dq: u64,
+    pub dk: u64,
+    pub dv: u64,
+    pub dprefix_k: u64,
+    pub dprefix_v: u64,
+    pub rows: i64,
+    pub sq: HeadStrides,
+    pub sk: HeadStrides,
+    pub sv: HeadStrides,
+    pub spk: HeadStrides,
+    pub spv: HeadStrides,
+    pub so: HeadStrides,
+    pub sdo: HeadStrides,
+    pub sdq: HeadStrides,
+    pub sdk: HeadStrides,
+    pub sdv: HeadStrides,
+    pub sdpk: HeadStrides,
+    pub sdpv: HeadStrides,
+    pub batch: i32,
+    pub heads: i32,
+    pub group: i32,
+    pub q_len: i32,
+    pub kv_len: i32,
+    pub prefix_len: i32,
+    pub causal: i32,
+    pub shared_prefix: i32,
+    pub dprefix_k_f32: i32,
+    pub dprefix_v_f32: i32,
+    pub head_dim: i32,
+    pub scale: f32,
+    pub scale_log2: f32,
+}
+// SAFETY: as above.
+unsafe impl KernelParams for PrefixAttentionBackwardParams {}
+
+/// A prefix gradient's buffer and its element type: the inputs' (`Elem`) or f32.
+#[derive(Clone, Copy, Debug)]
+pub enum PrefixGradBuf {
+    Elem(Buf),
+    F32(Buf),
+}
+
+impl PrefixGradBuf {
+    fn buf(self) -> Buf {
+        match self {
+            PrefixGradBuf::Elem(b) | PrefixGradBuf::F32(b) => b,
+        }
+    }
+
+    fn is_f32(self) -> bool {
+        matches!(self, PrefixGradBuf::F32(_))
+    }
+
+    fn size(self, dtype: DType) -> usize {
+        if self.is_f32() {
+            4
+        } else {
+            dtype.size()
+        }
+    }
+}
+
+/// The operands of `prefix_attention_backward`.
+#[derive(Clone, Copy, Debug)]
+pub struct PrefixAttentionBackwardBufs {
+    pub q: Buf,
+    pub k: Buf,
+    pub v: Buf,
+    pub prefix_k: Buf,
+    pub prefix_v: Buf,
+    pub context_lens: Option<Buf>,
+    pub out: Buf,
+    pub lse: Buf,
+    pub dout: Buf,
+    pub dq: Buf,
+    pub dk: Buf,
+    pub dv: Buf,
+    pub dprefix_k: PrefixGradBuf,
+    pub dprefix_v: PrefixGradBuf,
+    pub workspace: Buf,
+}
+
+/// The backward kernels' tiles (`BwdTile` in kernels/prefix_attention_backward.cu): keys per
+/// tile, query rows per step of the key kernel and query rows of a dq block.
+fn backward_tiles(d: usize) -> (usize, usize, usize) {
+    let keys = if d <= 64 {
+        64
+    } else if d <= 128 {
+        32
+    } else {
+        16
+    };
+    (keys, 32, if d <= 128 { 64 } else { 32 })
+}
+
+/// The backward's kernels for `dtype` and head dim `d`: the pre-pass, the key kernel and its
+/// dynamic shared memory, the dq kernel and its.
+fn backward_kernels(dtype: DType, d: usize) -> Result<[(KernelId, u32); 3]> {
+    use KernelId::*;
+    let index = HEAD_DIMS
+        .iter()
+        .position(|&h| h == d)
+        .ok_or_else(|| Error::invalid("dims.head_dim", format!("one of {HEAD_DIMS:?}"), d))?;
+    let (dot, dkv, dq) = match dtype {
+        DType::F32 => (
+            prefix_attention_backward_dot_f32,
+            [
+                prefix_attention_backward_dkv_f32_d32,
+                prefix_attention_backward_dkv_f32_d64,
+                prefix_attention_backward_dkv_f32_d80,
+                prefix_attention_backward_dkv_f32_d96,
+                prefix_attention_backward_dkv_f32_d128,
+                prefix_attention_backward_dkv_f32_d256,
+            ],
+            [
+                prefix_attention_backward_dq_f32_d32,
+                prefix_attention_backward_dq_f32_d64,
+                prefix_attention_backward_dq_f32_d80,
+                prefix_attention_backward_dq_f32_d96,
+                prefix_attention_backward_dq_f32_d128,
+                prefix_attention_backward_dq_f32_d256,
+            ],
+        ),
+        DType::F16 => (
+            prefix_attention_backward_dot_f16,
+            [
+                prefix_attention_backward_dkv_f16_d32,
+                prefix_attention_backward_dkv_f16_d64,
+                prefix_attention_backward_dkv_f16_d80,
+                prefix_attention_backward_dkv_f16_d96,
+                prefix_attention_backward_dkv_f16_d128,
+                prefix_attention_backward_dkv_f16_d256,
+            ],
+            [
+                prefix_attention_backward_dq_f16_d32,
+                prefix_attention_backward_dq_f16_d64,
+                prefix_attention_backward_dq_f16_d80,
+                prefix_attention_backward_dq_f16_d96,
+                prefix_attention_backward_dq_f16_d128,
+                prefix_attention_backward_dq_f16_d256,
+            ],
+        ),
+        DType::BF16 => (
+            prefix_attention_backward_dot_bf16,
+            [
+                prefix_attention_backward_dkv_bf16_d32,
+                prefix_attention_backward_dkv_bf16_d64,
+                prefix_attention_backward_dkv_bf16_d80,
+                prefix_attention_backward_dkv_bf16_d96,
+                prefix_attention_backward_dkv_bf16_d128,
+                prefix_attention_backward_dkv_bf16_d256,
+            ],
+            [
+                prefix_attention_backward_dq_bf16_d32,
+                prefix_attention_backward_dq_bf16_d64,
+                prefix_attention_backward_dq_bf16_d80,
+                prefix_attention_backward_dq_bf16_d96,
+                prefix_attention_backward_dq_bf16_d128,
+                prefix_attention_backward_dq_bf16_d256,
+            ],
+        ),
+    };
+    let (keys, kv_rows, q_rows) = backward_tiles(d);
+    let pitch = d + 4;
+    let kv_floats = 2 * (kv_rows + keys) * pitch + 2 * kv_rows * keys + 2 * kv_rows;
+    let q_floats = 2 * (q_rows + keys) * pitch + q_rows * keys + 2 * q_rows;
+    Ok([
+        (dot, 0),
+        (dkv[index], (kv_floats * 4) as u32),
+        (dq[index], (q_floats * 4) as u32),
+    ])
+}
+
+/// An error naming the first of `outputs` whose bytes overlap those of an input or of an
+/// earlier output (a gradient written over what the kernels still read, or two gradients on
+/// one address). Each operand is (name, buffer, element size); empty buffers share nothing.
+fn check_no_alias(
+    outputs: &[(&'static str, Buf, usize)],
+    inputs: &[(&'static str, Buf, usize)],
+) -> Result<()> {
+    let range = |b: Buf, size: usize| {
+        let start = u128::from(b.addr);
+        (start, start + (b.len as u128) * (size as u128))
+    };
+    for (i, &(name, out, size)) in outputs.iter().enumerate() {
+        if out.len == 0 {
+            continue;
+        }
+        let (a0, a1) = range(out, size);
+        for &(other, buf, other_size) in inputs.iter().chain(&outputs[..i]) {
+            if buf.len == 0 {
+                continue;
+            }
+            let (b0, b1) = range(buf, other_size);
+            if a0 < b1 && b0 < a1 {
+                return Err(Error::invalid(
+                    name,
+                    format!("a buffer that shares no memory with `{other}`"),
+                    format!("bytes [{a0:#x}, {a1:#x}) overlapping [{b0:#x}, {b1:#x})"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Plans `prefix_attention_backward`: the pre-pass D = rowsum(dO∘O) into the workspace, the
+/// key-tile kernel (dK, dV, dP_k, dP_v) and the query-tile kernel (dq).
+pub fn prefix_attention_backward(
+    op: &PrefixAttention,
+    dims: &PrefixAttentionBackwardDims,
+    dtype: DType,
+    b: &PrefixAttentionBackwardBufs,
+) -> Result<Vec<(Launch, PrefixAttentionBackwardParams)>> {
+    plan_prefix_attention_backward(op, dims, dtype, b)
+        .map_err(|e| e.of("prefix_attention_backward"))
+}
+
+fn plan_prefix_attention_backward(
+    op: &PrefixAttention,
+    dims: &PrefixAttentionBackwardDims,
+    dtype: DType,
+    b: &PrefixAttentionBackwardBufs,
+) -> Result<Vec<(Launch, PrefixAttentionBackwardParams)>> {
+    let g = dims;
+    let d = &dims.forward;
+    let (scale_log2, scale) = check_attention_dims(op, d)?;
+    // An empty batch is checked as any call and launches nothing; q_len = 0 with sequences
+    // would still owe zero key gradients, which no kernel writes: refused.
+    if d.batch > 0 {
+        positive("dims.q_len", d.q_len)?;
+    }
+    let [(dot, _), (dkv, smem_kv), (dq, smem_q)] = backward_kernels(dtype, d.head_dim)?;
+    let (keys, _, q_rows) = backward_tiles(d.head_dim);
+    let key_tiles = d.prefix_len.div_ceil(keys) + d.kv_len.div_ceil(keys);
+    let grid_kv = grid_for([
+        ("dims.prefix_len + dims.kv_len", key_tiles, 1),
+        ("dims.kv_heads", d.kv_heads, 1),
+        ("dims.batch", d.batch, 1),
+    ])?;
+    let grid_q = grid_for([
+        ("dims.q_len", d.q_len, q_rows),
+        ("dims.heads", d.heads, 1),
+        ("dims.batch", d.batch, 1),
+    ])?;
+    let shared = g.shared_prefix();
+    if d.batch > 1 && d.prefix_len > 0 && (d.prefix_k.batch == 0) != (d.prefix_v.batch == 0) {
+        return Err(Error::invalid(
+            "dims.forward.prefix_v",
+            "a batch stride of 0 exactly when prefix_k has one (a prefix shared by the batch)",
+            d.prefix_v.batch,
+        ));
+    }
+    let (hd, hkv) = (d.head_dim, d.kv_heads);
+    let q_shape = [d.batch, d.heads, d.q_len, hd];
+    let kv_shape = [d.batch, hkv, d.kv_len, hd];
+    let p_shape = [d.batch, hkv, d.prefix_len, hd];
+    let dp_shape = [if shared { 1 } else { d.batch }, hkv, d.prefix_len, hd];
+    let inputs = [
+        ("q", b.q, d.q, q_shape),
+        ("k", b.k, d.k, kv_shape),
+        ("v", b.v, d.v, kv_shape),
+        ("prefix_k", b.prefix_k, d.prefix_k, p_shape),
+        ("prefix_v", b.prefix_v, d.prefix_v, p_shape),
+        ("out", b.out, d.out, q_shape),
+        ("dout", b.dout, g.dout, q_shape),
+    ];
+    for (arg, buf, layout, shape) in inputs {
+        check_tensor(arg, buf, layout, shape)?;
+    }
+    let outputs = [
+        ("dq", b.dq, g.dq, q_shape),
+        ("dk", b.dk, g.dk, kv_shape),
+        ("dv", b.dv, g.dv, kv_shape),
+        ("dprefix_k", b.dprefix_k.buf(), g.dprefix_k, dp_shape),
+        ("dprefix_v", b.dprefix_v.buf(), g.dprefix_v, dp_shape),
+    ];
+    for (arg, buf, layout, shape) in outputs {
+        check_tensor(arg, buf, layout, shape)?;
+        check_distinct(arg, layout, shape)?;
+    }
+    check_len(
+        "context_lens",
+        b.context_lens,
+        d.batch,
+        Some("one length per sequence"),
+    )?;
+    let rows = d.rows();
+    check_len("lse", Some(b.lse), rows, Some("[B, Hq, Lq]"))?;
+    check_len("workspace", Some(b.workspace), rows, Some("B·Hq·Lq f32"))?;
+    let es = dtype.size();
+    let none = Buf { addr: 0, len: 0 };
+    check_no_alias(
+        &[
+            ("dq", b.dq, es),
+            ("dk", b.dk, es),
+            ("dv", b.dv, es),
+            ("dprefix_k", b.dprefix_k.buf(), b.dprefix_k.size(dtype)),
+            ("dprefix_v", b.dprefix_v.buf(), b.dprefix_v.size(dtype)),
+            ("workspace", b.workspace, 4),
+        ],
+        &[
+            ("q", b.q, es),
+            ("k", b.k, es),
+            ("v", b.v, es),
+            ("prefix_k", b.prefix_k, es),
+            ("prefix_v", b.prefix_v, es),
+            ("out", b.out, es),
+            ("dout", b.dout, es),
+            ("lse", b.lse, 4),
+            ("context_lens", b.context_lens.unwrap_or(none), 4),
+        ],
+    )?;
+    if d.batch == 0 {
+        return Ok(Vec::new());
+    }
+
+    let params = PrefixAttentionBackwardParams {
+        q: b.q.addr,
+        k: b.k.addr,
+        v: b.v.addr,
+        prefix_k: b.prefix_k.addr,
+        prefix_v: b.prefix_v.addr,
+        context_lens: addr(b.context_lens),
+        out: b.out.addr,
+        dout: b.dout.addr,
+        lse: b.lse.addr,
+        delta: b.workspace.addr,
+        dq: b.dq.addr,
+        dk: b.dk.addr,
+        dv: b.dv.addr,
+        dprefix_k: b.dprefix_k.buf().addr,
+        dprefix_v: b.dprefix_v.buf().addr,
+        rows: rows as i64,
+        sq: d.q.into(),
+        sk: d.k.into(),
+        sv: d.v.into(),
+        spk: d.prefix_k.into(),
+        spv: d.prefix_v.into(),
+        so: d.out.into(),
+        sdo: g.dout.into(),
+        sdq: g.dq.into(),
+        sdk: g.dk.into(),
+        sdv: g.dv.into(),
+        sdpk: g.dprefix_k.into(),
+        sdpv: g.dprefix_v.into(),
+        batch: d.batch as i32,
+        heads: d.heads as i32,
+        group: (d.heads / d.kv_heads) as i32,
+        q_len: d.q_len as i32,
+        kv_len: d.kv_len as i32,
+        prefix_len: d.prefix_len as i32,
+        causal: i32::from(op.causal),
+        shared_prefix: i32::from(shared),
+        dprefix_k_f32: i32::from(b.dprefix_k.is_f32()),
+        dprefix_v_f32: i32::from(b.dprefix_v.is_f32()),
+        head_dim: hd as i32,
+        scale,
+        scale_log2,
+    };
+    let launch = |kernel, grid, dynamic_smem| Launch {
+        kernel,
+        grid,
+        block: [THREADS, 1, 1],
+        dynamic_smem,
+        overlap_previous: false,
+    };
+    let mut steps = vec![(row_launch(dot, rows)?, params)];
+    if key_tiles > 0 {
+        steps.push((launch(dkv, grid_kv, smem_kv), params));
+    }
+    steps.push((launch(dq, grid_q, smem_q), params));
+    Ok(steps)
+}
+
+/// Twin of `LseMergeBackwardParams` in kernels/prefix_attention_backward.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LseMergeBackwardParams {
+    pub o_prefix: u64,
+    pub lse_prefix: u64,
+    pub o_context: u64,
+    pub lse_context: u64,
+    pub dout: u64,
+    pub do_prefix: u64,
+    pub dlse_prefix: u64,
+    pub do_context: u64,
+    pub dlse_context: u64,
+    pub sp: HeadStrides,
+    pub sc: HeadStrides,
+    pub sdo: HeadStrides,
+    pub sdp: HeadStrides,
+    pub sdc: HeadStrides,
+    pub rows: i64,
+    pub heads: i32,
+    pub len: i32,
+    pub dim: i32,
+}
+// SAFETY: as above.
+unsafe impl KernelParams for LseMergeBackwardParams {}
+
+/// The operands of `lse_merge_backward`.
+#[derive(Clone, Copy, Debug)]
+pub struct LseMergeBackwardBufs {
+    pub o_prefix: Buf,
+    pub lse_prefix: Buf,
+    pub o_context: Buf,
+    pub lse_context: Buf,
+    pub dout: Buf,
+    pub do_prefix: Buf,
+    pub dlse_prefix: Buf,
+    pub do_context: Buf,
+    pub dlse_context: Buf,
+}
+
+/// Plans `lse_merge_backward`: one warp per row.
+pub fn lse_merge_backward(
+    dims: &LseMergeBackwardDims,
+    dtype: DType,
+    b: &LseMergeBackwardBufs,
+) -> Result<Vec<(Launch, LseMergeBackwardParams)>> {
+    plan_lse_merge_backward(dims, dtype, b).map_err(|e| e.of("lse_merge_backward"))
+}
+
+fn plan_lse_merge_backward(
+    dims: &LseMergeBackwardDims,
+    dtype: DType,
+    b: &LseMergeBackwardBufs,
+) -> Result<Vec<(Launch, LseMergeBackwardParams)>> {
+    let d = &dims.merge;
+    positive("dims.batch", d.batch)?;
+    positive("dims.heads", d.heads)?;
+    positive("dims.q_len", d.q_len)?;
+    positive("dims.head_dim", d.head_dim)?;
+    at_most("dims.heads", d.heads, i32::MAX as usize, "32-bit indices")?;
+    at_most("dims.q_len", d.q_len, i32::MAX as usize, "32-bit indices")?;
+    at_most("dims.head_dim", d.head_dim, MAX_LEN, "32-bit indices")?;
+    let shape = [d.batch, d.heads, d.q_len, d.head_dim];
+    let rows = row_count(d.batch, d.heads, d.q_len)?;
+    check_tensor("o_prefix", b.o_prefix, d.o_prefix, shape)?;
+    check_tensor("o_context", b.o_context, d.o_context, shape)?;
+    check_tensor("dout", b.dout, dims.dout, shape)?;
+    for (arg, buf, layout) in [
+        ("do_prefix", b.do_prefix, dims.do_prefix),
+        ("do_context", b.do_context, dims.do_context),
+    ] {
+        check_tensor(arg, buf, layout, shape)?;
+        check_distinct(arg, layout, shape)?;
+    }
+    for (arg, buf) in [
+        ("lse_prefix", b.lse_prefix),
+        ("lse_context", b.lse_context),
+        ("dlse_prefix", b.dlse_prefix),
+        ("dlse_context", b.dlse_context),
+    ] {
+        check_len(arg, Some(buf), rows, Some("[B, H, L]"))?;
+    }
+    let es = dtype.size();
+    check_no_alias(
+        &[
+            ("do_prefix", b.do_prefix, es),
+            ("dlse_prefix", b.dlse_prefix, 4),
+            ("do_context", b.do_context, es),
+            ("dlse_context", b.dlse_context, 4),
+        ],
+        &[
+            ("o_prefix", b.o_prefix, es),
+            ("lse_prefix", b.lse_prefix, 4),
+            ("o_context", b.o_context, es),
+            ("lse_context", b.lse_context, 4),
+            ("dout", b.dout, es),
+        ],
+    )?;
+    let kernel = match dtype {
+        DType::F32 => KernelId::lse_merge_backward_f32,
+        DType::F16 => KernelId::lse_merge_backward_f16,
+        DType::BF16 => KernelId::lse_merge_backward_bf16,
+    };
+    let params = LseMergeBackwardParams {
+        o_prefix: b.o_prefix.addr,
+        lse_prefix: b.lse_prefix.addr,
+        o_context: b.o_context.addr,
+        lse_context: b.lse_context.addr,
+        dout: b.dout.addr,
+        do_prefix: b.do_prefix.addr,
+        dlse_prefix: b.dlse_prefix.addr,
+        do_context: b.do_context.addr,
+        dlse_context: b.dlse_context.addr,
+        sp: d.o_prefix.into(),
+        sc: d.o_context.into(),
+        sdo: dims.dout.into(),
+        sdp: dims.do_prefix.into(),
+        sdc: dims.do_context.into(),
+        rows: rows as i64,
+        heads: d.heads as i32,
+        len: d.q_len as i32,
+        dim: d.head_dim as i32,
+    };
+    Ok(vec![(row_launch(kernel, rows)?, params)])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -874,5 +1409,84 @@ mod tests {
             seq: 1,
         };
         assert_eq!(extent(huge, [2, 1, 1, 1]), None);
+    }
+
+    /// A gradient (or the workspace) that shares memory with an input or with another output
+    /// is refused, naming it; disjoint buffers pass (the planner alone: nothing runs).
+    #[test]
+    fn backward_buffers_must_not_alias() {
+        let dims = PrefixAttentionBackwardDims::new(PrefixAttentionDims::new(1, 2, 1, 4, 5, 3, 32));
+        let (nq, nk, np, rows) = (2 * 4 * 32, 5 * 32, 3 * 32, 8);
+        let mut next = 1 << 20;
+        let mut buf = |len: usize| {
+            let b = Buf { addr: next, len };
+            next += (len as u64) * 4 + 256;
+            b
+        };
+        let good = PrefixAttentionBackwardBufs {
+            q: buf(nq),
+            k: buf(nk),
+            v: buf(nk),
+            prefix_k: buf(np),
+            prefix_v: buf(np),
+            context_lens: None,
+            out: buf(nq),
+            lse: buf(rows),
+            dout: buf(nq),
+            dq: buf(nq),
+            dk: buf(nk),
+            dv: buf(nk),
+            dprefix_k: PrefixGradBuf::Elem(buf(np)),
+            dprefix_v: PrefixGradBuf::F32(buf(np)),
+            workspace: buf(rows),
+        };
+        let op = PrefixAttention {
+            scale: None,
+            causal: true,
+        };
+        let refused = |b: PrefixAttentionBackwardBufs| match prefix_attention_backward(
+            &op,
+            &dims,
+            DType::F32,
+            &b,
+        ) {
+            Err(Error::InvalidArgument { arg, .. }) => arg,
+            Ok(_) => "nothing",
+            Err(_) => "another error",
+        };
+        assert_eq!(refused(good), "nothing");
+        let at = |b: Buf, shift: u64, len: usize| Buf {
+            addr: b.addr + shift,
+            len,
+        };
+        // dq over q; dv overlapping dk by one element; dP_v inside O; the workspace on the LSE.
+        assert_eq!(
+            refused(PrefixAttentionBackwardBufs { dq: good.q, ..good }),
+            "dq"
+        );
+        let dv = at(good.dk, (nk as u64 - 1) * 4, nk);
+        assert_eq!(refused(PrefixAttentionBackwardBufs { dv, ..good }), "dv");
+        let dpv = PrefixGradBuf::F32(at(good.out, 64, np));
+        assert_eq!(
+            refused(PrefixAttentionBackwardBufs {
+                dprefix_v: dpv,
+                ..good
+            }),
+            "dprefix_v"
+        );
+        let ws = at(good.lse, 4, rows);
+        assert_eq!(
+            refused(PrefixAttentionBackwardBufs {
+                workspace: ws,
+                ..good
+            }),
+            "workspace"
+        );
+        // Adjacent, not overlapping: fine.
+        let dv = at(good.dk, nk as u64 * 4, nk);
+        assert_eq!(
+            refused(PrefixAttentionBackwardBufs { dv, ..good }),
+            "nothing"
+        );
     }
 }

@@ -577,3 +577,218 @@ pub fn lse_merge<O: Scalar, L: Scalar>(
     }
     Ok(r)
 }
+
+/// The gradients of a prefix attention ([`prefix_attention_backward`]), contiguous.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrefixAttentionGrads {
+    /// dL/dq, [B, Hq, Lq, d].
+    pub dq: Vec<f64>,
+    /// dL/dK of the context, [B, Hkv, Lk, d]; 0 for padding and never-seen keys.
+    pub dk: Vec<f64>,
+    /// dL/dV of the context, [B, Hkv, Lk, d_v].
+    pub dv: Vec<f64>,
+    /// dL/dP_k, [Bp, Hkv, l, d]: Bp = 1 when `prefix_k` is shared by the batch (batch stride 0),
+    /// the gradient then summed over every sequence; else Bp = B.
+    pub dprefix_k: Vec<f64>,
+    /// dL/dP_v, [Bp, Hkv, l, d_v], Bp as for `dprefix_k` (from `prefix_v`'s batch stride).
+    pub dprefix_v: Vec<f64>,
+}
+
+/// The backward of [`prefix_attention`] (TRAINING.md, "Prefix attention"), given the forward's
+/// merged output `out` [B, Hq, Lq, d_v] and merged LSE `lse` [B, Hq, Lq] (natural log of the
+/// scaled scores, what the forward returns) and the output gradient `dout` [B, Hq, Lq, d_v],
+/// all contiguous. Per query row, over the keys it sees (the prefix, then the visible
+/// context):
+///
+/// ```text
+/// D = dout·out,  p_j = exp(scale·q·k_j − lse),  ds_j = p_j·(dout·v_j − D)
+/// dq = scale·Σ_j ds_j·k_j,   dK_j += scale·ds_j·q,   dV_j += p_j·dout
+/// ```
+///
+/// summed over the query heads of a GQA group (and over the batch for a shared prefix). A row
+/// that sees nothing (lse = −∞) contributes nothing and gets dq = 0, never NaN. `out` and
+/// `lse` are inputs, not recomputed: the gradient is that of the forward only when they are
+/// the forward's (the tests check it against finite differences of [`prefix_attention`]).
+pub fn prefix_attention_backward<T: Scalar, O: Scalar, L: Scalar, G: Scalar>(
+    op: &PrefixAttention,
+    t: &PrefixAttentionTensors<T>,
+    out: &[O],
+    lse: &[L],
+    dout: &[G],
+) -> Result<PrefixAttentionGrads> {
+    let p = Problem::new(op, t)?;
+    let (d, dv, lq, lk, l, g) = (p.d, p.dv, p.lq, p.lk, p.l, p.group);
+    check_vec("out", Some(out), "[B, Hq, Lq, d_v]", p.rows() * dv)?;
+    check_vec("dout", Some(dout), "[B, Hq, Lq, d_v]", p.rows() * dv)?;
+    check_vec("lse", Some(lse), "[B, Hq, Lq]", p.rows())?;
+    // One unit of work per (sequence, KV head): its g·Lq query rows and the keys only they
+    // read, packed as [dq (g·Lq·d) | dK (Lk·d) | dV (Lk·d_v) | dP_k (l·d) | dP_v (l·d_v)].
+    let (nq, nk, nv, npk) = (g * lq * d, lk * d, lk * dv, l * d);
+    let width = nq + nk + nv + npk + l * dv;
+    let packed = par_row_blocks(p.batch * p.hkv, width, |units, chunk| {
+        for (unit, slot) in units.zip(chunk.chunks_exact_mut(width)) {
+            let (b, kvh) = (unit / p.hkv, unit % p.hkv);
+            let (dq, rest) = slot.split_at_mut(nq);
+            let (dk, rest) = rest.split_at_mut(nk);
+            let (dvc, rest) = rest.split_at_mut(nv);
+            let (dpk, dpv) = rest.split_at_mut(npk);
+            for hg in 0..g {
+                for i in 0..lq {
+                    let row = (b * p.hq + kvh * g + hg) * lq + i;
+                    let big_l = lse[row].as_f64();
+                    if big_l == f64::NEG_INFINITY {
+                        continue;
+                    }
+                    let q = p.query(row);
+                    let (o, dorow) = (&out[row * dv..][..dv], &dout[row * dv..][..dv]);
+                    let delta: f64 = o
+                        .iter()
+                        .zip(dorow)
+                        .map(|(a, b)| a.as_f64() * b.as_f64())
+                        .sum();
+                    let dqr = &mut dq[(hg * lq + i) * d..][..d];
+                    // One key: its score's gradient into dq, dK_j and dV_j.
+                    let mut key = |k: &[f64], v: &[f64], dkj: &mut [f64], dvj: &mut [f64]| {
+                        let pj = (p.scale * dot(q, k) - big_l).exp();
+                        let dp: f64 = dorow.iter().zip(v).map(|(a, b)| a.as_f64() * b).sum();
+                        let ds = pj * (dp - delta);
+                        for c in 0..d {
+                            dqr[c] += p.scale * ds * k[c];
+                            dkj[c] += p.scale * ds * q[c];
+                        }
+                        for c in 0..dv {
+                            dvj[c] += pj * dorow[c].as_f64();
+                        }
+                    };
+                    for j in 0..l {
+                        let (k, v) = p.prefix(b, kvh, j);
+                        key(k, v, &mut dpk[j * d..][..d], &mut dpv[j * dv..][..dv]);
+                    }
+                    for j in (0..lk).filter(|&j| p.visible(b, i, j)) {
+                        let (k, v) = p.context(b, kvh, j);
+                        key(k, v, &mut dk[j * d..][..d], &mut dvc[j * dv..][..dv]);
+                    }
+                }
+            }
+        }
+    });
+    let mut r = PrefixAttentionGrads {
+        dq: Vec::with_capacity(p.rows() * d),
+        dk: Vec::with_capacity(p.batch * p.hkv * nk),
+        dv: Vec::with_capacity(p.batch * p.hkv * nv),
+        dprefix_k: vec![0.0; p.batch * p.hkv * npk],
+        dprefix_v: vec![0.0; p.batch * p.hkv * l * dv],
+    };
+    // Units are in (b, KV head) order, and a group's query heads are consecutive: each part
+    // concatenates into its contiguous tensor; a shared prefix's sum over the batch.
+    let shared_k = t.prefix_k.strides[0] == 0;
+    let shared_v = t.prefix_v.strides[0] == 0;
+    for (unit, slot) in packed.chunks_exact(width).enumerate() {
+        let (dq, rest) = slot.split_at(nq);
+        let (dk, rest) = rest.split_at(nk);
+        let (dvc, rest) = rest.split_at(nv);
+        let (dpk, dpv) = rest.split_at(npk);
+        r.dq.extend_from_slice(dq);
+        r.dk.extend_from_slice(dk);
+        r.dv.extend_from_slice(dvc);
+        let (b, kvh) = (unit / p.hkv, unit % p.hkv);
+        let at = |shared: bool, n: usize| ((if shared { 0 } else { b }) * p.hkv + kvh) * n;
+        let to = at(shared_k, npk);
+        r.dprefix_k[to..to + npk]
+            .iter_mut()
+            .zip(dpk)
+            .for_each(|(a, g)| *a += g);
+        let to = at(shared_v, l * dv);
+        r.dprefix_v[to..to + l * dv]
+            .iter_mut()
+            .zip(dpv)
+            .for_each(|(a, g)| *a += g);
+    }
+    if shared_k {
+        r.dprefix_k.truncate(p.hkv * npk);
+    }
+    if shared_v {
+        r.dprefix_v.truncate(p.hkv * l * dv);
+    }
+    Ok(r)
+}
+
+/// The gradients of [`lse_merge`]'s output with respect to its two states.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MergeGrads {
+    /// dL/do_prefix = λ·dout, [rows, d_v].
+    pub do_prefix: Vec<f64>,
+    /// dL/dlse_prefix = λ(1 − λ)·dout·(o_prefix − o_context), `[rows]`.
+    pub dlse_prefix: Vec<f64>,
+    /// dL/do_context = (1 − λ)·dout, [rows, d_v].
+    pub do_context: Vec<f64>,
+    /// dL/dlse_context = −dlse_prefix, `[rows]`.
+    pub dlse_context: Vec<f64>,
+}
+
+/// The backward of [`lse_merge`] (the merged output's gradient `dout` into each state), for a
+/// part whose own backward takes the gradients of its output and of its LSE:
+///
+/// ```text
+/// do_p = λ·dout,   do_c = (1 − λ)·dout,   dlse_p = λ(1 − λ)·dout·(o_p − o_c) = −dlse_c
+/// ```
+///
+/// A part's attention backward fed (o_part, lse_part, do_part, dlse_part) is then exact:
+/// its ds_j = p_j·(do_part·v_j − do_part·o_part) + p_j·dlse_part equals the merged form
+/// p_j·(dout·v_j − dout·out) with p_j = exp(s_j − lse) of the merged LSE (TRAINING.md, "each
+/// part's backward against the merged O and L", which is the other way to use it: pass the
+/// merged `out`, `lse` and `dout` to each part's backward unchanged). An empty state (LSE −∞)
+/// gets zero gradients and its output is not read; the merged LSE has no gradient of its own
+/// (as in FlashAttention).
+pub fn lse_merge_backward<O: Scalar, L: Scalar, G: Scalar>(
+    dv: usize,
+    o_prefix: &[O],
+    lse_prefix: &[L],
+    o_context: &[O],
+    lse_context: &[L],
+    dout: &[G],
+) -> Result<MergeGrads> {
+    let rows = lse_prefix.len();
+    check_vec("lse_context", Some(lse_context), "[rows]", rows)?;
+    check_vec("o_prefix", Some(o_prefix), "[rows·d_v]", rows * dv)?;
+    check_vec("o_context", Some(o_context), "[rows·d_v]", rows * dv)?;
+    check_vec("dout", Some(dout), "[rows·d_v]", rows * dv)?;
+    let mut g = MergeGrads {
+        do_prefix: Vec::with_capacity(rows * dv),
+        dlse_prefix: Vec::with_capacity(rows),
+        do_context: Vec::with_capacity(rows * dv),
+        dlse_context: Vec::with_capacity(rows),
+    };
+    for row in 0..rows {
+        let (lp, lc) = (lse_prefix[row].as_f64(), lse_context[row].as_f64());
+        let (op, oc) = (&o_prefix[row * dv..][..dv], &o_context[row * dv..][..dv]);
+        let dor = &dout[row * dv..][..dv];
+        let lambda = if lp == f64::NEG_INFINITY {
+            0.0
+        } else if lc == f64::NEG_INFINITY {
+            1.0
+        } else {
+            sigmoid(lp - lc)
+        };
+        let both_empty = lp == f64::NEG_INFINITY && lc == f64::NEG_INFINITY;
+        // Only a mixed row reads both outputs (and has a gate gradient).
+        let dlse = if lambda > 0.0 && lambda < 1.0 {
+            let diff: f64 = (0..dv)
+                .map(|c| dor[c].as_f64() * (op[c].as_f64() - oc[c].as_f64()))
+                .sum();
+            lambda * (1.0 - lambda) * diff
+        } else {
+            0.0
+        };
+        let (wp, wc) = if both_empty {
+            (0.0, 0.0)
+        } else {
+            (lambda, 1.0 - lambda)
+        };
+        g.do_prefix.extend(dor.iter().map(|d| wp * d.as_f64()));
+        g.do_context.extend(dor.iter().map(|d| wc * d.as_f64()));
+        g.dlse_prefix.push(dlse);
+        g.dlse_context.push(-dlse);
+    }
+    Ok(g)
+}

@@ -1041,7 +1041,11 @@ pub fn check_rejects<B: Backend, T: Element>(be: &B) {
     let err = be
         .prefix_only(
             &op,
-            &with(&|d| d.head_dim = 48),
+            // d_v follows d, so that only the head dim (not built) is wrong.
+            &with(&|d| {
+                d.head_dim = 48;
+                d.value_dim = 48;
+            }),
             PrefixOnlyArgs {
                 q: &q,
                 prefix_k: &q,
