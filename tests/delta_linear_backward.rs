@@ -430,6 +430,10 @@ fn awkward_shapes_on(backend: &Backend) {
             _ => check_case::<bf16>(backend, &c, &mut rng),
         }
     }
+    // The naive kernels' split of the token reduction (three runs) too.
+    let form = rng.pick(&forms);
+    let c = case(&mut rng, form, (1100, 9, 12, 3), KernelVariant::Naive);
+    check_case::<f32>(backend, &c, &mut rng);
 }
 
 /// Fresh random configurations every run (`PEFT_RANDOM_CASES`, default 6).
