@@ -268,6 +268,59 @@ fn clipping_scales_the_step_to_the_max_norm() {
 }
 
 #[test]
+fn the_step_and_the_norm_do_not_depend_on_how_blocks_are_scheduled() {
+    // The norm's partials are per block and summed in a fixed order, so spreading the
+    // blocks over several emulator workers (any completion order) changes no bit.
+    let mut rng = Rng::from_env();
+    let lens = [5000, 1, 2049, 7000];
+    let grads: Vec<Vec<f32>> = lens
+        .iter()
+        .map(|&n| (0..n).map(|_| (rng.normal() * 1e3) as f32).collect())
+        .collect();
+    let start: Vec<Vec<f32>> = lens
+        .iter()
+        .map(|&n| (0..n).map(|_| rng.normal() as f32).collect())
+        .collect();
+    let op = AdamW {
+        max_grad_norm: Some(1.0),
+        ..AdamW::default()
+    };
+    let run = |workers: u32| {
+        peft_kernels::emulator::set_workers(workers);
+        let mut params = start.clone();
+        let mut ms: Vec<Vec<f32>> = lens.iter().map(|&n| vec![0.0; n]).collect();
+        let mut vs = ms.clone();
+        let mut copies: Vec<Vec<f16>> = lens.iter().map(|&n| poisoned(n)).collect();
+        let mut norm = [f32::NAN];
+        let tensors = params
+            .iter_mut()
+            .zip(&grads)
+            .zip(ms.iter_mut().zip(vs.iter_mut()))
+            .zip(copies.iter_mut())
+            .map(|(((p, g), (m, v)), c)| AdamwTensor {
+                param: &mut p[..],
+                grad: &g[..],
+                m: &mut m[..],
+                v: &mut v[..],
+                param_t: &mut c[..],
+            })
+            .collect();
+        let args = AdamwArgs {
+            tensors,
+            grad_norm: Some(&mut norm[..]),
+        };
+        let r = peft_kernels::emulator::adamw(&op, 1, args);
+        peft_kernels::emulator::set_workers(0);
+        r.unwrap();
+        (norm[0].to_bits(), params)
+    };
+    let (norm1, params1) = run(1);
+    let (norm4, params4) = run(4);
+    assert_eq!(norm1, norm4);
+    assert_eq!(params1, params4);
+}
+
+#[test]
 fn an_empty_list_is_a_no_op_with_norm_zero() {
     let mut norm = [f32::NAN];
     let args: AdamwArgs<&[f32], &mut [f32], &mut [bf16]> = AdamwArgs {
