@@ -16,8 +16,22 @@ pub fn delta_linear<T: Element>(
     dims: &DeltaLinearDims,
     args: DeltaLinearArgs<&[T], &mut [T]>,
 ) -> Result<()> {
-    let bufs = args.bufs(&mut HostBufs);
-    run(&plan::delta_linear(op, dims, T::DTYPE, &bufs)?)
+    let mut host = HostBufs::default();
+    let b = args.bufs(&mut host);
+    host.name([
+        ("x", Some(b.x)),
+        ("w", Some(b.w)),
+        ("bias", b.bias),
+        ("u", b.u),
+        ("w_down", Some(b.w_down)),
+        ("b_down", b.b_down),
+        ("w_up", Some(b.w_up)),
+        ("b_up", b.b_up),
+        ("gate", b.gate),
+        ("workspace", Some(b.workspace)),
+        ("y", Some(b.y)),
+    ]);
+    run(&plan::delta_linear(op, dims, T::DTYPE, &b)?, &host)
 }
 
 /// `y = compose(h, Δh)` per head slice for a given h (the multi-head parallel adapter with
@@ -27,8 +41,20 @@ pub fn delta_apply<T: Element>(
     dims: &DeltaApplyDims,
     args: DeltaApplyArgs<&[T], &mut [T]>,
 ) -> Result<()> {
-    let bufs = args.bufs(&mut HostBufs);
-    run(&plan::delta_apply(op, dims, T::DTYPE, &bufs)?)
+    let mut host = HostBufs::default();
+    let b = args.bufs(&mut host);
+    host.name([
+        ("h", b.h),
+        ("u", b.u),
+        ("w_down", Some(b.w_down)),
+        ("b_down", b.b_down),
+        ("w_up", Some(b.w_up)),
+        ("b_up", b.b_up),
+        ("gate", b.gate),
+        ("workspace", Some(b.workspace)),
+        ("y", Some(b.y)),
+    ]);
+    run(&plan::delta_apply(op, dims, T::DTYPE, &b)?, &host)
 }
 
 /// Merges LoRA into the frozen weight in place on the CPU emulator, `W ← W + scale·B·A`:
@@ -39,6 +65,12 @@ pub fn lora_merge<T: Element>(
     scale: f32,
     args: LoraMergeArgs<&[T], &mut [T]>,
 ) -> Result<()> {
-    let bufs = args.bufs(&mut HostBufs);
-    run(&[plan::lora_merge(T::DTYPE, dims, scale, &bufs)?])
+    let mut host = HostBufs::default();
+    let b = args.bufs(&mut host);
+    host.name([
+        ("w", Some(b.w)),
+        ("lora_a", Some(b.lora_a)),
+        ("lora_b", Some(b.lora_b)),
+    ]);
+    run(&[plan::lora_merge(T::DTYPE, dims, scale, &b)?], &host)
 }
