@@ -35,6 +35,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <string>
 #include <vector>
@@ -277,64 +278,73 @@ Access classify(const State& s, uintptr_t p, size_t n, unsigned kind) {
          best->name.c_str(), size_t(best->hi - best->lo), reinterpret_cast<void*>(best->lo));
 }
 
-// Whether an access recorded as (thread, epoch, clock) is ordered before the running
-// thread's access now.
-bool ordered(const State& s, unsigned t, unsigned rec_thread, uint32_t rec_epoch,
-             uint32_t rec_clock) {
-  if (rec_epoch != s.epoch || rec_thread == t) return true;
-  if (rec_thread / 32 != t / 32) return false;
-  return s.common[(size_t(t / 32) * 32 + rec_thread % 32) * 32 + t % 32] > rec_clock;
+// Shared memory is shadowed per 2-byte granule (the narrowest type kernels store there);
+// a 1-byte access stands for its granule.
+constexpr size_t kGranule = 2;
+
+[[noreturn]] void shared_hazard(const State& s, const char* what, const char* where,
+                                size_t offset, const char* other, bool write) {
+  report(s, "racecheck",
+         "%s hazard on %s shared memory at byte offset %zu: %s %s it and this thread %s it "
+         "with no __syncthreads() (or, within a warp, __syncwarp()) between",
+         what, where, offset, other, std::strncmp(what, "write-after-read", 16) ? "wrote" : "read",
+         write ? "writes" : "reads");
 }
 
 void check_shared(State& s, const Access& a, Shadow* shadow, const char* where) {
-  const unsigned t = detail::tl_thread->linear, warp = t / 32;
+  const unsigned t = detail::tl_thread->linear, warp = t / 32, lane = t % 32;
   const bool write = a.kind & kWrite, atomic = a.kind & kAtomic;
+  const bool init = (s.checks & kInitcheck) && !write;
+  const bool race = (s.checks & kRacecheck) && !atomic;
+  const uint32_t epoch = s.epoch, start = s.block_start, clock = s.clock[t];
+  // common[l * 32 + lane]: lane l's clock at its last warp collective with this lane.
+  const uint32_t* common = &s.common[size_t(warp) * 32 * 32];
+  // Whether an access (thread, epoch, clock) of this epoch by another thread is ordered
+  // before this one: only a warp collective of the two since can order it.
+  const auto ordered = [&](unsigned rec, uint32_t rec_clock) {
+    return rec / 32 == warp && common[(rec % 32) * 32 + lane] > rec_clock;
+  };
   char other[64];
-  for (size_t i = 0; i < a.bytes; ++i) {
-    Shadow& sh = shadow[a.offset + i];
-    const bool written = sh.w_epoch >= s.block_start && sh.w_epoch != 0;
-    if ((s.checks & kInitcheck) && !write && !written)
+  const size_t first = a.offset / kGranule, last = (a.offset + a.bytes - 1) / kGranule;
+  for (size_t g = first; g <= last; ++g) {
+    Shadow& sh = shadow[g];
+    const size_t byte = std::max(a.offset, g * kGranule);
+    // Epochs start at 1, so a never-written granule (0) reads as older than the block.
+    const bool written = sh.w_epoch >= start;
+    if (init && !written)
       report(s, "initcheck",
              "%zu-byte read of %s shared memory at byte offset %zu, which no thread of the "
              "block has written since the block started",
-             a.bytes, where, a.offset + i);
-    if ((s.checks & kRacecheck) && !atomic) {
-      if (written && !ordered(s, t, sh.w_thread, sh.w_epoch, sh.w_clock)) {
+             a.bytes, where, byte);
+    if (race) {
+      if (sh.w_epoch == epoch && sh.w_thread != t && !ordered(sh.w_thread, sh.w_clock)) {
         format_thread(s, sh.w_thread, other, sizeof other);
-        report(s, "racecheck",
-               "%s-after-write hazard on %s shared memory at byte offset %zu: %s wrote it and "
-               "this thread %s it with no __syncthreads() (or, within a warp, __syncwarp()) "
-               "between",
-               write ? "write" : "read", where, a.offset + i, other,
-               write ? "writes" : "reads");
+        shared_hazard(s, write ? "write-after-write" : "read-after-write", where, byte, other,
+                      write);
       }
-      if (write && sh.r_epoch == s.epoch && sh.r_epoch >= s.block_start) {
-        const bool other_warp = sh.r_warps & ~(1u << warp);
-        if (other_warp || !ordered(s, t, sh.r_thread, sh.r_epoch, sh.r_clock)) {
-          if (other_warp)
-            std::snprintf(other, sizeof other, "a thread of warp %u",
-                          unsigned(std::countr_zero(sh.r_warps & ~(1u << warp))));
-          else
-            format_thread(s, sh.r_thread, other, sizeof other);
-          report(s, "racecheck",
-                 "write-after-read hazard on %s shared memory at byte offset %zu: %s read it "
-                 "and this thread writes it with no __syncthreads() (or, within a warp, "
-                 "__syncwarp()) between",
-                 where, a.offset + i, other);
+      if (write && sh.r_epoch == epoch) {
+        const unsigned other_warps = sh.r_warps & ~(1u << warp);
+        if (other_warps) {
+          std::snprintf(other, sizeof other, "a thread of warp %u",
+                        unsigned(std::countr_zero(other_warps)));
+          shared_hazard(s, "write-after-read", where, byte, other, true);
+        }
+        if (sh.r_thread != t && !ordered(sh.r_thread, sh.r_clock)) {
+          format_thread(s, sh.r_thread, other, sizeof other);
+          shared_hazard(s, "write-after-read", where, byte, other, true);
         }
       }
     }
     if (write) {
-      sh.w_epoch = s.epoch;
-      sh.w_clock = s.clock[t];
+      sh.w_epoch = epoch;
+      sh.w_clock = clock;
       sh.w_thread = uint16_t(t);
     }
     if (!write || atomic) {
-      if (sh.r_epoch != s.epoch) sh.r_warps = 0;
-      sh.r_epoch = s.epoch;
-      sh.r_clock = s.clock[t];
+      sh.r_warps = (sh.r_epoch == epoch ? sh.r_warps : 0) | 1u << warp;
+      sh.r_epoch = epoch;
+      sh.r_clock = clock;
       sh.r_thread = uint16_t(t);
-      sh.r_warps |= 1u << warp;
     }
   }
 }
@@ -442,9 +452,9 @@ void launch_begin(unsigned checks, const char* kernel, Dim3 grid, Dim3 block,
     dl_iterate_phdr(find_tls, &tls);
     s.tls_hi = reinterpret_cast<uintptr_t>(__builtin_thread_pointer());
     s.tls_lo = s.tls_hi - tls.size;
-    s.tls_shadow.assign(tls.size, Shadow{});
+    s.tls_shadow.assign(tls.size / kGranule + 1, Shadow{});
   }
-  s.smem_shadow.assign(dynamic_smem, Shadow{});
+  s.smem_shadow.assign(dynamic_smem / kGranule + 1, Shadow{});
   s.nthreads = block.x * block.y * block.z;
   s.clock.assign(s.nthreads, 0);
   s.common.assign(size_t((s.nthreads + 31) / 32) * 32 * 32, 0);
@@ -521,7 +531,6 @@ void access(const void* ptr, size_t bytes, unsigned kind, const void* pc) {
         rt::check_shared(s, a, s.smem_shadow.data(), "dynamic");
       return;
     case rt::Space::StaticShared:
-      if (a.offset + a.bytes > s.tls_shadow.size()) return;
       if (s.checks & (rt::kRacecheck | rt::kInitcheck))
         rt::check_shared(s, a, s.tls_shadow.data(), "static");
       return;
@@ -563,13 +572,22 @@ extern "C" void emu_check_plan(int open) {
 // Whether this build has the checked copy of the kernels' hooks (not under ASan).
 #ifndef __SANITIZE_ADDRESS__
 // The instrumentation's entry points (kasan ABI, recoverable form), called by the checked
-// copy of the kernels for every access.
+// copy of the kernels for every access. Most are to the thread's own stack (locals the
+// compiler keeps in memory, the mma twin's operand exchange): those return at once.
+namespace {
+inline bool own_stack(uintptr_t p) {
+  const emu::ThreadRegs* r = emu::detail::tl_thread;
+  return r && p - uintptr_t(r->stack_lo) < uintptr_t(r->stack_hi - r->stack_lo);
+}
+}  // namespace
 #define EMU_ASAN_HOOKS(n)                                                               \
   extern "C" void __asan_load##n##_noabort(uintptr_t p) {                               \
+    if (own_stack(p)) return;                                                           \
     emu::check::access(reinterpret_cast<const void*>(p), n, emu::check::kRead,         \
                        __builtin_return_address(0));                                    \
   }                                                                                     \
   extern "C" void __asan_store##n##_noabort(uintptr_t p) {                              \
+    if (own_stack(p)) return;                                                           \
     emu::check::access(reinterpret_cast<const void*>(p), n, emu::check::kWrite,        \
                        __builtin_return_address(0));                                    \
   }

@@ -74,3 +74,61 @@ pub fn lora_merge<T: Element>(
     ]);
     run(&[plan::lora_merge(T::DTYPE, dims, scale, &b)?], &host)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emulator::{checks_available, with_checks, Checks};
+    use crate::Error;
+
+    /// initcheck follows the workspace over a plan: the split-K reduce alone, without the
+    /// passes that write the partial sums it adds, reads workspace no launch wrote.
+    #[test]
+    fn initcheck_catches_a_read_of_unwritten_workspace() {
+        if !checks_available() {
+            return;
+        }
+        // A decode shape whose main pass splits over K (tests/delta_linear.rs,
+        // passes_split_over_k).
+        let dims = DeltaLinearDims::new(1, 40, 4224, 16);
+        let (m, n, k, r) = (dims.m, dims.n, dims.k, dims.r);
+        let x = vec![half::bf16::from_f32(0.5); m * k];
+        let w = vec![half::bf16::from_f32(0.25); n * k];
+        let w_down = vec![half::bf16::from_f32(0.125); r * k];
+        let w_up = vec![half::bf16::from_f32(1.0); n * r];
+        let mut workspace = vec![half::bf16::ZERO; dims.workspace_len()];
+        let mut y = vec![half::bf16::NAN; m * n];
+        let op = DeltaLinear::lora(16.0, r);
+        let args = DeltaLinearArgs {
+            x: &x[..],
+            w: &w,
+            bias: None,
+            u: None,
+            w_down: &w_down,
+            b_down: None,
+            w_up: &w_up,
+            b_up: None,
+            gate: None,
+            workspace: &mut workspace[..],
+            y: &mut y[..],
+        };
+        let mut host = HostBufs::default();
+        let b = args.bufs(&mut host);
+        host.name([("workspace", Some(b.workspace)), ("y", Some(b.y))]);
+        let steps = plan::delta_linear(&op, &dims, crate::DType::BF16, &b).unwrap();
+        assert!(steps.len() >= 2, "the shape no longer splits");
+        // The whole plan passes every check.
+        with_checks(Checks::ALL, || super::super::run(&steps, &host)).unwrap();
+        // The last step (the reduce) alone reads partial sums no launch of its plan wrote.
+        let last = &steps[steps.len() - 1..];
+        match with_checks(Checks::INITCHECK, || super::super::run(last, &host)) {
+            Err(Error::Emulator { message, .. }) => assert!(
+                message.contains("initcheck in kernel `")
+                    && message.contains("read of `workspace` at byte offset")
+                    && message.contains("which no launch of the plan has written"),
+                "{message}"
+            ),
+            other => panic!("expected an initcheck finding, got {other:?}"),
+        }
+    }
+}

@@ -141,6 +141,12 @@ pub fn set_checks(checks: Option<Checks>) {
     THREAD_CHECKS.with(|c| c.set(checks));
 }
 
+/// Whether this build has the checked copy of the kernels that [`Checks`] need (every
+/// build but one made with `PEFT_KERNELS_EMU_SANITIZE`, the AddressSanitizer build).
+pub fn checks_available() -> bool {
+    crate::kernels::emu_entry::checked_entry(crate::kernels::KernelId::ALL[0]).is_some()
+}
+
 /// Runs `f` with the calling thread's launches checked by `checks` (a per-launch setting:
 /// wrap one launch), then restores the previous setting, also when `f` panics.
 pub fn with_checks<R>(checks: Checks, f: impl FnOnce() -> R) -> R {
