@@ -46,9 +46,14 @@
 // ptxas enforces it when the kernels are built for the GPU, and CI builds every kernel
 // with nvcc.
 //
-// What it cannot see: a missing __syncthreads() between a shared-memory write and
-// another thread's read (the fixed round-robin order usually turns such a race into a
-// wrong answer, but not always); two branches of one warp calling the same warp
+// The checks (opt-in; kernels/emu/check.cpp, emu::check below): memcheck, racecheck and
+// initcheck run a launch on an instrumented copy of the kernels and fail it on an access
+// outside the launch's buffers or shared memory, a shared-memory hazard between barriers,
+// a global hazard between blocks, or a read of memory nothing wrote.
+//
+// What it cannot see: without racecheck, a missing __syncthreads() between a
+// shared-memory write and another thread's read (the fixed round-robin order usually
+// turns such a race into a wrong answer, but not always); two branches of one warp calling the same warp
 // operation at different call sites (they are matched like Volta's independent thread
 // scheduling would), or threads of a block reaching __syncthreads() at different call
 // sites (counted as one barrier; the GPU requires one call site); threads spinning on memory

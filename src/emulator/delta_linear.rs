@@ -130,5 +130,16 @@ mod tests {
             ),
             other => panic!("expected an initcheck finding, got {other:?}"),
         }
+        // The checks see the real kernels' accesses: with w's extent withheld, memcheck
+        // refuses the first read of it (the frozen weight, read through cp.async).
+        host.buffers.retain(|b| b.addr != w.as_ptr() as u64);
+        match with_checks(Checks::MEMCHECK, || super::super::run(&steps, &host)) {
+            Err(Error::Emulator { message, .. }) => assert!(
+                message.contains("memcheck in kernel `fused_linear_")
+                    && message.contains("is outside every buffer of the launch"),
+                "{message}"
+            ),
+            other => panic!("expected a memcheck finding, got {other:?}"),
+        }
     }
 }
