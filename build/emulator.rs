@@ -1,8 +1,25 @@
 //! The emulator backend: the kernels' own .cu sources compiled as C++20 by the host
 //! compiler, with kernels/emu/emu.h forced in (it defines `__global__`, `__shared__`,
 //! threadIdx, the warp primitives, `__half` …), plus the runtime in kernels/emu/*.cpp.
+//!
+//! The .cu sources are compiled twice into the one library:
+//! - plainly, for ordinary launches (`emu_launch_<kernel>`);
+//! - instrumented (the checked copy, `pkc_emu_launch_<kernel>`), for launches with the
+//!   emulator's checks on (memcheck, racecheck, initcheck: kernels/emu/check.cpp). g++'s
+//!   `-fsanitize=kernel-address` with an outline call threshold of 0 makes every load and
+//!   store of the kernel code call `__asan_{load,store}{1,2,4,8,16,N}_noabort`, which
+//!   check.cpp implements (kasan mode links no sanitizer runtime); stack and global
+//!   redzones are off, so the code and data layout are the plain build's. Every symbol the
+//!   checked objects define is renamed with the prefix `pkc_` (objcopy), so that the two
+//!   copies of each inline function, template instantiation and `__shared__` array stay
+//!   apart at link time and a plain launch never runs instrumented code.
+//!
+//! `PEFT_KERNELS_EMU_SANITIZE=1` at build time instead builds the runtime and the plain copy
+//! with `-fsanitize=address,undefined` (see README, "Sanitizers"); the checked copy is then
+//! left out (kernel-address and address cannot be combined) and the checks are unavailable.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 pub fn build(kernels: &Path, sources: &[PathBuf]) {
     // The fibers' context switch is x86-64 System V assembly with ELF directives, and the
@@ -16,6 +33,9 @@ pub fn build(kernels: &Path, sources: &[PathBuf]) {
         );
         return;
     }
+    println!("cargo::rerun-if-env-changed=PEFT_KERNELS_EMU_SANITIZE");
+    println!("cargo::rustc-check-cfg=cfg(pk_emu_checked)");
+    let sanitize = std::env::var_os("PEFT_KERNELS_EMU_SANITIZE").is_some_and(|v| v != "0");
     let emu = kernels.join("emu");
     let mut runtime: Vec<PathBuf> = std::fs::read_dir(&emu)
         .expect("kernels/emu is missing")
@@ -24,6 +44,35 @@ pub fn build(kernels: &Path, sources: &[PathBuf]) {
         .collect();
     runtime.sort();
 
+    let mut b = base(kernels);
+    if sanitize {
+        b.flag("-fsanitize=address,undefined")
+            .flag("-fno-sanitize-recover=undefined")
+            .flag("-fno-omit-frame-pointer");
+        // The Rust test binaries are not instrumented: the sanitizer runtimes come from the
+        // shared libraries (run with LD_PRELOAD=libasan.so, see README).
+        println!("cargo::rustc-link-lib=dylib=asan");
+        println!("cargo::rustc-link-lib=dylib=ubsan");
+    } else {
+        println!("cargo::rustc-cfg=pk_emu_checked");
+        for obj in checked_objects(kernels, sources) {
+            b.object(obj);
+        }
+    }
+    for f in &runtime {
+        b.file(f);
+    }
+    // The .cu sources: compiled as C++ with the emulation header included first.
+    for f in sources {
+        b.file(f);
+    }
+    forced_header(&mut b, kernels);
+    // cc also links the C++ standard library (`cargo:rustc-link-lib=stdc++`).
+    b.compile("peft_kernels_emu");
+}
+
+/// The flags every emulator object is built with.
+fn base(kernels: &Path) -> cc::Build {
     let mut b = cc::Build::new();
     b.cpp(true)
         .std("c++20")
@@ -41,16 +90,71 @@ pub fn build(kernels: &Path, sources: &[PathBuf]) {
         .flag_if_supported("-fstack-clash-protection")
         .include(kernels)
         .define("PK_EMULATOR", "1");
-    for f in &runtime {
-        b.file(f);
-    }
-    // The .cu sources: compiled as C++ with the emulation header included first.
-    for f in sources {
-        b.file(f);
-    }
-    b.flag("-include").flag(emu.join("emu.h").to_str().unwrap());
-    // `-x c++` must precede the .cu files; cc passes flags before files.
+    b
+}
+
+/// `-include emu.h -x c++`: flags go before the files, so `-x c++` covers the .cu files.
+fn forced_header(b: &mut cc::Build, kernels: &Path) {
+    b.flag("-include")
+        .flag(kernels.join("emu/emu.h").to_str().unwrap());
     b.flag("-x").flag("c++");
-    // cc also links the C++ standard library (`cargo:rustc-link-lib=stdc++`).
-    b.compile("peft_kernels_emu");
+}
+
+/// The checked copy of the kernels (see the module comment): instrumented objects with
+/// every symbol they define renamed `pkc_<name>`.
+fn checked_objects(kernels: &Path, sources: &[PathBuf]) -> Vec<PathBuf> {
+    let mut c = base(kernels);
+    c.define("PK_EMU_CHECKED", "1")
+        .flag("-fsanitize=kernel-address")
+        .flag("--param=asan-instrumentation-with-call-threshold=0")
+        .flag("--param=asan-stack=0")
+        .flag("--param=asan-globals=0")
+        // Every access is reported, none elided as "known in bounds" of a global.
+        .flag("--param=asan-instrument-reads=1")
+        .flag("--param=asan-instrument-writes=1");
+    for f in sources {
+        c.file(f);
+    }
+    forced_header(&mut c, kernels);
+    let objects = c.compile_intermediates();
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("checked");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut renamed = Vec::new();
+    for (i, obj) in objects.iter().enumerate() {
+        let listing = run(Command::new(tool("NM", "nm"))
+            .args(["-P", "--defined-only", "--extern-only"])
+            .arg(obj));
+        let map: String = listing
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .map(|sym| format!("{sym} pkc_{sym}\n"))
+            .collect();
+        let map_file = out.join(format!("{i}.syms"));
+        std::fs::write(&map_file, map).unwrap();
+        let dst = out.join(format!(
+            "{i}-{}",
+            obj.file_name().unwrap().to_string_lossy()
+        ));
+        run(Command::new(tool("OBJCOPY", "objcopy"))
+            .arg(format!("--redefine-syms={}", map_file.display()))
+            .arg(obj)
+            .arg(&dst));
+        renamed.push(dst);
+    }
+    renamed
+}
+
+fn tool(var: &str, default: &str) -> String {
+    println!("cargo::rerun-if-env-changed={var}");
+    std::env::var(var).unwrap_or_else(|_| default.to_string())
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e} (binutils' nm and objcopy are needed)"));
+    if !out.status.success() {
+        panic!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    String::from_utf8(out.stdout).unwrap()
 }

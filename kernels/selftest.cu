@@ -424,3 +424,56 @@ __device__ void shfl_divergent(const BrokenParams& p) {
   if (i < p.n) p.out[i] = v;
 }
 PK_KERNEL(selftest_broken_shfl_divergent, shfl_divergent, BrokenParams)
+
+// ---------------------------------------------------------------------------------------
+// Broken kernels the emulator's checks must catch (src/emulator, `Checks`): each is wrong
+// on a GPU too, but runs "correctly" in the emulator without its checks. Blocks of 64
+// threads over x and out of n elements.
+struct CheckedParams {
+  const float* x;
+  float* out;
+  uint32_t n;
+};
+PK_PARAMS_SIZE(CheckedParams)
+
+// The block stages its tile of x in shared memory; its last thread also reads the element
+// after the tile, which for the last block is one past the end of x (memcheck).
+__device__ void read_past_tile(const CheckedParams& p) {
+  __shared__ float tile[65];
+  const uint32_t base = blockIdx.x * blockDim.x, t = threadIdx.x;
+  tile[t] = base + t < p.n ? p.x[base + t] : 0.0f;
+  if (t == blockDim.x - 1) tile[t + 1] = p.x[base + t + 1];
+  __syncthreads();
+  if (base + t < p.n) p.out[base + t] = tile[t] + tile[t + 1];
+}
+PK_KERNEL(selftest_broken_read_past_tile, read_past_tile, CheckedParams)
+
+// Each thread reads the tile element another warp's thread writes, with no barrier
+// between the write and the read (racecheck).
+__device__ void missing_barrier_read(const CheckedParams& p) {
+  __shared__ float tile[64];
+  const uint32_t base = blockIdx.x * blockDim.x, t = threadIdx.x;
+  tile[t] = base + t < p.n ? p.x[base + t] : 0.0f;
+  const float v = tile[blockDim.x - 1 - t];
+  if (base + t < p.n) p.out[base + t] = v;
+}
+PK_KERNEL(selftest_broken_missing_barrier_read, missing_barrier_read, CheckedParams)
+
+// The last thread reads the shared word after the tile, which no thread writes
+// (initcheck: on a GPU it holds whatever the previous block left there).
+__device__ void uninit_shared_read(const CheckedParams& p) {
+  __shared__ float tile[65];
+  const uint32_t base = blockIdx.x * blockDim.x, t = threadIdx.x;
+  tile[t] = base + t < p.n ? p.x[base + t] : 0.0f;
+  __syncthreads();
+  if (base + t < p.n) p.out[base + t] = tile[t] + tile[t + 1];
+}
+PK_KERNEL(selftest_broken_uninit_shared_read, uninit_shared_read, CheckedParams)
+
+// Every block writes the first blockDim.x outputs: two blocks write one output
+// (racecheck).
+__device__ void blocks_write_one_output(const CheckedParams& p) {
+  const uint32_t t = threadIdx.x;
+  if (t < p.n) p.out[t] = p.x[blockIdx.x * blockDim.x + t < p.n ? blockIdx.x * blockDim.x + t : 0];
+}
+PK_KERNEL(selftest_broken_blocks_write_one_output, blocks_write_one_output, CheckedParams)

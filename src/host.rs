@@ -18,8 +18,8 @@ use crate::optim::{AdamW, AdamwArgs};
 #[cfg(feature = "cuda")]
 use crate::plan::{self, Buf, BufSource, KernelParams, Launch};
 use crate::prefix_attention::{
-    HostKvConcatArgs, HostLseMergeArgs, HostPrefixAttentionArgs, HostPrefixOnlyArgs,
-    KvConcatDims, LseMergeBackwardArgs, LseMergeBackwardDims, LseMergeDims, PrefixAttention,
+    HostKvConcatArgs, HostLseMergeArgs, HostPrefixAttentionArgs, HostPrefixOnlyArgs, KvConcatDims,
+    LseMergeBackwardArgs, LseMergeBackwardDims, LseMergeDims, PrefixAttention,
     PrefixAttentionBackwardDims, PrefixAttentionBackwardHostArgs, PrefixAttentionDims,
 };
 use crate::{Element, Error, Result};

@@ -124,6 +124,35 @@ macro_rules! kernel_table {
             pub(crate) fn entry(id: KernelId) -> Entry {
                 match id { $($(#[cfg($meta)] KernelId::$name => sym::$name as Entry,)*)* }
             }
+
+            /// The checked copy's `pkc_emu_launch_<name>` (build/emulator.rs): the same
+            /// kernels with every memory access reported to the emulator's checks.
+            #[cfg(pk_emu_checked)]
+            mod checked_sym {
+                unsafe extern "C" {
+                    $($(
+                        #[link_name = concat!("pkc_emu_launch_", stringify!($name))]
+                        pub(super) fn $name(
+                            grid: crate::emulator::Dim3,
+                            block: crate::emulator::Dim3,
+                            dynamic_smem: u32,
+                            args: *mut *mut std::ffi::c_void,
+                        ) -> i32;
+                    )*)*
+                }
+            }
+
+            /// The checked entry of a kernel, when this build has the checked copy (not
+            /// under `PEFT_KERNELS_EMU_SANITIZE`).
+            pub(crate) fn checked_entry(id: KernelId) -> Option<Entry> {
+                #[cfg(pk_emu_checked)]
+                return Some(match id { $($(KernelId::$name => checked_sym::$name as Entry,)*)* });
+                #[cfg(not(pk_emu_checked))]
+                {
+                    let _ = id;
+                    None
+                }
+            }
         }
     };
     ($($table:tt)*) => {
@@ -152,6 +181,10 @@ kernel_table! {
         selftest_broken_mismatched_warp_ops,
         selftest_broken_mismatched_votes,
         selftest_broken_warp_deadlock,
+        selftest_broken_read_past_tile,
+        selftest_broken_missing_barrier_read,
+        selftest_broken_uninit_shared_read,
+        selftest_broken_blocks_write_one_output,
     }
     #[cfg(feature = "selftest")]
     SelftestMma {

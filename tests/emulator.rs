@@ -7,10 +7,10 @@
 //! reproduces it.
 #![cfg(feature = "emulator")]
 
-use peft_kernels::emulator;
+use peft_kernels::emulator::{self, Checks};
 use peft_kernels::kernels::KernelId;
 use peft_kernels::plan::Launch;
-use peft_kernels::selftest::{self, Broken};
+use peft_kernels::selftest::{self, Broken, BrokenCheck};
 use peft_kernels::Error;
 
 /// splitmix64: small, and enough for test inputs.
@@ -199,6 +199,116 @@ fn missing_barrier_is_caught_or_wrong() {
             }
         }
     }
+}
+
+#[test]
+fn racecheck_catches_the_missing_barrier_whatever_the_fiber_order() {
+    if !emulator::checks_available() {
+        eprintln!("skipped: this build has no checked copy (PEFT_KERNELS_EMU_SANITIZE)");
+        return;
+    }
+    let mut rng = Rng::new();
+    let (m, n, k) = (64, 64, 64);
+    let a = rng.f32s(m * k);
+    let b = rng.f32s(k * n);
+    let mut c = vec![f32::NAN; m * n];
+    let r = emulator::with_checks(Checks::RACECHECK, || {
+        selftest::sgemm_missing_barrier(&a, &b, &mut c, m, n, k)
+    });
+    let message = expect_emulator_error(
+        r,
+        "selftest_sgemm_missing_barrier_f32",
+        "racecheck in kernel `selftest_sgemm_missing_barrier_f32`: ",
+    );
+    // A thread of the next K slice overwrote the tile a thread of this slice reads (the
+    // order the fibers ran in decides which of the two it is seen as).
+    assert!(
+        message.contains("-after-write hazard on static shared memory")
+            || message.contains("write-after-read hazard on static shared memory"),
+        "{message}"
+    );
+    assert!(message.starts_with("block (0,0,0), thread ("), "{message}");
+    // The correct kernel passes every check.
+    emulator::with_checks(Checks::ALL, || {
+        selftest::sgemm_tiled(&a, &b, &mut c, m, n, k)
+    })
+    .unwrap();
+}
+
+#[test]
+fn checks_catch_the_broken_kernels() {
+    if !emulator::checks_available() {
+        eprintln!("skipped: this build has no checked copy (PEFT_KERNELS_EMU_SANITIZE)");
+        return;
+    }
+    // (kernel, message, where): each names the check, the kernel, the block, the thread
+    // and the memory.
+    let expected = [
+        (
+            BrokenCheck::ReadPastTile,
+            "memcheck in kernel `selftest_broken_read_past_tile`: 4-byte read at ",
+            "block (1,0,0), thread (63,0,0): ",
+            "is outside every buffer of the launch: it ends 4 byte(s) past the end of `x` \
+             (512 bytes at ",
+        ),
+        (
+            BrokenCheck::MissingBarrierRead,
+            "racecheck in kernel `selftest_broken_missing_barrier_read`: write-after-read \
+             hazard on static shared memory",
+            "block (0,0,0), thread (",
+            "read it and this thread writes it with no __syncthreads()",
+        ),
+        (
+            BrokenCheck::UninitSharedRead,
+            "initcheck in kernel `selftest_broken_uninit_shared_read`: 4-byte read of static \
+             shared memory",
+            "block (0,0,0), thread (63,0,0): ",
+            "which no thread of the block has written since the block started",
+        ),
+        (
+            BrokenCheck::BlocksWriteOneOutput,
+            "racecheck in kernel `selftest_broken_blocks_write_one_output`: global \
+             write-after-write hazard on `out` at byte offset 0: block (0,0,0) of the same \
+             launch writes it",
+            "block (1,0,0), thread (0,0,0): ",
+            "",
+        ),
+    ];
+    assert_eq!(expected.len(), BrokenCheck::ALL.len());
+    for (kind, message, place, detail) in expected {
+        let (_, check) = BrokenCheck::ALL
+            .into_iter()
+            .find(|&(k, _)| k == kind)
+            .unwrap();
+        // Without its check the emulator runs the broken kernel to completion.
+        selftest::run_broken_check(kind, Checks::NONE).unwrap();
+        let got = expect_emulator_error(
+            selftest::run_broken_check(kind, check),
+            kind.kernel().name(),
+            message,
+        );
+        assert!(got.starts_with(place), "{got}");
+        assert!(got.contains(detail), "{got}");
+        // With every check on, some check catches it (initcheck may see the missing
+        // barrier's read of an element not yet written first).
+        expect_emulator_error(
+            selftest::run_broken_check(kind, Checks::ALL),
+            kind.kernel().name(),
+            "check in kernel `",
+        );
+    }
+}
+
+#[test]
+fn checks_parse_from_the_environment_spelling() {
+    assert_eq!(Checks::parse("").unwrap(), Checks::NONE);
+    assert_eq!(
+        Checks::parse("memcheck, initcheck").unwrap(),
+        Checks::MEMCHECK | Checks::INITCHECK
+    );
+    assert_eq!(Checks::parse("all").unwrap(), Checks::ALL);
+    let e = Checks::parse("memcheck,racechek").unwrap_err().to_string();
+    assert!(e.contains("PEFT_KERNELS_EMU_CHECK"), "{e}");
 }
 
 #[test]
@@ -558,6 +668,7 @@ fn params_sizes_match_the_cxx_structs() {
         fn pk_sizeof_ReverseParams() -> usize;
         fn pk_sizeof_AtomicsParams() -> usize;
         fn pk_sizeof_BrokenParams() -> usize;
+        fn pk_sizeof_CheckedParams() -> usize;
     }
     use std::mem::size_of;
     // SAFETY: the functions return a constant.
@@ -586,6 +697,10 @@ fn params_sizes_match_the_cxx_structs() {
         assert_eq!(
             pk_sizeof_BrokenParams(),
             size_of::<selftest::BrokenParams>()
+        );
+        assert_eq!(
+            pk_sizeof_CheckedParams(),
+            size_of::<selftest::CheckedParams>()
         );
     }
 }

@@ -46,9 +46,14 @@
 // ptxas enforces it when the kernels are built for the GPU, and CI builds every kernel
 // with nvcc.
 //
-// What it cannot see: a missing __syncthreads() between a shared-memory write and
-// another thread's read (the fixed round-robin order usually turns such a race into a
-// wrong answer, but not always); two branches of one warp calling the same warp
+// The checks (opt-in; kernels/emu/check.cpp, emu::check below): memcheck, racecheck and
+// initcheck run a launch on an instrumented copy of the kernels and fail it on an access
+// outside the launch's buffers or shared memory, a shared-memory hazard between barriers,
+// a global hazard between blocks, or a read of memory nothing wrote.
+//
+// What it cannot see: without racecheck, a missing __syncthreads() between a
+// shared-memory write and another thread's read (the fixed round-robin order usually
+// turns such a race into a wrong answer, but not always); two branches of one warp calling the same warp
 // operation at different call sites (they are matched like Volta's independent thread
 // scheduling would), or threads of a block reaching __syncthreads() at different call
 // sites (counted as one barrier; the GPU requires one call site); threads spinning on memory
@@ -139,6 +144,9 @@ struct ThreadRegs {
   uint3 thread_idx;
   unsigned linear;  // x + y·blockDim.x + z·blockDim.x·blockDim.y
   unsigned lane;    // linear % 32
+  // The fiber's stack, [stack_lo, stack_hi): accesses there are the thread's own.
+  const char* stack_lo;
+  const char* stack_hi;
 };
 
 namespace detail {
@@ -170,12 +178,31 @@ unsigned active_mask();
 using Body = void (*)(const void* ctx);
 // Runs `body(ctx)` on every thread of the grid; 0 on success, else the message is in
 // emu_last_error(). max_threads: the kernel's launch bounds (0 = none). `name` (the
-// kernel's) appears in the report of a memory fault inside the kernel.
+// kernel's) appears in the report of a memory fault inside the kernel. `ctx` holds
+// `ctx_bytes` bytes (the parameter block, which the checks let kernels read).
 int launch(const char* name, Dim3 grid, Dim3 block, uint32_t dynamic_smem,
-           unsigned max_threads, Body body, const void* ctx);
+           unsigned max_threads, Body body, const void* ctx, size_t ctx_bytes);
 // Records `message` as the calling thread's last error; returns 1.
 int launch_error(const char* message);
 }  // namespace detail
+
+// The one instrumented access path (kernels/emu/check.cpp). Kernels built into the checked
+// copy of the library (build/emulator.rs) report every load and store here through the
+// compiler's instrumentation; the runtime's own primitives that touch a kernel's memory
+// outside instrumented code (cp.async copies, wgmma operands) report theirs explicitly,
+// only while a checked launch runs. Plain launches never get here.
+namespace check {
+enum : unsigned { kRead = 1, kWrite = 2, kAtomic = 4 };
+// An access of `bytes` bytes at `p` by the running thread; `pc` is the instruction's
+// return address (the call site), for tools that group a warp's accesses by instruction.
+void access(const void* p, size_t bytes, unsigned kind, const void* pc);
+// Whether the launch running on this OS thread is checked.
+bool active();
+// Brackets an atomic operation: its accesses are reported as atomic (racecheck ignores
+// them; memcheck still applies).
+void atomic_begin();
+void atomic_end();
+}  // namespace check
 
 // The calling thread's lane (threadIdx linearised, modulo 32).
 inline unsigned lane_id() { return detail::tl_thread->lane; }
@@ -244,7 +271,7 @@ int launch(const char* name, void (*fn)(const Params&), Dim3 grid, Dim3 block,
         const Bound& b = *static_cast<const Bound*>(ctx);
         b.fn(b.params);
       },
-      &bound);
+      &bound, sizeof bound);
 }
 
 }  // namespace emu
@@ -366,10 +393,28 @@ inline T atomic_update(T* p, Op op) {
 }
 }  // namespace emu::detail
 
-#define EMU_ATOMIC(name, T, method) \
-  inline T name(T* p, T v) { return emu::detail::atomic(p).method(v, emu::detail::kRelaxed); }
-#define EMU_ATOMIC_UPDATE(name, T, expr) \
-  inline T name(T* p, T v) { return emu::detail::atomic_update(p, [v](T old) { return expr; }); }
+// In the checked copy every atomic is bracketed, so that its accesses count as atomic.
+#ifdef PK_EMU_CHECKED
+namespace emu::detail {
+struct AtomicScope {
+  AtomicScope() { ::emu::check::atomic_begin(); }
+  ~AtomicScope() { ::emu::check::atomic_end(); }
+};
+}  // namespace emu::detail
+#define EMU_ATOMIC_SCOPE const ::emu::detail::AtomicScope emu_atomic_scope_;
+#else
+#define EMU_ATOMIC_SCOPE
+#endif
+#define EMU_ATOMIC(name, T, method)                                            \
+  inline T name(T* p, T v) {                                                   \
+    EMU_ATOMIC_SCOPE                                                           \
+    return emu::detail::atomic(p).method(v, emu::detail::kRelaxed);            \
+  }
+#define EMU_ATOMIC_UPDATE(name, T, expr)                                       \
+  inline T name(T* p, T v) {                                                   \
+    EMU_ATOMIC_SCOPE                                                           \
+    return emu::detail::atomic_update(p, [v](T old) { return expr; });         \
+  }
 #define EMU_ATOMIC_INTEGER(T)                              \
   EMU_ATOMIC(atomicAdd, T, fetch_add)                      \
   EMU_ATOMIC(atomicAnd, T, fetch_and)                      \
@@ -379,6 +424,7 @@ inline T atomic_update(T* p, Op op) {
   EMU_ATOMIC_UPDATE(atomicMax, T, old < v ? v : old)       \
   EMU_ATOMIC_UPDATE(atomicMin, T, v < old ? v : old)       \
   inline T atomicCAS(T* p, T compare, T v) {               \
+    EMU_ATOMIC_SCOPE                                       \
     emu::detail::atomic(p).compare_exchange_strong(compare, v, emu::detail::kRelaxed); \
     return compare;                                        \
   }
@@ -398,6 +444,7 @@ EMU_ATOMIC_UPDATE(atomicDec, unsigned, (old == 0 || old > v) ? v : old - 1)
 #undef EMU_ATOMIC
 #undef EMU_ATOMIC_UPDATE
 #undef EMU_ATOMIC_INTEGER
+#undef EMU_ATOMIC_SCOPE
 
 // ---------------------------------------------------------------------------------------
 // Math builtins. The float functions of <cmath> (expf, logf, sqrtf, fmaxf, tanhf, erff,

@@ -2,6 +2,8 @@
 // cp.async queues, launch validation and the worker pool. See emu.h for the model.
 #include "emu.h"
 
+#include "check.h"
+
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -17,6 +19,16 @@
 
 // Under valgrind, every fiber stack is registered as a stack, so that switching to it is
 // not mistaken for a huge stack-pointer move. The client requests cost nothing otherwise.
+// Under AddressSanitizer (PEFT_KERNELS_EMU_SANITIZE, build/emulator.rs) every switch of
+// stacks is announced to it (jump below), or it takes the fibers' stacks for overflows of
+// the OS thread's; and fibers get larger stacks, for its redzones.
+#if defined(__SANITIZE_ADDRESS__)
+#include <pthread.h>
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+#endif
+
 #if __has_include(<valgrind/valgrind.h>)
 #include <valgrind/valgrind.h>
 #define EMU_REGISTER_STACK(lo, hi) VALGRIND_STACK_REGISTER(lo, hi)
@@ -104,7 +116,11 @@ constexpr unsigned kMaxBlockX = 1024, kMaxBlockY = 1024, kMaxBlockZ = 64;
 constexpr uint64_t kMaxGridX = 2147483647, kMaxGridYZ = 65535;
 constexpr uint32_t kMaxDynamicSmem = 232448;  // 227 KiB, sm_90's opt-in maximum
 
+#ifdef EMU_ASAN
+constexpr size_t kStackSize = 256 << 10;
+#else
 constexpr size_t kStackSize = 64 << 10;
+#endif
 constexpr size_t kSmemAlign = 128;
 
 thread_local std::string tl_last_error;
@@ -132,6 +148,7 @@ struct WgmmaOp {
 
 struct Fiber {
   ThreadRegs regs{};
+  void* asan_fake_stack = nullptr;  // AddressSanitizer's, while the fiber is switched out
   void* sp = nullptr;
   char* stack_top = nullptr;  // 16-byte aligned end of the stack
   char* guard = nullptr;      // the PROT_NONE page below the stack
@@ -218,6 +235,10 @@ struct Engine {
   int bar_acc = 0, bar_result = 0;
   Fiber* cur = nullptr;
   void* sched_sp = nullptr;
+  // The OS thread's stack (the scheduler's), for AddressSanitizer.
+  void* sched_fake_stack = nullptr;
+  const void* sched_stack_lo = nullptr;
+  size_t sched_stack_size = 0;
   bool failed = false;
   char message[1024] = {};
   Warp warps[kMaxThreadsPerBlock / 32];
@@ -246,6 +267,8 @@ Fiber* new_fiber() {
   Fiber* f = new Fiber;
   f->guard = static_cast<char*>(p);
   f->stack_top = static_cast<char*>(p) + total;
+  f->regs.stack_lo = f->guard + page;
+  f->regs.stack_hi = f->stack_top;
   EMU_REGISTER_STACK(f->guard + page, f->stack_top);
   return f;
 }
@@ -303,6 +326,25 @@ bool prepare(Engine& e, const LaunchState& L) {
 
 [[noreturn]] void fiber_main(Fiber* f);
 
+// Switches from the running context to the one whose stack pointer is `load` and whose
+// stack is [to_lo, to_lo + to_size), saving ours in *save. `fake` keeps AddressSanitizer's
+// fake stack of the context we leave until it resumes; null when it never resumes.
+inline void jump(void** save, void* load, void** fake, const void* to_lo, size_t to_size) {
+#ifdef EMU_ASAN
+  __sanitizer_start_switch_fiber(fake, to_lo, to_size);
+#else
+  (void)fake, (void)to_lo, (void)to_size;
+#endif
+  emu_switch_context(save, load);
+#ifdef EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake ? *fake : nullptr, nullptr, nullptr);
+#endif
+}
+
+inline void jump_to_fiber(void** save, void** fake, Fiber* to) {
+  jump(save, to->sp, fake, to->regs.stack_lo, size_t(to->regs.stack_hi - to->regs.stack_lo));
+}
+
 // Lays out a frame on the fiber's stack that emu_switch_context "returns" through into
 // emu_fiber_start: [fp env][r15][r14][r13 = fiber_main][r12 = f][rbx][rbp][ret].
 void prime(Fiber* f, uint64_t fp_env) {
@@ -318,6 +360,10 @@ void prime(Fiber* f, uint64_t fp_env) {
   sp[8] = 0;
   sp[9] = 0;
   f->sp = sp;
+#ifdef EMU_ASAN
+  // The fiber's previous run may have left its frames' redzones poisoned.
+  ASAN_UNPOISON_MEMORY_REGION(f->regs.stack_lo, size_t(f->regs.stack_hi - f->regs.stack_lo));
+#endif
 }
 
 uint64_t current_fp_env() {
@@ -336,7 +382,7 @@ uint64_t current_fp_env() {
 void switch_to(Engine& e, Fiber* from, Fiber* to) {
   e.cur = to;
   tl_thread = &to->regs;
-  emu_switch_context(&from->sp, to->sp);
+  jump_to_fiber(&from->sp, &from->asan_fake_stack, to);
 }
 
 // The current fiber waits (its state is no longer Runnable) or has exited.
@@ -345,7 +391,7 @@ void park(Engine& e) {
   if (e.runnable == 0) {
     e.cur = nullptr;
     tl_thread = nullptr;
-    emu_switch_context(&self->sp, e.sched_sp);
+    jump(&self->sp, e.sched_sp, &self->asan_fake_stack, e.sched_stack_lo, e.sched_stack_size);
     return;
   }
   const unsigned n = e.nthreads;
@@ -395,6 +441,9 @@ void thread_exit(Engine& e, Fiber* f) {
 }
 
 [[noreturn]] void fiber_main(Fiber* f) {
+#ifdef EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);  // a new fiber's first entry
+#endif
   Engine& e = *tl_engine;
   bool threw = false;
   try {
@@ -459,12 +508,17 @@ bool run_block(Engine& e, uint64_t b) {
   }
   e.wgmma_issued.assign((e.nthreads + 127) / 128, {});
   if (e.smem) std::memset(e.smem, 0xFF, size_t(e.smem_end - e.smem));
+  if (check::rt::on()) {
+    const size_t page = size_t(sysconf(_SC_PAGESIZE));
+    const size_t map = (kMaxDynamicSmem + page - 1) / page * page;
+    check::rt::block_begin(b, e.smem, e.smem_end ? e.smem_end - map : nullptr, e.smem_end);
+  }
   e.runnable = e.nthreads;
   e.exited = e.at_barrier = 0;
   e.failed = false;
   e.cur = e.fibers[0];
   tl_thread = &e.fibers[0]->regs;
-  emu_switch_context(&e.sched_sp, e.fibers[0]->sp);
+  jump_to_fiber(&e.sched_sp, &e.sched_fake_stack, e.fibers[0]);
   tl_thread = nullptr;
   e.cur = nullptr;
   if (!e.failed && e.exited != e.nthreads) {
@@ -579,6 +633,17 @@ void run_worker(LaunchState& L) {
     checkin_engine(e);
     return;
   }
+#ifdef EMU_ASAN
+  pthread_attr_t attr;
+  if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+    void* lo = nullptr;
+    size_t size = 0;
+    pthread_attr_getstack(&attr, &lo, &size);
+    pthread_attr_destroy(&attr);
+    e->sched_stack_lo = lo;
+    e->sched_stack_size = size;
+  }
+#endif
   tl_block_dim = dim3(L.block.x, L.block.y, L.block.z);
   tl_grid_dim = dim3(L.grid.x, L.grid.y, L.grid.z);
   tl_engine = e;
@@ -744,6 +809,7 @@ int block_barrier(Barrier kind, int predicate) {
     e.runnable = e.nthreads;
     e.at_barrier = 0;
     e.bar_result = e.bar_acc;
+    if (check::rt::on()) check::rt::barrier();
     return e.bar_result;
   }
   e.state[f->regs.linear] = State::AtBarrier;
@@ -837,6 +903,7 @@ void warp_collective(const char* what, unsigned mask, const void* mine, unsigned
   }
   e.runnable += std::popcount(mask) - 1;
   *p = w.pending[--w.npending];
+  if (check::rt::on()) check::rt::warp_sync(wi, mask);
 }
 
 unsigned shfl_source(const char* what, Shfl mode, int operand, int width) {
@@ -869,7 +936,9 @@ unsigned active_mask() {
 // ---------------------------------------------------------------------------------------
 // Launch.
 int launch(const char* name, Dim3 grid, Dim3 block, uint32_t dynamic_smem,
-           unsigned max_threads, Body body, const void* ctx) {
+           unsigned max_threads, Body body, const void* ctx, size_t ctx_bytes) {
+  // Consumed whatever happens next, so that a refused launch does not pass its checks on.
+  const unsigned checks = check::rt::take_request();
   char buf[256];
   if (const char* bad = check_limits(grid, block, dynamic_smem, max_threads, buf, sizeof buf))
     return launch_error(bad);
@@ -885,11 +954,16 @@ int launch(const char* name, Dim3 grid, Dim3 block, uint32_t dynamic_smem,
   L.nblocks = uint64_t(grid.x) * grid.y * grid.z;
   L.nthreads = block.x * block.y * block.z;
   L.fp_env = current_fp_env();
-  const uint64_t n = std::min<uint64_t>(workers(), L.nblocks);
+  // A checked launch runs its blocks in order on this thread: the checker's state is the
+  // launching thread's, and its global race records assume one block at a time.
+  const uint64_t n = checks ? 1 : std::min<uint64_t>(workers(), L.nblocks);
+  if (checks)
+    check::rt::launch_begin(checks, name, grid, block, dynamic_smem, ctx, ctx_bytes);
   if (n <= 1)
     run_worker(L);
   else
     pool().run(L, unsigned(n - 1));
+  if (checks) check::rt::launch_end();
   if (L.fail_block != UINT64_MAX) return launch_error(L.message.c_str());
   tl_last_error.clear();
   return 0;
@@ -925,7 +999,7 @@ using detail::Fiber;
   e->cur = nullptr;
   detail::tl_thread = nullptr;
   // Never resumed: the block is abandoned, its fibers re-primed by the next block.
-  emu_switch_context(&self->sp, e->sched_sp);
+  detail::jump(&self->sp, e->sched_sp, nullptr, e->sched_stack_lo, e->sched_stack_size);
   __builtin_unreachable();
 }
 
@@ -964,6 +1038,11 @@ void wait_groups(const char* what, std::vector<Op>& queue, uint64_t open, int n,
 void cp_async_wait(int n) {
   Fiber* f = detail::engine().cur;
   wait_groups("cp_async_wait", f->copies, f->group, n, [](const detail::CopyOp& c) {
+    if (check::rt::on()) {
+      // The copy lands now, on behalf of the issuing thread (the caller).
+      check::access(c.src, c.src_bytes, check::kRead, __builtin_return_address(0));
+      check::access(c.dst, c.bytes, check::kWrite, __builtin_return_address(0));
+    }
     std::memcpy(c.dst, c.src, c.src_bytes);
     std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
   });
@@ -996,6 +1075,7 @@ float wgmma_operand(uint64_t desc, unsigned row, unsigned k, bool bf16) {
   const detail::Engine& e = detail::engine();
   if (e.smem == nullptr || e.smem + address + 2 > e.smem_end)
     fail("wgmma operand at shared address 0x%x is outside the dynamic shared memory", address);
+  if (check::rt::on()) check::access(e.smem + address, 2, check::kRead, nullptr);
   uint16_t bits;
   std::memcpy(&bits, e.smem + address, 2);
   return bf16 ? __bfloat162float(__ushort_as_bfloat16(bits)) : __half2float(__ushort_as_half(bits));

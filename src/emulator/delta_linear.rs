@@ -18,8 +18,22 @@ pub fn delta_linear<T: Element>(
     dims: &DeltaLinearDims,
     args: HostDeltaLinearArgs<'_, T>,
 ) -> Result<()> {
-    let bufs = args.bufs(&mut HostBufs);
-    run(&plan::delta_linear(op, dims, T::DTYPE, &bufs)?)
+    let mut host = HostBufs::default();
+    let b = args.bufs(&mut host);
+    host.name([
+        ("x", Some(b.x)),
+        ("w", Some(b.w)),
+        ("bias", b.bias),
+        ("u", b.u),
+        ("w_down", Some(b.w_down)),
+        ("b_down", b.b_down),
+        ("w_up", Some(b.w_up)),
+        ("b_up", b.b_up),
+        ("gate", b.gate),
+        ("workspace", Some(b.workspace)),
+        ("y", Some(b.y)),
+    ]);
+    run(&plan::delta_linear(op, dims, T::DTYPE, &b)?, &host)
 }
 
 /// [`delta_linear`] in training mode: also saves, in `saved` (f32,
@@ -29,8 +43,24 @@ pub fn delta_linear_train<T: Element>(
     dims: &DeltaLinearDims,
     args: DeltaLinearTrainArgs<&[T], &mut [T], &mut [f32]>,
 ) -> Result<()> {
-    let bufs = args.bufs(&mut HostBufs);
-    run(&plan::delta_linear_train(op, dims, T::DTYPE, &bufs)?)
+    let mut host = HostBufs::default();
+    let b = args.bufs(&mut host);
+    let f = &b.forward;
+    host.name([
+        ("x", Some(f.x)),
+        ("w", Some(f.w)),
+        ("bias", f.bias),
+        ("u", f.u),
+        ("w_down", Some(f.w_down)),
+        ("b_down", f.b_down),
+        ("w_up", Some(f.w_up)),
+        ("b_up", f.b_up),
+        ("gate", f.gate),
+        ("workspace", Some(f.workspace)),
+        ("y", Some(f.y)),
+        ("saved", Some(b.saved)),
+    ]);
+    run(&plan::delta_linear_train(op, dims, T::DTYPE, &b)?, &host)
 }
 
 /// The backward of [`delta_linear_train`]'s forward (see
@@ -40,13 +70,31 @@ pub fn delta_linear_backward<T: Element>(
     dims: &DeltaLinearDims,
     args: DeltaLinearBackwardArgs<&[T], &[f32], &mut [T], &mut [f32]>,
 ) -> Result<()> {
-    let bufs = args.bufs(&mut HostBufs);
-    run(&backward_plan::delta_linear_backward(
-        op,
-        dims,
-        T::DTYPE,
-        &bufs,
-    )?)
+    let mut host = HostBufs::default();
+    let b = args.bufs(&mut host);
+    host.name([
+        ("dy", Some(b.dy)),
+        ("x", Some(b.x)),
+        ("w", Some(b.w)),
+        ("u", b.u),
+        ("w_down", Some(b.w_down)),
+        ("w_up", Some(b.w_up)),
+        ("b_up", b.b_up),
+        ("gate", b.gate),
+        ("saved", Some(b.saved)),
+        ("dx", Some(b.dx)),
+        ("du", b.du),
+        ("dw_down", Some(b.dw_down)),
+        ("db_down", b.db_down),
+        ("dw_up", Some(b.dw_up)),
+        ("db_up", b.db_up),
+        ("dgate", b.dgate),
+        ("workspace", Some(b.workspace)),
+    ]);
+    run(
+        &backward_plan::delta_linear_backward(op, dims, T::DTYPE, &b)?,
+        &host,
+    )
 }
 
 /// `y = compose(h, Δh)` per head slice for a given h (the multi-head parallel adapter with
@@ -56,8 +104,20 @@ pub fn delta_apply<T: Element>(
     dims: &DeltaApplyDims,
     args: HostDeltaApplyArgs<'_, T>,
 ) -> Result<()> {
-    let bufs = args.bufs(&mut HostBufs);
-    run(&plan::delta_apply(op, dims, T::DTYPE, &bufs)?)
+    let mut host = HostBufs::default();
+    let b = args.bufs(&mut host);
+    host.name([
+        ("h", b.h),
+        ("u", b.u),
+        ("w_down", Some(b.w_down)),
+        ("b_down", b.b_down),
+        ("w_up", Some(b.w_up)),
+        ("b_up", b.b_up),
+        ("gate", b.gate),
+        ("workspace", Some(b.workspace)),
+        ("y", Some(b.y)),
+    ]);
+    run(&plan::delta_apply(op, dims, T::DTYPE, &b)?, &host)
 }
 
 /// [`delta_apply`] in training mode: also saves z (f32, [`DeltaApplyDims::saved_len`]) for
@@ -67,8 +127,22 @@ pub fn delta_apply_train<T: Element>(
     dims: &DeltaApplyDims,
     args: DeltaApplyTrainArgs<&[T], &mut [T], &mut [f32]>,
 ) -> Result<()> {
-    let bufs = args.bufs(&mut HostBufs);
-    run(&plan::delta_apply_train(op, dims, T::DTYPE, &bufs)?)
+    let mut host = HostBufs::default();
+    let b = args.bufs(&mut host);
+    let f = &b.forward;
+    host.name([
+        ("h", f.h),
+        ("u", f.u),
+        ("w_down", Some(f.w_down)),
+        ("b_down", f.b_down),
+        ("w_up", Some(f.w_up)),
+        ("b_up", f.b_up),
+        ("gate", f.gate),
+        ("workspace", Some(f.workspace)),
+        ("y", Some(f.y)),
+        ("saved", Some(b.saved)),
+    ]);
+    run(&plan::delta_apply_train(op, dims, T::DTYPE, &b)?, &host)
 }
 
 /// The backward of [`delta_apply_train`]'s forward (see
@@ -78,13 +152,30 @@ pub fn delta_apply_backward<T: Element>(
     dims: &DeltaApplyDims,
     args: DeltaApplyBackwardArgs<&[T], &[f32], &mut [T], &mut [f32]>,
 ) -> Result<()> {
-    let bufs = args.bufs(&mut HostBufs);
-    run(&backward_plan::delta_apply_backward(
-        op,
-        dims,
-        T::DTYPE,
-        &bufs,
-    )?)
+    let mut host = HostBufs::default();
+    let b = args.bufs(&mut host);
+    host.name([
+        ("dy", Some(b.dy)),
+        ("h", b.h),
+        ("u", b.u),
+        ("w_down", Some(b.w_down)),
+        ("w_up", Some(b.w_up)),
+        ("b_up", b.b_up),
+        ("gate", b.gate),
+        ("saved", Some(b.saved)),
+        ("dh", Some(b.dh)),
+        ("du", b.du),
+        ("dw_down", Some(b.dw_down)),
+        ("db_down", b.db_down),
+        ("dw_up", Some(b.dw_up)),
+        ("db_up", b.db_up),
+        ("dgate", b.dgate),
+        ("workspace", Some(b.workspace)),
+    ]);
+    run(
+        &backward_plan::delta_apply_backward(op, dims, T::DTYPE, &b)?,
+        &host,
+    )
 }
 
 /// Merges LoRA into the frozen weight in place on the CPU emulator, `W ← W + scale·B·A`
@@ -96,6 +187,81 @@ pub fn lora_merge<T: Element>(
     scale: f32,
     args: HostLoraMergeArgs<'_, T>,
 ) -> Result<()> {
-    let bufs = args.bufs(&mut HostBufs);
-    run(&[plan::lora_merge(T::DTYPE, dims, scale, &bufs)?])
+    let mut host = HostBufs::default();
+    let b = args.bufs(&mut host);
+    host.name([
+        ("w", Some(b.w)),
+        ("w_down", Some(b.w_down)),
+        ("w_up", Some(b.w_up)),
+    ]);
+    run(&[plan::lora_merge(T::DTYPE, dims, scale, &b)?], &host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emulator::{checks_available, with_checks, Checks};
+    use crate::Error;
+
+    /// initcheck follows the workspace over a plan: the split-K reduce alone, without the
+    /// passes that write the partial sums it adds, reads workspace no launch wrote.
+    #[test]
+    fn initcheck_catches_a_read_of_unwritten_workspace() {
+        if !checks_available() {
+            return;
+        }
+        // A decode shape whose main pass splits over K (tests/delta_linear.rs,
+        // passes_split_over_k).
+        let dims = DeltaLinearDims::new(1, 40, 4224, 16);
+        let (m, n, k, r) = (dims.m, dims.n, dims.k, dims.r);
+        let x = vec![half::bf16::from_f32(0.5); m * k];
+        let w = vec![half::bf16::from_f32(0.25); n * k];
+        let w_down = vec![half::bf16::from_f32(0.125); r * k];
+        let w_up = vec![half::bf16::from_f32(1.0); n * r];
+        let mut workspace = vec![half::bf16::ZERO; dims.workspace_len()];
+        let mut y = vec![half::bf16::NAN; m * n];
+        let op = DeltaLinear::lora(16.0);
+        let args = crate::delta_linear::DeltaLinearArgs {
+            x: &x[..],
+            w: &w,
+            bias: None,
+            u: None,
+            w_down: &w_down,
+            b_down: None,
+            w_up: &w_up,
+            b_up: None,
+            gate: None,
+            workspace: &mut workspace[..],
+            y: &mut y[..],
+        };
+        let mut host = HostBufs::default();
+        let b = args.bufs(&mut host);
+        host.name([("workspace", Some(b.workspace)), ("y", Some(b.y))]);
+        let steps = plan::delta_linear(&op, &dims, crate::DType::BF16, &b).unwrap();
+        assert!(steps.len() >= 2, "the shape no longer splits");
+        // The whole plan passes every check.
+        with_checks(Checks::ALL, || super::super::run(&steps, &host)).unwrap();
+        // The last step (the reduce) alone reads partial sums no launch of its plan wrote.
+        let last = &steps[steps.len() - 1..];
+        match with_checks(Checks::INITCHECK, || super::super::run(last, &host)) {
+            Err(Error::Emulator { message, .. }) => assert!(
+                message.contains("initcheck in kernel `")
+                    && message.contains("read of `workspace` at byte offset")
+                    && message.contains("which no launch of the plan has written"),
+                "{message}"
+            ),
+            other => panic!("expected an initcheck finding, got {other:?}"),
+        }
+        // The checks see the real kernels' accesses: with w's extent withheld, memcheck
+        // refuses the first read of it (the frozen weight, read through cp.async).
+        host.buffers.retain(|b| b.addr != w.as_ptr() as u64);
+        match with_checks(Checks::MEMCHECK, || super::super::run(&steps, &host)) {
+            Err(Error::Emulator { message, .. }) => assert!(
+                message.contains("memcheck in kernel `fused_linear_")
+                    && message.contains("is outside every buffer of the launch"),
+                "{message}"
+            ),
+            other => panic!("expected a memcheck finding, got {other:?}"),
+        }
+    }
 }

@@ -52,21 +52,185 @@ impl From<[u32; 3]> for Dim3 {
 unsafe extern "C" {
     fn emu_last_error() -> *const c_char;
     fn emu_set_workers(n: u32);
+    fn emu_check_next_launch(checks: u32, buffers: *const BufferSpec, n: usize, known: i32);
+    fn emu_check_plan(open: i32);
 }
 
 /// Runs later launches of every thread of the process over `n` worker OS threads (blocks
 /// are spread over them; each worker has its own fibers and shared memory). `0` restores
 /// the default: `PEFT_KERNELS_EMU_WORKERS` if set, else 1, which runs the blocks in order
 /// on the calling thread. Results are the same for any `n` unless a kernel's blocks race
-/// (floating-point atomics, say).
+/// (floating-point atomics, say). A checked launch ([`Checks`]) always runs on one.
 pub fn set_workers(n: u32) {
     // SAFETY: stores an integer.
     unsafe { emu_set_workers(n) }
 }
 
+/// The emulator's checks, the CPU's compute-sanitizer (kernels/emu/check.cpp): a set of
+/// [`Checks::MEMCHECK`], [`Checks::RACECHECK`] and [`Checks::INITCHECK`]. A launch with any
+/// on runs the checked copy of the kernels, whose every memory access is reported to the
+/// emulator, on one OS thread; a finding fails the launch with [`Error::Emulator`] naming
+/// the check, the kernel, the block, the thread and the memory. Off (the default), launches
+/// run the plain copy and pay nothing.
+///
+/// - memcheck: every global access lies inside one of the launch's buffers (else the
+///   message names the nearest buffer and how far past its end the access reaches); every
+///   dynamic shared access inside the launch's dynamic shared memory. Static `__shared__`
+///   arrays share one region, so an overrun from one into the next is not seen.
+/// - racecheck: shared memory, two threads' accesses to a byte, one a write, with no
+///   `__syncthreads()` between them (nor, for two lanes of one warp, a warp collective such
+///   as `__syncwarp()`), by the GPU's rules, whatever order the fibers ran in; global
+///   memory, a byte one block writes and another block of the same launch reads or writes
+///   (atomics excepted).
+/// - initcheck: a read of shared memory no thread of the block has written since the block
+///   started; a read of workspace bytes no launch of the plan has written.
+///
+/// Set per thread with [`set_checks`], or for the whole process with the environment
+/// variable `PEFT_KERNELS_EMU_CHECK` (`memcheck,racecheck,initcheck`, `all` or `none`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Checks(u32);
+
+impl Checks {
+    pub const NONE: Checks = Checks(0);
+    pub const MEMCHECK: Checks = Checks(1);
+    pub const RACECHECK: Checks = Checks(2);
+    pub const INITCHECK: Checks = Checks(4);
+    pub const ALL: Checks = Checks(7);
+
+    /// Whether every check of `other` is on in `self`.
+    pub fn contains(self, other: Checks) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// `self` without the checks of `other`.
+    pub fn without(self, other: Checks) -> Checks {
+        Checks(self.0 & !other.0)
+    }
+
+    /// `memcheck,racecheck,initcheck` (any subset, comma-separated), `all`, or `none` / ``.
+    pub fn parse(s: &str) -> Result<Checks> {
+        let mut c = Checks::NONE;
+        for word in s.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            c =
+                c | match word {
+                    "memcheck" => Checks::MEMCHECK,
+                    "racecheck" => Checks::RACECHECK,
+                    "initcheck" => Checks::INITCHECK,
+                    "all" => Checks::ALL,
+                    "none" => Checks::NONE,
+                    _ => return Err(Error::invalid(
+                        "PEFT_KERNELS_EMU_CHECK",
+                        "a comma-separated list of memcheck, racecheck, initcheck, or all or none",
+                        s,
+                    )),
+                };
+        }
+        Ok(c)
+    }
+}
+
+impl std::ops::BitOr for Checks {
+    type Output = Checks;
+    fn bitor(self, o: Checks) -> Checks {
+        Checks(self.0 | o.0)
+    }
+}
+
+thread_local! {
+    static THREAD_CHECKS: std::cell::Cell<Option<Checks>> = const { std::cell::Cell::new(None) };
+}
+
+/// Sets the checks of the calling thread's later launches; `None` restores the default,
+/// `PEFT_KERNELS_EMU_CHECK`. Fails with [`Error::Emulator`] at launch when this build has
+/// no checked copy (built with `PEFT_KERNELS_EMU_SANITIZE`).
+pub fn set_checks(checks: Option<Checks>) {
+    THREAD_CHECKS.with(|c| c.set(checks));
+}
+
+/// Whether this build has the checked copy of the kernels that [`Checks`] need (every
+/// build but one made with `PEFT_KERNELS_EMU_SANITIZE`, the AddressSanitizer build).
+pub fn checks_available() -> bool {
+    crate::kernels::emu_entry::checked_entry(crate::kernels::KernelId::ALL[0]).is_some()
+}
+
+/// Runs `f` with the calling thread's launches checked by `checks` (a per-launch setting:
+/// wrap one launch), then restores the previous setting, also when `f` panics.
+pub fn with_checks<R>(checks: Checks, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Checks>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            set_checks(self.0);
+        }
+    }
+    let _restore = Restore(THREAD_CHECKS.with(|c| c.replace(Some(checks))));
+    f()
+}
+
+/// The checks the calling thread's next launch runs with.
+pub fn checks() -> Result<Checks> {
+    if let Some(c) = THREAD_CHECKS.with(|c| c.get()) {
+        return Ok(c);
+    }
+    // The variable's value, kept to report it again at every launch if it does not parse.
+    static ENV: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    match ENV.get_or_init(|| std::env::var("PEFT_KERNELS_EMU_CHECK").ok()) {
+        Some(v) => Checks::parse(v),
+        None => Ok(Checks::NONE),
+    }
+}
+
+/// A buffer a launch may touch, for the checks: memcheck's extent and the name its
+/// messages use. `written`: the launch may write it (memcheck refuses writes to the others,
+/// racecheck follows only these). `workspace`: scratch that initcheck follows over a plan,
+/// refusing reads of bytes no launch of the plan wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckBuffer {
+    pub name: &'static str,
+    pub addr: u64,
+    pub bytes: usize,
+    pub written: bool,
+    pub workspace: bool,
+}
+
+impl CheckBuffer {
+    /// `s`, which the launch only reads, named `name`.
+    pub fn input<T>(name: &'static str, s: &[T]) -> CheckBuffer {
+        CheckBuffer {
+            name,
+            addr: s.as_ptr() as u64,
+            bytes: std::mem::size_of_val(s),
+            written: false,
+            workspace: false,
+        }
+    }
+
+    /// `s`, which the launch may write, named `name`.
+    pub fn output<T>(name: &'static str, s: &[T]) -> CheckBuffer {
+        CheckBuffer {
+            written: true,
+            ..CheckBuffer::input(name, s)
+        }
+    }
+}
+
+/// kernels/emu/check.cpp's `BufferSpec`.
+#[repr(C)]
+struct BufferSpec {
+    addr: u64,
+    bytes: u64,
+    name: *const u8,
+    name_len: usize,
+    flags: u32,
+}
+
 /// Runs `launch.kernel` on the CPU with `params` as its only argument and returns when
 /// every block has finished, or with [`Error::Emulator`] when the emulator refused the
-/// launch or caught the kernel misbehaving.
+/// launch or caught the kernel misbehaving. With [`checks`] on, global accesses are not
+/// memchecked (the buffers are unknown): [`launch_with`] names them.
 ///
 /// # Safety
 /// `params` must be the parameter block of `launch.kernel`, and every address in it must
@@ -74,7 +238,63 @@ pub fn set_workers(n: u32) {
 /// `params`, readable (and writable for outputs, with no other reference to them) for the
 /// duration of the call.
 pub unsafe fn launch<P: KernelParams>(launch: &Launch, params: &P) -> Result<()> {
-    let entry = crate::kernels::emu_entry::entry(launch.kernel);
+    // SAFETY: the caller's promise.
+    unsafe { launch_impl(launch, params, None) }
+}
+
+/// [`launch`] with the buffers the kernel may touch, which the checks hold it to (every
+/// global access of a checked launch must lie in one of them).
+///
+/// # Safety
+/// As [`launch`].
+pub unsafe fn launch_with<P: KernelParams>(
+    launch: &Launch,
+    params: &P,
+    buffers: &[CheckBuffer],
+) -> Result<()> {
+    // SAFETY: the caller's promise.
+    unsafe { launch_impl(launch, params, Some(buffers)) }
+}
+
+unsafe fn launch_impl<P: KernelParams>(
+    launch: &Launch,
+    params: &P,
+    buffers: Option<&[CheckBuffer]>,
+) -> Result<()> {
+    let checks = checks()?;
+    let entry = if checks.is_empty() {
+        crate::kernels::emu_entry::entry(launch.kernel)
+    } else {
+        let Some(entry) = crate::kernels::emu_entry::checked_entry(launch.kernel) else {
+            return Err(Error::Emulator {
+                kernel: launch.kernel.name(),
+                message: "the emulator's checks are not in this build (built with \
+                          PEFT_KERNELS_EMU_SANITIZE)"
+                    .into(),
+            });
+        };
+        let specs: Vec<BufferSpec> = buffers
+            .unwrap_or(&[])
+            .iter()
+            .map(|b| BufferSpec {
+                addr: b.addr,
+                bytes: b.bytes as u64,
+                name: b.name.as_ptr(),
+                name_len: b.name.len(),
+                flags: b.workspace as u32 | (b.written as u32) << 1,
+            })
+            .collect();
+        // SAFETY: `specs` is valid for the call, which copies it (names included).
+        unsafe {
+            emu_check_next_launch(
+                checks.0,
+                specs.as_ptr(),
+                specs.len(),
+                buffers.is_some() as i32,
+            )
+        };
+        entry
+    };
     let mut block = *params;
     let mut args = [(&mut block as *mut P).cast::<c_void>()];
     // SAFETY: the entry reads `size_of::<P>()` bytes through args[0] (the caller vouches
@@ -103,32 +323,69 @@ pub unsafe fn launch<P: KernelParams>(launch: &Launch, params: &P) -> Result<()>
 }
 
 /// Host slices of any element types as the planner's buffers: the emulator's device memory
-/// is host memory.
-pub(crate) struct HostBufs;
+/// is host memory. Keeps every buffer's extent for the checks; [`HostBufs::name`] names them.
+#[derive(Default)]
+pub(crate) struct HostBufs {
+    buffers: Vec<CheckBuffer>,
+}
 
-impl<'r, 'w, A, B> BufSource<&'r [A], &'w mut [B]> for HostBufs {
-    fn read(&mut self, r: &'r [A]) -> Buf {
-        Buf {
-            addr: r.as_ptr() as u64,
-            len: r.len(),
+impl HostBufs {
+    /// Names the buffers the plan's view `named` lists (matched by address and length);
+    /// `workspace` marks the one initcheck treats as scratch.
+    pub(crate) fn name<const N: usize>(&mut self, named: [(&'static str, Option<Buf>); N]) {
+        for (name, buf) in named {
+            let Some(buf) = buf else { continue };
+            if let Some(b) = self
+                .buffers
+                .iter_mut()
+                .find(|b| b.addr == buf.addr && b.name == "an unnamed buffer")
+            {
+                b.name = name;
+                b.workspace = name == "workspace";
+            }
         }
     }
-    fn write(&mut self, w: &'w mut [B]) -> Buf {
+
+    fn record<T>(&mut self, s: &[T], written: bool) -> Buf {
+        self.buffers.push(CheckBuffer {
+            written,
+            ..CheckBuffer::input("an unnamed buffer", s)
+        });
         Buf {
-            addr: w.as_mut_ptr() as u64,
-            len: w.len(),
+            addr: s.as_ptr() as u64,
+            len: s.len(),
         }
     }
 }
 
-/// Runs the steps of a plan in order.
+impl<'r, 'w, A, B> BufSource<&'r [A], &'w mut [B]> for HostBufs {
+    fn read(&mut self, r: &'r [A]) -> Buf {
+        self.record(r, false)
+    }
+    fn write(&mut self, w: &'w mut [B]) -> Buf {
+        self.record(w, true)
+    }
+}
+
+/// Runs the steps of a plan in order, over the buffers `host` made.
 ///
 /// The plan checked every buffer its steps address (made by [`HostBufs`]) against the
 /// shapes it launches with, which is what makes this safe to call with a plan's output.
-pub(crate) fn run<P: KernelParams>(steps: &[(Launch, P)]) -> Result<()> {
+/// With checks on, initcheck follows the workspace across the steps.
+pub(crate) fn run<P: KernelParams>(steps: &[(Launch, P)], host: &HostBufs) -> Result<()> {
+    struct Plan;
+    impl Drop for Plan {
+        fn drop(&mut self) {
+            // SAFETY: clears thread-local state.
+            unsafe { emu_check_plan(0) }
+        }
+    }
+    // SAFETY: sets thread-local state.
+    unsafe { emu_check_plan(1) };
+    let _plan = Plan;
     for (l, p) in steps {
         // SAFETY: see above.
-        unsafe { launch(l, p) }?;
+        unsafe { launch_with(l, p, &host.buffers) }?;
     }
     Ok(())
 }

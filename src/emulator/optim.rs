@@ -3,6 +3,7 @@
 use super::{run, HostBufs};
 use crate::optim::{AdamW, AdamwArgs};
 use crate::plan::optim as plan;
+use crate::plan::BufSource;
 use crate::{Element, Result};
 
 /// One AdamW step `step` (from 1) of `op` over every tensor of `args`, on the CPU emulator
@@ -12,9 +13,12 @@ pub fn adamw<T: Element>(
     step: u64,
     args: AdamwArgs<&[f32], &mut [f32], &mut [T]>,
 ) -> Result<()> {
-    let bufs = args.bufs(&mut HostBufs);
+    let mut host = HostBufs::default();
+    let bufs = args.bufs(&mut host);
     let mut plan = plan::adamw(op, step, T::DTYPE, &bufs)?;
-    // The emulator's device memory is host memory: the table is used where it is.
-    let table = plan.table.as_mut_ptr() as u64;
-    run(&plan.steps(table))
+    // The emulator's device memory is host memory: the table is used where it is (a buffer
+    // the kernels read and write, like any other of the launch's).
+    let table = BufSource::<&[u64], &mut [u64]>::write(&mut host, &mut plan.table[..]);
+    host.name([("table", Some(table))]);
+    run(&plan.steps(table.addr), &host)
 }

@@ -12,10 +12,10 @@
 use super::{run, HostBufs};
 use crate::plan::prefix_attention as plan;
 use crate::prefix_attention::{
-    HostKvConcatArgs, HostLseMergeArgs, HostPrefixAttentionArgs, HostPrefixOnlyArgs,
-    KvConcatDims, LseMergeBackwardArgs, LseMergeBackwardDims, LseMergeDims, PrefixAttention,
-    PrefixAttentionArgs, PrefixAttentionBackwardDims, PrefixAttentionBackwardHostArgs,
-    PrefixAttentionDims, PrefixOnlyArgs,
+    HostKvConcatArgs, HostLseMergeArgs, HostPrefixAttentionArgs, HostPrefixOnlyArgs, KvConcatDims,
+    LseMergeBackwardArgs, LseMergeBackwardDims, LseMergeDims, PrefixAttention, PrefixAttentionArgs,
+    PrefixAttentionBackwardDims, PrefixAttentionBackwardHostArgs, PrefixAttentionDims,
+    PrefixOnlyArgs,
 };
 use crate::{DType, Element, Result};
 
@@ -57,11 +57,25 @@ pub fn prefix_attention<T: Element>(
                 lambda,
                 workspace,
             };
-            let steps = plan::prefix_attention(op, dims, T::DTYPE, &args.bufs(&mut HostBufs))?;
+            let mut host = HostBufs::default();
+            let b = args.bufs(&mut host);
+            host.name([
+                ("q", Some(b.q)),
+                ("k", Some(b.k)),
+                ("v", Some(b.v)),
+                ("prefix_k", Some(b.prefix_k)),
+                ("prefix_v", Some(b.prefix_v)),
+                ("context_lens", b.context_lens),
+                ("out", Some(b.out)),
+                ("lse", b.lse),
+                ("lambda", b.lambda),
+                ("workspace", b.workspace),
+            ]);
+            let steps = plan::prefix_attention(op, dims, T::DTYPE, &b)?;
             if let Some(lens) = context_lens {
                 plan::check_context_lens(lens, dims)?;
             }
-            run(&steps)
+            run(&steps, &host)
         },
     )
 }
@@ -91,24 +105,46 @@ pub fn prefix_only_attention<T: Element>(
                 out,
                 lse,
             };
-            run(&plan::prefix_only_attention(
-                op,
-                dims,
-                T::DTYPE,
-                &args.bufs(&mut HostBufs),
-            )?)
+            let mut host = HostBufs::default();
+            let b = args.bufs(&mut host);
+            host.name([
+                ("q", Some(b.q)),
+                ("prefix_k", Some(b.prefix_k)),
+                ("prefix_v", Some(b.prefix_v)),
+                ("out", Some(b.out)),
+                ("lse", Some(b.lse)),
+            ]);
+            run(&plan::prefix_only_attention(op, dims, T::DTYPE, &b)?, &host)
         },
     )
 }
 
 /// Two attention states merged by their LSEs into the gated output on the CPU emulator.
 pub fn lse_merge<T: Element>(dims: &LseMergeDims, args: HostLseMergeArgs<'_, T>) -> Result<()> {
-    run(&plan::lse_merge(dims, T::DTYPE, &args.bufs(&mut HostBufs))?)
+    let mut host = HostBufs::default();
+    let b = args.bufs(&mut host);
+    host.name([
+        ("o_prefix", Some(b.o_prefix)),
+        ("lse_prefix", Some(b.lse_prefix)),
+        ("o_context", Some(b.o_context)),
+        ("lse_context", Some(b.lse_context)),
+        ("out", Some(b.out)),
+        ("lse", b.lse),
+        ("lambda", b.lambda),
+    ]);
+    run(&plan::lse_merge(dims, T::DTYPE, &b)?, &host)
 }
 
 /// `[P; C]` along the sequence on the CPU emulator.
 pub fn kv_concat<T: Element>(dims: &KvConcatDims, args: HostKvConcatArgs<'_, T>) -> Result<()> {
-    run(&plan::kv_concat(dims, T::DTYPE, &args.bufs(&mut HostBufs))?)
+    let mut host = HostBufs::default();
+    let b = args.bufs(&mut host);
+    host.name([
+        ("prefix", Some(b.prefix)),
+        ("src", Some(b.src)),
+        ("dst", Some(b.dst)),
+    ]);
+    run(&plan::kv_concat(dims, T::DTYPE, &b)?, &host)
 }
 
 /// A 16-byte aligned copy of `s` (in u128s, whose alignment is 16), when `s` is a 16-bit
@@ -161,11 +197,30 @@ pub fn prefix_attention_backward<T: Element>(
     args: PrefixAttentionBackwardHostArgs<'_, T>,
 ) -> Result<()> {
     let lens = args.context_lens;
-    let steps = plan::prefix_attention_backward(op, dims, T::DTYPE, &args.bufs(&mut HostBufs))?;
+    let mut host = HostBufs::default();
+    let b = args.bufs(&mut host);
+    host.name([
+        ("q", Some(b.q)),
+        ("k", Some(b.k)),
+        ("v", Some(b.v)),
+        ("prefix_k", Some(b.prefix_k)),
+        ("prefix_v", Some(b.prefix_v)),
+        ("context_lens", b.context_lens),
+        ("out", Some(b.out)),
+        ("lse", Some(b.lse)),
+        ("dout", Some(b.dout)),
+        ("dq", Some(b.dq)),
+        ("dk", Some(b.dk)),
+        ("dv", Some(b.dv)),
+        ("dprefix_k", Some(b.dprefix_k.buf())),
+        ("dprefix_v", Some(b.dprefix_v.buf())),
+        ("workspace", Some(b.workspace)),
+    ]);
+    let steps = plan::prefix_attention_backward(op, dims, T::DTYPE, &b)?;
     if let Some(lens) = lens {
         plan::check_backward_context_lens(lens, dims)?;
     }
-    run(&steps)
+    run(&steps, &host)
 }
 
 /// The LSE merge's backward (each state's output and LSE gradient) on the CPU emulator.
@@ -173,9 +228,7 @@ pub fn lse_merge_backward<T: Element>(
     dims: &LseMergeBackwardDims,
     args: LseMergeBackwardArgs<&[T], &mut [T], &[f32], &mut [f32]>,
 ) -> Result<()> {
-    run(&plan::lse_merge_backward(
-        dims,
-        T::DTYPE,
-        &args.bufs(&mut HostBufs),
-    )?)
+    let mut host = HostBufs::default();
+    let b = args.bufs(&mut host);
+    run(&plan::lse_merge_backward(dims, T::DTYPE, &b)?, &host)
 }

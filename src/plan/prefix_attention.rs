@@ -859,7 +859,7 @@ pub enum PrefixGradBuf {
 }
 
 impl PrefixGradBuf {
-    fn buf(self) -> Buf {
+    pub(crate) fn buf(self) -> Buf {
         match self {
             PrefixGradBuf::Elem(b) | PrefixGradBuf::F32(b) => b,
         }

@@ -10,7 +10,7 @@
 
 pub mod mma;
 
-use crate::emulator;
+use crate::emulator::{self, CheckBuffer, Checks};
 use crate::kernels::KernelId;
 use crate::plan::{KernelParams, Launch};
 use crate::{Error, Result};
@@ -250,8 +250,13 @@ fn sgemm(
         dynamic_smem: 0,
         overlap_previous: false,
     };
+    let buffers = [
+        CheckBuffer::input("a", a),
+        CheckBuffer::input("b", b),
+        CheckBuffer::output("c", c),
+    ];
     // SAFETY: the buffers hold m·k, k·n and m·n elements, the kernel's whole footprint.
-    unsafe { emulator::launch(&launch, &params) }
+    unsafe { emulator::launch_with(&launch, &params, &buffers) }
 }
 
 /// Per-block reductions of [`block_reduce`].
@@ -288,8 +293,14 @@ pub fn block_reduce(x: &[f32], block: u32) -> Result<BlockReduction> {
         n,
     };
     let launch = launch_1d(KernelId::selftest_block_reduce_f32, x.len(), block, 0)?;
+    let buffers = [
+        CheckBuffer::input("x", x),
+        CheckBuffer::output("block_sum", &out.sum),
+        CheckBuffer::output("block_max", &out.max),
+        CheckBuffer::output("block_sum_sq", &out.sum_sq),
+    ];
     // SAFETY: x has n elements, each output one per block.
-    unsafe { emulator::launch(&launch, &params) }?;
+    unsafe { emulator::launch_with(&launch, &params, &buffers) }?;
     Ok(out)
 }
 
@@ -348,8 +359,18 @@ pub fn warp_ops(x: &[i32], block: u32, width: u32) -> Result<WarpOps> {
         width: width as i32,
     };
     let launch = launch_1d(KernelId::selftest_warp_ops_i32, x.len(), block, 0)?;
+    let buffers = [
+        CheckBuffer::input("x", x),
+        CheckBuffer::output("scan", &out.scan),
+        CheckBuffer::output("bcast", &out.bcast),
+        CheckBuffer::output("down", &out.down),
+        CheckBuffer::output("swap", &out.swap),
+        CheckBuffer::output("half_mirror", &out.half_mirror),
+        CheckBuffer::output("ballot", &out.ballot),
+        CheckBuffer::output("any_all", &out.any_all),
+    ];
     // SAFETY: per-element outputs have n elements, per-warp ones ceil(n / 32).
-    unsafe { emulator::launch(&launch, &params) }?;
+    unsafe { emulator::launch_with(&launch, &params, &buffers) }?;
     Ok(out)
 }
 
@@ -382,9 +403,10 @@ pub fn thread_index(grid: [u32; 3], block: [u32; 3], dynamic_smem: u32) -> Resul
         dynamic_smem,
         overlap_previous: false,
     };
+    let buffers = [CheckBuffer::output("coords", &coords)];
     // SAFETY: coords has 6 u32 per thread of the launch; the kernel writes 6 per thread
     // with a global index below n.
-    unsafe { emulator::launch(&launch, &params) }?;
+    unsafe { emulator::launch_with(&launch, &params, &buffers) }?;
     Ok(coords)
 }
 
@@ -434,9 +456,18 @@ pub fn reverse_dynamic_smem(x: &[f32], block: u32, dynamic_smem: u32) -> Result<
         block,
         dynamic_smem,
     )?;
+    let buffers = [
+        CheckBuffer::input("x", x),
+        CheckBuffer::output("y", &out.y),
+        CheckBuffer::output("probe", &out.probe),
+    ];
+    // The probe reads a word no thread writes, by design: initcheck would refuse it.
+    let checks = emulator::checks()?.without(Checks::INITCHECK);
     // SAFETY: x and y have n elements, probe one per block; the kernel's shared-memory
     // footprint is 4 · (block + 1) bytes, checked above.
-    unsafe { emulator::launch(&launch, &params) }?;
+    emulator::with_checks(checks, || unsafe {
+        emulator::launch_with(&launch, &params, &buffers)
+    })?;
     Ok(out)
 }
 
@@ -504,8 +535,29 @@ pub fn atomics(x: &[i32], nbins: u32) -> Result<Atomics> {
         nbins,
     };
     let launch = launch_1d(KernelId::selftest_atomics, x.len(), 128, 0)?;
+    let one = |name, p: u64, bytes| CheckBuffer {
+        name,
+        addr: p,
+        bytes,
+        written: true,
+        workspace: false,
+    };
+    let buffers = [
+        CheckBuffer::input("x", x),
+        CheckBuffer::output("hist", &out.hist),
+        one("isum", params.isum, 4),
+        one("fsum", params.fsum, 4),
+        one("dsum", params.dsum, 8),
+        one("count", params.count, 8),
+        one("imax", params.imax, 4),
+        one("imin", params.imin, 4),
+        one("umax", params.umax, 4),
+        one("umin", params.umin, 4),
+        one("last", params.last, 4),
+        one("cas_max", params.cas_max, 4),
+    ];
     // SAFETY: x has n elements, hist nbins; the rest are single values.
-    unsafe { emulator::launch(&launch, &params) }?;
+    unsafe { emulator::launch_with(&launch, &params, &buffers) }?;
     Ok(out)
 }
 
@@ -647,6 +699,80 @@ pub fn run_broken(kind: Broken) -> Result<()> {
         n: out.len() as u32,
     };
     let launch = launch_1d(kind.kernel(), out.len(), block, smem)?;
+    let buffers = [CheckBuffer::output("out", &out)];
     // SAFETY: out has n elements; the kernels write only below n.
-    unsafe { emulator::launch(&launch, &params) }
+    unsafe { emulator::launch_with(&launch, &params, &buffers) }
+}
+
+/// `CheckedParams` of `kernels/selftest.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CheckedParams {
+    pub x: u64,
+    pub out: u64,
+    pub n: u32,
+}
+
+// SAFETY: field for field its C++ twin (checked by the size test).
+unsafe impl KernelParams for CheckedParams {}
+
+/// Broken kernels that only the emulator's checks ([`Checks`]) catch: without them they
+/// run to completion on the CPU (and misbehave on a GPU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BrokenCheck {
+    /// A block's last thread reads the element after its tile of `x`: one past the end of
+    /// `x` in the last block (memcheck).
+    ReadPastTile,
+    /// Threads read a shared tile element another warp writes, with no barrier between
+    /// (racecheck).
+    MissingBarrierRead,
+    /// A thread reads a shared word that no thread wrote (initcheck).
+    UninitSharedRead,
+    /// Every block writes the same outputs (racecheck).
+    BlocksWriteOneOutput,
+}
+
+impl BrokenCheck {
+    /// Every one, with the check that catches it.
+    pub const ALL: [(BrokenCheck, Checks); 4] = [
+        (BrokenCheck::ReadPastTile, Checks::MEMCHECK),
+        (BrokenCheck::MissingBarrierRead, Checks::RACECHECK),
+        (BrokenCheck::UninitSharedRead, Checks::INITCHECK),
+        (BrokenCheck::BlocksWriteOneOutput, Checks::RACECHECK),
+    ];
+
+    /// The kernel.
+    pub fn kernel(self) -> KernelId {
+        match self {
+            BrokenCheck::ReadPastTile => KernelId::selftest_broken_read_past_tile,
+            BrokenCheck::MissingBarrierRead => KernelId::selftest_broken_missing_barrier_read,
+            BrokenCheck::UninitSharedRead => KernelId::selftest_broken_uninit_shared_read,
+            BrokenCheck::BlocksWriteOneOutput => KernelId::selftest_broken_blocks_write_one_output,
+        }
+    }
+}
+
+/// Runs a [`BrokenCheck`] kernel over `x` and `out` of 128 elements (two blocks of 64
+/// threads) under `checks`. With the check that catches it on, this returns
+/// [`Error::Emulator`]; without, `Ok`.
+pub fn run_broken_check(kind: BrokenCheck, checks: Checks) -> Result<()> {
+    const N: usize = 128;
+    // One element more than the kernel's x: the read past the tile stays inside this
+    // allocation when memcheck is off, and lands past the buffer memcheck knows.
+    let x: Vec<f32> = (0..=N).map(|i| i as f32).collect();
+    let mut out = vec![f32::NAN; N];
+    let params = CheckedParams {
+        x: addr(&x),
+        out: addr_mut(&mut out),
+        n: N as u32,
+    };
+    let launch = launch_1d(kind.kernel(), N, 64, 0)?;
+    let buffers = [
+        CheckBuffer::input("x", &x[..N]),
+        CheckBuffer::output("out", &out),
+    ];
+    // SAFETY: x has n + 1 elements and out n; the kernels read at most x[n].
+    emulator::with_checks(checks, || unsafe {
+        emulator::launch_with(&launch, &params, &buffers)
+    })
 }
