@@ -56,6 +56,8 @@ pub mod delta_linear;
 pub mod error;
 pub mod host;
 pub mod kernels;
+#[cfg(feature = "peft")]
+pub mod peft;
 pub mod plan;
 pub mod prefix_attention;
 pub mod reference;
