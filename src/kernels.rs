@@ -18,6 +18,8 @@ pub enum Module {
     /// Prefix tuning's gated attention, the LSE merge and the KV concatenation
     /// (`kernels/prefix_attention.cu`).
     PrefixAttention,
+    /// DoRA's row norms and per-column scale (`kernels/dora.cu`).
+    Dora,
 }
 
 impl Module {
@@ -27,6 +29,7 @@ impl Module {
         Module::SelftestMma,
         Module::DeltaLinear,
         Module::PrefixAttention,
+        Module::Dora,
     ];
 
     /// The file stem under `kernels/` (and of the embedded PTX and cubins).
@@ -36,6 +39,7 @@ impl Module {
             Module::SelftestMma => "selftest_mma",
             Module::DeltaLinear => "delta_linear",
             Module::PrefixAttention => "prefix_attention",
+            Module::Dora => "dora",
         }
     }
 }
@@ -186,6 +190,14 @@ kernel_table! {
         kv_concat_f32,
         kv_concat_f16,
         kv_concat_bf16,
+    }
+    Dora {
+        dora_norm_f32,
+        dora_norm_f16,
+        dora_norm_bf16,
+        dora_scale_f32,
+        dora_scale_f16,
+        dora_scale_bf16,
     }
 }
 

@@ -53,6 +53,7 @@
 //! ```
 
 pub mod delta_linear;
+pub mod dora;
 pub mod error;
 pub mod host;
 pub mod kernels;

@@ -7,7 +7,7 @@
 //!   `lora_bias`), DoRA magnitude [out] (`use_dora`) and the scale `s` (α / r, or α / √r with
 //!   `use_rslora`; r and α per module after `rank_pattern` / `alpha_pattern`), ready for
 //!   [`crate::delta_linear::DeltaLinearArgs`] ([`LoraModule::op`], [`LoraModule::dims`]),
-//!   `lora_merge` and the DoRA operations (`crate::dora`); plus the base-layer biases that
+//!   `lora_merge` and the DoRA operations ([`crate::dora`]); plus the base-layer biases that
 //!   `bias = "all"` or `"lora_only"` trained, and the full replacement modules of
 //!   `modules_to_save`.
 //! - Prefix tuning (`peft_type: "PREFIX_TUNING"`): the stored virtual-token keys and values
@@ -159,7 +159,7 @@ pub struct LoraConfig {
     pub lora_alpha: f32,
     /// s = α / √r instead of α / r.
     pub use_rslora: bool,
-    /// DoRA: a learned magnitude per output row (`crate::dora`).
+    /// DoRA: a learned magnitude per output row ([`crate::dora`]).
     pub use_dora: bool,
     /// Per-module ranks, in the file's order: a key matches module `name` when
     /// `(.*\.)?(key)$` matches `name` from its start; the first key that matches wins.
@@ -274,7 +274,7 @@ pub struct LoraModule {
 
 impl LoraModule {
     /// The delta's description: parallel, identity, `h + s·Δh`. (DoRA rescales the sum per
-    /// output column afterwards: `crate::dora`.)
+    /// output column afterwards: [`crate::dora`].)
     pub fn op(&self) -> DeltaLinear {
         DeltaLinear::new(
             Insertion::Parallel,
@@ -383,6 +383,8 @@ impl PrefixAdapter {
 }
 
 /// An adapter read by [`load`].
+// Read once per adapter: the size of the enum does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Adapter {
     Lora(LoraAdapter),

@@ -7,6 +7,7 @@ mod common;
 
 use half::{bf16, f16};
 use peft_kernels::delta_linear::DeltaLinearArgs;
+use peft_kernels::dora::{DoraDims, DoraNormArgs, DoraScaleArgs, DoraScaleDims};
 use peft_kernels::peft::{self, Adapter, BiasMode, LoraAdapter, LoraModule, PrefixAdapter, Tensor};
 use peft_kernels::prefix_attention::{HeadLayout, PrefixAttention, PrefixAttentionArgs};
 use peft_kernels::validate::{assert_close, default_tolerance};
@@ -605,4 +606,72 @@ fn tensor_views_check_their_dtype() {
     assert!(e.to_string().contains("f32"), "{e}");
     // frozen_weight refuses a weight of the wrong size.
     assert!(m.frozen_weight(&[0.0f32; 3]).is_err());
+}
+
+/// The DoRA layer of `m` through the kernels: g from `dora_norm`, then `delta_linear` without
+/// the bias and `dora_scale` with g and the bias (f32, as the fixture).
+fn run_dora(m: &LoraModule, io: &BTreeMap<String, Tensor>, apply_g: bool) -> Vec<f32> {
+    let stored = io[&format!("{}.weight", m.name)].as_slice::<f32>().unwrap();
+    let w = m.frozen_weight(stored).unwrap();
+    let (a, b) = (m.lora_a.to::<f32>(), m.lora_b.to::<f32>());
+    let magnitude = m.magnitude.as_ref().expect("a DoRA module").to::<f32>();
+    let dora = DoraDims {
+        n: m.out_features,
+        k: m.in_features,
+        r: m.r,
+    };
+    let mut g = common::poisoned::<f32>(dora.n);
+    emulator::dora_norm(
+        &dora,
+        m.scale,
+        DoraNormArgs {
+            w: &w[..],
+            lora_a: &a,
+            lora_b: &b,
+            magnitude: &magnitude,
+            g: &mut g,
+        },
+    )
+    .unwrap();
+    let mut y = run_layer::<f32>(m, io);
+    if apply_g {
+        emulator::dora_scale::<f32>(
+            &DoraScaleDims::new(y.len() / dora.n, dora.n),
+            DoraScaleArgs {
+                y: &mut y,
+                g: &g[..],
+                bias: None,
+            },
+        )
+        .unwrap();
+    }
+    y
+}
+
+#[test]
+fn dora_reproduces_peft() {
+    let a = lora("llama_dora");
+    assert!(a.config.use_dora);
+    assert!(a.modules.iter().all(|m| m.magnitude.is_some()));
+    let io = io("llama_dora");
+    let mut checked = 0;
+    for m in &a.modules {
+        let Some(y_peft) = io.get(&format!("{}.y", m.name)) else {
+            continue;
+        };
+        let expected: Vec<f64> = y_peft.to::<f32>().iter().map(|&v| v.into()).collect();
+        let c = assert_close(
+            &format!("dora {}", m.name),
+            &run_dora(m, &io, true),
+            &expected,
+            1e-5,
+        );
+        eprintln!("{c}");
+        // Without the magnitude's scale it is plain LoRA, and off.
+        let plain = run_dora(m, &io, false);
+        let c = peft_kernels::validate::compare("no g", &plain, &expected, 1e-5).unwrap();
+        assert!(!c.passed(), "{c}");
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
 }

@@ -24,10 +24,12 @@
 
 pub mod baseline;
 mod delta_linear;
+mod dora;
 mod modules;
 mod prefix_attention;
 
 pub use delta_linear::*;
+pub use dora::*;
 pub use prefix_attention::*;
 
 use std::ffi::c_void;

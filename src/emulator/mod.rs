@@ -16,9 +16,11 @@
 use std::ffi::{c_char, c_void, CStr};
 
 mod delta_linear;
+mod dora;
 mod prefix_attention;
 
 pub use delta_linear::*;
+pub use dora::*;
 pub use prefix_attention::*;
 
 use crate::plan::{Buf, BufSource, KernelParams, Launch};

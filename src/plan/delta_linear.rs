@@ -136,7 +136,7 @@ fn dim_i32(arg: &'static str, v: usize) -> Result<i32> {
 const MAX_DIM: usize = 1 << 30;
 
 /// A width or reduction length: at least 1, at most [`MAX_DIM`].
-fn positive(arg: &'static str, v: usize) -> Result<i32> {
+pub(crate) fn positive(arg: &'static str, v: usize) -> Result<i32> {
     if v == 0 || v > MAX_DIM {
         return Err(Error::invalid(arg, format!("between 1 and {MAX_DIM}"), v));
     }
@@ -146,7 +146,7 @@ fn positive(arg: &'static str, v: usize) -> Result<i32> {
 /// Checks that `buf` holds the matrix `layout` (and that `ld ≥ cols`). The length is computed
 /// without wrapping: a huge `ld` must not pass as a small matrix (the kernels would index
 /// with it).
-fn check_matrix(arg: &'static str, buf: Buf, layout: MatrixLayout) -> Result<()> {
+pub(crate) fn check_matrix(arg: &'static str, buf: Buf, layout: MatrixLayout) -> Result<()> {
     if layout.ld < layout.cols {
         return Err(Error::invalid(
             arg,
@@ -181,7 +181,7 @@ fn check_matrix(arg: &'static str, buf: Buf, layout: MatrixLayout) -> Result<()>
 /// Checks that `buf`, if given, is exactly the contiguous tensor of `shape`: a tensor
 /// without a stride that is longer than its shape is a mistaken shape (a parallel adapter's
 /// W_down given to a sequential one, a whole fused QKV weight), not room to spare.
-fn check_exact(arg: &'static str, buf: Option<Buf>, shape: &[usize]) -> Result<()> {
+pub(crate) fn check_exact(arg: &'static str, buf: Option<Buf>, shape: &[usize]) -> Result<()> {
     let Some(buf) = buf else { return Ok(()) };
     let need = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
     let shape = format!("{shape:?}");

@@ -3,6 +3,7 @@
 //! parameter block the kernel receives. A backend only allocates and launches a [`Launch`].
 
 pub mod delta_linear;
+pub mod dora;
 pub mod prefix_attention;
 
 use crate::error::{Error, Result};

@@ -19,6 +19,7 @@
 
 pub mod adapter;
 pub mod attention;
+pub mod dora;
 pub mod linear;
 
 pub use adapter::{multi_head_adapter, MultiHeadAdapter, MultiHeadAdapterTensors};
