@@ -28,7 +28,8 @@
 //! the model ([`LoraModule::frozen_weight`] puts a GPT-2 `Conv1D` weight, stored [in, out]
 //! under `fan_in_fan_out`, into the [out, in] layout the kernels take).
 
-use crate::delta_linear::{DeltaLinear, DeltaLinearDims};
+use crate::delta_linear::{DeltaLinear, DeltaLinearDims, LoraMergeDims};
+use crate::dora::DoraDims;
 use crate::prefix_attention::PrefixAttentionDims;
 use crate::{Activation, Composition, DType, Element, Error, Insertion, Result};
 use half::{bf16, f16};
@@ -288,6 +289,24 @@ impl LoraModule {
         DeltaLinearDims::new(m, self.out_features, self.in_features, self.r)
     }
 
+    /// The dims of `lora_merge` for this layer (merge with `scale`, unmerge with `-scale`).
+    pub fn merge_dims(&self) -> LoraMergeDims {
+        LoraMergeDims {
+            n: self.out_features,
+            k: self.in_features,
+            r: self.r,
+        }
+    }
+
+    /// The dims of the DoRA operations for this layer ([`crate::dora`]).
+    pub fn dora_dims(&self) -> DoraDims {
+        DoraDims {
+            n: self.out_features,
+            k: self.in_features,
+            r: self.r,
+        }
+    }
+
     /// The base layer's frozen weight as the kernels take it, [out, in], from the weight as
     /// the model stores it: transposed from [in, out] under `fan_in_fan_out`, else copied.
     /// An error when `stored` does not hold out·in elements.
@@ -326,7 +345,7 @@ pub struct LoraAdapter {
     /// replaces the model's.
     pub biases: BTreeMap<String, Tensor>,
     /// The full replacement modules of `modules_to_save`: module name → parameter name
-    /// (`weight`, `bias`) → tensor.
+    /// within it (`weight`, `bias`, `dense.weight`, …) → tensor.
     pub modules_to_save: BTreeMap<String, BTreeMap<String, Tensor>>,
 }
 
@@ -799,15 +818,23 @@ fn lora(cfg: &Fields, path: &Path, tensors: BTreeMap<String, Tensor>) -> Result<
                 path.display()
             )));
         }
-        let (module, param) = key.rsplit_once('.').unwrap_or(("", key));
-        // bias = "all" / "lora_only" saves a LoRA layer's own bias as `<module>.base_layer.bias`.
-        let module = module.strip_suffix(".base_layer").unwrap_or(module);
-        if saved(module) {
+        // A tensor of a module saved whole: the module is the shortest dotted prefix of the
+        // name that modules_to_save names (a classifier head saves `score.dense.weight`, …).
+        let whole = key
+            .match_indices('.')
+            .map(|(i, _)| (&key[..i], &key[i + 1..]))
+            .find(|(module, _)| saved(module));
+        if let Some((module, param)) = whole {
             modules_to_save
                 .entry(module.to_string())
                 .or_default()
                 .insert(param.to_string(), t);
-        } else if param == "bias" && config.bias != BiasMode::None {
+            continue;
+        }
+        let (module, param) = key.rsplit_once('.').unwrap_or(("", key));
+        // bias = "all" / "lora_only" saves a LoRA layer's own bias as `<module>.base_layer.bias`.
+        let module = module.strip_suffix(".base_layer").unwrap_or(module);
+        if param == "bias" && config.bias != BiasMode::None {
             biases.insert(module.to_string(), t);
         } else {
             return Err(checkpoint(

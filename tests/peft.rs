@@ -6,10 +6,11 @@
 mod common;
 
 use half::{bf16, f16};
-use peft_kernels::delta_linear::DeltaLinearArgs;
-use peft_kernels::dora::{DoraDims, DoraNormArgs, DoraScaleArgs, DoraScaleDims};
+use peft_kernels::delta_linear::{DeltaLinearArgs, LoraMergeArgs};
+use peft_kernels::dora::{DoraMergeArgs, DoraNormArgs, DoraScaleArgs, DoraScaleDims};
 use peft_kernels::peft::{self, Adapter, BiasMode, LoraAdapter, LoraModule, PrefixAdapter, Tensor};
 use peft_kernels::prefix_attention::{HeadLayout, PrefixAttention, PrefixAttentionArgs};
+use peft_kernels::reference::{self, MatRef};
 use peft_kernels::validate::{assert_close, default_tolerance};
 use peft_kernels::{emulator, DType, Element, Error};
 use std::collections::BTreeMap;
@@ -615,11 +616,7 @@ fn run_dora(m: &LoraModule, io: &BTreeMap<String, Tensor>, apply_g: bool) -> Vec
     let w = m.frozen_weight(stored).unwrap();
     let (a, b) = (m.lora_a.to::<f32>(), m.lora_b.to::<f32>());
     let magnitude = m.magnitude.as_ref().expect("a DoRA module").to::<f32>();
-    let dora = DoraDims {
-        n: m.out_features,
-        k: m.in_features,
-        r: m.r,
-    };
+    let dora = m.dora_dims();
     let mut g = common::poisoned::<f32>(dora.n);
     emulator::dora_norm(
         &dora,
@@ -674,4 +671,105 @@ fn dora_reproduces_peft() {
         checked += 1;
     }
     assert_eq!(checked, 2);
+}
+
+#[test]
+fn modules_to_save_keep_nested_parameters_and_stray_biases_are_refused() {
+    // A module saved whole with a submodule (a classifier head's `dense.weight`).
+    let dir = edited(
+        "llama_layers_bf16",
+        |_| {},
+        |t| {
+            let head = t["base_model.model.lm_head.weight"].clone();
+            t.insert("base_model.model.lm_head.dense.weight".into(), head);
+        },
+    );
+    let a = match peft::load(&dir).unwrap() {
+        Adapter::Lora(a) => a,
+        other => panic!("{other:?}"),
+    };
+    std::fs::remove_dir_all(&dir).ok();
+    let head = &a.modules_to_save["lm_head"];
+    assert_eq!(head.keys().collect::<Vec<_>>(), ["dense.weight", "weight"]);
+    // bias = "none": the trained biases of the GPT-2 checkpoint are unexpected.
+    let dir = edited(
+        "gpt2_fan_in_fan_out_f16",
+        |c| {
+            c.insert("bias".into(), "none".into());
+        },
+        |_| {},
+    );
+    let e = load_err(&dir);
+    assert!(e.to_string().contains("bias"), "{e}");
+    assert!(matches!(e, Error::Checkpoint { .. }), "{e}");
+}
+
+/// Merged into the frozen weight (`lora_merge`, and DoRA's `dora_merge`), a layer's plain
+/// forward `x·W'ᵀ + b` reproduces PEFT's output too.
+#[test]
+fn merged_layers_reproduce_peft() {
+    for (name, module) in [
+        ("llama_lora", "model.layers.0.self_attn.q_proj"),
+        ("llama_rslora_patterns", "model.layers.1.mlp.down_proj"),
+        ("llama_dora", "model.layers.1.mlp.down_proj"),
+    ] {
+        let a = lora(name);
+        let io = io(name);
+        let m = a.module(module).unwrap();
+        let mut w = m
+            .frozen_weight(io[&format!("{module}.weight")].as_slice::<f32>().unwrap())
+            .unwrap();
+        let (la, lb) = (m.lora_a.to::<f32>(), m.lora_b.to::<f32>());
+        match &m.magnitude {
+            None => emulator::lora_merge(
+                &m.merge_dims(),
+                m.scale,
+                LoraMergeArgs {
+                    w: &mut w,
+                    lora_a: &la,
+                    lora_b: &lb,
+                },
+            )
+            .unwrap(),
+            Some(magnitude) => {
+                let mut g = vec![0.0f32; m.out_features];
+                let magnitude = magnitude.to::<f32>();
+                emulator::dora_norm(
+                    &m.dora_dims(),
+                    m.scale,
+                    DoraNormArgs {
+                        w: &w[..],
+                        lora_a: &la,
+                        lora_b: &lb,
+                        magnitude: &magnitude,
+                        g: &mut g,
+                    },
+                )
+                .unwrap();
+                emulator::dora_merge(
+                    &m.dora_dims(),
+                    m.scale,
+                    false,
+                    DoraMergeArgs {
+                        w: &mut w,
+                        lora_a: &la[..],
+                        lora_b: &lb,
+                        g: &g[..],
+                    },
+                )
+                .unwrap();
+            }
+        }
+        let x = io[&format!("{module}.x")].as_slice::<f32>().unwrap();
+        let (n, k) = (m.out_features, m.in_features);
+        let y =
+            reference::linear(MatRef::new(x, x.len() / k, k), MatRef::new(&w, n, k), None).unwrap();
+        let expected: Vec<f64> = io[&format!("{module}.y")]
+            .to::<f32>()
+            .iter()
+            .map(|&v| v.into())
+            .collect();
+        let y32: Vec<f32> = y.iter().map(|&v| v as f32).collect();
+        assert_close(&format!("{name} merged {module}"), &y32, &expected, 1e-5);
+    }
 }
