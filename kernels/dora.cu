@@ -14,10 +14,11 @@
 //                 merged element W[j,c] + s·Σ_t B[j,t]·A[t,c] in f32 (B[j,t] is the same address
 //                 for every thread: a broadcast; A's rows are read coalesced), squares and sums;
 //                 block_sum reduces. Cost n·k·r, the same as the W·Aᵀ of the expanded form
-//                 ‖W_j‖² + 2s·B_j·(W·Aᵀ)_j + s²·B_j·(A·Aᵀ)·B_jᵀ, which would let ‖W‖² be computed
-//                 once but loses digits to cancellation when s·B·A is small against W (always, for a
-//                 fresh adapter). g is constant while the weights are: computed once per weight
-//                 update, not per token, so its cost is not on the inference path.
+//                 ‖W_j‖² + 2s·B_j·(W·Aᵀ)_j + s²·B_j·(A·Aᵀ)·B_jᵀ, which would let ‖W‖² be
+//                 computed once but loses digits to cancellation when s·B·A is small against W
+//                 (always, for a fresh adapter). g is constant while the weights are: computed
+//                 once per weight update, not per token, so its cost is not on the inference
+//                 path.
 //   dora_scale_*  x[i,j] ← x[i,j]·v + bias[j], v = g[i·g_row + j·g_col] (or its reciprocal):
 //                 with (g_row, g_col) = (0, 1) the forward's per-column scale of y, with (1, 0)
 //                 merge's and unmerge's per-row scale of W. A grid-stride loop, consecutive

@@ -4,16 +4,17 @@
 //! y = g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b,    g[j] = m[j] / ‖W[j,:] + s·(B·A)[j,:]‖₂
 //! ```
 //!
-//! per output column j, with the learned magnitude m [n] and the norm detached (a constant
+//! per output column j, with the learned magnitude m `[n]` and the norm detached (a constant
 //! of the forward, as PEFT computes it). Three operations (kernels/dora.cu), each with the
 //! three entry points `emulator::`, `cuda::` and `host::` over one argument struct:
 //!
 //! - `dora_norm` ([`DoraNormArgs`]): g = m / ‖W + s·B·A‖ per row, in f32. It depends on the
 //!   weights only: compute it once per weight update, not per call.
 //! - `dora_scale` ([`DoraScaleArgs`]): y ← g ⊙ y + b over the columns of y. The forward is
-//!   `delta_linear` with `DeltaLinear::lora` (or [`crate::peft::LoraModule::op`]) **without**
-//!   the bias, then `dora_scale` with g and the bias: one more pass over y than a fused
-//!   epilogue would take (kernels/dora.cu says why it is a composition for now).
+//!   `delta_linear` with the LoRA scale (`Composition::Scaled(s)`; `peft::LoraModule::op`
+//!   with feature `peft`) **without** the bias, then `dora_scale` with g and the bias: one
+//!   more pass over y than a fused epilogue would take (kernels/dora.cu says why it is a
+//!   composition for now).
 //! - `dora_merge` ([`DoraMergeArgs`]): W ← g ⊙ (W + s·B·A) row by row (PEFT's merge), or with
 //!   `unmerge`, W ← W / g − s·B·A. Unmerging needs the g of the merge (the norm of the
 //!   unmerged weight): keep it.
@@ -24,7 +25,7 @@
 use crate::plan::dora::{DoraMergeBufs, DoraNormBufs, DoraScaleBufs};
 use crate::plan::BufSource;
 
-/// Sizes of `dora_norm` and `dora_merge`: W [n, k], A [r, k], B [n, r], m and g [n], all
+/// Sizes of `dora_norm` and `dora_merge`: W [n, k], A [r, k], B [n, r], m and g `[n]`, all
 /// contiguous.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DoraDims {
@@ -43,9 +44,9 @@ pub struct DoraNormArgs<R, G> {
     pub lora_a: R,
     /// LoRA B [n, r].
     pub lora_b: R,
-    /// The magnitude m [n] (`lora_magnitude_vector`).
+    /// The magnitude m `[n]` (`lora_magnitude_vector`).
     pub magnitude: R,
-    /// The output g [n], f32.
+    /// The output g `[n]`, f32.
     pub g: G,
 }
 
@@ -69,9 +70,9 @@ impl DoraScaleDims {
 pub struct DoraScaleArgs<R, W, G> {
     /// [m, n], row stride `ld_y`, in place.
     pub y: W,
-    /// g [n], f32, from `dora_norm`.
+    /// g `[n]`, f32, from `dora_norm`.
     pub g: G,
-    /// The frozen layer's bias [n].
+    /// The frozen layer's bias `[n]`.
     pub bias: Option<R>,
 }
 
@@ -85,7 +86,7 @@ pub struct DoraMergeArgs<R, W, G> {
     pub lora_a: R,
     /// LoRA B [n, r].
     pub lora_b: R,
-    /// g [n], f32, from `dora_norm` on the unmerged weight.
+    /// g `[n]`, f32, from `dora_norm` on the unmerged weight.
     pub g: G,
 }
 

@@ -22,7 +22,8 @@
 //!
 //! [`mod@reference`] holds the f64 CPU reference every kernel is checked against, and
 //! [`validate`] compares with it. [`host`] runs any operation on host buffers on the best
-//! backend at hand.
+//! backend at hand. [`dora`] adds DoRA's learned magnitude to a LoRA layer; the `peft` module
+//! (feature `peft`) reads PEFT's adapter checkpoints into the operations' arguments.
 //!
 //! ```
 //! # #[cfg(feature = "emulator")] {

@@ -4,7 +4,7 @@
 //!
 //! - LoRA (`peft_type: "LORA"`, DoRA included): one [`LoraModule`] per adapted layer, its
 //!   `lora_A` [r, in] (`w_down`), `lora_B` [out, r] (`w_up`), optional `lora_B` bias (`b_up`,
-//!   `lora_bias`), DoRA magnitude [out] (`use_dora`) and the scale `s` (α / r, or α / √r with
+//!   `lora_bias`), DoRA magnitude `[out]` (`use_dora`) and the scale `s` (α / r, or α / √r with
 //!   `use_rslora`; r and α per module after `rank_pattern` / `alpha_pattern`), ready for
 //!   [`crate::delta_linear::DeltaLinearArgs`] ([`LoraModule::op`], [`LoraModule::dims`]),
 //!   `lora_merge` and the DoRA operations ([`crate::dora`]); plus the base-layer biases that
@@ -262,11 +262,11 @@ pub struct LoraModule {
     pub lora_a: Tensor,
     /// `lora_B.weight` [out, r]: the delta's `w_up`.
     pub lora_b: Tensor,
-    /// `lora_B.bias` [out] (`lora_bias`): the delta's `b_up`.
+    /// `lora_B.bias` `[out]` (`lora_bias`): the delta's `b_up`.
     pub lora_b_bias: Option<Tensor>,
-    /// DoRA's `lora_magnitude_vector` [out] (`use_dora`).
+    /// DoRA's `lora_magnitude_vector` `[out]` (`use_dora`).
     pub magnitude: Option<Tensor>,
-    /// The base layer's trained bias [out] (`bias = "all"` or `"lora_only"`), which replaces
+    /// The base layer's trained bias `[out]` (`bias = "all"` or `"lora_only"`), which replaces
     /// the model's.
     pub bias: Option<Tensor>,
     /// The base layer stores its weight [in, out] (`Conv1D`).
@@ -431,15 +431,18 @@ pub fn load(dir: impl AsRef<Path>) -> Result<Adapter> {
         fields: &fields,
     };
     let peft_type = cfg.string("peft_type")?;
-    let tensors = read_safetensors(&weights_path)?;
-    match peft_type.as_str() {
-        "LORA" => Ok(Adapter::Lora(lora(&cfg, &weights_path, tensors)?)),
-        "PREFIX_TUNING" => Ok(Adapter::PrefixTuning(prefix(&cfg, &weights_path, tensors)?)),
-        other => Err(checkpoint(
+    if !matches!(peft_type.as_str(), "LORA" | "PREFIX_TUNING") {
+        return Err(checkpoint(
             &config_path,
             "peft_type",
-            format!("expected \"LORA\" or \"PREFIX_TUNING\", got {other:?}"),
-        )),
+            format!("expected \"LORA\" or \"PREFIX_TUNING\", got {peft_type:?}"),
+        ));
+    }
+    let tensors = read_safetensors(&weights_path)?;
+    if peft_type == "LORA" {
+        Ok(Adapter::Lora(lora(&cfg, &weights_path, tensors)?))
+    } else {
+        Ok(Adapter::PrefixTuning(prefix(&cfg, &weights_path, tensors)?))
     }
 }
 
@@ -456,9 +459,12 @@ fn checkpoint(path: &Path, item: &str, message: impl Into<String>) -> Error {
 /// tensor whose dtype is not f32, f16 or bf16.
 pub fn read_safetensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, Tensor>> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| checkpoint(path, WEIGHTS_FILE, e.to_string()))?;
+    let file = path
+        .file_name()
+        .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+    let bytes = std::fs::read(path).map_err(|e| checkpoint(path, &file, e.to_string()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| checkpoint(path, WEIGHTS_FILE, format!("malformed safetensors: {e}")))?;
+        .map_err(|e| checkpoint(path, &file, format!("malformed safetensors: {e}")))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let raw = view.data();
@@ -814,7 +820,8 @@ fn lora(cfg: &Fields, path: &Path, tensors: BTreeMap<String, Tensor>) -> Result<
         }
         if key.contains("lora_embedding_") || key.contains(".lora_") {
             return Err(Error::Unsupported(format!(
-                "{}: tensor `{name}`: a LoRA form this crate has no kernel for (only linear layers)",
+                "{}: tensor `{name}`: a LoRA form this crate has no kernel for (it has linear \
+                 layers only)",
                 path.display()
             )));
         }

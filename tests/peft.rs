@@ -773,3 +773,16 @@ fn merged_layers_reproduce_peft() {
         assert_close(&format!("{name} merged {module}"), &y32, &expected, 1e-5);
     }
 }
+
+#[test]
+fn a_malformed_tensor_file_is_named() {
+    let dir = edited("llama_lora", |_| {}, |_| {});
+    std::fs::write(
+        dir.join(peft::WEIGHTS_FILE),
+        b"\x08\x00\x00\x00\x00\x00\x00\x00{}",
+    )
+    .unwrap();
+    let e = load_err(&dir);
+    assert!(e.to_string().contains("malformed safetensors"), "{e}");
+    assert_checkpoint_err(e, peft::WEIGHTS_FILE, peft::WEIGHTS_FILE);
+}

@@ -5,14 +5,14 @@
 //! y    = g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b              per output column j
 //! ```
 //!
-//! W [N, K], A = `lora_A.weight` [r, K], B = `lora_B.weight` [N, r], m [N], b [N], x [M, K].
+//! W [N, K], A = `lora_A.weight` [r, K], B = `lora_B.weight` [N, r], m `[N]`, b `[N]`, x [M, K].
 //! Merging gives W' = g ⊙ (W + s·B·A) row by row, whose plain forward `x·W'ᵀ + b` is y.
 
 use super::linear::{linear, lora_merge};
 use super::{check_vec, MatRef, Scalar};
 use crate::Result;
 
-/// g = m / ‖W + s·B·A‖ per row, for `W` [N, K], `lora_a` [r, K], `lora_b` [N, r], `m` [N].
+/// g = m / ‖W + s·B·A‖ per row, for `W` [N, K], `lora_a` [r, K], `lora_b` [N, r], `m` `[N]`.
 pub fn dora_norm<T: Scalar>(
     w: MatRef<T>,
     lora_a: MatRef<T>,
