@@ -33,18 +33,29 @@ fn lora(name: &str) -> LoraAdapter {
     }
 }
 
+/// The layer's bias: the checkpoint's trained one where it has one, else the model's.
+fn layer_bias<T: Element>(m: &LoraModule, io: &BTreeMap<String, Tensor>) -> Option<Vec<T>> {
+    match &m.bias {
+        Some(trained) => Some(trained.to()),
+        None => io.get(&format!("{}.bias", m.name)).map(Tensor::to),
+    }
+}
+
 /// The layer's output through `emulator::delta_linear` in the dtype PEFT ran it in (the
-/// adapter converted to it), with the checkpoint's trained bias where it has one.
+/// adapter converted to it), with its bias.
 fn run_layer<T: Element>(m: &LoraModule, io: &BTreeMap<String, Tensor>) -> Vec<T> {
+    run_pass(m, io, layer_bias(m, io).as_deref())
+}
+
+/// `delta_linear` of the layer with the bias given.
+fn run_pass<T: Element>(
+    m: &LoraModule,
+    io: &BTreeMap<String, Tensor>,
+    bias: Option<&[T]>,
+) -> Vec<T> {
     let x = io[&format!("{}.x", m.name)].as_slice::<T>().unwrap();
     let stored = io[&format!("{}.weight", m.name)].as_slice::<T>().unwrap();
     let w = m.frozen_weight(stored).unwrap();
-    let bias: Option<Vec<T>> = match &m.bias {
-        Some(trained) => Some(trained.to()),
-        None => io
-            .get(&format!("{}.bias", m.name))
-            .map(|b| b.as_slice::<T>().unwrap().to_vec()),
-    };
     let (a, b) = (m.lora_a.to::<T>(), m.lora_b.to::<T>());
     let b_up: Option<Vec<T>> = m.lora_b_bias.as_ref().map(Tensor::to);
     let dims = m.dims(x.len() / m.in_features);
@@ -56,7 +67,7 @@ fn run_layer<T: Element>(m: &LoraModule, io: &BTreeMap<String, Tensor>) -> Vec<T
         DeltaLinearArgs {
             x,
             w: &w,
-            bias: bias.as_deref(),
+            bias,
             u: None,
             w_down: &a,
             b_down: None,
@@ -610,7 +621,8 @@ fn tensor_views_check_their_dtype() {
 }
 
 /// The DoRA layer of `m` through the kernels: g from `dora_norm`, then `delta_linear` without
-/// the bias and `dora_scale` with g and the bias (f32, as the fixture).
+/// the bias and `dora_scale` with g and the bias (f32, as the fixtures). Without `apply_g`,
+/// plain LoRA with the bias.
 fn run_dora(m: &LoraModule, io: &BTreeMap<String, Tensor>, apply_g: bool) -> Vec<f32> {
     let stored = io[&format!("{}.weight", m.name)].as_slice::<f32>().unwrap();
     let w = m.frozen_weight(stored).unwrap();
@@ -630,27 +642,38 @@ fn run_dora(m: &LoraModule, io: &BTreeMap<String, Tensor>, apply_g: bool) -> Vec
         },
     )
     .unwrap();
-    let mut y = run_layer::<f32>(m, io);
-    if apply_g {
-        emulator::dora_scale::<f32>(
-            &DoraScaleDims::new(y.len() / dora.n, dora.n),
-            DoraScaleArgs {
-                y: &mut y,
-                g: &g[..],
-                bias: None,
-            },
-        )
-        .unwrap();
+    if !apply_g {
+        return run_layer::<f32>(m, io);
     }
+    let mut y = run_pass::<f32>(m, io, None);
+    let bias = layer_bias::<f32>(m, io);
+    emulator::dora_scale::<f32>(
+        &DoraScaleDims::new(y.len() / dora.n, dora.n),
+        DoraScaleArgs {
+            y: &mut y,
+            g: &g[..],
+            bias: bias.as_deref(),
+        },
+    )
+    .unwrap();
     y
 }
 
+/// LLaMA's projections (no bias) and GPT-2's Conv1D (fan_in_fan_out, a bias added after the
+/// magnitude's scale).
 #[test]
 fn dora_reproduces_peft() {
-    let a = lora("llama_dora");
+    for name in ["llama_dora", "gpt2_dora"] {
+        assert_eq!(dora_fixture(name), 2, "{name}");
+    }
+}
+
+/// Every layer of the DoRA fixture `name` with saved outputs reproduced; returns how many.
+fn dora_fixture(name: &str) -> usize {
+    let a = lora(name);
     assert!(a.config.use_dora);
     assert!(a.modules.iter().all(|m| m.magnitude.is_some()));
-    let io = io("llama_dora");
+    let io = io(name);
     let mut checked = 0;
     for m in &a.modules {
         let Some(y_peft) = io.get(&format!("{}.y", m.name)) else {
@@ -658,7 +681,7 @@ fn dora_reproduces_peft() {
         };
         let expected: Vec<f64> = y_peft.to::<f32>().iter().map(|&v| v.into()).collect();
         let c = assert_close(
-            &format!("dora {}", m.name),
+            &format!("{name}: {}", m.name),
             &run_dora(m, &io, true),
             &expected,
             1e-5,
@@ -670,7 +693,7 @@ fn dora_reproduces_peft() {
         assert!(!c.passed(), "{c}");
         checked += 1;
     }
-    assert_eq!(checked, 2);
+    checked
 }
 
 #[test]

@@ -57,7 +57,12 @@ def gpt2(dtype=torch.float32):
     cfg = transformers.GPT2Config(
         vocab_size=128, n_embd=64, n_layer=2, n_head=2, n_positions=64, attn_implementation="eager"
     )
-    return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # GPT-2 initialises its biases to 0; a pretrained model's are not
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+    return model.to(dtype)
 
 
 def randomise(model):
@@ -198,6 +203,13 @@ def lora_fixtures():
     m = get_peft_model(llama(), cfg)
     randomise(m)
     save_adapter("llama_dora", m, ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"])
+
+    # DoRA on GPT-2's Conv1D: fan_in_fan_out, and a base bias, added after the magnitude's scale.
+    torch.manual_seed(7)
+    cfg = LoraConfig(r=4, lora_alpha=4, use_dora=True, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    m = get_peft_model(gpt2(), cfg)
+    randomise(m)
+    save_adapter("gpt2_dora", m, ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"])
 
 
 def prefix_fixture():
