@@ -40,12 +40,12 @@ mod common;
 
 fn main() {
     if common::can_run("delta_linear") {
-        #[cfg(feature = "cuda")]
+        #[cfg(feature = "baseline")]
         gpu::main();
     }
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(feature = "baseline")]
 mod gpu {
     use std::sync::Arc;
 
@@ -81,7 +81,7 @@ mod gpu {
         [
             Method {
                 name: "lora_r16",
-                op: DeltaLinear::lora(32.0, 16),
+                op: DeltaLinear::lora(32.0),
                 r: 16,
             },
             Method {

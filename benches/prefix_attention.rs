@@ -37,12 +37,12 @@ mod common;
 
 fn main() {
     if common::can_run("prefix_attention") {
-        #[cfg(feature = "cuda")]
+        #[cfg(feature = "baseline")]
         gpu::main();
     }
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(feature = "baseline")]
 mod gpu {
     use std::sync::Arc;
 

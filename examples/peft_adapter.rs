@@ -32,8 +32,8 @@ fn layer<T: Element>(
         (None, Some(original)) => Some(original.to()),
         (None, None) => None,
     };
-    let (a, b) = (m.lora_a.to::<T>(), m.lora_b.to::<T>());
-    let b_up: Option<Vec<T>> = m.lora_b_bias.as_ref().map(Tensor::to);
+    let (a, b) = (m.w_down.to::<T>(), m.w_up.to::<T>());
+    let b_up: Option<Vec<T>> = m.b_up.as_ref().map(Tensor::to);
     let dims = m.dims(x.len() / m.in_features);
     let mut workspace = vec![T::default(); dims.workspace_len()];
     let mut y = vec![T::default(); dims.m * dims.n];
@@ -67,8 +67,8 @@ fn layer<T: Element>(
             m.scale,
             DoraNormArgs {
                 w: &w[..],
-                lora_a: &a,
-                lora_b: &b,
+                w_down: &a,
+                w_up: &b,
                 magnitude: &magnitude,
                 g: &mut g,
             },

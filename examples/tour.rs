@@ -183,7 +183,7 @@ fn main() -> Result<()> {
 
     // LoRA on W_q and W_v (Hu et al.): r = 8, α = 16.
     let r = 8;
-    let lora = DeltaLinear::lora(16.0, r);
+    let lora = DeltaLinear::lora(16.0);
     let (e, t) = worst(&[
         q_proj.run(&backend, &mut g, lora, r, None)?,
         v_proj.run(&backend, &mut g, lora, r, None)?,

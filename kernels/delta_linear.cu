@@ -612,16 +612,17 @@ PK_INLINE void fused_linear_split_reduce(const FusedLinearParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// LoRA merge: W[n, k] ← W[n, k] + sign·s·Σ_j B[n, j]·A[j, k], in place.
+// LoRA merge: W[n, k] ← W[n, k] + sign·s·Σ_j B[n, j]·A[j, k], in place (LoRA's A is the
+// bottleneck's W_down, B its W_up).
 // grid (ceil(K/64), ceil(N/64)), block 256 = 16×16, 4×4 outputs per thread strided by 16.
 
 struct LoraMergeParams {
     void* w;             // [N, K], leading dimension ldw
-    const void* lora_a;  // [r, K], leading dimension lda
-    const void* lora_b;  // [N, r], leading dimension ldb
-    int64_t ldw, lda, ldb;
+    const void* w_down;  // A [r, K], leading dimension ld_down
+    const void* w_up;    // B [N, r], leading dimension ld_up
+    int64_t ldw, ld_down, ld_up;
     int32_t n, k, r;
-    float alpha;  // sign·s
+    float scale;  // sign·s
 };
 PK_PARAMS_SIZE(LoraMergeParams)
 
@@ -630,8 +631,8 @@ PK_INLINE void lora_merge(const LoraMergeParams& p) {
     constexpr int TILE = 64, RK = 16;
     __shared__ float Bt[RK][TILE + 4];  // B[n0 + i, j0 + jj] at Bt[jj][i]
     __shared__ float At[RK][TILE + 4];  // A[j0 + jj, k0 + i] at At[jj][i]
-    const T* a = static_cast<const T*>(p.lora_a);
-    const T* b = static_cast<const T*>(p.lora_b);
+    const T* a = static_cast<const T*>(p.w_down);
+    const T* b = static_cast<const T*>(p.w_up);
     T* w = static_cast<T*>(p.w);
     const int n0 = blockIdx.y * TILE, k0 = blockIdx.x * TILE;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -640,12 +641,12 @@ PK_INLINE void lora_merge(const LoraMergeParams& p) {
         // B: 16 consecutive threads read 16 consecutive j of one row n.
         for (int i = threadIdx.x; i < TILE * RK; i += 256) {
             const int row = i / RK, jj = i % RK, n = n0 + row, j = j0 + jj;
-            Bt[jj][row] = (n < p.n && j < p.r) ? to_float(b[n * p.ldb + j]) : 0.0f;
+            Bt[jj][row] = (n < p.n && j < p.r) ? to_float(b[n * p.ld_up + j]) : 0.0f;
         }
         // A: 64 consecutive threads read 64 consecutive k of one row j.
         for (int i = threadIdx.x; i < TILE * RK; i += 256) {
             const int jj = i / TILE, col = i % TILE, j = j0 + jj, k = k0 + col;
-            At[jj][col] = (j < p.r && k < p.k) ? to_float(a[j * p.lda + k]) : 0.0f;
+            At[jj][col] = (j < p.r && k < p.k) ? to_float(a[j * p.ld_down + k]) : 0.0f;
         }
         __syncthreads();
         for (int jj = 0; jj < RK; ++jj)
@@ -658,7 +659,7 @@ PK_INLINE void lora_merge(const LoraMergeParams& p) {
             const int n = n0 + ty + 16 * i, k = k0 + tx + 16 * q;
             if (n < p.n && k < p.k) {
                 T& dst = w[n * p.ldw + k];
-                dst = from_float<T>(to_float(dst) + p.alpha * acc[i][q]);
+                dst = from_float<T>(to_float(dst) + p.scale * acc[i][q]);
             }
         }
 }

@@ -31,8 +31,8 @@
 
 struct DoraNormParams {
     const void* w;          // [n, k]
-    const void* lora_a;     // [r, k]
-    const void* lora_b;     // [n, r]
+    const void* w_down;     // [r, k]
+    const void* w_up;     // [n, r]
     const void* magnitude;  // [n]
     float* g;               // [n], f32
     int32_t n, k, r;
@@ -43,8 +43,8 @@ PK_PARAMS_SIZE(DoraNormParams)
 template <typename T>
 PK_INLINE void dora_norm(const DoraNormParams& p) {
     const T* w = static_cast<const T*>(p.w);
-    const T* a = static_cast<const T*>(p.lora_a);
-    const T* b = static_cast<const T*>(p.lora_b);
+    const T* a = static_cast<const T*>(p.w_down);
+    const T* b = static_cast<const T*>(p.w_up);
     const int j = blockIdx.x;
     float sq = 0.0f;
     for (int c = threadIdx.x; c < p.k; c += blockDim.x) {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the GPU check bundle on a development machine (x86-64 Linux, no GPU needed):
-# every test and bench binary and the tour example, built with `--release --features cuda`
+# every test and bench binary and the tour example, built with `--release --features baseline`
 # by the pinned CUDA 13.0 nvcc, packed into gpu-bundle/ (git-ignored) together with
 # scripts/gpu-check.sh and benches/peers/, so that a machine with a GPU but no Rust
 # toolchain or network runs the whole check from it:
@@ -65,9 +65,12 @@ cargo_json() {
   cargo "$@" --message-format=json-render-diagnostics >"$work/$name.json" ||
     die "cargo $* failed"
 }
-cargo_json tests test --release --features cuda --no-run
-cargo_json benches bench --features cuda --no-run
-cargo_json tour build --release --features cuda --example tour
+# cudarc's bindings for CUDA 13.0, the GPU machines' driver (without nvcc on PATH cudarc
+# would take its newest bindings, `fallback-latest`).
+export CUDARC_CUDA_VERSION=13000
+cargo_json tests test --release --features baseline --no-run
+cargo_json benches bench --features baseline --no-run
+cargo_json tour build --release --features baseline --example tour
 
 step "staging the binaries"
 stage="$work/stage"

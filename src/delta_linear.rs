@@ -4,12 +4,65 @@
 //! y = compose(h, s·f(u·W_downᵀ + b_down)·W_upᵀ + b_up),    h = x·Wᵀ + b
 //! ```
 //!
-//! in the PyTorch `nn.Linear` layouts of UNIFIED-VIEW.md (W [N, K], W_down = LoRA A [r, K_u],
-//! W_up = LoRA B [N, r]). One description, [`DeltaLinear`], covers LoRA, the Houlsby adapter,
-//! the parallel and scaled parallel adapters; [`DeltaApplyDims`] adds a delta to an `h` the
-//! caller computed (also per head: the multi-head parallel adapter). Both backends take the
-//! same argument structs over their own buffer types: `&[T]` / `&mut [T]` in the emulator,
-//! cudarc device slices and views on the GPU.
+//! in the PyTorch `nn.Linear` layouts of UNIFIED-VIEW.md. One description, [`DeltaLinear`],
+//! covers LoRA, the Houlsby adapter, the parallel and scaled parallel adapters;
+//! [`DeltaApplyDims`] adds a delta to an `h` the caller computed (also per head: the
+//! multi-head parallel adapter); [`LoraMergeDims`] merges LoRA into W. Every operation
+//! exists on each backend over one argument struct, with the backend's buffer types:
+//! `&[T]` / `&mut [T]` in `emulator` and `host` (the `Host…Args` aliases below), cudarc
+//! device slices and views in `cuda` (`cuda::Device…Args`).
+//!
+//! # The bottleneck's weights, and LoRA's A and B
+//!
+//! The crate names the two weights of every bottleneck `w_down` and `w_up`, in every
+//! argument struct, error message and reference. For LoRA:
+//!
+//! | here | shape | LoRA | PEFT state dict |
+//! |---|---|---|---|
+//! | `w_down` (W_down) | [r, k_u] (k_u = k, the layer's input width) | A | `lora_A.weight` |
+//! | `w_up` (W_up) | [n, r] | B | `lora_B.weight` |
+//!
+//! so a PEFT checkpoint's tensors are passed as they are, without transposing. An adapter's
+//! down- and up-projection weights (`nn.Linear` layout) are `w_down` and `w_up` too; a
+//! sequential adapter's `w_down` is [r, n] (it reads h). LoRA's scale is given as α
+//! (PEFT's `lora_alpha`, [`DeltaLinear::lora`], [`DeltaLinear::rslora`]) and follows the
+//! dims' r; [`Composition::scale`] gives the `s` to pass to `lora_merge`.
+//!
+//! # Building the arguments
+//!
+//! Build an argument struct where its type is known: in the call, or in a `let` annotated
+//! with the backend's alias ([`HostDeltaLinearArgs`] here, `cuda::DeviceDeltaLinearArgs` on
+//! the GPU). Without either, `&x` of a `Vec<T>` stays a `&Vec<T>` (Rust coerces it to
+//! `&[T]`, and `&` of a `CudaSlice` to the GPU API's `&dyn` buffer, only where that type is
+//! expected; `Some(&b)` too) and the call does not type-check:
+//!
+//! ```
+//! # #[cfg(feature = "emulator")] {
+//! use peft_kernels::delta_linear::{DeltaLinear, DeltaLinearArgs, DeltaLinearDims, HostDeltaLinearArgs};
+//!
+//! let (m, n, k, r) = (4, 6, 8, 2);
+//! let dims = DeltaLinearDims::new(m, n, k, r);
+//! let (x, w) = (vec![0.5f32; m * k], vec![0.25f32; n * k]);
+//! let (w_down, w_up) = (vec![0.1f32; r * k], vec![0.2f32; n * r]);
+//! let (mut workspace, mut y) = (vec![0.0f32; dims.workspace_len()], vec![0.0f32; m * n]);
+//! let args: HostDeltaLinearArgs<f32> = DeltaLinearArgs {
+//!     x: &x, w: &w, bias: None, u: None,
+//!     w_down: &w_down, b_down: None, w_up: &w_up, b_up: None, gate: None,
+//!     workspace: &mut workspace, y: &mut y,
+//! };
+//! peft_kernels::emulator::delta_linear(&DeltaLinear::lora(4.0), &dims, args)?;
+//! // h = 8·0.5·0.25 = 1; Δh = (8·0.5·0.1)·(2·0.2) = 0.16; s = α / r = 2.
+//! assert!(y.iter().all(|&v| (v - 1.32).abs() < 1e-6));
+//! # }
+//! # Ok::<(), peft_kernels::Error>(())
+//! ```
+//!
+//! # Empty batches, alignment
+//!
+//! `m = 0` (no rows) is a valid call that is checked like any other and launches nothing;
+//! every other size must be at least 1. The kernels take buffers of any alignment: an f16 /
+//! bf16 operand whose rows are not 16-byte aligned runs on a slower path (see
+//! [`KernelVariant::Auto`]), never an error.
 //!
 //! Precision: products accumulate in f32. The bottleneck activations `t` are stored in T
 //! (the workspace), and a sequential delta reads h as it is materialised in T (in `y`,
@@ -53,18 +106,38 @@ pub enum KernelVariant {
 /// and composition (the reference, [`mod@crate::reference::linear`], takes the same description).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DeltaLinear {
+    /// The bottleneck's `f`.
     pub activation: Activation,
+    /// Where the delta reads `u`.
     pub insertion: Insertion,
+    /// How Δh joins h, with its scale.
     pub composition: Composition,
 }
 
 impl DeltaLinear {
-    /// LoRA: parallel, identity, `h + s·Δh` with `s = alpha / r`.
-    pub fn lora(alpha: f32, r: usize) -> Self {
+    /// LoRA: parallel, identity, `h + s·Δh` with `s = alpha / r`, r taken from the call's
+    /// dims ([`Composition::Lora`]): α is PEFT's `lora_alpha`.
+    pub fn lora(alpha: f32) -> Self {
         Self::new(
             Insertion::Parallel,
             Activation::Identity,
-            Composition::Scaled(alpha / r as f32),
+            Composition::Lora {
+                alpha,
+                rslora: false,
+            },
+        )
+    }
+    /// Rank-stabilised LoRA (PEFT's `use_rslora = True`): as [`DeltaLinear::lora`] with
+    /// `s = alpha / √r`.
+    #[doc(alias = "use_rslora")]
+    pub fn rslora(alpha: f32) -> Self {
+        Self::new(
+            Insertion::Parallel,
+            Activation::Identity,
+            Composition::Lora {
+                alpha,
+                rslora: true,
+            },
         )
     }
     /// Houlsby adapter: sequential, `h + f(h·W_downᵀ + b_down)·W_upᵀ + b_up`.
@@ -88,6 +161,10 @@ impl DeltaLinear {
 /// Sizes and row strides of a delta-linear call. W, W_down, W_up, the biases and the gate
 /// are contiguous and must hold exactly their shape (a longer one is a mistaken shape and
 /// refused); x, u and y have row strides, and their buffers may run past the last row.
+///
+/// An empty batch, `m = 0`, is a valid call: its arguments are checked as any call's, and
+/// it launches nothing (as every operation of the crate treats an empty batch). n, k, r
+/// (and k_u when u is given) must be at least 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeltaLinearDims {
     /// Rows (tokens, batch × sequence).
@@ -165,11 +242,15 @@ pub struct DeltaLinearArgs<R, W> {
     /// A separate parallel delta input [m, k_u] (an FFN's parallel adapter reads the FFN's
     /// input); `None`: u = x (parallel) or u = h (sequential).
     pub u: Option<R>,
-    /// W_down = LoRA A, [r, k_u] (k_u = n for sequential insertion).
+    /// W_down [r, k_u] (k_u = n for sequential insertion): LoRA A, `lora_A.weight`.
+    #[doc(alias = "lora_a")]
+    #[doc(alias = "lora_A")]
     pub w_down: R,
     /// `[r]`.
     pub b_down: Option<R>,
-    /// W_up = LoRA B, [n, r].
+    /// W_up [n, r]: LoRA B, `lora_B.weight`.
+    #[doc(alias = "lora_b")]
+    #[doc(alias = "lora_B")]
     pub w_up: R,
     /// `[n]`.
     pub b_up: Option<R>,
@@ -183,6 +264,9 @@ pub struct DeltaLinearArgs<R, W> {
 }
 
 /// Sizes and strides of a delta on a given h, with one bottleneck per head slice.
+///
+/// An empty batch, `m = 0`, is checked as any call and launches nothing; heads, head_dim,
+/// r (and u_head_dim with parallel insertion) must be at least 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeltaApplyDims {
     /// Rows.
@@ -195,9 +279,11 @@ pub struct DeltaApplyDims {
     pub r: usize,
     /// Columns of u per head (parallel insertion).
     pub u_head_dim: usize,
-    /// Row strides of h, u and y.
+    /// Row stride of h, ≥ heads·head_dim.
     pub ld_h: usize,
+    /// Row stride of u, ≥ heads·u_head_dim.
     pub ld_u: usize,
+    /// Row stride of y, ≥ heads·head_dim.
     pub ld_y: usize,
     /// Which implementation runs the passes (`Auto` unless testing or benchmarking).
     pub kernel: KernelVariant,
@@ -210,8 +296,9 @@ pub struct DeltaApplyDims {
 }
 
 impl DeltaApplyDims {
-    /// Contiguous h, y [m, heads·head_dim] and u [m, heads·u_head_dim]. Widths past usize
-    /// saturate (and are refused by the call).
+    /// Contiguous h, y [m, heads·head_dim] and u [m, heads·u_head_dim] (note the order:
+    /// `u_head_dim` before the rank `r`; a sequential delta reads h, so pass `head_dim`).
+    /// Widths past usize saturate (and are refused by the call).
     pub fn new(m: usize, heads: usize, head_dim: usize, u_head_dim: usize, r: usize) -> Self {
         let w = heads.saturating_mul(head_dim);
         DeltaApplyDims {
@@ -265,6 +352,15 @@ pub struct DeltaApplyArgs<R, W> {
     pub y: W,
 }
 
+/// [`DeltaLinearArgs`] over host slices, as `emulator::delta_linear` and
+/// `host::delta_linear` take them: annotate a `let` with it to build the arguments before
+/// the call (module docs, "Building the arguments").
+pub type HostDeltaLinearArgs<'a, T> = DeltaLinearArgs<&'a [T], &'a mut [T]>;
+/// [`DeltaApplyArgs`] over host slices (`emulator::delta_apply`, `host::delta_apply`).
+pub type HostDeltaApplyArgs<'a, T> = DeltaApplyArgs<&'a [T], &'a mut [T]>;
+/// [`LoraMergeArgs`] over host slices (`emulator::lora_merge`, `host::lora_merge`).
+pub type HostLoraMergeArgs<'a, T> = LoraMergeArgs<&'a [T], &'a mut [T]>;
+
 impl<R, W> DeltaLinearArgs<R, W> {
     /// The planner's view of these tensors: each buffer's address and length from the
     /// backend's buffer source (on the GPU a `cuda::Buffers`, feature `cuda`, which keeps
@@ -305,23 +401,32 @@ impl<R, W> DeltaApplyArgs<R, W> {
     }
 }
 
-/// Sizes of a LoRA merge: W [n, k], A [r, k], B [n, r], all contiguous.
+/// Sizes of a LoRA merge: W [n, k], W_down (A) [r, k], W_up (B) [n, r], all contiguous. A
+/// merge has no batch: n, k and r must each be at least 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoraMergeDims {
+    /// Output features: rows of W and W_up.
     pub n: usize,
+    /// Input features: columns of W and W_down.
     pub k: usize,
+    /// The LoRA rank: rows of W_down, columns of W_up.
     pub r: usize,
 }
 
-/// The tensors of a LoRA merge `W ← W + scale·B·A` (scale = ±α / r).
+/// The tensors of a LoRA merge `W ← W + scale·W_up·W_down` (`W + scale·B·A`; scale = ±s,
+/// see the module docs for the names).
 #[derive(Debug)]
 pub struct LoraMergeArgs<R, W> {
     /// The frozen weight [n, k], updated in place.
     pub w: W,
     /// LoRA A (`lora_A.weight`) [r, k].
-    pub lora_a: R,
+    #[doc(alias = "lora_a")]
+    #[doc(alias = "lora_A")]
+    pub w_down: R,
     /// LoRA B (`lora_B.weight`) [n, r].
-    pub lora_b: R,
+    #[doc(alias = "lora_b")]
+    #[doc(alias = "lora_B")]
+    pub w_up: R,
 }
 
 impl<R, W> LoraMergeArgs<R, W> {
@@ -330,8 +435,8 @@ impl<R, W> LoraMergeArgs<R, W> {
     /// cudarc's stream order), for running the plan's steps yourself ([`crate::plan`]).
     pub fn bufs(self, s: &mut impl BufSource<R, W>) -> LoraMergeBufs {
         LoraMergeBufs {
-            lora_a: s.read(self.lora_a),
-            lora_b: s.read(self.lora_b),
+            w_down: s.read(self.w_down),
+            w_up: s.read(self.w_up),
             w: s.write(self.w),
         }
     }

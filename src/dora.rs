@@ -41,9 +41,9 @@ pub struct DoraNormArgs<R, G> {
     /// The frozen weight [n, k].
     pub w: R,
     /// LoRA A [r, k].
-    pub lora_a: R,
+    pub w_down: R,
     /// LoRA B [n, r].
-    pub lora_b: R,
+    pub w_up: R,
     /// The magnitude m `[n]` (`lora_magnitude_vector`).
     pub magnitude: R,
     /// The output g `[n]`, f32.
@@ -83,9 +83,9 @@ pub struct DoraMergeArgs<R, W, G> {
     /// The frozen weight [n, k], in place.
     pub w: W,
     /// LoRA A [r, k].
-    pub lora_a: R,
+    pub w_down: R,
     /// LoRA B [n, r].
-    pub lora_b: R,
+    pub w_up: R,
     /// g `[n]`, f32, from `dora_norm` on the unmerged weight.
     pub g: G,
 }
@@ -95,8 +95,8 @@ impl<R, G> DoraNormArgs<R, G> {
     pub fn bufs(self, s: &mut impl BufSource<R, G>) -> DoraNormBufs {
         DoraNormBufs {
             w: s.read(self.w),
-            lora_a: s.read(self.lora_a),
-            lora_b: s.read(self.lora_b),
+            w_down: s.read(self.w_down),
+            w_up: s.read(self.w_up),
             magnitude: s.read(self.magnitude),
             g: s.write(self.g),
         }
@@ -125,8 +125,8 @@ impl<R, W, G> DoraMergeArgs<R, W, G> {
     {
         DoraMergeBufs {
             w: BufSource::<R, W>::write(s, self.w),
-            lora_a: BufSource::<R, W>::read(s, self.lora_a),
-            lora_b: BufSource::<R, W>::read(s, self.lora_b),
+            w_down: BufSource::<R, W>::read(s, self.w_down),
+            w_up: BufSource::<R, W>::read(s, self.w_up),
             g: BufSource::<G, W>::read(s, self.g),
         }
     }

@@ -2,17 +2,23 @@
 //! them directly; the GPU gets copies (inputs up, outputs — poison and all — up and back
 //! down) and the very same plan. For tests, examples and checks against the reference; a
 //! program that keeps its tensors on the GPU calls `cuda` (feature `cuda`) with device buffers.
+//!
+//! Slices of any alignment are accepted on both backends (a `Vec<bf16>` promises 2 bytes):
+//! the GPU's copies are fresh, aligned allocations, and the emulator copies a misaligned
+//! f16/bf16 attention tensor into aligned scratch ([`crate::emulator`]). Arguments built
+//! before the call take the `Host…Args` aliases (`delta_linear::HostDeltaLinearArgs`, …)
+//! as their type.
 
 use crate::delta_linear::{
-    DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearDims, LoraMergeArgs,
-    LoraMergeDims,
+    DeltaApplyDims, DeltaLinear, DeltaLinearDims, HostDeltaApplyArgs, HostDeltaLinearArgs,
+    HostLoraMergeArgs, LoraMergeDims,
 };
 use crate::dora::{DoraDims, DoraMergeArgs, DoraNormArgs, DoraScaleArgs, DoraScaleDims};
 #[cfg(feature = "cuda")]
 use crate::plan::{self, Buf, BufSource, KernelParams, Launch};
 use crate::prefix_attention::{
-    KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeDims, PrefixAttention, PrefixAttentionArgs,
-    PrefixAttentionDims, PrefixOnlyArgs,
+    HostKvConcatArgs, HostLseMergeArgs, HostPrefixAttentionArgs, HostPrefixOnlyArgs, KvConcatDims,
+    LseMergeDims, PrefixAttention, PrefixAttentionDims,
 };
 use crate::{Element, Error, Result};
 
@@ -87,42 +93,43 @@ host_op!(
     delta_linear,
     plan::delta_linear::delta_linear,
     (op: &DeltaLinear, dims: &DeltaLinearDims),
-    DeltaLinearArgs<&[T], &mut [T]>
+    HostDeltaLinearArgs<'_, T>
 );
 host_op!(
     /// `delta_apply` (a delta on a given h, per head) on host buffers.
     delta_apply,
     plan::delta_linear::delta_apply,
     (op: &DeltaLinear, dims: &DeltaApplyDims),
-    DeltaApplyArgs<&[T], &mut [T]>
+    HostDeltaApplyArgs<'_, T>
 );
 host_op!(
-    /// `lora_merge` (`W ← W + scale·B·A`, scale = ±α / r) on host buffers.
+    /// `lora_merge` (`W ← W + scale·B·A`, scale = ±s, the layer's `composition.scale(r)`) on
+    /// host buffers.
     lora_merge,
     lora_merge_plan,
     (dims: &LoraMergeDims, scale: f32),
-    LoraMergeArgs<&[T], &mut [T]>
+    HostLoraMergeArgs<'_, T>
 );
 host_op!(
     /// `prefix_only_attention` ([`crate::prefix_attention`]) on host buffers.
     prefix_only_attention,
     plan::prefix_attention::prefix_only_attention,
     (op: &PrefixAttention, dims: &PrefixAttentionDims),
-    PrefixOnlyArgs<&[T], &mut [T], &mut [f32]>
+    HostPrefixOnlyArgs<'_, T>
 );
 host_op!(
     /// `lse_merge` of two attention states on host buffers.
     lse_merge,
     plan::prefix_attention::lse_merge,
     (dims: &LseMergeDims),
-    LseMergeArgs<&[T], &mut [T], &[f32], &mut [f32]>
+    HostLseMergeArgs<'_, T>
 );
 host_op!(
     /// `kv_concat` (`[P; C]` along the sequence) on host buffers.
     kv_concat,
     plan::prefix_attention::kv_concat,
     (dims: &KvConcatDims),
-    KvConcatArgs<&[T], &mut [T]>
+    HostKvConcatArgs<'_, T>
 );
 
 /// The fused `prefix_attention` ([`crate::prefix_attention`]) on host buffers; the
@@ -131,7 +138,7 @@ pub fn prefix_attention<T: Element>(
     backend: &Backend,
     op: &PrefixAttention,
     dims: &PrefixAttentionDims,
-    args: PrefixAttentionArgs<&[T], &mut [T], &[u32], &mut [f32]>,
+    args: HostPrefixAttentionArgs<'_, T>,
 ) -> Result<()> {
     match backend {
         #[cfg(feature = "emulator")]

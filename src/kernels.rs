@@ -3,15 +3,18 @@
 //! loads a module on the first launch of any of its kernels; the emulator backend calls
 //! the kernel's `emu_launch_<name>` entry, stamped by the same instantiation macro.
 
-/// One `kernels/*.cu` file: a PTX/cubin module on the GPU, an object in the emulator.
+/// One `kernels/*.cu` file: a PTX/cubin module on the GPU, an object in the emulator. The
+/// self-test modules exist only with the `selftest` feature (the crate's own tests).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Module {
     /// Backend self-checks (`kernels/selftest.cu`): tiled SGEMM, warp reductions, an
     /// ldmatrix + mma GEMM, and deliberately broken kernels the emulator must catch.
+    #[cfg(feature = "selftest")]
     Selftest,
     /// Self-checks of the dtype and architecture layer (`kernels/selftest_mma.cu`): an
     /// ldmatrix + mma.sync + cp.async GEMM, fragment-layout probes, 16-bit conversions
     /// and arithmetic, activations, reductions.
+    #[cfg(feature = "selftest")]
     SelftestMma,
     /// The frozen linear layer fused with its bottleneck delta (`kernels/delta_linear.cu`).
     DeltaLinear,
@@ -25,7 +28,9 @@ pub enum Module {
 impl Module {
     /// Every module, in build order.
     pub const ALL: &'static [Module] = &[
+        #[cfg(feature = "selftest")]
         Module::Selftest,
+        #[cfg(feature = "selftest")]
         Module::SelftestMma,
         Module::DeltaLinear,
         Module::PrefixAttention,
@@ -35,7 +40,9 @@ impl Module {
     /// The file stem under `kernels/` (and of the embedded PTX and cubins).
     pub const fn stem(self) -> &'static str {
         match self {
+            #[cfg(feature = "selftest")]
             Module::Selftest => "selftest",
+            #[cfg(feature = "selftest")]
             Module::SelftestMma => "selftest_mma",
             Module::DeltaLinear => "delta_linear",
             Module::PrefixAttention => "prefix_attention",
@@ -44,25 +51,35 @@ impl Module {
     }
 }
 
+/// `kernel_table! { [#[cfg(…)]] Module { kernel, … } … }`: the modules and their kernels; a
+/// module under a `cfg` (the self-tests) exists only where it holds.
 macro_rules! kernel_table {
-    ($($module:ident { $($name:ident),* $(,)? })*) => {
+    // Give every module its condition (`all()`, always true, where none is written), so the
+    // expansion below has one shape.
+    (@cfg [$($done:tt)*] #[cfg($cfg:meta)] $module:ident { $($names:tt)* } $($rest:tt)*) => {
+        kernel_table!(@cfg [$($done)* [$cfg] $module { $($names)* }] $($rest)*);
+    };
+    (@cfg [$($done:tt)*] $module:ident { $($names:tt)* } $($rest:tt)*) => {
+        kernel_table!(@cfg [$($done)* [all()] $module { $($names)* }] $($rest)*);
+    };
+    (@cfg [$([$meta:meta] $module:ident { $($name:ident),* $(,)? })*]) => {
         /// A kernel of this crate; the variant is the exported symbol's name.
         #[allow(non_camel_case_types)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-        pub enum KernelId { $($($name,)*)* }
+        pub enum KernelId { $($(#[cfg($meta)] $name,)*)* }
 
         impl KernelId {
             /// Every kernel.
-            pub const ALL: &'static [KernelId] = &[$($(KernelId::$name,)*)*];
+            pub const ALL: &'static [KernelId] = &[$($(#[cfg($meta)] KernelId::$name,)*)*];
 
             /// The exported symbol (`extern "C"`), identical on both backends.
             pub const fn name(self) -> &'static str {
-                match self { $($(KernelId::$name => stringify!($name),)*)* }
+                match self { $($(#[cfg($meta)] KernelId::$name => stringify!($name),)*)* }
             }
 
             /// The module that holds the kernel.
             pub const fn module(self) -> Module {
-                match self { $($(KernelId::$name => Module::$module,)*)* }
+                match self { $($(#[cfg($meta)] KernelId::$name => Module::$module,)*)* }
             }
         }
 
@@ -81,6 +98,7 @@ macro_rules! kernel_table {
             mod sym {
                 unsafe extern "C" {
                     $($(
+                        #[cfg($meta)]
                         #[link_name = concat!("emu_launch_", stringify!($name))]
                         pub(super) fn $name(
                             grid: crate::emulator::Dim3,
@@ -94,13 +112,17 @@ macro_rules! kernel_table {
 
             /// The emulator entry of a kernel.
             pub(crate) fn entry(id: KernelId) -> Entry {
-                match id { $($(KernelId::$name => sym::$name as Entry,)*)* }
+                match id { $($(#[cfg($meta)] KernelId::$name => sym::$name as Entry,)*)* }
             }
         }
+    };
+    ($($table:tt)*) => {
+        kernel_table!(@cfg [] $($table)*);
     };
 }
 
 kernel_table! {
+    #[cfg(feature = "selftest")]
     Selftest {
         selftest_sgemm_tiled_f32,
         selftest_sgemm_missing_barrier_f32,
@@ -119,6 +141,7 @@ kernel_table! {
         selftest_broken_mismatched_votes,
         selftest_broken_warp_deadlock,
     }
+    #[cfg(feature = "selftest")]
     SelftestMma {
         selftest_mma_gemm_nk_f16,
         selftest_mma_gemm_kn_f16,

@@ -25,25 +25,31 @@
 //! backend at hand. [`dora`] adds DoRA's learned magnitude to a LoRA layer; the `peft` module
 //! (feature `peft`) reads PEFT's adapter checkpoints into the operations' arguments.
 //!
+//! The operations are in [`mod@delta_linear`] (whose docs have the names of LoRA's A and B
+//! here, `w_down` and `w_up`, and how to build arguments before a call) and
+//! [`mod@prefix_attention`]. Every operation takes an empty batch (no rows) as a valid call
+//! that launches nothing, and host slices of any alignment.
+//!
 //! ```
 //! # #[cfg(feature = "emulator")] {
 //! use peft_kernels::delta_linear::{DeltaLinear, DeltaLinearArgs, DeltaLinearDims};
 //! use peft_kernels::emulator;
 //!
 //! // A LoRA layer (r = 2, α = 4) on 3 tokens of width 8, 5 outputs, on the CPU emulator.
+//! // LoRA's A is `w_down`, B is `w_up` (the names: `delta_linear`'s module docs).
 //! let (m, n, k, r) = (3, 5, 8, 2);
 //! let x = vec![0.5f32; m * k];
 //! let w = vec![0.25f32; n * k];
-//! let (lora_a, lora_b) = (vec![0.1f32; r * k], vec![0.2f32; n * r]);
+//! let (w_down, w_up) = (vec![0.1f32; r * k], vec![0.2f32; n * r]);
 //! let mut y = vec![0.0f32; m * n];
 //! let dims = DeltaLinearDims::new(m, n, k, r);
 //! let mut workspace = vec![0.0f32; dims.workspace_len()];
 //! emulator::delta_linear(
-//!     &DeltaLinear::lora(4.0, r),
+//!     &DeltaLinear::lora(4.0), // s = α / r, r from the dims
 //!     &dims,
 //!     DeltaLinearArgs {
 //!         x: &x, w: &w, bias: None, u: None,
-//!         w_down: &lora_a, b_down: None, w_up: &lora_b, b_up: None, gate: None,
+//!         w_down: &w_down, b_down: None, w_up: &w_up, b_up: None, gate: None,
 //!         workspace: &mut workspace, y: &mut y,
 //!     },
 //! )?;
@@ -63,8 +69,9 @@ pub mod peft;
 pub mod plan;
 pub mod prefix_attention;
 pub mod reference;
-// The emulator's own checks (the crate's tests run them); not part of the API.
-#[cfg(feature = "emulator")]
+// The emulator's own checks (the crate's tests run them, feature `selftest`); not part of
+// the API.
+#[cfg(all(feature = "emulator", feature = "selftest"))]
 #[doc(hidden)]
 pub mod selftest;
 pub mod spec;

@@ -258,12 +258,14 @@ pub struct LoraModule {
     pub in_features: usize,
     /// Output features n.
     pub out_features: usize,
-    /// `lora_A.weight` [r, in]: the delta's `w_down`.
-    pub lora_a: Tensor,
-    /// `lora_B.weight` [out, r]: the delta's `w_up`.
-    pub lora_b: Tensor,
+    /// LoRA A, `lora_A.weight` [r, in]: the delta's `w_down`.
+    #[doc(alias = "lora_a")]
+    pub w_down: Tensor,
+    /// LoRA B, `lora_B.weight` [out, r]: the delta's `w_up`.
+    #[doc(alias = "lora_b")]
+    pub w_up: Tensor,
     /// `lora_B.bias` `[out]` (`lora_bias`): the delta's `b_up`.
-    pub lora_b_bias: Option<Tensor>,
+    pub b_up: Option<Tensor>,
     /// DoRA's `lora_magnitude_vector` `[out]` (`use_dora`).
     pub magnitude: Option<Tensor>,
     /// The base layer's trained bias `[out]` (`bias = "all"` or `"lora_only"`), which replaces
@@ -951,9 +953,9 @@ fn lora_module(
         scale: config.scale(name),
         in_features: k,
         out_features: n,
-        lora_a: a,
-        lora_b: b,
-        lora_b_bias: p.b_bias,
+        w_down: a,
+        w_up: b,
+        b_up: p.b_bias,
         magnitude: p.magnitude,
         bias,
         fan_in_fan_out: config.fan_in_fan_out,

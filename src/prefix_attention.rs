@@ -28,8 +28,48 @@
 //!   makes (the benchmarks' baseline).
 //!
 //! Supported head dims ([`HEAD_DIMS`]): 32, 64, 80, 96, 128, 256, with `d_v = d`. f16 and
-//! bf16 run on tensor cores and need 16-byte aligned tensors whose strides are multiples of
-//! 8 elements; f32 runs on the CUDA cores in f32 throughout, any alignment.
+//! bf16 run on tensor cores, which copy 16-byte chunks: strides must be multiples of 8
+//! elements, and on the GPU (`cuda::*`, cudarc buffers, whose allocations are 256-byte
+//! aligned) each tensor must start 16-byte aligned, else the call is refused naming it. The
+//! host entry points (`emulator::*`, `host::*`) take slices of any alignment, since a
+//! `Vec<bf16>` promises only 2 bytes: the emulator copies a 16-bit tensor that does not
+//! start 16-byte aligned into aligned scratch (an output copied back), one copy of that
+//! slice per call; `host` on a GPU uploads into fresh, aligned allocations anyway. f32 runs
+//! on the CUDA cores in f32 throughout, any alignment, never copied.
+//!
+//! An empty batch (`batch = 0` or `q_len = 0`; for `kv_concat`, `batch = 0` or no positions)
+//! is a valid call of every operation, checked as any other, that launches nothing.
+//!
+//! Build an argument struct in the call, or in a `let` annotated with the backend's alias
+//! ([`HostPrefixAttentionArgs`] and the like; `cuda::DevicePrefixAttentionArgs` on the GPU),
+//! so that `&v` of a `Vec` coerces to a slice and `None` fields get their type:
+//!
+//! ```
+//! # #[cfg(feature = "emulator")] {
+//! use half::bf16;
+//! use peft_kernels::prefix_attention::{
+//!     HostPrefixAttentionArgs, PrefixAttention, PrefixAttentionArgs, PrefixAttentionDims,
+//! };
+//!
+//! // 2 sequences, 4 query heads over 2 KV heads, 3 queries, 5 context keys, 4 prefix vectors.
+//! let dims = PrefixAttentionDims::new(2, 4, 2, 3, 5, 4, 64);
+//! let (q, kv, prefix) = (
+//!     vec![bf16::from_f32(0.1); 2 * 4 * 3 * 64],
+//!     vec![bf16::from_f32(0.2); 2 * 2 * 5 * 64],
+//!     vec![bf16::from_f32(0.2); 2 * 2 * 4 * 64],
+//! );
+//! let mut out = vec![bf16::ZERO; q.len()];
+//! let mut lambda = vec![0.0f32; dims.rows()];
+//! let args: HostPrefixAttentionArgs<bf16> = PrefixAttentionArgs {
+//!     q: &q, k: &kv, v: &kv, prefix_k: &prefix, prefix_v: &prefix,
+//!     context_lens: None, out: &mut out, lse: None, lambda: Some(&mut lambda), workspace: None,
+//! };
+//! peft_kernels::emulator::prefix_attention(&PrefixAttention::default(), &dims, args)?;
+//! // Prefix and context keys alike, so equal scores: λ = 4 / (4 + 5), the prefix's share.
+//! assert!(lambda.iter().all(|&l| (l - 4.0 / 9.0).abs() < 1e-3));
+//! # }
+//! # Ok::<(), peft_kernels::Error>(())
+//! ```
 
 use crate::plan::prefix_attention::{
     KvConcatBufs, LseMergeBufs, PrefixAttentionBufs, PrefixOnlyBufs,
@@ -45,8 +85,11 @@ pub const HEAD_DIMS: [usize; 6] = [32, 64, 80, 96, 128, 256];
 /// contiguous. A stride of 0 broadcasts (one prefix shared by the batch, say).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HeadLayout {
+    /// Elements from one sequence to the next.
     pub batch: usize,
+    /// Elements from one head to the next.
     pub head: usize,
+    /// Elements from one position (row) to the next.
     pub seq: usize,
 }
 
@@ -85,6 +128,10 @@ impl HeadLayout {
 /// Sizes and layouts of a prefix attention. Q [B, Hq, Lq, d]; K, V [B, Hkv, Lk, d]; the
 /// prefix P_k, P_v [B, Hkv, l, d] (per KV head, as PEFT's `past_key_values`); the output
 /// [B, Hq, Lq, d]; LSE and λ [B, Hq, Lq], contiguous.
+///
+/// An empty batch (`batch = 0` or `q_len = 0`) is checked as any call and launches nothing;
+/// `kv_len` and `prefix_len` may be 0 (no context, no prefix); heads, kv_heads and head_dim
+/// must be at least 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefixAttentionDims {
     pub batch: usize,
@@ -191,14 +238,20 @@ impl PrefixAttentionDims {
 /// element tensors, `Lens` for `context_lens` (u32) and `Stats` for LSE and λ (f32).
 #[derive(Debug)]
 pub struct PrefixAttentionArgs<R, W, Lens, Stats> {
+    /// Queries [B, Hq, Lq, d], strides `dims.q`.
     pub q: R,
+    /// Context keys [B, Hkv, Lk, d], strides `dims.k` (not read when Lk = 0).
     pub k: R,
+    /// Context values [B, Hkv, Lk, d], strides `dims.v`.
     pub v: R,
+    /// Prefix keys [B, Hkv, l, d], strides `dims.prefix_k` (not read when l = 0).
     pub prefix_k: R,
+    /// Prefix values [B, Hkv, l, d], strides `dims.prefix_v`.
     pub prefix_v: R,
     /// Valid context keys per sequence, `[B]`; `None`: all Lk. On the GPU the lengths cannot be
     /// checked without a device read: one above Lk counts as Lk.
     pub context_lens: Option<Lens>,
+    /// The output [B, Hq, Lq, d], strides `dims.out`.
     pub out: W,
     /// LSE over the prefix and the visible context, natural log (−∞ for a row that sees
     /// nothing).
@@ -220,15 +273,21 @@ pub struct PrefixAttentionArgs<R, W, Lens, Stats> {
 /// and its `lse` (−∞ and output 0 when l = 0).
 #[derive(Debug)]
 pub struct PrefixOnlyArgs<R, W, Stats> {
+    /// Queries [B, Hq, Lq, d], strides `dims.q`.
     pub q: R,
+    /// Prefix keys [B, Hkv, l, d], strides `dims.prefix_k`.
     pub prefix_k: R,
+    /// Prefix values [B, Hkv, l, d], strides `dims.prefix_v`.
     pub prefix_v: R,
+    /// Attn(q, P_k, P_v) [B, Hq, Lq, d], strides `dims.out`.
     pub out: W,
+    /// Its LSE [B, Hq, Lq] (f32, natural log), what `lse_merge` takes as `lse_prefix`.
     pub lse: Stats,
 }
 
 /// Sizes and layouts of `lse_merge`: the two states and the output are [B, H, L, d], the
-/// LSEs and λ [B, H, L] contiguous.
+/// LSEs and λ [B, H, L] contiguous. An empty batch (`batch = 0` or `q_len = 0`) is checked
+/// as any call and launches nothing; heads and head_dim must be at least 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LseMergeDims {
     pub batch: usize,
@@ -273,17 +332,25 @@ impl LseMergeDims {
 /// 2, or over unscaled scores, must be converted first (multiply a base-2 LSE by ln 2).
 #[derive(Debug)]
 pub struct LseMergeArgs<R, W, StatsR, StatsW> {
+    /// The prefix state's output [B, H, L, d], strides `dims.o_prefix`.
     pub o_prefix: R,
+    /// Its LSE [B, H, L].
     pub lse_prefix: StatsR,
+    /// The context state's output [B, H, L, d], strides `dims.o_context`.
     pub o_context: R,
+    /// Its LSE [B, H, L].
     pub lse_context: StatsR,
+    /// The merged output [B, H, L, d], strides `dims.out`.
     pub out: W,
+    /// `logaddexp(lse_prefix, lse_context)` [B, H, L], when given.
     pub lse: Option<StatsW>,
+    /// λ [B, H, L], when given.
     pub lambda: Option<StatsW>,
 }
 
 /// Sizes and layouts of `kv_concat`: `prefix` [B, H, l, d] and `src` [B, H, L, d] into
-/// `dst` [B, H, l + L, d].
+/// `dst` [B, H, l + L, d]. An empty batch (`batch = 0`, or `prefix_len + len = 0`) is
+/// checked as any call and launches nothing; heads and head_dim must be at least 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvConcatDims {
     pub batch: usize,
@@ -316,13 +383,32 @@ impl KvConcatDims {
 /// The tensors of `kv_concat`: `dst[b, h, j] = j < l ? prefix[b, h, j] : src[b, h, j − l]`.
 #[derive(Debug)]
 pub struct KvConcatArgs<R, W> {
+    /// [B, H, l, d], strides `dims.prefix`.
     pub prefix: R,
+    /// [B, H, L, d], strides `dims.src`.
     pub src: R,
+    /// [B, H, l + L, d], strides `dims.dst`.
     pub dst: W,
 }
 
+/// [`PrefixAttentionArgs`] over host slices, as `emulator::prefix_attention` and
+/// `host::prefix_attention` take them: annotate a `let` with it to build the arguments
+/// before the call (module docs).
+pub type HostPrefixAttentionArgs<'a, T> =
+    PrefixAttentionArgs<&'a [T], &'a mut [T], &'a [u32], &'a mut [f32]>;
+/// [`PrefixOnlyArgs`] over host slices (`emulator::prefix_only_attention`,
+/// `host::prefix_only_attention`).
+pub type HostPrefixOnlyArgs<'a, T> = PrefixOnlyArgs<&'a [T], &'a mut [T], &'a mut [f32]>;
+/// [`LseMergeArgs`] over host slices (`emulator::lse_merge`, `host::lse_merge`).
+pub type HostLseMergeArgs<'a, T> = LseMergeArgs<&'a [T], &'a mut [T], &'a [f32], &'a mut [f32]>;
+/// [`KvConcatArgs`] over host slices (`emulator::kv_concat`, `host::kv_concat`).
+pub type HostKvConcatArgs<'a, T> = KvConcatArgs<&'a [T], &'a mut [T]>;
+
 impl<R, W, Lens, Stats> PrefixAttentionArgs<R, W, Lens, Stats> {
-    pub(crate) fn bufs<S>(self, s: &mut S) -> PrefixAttentionBufs
+    /// The planner's view of these tensors: each buffer's address and length from the
+    /// backend's buffer source (on the GPU a `cuda::Buffers`, feature `cuda`, which keeps
+    /// cudarc's stream order), for running the plan's steps yourself ([`crate::plan`]).
+    pub fn bufs<S>(self, s: &mut S) -> PrefixAttentionBufs
     where
         S: BufSource<R, W> + BufSource<Lens, Stats>,
     {
@@ -346,7 +432,10 @@ impl<R, W, Lens, Stats> PrefixAttentionArgs<R, W, Lens, Stats> {
 }
 
 impl<R, W, Stats> PrefixOnlyArgs<R, W, Stats> {
-    pub(crate) fn bufs<S>(self, s: &mut S) -> PrefixOnlyBufs
+    /// The planner's view of these tensors: each buffer's address and length from the
+    /// backend's buffer source (on the GPU a `cuda::Buffers`, feature `cuda`, which keeps
+    /// cudarc's stream order), for running the plan's steps yourself ([`crate::plan`]).
+    pub fn bufs<S>(self, s: &mut S) -> PrefixOnlyBufs
     where
         S: BufSource<R, W> + BufSource<R, Stats>,
     {
@@ -361,7 +450,10 @@ impl<R, W, Stats> PrefixOnlyArgs<R, W, Stats> {
 }
 
 impl<R, W, StatsR, StatsW> LseMergeArgs<R, W, StatsR, StatsW> {
-    pub(crate) fn bufs<S>(self, s: &mut S) -> LseMergeBufs
+    /// The planner's view of these tensors: each buffer's address and length from the
+    /// backend's buffer source (on the GPU a `cuda::Buffers`, feature `cuda`, which keeps
+    /// cudarc's stream order), for running the plan's steps yourself ([`crate::plan`]).
+    pub fn bufs<S>(self, s: &mut S) -> LseMergeBufs
     where
         S: BufSource<R, W> + BufSource<StatsR, StatsW>,
     {
@@ -380,7 +472,10 @@ impl<R, W, StatsR, StatsW> LseMergeArgs<R, W, StatsR, StatsW> {
 }
 
 impl<R, W> KvConcatArgs<R, W> {
-    pub(crate) fn bufs(self, s: &mut impl BufSource<R, W>) -> KvConcatBufs {
+    /// The planner's view of these tensors: each buffer's address and length from the
+    /// backend's buffer source (on the GPU a `cuda::Buffers`, feature `cuda`, which keeps
+    /// cudarc's stream order), for running the plan's steps yourself ([`crate::plan`]).
+    pub fn bufs(self, s: &mut impl BufSource<R, W>) -> KvConcatBufs {
         KvConcatBufs {
             prefix: s.read(self.prefix),
             src: s.read(self.src),

@@ -245,21 +245,51 @@ pub enum Insertion {
 }
 
 /// How the delta is composed with `h`.
+///
+/// Every scale of the crate is an `f32`: the fixed `s` of [`Composition::Scaled`], LoRA's α
+/// of [`Composition::Lora`], attention's softmax scale
+/// ([`PrefixAttention::scale`](crate::prefix_attention::PrefixAttention::scale)) and
+/// `lora_merge`'s scale.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Composition {
     /// `h + Δh`.
     Add,
-    /// `h + s·Δh` (LoRA: s = α / r; scaled PA: s = 4).
+    /// `h + s·Δh` with a fixed `s` (the scaled parallel adapter: s = 4). For LoRA prefer
+    /// [`Composition::Lora`], whose `s` follows the call's rank.
     Scaled(f32),
+    /// LoRA's `h + s·Δh` with `s` resolved against the bottleneck width r of the call's
+    /// dims (`DeltaLinearDims::r`, `DeltaApplyDims::r`, the reference's `W_down` rows) when
+    /// the call is planned: `s = α / r`, or `s = α / √r` with `rslora` (rank-stabilised
+    /// LoRA, Kalajdzievski 2023; PEFT's `use_rslora`). So α and r are each given once: the
+    /// scale cannot disagree with the rank the weights have. See [`Composition::scale`].
+    Lora {
+        /// α, PEFT's `lora_alpha`.
+        #[doc(alias = "lora_alpha")]
+        alpha: f32,
+        /// `s = α / √r` instead of `α / r`.
+        #[doc(alias = "use_rslora")]
+        rslora: bool,
+    },
     /// `(1 − λ)·h + λ·Δh` with a per-row gate λ given as a tensor of M values.
     Gated,
 }
 
 impl Composition {
-    /// The scale `s` applied to Δh before composition (1 for `Add` and `Gated`).
-    pub fn scale(self) -> f32 {
+    /// The scale `s` applied to Δh before composition, for a bottleneck of width `r` (which
+    /// only [`Composition::Lora`] reads, and which must then be at least 1): the fixed `s`
+    /// of `Scaled`, `α / r` or `α / √r` of `Lora` (computed in f64 and rounded to f32 once,
+    /// as PEFT's Python float scaling is applied to an f32 accumulator), 1 for `Add` and
+    /// `Gated`. The kernels and the reference both take `s` from here; so should a
+    /// `lora_merge` of the same layer (`scale(r)` to merge, `-scale(r)` to unmerge).
+    #[doc(alias = "scaling")]
+    pub fn scale(self, r: usize) -> f32 {
         match self {
             Composition::Scaled(s) => s,
+            Composition::Lora { alpha, rslora } => {
+                let r = r as f64;
+                let denominator = if rslora { r.sqrt() } else { r };
+                (f64::from(alpha) / denominator) as f32
+            }
             Composition::Add | Composition::Gated => 1.0,
         }
     }
@@ -301,3 +331,21 @@ impl MatrixLayout {
 /// block per SM of the largest GPUs (132 on an H100). A guess until measured: the benches
 /// sweep it.
 pub const DEFAULT_SPLIT_TARGET: usize = 128;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each composition's scale, LoRA's resolved against r (α / r, α / √r).
+    #[test]
+    fn composition_scales() {
+        let lora = |alpha, rslora| Composition::Lora { alpha, rslora };
+        assert_eq!(lora(32.0, false).scale(16), 2.0);
+        assert_eq!(lora(32.0, true).scale(16), 8.0);
+        assert_eq!(lora(16.0, false).scale(3), (16.0f64 / 3.0) as f32);
+        assert_eq!(lora(16.0, true).scale(3), (16.0 / 3.0f64.sqrt()) as f32);
+        assert_eq!(Composition::Scaled(4.0).scale(7), 4.0);
+        assert_eq!(Composition::Add.scale(7), 1.0);
+        assert_eq!(Composition::Gated.scale(7), 1.0);
+    }
+}

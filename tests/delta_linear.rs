@@ -4,11 +4,12 @@
 
 mod common;
 
-use common::{poisoned, Rng};
+use common::{poisoned, Placed, Rng};
 use half::{bf16, f16};
 use peft_kernels::delta_linear::{
-    DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearDims, KernelVariant,
-    LoraMergeArgs, LoraMergeDims,
+    DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearDims,
+    HostDeltaApplyArgs, HostDeltaLinearArgs, HostLoraMergeArgs, KernelVariant, LoraMergeArgs,
+    LoraMergeDims,
 };
 use peft_kernels::host::{self, Backend};
 use peft_kernels::reference::adapter::{
@@ -200,6 +201,41 @@ impl<T: Element> Inputs<T> {
     }
 }
 
+impl<T: Element> Inputs<T> {
+    /// [`Inputs::run`] with every buffer one element past a 16-byte boundary (as a slice
+    /// into a `Vec<T>` may start).
+    fn run_misaligned(&self, c: &Case, backend: &Backend) -> peft_kernels::Result<Vec<T>> {
+        let d = c.dims;
+        let [x, w, w_down, w_up] =
+            [&self.x, &self.w, &self.w_down, &self.w_up].map(|v| Placed::misaligned(v));
+        let [bias, u, b_down, b_up, gate] =
+            [&self.bias, &self.u, &self.b_down, &self.b_up, &self.gate]
+                .map(|v| v.as_deref().map(Placed::misaligned));
+        let y_layout = MatrixLayout {
+            rows: d.m,
+            cols: d.n,
+            ld: d.ld_y,
+        };
+        let mut y = Placed::misaligned(&poisoned::<T>(y_layout.min_len()));
+        let mut workspace = Placed::misaligned(&poisoned::<T>(d.workspace_len()));
+        let args: HostDeltaLinearArgs<T> = DeltaLinearArgs {
+            x: x.get(),
+            w: w.get(),
+            bias: bias.as_ref().map(Placed::get),
+            u: u.as_ref().map(Placed::get),
+            w_down: w_down.get(),
+            b_down: b_down.as_ref().map(Placed::get),
+            w_up: w_up.get(),
+            b_up: b_up.as_ref().map(Placed::get),
+            gate: gate.as_ref().map(Placed::get),
+            workspace: workspace.get_mut(),
+            y: y.get_mut(),
+        };
+        host::delta_linear(backend, &c.op, &d, args)?;
+        Ok(y.get().to_vec())
+    }
+}
+
 /// Runs a case and checks it against the reference and the padding of y.
 fn check<T: Element>(rng: &mut Rng, c: &Case, backend: &Backend) {
     let inputs = Inputs::<T>::new(rng, c);
@@ -243,12 +279,49 @@ fn random_case(rng: &mut Rng, insertion: Insertion, dims: DeltaLinearDims) -> Ca
     }
 }
 
-fn compositions(rng: &mut Rng) -> [Composition; 3] {
+/// Every composition, with a random scale, LoRA's α (resolved against the case's r) and
+/// rsLoRA or not.
+fn compositions(rng: &mut Rng) -> [Composition; 4] {
     [
         Composition::Add,
         Composition::Scaled(rng.uniform(-3.0, 5.0) as f32),
+        Composition::Lora {
+            alpha: rng.uniform(-16.0, 64.0) as f32,
+            rslora: rng.chance(0.5),
+        },
         Composition::Gated,
     ]
+}
+
+/// LoRA's scale follows the dims' r, α / r or α / √r, whatever r the call has: the plan's
+/// scale for each (the planner alone: nothing runs), and a NaN α is refused.
+#[test]
+fn lora_scale_follows_the_dims_rank() {
+    use peft_kernels::plan::delta_linear::delta_linear;
+    use peft_kernels::DType;
+
+    let (m, n, k) = (3, 10, 12);
+    for (op, r, s) in [
+        (DeltaLinear::lora(8.0), 4, 2.0),
+        (DeltaLinear::lora(8.0), 16, 0.5),
+        (DeltaLinear::rslora(8.0), 16, 2.0),
+        (DeltaLinear::rslora(8.0), 4, 4.0),
+        (DeltaLinear::lora(-3.0), 1, -3.0),
+    ] {
+        let dims = DeltaLinearDims::new(m, n, k, r);
+        let bufs = planner_bufs(Insertion::Parallel, m, n, k, r);
+        let steps = delta_linear(&op, &dims, DType::F32, &bufs).unwrap();
+        for (_, params) in &steps {
+            assert_eq!(params.scale, s, "{op:?} r = {r}");
+        }
+        assert_eq!(op.composition.scale(r), s, "{op:?} r = {r}");
+    }
+    let dims = DeltaLinearDims::new(m, n, k, 4);
+    let bufs = planner_bufs(Insertion::Parallel, m, n, k, 4);
+    match delta_linear(&DeltaLinear::lora(f32::NAN), &dims, DType::F32, &bufs) {
+        Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, "composition"),
+        other => panic!("a NaN α: {other:?}"),
+    }
 }
 
 fn every_combination_every_dtype_every_kernel(backend: &Backend) {
@@ -361,7 +434,7 @@ fn tensor_cores_on_unaligned_operands(backend: &Backend) {
     let mut dims = DeltaLinearDims::new(4, 16, 16, 8);
     dims.kernel = KernelVariant::TensorCore;
     let c = Case {
-        op: DeltaLinear::lora(16.0, 8),
+        op: DeltaLinear::lora(16.0),
         dims,
         bias: false,
         down_bias: false,
@@ -560,7 +633,7 @@ fn split_target_sets_the_runs(backend: &Backend) {
 
     let mut rng = Rng::from_env();
     let (m, n, k, r) = (2, 256, 4096, 16);
-    let op = DeltaLinear::lora(-64.0, r);
+    let op = DeltaLinear::lora(-64.0);
     let runs = |dims: &DeltaLinearDims| -> Vec<i32> {
         let bufs = DeltaLinearBufs {
             workspace: Buf {
@@ -783,10 +856,24 @@ fn random_apply_shape(rng: &mut Rng, insertion: Insertion) -> ApplyShape {
 fn multi_head_case<T: Element>(
     backend: &Backend,
     rng: &mut Rng,
+    shape: ApplyShape,
+    op: DeltaLinear,
+    in_place: bool,
+    tuning: (KernelVariant, usize),
+) {
+    multi_head_case_placed::<T>(backend, rng, shape, op, in_place, tuning, false)
+}
+
+/// [`multi_head_case`], with every buffer one element past a 16-byte boundary when
+/// `misaligned`.
+fn multi_head_case_placed<T: Element>(
+    backend: &Backend,
+    rng: &mut Rng,
     (m, heads, dh, du, r): ApplyShape,
     op: DeltaLinear,
     in_place: bool,
     (kernel, split_target): (KernelVariant, usize),
+    misaligned: bool,
 ) {
     let DeltaLinear {
         insertion,
@@ -824,37 +911,37 @@ fn multi_head_case<T: Element>(
     .expect("reference");
     let mut dims = DeltaApplyDims::new(m, heads, dh, du, r);
     (dims.kernel, dims.split_target) = (kernel, split_target);
-    let mut workspace = poisoned::<T>(dims.workspace_len());
-    let mut y = if in_place {
+    let y = if in_place {
         h.clone()
     } else {
         poisoned::<T>(m * width)
     };
-    host::delta_apply(
-        backend,
-        &op,
-        &dims,
-        DeltaApplyArgs {
-            h: (!in_place).then_some(h.as_slice()),
-            u: (insertion == Insertion::Parallel).then_some(u.as_slice()),
-            w_down: &w_down,
-            b_down: Some(&b_down),
-            w_up: &w_up,
-            b_up: Some(&b_up),
-            gate: None,
-            workspace: &mut workspace,
-            y: &mut y,
-        },
-    )
-    .unwrap();
+    let place = |v: &[T]| Placed::new(v, misaligned);
+    let [h, u, w_down, b_down, w_up, b_up] =
+        [&h, &u, &w_down, &b_down, &w_up, &b_up].map(|v| place(v));
+    let mut workspace = place(&poisoned::<T>(dims.workspace_len()));
+    let mut y = place(&y);
+    let args: HostDeltaApplyArgs<T> = DeltaApplyArgs {
+        h: (!in_place).then_some(h.get()),
+        u: (insertion == Insertion::Parallel).then_some(u.get()),
+        w_down: w_down.get(),
+        b_down: Some(b_down.get()),
+        w_up: w_up.get(),
+        b_up: Some(b_up.get()),
+        gate: None,
+        workspace: workspace.get_mut(),
+        y: y.get_mut(),
+    };
+    host::delta_apply(backend, &op, &dims, args).unwrap();
+    let y = y.get();
     let name = format!(
-        "{} delta_apply {op:?} {dims:?} in_place={in_place} (seed {})",
+        "{} delta_apply {op:?} {dims:?} in_place={in_place} misaligned={misaligned} (seed {})",
         T::DTYPE,
         rng.seed()
     );
     assert_close_matrix(
         &name,
-        &y,
+        y,
         MatrixLayout::contiguous(m, width),
         &expected,
         default_tolerance(T::DTYPE),
@@ -873,7 +960,11 @@ fn delta_apply_per_head(backend: &Backend) {
             (Insertion::Sequential, true),
         ] {
             let mut op = || {
-                let composition = rng.pick(&[Composition::Add, Composition::Scaled(2.5)]);
+                let lora = Composition::Lora {
+                    alpha: 6.0,
+                    rslora: rng.chance(0.5),
+                };
+                let composition = rng.pick(&[Composition::Add, Composition::Scaled(2.5), lora]);
                 DeltaLinear::new(insertion, rng.pick(&Activation::ALL), composition)
             };
             let (f32_op, f16_op, bf16_op) = (op(), op(), op());
@@ -1121,10 +1212,20 @@ fn delta_apply_bad_arguments(backend: &Backend) {
 }
 
 fn merge_case<T: Element>(backend: &Backend, rng: &mut Rng, n: usize, k: usize, r: usize) {
+    merge_case_placed::<T>(backend, rng, (n, k, r), false)
+}
+
+/// [`merge_case`], with every buffer one element past a 16-byte boundary when `misaligned`.
+fn merge_case_placed<T: Element>(
+    backend: &Backend,
+    rng: &mut Rng,
+    (n, k, r): (usize, usize, usize),
+    misaligned: bool,
+) {
     let w: Vec<T> = rng.uniform_vec(n * k);
     let a: Vec<T> = scaled(rng, r * k, k);
     let b: Vec<T> = scaled(rng, n * r, r);
-    let s = rng.uniform(0.5, 4.0);
+    let s = rng.uniform(0.5, 4.0) as f32;
     let expected = reference::lora_merge(
         MatRef::new(&w, n, k),
         MatRef::new(&a, r, k),
@@ -1132,16 +1233,23 @@ fn merge_case<T: Element>(backend: &Backend, rng: &mut Rng, n: usize, k: usize, 
         s,
     )
     .expect("reference");
-    let mut merged = w.clone();
+    let place = |v: &[T]| Placed::new(v, misaligned);
+    let (a_placed, b_placed) = (place(&a), place(&b));
+    let mut merged_placed = place(&w);
     let dims = LoraMergeDims { n, k, r };
-    let args = LoraMergeArgs {
-        w: &mut merged[..],
-        lora_a: &a[..],
-        lora_b: &b[..],
+    let args: HostLoraMergeArgs<T> = LoraMergeArgs {
+        w: merged_placed.get_mut(),
+        w_down: a_placed.get(),
+        w_up: b_placed.get(),
     };
-    host::lora_merge(backend, &dims, s as f32, args).unwrap();
+    host::lora_merge(backend, &dims, s, args).unwrap();
+    let merged = merged_placed.get().to_vec();
     let tol = default_tolerance(T::DTYPE);
-    let name = format!("{} merge {n}×{k} r={r} (seed {})", T::DTYPE, rng.seed());
+    let name = format!(
+        "{} merge {n}×{k} r={r} misaligned={misaligned} (seed {})",
+        T::DTYPE,
+        rng.seed()
+    );
     assert_close_matrix(
         &name,
         &merged,
@@ -1157,15 +1265,15 @@ fn merge_case<T: Element>(backend: &Backend, rng: &mut Rng, n: usize, k: usize, 
         -s,
     )
     .expect("reference");
-    let args = LoraMergeArgs {
-        w: &mut merged[..],
-        lora_a: &a[..],
-        lora_b: &b[..],
+    let args: HostLoraMergeArgs<T> = LoraMergeArgs {
+        w: merged_placed.get_mut(),
+        w_down: a_placed.get(),
+        w_up: b_placed.get(),
     };
-    host::lora_merge(backend, &dims, -s as f32, args).unwrap();
+    host::lora_merge(backend, &dims, -s, args).unwrap();
     assert_close_matrix(
         &format!("un{name}"),
-        &merged,
+        merged_placed.get(),
         MatrixLayout::contiguous(n, k),
         &back_ref,
         tol,
@@ -1187,11 +1295,181 @@ fn lora_merge_and_unmerge(backend: &Backend) {
     }
 }
 
+/// [`check`] with every buffer one element past a 16-byte boundary.
+fn check_misaligned<T: Element>(rng: &mut Rng, c: &Case, backend: &Backend) {
+    let inputs = Inputs::<T>::new(rng, c);
+    let y = inputs
+        .run_misaligned(c, backend)
+        .unwrap_or_else(|e| panic!("{c:?} ({}, seed {}): {e}", T::DTYPE, rng.seed()));
+    let d = c.dims;
+    let layout = MatrixLayout {
+        rows: d.m,
+        cols: d.n,
+        ld: d.ld_y,
+    };
+    let name = format!("misaligned {} {:?} (seed {})", T::DTYPE, c, rng.seed());
+    assert_close_matrix(
+        &name,
+        &y,
+        layout,
+        &inputs.reference(c),
+        default_tolerance(T::DTYPE),
+    );
+    assert_padding_untouched(&name, &y, &poisoned::<T>(y.len()), layout);
+}
+
+/// Host slices of any alignment are accepted by every operation in every dtype: every buffer
+/// one element past a 16-byte boundary (as a slice into a `Vec<bf16>` may start), against
+/// the reference. f16/bf16 operands that are not 16-byte aligned take the SIMT kernel under
+/// `Auto` and element-by-element loads under `TensorCore`; a misaligned workspace holds no
+/// f32 partial sums, so nothing splits.
+fn misaligned_buffers(backend: &Backend) {
+    let mut rng = Rng::from_env();
+    for insertion in [Insertion::Parallel, Insertion::Sequential] {
+        for kernel in [
+            KernelVariant::Auto,
+            KernelVariant::Simt,
+            KernelVariant::Naive,
+            KernelVariant::TensorCore,
+        ] {
+            let mut dims = DeltaLinearDims::new(rng.range(1, 40), 24, 40, rng.pick(&[1, 8, 13]));
+            dims.kernel = kernel;
+            let mut c = random_case(&mut rng, insertion, dims);
+            if insertion == Insertion::Parallel && rng.chance(0.5) {
+                (c.dims.k_u, c.dims.ld_u, c.separate_u) = (24, 24, true);
+            }
+            if kernel != KernelVariant::TensorCore {
+                check_misaligned::<f32>(&mut rng, &c, backend);
+            }
+            check_misaligned::<f16>(&mut rng, &c, backend);
+            check_misaligned::<bf16>(&mut rng, &c, backend);
+        }
+    }
+    // A decode shape whose aligned call splits its passes (split_target_sets_the_runs).
+    let c = Case {
+        op: DeltaLinear::lora(16.0),
+        dims: DeltaLinearDims::new(2, 256, 2048, 16),
+        bias: true,
+        down_bias: false,
+        up_bias: false,
+        separate_u: false,
+    };
+    check_misaligned::<bf16>(&mut rng, &c, backend);
+
+    for (insertion, in_place) in [
+        (Insertion::Parallel, false),
+        (Insertion::Parallel, true),
+        (Insertion::Sequential, false),
+    ] {
+        let op = DeltaLinear::new(insertion, Activation::Relu, Composition::Scaled(1.5));
+        for kernel in [KernelVariant::Auto, KernelVariant::TensorCore] {
+            let tuning = (kernel, DEFAULT_SPLIT_TARGET);
+            if kernel == KernelVariant::Auto {
+                let shape = random_apply_shape(&mut rng, insertion);
+                multi_head_case_placed::<f32>(backend, &mut rng, shape, op, in_place, tuning, true);
+            }
+            let shape = random_apply_shape(&mut rng, insertion);
+            multi_head_case_placed::<f16>(backend, &mut rng, shape, op, in_place, tuning, true);
+            let shape = random_apply_shape(&mut rng, insertion);
+            multi_head_case_placed::<bf16>(backend, &mut rng, shape, op, in_place, tuning, true);
+        }
+    }
+
+    for shape in [(17, 129, 8), (64, 64, 13)] {
+        merge_case_placed::<f32>(backend, &mut rng, shape, true);
+        merge_case_placed::<f16>(backend, &mut rng, shape, true);
+        merge_case_placed::<bf16>(backend, &mut rng, shape, true);
+    }
+}
+
+/// An empty batch (m = 0) is `Ok` and launches nothing for delta_linear and delta_apply,
+/// checked like any call; a merge has no batch. Outputs longer than needed keep their
+/// poison.
+fn empty_batches(backend: &Backend) {
+    fn each<T: Element>(backend: &Backend) {
+        let (n, k, r) = (10, 12, 4);
+        let (x, w) = (vec![T::from_f64(0.5); 64], vec![T::from_f64(0.5); n * k]);
+        let (w_down, w_up) = (vec![T::from_f64(0.5); r * k], vec![T::from_f64(0.5); n * r]);
+        let dims = DeltaLinearDims::new(0, n, k, r);
+        let (mut workspace, mut y) = (poisoned::<T>(5), poisoned::<T>(5));
+        for op in [
+            DeltaLinear::lora(8.0),
+            DeltaLinear::houlsby(Activation::Relu),
+        ] {
+            let w_down = match op.insertion {
+                Insertion::Parallel => &w_down[..],
+                Insertion::Sequential => &w_down[..r * n],
+            };
+            let args: HostDeltaLinearArgs<T> = DeltaLinearArgs {
+                x: &x,
+                w: &w,
+                bias: None,
+                u: None,
+                w_down,
+                b_down: None,
+                w_up: &w_up,
+                b_up: None,
+                gate: None,
+                workspace: &mut workspace,
+                y: &mut y,
+            };
+            host::delta_linear(backend, &op, &dims, args)
+                .unwrap_or_else(|e| panic!("{} delta_linear m = 0: {e}", T::DTYPE));
+            // Checked all the same: W_down of the wrong shape is refused.
+            let args: HostDeltaLinearArgs<T> = DeltaLinearArgs {
+                x: &x,
+                w: &w,
+                bias: None,
+                u: None,
+                w_down: &w_down[1..],
+                b_down: None,
+                w_up: &w_up,
+                b_up: None,
+                gate: None,
+                workspace: &mut workspace,
+                y: &mut y,
+            };
+            match host::delta_linear(backend, &op, &dims, args) {
+                Err(Error::InvalidArgument { arg: "w_down", .. }) => {}
+                other => panic!("{} delta_linear m = 0, short w_down: {other:?}", T::DTYPE),
+            }
+        }
+        let dims = DeltaApplyDims::new(0, 2, 5, 6, r);
+        let (w_down, w_up) = (
+            vec![T::from_f64(0.5); 2 * r * 6],
+            vec![T::from_f64(0.5); 2 * 5 * r],
+        );
+        let op = DeltaLinear::parallel_adapter(Activation::Relu, 2.0);
+        let args: HostDeltaApplyArgs<T> = DeltaApplyArgs {
+            h: Some(&x),
+            u: Some(&x),
+            w_down: &w_down,
+            b_down: None,
+            w_up: &w_up,
+            b_up: None,
+            gate: None,
+            workspace: &mut workspace,
+            y: &mut y,
+        };
+        host::delta_apply(backend, &op, &dims, args)
+            .unwrap_or_else(|e| panic!("{} delta_apply m = 0: {e}", T::DTYPE));
+        let untouched = |v: &[T]| v.iter().all(|v| v.to_f64().is_nan());
+        assert!(
+            untouched(&y) && untouched(&workspace),
+            "{}: written",
+            T::DTYPE
+        );
+    }
+    each::<f32>(backend);
+    each::<f16>(backend);
+    each::<bf16>(backend);
+}
+
 /// Bad arguments are errors naming the argument, and nothing is written.
 fn bad_arguments_name_the_argument(backend: &Backend) {
     let mut rng = Rng::from_env();
     let base = Case {
-        op: DeltaLinear::lora(8.0, 4),
+        op: DeltaLinear::lora(8.0),
         dims: DeltaLinearDims::new(6, 10, 12, 4),
         bias: true,
         down_bias: false,
@@ -1387,17 +1665,17 @@ fn unstrided_tensors_have_their_exact_shape() {
     }
     let merge = LoraMergeBufs {
         w: buf(n * k),
-        lora_a: buf(r * k),
-        lora_b: buf(n * r + 1),
+        w_down: buf(r * k),
+        w_up: buf(n * r + 1),
     };
     let merge_dims = LoraMergeDims { n, k, r };
     match lora_merge(DType::F16, &merge_dims, 1.0, &merge) {
-        Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, "lora_b"),
-        other => panic!("lora_merge, lora_b one element long: {other:?}"),
+        Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, "w_up"),
+        other => panic!("lora_merge, w_up one element long: {other:?}"),
     }
     // (And the merge's scale must be finite.)
     let merge = LoraMergeBufs {
-        lora_b: buf(n * r),
+        w_up: buf(n * r),
         ..merge
     };
     match lora_merge(DType::F16, &merge_dims, f32::NAN, &merge) {
@@ -1416,7 +1694,7 @@ fn the_planner_refuses_overflowing_sizes() {
 
     let (m, n, k, r) = (3, 10, 12, 4);
     let bufs = planner_bufs(Insertion::Parallel, m, n, k, r);
-    let op = DeltaLinear::lora(8.0, r);
+    let op = DeltaLinear::lora(8.0);
     let dims = DeltaLinearDims::new(m, n, k, r);
     fn refused(op: &DeltaLinear, dims: &DeltaLinearDims, bufs: &DeltaLinearBufs) -> &'static str {
         match delta_linear(op, dims, DType::F16, bufs) {
@@ -1680,6 +1958,8 @@ on_every_backend!(
     delta_apply_bad_arguments,
     lora_merge_and_unmerge,
     bad_arguments_name_the_argument,
+    misaligned_buffers,
+    empty_batches,
 );
 
 /// The public GPU API on device buffers (cudarc slices, `&x` coercing to `DeviceRead`), not
@@ -1754,8 +2034,8 @@ fn gpu_api_on_device_buffers() {
     let mut w_dev = up(&inputs.w);
     let args = LoraMergeArgs {
         w: &mut w_dev as _,
-        lora_a: &a_dev as _,
-        lora_b: &b_dev as _,
+        w_down: &a_dev as _,
+        w_up: &b_dev as _,
     };
     peft_kernels::cuda::lora_merge(stream, &LoraMergeDims { n, k, r }, 2.0, args).unwrap();
     let merged = stream.clone_dtoh(&w_dev).unwrap();

@@ -55,8 +55,8 @@ fn g_of<T: Element>(backend: &Backend, l: &Layer<T>, d: &DoraDims) -> Vec<f32> {
         l.s,
         DoraNormArgs {
             w: &l.w[..],
-            lora_a: &l.a,
-            lora_b: &l.b,
+            w_down: &l.a,
+            w_up: &l.b,
             magnitude: &l.m,
             g: &mut g,
         },
@@ -77,7 +77,7 @@ fn norms_and_forward<T: Element>(backend: &Backend, rng: &mut Rng) {
             MatRef::new(&l.a, r, k),
             MatRef::new(&l.b, n, r),
         );
-        let s = f64::from(l.s);
+        let s = l.s;
         // The norms are computed from f32 products of the stored values: f32-accurate in every
         // dtype (g is f32).
         let g = g_of(backend, &l, &d);
@@ -188,7 +188,7 @@ fn merge_and_unmerge<T: Element>(backend: &Backend, rng: &mut Rng) {
             MatRef::new(&l.a, r, k),
             MatRef::new(&l.b, n, r),
         );
-        let s = f64::from(l.s);
+        let s = l.s;
         let g = g_of(backend, &l, &d);
         let mut w = l.w.clone();
         host::dora_merge(
@@ -198,8 +198,8 @@ fn merge_and_unmerge<T: Element>(backend: &Backend, rng: &mut Rng) {
             false,
             DoraMergeArgs {
                 w: &mut w,
-                lora_a: &l.a[..],
-                lora_b: &l.b,
+                w_down: &l.a[..],
+                w_up: &l.b,
                 g: &g[..],
             },
         )
@@ -252,8 +252,8 @@ fn merge_and_unmerge<T: Element>(backend: &Backend, rng: &mut Rng) {
             true,
             DoraMergeArgs {
                 w: &mut w,
-                lora_a: &l.a[..],
-                lora_b: &l.b,
+                w_down: &l.a[..],
+                w_up: &l.b,
                 g: &g[..],
             },
         )
@@ -334,8 +334,8 @@ fn bad_arguments(backend: &Backend) {
         1.0,
         DoraNormArgs {
             w: &w[..],
-            lora_a: &a,
-            lora_b: &b,
+            w_down: &a,
+            w_up: &b,
             magnitude: &mag[..n - 1],
             g: &mut g,
         },
@@ -358,15 +358,15 @@ fn bad_arguments(backend: &Backend) {
         1.0,
         DoraNormArgs {
             w: &w[..],
-            lora_a: &a,
-            lora_b: &b,
+            w_down: &a,
+            w_up: &b,
             magnitude: &mag,
             g: &mut g,
         },
     )
     .unwrap_err();
     assert!(
-        matches!(err, Error::InvalidArgument { arg: "lora_a", .. }),
+        matches!(err, Error::InvalidArgument { arg: "w_down", .. }),
         "{err}"
     );
     let err = host::dora_norm(
@@ -375,8 +375,8 @@ fn bad_arguments(backend: &Backend) {
         f32::NAN,
         DoraNormArgs {
             w: &w[..],
-            lora_a: &a,
-            lora_b: &b,
+            w_down: &a,
+            w_up: &b,
             magnitude: &mag,
             g: &mut g,
         },
@@ -430,8 +430,8 @@ fn bad_arguments(backend: &Backend) {
         false,
         DoraMergeArgs {
             w: &mut w2,
-            lora_a: &a[..],
-            lora_b: &b,
+            w_down: &a[..],
+            w_up: &b,
             g: &g[..1],
         },
     )

@@ -271,6 +271,8 @@ gpu_tests! {
     merge_with_infinite_lses => |g: &Gpu| harness::merge_with_infinite_lses(g);
     kv_concat_is_a_copy => |g: &Gpu| harness::kv_concat_is_a_copy(g);
     bad_arguments_are_errors => |g: &Gpu| harness::bad_arguments_are_errors(g);
+    empty_batches_launch_nothing => |g: &Gpu| harness::empty_batches(g);
+    misaligned_buffers => |g: &Gpu| harness::misaligned_buffers(g);
 }
 
 /// Prefill at a realistic size: two sequences of 1000 tokens, 8 heads over 2 KV heads,

@@ -56,8 +56,8 @@ fn run_pass<T: Element>(
     let x = io[&format!("{}.x", m.name)].as_slice::<T>().unwrap();
     let stored = io[&format!("{}.weight", m.name)].as_slice::<T>().unwrap();
     let w = m.frozen_weight(stored).unwrap();
-    let (a, b) = (m.lora_a.to::<T>(), m.lora_b.to::<T>());
-    let b_up: Option<Vec<T>> = m.lora_b_bias.as_ref().map(Tensor::to);
+    let (a, b) = (m.w_down.to::<T>(), m.w_up.to::<T>());
+    let b_up: Option<Vec<T>> = m.b_up.as_ref().map(Tensor::to);
     let dims = m.dims(x.len() / m.in_features);
     let mut ws = vec![T::default(); dims.workspace_len()];
     let mut y = common::poisoned::<T>(dims.m * dims.n);
@@ -122,7 +122,7 @@ fn plain_lora_reproduces_peft() {
     let v = a.module("model.layers.0.self_attn.v_proj").unwrap();
     assert_eq!((v.r, v.in_features, v.out_features), (8, 64, 32));
     assert_eq!((v.alpha, v.scale), (16.0, 2.0));
-    assert_eq!(v.lora_a.dtype(), DType::F32);
+    assert_eq!(v.w_down.dtype(), DType::F32);
     assert_eq!(reproduce("llama_lora"), 2);
 }
 
@@ -167,7 +167,7 @@ fn layers_to_transform_lora_bias_and_modules_to_save_in_bf16_reproduce_peft() {
     assert!(a
         .modules
         .iter()
-        .all(|m| m.lora_a.dtype() == DType::BF16 && m.lora_b_bias.is_some()));
+        .all(|m| m.w_down.dtype() == DType::BF16 && m.b_up.is_some()));
     let head = &a.modules_to_save["lm_head"]["weight"];
     assert_eq!(
         (head.shape.as_slice(), head.dtype()),
@@ -184,7 +184,7 @@ fn gpt2_conv1d_fan_in_fan_out_with_trained_biases_reproduces_peft() {
     assert!(c_attn.fan_in_fan_out);
     assert_eq!((c_attn.in_features, c_attn.out_features), (64, 192));
     // PEFT keeps the adapter in f32 next to the f16 model; the trained bias is f16.
-    assert_eq!(c_attn.lora_a.dtype(), DType::F32);
+    assert_eq!(c_attn.w_down.dtype(), DType::F32);
     assert_eq!(c_attn.bias.as_ref().unwrap().dtype(), DType::F16);
     // bias = "all" saved every other bias too (layer norms, projections without LoRA).
     assert!(a.biases.contains_key("transformer.h.0.ln_1"));
@@ -613,8 +613,8 @@ fn a_missing_directory_names_the_file() {
 fn tensor_views_check_their_dtype() {
     let a = lora("llama_lora");
     let m = &a.modules[0];
-    assert!(m.lora_a.as_slice::<f32>().is_ok());
-    let e = m.lora_a.as_slice::<bf16>().unwrap_err();
+    assert!(m.w_down.as_slice::<f32>().is_ok());
+    let e = m.w_down.as_slice::<bf16>().unwrap_err();
     assert!(e.to_string().contains("f32"), "{e}");
     // frozen_weight refuses a weight of the wrong size.
     assert!(m.frozen_weight(&[0.0f32; 3]).is_err());
@@ -626,7 +626,7 @@ fn tensor_views_check_their_dtype() {
 fn run_dora(m: &LoraModule, io: &BTreeMap<String, Tensor>, apply_g: bool) -> Vec<f32> {
     let stored = io[&format!("{}.weight", m.name)].as_slice::<f32>().unwrap();
     let w = m.frozen_weight(stored).unwrap();
-    let (a, b) = (m.lora_a.to::<f32>(), m.lora_b.to::<f32>());
+    let (a, b) = (m.w_down.to::<f32>(), m.w_up.to::<f32>());
     let magnitude = m.magnitude.as_ref().expect("a DoRA module").to::<f32>();
     let dora = m.dora_dims();
     let mut g = common::poisoned::<f32>(dora.n);
@@ -635,8 +635,8 @@ fn run_dora(m: &LoraModule, io: &BTreeMap<String, Tensor>, apply_g: bool) -> Vec
         m.scale,
         DoraNormArgs {
             w: &w[..],
-            lora_a: &a,
-            lora_b: &b,
+            w_down: &a,
+            w_up: &b,
             magnitude: &magnitude,
             g: &mut g,
         },
@@ -742,15 +742,15 @@ fn merged_layers_reproduce_peft() {
         let mut w = m
             .frozen_weight(io[&format!("{module}.weight")].as_slice::<f32>().unwrap())
             .unwrap();
-        let (la, lb) = (m.lora_a.to::<f32>(), m.lora_b.to::<f32>());
+        let (la, lb) = (m.w_down.to::<f32>(), m.w_up.to::<f32>());
         match &m.magnitude {
             None => emulator::lora_merge(
                 &m.merge_dims(),
                 m.scale,
                 LoraMergeArgs {
                     w: &mut w,
-                    lora_a: &la,
-                    lora_b: &lb,
+                    w_down: &la,
+                    w_up: &lb,
                 },
             )
             .unwrap(),
@@ -762,8 +762,8 @@ fn merged_layers_reproduce_peft() {
                     m.scale,
                     DoraNormArgs {
                         w: &w[..],
-                        lora_a: &la,
-                        lora_b: &lb,
+                        w_down: &la,
+                        w_up: &lb,
                         magnitude: &magnitude,
                         g: &mut g,
                     },
@@ -775,8 +775,8 @@ fn merged_layers_reproduce_peft() {
                     false,
                     DoraMergeArgs {
                         w: &mut w,
-                        lora_a: &la[..],
-                        lora_b: &lb,
+                        w_down: &la[..],
+                        w_up: &lb,
                         g: &g[..],
                     },
                 )

@@ -10,7 +10,6 @@ mod harness;
 
 use half::{bf16, f16};
 use harness::Backend;
-use peft_kernels::emulator;
 use peft_kernels::plan::prefix_attention::{
     self as plan, PrefixAttentionBufs, PrefixAttentionParams,
 };
@@ -19,6 +18,7 @@ use peft_kernels::prefix_attention::{
     KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeDims, PrefixAttention, PrefixAttentionArgs,
     PrefixAttentionDims, PrefixOnlyArgs,
 };
+use peft_kernels::{emulator, host};
 use peft_kernels::{DType, Element, Result};
 
 struct Emulator;
@@ -162,6 +162,166 @@ fn kv_concat_is_a_copy() {
 #[test]
 fn bad_arguments_are_errors() {
     harness::bad_arguments_are_errors(&Emulator);
+}
+
+#[test]
+fn empty_batches_launch_nothing() {
+    harness::empty_batches(&Emulator);
+    harness::empty_batches(&OnHost(host::Backend::Emulator));
+}
+
+#[test]
+fn misaligned_buffers() {
+    harness::misaligned_buffers(&Emulator);
+    harness::misaligned_buffers(&OnHost(host::Backend::Emulator));
+}
+
+/// The `host` entry points (on the emulator here): the same checks as [`Emulator`]'s.
+struct OnHost(host::Backend);
+
+impl Backend for OnHost {
+    fn attention<T: Element>(
+        &self,
+        op: &PrefixAttention,
+        dims: &PrefixAttentionDims,
+        args: PrefixAttentionArgs<&[T], &mut [T], &[u32], &mut [f32]>,
+    ) -> Result<()> {
+        host::prefix_attention(&self.0, op, dims, args)
+    }
+    fn prefix_only<T: Element>(
+        &self,
+        op: &PrefixAttention,
+        dims: &PrefixAttentionDims,
+        args: PrefixOnlyArgs<&[T], &mut [T], &mut [f32]>,
+    ) -> Result<()> {
+        host::prefix_only_attention(&self.0, op, dims, args)
+    }
+    fn merge<T: Element>(
+        &self,
+        dims: &LseMergeDims,
+        args: LseMergeArgs<&[T], &mut [T], &[f32], &mut [f32]>,
+    ) -> Result<()> {
+        host::lse_merge(&self.0, dims, args)
+    }
+    fn concat<T: Element>(
+        &self,
+        dims: &KvConcatDims,
+        args: KvConcatArgs<&[T], &mut [T]>,
+    ) -> Result<()> {
+        host::kv_concat(&self.0, dims, args)
+    }
+    fn on_host(&self) -> bool {
+        true
+    }
+}
+
+/// The GPU API (cudarc buffers, which the planner sees as they are) keeps its rule: a 16-bit
+/// tensor whose rows do not start 16-byte aligned is refused, naming it and the operation.
+/// Only the host entry points copy such a slice (the planner alone here: nothing runs).
+#[test]
+fn the_planner_refuses_misaligned_16_bit_tensors() {
+    let dims = PrefixAttentionDims::new(1, 2, 2, 3, 5, 4, 64);
+    let all = Buf {
+        addr: 4096,
+        len: 1 << 20,
+    };
+    let bufs = PrefixAttentionBufs {
+        q: all,
+        k: all,
+        v: all,
+        prefix_k: all,
+        prefix_v: all,
+        context_lens: None,
+        out: all,
+        lse: None,
+        lambda: None,
+        workspace: None,
+    };
+    let op = PrefixAttention::default();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let misaligned = PrefixAttentionBufs {
+            q: Buf { addr: 4098, ..all },
+            ..bufs
+        };
+        assert!(plan::prefix_attention(&op, &dims, dtype, &bufs).is_ok());
+        match plan::prefix_attention(&op, &dims, dtype, &misaligned) {
+            Ok(_) if dtype == DType::F32 => {}
+            Err(peft_kernels::Error::InvalidArgument {
+                op: "prefix_attention",
+                arg: "q",
+                ..
+            }) if dtype != DType::F32 => {}
+            other => panic!("{dtype}: {other:?}"),
+        }
+    }
+}
+
+/// Host slices as the planner's buffers, from outside the crate: what a caller who runs the
+/// plan's steps itself writes (`PrefixAttentionArgs::bufs` is public).
+struct HostSlices;
+
+impl<'r, 'w, A, B> peft_kernels::plan::BufSource<&'r [A], &'w mut [B]> for HostSlices {
+    fn read(&mut self, r: &'r [A]) -> Buf {
+        Buf {
+            addr: r.as_ptr() as u64,
+            len: r.len(),
+        }
+    }
+    fn write(&mut self, w: &'w mut [B]) -> Buf {
+        Buf {
+            addr: w.as_mut_ptr() as u64,
+            len: w.len(),
+        }
+    }
+}
+
+/// The plan's steps run one by one from the public `bufs` give what the operation gives, bit
+/// for bit (a split decode: two steps).
+#[test]
+fn attention_args_give_their_planner_buffers() {
+    use peft_kernels::prefix_attention::HostPrefixAttentionArgs;
+    let mut rng = common::Rng::from_env();
+    let dims = PrefixAttentionDims::new(1, 4, 2, 1, 900, 20, 64);
+    let q: Vec<bf16> = rng.uniform_vec(4 * 64);
+    let (k, v): (Vec<bf16>, Vec<bf16>) =
+        (rng.uniform_vec(2 * 900 * 64), rng.uniform_vec(2 * 900 * 64));
+    let prefix: Vec<bf16> = rng.uniform_vec(2 * 20 * 64);
+    let op = PrefixAttention::default();
+    let run = |by_steps: bool| {
+        let mut out = vec![bf16::NAN; q.len()];
+        let mut lse = vec![f32::NAN; dims.rows()];
+        let mut workspace = vec![f32::NAN; dims.workspace_len(DType::BF16)];
+        let args: HostPrefixAttentionArgs<bf16> = PrefixAttentionArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            prefix_k: &prefix,
+            prefix_v: &prefix,
+            context_lens: None,
+            out: &mut out,
+            lse: Some(&mut lse),
+            lambda: None,
+            workspace: Some(&mut workspace),
+        };
+        if by_steps {
+            let steps =
+                plan::prefix_attention(&op, &dims, DType::BF16, &args.bufs(&mut HostSlices))
+                    .unwrap();
+            assert_eq!(steps.len(), 2, "a split pass and its merge");
+            for (launch, params) in &steps {
+                // SAFETY: the plan checked every buffer (host slices alive for the call).
+                unsafe { emulator::launch(launch, params) }.unwrap();
+            }
+        } else {
+            emulator::prefix_attention(&op, &dims, args).unwrap();
+        }
+        let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        (
+            bits(&out),
+            lse.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(run(true), run(false));
 }
 
 #[test]

@@ -83,7 +83,7 @@ impl AttnCase {
                 scale: if rng.chance(0.5) {
                     None
                 } else {
-                    Some(rng.uniform(0.05, 1.0))
+                    Some(rng.uniform(0.05, 1.0) as f32)
                 },
                 causal,
             },
@@ -532,13 +532,17 @@ fn parallel_delta_equals_the_k_concatenation_form() {
 #[test]
 fn lora_with_scaling_matches_peft() {
     let mut rng = Rng::from_env();
-    for _ in 0..8 {
+    for trial in 0..8 {
         let layer = Layer::<bf16>::random(&mut rng, false, false);
-        // PEFT: scaling = lora_alpha / r, result = base(x) + lora_B(lora_A(dropout(x))) *
-        // scaling, with lora_A / lora_B bias-free nn.Linear and dropout the identity in eval.
-        // The op takes the scale as f32; compute it in f32 here too.
+        // PEFT: scaling = lora_alpha / r (lora_alpha / math.sqrt(r) with use_rslora), result
+        // = base(x) + lora_B(lora_A(dropout(x))) * scaling, with lora_A / lora_B bias-free
+        // nn.Linear and dropout the identity in eval. The kernels take the scale as an f32:
+        // PEFT's f64 scaling rounded once.
         let lora_alpha = rng.pick(&[1.0f32, 8.0, 16.0, 32.0]);
-        let scaling = lora_alpha / layer.r as f32;
+        let rslora = trial % 2 == 1;
+        let r = layer.r as f64;
+        let peft_scaling = f64::from(lora_alpha) / if rslora { r.sqrt() } else { r };
+        let scaling = f64::from(peft_scaling as f32);
         let lora_a = Linear::new::<bf16>(&layer.w_down, None, layer.r, layer.k);
         let lora_b = Linear::new::<bf16>(&layer.w_up, None, layer.n, layer.r);
         let x = layer.x64();
@@ -547,13 +551,13 @@ fn lora_with_scaling_matches_peft() {
         let expected: Vec<f64> = base
             .iter()
             .zip(&delta)
-            .map(|(b, d)| b + d * f64::from(scaling))
+            .map(|(b, d)| b + d * scaling)
             .collect();
 
-        let op = DeltaLinear {
-            activation: Activation::Identity,
-            insertion: Insertion::Parallel,
-            composition: Composition::Scaled(scaling),
+        // α alone: r comes from the weights (the kernels: from the dims).
+        let op = match rslora {
+            false => DeltaLinear::lora(lora_alpha),
+            true => DeltaLinear::rslora(lora_alpha),
         };
         let t = DeltaLinearTensors {
             b_down: None,
@@ -562,7 +566,7 @@ fn lora_with_scaling_matches_peft() {
         };
         let y = delta_linear(&op, &t).unwrap();
         assert_close(
-            &format!("LoRA alpha={lora_alpha}, {}", layer.label()),
+            &format!("LoRA alpha={lora_alpha} rslora={rslora}, {}", layer.label()),
             &y,
             &expected,
             EXACT,
@@ -641,14 +645,20 @@ fn merged_lora_equals_the_unmerged_forward_and_unmerges() {
     let mut rng = Rng::from_env();
     for _ in 0..6 {
         let layer = Layer::<f16>::random(&mut rng, false, false);
-        let s = rng.pick(&[0.5f32, 2.0, 16.0 / 3.0]);
         let (n, k, r) = (layer.n, layer.k, layer.r);
+        // The layer's LoRA, and the merge scale it documents: its composition's scale at r.
+        let alpha = rng.pick(&[0.5f32, 2.0, 16.0 / 3.0, 32.0]);
+        let op = match rng.chance(0.5) {
+            true => DeltaLinear::lora(alpha),
+            false => DeltaLinear::rslora(alpha),
+        };
+        let s = op.composition.scale(r);
         let w = MatRef::new(&layer.w, n, k);
         let (a, b) = (
             MatRef::new(&layer.w_down, r, k),
             MatRef::new(&layer.w_up, n, r),
         );
-        let merged = lora_merge(w, a, b, f64::from(s)).unwrap();
+        let merged = lora_merge(w, a, b, s).unwrap();
 
         let x = layer.x64();
         let bias = layer.b.as_deref().map(widen);
@@ -658,11 +668,6 @@ fn merged_lora_equals_the_unmerged_forward_and_unmerges() {
             bias.as_deref(),
         )
         .unwrap();
-        let op = DeltaLinear {
-            activation: Activation::Identity,
-            insertion: Insertion::Parallel,
-            composition: Composition::Scaled(s),
-        };
         let t = DeltaLinearTensors {
             b_down: None,
             b_up: None,
@@ -670,7 +675,7 @@ fn merged_lora_equals_the_unmerged_forward_and_unmerges() {
         };
         let y = delta_linear(&op, &t).unwrap();
         assert_close(
-            &format!("merged forward s={s}, {}", layer.label()),
+            &format!("merged forward {op:?} s={s}, {}", layer.label()),
             &y_merged,
             &y,
             EXACT,
@@ -681,7 +686,7 @@ fn merged_lora_equals_the_unmerged_forward_and_unmerges() {
             MatRef::new(&merged, n, k),
             MatRef::new(&a64, r, k),
             MatRef::new(&b64, n, r),
-            -f64::from(s),
+            -s,
         )
         .unwrap();
         assert_close(

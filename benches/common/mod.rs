@@ -3,26 +3,27 @@
 //! the timings, the two clocks, the correctness gate's comparison, the physical floor
 //! measured in the same run, and the summary table with the file it goes to.
 
-/// Whether `bench` can measure here: built with the `cuda` feature and a CUDA device
+/// Whether `bench` can measure here: built with the `baseline` feature (`cuda` and the
+/// cuBLAS baseline) and a CUDA device
 /// present. If not, prints the one line that says why it skips (scripts/gpu-check.sh
 /// reports the bench's first line with "skipped" in it).
 pub fn can_run(bench: &str) -> bool {
-    #[cfg(feature = "cuda")]
+    #[cfg(feature = "baseline")]
     if peft_kernels::cuda::is_available() {
         return true;
     }
-    if cfg!(feature = "cuda") {
+    if cfg!(feature = "baseline") {
         println!("{bench} benches skipped: no CUDA device (or no driver) on this machine");
     } else {
         println!(
-            "{bench} benches skipped: built without the `cuda` feature \
-             (run `cargo bench --features cuda --bench {bench}` on a CUDA machine)"
+            "{bench} benches skipped: built without the `baseline` feature \
+             (run `cargo bench --features baseline --bench {bench}` on a CUDA machine)"
         );
     }
     false
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(feature = "baseline")]
 pub mod gpu {
     use std::fmt::Write as _;
     use std::path::PathBuf;

@@ -42,8 +42,8 @@ use std::sync::Arc;
 use cudarc::cublas::{result as cublas, sys as blas_sys, CudaBlas};
 use cudarc::driver::CudaStream;
 
-use super::{Buffers, DeviceRead, DeviceWrite};
-use crate::delta_linear::{DeltaLinear, DeltaLinearArgs, DeltaLinearDims, KernelVariant};
+use super::{Buffers, DeviceDeltaLinearArgs, DeviceRead, DeviceWrite};
+use crate::delta_linear::{DeltaLinear, DeltaLinearDims, KernelVariant};
 use crate::kernels::KernelId;
 use crate::plan::delta_linear::workspace_ld;
 use crate::plan::{Buf, KernelParams, Launch};
@@ -243,7 +243,7 @@ impl Baseline {
         &'a self,
         op: &DeltaLinear,
         dims: &DeltaLinearDims,
-        args: DeltaLinearArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>>,
+        args: DeviceDeltaLinearArgs<'a, T>,
     ) -> Result<()> {
         if op.composition == Composition::Gated {
             return Err(Error::Unsupported(
@@ -263,7 +263,7 @@ impl Baseline {
         }
         // The plan checked that m, n, k, k_u and r fit an i32.
         let (m, n, k, r) = (d.m as i32, d.n as i32, d.k as i32, d.r as i32);
-        let s = op.composition.scale();
+        let s = op.composition.scale(d.r);
         let operand = |buf: Buf, ld| Operand { addr: buf.addr, ld };
         let x = operand(b.x, cublas_int("dims.ld_x", d.ld_x)?);
         let y = operand(b.y, cublas_int("dims.ld_y", d.ld_y)?);
@@ -373,6 +373,7 @@ impl Baseline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delta_linear::DeltaLinearArgs;
     use crate::validate::{assert_close_matrix, assert_padding_untouched, default_tolerance};
     use half::{bf16, f16};
 
@@ -518,7 +519,7 @@ mod tests {
         let baseline = Baseline::new(stream.clone()).unwrap();
         let (m, n, k, r) = (37, 45, 70, 5);
         let cases = [
-            (DeltaLinear::lora(16.0, r), false, false),
+            (DeltaLinear::lora(16.0), false, false),
             (
                 DeltaLinear::parallel_adapter(Activation::Relu, 4.0),
                 true,
@@ -572,7 +573,7 @@ mod tests {
                 ld_u,
                 ..DeltaLinearDims::new(m, n, k, r)
             };
-            let args: DeltaLinearArgs<DeviceRead<T>, DeviceWrite<T>> = DeltaLinearArgs {
+            let args: DeviceDeltaLinearArgs<T> = DeltaLinearArgs {
                 x: &dx,
                 w: &dw,
                 bias: biases.then_some(&dbias as DeviceRead<T>),
@@ -662,7 +663,7 @@ mod tests {
         let ws_len = DeltaLinearDims::new(m, n, k, r).workspace_len();
         let (mut ws, mut y) = (buf(ws_len), buf(m * n));
         let op = DeltaLinear::new(Insertion::Parallel, Activation::Relu, Composition::Gated);
-        let args: DeltaLinearArgs<DeviceRead<f32>, DeviceWrite<f32>> = DeltaLinearArgs {
+        let args: DeviceDeltaLinearArgs<f32> = DeltaLinearArgs {
             x: &x,
             w: &w,
             bias: None,

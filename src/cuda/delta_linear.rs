@@ -10,13 +10,21 @@ use crate::delta_linear::{
 use crate::plan::delta_linear as plan;
 use crate::{Element, Result};
 
+/// [`DeltaLinearArgs`] over device buffers, as [`delta_linear`] takes them: annotate a `let`
+/// with it to build the arguments before the call (`&x` of a `CudaSlice` then coerces).
+pub type DeviceDeltaLinearArgs<'a, T> = DeltaLinearArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>>;
+/// [`DeltaApplyArgs`] over device buffers ([`delta_apply`]).
+pub type DeviceDeltaApplyArgs<'a, T> = DeltaApplyArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>>;
+/// [`LoraMergeArgs`] over device buffers ([`lora_merge`]).
+pub type DeviceLoraMergeArgs<'a, T> = LoraMergeArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>>;
+
 /// `y = compose(x·Wᵀ + b, s·f(u·W_downᵀ + b_down)·W_upᵀ + b_up)` (see
 /// [`crate::delta_linear`]) queued on `stream`. Every argument is checked before anything
 /// is queued.
 ///
 /// ```no_run
 /// use half::bf16;
-/// use peft_kernels::cuda;
+/// use peft_kernels::cuda::{self, DeviceDeltaLinearArgs};
 /// use peft_kernels::delta_linear::{DeltaLinear, DeltaLinearArgs, DeltaLinearDims};
 ///
 /// // A LoRA layer (r = 16, α = 32) over 8 tokens of a 4096-wide projection, in bf16.
@@ -24,27 +32,24 @@ use crate::{Element, Result};
 /// let stream = cuda::context(0)?.default_stream();
 /// let x = stream.alloc_zeros::<bf16>(m * k)?;
 /// let w = stream.alloc_zeros::<bf16>(n * k)?;
-/// let (lora_a, lora_b) = (stream.alloc_zeros::<bf16>(r * k)?, stream.alloc_zeros::<bf16>(n * r)?);
+/// // LoRA's A is w_down [r, k], B is w_up [n, r] (crate::delta_linear's docs).
+/// let (w_down, w_up) = (stream.alloc_zeros::<bf16>(r * k)?, stream.alloc_zeros::<bf16>(n * r)?);
 /// let dims = DeltaLinearDims::new(m, n, k, r);
 /// let mut workspace = stream.alloc_zeros::<bf16>(dims.workspace_len())?;
 /// let mut y = stream.alloc_zeros::<bf16>(m * n)?;
-/// cuda::delta_linear(
-///     &stream,
-///     &DeltaLinear::lora(32.0, r),
-///     &dims,
-///     DeltaLinearArgs {
-///         x: &x, w: &w, bias: None, u: None,
-///         w_down: &lora_a, b_down: None, w_up: &lora_b, b_up: None, gate: None,
-///         workspace: &mut workspace, y: &mut y,
-///     },
-/// )?;
+/// let args: DeviceDeltaLinearArgs<bf16> = DeltaLinearArgs {
+///     x: &x, w: &w, bias: None, u: None,
+///     w_down: &w_down, b_down: None, w_up: &w_up, b_up: None, gate: None,
+///     workspace: &mut workspace, y: &mut y,
+/// };
+/// cuda::delta_linear(&stream, &DeltaLinear::lora(32.0), &dims, args)?;
 /// # Ok::<(), peft_kernels::Error>(())
 /// ```
 pub fn delta_linear<'a, T: Element>(
     stream: &'a CudaStream,
     op: &DeltaLinear,
     dims: &DeltaLinearDims,
-    args: DeltaLinearArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>>,
+    args: DeviceDeltaLinearArgs<'a, T>,
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = plan::delta_linear(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
@@ -58,7 +63,7 @@ pub fn delta_apply<'a, T: Element>(
     stream: &'a CudaStream,
     op: &DeltaLinear,
     dims: &DeltaApplyDims,
-    args: DeltaApplyArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>>,
+    args: DeviceDeltaApplyArgs<'a, T>,
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = plan::delta_apply(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
@@ -66,14 +71,14 @@ pub fn delta_apply<'a, T: Element>(
     unsafe { bufs.run(&steps) }
 }
 
-/// Merges LoRA into the frozen weight in place on `stream`, `W ← W + scale·B·A`: `scale` =
-/// s to merge, −s to unmerge, with s the LoRA scale α / r (what `DeltaLinear::lora(α, r)`
-/// scales by; not α).
+/// Merges LoRA into the frozen weight in place on `stream`, `W ← W + scale·B·A` (B·A =
+/// W_up·W_down): `scale` = s to merge, −s to unmerge, with s the layer's LoRA scale (not α):
+/// `op.composition.scale(dims.r)` of its [`DeltaLinear`] ([`crate::Composition::scale`]).
 pub fn lora_merge<'a, T: Element>(
     stream: &'a CudaStream,
     dims: &LoraMergeDims,
     scale: f32,
-    args: LoraMergeArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>>,
+    args: DeviceLoraMergeArgs<'a, T>,
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let step = plan::lora_merge(T::DTYPE, dims, scale, &args.bufs(&mut bufs))?;

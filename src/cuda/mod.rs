@@ -2,9 +2,12 @@
 //! (build/cuda.rs), loaded through cudarc on first use in each context and launched with
 //! the geometry [`crate::plan`] computed.
 //!
-//! The driver library is opened at run time (cudarc's `dynamic-loading`): a program built
-//! with `cuda` also runs on a machine without a driver, where [`is_available`] is false
-//! and [`context`] returns [`Error::NoDevice`].
+//! The driver library is opened at run time (cudarc's `fallback-dynamic-loading`, unless
+//! another crate of the build, such as candle, links it): a program built with `cuda` also
+//! runs on a machine without a driver, where [`is_available`] is false and [`context`]
+//! returns [`Error::NoDevice`]. Only the driver is needed at run time: the kernels are
+//! embedded cubins and PTX (no NVRTC), and cuBLAS only serves [`baseline`] (feature
+//! `baseline`).
 //!
 //! A plan's step marked [`Launch::overlap_previous`] is a programmatic dependent launch
 //! where the kernel came from the sm_90 cubin or the compute_90 PTX (not the sm_80 cubin,
@@ -22,6 +25,7 @@
 //! unsafe { bufs.launch(&plan, &params) }?;
 //! ```
 
+#[cfg(feature = "baseline")]
 pub mod baseline;
 mod delta_linear;
 mod dora;
@@ -38,8 +42,8 @@ use std::sync::{Arc, LazyLock};
 pub use cudarc;
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute, CUlaunchAttributeID};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
-    DevicePtrMut, DeviceRepr, DriverError, LaunchConfig, PushKernelArg, SyncOnDrop, UnifiedSlice,
+    result, CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    DriverError, LaunchConfig, SyncOnDrop, UnifiedSlice,
 };
 pub use modules::{cubin, image, Image};
 
@@ -70,14 +74,34 @@ pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
 }
 
 fn device_count() -> Result<usize> {
-    // SAFETY: only tries to open the driver library; calls nothing in it.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !driver_library_present() {
         return Err(Error::NoDevice(
             "no CUDA driver library (libcuda) found".into(),
         ));
     }
     let n = CudaContext::device_count().map_err(|e| Error::NoDevice(e.to_string()))?;
     Ok(n.max(0) as usize)
+}
+
+/// Whether the CUDA driver library opens. Probed here, before cudarc touches it: under
+/// cudarc's dynamic loading (this crate's default) a missing library is a panic inside
+/// cudarc, and under dynamic linking (candle's choice) the program would not have started
+/// without it. The names are the driver's own (what the NVIDIA driver installs, and cudarc
+/// also tries).
+fn driver_library_present() -> bool {
+    static PRESENT: LazyLock<bool> = LazyLock::new(|| {
+        let names: &[&str] = if cfg!(windows) {
+            &["nvcuda.dll"]
+        } else {
+            &["libcuda.so.1", "libcuda.so"]
+        };
+        names.iter().any(|name| {
+            // SAFETY: loading the driver library runs only its initialisers, as cudarc's own
+            // loading would; nothing in it is called here and it is unloaded on drop.
+            unsafe { libloading::Library::new(*name) }.is_ok()
+        })
+    });
+    *PRESENT
 }
 
 /// Launches `launch.kernel` on `stream` with `params` as its only argument, loading the
@@ -110,10 +134,14 @@ pub unsafe fn launch<P: KernelParams>(
     let failed = |e: DriverError| Error::Cuda(format!("launching `{}`: {e}", launch.kernel.name()));
     if launch.dynamic_smem > DEFAULT_DYNAMIC_SMEM_LIMIT {
         ctx.bind_to_thread().map_err(failed)?;
-        f.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            launch.dynamic_smem as i32,
-        )
+        // SAFETY: a function of the current context; a plain attribute write.
+        unsafe {
+            result::function::set_function_attribute(
+                f.handle(),
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                launch.dynamic_smem as i32,
+            )
+        }
         .map_err(|e| too_much_shared_memory(ctx, launch).unwrap_or_else(|| failed(e)))?;
     }
     let config = LaunchConfig {
@@ -121,18 +149,27 @@ pub unsafe fn launch<P: KernelParams>(
         block_dim: launch.block.into(),
         shared_mem_bytes: launch.dynamic_smem,
     };
-    let arg = ByValue(*params);
     if launch.overlap_previous && image != Image::Sm80 && !*NO_OVERLAP {
         // SAFETY: as below; the plan set `overlap_previous` only for a kernel that waits
         // for the previous launch before touching what it writes or reads.
-        unsafe { launch_overlapping(stream, &f, config, &arg) }.map_err(failed)?;
+        unsafe { launch_overlapping(stream, f, config, params) }.map_err(failed)?;
         return Ok(());
     }
-    let mut builder = stream.launch_builder(&f);
-    builder.arg(&arg);
-    // SAFETY: the caller's contract; the kernel's one parameter is a `P` (ByValue is
-    // transparent), copied by cuLaunchKernel before it returns.
-    unsafe { builder.launch(config) }.map_err(failed)?;
+    ctx.bind_to_thread().map_err(failed)?;
+    // The kernel's one argument, by address; cuLaunchKernel copies it before returning.
+    let mut args = [params as *const P as *mut c_void];
+    // SAFETY: the caller's contract; the kernel's one parameter is a `P`.
+    unsafe {
+        result::launch_kernel(
+            f.handle(),
+            config.grid_dim,
+            config.block_dim,
+            config.shared_mem_bytes,
+            stream.cu_stream(),
+            &mut args,
+        )
+    }
+    .map_err(failed)?;
     Ok(())
 }
 
@@ -142,17 +179,16 @@ static NO_OVERLAP: LazyLock<bool> =
 
 /// cuLaunchKernelEx with programmatic stream serialization: the kernel may start once every
 /// block of the previous kernel on the stream has executed `allow_dependent_launch`
-/// (kernels/arch.cuh; the fused-linear kernels do so on entry) or exited. cudarc's launch
-/// builder has no launch attributes.
+/// (kernels/arch.cuh; the fused-linear kernels do so on entry) or exited.
 ///
 /// # Safety
 /// As for [`launch`], and the kernel must call `grid_dependency_wait` before it touches
 /// memory the previous kernel writes, or writes memory it reads.
 unsafe fn launch_overlapping<P: KernelParams>(
     stream: &CudaStream,
-    f: &CudaFunction,
+    f: modules::Function,
     config: LaunchConfig,
-    arg: &ByValue<P>,
+    params: &P,
 ) -> std::result::Result<(), DriverError> {
     stream.context().bind_to_thread()?;
     // SAFETY: a C union of plain data; all zeros is a valid value of every member.
@@ -172,26 +208,11 @@ unsafe fn launch_overlapping<P: KernelParams>(
         numAttrs: 1,
     };
     // The kernel's one argument, by address; the driver copies it before returning.
-    let mut args = [arg as *const ByValue<P> as *mut c_void];
+    let mut args = [params as *const P as *mut c_void];
     // SAFETY: `ex` and `args` outlive the call; the caller's contract covers the kernel.
-    unsafe {
-        sys::cuLaunchKernelEx(
-            &ex,
-            f.cu_function(),
-            args.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-    }
-    .result()
+    unsafe { sys::cuLaunchKernelEx(&ex, f.handle(), args.as_mut_ptr(), std::ptr::null_mut()) }
+        .result()
 }
-
-/// A parameter block as cudarc's kernel argument: cuLaunchKernel copies its bytes.
-#[repr(transparent)]
-#[derive(Clone, Copy)]
-struct ByValue<P>(P);
-
-// SAFETY: a KernelParams type is plain `#[repr(C)]` data laid out as its C++ twin.
-unsafe impl<P: KernelParams> DeviceRepr for ByValue<P> {}
 
 /// The device addresses of the buffers a launch reads and writes, each with cudarc's
 /// stream-order guard: `stream` first waits for the buffer's pending writes (and, for an
@@ -384,9 +405,31 @@ impl<'a, A, B> BufSource<DeviceRead<'a, A>, DeviceWrite<'a, B>> for Buffers<'a> 
 mod tests {
     use super::*;
 
-    /// Without a driver or device, asking for one is an error, never a panic.
+    /// Without a driver or device, asking for one is an error, never a panic: not even one
+    /// caught on the way (cudarc's loader panics when it cannot open libcuda, printing its
+    /// message, so the library is probed before cudarc is asked).
     #[test]
     fn no_device_is_an_error() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static PANICKED: AtomicBool = AtomicBool::new(false);
+        // The hook is the process's: count only this thread's panics (tests run in parallel).
+        let me = std::thread::current().id();
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |_| {
+            if std::thread::current().id() == me {
+                PANICKED.store(true, Ordering::SeqCst);
+            }
+        }));
+        let available = is_available();
+        std::panic::set_hook(previous);
+        assert!(
+            !PANICKED.load(Ordering::SeqCst),
+            "is_available panicked on the way"
+        );
+        assert_eq!(
+            available,
+            driver_library_present() && device_count().is_ok_and(|n| n > 0)
+        );
         match context(0) {
             Ok(ctx) => assert!(is_available() && ctx.ordinal() == 0),
             Err(Error::NoDevice(_)) => assert!(!is_available()),

@@ -1,10 +1,10 @@
 //! The embedded kernel images and the per-context cache of loaded modules and functions.
 
 use std::collections::hash_map::{Entry, HashMap};
+use std::ffi::{c_void, CString};
 use std::sync::{Arc, LazyLock, PoisonError, RwLock};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
-use cudarc::nvrtc::Ptx;
+use cudarc::driver::{result, sys, CudaContext};
 
 use crate::kernels::{KernelId, Module};
 use crate::{Error, Result};
@@ -48,37 +48,68 @@ impl Image {
     }
 }
 
-/// Modules and functions loaded so far, keyed by the context's `CUcontext` handle. The
-/// cached modules hold their context alive, so a handle in the keys is never reused by
-/// another context; loaded modules stay for the life of the process, like a cuBLAS handle.
+/// A kernel's function handle in one context. Loaded straight through the driver
+/// (cuModuleLoadData / cuModuleGetFunction) rather than cudarc's `load_module`, which needs
+/// cudarc's `nvrtc` feature and so, under `dynamic-linking`, libnvrtc at run time.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Function(sys::CUfunction);
+
+impl Function {
+    pub(crate) fn handle(self) -> sys::CUfunction {
+        self.0
+    }
+}
+
+// SAFETY: a CUfunction is a driver handle, usable from any thread whose current context is
+// the one it was loaded in (launches bind the stream's context first).
+unsafe impl Send for Function {}
+unsafe impl Sync for Function {}
+
+/// A module loaded into a context, with the context kept alive: loaded modules stay for the
+/// life of the process, like a cuBLAS handle, so a context handle among the cache's keys is
+/// never reused by another context.
+struct Loaded {
+    module: sys::CUmodule,
+    image: Image,
+    _ctx: Arc<CudaContext>,
+}
+
+// SAFETY: as for `Function`; the module is only read (cuModuleGetFunction) once loaded.
+unsafe impl Send for Loaded {}
+unsafe impl Sync for Loaded {}
+
+/// Modules and functions loaded so far, keyed by the context's `CUcontext` handle.
 #[derive(Default)]
 struct Cache {
-    modules: HashMap<(usize, Module), (Arc<CudaModule>, Image)>,
-    functions: HashMap<(usize, KernelId), (CudaFunction, Image)>,
+    modules: HashMap<(usize, Module), Loaded>,
+    functions: HashMap<(usize, KernelId), (Function, Image)>,
 }
 
 static CACHE: LazyLock<RwLock<Cache>> = LazyLock::new(Default::default);
 
 /// The kernel's function in `ctx`, loading its module on first use, and the image it came
 /// from.
-pub(crate) fn function(ctx: &Arc<CudaContext>, kernel: KernelId) -> Result<(CudaFunction, Image)> {
+pub(crate) fn function(ctx: &Arc<CudaContext>, kernel: KernelId) -> Result<(Function, Image)> {
     let handle = ctx.cu_ctx() as usize;
     let cached = CACHE.read().unwrap_or_else(PoisonError::into_inner);
     if let Some(f) = cached.functions.get(&(handle, kernel)) {
-        return Ok(f.clone());
+        return Ok(*f);
     }
     drop(cached);
 
     let mut cache = CACHE.write().unwrap_or_else(PoisonError::into_inner);
-    let (module, image) = match cache.modules.entry((handle, kernel.module())) {
-        Entry::Occupied(e) => e.get().clone(),
-        Entry::Vacant(e) => e.insert(load(ctx, kernel.module())?).clone(),
+    let loaded = match cache.modules.entry((handle, kernel.module())) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => e.insert(load(ctx, kernel.module())?),
     };
-    let f = module
-        .load_function(kernel.name())
-        .map_err(|e| Error::Cuda(format!("kernel `{}` not found: {e}", kernel.name())))?;
-    cache.functions.insert((handle, kernel), (f.clone(), image));
-    Ok((f, image))
+    let not_found = |e| Error::Cuda(format!("kernel `{}` not found: {e}", kernel.name()));
+    let name = CString::new(kernel.name()).expect("kernel names have no NUL");
+    ctx.bind_to_thread().map_err(not_found)?;
+    // SAFETY: the module is loaded in `ctx`, now current; the name is a C string.
+    let f = unsafe { result::module::get_function(loaded.module, name) }.map_err(not_found)?;
+    let f = (Function(f), loaded.image);
+    cache.functions.insert((handle, kernel), f);
+    Ok(f)
 }
 
 /// The cubin nvcc built from `kernels/<module>.cu` for `image`'s architecture (None for
@@ -126,23 +157,36 @@ fn image_for((major, minor): (i32, i32), force_ptx: bool) -> Result<Image> {
     }
 }
 
-fn load(ctx: &Arc<CudaContext>, module: Module) -> Result<(Arc<CudaModule>, Image)> {
+fn load(ctx: &Arc<CudaContext>, module: Module) -> Result<Loaded> {
     let images = images(module)?;
     let (major, minor) = ctx.compute_capability()?;
     let image = image(ctx)?;
-    let ptx = match image {
-        Image::Sm80 => Ptx::from_binary(images.sm_80.to_vec()),
-        Image::Sm90 => Ptx::from_binary(images.sm_90.to_vec()),
-        Image::Ptx => Ptx::from_src(images.ptx),
+    // cuModuleLoadData takes a cubin, or PTX text ending in a NUL.
+    let ptx;
+    let data: *const c_void = match image {
+        Image::Sm80 => images.sm_80.as_ptr().cast(),
+        Image::Sm90 => images.sm_90.as_ptr().cast(),
+        Image::Ptx => {
+            ptx = CString::new(images.ptx).expect("PTX text has no NUL");
+            ptx.as_ptr().cast()
+        }
     };
-    let loaded = ctx.load_module(ptx).map_err(|e| {
+    let failed = |e| {
         Error::Cuda(format!(
             "loading kernels/{}.cu ({image:?} built by nvcc {NVCC_VERSION}) on a device of \
              compute capability {major}.{minor}: {e}",
             module.stem()
         ))
-    })?;
-    Ok((loaded, image))
+    };
+    ctx.bind_to_thread().map_err(failed)?;
+    // SAFETY: `data` is a whole cubin or NUL-terminated PTX that outlives the call (the
+    // driver copies what it keeps); `ctx` is current.
+    let loaded = unsafe { result::module::load_data(data) }.map_err(failed)?;
+    Ok(Loaded {
+        module: loaded,
+        image,
+        _ctx: ctx.clone(),
+    })
 }
 
 #[cfg(test)]

@@ -10,6 +10,23 @@ use crate::prefix_attention::{
 };
 use crate::{Element, Result};
 
+/// [`PrefixAttentionArgs`] over device buffers, as [`prefix_attention`] takes them: annotate a
+/// `let` with it to build the arguments before the call.
+pub type DevicePrefixAttentionArgs<'a, T> = PrefixAttentionArgs<
+    DeviceRead<'a, T>,
+    DeviceWrite<'a, T>,
+    DeviceRead<'a, u32>,
+    DeviceWrite<'a, f32>,
+>;
+/// [`PrefixOnlyArgs`] over device buffers ([`prefix_only_attention`]).
+pub type DevicePrefixOnlyArgs<'a, T> =
+    PrefixOnlyArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>, DeviceWrite<'a, f32>>;
+/// [`LseMergeArgs`] over device buffers ([`lse_merge`]).
+pub type DeviceLseMergeArgs<'a, T> =
+    LseMergeArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>, DeviceRead<'a, f32>, DeviceWrite<'a, f32>>;
+/// [`KvConcatArgs`] over device buffers ([`kv_concat`]).
+pub type DeviceKvConcatArgs<'a, T> = KvConcatArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>>;
+
 /// Attention over the prefix and the masked context in one pass (see
 /// [`crate::prefix_attention`]; with a workspace, decoding splits the keys over more blocks
 /// and merges the runs, a second launch), queued on `stream`: the output and, when given
@@ -20,12 +37,7 @@ pub fn prefix_attention<'a, T: Element>(
     stream: &'a CudaStream,
     op: &PrefixAttention,
     dims: &PrefixAttentionDims,
-    args: PrefixAttentionArgs<
-        DeviceRead<'a, T>,
-        DeviceWrite<'a, T>,
-        DeviceRead<'a, u32>,
-        DeviceWrite<'a, f32>,
-    >,
+    args: DevicePrefixAttentionArgs<'a, T>,
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = plan::prefix_attention(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
@@ -38,7 +50,7 @@ pub fn prefix_only_attention<'a, T: Element>(
     stream: &'a CudaStream,
     op: &PrefixAttention,
     dims: &PrefixAttentionDims,
-    args: PrefixOnlyArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>, DeviceWrite<'a, f32>>,
+    args: DevicePrefixOnlyArgs<'a, T>,
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = plan::prefix_only_attention(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
@@ -50,12 +62,7 @@ pub fn prefix_only_attention<'a, T: Element>(
 pub fn lse_merge<'a, T: Element>(
     stream: &'a CudaStream,
     dims: &LseMergeDims,
-    args: LseMergeArgs<
-        DeviceRead<'a, T>,
-        DeviceWrite<'a, T>,
-        DeviceRead<'a, f32>,
-        DeviceWrite<'a, f32>,
-    >,
+    args: DeviceLseMergeArgs<'a, T>,
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = plan::lse_merge(dims, T::DTYPE, &args.bufs(&mut bufs))?;
@@ -67,7 +74,7 @@ pub fn lse_merge<'a, T: Element>(
 pub fn kv_concat<'a, T: Element>(
     stream: &'a CudaStream,
     dims: &KvConcatDims,
-    args: KvConcatArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>>,
+    args: DeviceKvConcatArgs<'a, T>,
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = plan::kv_concat(dims, T::DTYPE, &args.bufs(&mut bufs))?;

@@ -2,8 +2,8 @@
 
 use super::{run, HostBufs};
 use crate::delta_linear::{
-    DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearDims, LoraMergeArgs,
-    LoraMergeDims,
+    DeltaApplyDims, DeltaLinear, DeltaLinearDims, HostDeltaApplyArgs, HostDeltaLinearArgs,
+    HostLoraMergeArgs, LoraMergeDims,
 };
 use crate::plan::delta_linear as plan;
 use crate::{Element, Result};
@@ -14,7 +14,7 @@ use crate::{Element, Result};
 pub fn delta_linear<T: Element>(
     op: &DeltaLinear,
     dims: &DeltaLinearDims,
-    args: DeltaLinearArgs<&[T], &mut [T]>,
+    args: HostDeltaLinearArgs<'_, T>,
 ) -> Result<()> {
     let bufs = args.bufs(&mut HostBufs);
     run(&plan::delta_linear(op, dims, T::DTYPE, &bufs)?)
@@ -25,19 +25,20 @@ pub fn delta_linear<T: Element>(
 pub fn delta_apply<T: Element>(
     op: &DeltaLinear,
     dims: &DeltaApplyDims,
-    args: DeltaApplyArgs<&[T], &mut [T]>,
+    args: HostDeltaApplyArgs<'_, T>,
 ) -> Result<()> {
     let bufs = args.bufs(&mut HostBufs);
     run(&plan::delta_apply(op, dims, T::DTYPE, &bufs)?)
 }
 
-/// Merges LoRA into the frozen weight in place on the CPU emulator, `W ← W + scale·B·A`:
-/// `scale` = s to merge, −s to unmerge, with s the LoRA scale α / r (what
-/// `DeltaLinear::lora(α, r)` scales by; not α).
+/// Merges LoRA into the frozen weight in place on the CPU emulator, `W ← W + scale·B·A`
+/// (B·A = W_up·W_down): `scale` = s to merge, −s to unmerge, with s the layer's LoRA scale
+/// (not α): `op.composition.scale(dims.r)` of its [`DeltaLinear`]
+/// ([`crate::Composition::scale`]).
 pub fn lora_merge<T: Element>(
     dims: &LoraMergeDims,
     scale: f32,
-    args: LoraMergeArgs<&[T], &mut [T]>,
+    args: HostLoraMergeArgs<'_, T>,
 ) -> Result<()> {
     let bufs = args.bufs(&mut HostBufs);
     run(&[plan::lora_merge(T::DTYPE, dims, scale, &bufs)?])

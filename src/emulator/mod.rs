@@ -12,6 +12,14 @@
 //! mask is not exactly the lanes that arrive, a deadlock, a launch over the device limits
 //! (1024 threads per block, 227 KiB of dynamic shared memory, grid and block dimensions).
 //! A failed launch leaves the outputs partly written; later launches are unaffected.
+//!
+//! Host slices of any alignment are accepted: `delta_linear`, `delta_apply` and
+//! `lora_merge` run unaligned f16/bf16 operands on their unaligned path (the SIMT kernel
+//! under `KernelVariant::Auto`); the f16/bf16 attention kernels (`prefix_attention`,
+//! `prefix_only_attention`), which copy 16-byte chunks and on the GPU refuse a tensor that
+//! does not start 16-byte aligned, get a 16-byte aligned copy of such a slice here (an
+//! output copied back after the launches): one copy of each misaligned slice per call.
+//! Strides must still be multiples of 8 elements there, as on the GPU.
 
 use std::ffi::{c_char, c_void, CStr};
 

@@ -58,16 +58,18 @@ unsafe impl super::KernelParams for FusedLinearParams {}
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LoraMergeParams {
     pub w: u64,
-    pub lora_a: u64,
-    pub lora_b: u64,
+    /// LoRA A.
+    pub w_down: u64,
+    /// LoRA B.
+    pub w_up: u64,
     pub ldw: i64,
-    pub lda: i64,
-    pub ldb: i64,
+    pub ld_down: i64,
+    pub ld_up: i64,
     pub n: i32,
     pub k: i32,
     pub r: i32,
-    /// The scale of B·A: ±α / r.
-    pub alpha: f32,
+    /// The scale of B·A: ±s.
+    pub scale: f32,
 }
 // SAFETY: as above.
 unsafe impl super::KernelParams for LoraMergeParams {}
@@ -112,16 +114,21 @@ pub struct DeltaApplyBufs {
 #[derive(Clone, Copy, Debug)]
 pub struct LoraMergeBufs {
     pub w: Buf,
-    pub lora_a: Buf,
-    pub lora_b: Buf,
+    pub w_down: Buf,
+    pub w_up: Buf,
 }
 
-/// The row-coefficient encoding of a composition: (compose code, scale).
-fn composition_code(c: Composition) -> Result<(i32, f32)> {
+/// The row-coefficient encoding of a composition over a bottleneck of width `r` (≥ 1,
+/// checked before): (compose code, scale), LoRA's α resolved against r here.
+fn composition_code(c: Composition, r: usize) -> Result<(i32, f32)> {
     match c {
         Composition::Add => Ok((0, 1.0)),
         Composition::Scaled(s) if s.is_finite() => Ok((1, s)),
         Composition::Scaled(s) => Err(Error::invalid("composition", "a finite scale s", s)),
+        Composition::Lora { alpha, .. } if alpha.is_finite() => Ok((1, c.scale(r))),
+        Composition::Lora { alpha, .. } => {
+            Err(Error::invalid("composition", "a finite LoRA alpha", alpha))
+        }
         Composition::Gated => Ok((2, 1.0)),
     }
 }
@@ -634,7 +641,7 @@ fn plan_delta_linear(
     let k = positive("dims.k", d.k)?;
     let r = positive("dims.r", d.r)?;
     let m = dim_i32("dims.m", d.m)?;
-    let composition = composition_code(op.composition)?;
+    let composition = composition_code(op.composition, d.r)?;
     check_matrix(
         "x",
         b.x,
@@ -773,7 +780,7 @@ fn plan_delta_apply(
     let dh = positive("dims.head_dim", d.head_dim)?;
     let r = positive("dims.r", d.r)?;
     let m = dim_i32("dims.m", d.m)?;
-    let composition = composition_code(op.composition)?;
+    let composition = composition_code(op.composition, d.r)?;
     let width = d.heads * d.head_dim;
     dim_i32("dims.heads × dims.head_dim", width)?;
     if let Some(h) = b.h {
@@ -886,8 +893,8 @@ fn plan_delta_apply(
     Ok([down, up].concat())
 }
 
-/// Plans `lora_merge`: W ← W + scale·B·A (scale = ±s, s = α / r) for W [N, K], A [r, K],
-/// B [N, r].
+/// Plans `lora_merge`: W ← W + scale·B·A (scale = ±s, `Composition::scale`) for W [N, K],
+/// A = W_down [r, K], B = W_up [N, r].
 pub fn lora_merge(
     dtype: DType,
     d: &LoraMergeDims,
@@ -911,8 +918,8 @@ fn plan_lora_merge(
         return Err(Error::invalid("scale", "a finite scale", scale));
     }
     check_exact("w", Some(b.w), &[n, k])?;
-    check_exact("lora_a", Some(b.lora_a), &[r, k])?;
-    check_exact("lora_b", Some(b.lora_b), &[n, r])?;
+    check_exact("w_down", Some(b.w_down), &[r, k])?;
+    check_exact("w_up", Some(b.w_up), &[n, r])?;
     let kernel = match dtype {
         DType::F32 => KernelId::lora_merge_f32,
         DType::F16 => KernelId::lora_merge_f16,
@@ -927,15 +934,15 @@ fn plan_lora_merge(
     };
     let p = LoraMergeParams {
         w: b.w.addr,
-        lora_a: b.lora_a.addr,
-        lora_b: b.lora_b.addr,
+        w_down: b.w_down.addr,
+        w_up: b.w_up.addr,
         ldw: k as i64,
-        lda: k as i64,
-        ldb: r as i64,
+        ld_down: k as i64,
+        ld_up: r as i64,
         n: n32,
         k: k32,
         r: r32,
-        alpha: scale,
+        scale,
     };
     Ok((launch, p))
 }

@@ -14,8 +14,8 @@ use crate::{DType, Error, MatrixLayout, Result};
 #[derive(Clone, Copy, Debug)]
 pub struct DoraNormParams {
     pub w: u64,
-    pub lora_a: u64,
-    pub lora_b: u64,
+    pub w_down: u64,
+    pub w_up: u64,
     pub magnitude: u64,
     pub g: u64,
     pub n: i32,
@@ -47,8 +47,8 @@ unsafe impl KernelParams for DoraScaleParams {}
 #[derive(Clone, Copy, Debug)]
 pub struct DoraNormBufs {
     pub w: Buf,
-    pub lora_a: Buf,
-    pub lora_b: Buf,
+    pub w_down: Buf,
+    pub w_up: Buf,
     pub magnitude: Buf,
     pub g: Buf,
 }
@@ -65,8 +65,8 @@ pub struct DoraScaleBufs {
 #[derive(Clone, Copy, Debug)]
 pub struct DoraMergeBufs {
     pub w: Buf,
-    pub lora_a: Buf,
-    pub lora_b: Buf,
+    pub w_down: Buf,
+    pub w_up: Buf,
     pub g: Buf,
 }
 
@@ -102,8 +102,8 @@ fn plan_norm(
         return Err(Error::invalid("scale", "a finite scale", scale));
     }
     check_exact("w", Some(b.w), &[d.n, d.k])?;
-    check_exact("lora_a", Some(b.lora_a), &[d.r, d.k])?;
-    check_exact("lora_b", Some(b.lora_b), &[d.n, d.r])?;
+    check_exact("w_down", Some(b.w_down), &[d.r, d.k])?;
+    check_exact("w_up", Some(b.w_up), &[d.n, d.r])?;
     check_exact("magnitude", Some(b.magnitude), &[d.n])?;
     check_exact("g", Some(b.g), &[d.n])?;
     let kernel = match dtype {
@@ -120,8 +120,8 @@ fn plan_norm(
     };
     let p = DoraNormParams {
         w: b.w.addr,
-        lora_a: b.lora_a.addr,
-        lora_b: b.lora_b.addr,
+        w_down: b.w_down.addr,
+        w_up: b.w_up.addr,
         magnitude: b.magnitude.addr,
         g: b.g.addr,
         n,
@@ -245,8 +245,8 @@ fn plan_merge(
     };
     let merge_bufs = LoraMergeBufs {
         w: b.w,
-        lora_a: b.lora_a,
-        lora_b: b.lora_b,
+        w_down: b.w_down,
+        w_up: b.w_up,
     };
     let sign = if unmerge { -1.0 } else { 1.0 };
     let merge = lora_merge(dtype, &merge_dims, sign * scale, &merge_bufs)?;

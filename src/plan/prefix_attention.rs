@@ -304,6 +304,9 @@ fn check_tensor(arg: &'static str, buf: Buf, layout: HeadLayout, shape: [usize; 
 /// stride must step over everything the smaller ones span (otherwise threads would race on
 /// one element).
 fn check_distinct(arg: &'static str, layout: HeadLayout, [b, h, l, d]: [usize; 4]) -> Result<()> {
+    if [b, h, l, d].contains(&0) {
+        return Ok(()); // no element (an empty batch: its contiguous strides may be 0)
+    }
     let mut dims = [(layout.seq, l), (layout.head, h), (layout.batch, b)];
     dims.sort_unstable();
     let mut span = d;
@@ -341,7 +344,8 @@ fn check_aligned(arg: &'static str, buf: Buf, layout: HeadLayout, dtype: DType) 
             arg,
             format!(
                 "a 16-byte aligned {dtype} buffer with strides that are multiples of {per} \
-                 elements (the tensor-core kernels copy 16-byte chunks)"
+                 elements (the tensor-core kernels copy 16-byte chunks; cudarc allocations \
+                 are aligned, a view into one must start a multiple of {per} elements in)"
             ),
             format!(
                 "address {:#x}, strides (batch {}, head {}, seq {})",
@@ -444,10 +448,9 @@ fn plan_prefix_attention(
     b: &PrefixAttentionBufs,
 ) -> Result<Vec<(Launch, PrefixAttentionParams)>> {
     let d = dims;
-    positive("dims.batch", d.batch)?;
+    // batch = 0 or q_len = 0 (no query rows) is checked as any call and launches nothing.
     positive("dims.heads", d.heads)?;
     positive("dims.kv_heads", d.kv_heads)?;
-    positive("dims.q_len", d.q_len)?;
     positive("dims.head_dim", d.head_dim)?;
     let grid = grid_for([
         ("dims.q_len", d.q_len, QUERY_ROWS),
@@ -472,11 +475,11 @@ fn plan_prefix_attention(
             d.kv_heads,
         ));
     }
-    let scale = op.scale.unwrap_or(1.0 / (d.head_dim as f64).sqrt());
+    let scale = op.scale_for(d.head_dim);
     // The kernels scale scores by scale·log2(e) in f32, which must be a normal positive
     // number too: one that rounds to 0 makes a masked score −∞·0 = NaN, one that overflows
     // makes the scores infinite (and a subnormal one keeps few digits).
-    let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
+    let scale_log2 = (f64::from(scale) * std::f64::consts::LOG2_E) as f32;
     if !(scale_log2.is_normal() && scale_log2 > 0.0) {
         return Err(Error::invalid(
             "op.scale",
@@ -519,6 +522,9 @@ fn plan_prefix_attention(
     )?;
     check_len("lse", b.lse, d.rows(), Some("[B, Hq, Lq]"))?;
     check_len("lambda", b.lambda, d.rows(), Some("[B, Hq, Lq]"))?;
+    if d.rows() == 0 {
+        return Ok(Vec::new());
+    }
     // Split only with a workspace (callers who pass none keep one launch), into as many
     // runs as it has room for. Packed GQA groups: one block row per group (grid.x is 1: the
     // rows fit one block).
@@ -622,7 +628,8 @@ fn plan_prefix_only_attention(
         causal: false,
         ..*op
     };
-    prefix_attention(&op, &dims, dtype, &bufs)
+    // The private planner, whose errors the caller attributes to prefix_only_attention.
+    plan_prefix_attention(&op, &dims, dtype, &bufs)
 }
 
 fn merge_kernel(dtype: DType) -> KernelId {
@@ -679,9 +686,8 @@ fn plan_lse_merge(
     b: &LseMergeBufs,
 ) -> Result<Vec<(Launch, LseMergeParams)>> {
     let d = dims;
-    positive("dims.batch", d.batch)?;
+    // batch = 0 or q_len = 0 (no rows) is checked as any call and launches nothing.
     positive("dims.heads", d.heads)?;
-    positive("dims.q_len", d.q_len)?;
     positive("dims.head_dim", d.head_dim)?;
     at_most("dims.heads", d.heads, i32::MAX as usize, "32-bit indices")?;
     at_most("dims.q_len", d.q_len, i32::MAX as usize, "32-bit indices")?;
@@ -696,6 +702,9 @@ fn plan_lse_merge(
     check_len("lse_context", Some(b.lse_context), rows, Some("[B, H, L]"))?;
     check_len("lse", b.lse, rows, Some("[B, H, L]"))?;
     check_len("lambda", b.lambda, rows, Some("[B, H, L]"))?;
+    if rows == 0 {
+        return Ok(Vec::new());
+    }
     let params = LseMergeParams {
         o_prefix: b.o_prefix.addr,
         lse_prefix: b.lse_prefix.addr,
@@ -730,11 +739,11 @@ fn plan_kv_concat(
     b: &KvConcatBufs,
 ) -> Result<Vec<(Launch, KvConcatParams)>> {
     let d = dims;
-    positive("dims.batch", d.batch)?;
+    // batch = 0 or no positions at all (prefix_len + len = 0) is checked as any call and
+    // launches nothing.
     positive("dims.heads", d.heads)?;
     positive("dims.head_dim", d.head_dim)?;
     let total = d.prefix_len.saturating_add(d.len);
-    positive("dims.prefix_len + dims.len", total)?;
     at_most("dims.heads", d.heads, i32::MAX as usize, "32-bit indices")?;
     at_most("dims.head_dim", d.head_dim, MAX_LEN, "32-bit indices")?;
     at_most(
@@ -754,6 +763,9 @@ fn plan_kv_concat(
     let dst_shape = [d.batch, d.heads, total, d.head_dim];
     check_tensor("dst", b.dst, d.dst, dst_shape)?;
     check_distinct("dst", d.dst, dst_shape)?;
+    if rows == 0 {
+        return Ok(Vec::new());
+    }
     let params = KvConcatParams {
         prefix: b.prefix.addr,
         src: b.src.addr,

@@ -20,7 +20,8 @@
 //! - `W_down` [H, r, d_in], `b_down` [H, r], `W_up` [H, d_h, r], `b_up` [H, d_h], each
 //!   head's slice in `nn.Linear` layout, contiguous.
 //!
-//! Composition is `Add` (the paper's MH PA) or `Scaled(s)`; a gate is refused.
+//! Composition is `Add` (the paper's MH PA), `Scaled(s)` or `Lora` (s = α / r of each
+//! head's rank); a gate is refused.
 
 use super::{check_vec, dot, par_row_blocks, MatRef, Scalar};
 use crate::{Activation, Composition, Error, Result};
@@ -34,7 +35,7 @@ pub struct MultiHeadAdapter {
     pub rank: usize,
     /// The bottleneck's functional form `f`.
     pub activation: Activation,
-    /// `Add` or `Scaled(s)`.
+    /// `Add`, `Scaled(s)` or `Lora`.
     pub composition: Composition,
 }
 
@@ -79,8 +80,13 @@ pub fn multi_head_adapter<T: Scalar>(
         return Err(Error::invalid("heads", "at least one head", "0"));
     }
     if op.composition == Composition::Gated {
-        return Err(Error::invalid("composition", "Add or Scaled", "Gated"));
+        return Err(Error::invalid(
+            "composition",
+            "Add, Scaled or Lora",
+            "Gated",
+        ));
     }
+    super::linear::check_lora_rank(op.composition, r)?;
     t.h.check_buffer("h")?;
     t.u.check_buffer("u")?;
     let m = t.h.rows();
@@ -104,7 +110,7 @@ pub fn multi_head_adapter<T: Scalar>(
     check_weight("w_up", t.w_up, "[H, d_h, r]", [heads, d_h, r])?;
     check_vec("b_up", t.b_up, "[H·d_h]", heads * d_h)?;
 
-    let s = f64::from(op.composition.scale());
+    let s = f64::from(op.composition.scale(r));
     let (h, u) = (t.h.to_f64(), t.u.to_f64());
     let w_down: Vec<f64> = t.w_down.iter().map(|v| v.as_f64()).collect();
     let w_up: Vec<f64> = t.w_up.iter().map(|v| v.as_f64()).collect();

@@ -117,12 +117,24 @@ impl<'a, T: Scalar> Tensor4<'a, T> {
 }
 
 /// What a prefix attention computes besides its tensors.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// The default: scale `1 / √d`, no causal mask.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PrefixAttention {
-    /// The score scale; `None` means `1 / sqrt(d)`.
-    pub scale: Option<f64>,
+    /// The softmax scale of the scores, an f32 as every scale of the crate
+    /// ([`crate::Composition`]); `None` means `1 / √d`.
+    pub scale: Option<f32>,
     /// Causal (bottom-right aligned) mask on the context.
     pub causal: bool,
+}
+
+impl PrefixAttention {
+    /// The scale the scores are multiplied by for head dim `d`: `scale`, or `1 / √d`
+    /// (computed in f64 and rounded to f32 once). The kernels and the reference both take
+    /// it from here.
+    pub fn scale_for(&self, d: usize) -> f32 {
+        self.scale
+            .unwrap_or_else(|| (1.0 / (d as f64).sqrt()) as f32)
+    }
 }
 
 /// The tensors of a prefix attention, borrowed; shapes are in the module docs.
@@ -254,7 +266,7 @@ impl Problem {
             l,
             d,
             dv,
-            scale: op.scale.unwrap_or(1.0 / (d as f64).sqrt()),
+            scale: f64::from(op.scale_for(d)),
             causal: op.causal,
             lens,
             q: gather(&t.q),

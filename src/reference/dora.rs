@@ -6,21 +6,22 @@
 //! ```
 //!
 //! W [N, K], A = `lora_A.weight` [r, K], B = `lora_B.weight` [N, r], m `[N]`, b `[N]`, x [M, K].
-//! Merging gives W' = g ⊙ (W + s·B·A) row by row, whose plain forward `x·W'ᵀ + b` is y.
+//! Merging gives W' = g ⊙ (W + s·B·A) row by row, whose plain forward `x·W'ᵀ + b` is y. The
+//! scale s is an f32, as everywhere in the crate (widened exactly).
 
 use super::linear::{linear, lora_merge};
 use super::{check_vec, MatRef, Scalar};
 use crate::Result;
 
-/// g = m / ‖W + s·B·A‖ per row, for `W` [N, K], `lora_a` [r, K], `lora_b` [N, r], `m` `[N]`.
+/// g = m / ‖W + s·B·A‖ per row, for `W` [N, K], `w_down` [r, K], `w_up` [N, r], `m` `[N]`.
 pub fn dora_norm<T: Scalar>(
     w: MatRef<T>,
-    lora_a: MatRef<T>,
-    lora_b: MatRef<T>,
+    w_down: MatRef<T>,
+    w_up: MatRef<T>,
     magnitude: &[T],
-    s: f64,
+    s: f32,
 ) -> Result<Vec<f64>> {
-    let merged = lora_merge(w, lora_a, lora_b, s)?;
+    let merged = lora_merge(w, w_down, w_up, s)?;
     let (n, k) = (w.rows(), w.cols());
     check_vec("magnitude", Some(magnitude), "[N]", n)?;
     Ok((0..n)
@@ -37,18 +38,19 @@ pub fn dora_linear<T: Scalar>(
     x: MatRef<T>,
     w: MatRef<T>,
     bias: Option<&[T]>,
-    lora_a: MatRef<T>,
-    lora_b: MatRef<T>,
+    w_down: MatRef<T>,
+    w_up: MatRef<T>,
     magnitude: &[T],
-    s: f64,
+    s: f32,
 ) -> Result<Vec<f64>> {
-    let g = dora_norm(w, lora_a, lora_b, magnitude, s)?;
-    let (m, n, r) = (x.rows(), w.rows(), lora_a.rows());
+    let g = dora_norm(w, w_down, w_up, magnitude, s)?;
+    let s = f64::from(s);
+    let (m, n, r) = (x.rows(), w.rows(), w_down.rows());
     check_vec("bias", bias, "[N]", n)?;
     let base = linear(x, w, None)?;
-    let t = linear(x, lora_a, None)?;
-    lora_b.check("lora_b", "[N, r]", n, r)?;
-    let b = lora_b.to_f64();
+    let t = linear(x, w_down, None)?;
+    w_up.check("w_up", "[N, r]", n, r)?;
+    let b = w_up.to_f64();
     let delta = linear(MatRef::new(&t, m, r), MatRef::new(&b, n, r), None)?;
     Ok(base
         .iter()
@@ -64,14 +66,14 @@ pub fn dora_linear<T: Scalar>(
 /// DoRA's merged weight W' = g ⊙ (W + s·B·A) [N, K] with g from [`dora_norm`].
 pub fn dora_merge<T: Scalar>(
     w: MatRef<T>,
-    lora_a: MatRef<T>,
-    lora_b: MatRef<T>,
+    w_down: MatRef<T>,
+    w_up: MatRef<T>,
     magnitude: &[T],
-    s: f64,
+    s: f32,
 ) -> Result<Vec<f64>> {
-    let g = dora_norm(w, lora_a, lora_b, magnitude, s)?;
+    let g = dora_norm(w, w_down, w_up, magnitude, s)?;
     let k = w.cols();
-    let mut merged = lora_merge(w, lora_a, lora_b, s)?;
+    let mut merged = lora_merge(w, w_down, w_up, s)?;
     for (e, v) in merged.iter_mut().enumerate() {
         *v *= g[e / k];
     }

@@ -3,7 +3,7 @@
 //! ```text
 //! h  = x·Wᵀ + b                                   frozen, [M, N]
 //! Δh = f(u·W_downᵀ + b_down)·W_upᵀ + b_up         bottleneck of width r
-//! y  = h + Δh | h + s·Δh | (1 − λ)·h + λ·Δh        Add | Scaled(s) | Gated
+//! y  = h + Δh | h + s·Δh | (1 − λ)·h + λ·Δh        Add | Scaled(s) or Lora | Gated
 //! ```
 //!
 //! Layouts follow PyTorch's `nn.Linear` (so PEFT checkpoints load as they are): `x` [M, K],
@@ -87,6 +87,7 @@ fn check<T: Scalar>(op: &DeltaLinear, t: &DeltaLinearTensors<T>) -> Result<Dims>
     };
     let r = t.w_down.rows();
     t.w_down.check("w_down", down_dims, r, k_u)?;
+    check_lora_rank(op.composition, r)?;
     check_vec("b_down", t.b_down, "[r]", r)?;
     t.w_up.check("w_up", "[N, r]", n, r)?;
     check_vec("b_up", t.b_up, "[N]", n)?;
@@ -109,6 +110,19 @@ fn check<T: Scalar>(op: &DeltaLinear, t: &DeltaLinearTensors<T>) -> Result<Dims>
         (_, None) => {}
     }
     Ok(Dims { m, n, k, r })
+}
+
+/// LoRA's scale α / r (or α / √r) needs r ≥ 1: an error naming `w_down` (whose rows are r)
+/// otherwise.
+pub(super) fn check_lora_rank(composition: Composition, r: usize) -> Result<()> {
+    match composition {
+        Composition::Lora { .. } if r == 0 => Err(Error::invalid(
+            "w_down",
+            "r ≥ 1 rows (Composition::Lora scales by α / r)",
+            "0 rows",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// `a·wᵀ + bias` for contiguous f64 `a` [m, k], `w` [n, k], `bias` [n].
@@ -167,10 +181,10 @@ pub fn delta_linear<T: Scalar>(op: &DeltaLinear, t: &DeltaLinearTensors<T>) -> R
     let b_up = t.b_up.map(widen);
     let delta = affine(&z, &t.w_up.to_f64(), b_up.as_deref(), d.m, d.n, d.r);
     let mut y = h;
-    let s = f64::from(op.composition.scale());
+    let s = f64::from(op.composition.scale(d.r));
     for (e, (y, dh)) in y.iter_mut().zip(&delta).enumerate() {
         *y = match op.composition {
-            Composition::Add | Composition::Scaled(_) => *y + s * dh,
+            Composition::Add | Composition::Scaled(_) | Composition::Lora { .. } => *y + s * dh,
             Composition::Gated => {
                 let lambda = t.gate.expect("validated")[e / d.n];
                 (1.0 - lambda) * *y + lambda * dh
@@ -208,7 +222,7 @@ pub fn delta_linear_concat<T: Scalar>(
             "Gated",
         ));
     }
-    let s = f64::from(op.composition.scale());
+    let s = f64::from(op.composition.scale(d.r));
     let x = t.x.to_f64();
     let u = t.u.map_or_else(|| x.clone(), |u| u.to_f64());
     let z = bottleneck(op, t, &u, &d);
@@ -230,21 +244,23 @@ pub fn delta_linear_concat<T: Scalar>(
     Ok(affine(&xc, &wc, Some(&bias), d.m, d.n, kc))
 }
 
-/// The LoRA merge `W' = W + scale·B·A` [N, K] in f64, for `W` [N, K], `lora_a` (A) [r, K]
-/// and `lora_b` (B) [N, r]; PEFT merges with `scale = s = α / r` and unmerges with
+/// The LoRA merge `W' = W + scale·B·A` [N, K] in f64, for `W` [N, K], `w_down` (A,
+/// `lora_A.weight`) [r, K] and `w_up` (B, `lora_B.weight`) [N, r]; PEFT merges with
+/// `scale = s` (α / r, or α / √r for rsLoRA: [`Composition::scale`]) and unmerges with
 /// `scale = −s`. A merged layer's plain forward `x·W'ᵀ + b` equals the unmerged LoRA
 /// forward.
 pub fn lora_merge<T: Scalar>(
     w: MatRef<T>,
-    lora_a: MatRef<T>,
-    lora_b: MatRef<T>,
-    scale: f64,
+    w_down: MatRef<T>,
+    w_up: MatRef<T>,
+    scale: f32,
 ) -> Result<Vec<f64>> {
+    let scale = f64::from(scale);
     w.check_buffer("w")?;
-    let (n, k, r) = (w.rows(), w.cols(), lora_a.rows());
-    lora_a.check("lora_a", "[r, K]", r, k)?;
-    lora_b.check("lora_b", "[N, r]", n, r)?;
-    let (a, b) = (lora_a.to_f64(), lora_b.to_f64());
+    let (n, k, r) = (w.rows(), w.cols(), w_down.rows());
+    w_down.check("w_down", "[r, K]", r, k)?;
+    w_up.check("w_up", "[N, r]", n, r)?;
+    let (a, b) = (w_down.to_f64(), w_up.to_f64());
     Ok(par_row_blocks(n, k, |rows, out| {
         for (row, j) in out.chunks_exact_mut(k).zip(rows) {
             // row = (B·A)[j, :], then W[j, :] + scale·row.

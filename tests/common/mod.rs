@@ -123,3 +123,52 @@ pub fn random_cases(default: usize) -> usize {
             .unwrap_or_else(|_| panic!("PEFT_RANDOM_CASES must be a count, got {v:?}"))
     })
 }
+
+/// A copy of a buffer in storage of its own, placed to start 16-byte aligned or one element
+/// past a 16-byte boundary (never 16-byte aligned whatever the element type, as a slice into
+/// a `Vec<T>` may start): for checking that an operation accepts any alignment.
+pub struct Placed<T> {
+    buf: Vec<T>,
+    at: usize,
+    len: usize,
+}
+
+impl<T: bytemuck::Pod + Default> Placed<T> {
+    /// A copy of `v` starting one element past a 16-byte boundary.
+    pub fn misaligned(v: &[T]) -> Placed<T> {
+        Placed::new(v, true)
+    }
+
+    /// A copy of `v` starting one element past a 16-byte boundary when `misaligned`, else
+    /// on one.
+    pub fn new(v: &[T], misaligned: bool) -> Placed<T> {
+        let size = std::mem::size_of::<T>();
+        let offset = if misaligned { size } else { 0 };
+        let mut buf = vec![T::default(); v.len() + 16];
+        // The element whose address is `offset` past a multiple of 16 (a Vec's storage is
+        // aligned to the element size, which divides 16).
+        let base = buf.as_ptr() as usize % 16;
+        let at = (16 + offset - base) % 16 / size;
+        buf[at..at + v.len()].copy_from_slice(v);
+        let p = Placed {
+            buf,
+            at,
+            len: v.len(),
+        };
+        assert_eq!(p.get().as_ptr() as usize % 16, offset, "placement");
+        p
+    }
+
+    pub fn get(&self) -> &[T] {
+        &self.buf[self.at..self.at + self.len]
+    }
+
+    pub fn get_mut(&mut self) -> &mut [T] {
+        &mut self.buf[self.at..self.at + self.len]
+    }
+
+    /// Copies the (possibly written) elements back into `dst`.
+    pub fn copy_to(&self, dst: &mut [T]) {
+        dst.copy_from_slice(self.get());
+    }
+}
