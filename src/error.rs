@@ -39,6 +39,19 @@ pub enum Error {
         /// What the emulator saw.
         message: String,
     },
+    /// A checkpoint file (feature `peft`) is malformed or disagrees with itself: bad JSON, a
+    /// field of the wrong type, a missing, extra or misshapen tensor, a dtype the kernels do
+    /// not take. What a well-formed checkpoint asks for that the crate cannot express is
+    /// [`Error::Unsupported`], naming the file and the field.
+    #[error("checkpoint {}: `{item}`: {message}", .path.display())]
+    Checkpoint {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The field or tensor (or the file itself when it cannot be read or parsed).
+        item: String,
+        /// What is wrong, with the expected and the found value.
+        message: String,
+    },
     /// The CUDA driver reported an error.
     #[error("CUDA driver: {0}")]
     Cuda(String),

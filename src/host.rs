@@ -14,6 +14,7 @@ use crate::delta_linear::{
     DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs, HostDeltaApplyArgs,
     HostDeltaLinearArgs, HostLoraMergeArgs, LoraMergeDims,
 };
+use crate::dora::{DoraDims, DoraMergeArgs, DoraNormArgs, DoraScaleArgs, DoraScaleDims};
 use crate::optim::{AdamW, AdamwArgs};
 #[cfg(feature = "cuda")]
 use crate::plan::{self, Buf, BufSource, KernelParams, Launch};
@@ -249,6 +250,65 @@ pub fn prefix_attention_backward<T: Element>(
     }
 }
 
+host_op!(
+    /// `dora_norm` (`g = m / ‖W + scale·B·A‖` per row, [`crate::dora`]) on host buffers.
+    dora_norm,
+    dora_norm_plan,
+    (dims: &DoraDims, scale: f32),
+    DoraNormArgs<&[T], &mut [f32]>
+);
+host_op!(
+    /// `dora_scale` (`y ← g ⊙ y + bias` per column, [`crate::dora`]) on host buffers.
+    dora_scale,
+    dora_scale_plan,
+    (dims: &DoraScaleDims),
+    DoraScaleArgs<&[T], &mut [T], &[f32]>
+);
+
+/// DoRA's merge, or with `unmerge` its inverse ([`crate::dora`]), on host buffers.
+pub fn dora_merge<T: Element>(
+    backend: &Backend,
+    dims: &DoraDims,
+    scale: f32,
+    unmerge: bool,
+    args: DoraMergeArgs<&[T], &mut [T], &[f32]>,
+) -> Result<()> {
+    match backend {
+        #[cfg(feature = "emulator")]
+        Backend::Emulator => crate::emulator::dora_merge(dims, scale, unmerge, args),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(stream) => {
+            let mut up = Upload::new(stream);
+            let p = plan::dora::dora_merge(T::DTYPE, dims, scale, unmerge, &args.bufs(&mut up))?;
+            if p.unmerge {
+                up.run2(&[p.scale], &[p.merge])
+            } else {
+                up.run2(&[p.merge], &[p.scale])
+            }
+        }
+    }
+}
+
+/// The DoRA plans as the other plans are shaped: one step in a list.
+#[cfg(feature = "cuda")]
+fn dora_norm_plan(
+    dims: &DoraDims,
+    scale: f32,
+    dtype: crate::DType,
+    b: &plan::dora::DoraNormBufs,
+) -> Result<Vec<(Launch, plan::dora::DoraNormParams)>> {
+    Ok(vec![plan::dora::dora_norm(dtype, dims, scale, b)?])
+}
+
+#[cfg(feature = "cuda")]
+fn dora_scale_plan(
+    dims: &DoraScaleDims,
+    dtype: crate::DType,
+    b: &plan::dora::DoraScaleBufs,
+) -> Result<Vec<(Launch, plan::dora::DoraScaleParams)>> {
+    Ok(vec![plan::dora::dora_scale(dtype, dims, b)?])
+}
+
 /// The LoRA merge plan as the other plans are shaped: one step in a list.
 #[cfg(feature = "cuda")]
 fn lora_merge_plan(
@@ -302,12 +362,24 @@ impl<'h> Upload<'h> {
 
     /// Launches the steps, copies the outputs back and waits for the stream.
     pub(crate) fn run<P: KernelParams>(self, steps: &[(Launch, P)]) -> Result<()> {
+        self.run2(steps, &[] as &[(Launch, P)])
+    }
+
+    /// [`Upload::run`] for a plan of two kernel families: `first`'s steps, then `second`'s.
+    pub(crate) fn run2<P: KernelParams, Q: KernelParams>(
+        self,
+        first: &[(Launch, P)],
+        second: &[(Launch, Q)],
+    ) -> Result<()> {
         if let Some(e) = self.error {
             return Err(e);
         }
-        for (l, p) in steps {
-            // SAFETY: every address in the steps is a device copy made here, of the length
-            // the plan checked.
+        // SAFETY: every address in the steps is a device copy made here, of the length the
+        // plan checked.
+        for (l, p) in first {
+            unsafe { crate::cuda::launch(self.stream, l, p) }?;
+        }
+        for (l, p) in second {
             unsafe { crate::cuda::launch(self.stream, l, p) }?;
         }
         for (d, host) in self.outputs {

@@ -29,6 +29,8 @@ pub enum Module {
     Optim,
     /// The backward of prefix attention (`kernels/prefix_attention_backward.cu`).
     PrefixAttentionBackward,
+    /// DoRA's row norms and per-column scale (`kernels/dora.cu`).
+    Dora,
 }
 
 impl Module {
@@ -43,6 +45,7 @@ impl Module {
         Module::PrefixAttention,
         Module::Optim,
         Module::PrefixAttentionBackward,
+        Module::Dora,
     ];
 
     /// The file stem under `kernels/` (and of the embedded PTX and cubins).
@@ -57,6 +60,7 @@ impl Module {
             Module::PrefixAttention => "prefix_attention",
             Module::Optim => "optim",
             Module::PrefixAttentionBackward => "prefix_attention_backward",
+            Module::Dora => "dora",
         }
     }
 }
@@ -332,6 +336,14 @@ kernel_table! {
         prefix_attention_backward_dq_bf16_d96,
         prefix_attention_backward_dq_bf16_d128,
         prefix_attention_backward_dq_bf16_d256,
+    }
+    Dora {
+        dora_norm_f32,
+        dora_norm_f16,
+        dora_norm_bf16,
+        dora_scale_f32,
+        dora_scale_f16,
+        dora_scale_bf16,
     }
 }
 

@@ -22,7 +22,8 @@
 //!
 //! [`mod@reference`] holds the f64 CPU reference every kernel is checked against, and
 //! [`validate`] compares with it. [`host`] runs any operation on host buffers on the best
-//! backend at hand.
+//! backend at hand. [`dora`] adds DoRA's learned magnitude to a LoRA layer; the `peft` module
+//! (feature `peft`) reads PEFT's adapter checkpoints into the operations' arguments.
 //!
 //! The operations are in [`mod@delta_linear`] (whose docs have the names of LoRA's A and B
 //! here, `w_down` and `w_up`, and how to build arguments before a call) and
@@ -59,11 +60,14 @@
 //! ```
 
 pub mod delta_linear;
+pub mod dora;
 pub mod dropout;
 pub mod error;
 pub mod host;
 pub mod kernels;
 pub mod optim;
+#[cfg(feature = "peft")]
+pub mod peft;
 pub mod plan;
 pub mod prefix_attention;
 pub mod reference;

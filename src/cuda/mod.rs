@@ -28,11 +28,13 @@
 #[cfg(feature = "baseline")]
 pub mod baseline;
 mod delta_linear;
+mod dora;
 mod modules;
 mod optim;
 mod prefix_attention;
 
 pub use delta_linear::*;
+pub use dora::*;
 pub use optim::*;
 pub use prefix_attention::*;
 

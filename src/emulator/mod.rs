@@ -24,10 +24,12 @@
 use std::ffi::{c_char, c_void, CStr};
 
 mod delta_linear;
+mod dora;
 mod optim;
 mod prefix_attention;
 
 pub use delta_linear::*;
+pub use dora::*;
 pub use optim::*;
 pub use prefix_attention::*;
 

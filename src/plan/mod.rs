@@ -4,6 +4,7 @@
 
 pub mod delta_linear;
 pub mod delta_linear_backward;
+pub mod dora;
 pub mod optim;
 pub mod prefix_attention;
 

@@ -23,6 +23,7 @@
 pub mod adapter;
 pub mod attention;
 pub mod backward;
+pub mod dora;
 pub mod linear;
 pub mod optim;
 
