@@ -23,12 +23,12 @@ mod common;
 
 fn main() {
     if common::can_run("delta_linear_train") {
-        #[cfg(feature = "cuda")]
+        #[cfg(feature = "baseline")]
         gpu::main();
     }
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(feature = "baseline")]
 mod gpu {
     use std::sync::Arc;
 

@@ -449,7 +449,7 @@ fn check_attention_dims(op: &PrefixAttention, d: &PrefixAttentionDims) -> Result
             scale,
         ));
     }
-    Ok((scale_log2, scale as f32))
+    Ok((scale_log2, scale))
 }
 
 /// Checks `context_lens` values against Lk where they can be read (the emulator, or a
