@@ -511,6 +511,10 @@ impl<R, W> KvConcatArgs<R, W> {
 /// batch stride 0 (and B > 1): then dP_k and dP_v are one `[1, Hkv, l, d]` tensor each, summed
 /// over the batch; else `[B, Hkv, l, d]`. dq is `[B, Hq, Lq, d]`, dK and dV `[B, Hkv, Lk, d]`
 /// (0 for the padding keys past `context_lens` and keys no query sees).
+///
+/// An empty batch (B = 0) is checked as any call and launches nothing, as in every
+/// operation; `q_len = 0` with sequences is refused (`dims.q_len`): the key gradients it
+/// owes are zeros that no kernel writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefixAttentionBackwardDims {
     pub forward: PrefixAttentionDims,

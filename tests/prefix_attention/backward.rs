@@ -430,6 +430,15 @@ pub fn bad_arguments_are_errors(be: &Backend) {
         "dims.forward.prefix_v",
         run(None, &|d, _| d.forward.prefix_k.batch = 0),
     );
+    // No query rows with sequences would owe zero key gradients, which no kernel writes:
+    // refused. An empty batch (no sequences, every gradient empty) is checked and launches
+    // nothing, as every operation's.
+    expect("dims.q_len", run(None, &|d, _| d.forward.q_len = 0));
+    run(None, &|d, l| {
+        d.forward.batch = 0;
+        (l[5], l[6]) = (0, 0);
+    })
+    .expect("an empty batch is Ok");
 }
 
 /// The split form trains: `prefix_only_attention`'s part and a context attention of one's own,
