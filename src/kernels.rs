@@ -135,6 +135,7 @@ macro_rules! kernel_table {
             mod checked_sym {
                 unsafe extern "C" {
                     $($(
+                        #[cfg($meta)]
                         #[link_name = concat!("pkc_emu_launch_", stringify!($name))]
                         pub(super) fn $name(
                             grid: crate::emulator::Dim3,
@@ -150,7 +151,9 @@ macro_rules! kernel_table {
             /// under `PEFT_KERNELS_EMU_SANITIZE`).
             pub(crate) fn checked_entry(id: KernelId) -> Option<Entry> {
                 #[cfg(pk_emu_checked)]
-                return Some(match id { $($(KernelId::$name => checked_sym::$name as Entry,)*)* });
+                return Some(match id {
+                    $($(#[cfg($meta)] KernelId::$name => checked_sym::$name as Entry,)*)*
+                });
                 #[cfg(not(pk_emu_checked))]
                 {
                     let _ = id;

@@ -6,8 +6,9 @@ use crate::delta_linear::{
     DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs, HostDeltaApplyArgs,
     HostDeltaLinearArgs, HostLoraMergeArgs, LoraMergeDims,
 };
-use crate::plan::delta_linear as plan;
+use crate::plan::delta_linear::{self as plan, DeltaApplyBufs, DeltaLinearBufs};
 use crate::plan::delta_linear_backward as backward_plan;
+use crate::plan::Buf;
 use crate::{Element, Result};
 
 /// `y = compose(x·Wᵀ + b, s·f(u·W_downᵀ + b_down)·W_upᵀ + b_up)` (see
@@ -20,19 +21,7 @@ pub fn delta_linear<T: Element>(
 ) -> Result<()> {
     let mut host = HostBufs::default();
     let b = args.bufs(&mut host);
-    host.name([
-        ("x", Some(b.x)),
-        ("w", Some(b.w)),
-        ("bias", b.bias),
-        ("u", b.u),
-        ("w_down", Some(b.w_down)),
-        ("b_down", b.b_down),
-        ("w_up", Some(b.w_up)),
-        ("b_up", b.b_up),
-        ("gate", b.gate),
-        ("workspace", Some(b.workspace)),
-        ("y", Some(b.y)),
-    ]);
+    host.name(linear_names(&b));
     run(&plan::delta_linear(op, dims, T::DTYPE, &b)?, &host)
 }
 
@@ -45,21 +34,8 @@ pub fn delta_linear_train<T: Element>(
 ) -> Result<()> {
     let mut host = HostBufs::default();
     let b = args.bufs(&mut host);
-    let f = &b.forward;
-    host.name([
-        ("x", Some(f.x)),
-        ("w", Some(f.w)),
-        ("bias", f.bias),
-        ("u", f.u),
-        ("w_down", Some(f.w_down)),
-        ("b_down", f.b_down),
-        ("w_up", Some(f.w_up)),
-        ("b_up", f.b_up),
-        ("gate", f.gate),
-        ("workspace", Some(f.workspace)),
-        ("y", Some(f.y)),
-        ("saved", Some(b.saved)),
-    ]);
+    host.name(linear_names(&b.forward));
+    host.name([("saved", Some(b.saved))]);
     run(&plan::delta_linear_train(op, dims, T::DTYPE, &b)?, &host)
 }
 
@@ -106,17 +82,7 @@ pub fn delta_apply<T: Element>(
 ) -> Result<()> {
     let mut host = HostBufs::default();
     let b = args.bufs(&mut host);
-    host.name([
-        ("h", b.h),
-        ("u", b.u),
-        ("w_down", Some(b.w_down)),
-        ("b_down", b.b_down),
-        ("w_up", Some(b.w_up)),
-        ("b_up", b.b_up),
-        ("gate", b.gate),
-        ("workspace", Some(b.workspace)),
-        ("y", Some(b.y)),
-    ]);
+    host.name(apply_names(&b));
     run(&plan::delta_apply(op, dims, T::DTYPE, &b)?, &host)
 }
 
@@ -129,19 +95,8 @@ pub fn delta_apply_train<T: Element>(
 ) -> Result<()> {
     let mut host = HostBufs::default();
     let b = args.bufs(&mut host);
-    let f = &b.forward;
-    host.name([
-        ("h", f.h),
-        ("u", f.u),
-        ("w_down", Some(f.w_down)),
-        ("b_down", f.b_down),
-        ("w_up", Some(f.w_up)),
-        ("b_up", f.b_up),
-        ("gate", f.gate),
-        ("workspace", Some(f.workspace)),
-        ("y", Some(f.y)),
-        ("saved", Some(b.saved)),
-    ]);
+    host.name(apply_names(&b.forward));
+    host.name([("saved", Some(b.saved))]);
     run(&plan::delta_apply_train(op, dims, T::DTYPE, &b)?, &host)
 }
 
@@ -195,6 +150,38 @@ pub fn lora_merge<T: Element>(
         ("w_up", Some(b.w_up)),
     ]);
     run(&[plan::lora_merge(T::DTYPE, dims, scale, &b)?], &host)
+}
+
+/// The checks' names of a forward's buffers (training mode adds `saved`).
+fn linear_names(b: &DeltaLinearBufs) -> [(&'static str, Option<Buf>); 11] {
+    [
+        ("x", Some(b.x)),
+        ("w", Some(b.w)),
+        ("bias", b.bias),
+        ("u", b.u),
+        ("w_down", Some(b.w_down)),
+        ("b_down", b.b_down),
+        ("w_up", Some(b.w_up)),
+        ("b_up", b.b_up),
+        ("gate", b.gate),
+        ("workspace", Some(b.workspace)),
+        ("y", Some(b.y)),
+    ]
+}
+
+/// The checks' names of `delta_apply`'s buffers (training mode adds `saved`).
+fn apply_names(b: &DeltaApplyBufs) -> [(&'static str, Option<Buf>); 9] {
+    [
+        ("h", b.h),
+        ("u", b.u),
+        ("w_down", Some(b.w_down)),
+        ("b_down", b.b_down),
+        ("w_up", Some(b.w_up)),
+        ("b_up", b.b_up),
+        ("gate", b.gate),
+        ("workspace", Some(b.workspace)),
+        ("y", Some(b.y)),
+    ]
 }
 
 #[cfg(test)]
