@@ -13,7 +13,8 @@
 #                gpu_prefix_attention_backward: the attention backward and lse_merge_backward)
 #   bench:NAME   each criterion bench binary (--bench); the time left is shared among them
 #                (prefix_attention_backward: the backward, fused vs kv_concat + backward)
-#   peers        benches/peers/peers.py: PyTorch and PEFT on the benches' shapes
+#   peers        benches/peers/peers.py: PyTorch and PEFT on the benches' shapes (forward,
+#                the training step of delta_linear_train, the attention backward)
 #   ptx:NAME     the GPU tests again with PEFT_KERNELS_FORCE_PTX=1: the driver compiles
 #                the embedded compute_90 PTX instead of loading the sm_90 cubin (skipped
 #                below compute capability 9.0, which cannot run it)

@@ -3,7 +3,10 @@
 //! ldmatrix, and LDGSTS, cp.async), the wgmma kernels HGMMA on sm_90 (and nothing of it on
 //! sm_80, where they are never launched), the SIMT kernels neither, and the hot tensor-core
 //! kernels touch no local memory (no STL/LDL: neither a register spill nor a stack array),
-//! and on sm_90 the fused-linear kernels hold the dependent-launch wait they promise.
+//! and on sm_90 the fused-linear kernels hold the dependent-launch wait they promise. The
+//! training modules likewise: the backward's tensor-core data pass issues HMMA fed by LDSM
+//! (plain and .trans) and LDGSTS, its other kernels no HMMA, and no kernel of the backward,
+//! prefix attention backward, AdamW or DoRA modules touches local memory.
 //! ptxas's report, which the build checks, says how much local memory a kernel has; only
 //! the disassembly says which instructions nvcc actually chose.
 //!
@@ -71,8 +74,9 @@ fn cuobjdump() -> PathBuf {
         })
 }
 
-/// Each function of a cubin and the mnemonics of its instructions, in order, without
-/// modifiers or predicates (`@!P0 HMMA.16816.F32.BF16 R4, …` is `HMMA`).
+/// Each function of a cubin and the opcodes of its instructions, in order, with their
+/// modifiers and without predicates or operands (`@!P0 HMMA.16816.F32.BF16 R4, …` is
+/// `HMMA.16816.F32.BF16`): [`count`] matches the mnemonic, [`count_form`] a modified form.
 type Sass = BTreeMap<String, Vec<String>>;
 
 /// Parses `cuobjdump -sass`, whose functions read
@@ -100,27 +104,38 @@ fn parse(listing: &str) -> Sass {
         let (Some((_, instructions)), Some(word)) = (functions.last_mut(), words.next()) else {
             continue;
         };
-        let mnemonic = word.split('.').next().unwrap_or(word);
-        instructions.push(mnemonic.trim_end_matches(';').to_owned());
+        instructions.push(word.trim_end_matches(';').to_owned());
     }
     functions.into_iter().collect()
 }
 
-/// The disassembly of the delta-linear module's cubin for `image`, computed once.
-fn disassembly(image: Image) -> &'static Sass {
-    static CACHE: [OnceLock<Sass>; IMAGES.len()] = [OnceLock::new(), OnceLock::new()];
-    let index = IMAGES
+/// The modules whose kernels this file checks, and so disassembles.
+const MODULES: [Module; 5] = [
+    Module::DeltaLinear,
+    Module::DeltaLinearBackward,
+    Module::PrefixAttentionBackward,
+    Module::Optim,
+    Module::Dora,
+];
+
+/// The disassembly of `module`'s cubin for `image`, computed once per pair.
+fn disassembly(module: Module, image: Image) -> &'static Sass {
+    static CACHE: [OnceLock<Sass>; MODULES.len() * IMAGES.len()] =
+        [const { OnceLock::new() }; MODULES.len() * IMAGES.len()];
+    let m = MODULES
         .iter()
-        .position(|&i| i == image)
+        .position(|&x| x == module)
+        .expect("a module listed in MODULES");
+    let i = IMAGES
+        .iter()
+        .position(|&x| x == image)
         .expect("an embedded cubin");
-    CACHE[index].get_or_init(|| {
-        let bytes = cubin(Module::DeltaLinear, image).expect("the delta_linear cubin");
+    CACHE[m * IMAGES.len() + i].get_or_init(|| {
+        let stem = module.stem();
+        let bytes = cubin(module, image).unwrap_or_else(|| panic!("the {stem} cubin"));
         // The system's temporary folder, not cargo's: the test binary also runs on GPU
         // machines without the repository (scripts/build-gpu-bundle.sh).
-        let name = format!(
-            "peft-kernels-delta_linear.{image:?}.{}.cubin",
-            std::process::id()
-        );
+        let name = format!("peft-kernels-{stem}.{image:?}.{}.cubin", std::process::id());
         let file = std::env::temp_dir().join(name);
         std::fs::write(&file, bytes).expect("writing the cubin");
         let tool = cuobjdump();
@@ -138,10 +153,7 @@ fn disassembly(image: Image) -> &'static Sass {
         let sass = parse(&listing);
         // Every kernel of the module is in the listing, with its instructions: a parser
         // that finds nothing would pass every check below.
-        for kernel in KernelId::ALL
-            .iter()
-            .filter(|k| k.module() == Module::DeltaLinear)
-        {
+        for kernel in KernelId::ALL.iter().filter(|k| k.module() == module) {
             let found = sass.get(kernel.name()).map_or(0, Vec::len);
             assert!(
                 found > 0,
@@ -153,14 +165,27 @@ fn disassembly(image: Image) -> &'static Sass {
     })
 }
 
+/// How many instructions have the mnemonic (`HMMA` counts `HMMA.16816.F32.BF16`).
 fn count(instructions: &[String], mnemonic: &str) -> usize {
-    instructions.iter().filter(|i| *i == mnemonic).count()
+    count_form(instructions, mnemonic)
+}
+
+/// How many instructions have `form`, a mnemonic with leading modifiers: `LDSM.16.MT88`
+/// (ldmatrix .trans) counts `LDSM.16.MT88.4` and not `LDSM.16.M88.4`.
+fn count_form(instructions: &[String], form: &str) -> usize {
+    instructions
+        .iter()
+        .filter(|i| {
+            i.strip_prefix(form)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        })
+        .count()
 }
 
 #[test]
 fn tensor_core_kernels_issue_hmma_and_the_others_do_not() {
     for image in IMAGES {
-        for (name, instructions) in disassembly(image) {
+        for (name, instructions) in disassembly(Module::DeltaLinear, image) {
             let hmma = count(instructions, "HMMA");
             if is_wgmma_kernel(name) {
                 // wgmma: HGMMA from swizzled tiles cp.async fills, no mma.sync, no ldmatrix;
@@ -195,7 +220,7 @@ fn tensor_core_kernels_issue_hmma_and_the_others_do_not() {
 #[test]
 fn tensor_core_kernels_use_no_local_memory() {
     for image in IMAGES {
-        let sass = disassembly(image);
+        let sass = disassembly(Module::DeltaLinear, image);
         let hot: Vec<_> = sass
             .iter()
             .filter(|(name, _)| is_tensor_core_kernel(name))
@@ -222,7 +247,7 @@ fn tensor_core_kernels_use_no_local_memory() {
 #[test]
 fn fused_linear_kernels_take_part_in_dependent_launches_on_sm_90_only() {
     for image in IMAGES {
-        let fused = disassembly(image)
+        let fused = disassembly(Module::DeltaLinear, image)
             .iter()
             .filter(|(name, _)| name.starts_with("fused_linear_"));
         let mut kernels = 0;
@@ -254,6 +279,57 @@ fn the_parser_reads_predicates_and_modifiers() {
         \t\tFunction : other\n\
         /*0000*/  STL.64 [R1], R2 ;\n";
     let sass = parse(listing);
-    assert_eq!(sass["k"], ["LDC", "HMMA", "EXIT"]);
-    assert_eq!(sass["other"], ["STL"]);
+    assert_eq!(sass["k"], ["LDC", "HMMA.16816.F32.BF16", "EXIT"]);
+    assert_eq!(sass["other"], ["STL.64"]);
+    assert_eq!(count(&sass["k"], "HMMA"), 1);
+    assert_eq!(count(&sass["k"], "HMM"), 0);
+    assert_eq!(count_form(&sass["k"], "HMMA.16816"), 1);
+    assert_eq!(count_form(&sass["k"], "HMMA.1688"), 0);
+    assert_eq!(count(&sass["other"], "STL"), 1);
+}
+
+/// The backward's data pass on tensor cores (dx = [dy | dT]·[W ; W_down]): mma.sync fed by
+/// ldmatrix, plain for the row-major A tiles and .trans for the untransposed W and W_down
+/// tiles, loaded by cp.async; every other kernel of the module (the dz, SIMT, naive,
+/// weight-gradient and dgate passes) on the SIMT pipes.
+#[test]
+fn backward_data_mma_kernels_issue_hmma_fed_by_ldsm_and_the_others_do_not() {
+    for image in IMAGES {
+        let mut mma = 0;
+        for (name, instructions) in disassembly(Module::DeltaLinearBackward, image) {
+            let hmma = count(instructions, "HMMA");
+            if name.starts_with("delta_bwd_data_mma_") {
+                mma += 1;
+                assert!(hmma > 0, "{image:?} {name}: no HMMA");
+                for fed_by in ["LDSM.16.M88", "LDSM.16.MT88", "LDGSTS"] {
+                    assert!(
+                        count_form(instructions, fed_by) > 0,
+                        "{image:?} {name}: no {fed_by}"
+                    );
+                }
+            } else {
+                assert_eq!(hmma, 0, "{image:?} {name}: HMMA in a SIMT kernel");
+            }
+        }
+        assert!(mma >= 2, "{image:?}: only {mma} delta_bwd_data_mma kernels");
+    }
+}
+
+/// No kernel of the training modules touches local memory: neither a register spill nor
+/// a stack array (the optimizer's parameter table and the attention backward's per-thread
+/// rows must stay in registers or shared memory).
+#[test]
+fn training_kernels_use_no_local_memory() {
+    for module in MODULES.into_iter().filter(|&m| m != Module::DeltaLinear) {
+        for image in IMAGES {
+            let sass = disassembly(module, image);
+            assert!(!sass.is_empty(), "{image:?}: no kernels in {module:?}");
+            for (name, instructions) in sass {
+                for local in ["STL", "LDL"] {
+                    let n = count(instructions, local);
+                    assert_eq!(n, 0, "{image:?} {name}: {n} {local} (local memory)");
+                }
+            }
+        }
+    }
 }
