@@ -327,8 +327,19 @@ main() {
     done
   fi
   if ! skipping peers; then
-    run_step peers 240 peers_note env PYTHONUNBUFFERED=1 PEFT_COMMIT="$commit" \
-      "$python" "$bundle/peers/peers.py" --out "$work/peers"
+    # One step a section, each writing its own report (peers.py writes at its end, so one
+    # step over all four would lose every table to a timeout), concatenated as peers.md.
+    local section limit
+    for section in linear:80 attention:80 backward:80 train:160; do
+      limit="${section#*:}"
+      section="${section%%:*}"
+      mkdir -p "$work/peers/$section"
+      run_step "peers:$section" "$limit" peers_note env PYTHONUNBUFFERED=1 PEFT_COMMIT="$commit" \
+        "$python" "$bundle/peers/peers.py" --only "$section" --out "$work/peers/$section"
+      if [ -f "$work/peers/$section/peers.md" ]; then
+        cat "$work/peers/$section/peers.md" >>"$work/peers/peers.md"
+      fi
+    done
   fi
   local cc
   cc="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)"
