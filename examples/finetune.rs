@@ -1,6 +1,7 @@
-//! Fine-tuning with this crate alone: a student recovers the deltas planted in a teacher.
+//! Fine-tuning with this crate alone: a student recovers the deltas planted in a teacher,
+//! in three runs on batches of 128 random tokens, d = 64.
 //!
-//! A frozen two-layer block, d = 64, on batches of 128 random tokens:
+//! 1. LoRA and a scaled parallel adapter, in a frozen two-layer block:
 //!
 //! ```text
 //! q   = x·W_qᵀ + b_q + LoRA_q(x)          LoRA, r = 8, α = 16       ┐ layer 1: two
@@ -10,14 +11,22 @@
 //!                                         PA(h) = ReLU(h·W_downᵀ + b_down)·W_upᵀ + b_up, r = 16
 //! ```
 //!
+//! 2. Prefix tuning: a causal self-attention (4 sequences of 32 tokens, 2 heads of 32) over
+//!    frozen projections q, k, v of x, with a trained prefix of l = 30 keys and values per
+//!    head shared by the batch: `out = x + Attn(q, [P_k; k], [P_v; v])`.
+//! 3. The MAM adapter: that prefix attention, then run 1's FFN with its scaled parallel
+//!    adapter on h = x + Attn(…).
+//!
 //! The teacher is the block with planted deltas; the student starts from PEFT's
-//! initialisation (LoRA B = 0, the adapter's W_up = 0) and learns from the teacher's
-//! outputs (mean squared error) with the crate's training forward (`delta_linear_train`,
-//! with LoRA dropout p = 0.05 on the LoRA inputs), its backward (`delta_linear_backward`)
-//! and its multi-tensor AdamW (`adamw`, f32 master weights and moments, clipping by the
-//! global gradient norm), on the best backend at hand: the GPU when the crate is built
-//! with `cuda` and a device is present, else the CPU emulator of the same kernels. Only
-//! the residual adds, the ⊙ mix and the loss run as plain Rust between the kernels.
+//! initialisation (LoRA B = 0, the adapter's W_up = 0, a random prefix) and learns from the
+//! teacher's outputs (mean squared error) with the crate's training forwards
+//! (`delta_linear_train`, with LoRA dropout p = 0.05 on the LoRA inputs; `prefix_attention`
+//! keeping its output and LSE), their backwards (`delta_linear_backward`,
+//! `prefix_attention_backward` with f32 prefix gradients) and its multi-tensor AdamW
+//! (`adamw`, f32 master weights and moments, clipping by the global gradient norm), on the
+//! best backend at hand: the GPU when the crate is built with `cuda` and a device is
+//! present, else the CPU emulator of the same kernels. Only the residual adds, the ⊙ mix and
+//! the loss run as plain Rust between the kernels.
 //!
 //! ```text
 //! cargo run --release --example finetune                   # emulator
@@ -25,10 +34,11 @@
 //! ```
 //!
 //! Prints a line per logged step (step, training loss, held-out loss without dropout,
-//! gradient norm, time) and a verdict: how far the held-out loss fell and the recovered
-//! deltas' relative error to the planted ones (LoRA: the weight deltas s·B·A; the adapter:
-//! its output on held-out tokens, since its hidden units are only defined up to order).
-//! Exits non-zero unless the held-out loss falls at least 100×.
+//! gradient norm, time) and a verdict per run: how far the held-out loss fell and the
+//! recovered deltas' relative error to the planted ones (LoRA: the weight deltas s·B·A; the
+//! adapter and the prefix: their outputs on held-out tokens, since hidden units and prefix
+//! vectors are only defined up to order). Exits non-zero unless every run's held-out loss
+//! falls at least 100×.
 
 use std::process::ExitCode;
 use std::time::Instant;
