@@ -135,7 +135,7 @@ tour_note() {
 }
 
 finetune_note() {
-  grep -m2 -E '^held-out loss|^verdict' "$1"
+  grep -E '^held-out loss|^verdict' "$1"  # one pair a run (LoRA + PA, prefix, MAM)
 }
 
 profile_note() {
