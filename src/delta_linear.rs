@@ -350,9 +350,9 @@ pub struct DeltaLinearBackwardArgs<R, S, W, G> {
     pub w_down: R,
     /// [n, r].
     pub w_up: R,
-    /// [n]: a gated delta's dλ needs Δ, so its b_up (ignored otherwise; may be `None`).
+    /// `[n]`: a gated delta's dλ needs Δ, so its b_up (ignored otherwise; may be `None`).
     pub b_up: Option<R>,
-    /// λ [m], only with `Composition::Gated`.
+    /// λ `[m]`, only with `Composition::Gated`.
     pub gate: Option<R>,
     /// What the training forward saved (f32, [`DeltaLinearDims::saved_len`]).
     pub saved: S,
@@ -363,13 +363,13 @@ pub struct DeltaLinearBackwardArgs<R, S, W, G> {
     pub du: Option<W>,
     /// f32 [r, k_u].
     pub dw_down: G,
-    /// f32 [r]; `None` skips it.
+    /// f32 `[r]`; `None` skips it.
     pub db_down: Option<G>,
     /// f32 [n, r].
     pub dw_up: G,
-    /// f32 [n]; `None` skips it.
+    /// f32 `[n]`; `None` skips it.
     pub db_up: Option<G>,
-    /// f32 ∂L/∂λ [m], exactly with `Composition::Gated`. Written (`=`).
+    /// f32 ∂L/∂λ `[m]`, exactly with `Composition::Gated`. Written (`=`).
     pub dgate: Option<G>,
     /// f32 scratch of [`DeltaLinearDims::backward_workspace_len`] elements.
     pub workspace: G,
@@ -536,7 +536,7 @@ pub struct DeltaApplyBackwardArgs<R, S, W, G> {
     pub w_up: R,
     /// [heads, head_dim]: a gated delta's dλ needs Δ (ignored otherwise).
     pub b_up: Option<R>,
-    /// λ [m], only with `Composition::Gated` (and then one head).
+    /// λ `[m]`, only with `Composition::Gated` (and then one head).
     pub gate: Option<R>,
     /// What `delta_apply_train` saved (f32, [`DeltaApplyDims::saved_len`]).
     pub saved: S,
@@ -552,7 +552,7 @@ pub struct DeltaApplyBackwardArgs<R, S, W, G> {
     pub dw_up: G,
     /// f32 [heads, head_dim]; `None` skips it.
     pub db_up: Option<G>,
-    /// f32 ∂L/∂λ [m], exactly with `Composition::Gated`.
+    /// f32 ∂L/∂λ `[m]`, exactly with `Composition::Gated`.
     pub dgate: Option<G>,
     /// f32 scratch of [`DeltaApplyDims::backward_workspace_len`] elements.
     pub workspace: G,

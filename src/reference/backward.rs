@@ -30,13 +30,13 @@ pub struct DeltaLinearGrads {
     pub du: Option<Vec<f64>>,
     /// [r, K_u].
     pub dw_down: Vec<f64>,
-    /// [r].
+    /// `[r]`.
     pub db_down: Vec<f64>,
     /// [N, r].
     pub dw_up: Vec<f64>,
-    /// [N].
+    /// `[N]`.
     pub db_up: Vec<f64>,
-    /// ∂L/∂λ [M] for a gated composition, else `None`.
+    /// ∂L/∂λ `[M]` for a gated composition, else `None`.
     pub dgate: Option<Vec<f64>>,
 }
 
