@@ -61,6 +61,15 @@
 //       the row's statistics.
 //   Prefix-only attention (out_p, LSE_p) is the same kernel with no context (Lk = 0), plain
 //   attention the same kernel with l = 0.
+//   Multi-tenant prefixes (serving many prefix-tuned fine-tunes in one batch) are the same
+//   kernels too: with prefix_ids, each block looks up its sequence's prefix once, before the
+//   tile loop (KeyTiles::select_prefix: a row range of a packed set through an offsets
+//   table), and from then on everything is per block already (the prefix tile count, masks,
+//   the prefix snapshot for λ, split-KV runs), so the shared and per-sequence cases keep
+//   their code path at the cost of one null test per block. A sequence with no prefix
+//   (id −1) is plain attention with λ = 0. Rejected: one launch per prefix (a launch per
+//   tenant, and a batch's context no longer one tensor); padding every prefix to the
+//   longest (wasted tiles, and λ would need a mask anyway).
 //   GQA packing, every attention kernel: when a KV group's g query heads × Lq queries fit the
 //   block's 64 rows (decoding: Lq = 1), one block takes the whole group, so the group's keys
 //   and values are loaded and multiplied once instead of g times; row ρ is query ρ mod Lq of
@@ -115,13 +124,23 @@ struct PrefixAttentionParams {
   // Split-KV (kv_splits > 1): per run, the unnormalised output [kv_splits][rows][D], then the
   // row states [kv_splits][rows][4] (m, l, m_p, l_p); see prefix_attention_split_merge.
   float* partial;
+  // Multi-tenant prefixes (null: the prefix tensors above, [B, Hkv, l, D]): sequence b reads
+  // prefix prefix_ids[b] of a packed set, rows [offsets[id], offsets[id + 1]) of prefix_k /
+  // prefix_v seen as [rows, Hkv, D] (strides spk.seq, spk.head; spk.batch unused); −1 or an
+  // id out of [0, prefixes) reads no prefix (l = 0), and so does an id whose offsets are not
+  // an increasing range inside the set's prefix_rows; either sets a bit of *status (if given).
+  const int32_t* prefix_ids;      // [B]
+  const uint32_t* prefix_offsets; // [prefixes + 1]
+  uint32_t* status;               // bit 0: an id out of range; bit 1: bad offsets; or null
   int64_t rows;                   // B·Hq·Lq
+  int64_t prefix_rows;            // rows of the packed set
   HeadStrides sq, sk, sv, spk, spv, so;
   int32_t heads, group;           // Hq, Hq / Hkv
   int32_t q_len, kv_len, prefix_len;
   int32_t causal;
   int32_t kv_splits, head_dim;    // runs of key tiles (1: no split); D, for the merge
   int32_t pack;                   // query heads of a GQA group sharing one block (1: none)
+  int32_t prefixes;               // prefixes in the set (with prefix_ids)
   float scale_log2;               // score scale · log2(e)
 };
 PK_PARAMS_SIZE(PrefixAttentionParams)
@@ -196,6 +215,7 @@ struct KeyTiles {
     context = {static_cast<const T*>(p.k), static_cast<const T*>(p.v), off(p.sk), off(p.sv),
                p.sk.seq, p.sv.seq};
     prefix_len = p.prefix_len;
+    if (p.prefix_ids) select_prefix(p, b, kvh);
     // A length beyond Lk cannot be checked on the host without a device read: clamp it, so
     // that a bad one never reads out of bounds.
     len = p.context_lens ? int(min(p.context_lens[b], uint32_t(p.kv_len))) : p.kv_len;
@@ -206,6 +226,28 @@ struct KeyTiles {
     first_limit = context_limit(q0);
     prefix_tiles = ceil_div(prefix_len, kKeys);
     tiles = prefix_tiles + ceil_div(context_keys, kKeys);
+  }
+
+  // Multi-tenant prefixes: this sequence's prefix from the set (see PrefixAttentionParams),
+  // or none. The ids and offsets live on the device, unchecked: anything outside the set
+  // reads no prefix and reports it in *status, never out of bounds.
+  __device__ void select_prefix(const PrefixAttentionParams& p, int b, int kvh) {
+    const int32_t id = p.prefix_ids[b];
+    uint32_t bad = 0;
+    prefix_len = 0;
+    if (id >= 0 && id < p.prefixes) {
+      const uint32_t lo = p.prefix_offsets[id], hi = p.prefix_offsets[id + 1];
+      if (lo <= hi && int64_t(hi) <= p.prefix_rows) {
+        prefix_len = int(hi - lo);
+        prefix.k_off = int64_t(lo) * p.spk.seq + kvh * p.spk.head;
+        prefix.v_off = int64_t(lo) * p.spv.seq + kvh * p.spv.head;
+      } else {
+        bad = 2;
+      }
+    } else if (id != -1) {
+      bad = 1;
+    }
+    if (bad && p.status && threadIdx.x == 0) atomicOr(p.status, bad);
   }
 
   // Context keys [0, limit) are visible to query i (the module header's mask).

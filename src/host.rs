@@ -19,8 +19,9 @@ use crate::optim::{AdamW, AdamwArgs};
 #[cfg(feature = "cuda")]
 use crate::plan::{self, Buf, BufSource, KernelParams, Launch};
 use crate::prefix_attention::{
-    HostKvConcatArgs, HostLseMergeArgs, HostPrefixAttentionArgs, HostPrefixOnlyArgs, KvConcatDims,
-    LseMergeBackwardArgs, LseMergeBackwardDims, LseMergeDims, PrefixAttention,
+    HostKvConcatArgs, HostLseMergeArgs, HostMultiPrefixAttentionArgs, HostPrefixAttentionArgs,
+    HostPrefixOnlyArgs, KvConcatDims, LseMergeBackwardArgs, LseMergeBackwardDims, LseMergeDims,
+    MultiPrefixDims, PrefixAttention,
     PrefixAttentionBackwardDims, PrefixAttentionBackwardHostArgs, PrefixAttentionDims,
 };
 use crate::{Element, Error, Result};
@@ -189,6 +190,34 @@ pub fn prefix_attention<T: Element>(
             let mut up = Upload::new(stream);
             let steps =
                 plan::prefix_attention::prefix_attention(op, dims, T::DTYPE, &args.bufs(&mut up))?;
+            up.run(&steps)
+        }
+    }
+}
+
+/// Multi-tenant `multi_prefix_attention` ([`crate::prefix_attention::MultiPrefixDims`]) on
+/// host buffers; the ids, offsets and `context_lens` values are checked on both backends,
+/// since they are on the host here.
+pub fn multi_prefix_attention<T: Element>(
+    backend: &Backend,
+    op: &PrefixAttention,
+    dims: &MultiPrefixDims,
+    args: HostMultiPrefixAttentionArgs<'_, T>,
+) -> Result<()> {
+    match backend {
+        #[cfg(feature = "emulator")]
+        Backend::Emulator => crate::emulator::multi_prefix_attention(op, dims, args),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(stream) => {
+            use plan::prefix_attention as pa;
+            let mut up = Upload::new(stream);
+            let (ids, offsets, lens) = (args.prefix_ids, args.prefix_offsets, args.context_lens);
+            let steps = pa::multi_prefix_attention(op, dims, T::DTYPE, &args.bufs(&mut up))?;
+            pa::check_prefix_set(ids, offsets, dims)?;
+            if let Some(lens) = lens {
+                pa::check_context_lens(lens, &dims.attention)
+                    .map_err(|e| e.of("multi_prefix_attention"))?;
+            }
             up.run(&steps)
         }
     }

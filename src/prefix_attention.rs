@@ -86,7 +86,8 @@
 //! ```
 
 use crate::plan::prefix_attention::{
-    KvConcatBufs, LseMergeBackwardBufs, LseMergeBufs, PrefixAttentionBackwardBufs,
+    KvConcatBufs, LseMergeBackwardBufs, LseMergeBufs, MultiPrefixAttentionBufs,
+    PrefixAttentionBackwardBufs,
     PrefixAttentionBufs, PrefixGradBuf, PrefixOnlyBufs,
 };
 use crate::plan::BufSource;
@@ -286,6 +287,159 @@ pub struct PrefixAttentionArgs<R, W, Lens, Stats> {
     /// pass it to every call. It need not be initialised, and may be reused by any call
     /// queued after this one completes (stream order).
     pub workspace: Option<Stats>,
+}
+
+/// Sizes and layouts of `multi_prefix_attention`, multi-tenant prefix tuning: each sequence
+/// of the batch reads its own prefix (or none) from a set of prefixes of different lengths,
+/// packed along the rows of one `[set_rows, Hkv, d]` tensor per keys and values, prefix `i`
+/// being rows `offsets[i]..offsets[i + 1]` (a CSR offsets table, `[prefixes + 1]`).
+///
+/// `attention` holds the attention's sizes and layouts as for `prefix_attention`, with two
+/// readings: `prefix_len` is the longest prefix a sequence may use (the bound the host checks
+/// the offsets against; the split-KV planning counts it), and `prefix_k` / `prefix_v` are the
+/// set's layout, `seq` from one row to the next and `head` from one KV head to the next
+/// (their `batch` is not used). [`MultiPrefixDims::new`] lays the set out contiguously.
+///
+/// Adding a prefix appends its rows after `offsets[prefixes]` (in spare capacity, rows up to
+/// `set_rows`) and one offset: nothing moves and no launch argument but `prefixes` changes.
+/// Removing one leaves its rows in place until the caller compacts the set (which moves the
+/// later prefixes and rewrites their offsets); a sequence stops using it by its id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MultiPrefixDims {
+    pub attention: PrefixAttentionDims,
+    /// Prefixes in the set n (`prefix_offsets` holds n + 1 entries).
+    pub prefixes: usize,
+    /// Rows the set's buffers hold, used or spare: every offset is at most this.
+    pub set_rows: usize,
+}
+
+impl MultiPrefixDims {
+    /// Contiguous `[B, H, L, d]` queries, context and output, and a contiguous
+    /// `[set_rows, Hkv, d]` set of `prefixes` prefixes of at most `max_prefix_len` rows each.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        batch: usize,
+        heads: usize,
+        kv_heads: usize,
+        q_len: usize,
+        kv_len: usize,
+        head_dim: usize,
+        prefixes: usize,
+        set_rows: usize,
+        max_prefix_len: usize,
+    ) -> Self {
+        let mut attention = PrefixAttentionDims::new(
+            batch,
+            heads,
+            kv_heads,
+            q_len,
+            kv_len,
+            max_prefix_len,
+            head_dim,
+        );
+        let set = HeadLayout::bshd(set_rows, kv_heads, head_dim).shared_by_batch();
+        attention.prefix_k = set;
+        attention.prefix_v = set;
+        MultiPrefixDims {
+            attention,
+            prefixes,
+            set_rows,
+        }
+    }
+
+    /// f32 elements of the split-KV workspace ([`PrefixAttentionDims::workspace_len`]).
+    pub fn workspace_len(&self, dtype: crate::DType) -> usize {
+        self.attention.workspace_len(dtype)
+    }
+
+    /// Query rows B·Hq·Lq: the length of LSE and λ.
+    pub fn rows(&self) -> usize {
+        self.attention.rows()
+    }
+}
+
+/// The tensors of `multi_prefix_attention`: [`PrefixAttentionArgs`]' with the prefix set in
+/// place of the prefix (`Ids` is i32, `Flags` u32; the others as there).
+///
+/// The ids and offsets live on the device, so a step launches with no host synchronisation
+/// (and can be captured in a graph). Where the host can read them (`emulator::*`, `host::*`)
+/// bad values are refused before launch ([`crate::plan::prefix_attention::check_prefix_set`]).
+/// On the GPU (`cuda::*`) they cannot be checked, and the kernel never reads outside the set
+/// for them: a sequence whose id is neither −1 nor below `prefixes` (status bit 0), or whose
+/// prefix's offsets are decreasing or past `set_rows` (bit 1), runs with NO prefix (plain
+/// attention, λ = 0), and the kernel ORs the bit into `status` when given.
+#[derive(Debug)]
+pub struct MultiPrefixAttentionArgs<R, W, Lens, Ids, Stats, Flags> {
+    /// Queries [B, Hq, Lq, d], strides `dims.attention.q`.
+    pub q: R,
+    /// Context keys [B, Hkv, Lk, d], strides `dims.attention.k`.
+    pub k: R,
+    /// Context values [B, Hkv, Lk, d], strides `dims.attention.v`.
+    pub v: R,
+    /// The set's prefix keys, `[set_rows, Hkv, d]`, strides `dims.attention.prefix_k`.
+    pub prefix_k: R,
+    /// The set's prefix values, `[set_rows, Hkv, d]`, strides `dims.attention.prefix_v`.
+    pub prefix_v: R,
+    /// u32 `[prefixes + 1]`, non-decreasing: prefix i is rows `offsets[i]..offsets[i + 1]`
+    /// (an empty range is a prefix of length 0, the same as none). One table serves every
+    /// layer whose sets are packed alike.
+    pub prefix_offsets: Lens,
+    /// i32 `[B]`: each sequence's prefix, or −1 for none (plain attention over its context,
+    /// λ = 0, as `prefix_attention` with l = 0).
+    pub prefix_ids: Ids,
+    /// As in [`PrefixAttentionArgs::context_lens`].
+    pub context_lens: Option<Lens>,
+    /// The output [B, Hq, Lq, d], strides `dims.attention.out`.
+    pub out: W,
+    /// As in [`PrefixAttentionArgs::lse`].
+    pub lse: Option<Stats>,
+    /// As in [`PrefixAttentionArgs::lambda`].
+    pub lambda: Option<Stats>,
+    /// As in [`PrefixAttentionArgs::workspace`] ([`MultiPrefixDims::workspace_len`]).
+    pub workspace: Option<Stats>,
+    /// u32 `[1]`: the kernel ORs in bit 0 for an id out of range and bit 1 for a prefix whose
+    /// offsets leave the set (each such sequence ran with no prefix). Only ever set, never
+    /// cleared: zero it before the step, read it whenever convenient.
+    pub status: Option<Flags>,
+}
+
+/// [`MultiPrefixAttentionArgs`] over host slices (`emulator::multi_prefix_attention`,
+/// `host::multi_prefix_attention`).
+pub type HostMultiPrefixAttentionArgs<'a, T> = MultiPrefixAttentionArgs<
+    &'a [T],
+    &'a mut [T],
+    &'a [u32],
+    &'a [i32],
+    &'a mut [f32],
+    &'a mut [u32],
+>;
+
+impl<R, W, Lens, Ids, Stats, Flags> MultiPrefixAttentionArgs<R, W, Lens, Ids, Stats, Flags> {
+    /// The planner's view of these tensors (as [`PrefixAttentionArgs::bufs`]).
+    pub fn bufs<S>(self, s: &mut S) -> MultiPrefixAttentionBufs
+    where
+        S: BufSource<R, W> + BufSource<Lens, Stats> + BufSource<Ids, Flags>,
+    {
+        let attention = PrefixAttentionArgs {
+            q: self.q,
+            k: self.k,
+            v: self.v,
+            prefix_k: self.prefix_k,
+            prefix_v: self.prefix_v,
+            context_lens: self.context_lens,
+            out: self.out,
+            lse: self.lse,
+            lambda: self.lambda,
+            workspace: self.workspace,
+        }
+        .bufs(s);
+        MultiPrefixAttentionBufs {
+            attention,
+            prefix_offsets: BufSource::<Lens, Stats>::read(s, self.prefix_offsets),
+            prefix_ids: BufSource::<Ids, Flags>::read(s, self.prefix_ids),
+            status: self.status.map(|b| BufSource::<Ids, Flags>::write(s, b)),
+        }
+    }
 }
 
 /// The tensors of `prefix_only_attention` (the dims' `kv_len`, `k` and `v` are not used:

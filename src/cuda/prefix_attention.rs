@@ -6,7 +6,8 @@ use super::{Buffers, DeviceRead, DeviceWrite};
 use crate::plan::prefix_attention as plan;
 use crate::prefix_attention::{
     KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeBackwardArgs, LseMergeBackwardDims,
-    LseMergeDims, PrefixAttention, PrefixAttentionArgs, PrefixAttentionBackwardArgs,
+    LseMergeDims, MultiPrefixAttentionArgs, MultiPrefixDims, PrefixAttention,
+    PrefixAttentionArgs, PrefixAttentionBackwardArgs,
     PrefixAttentionBackwardDims, PrefixAttentionDims, PrefixOnlyArgs,
 };
 use crate::{Element, Result};
@@ -43,6 +44,35 @@ pub fn prefix_attention<'a, T: Element>(
     let mut bufs = Buffers::new(stream);
     let steps = plan::prefix_attention(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
     // SAFETY: the addresses came from `bufs`, checked by the plan.
+    unsafe { bufs.run(&steps) }
+}
+
+/// [`MultiPrefixAttentionArgs`] over device buffers, as [`multi_prefix_attention`] takes them.
+pub type DeviceMultiPrefixAttentionArgs<'a, T> = MultiPrefixAttentionArgs<
+    DeviceRead<'a, T>,
+    DeviceWrite<'a, T>,
+    DeviceRead<'a, u32>,
+    DeviceRead<'a, i32>,
+    DeviceWrite<'a, f32>,
+    DeviceWrite<'a, u32>,
+>;
+
+/// Multi-tenant prefix attention (see [`crate::prefix_attention::MultiPrefixDims`]), queued
+/// on `stream`: each sequence attends over its own prefix of the set, or none. Every
+/// argument is checked before anything is queued, except the values of the ids, the offsets
+/// and `context_lens`, which live on the device: an id or a prefix range outside the set runs
+/// that sequence with no prefix and sets a bit of `status` (see
+/// [`MultiPrefixAttentionArgs`]); [`plan::check_prefix_set`] checks host copies.
+pub fn multi_prefix_attention<'a, T: Element>(
+    stream: &'a CudaStream,
+    op: &PrefixAttention,
+    dims: &MultiPrefixDims,
+    args: DeviceMultiPrefixAttentionArgs<'a, T>,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = plan::multi_prefix_attention(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: the addresses came from `bufs`, checked by the plan; the kernel bounds every
+    // prefix read by the set's rows whatever the ids and offsets hold.
     unsafe { bufs.run(&steps) }
 }
 

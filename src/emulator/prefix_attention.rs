@@ -12,7 +12,8 @@
 use super::{run, HostBufs};
 use crate::plan::prefix_attention as plan;
 use crate::prefix_attention::{
-    HostKvConcatArgs, HostLseMergeArgs, HostPrefixAttentionArgs, HostPrefixOnlyArgs, KvConcatDims,
+    HostKvConcatArgs, HostLseMergeArgs, HostMultiPrefixAttentionArgs, HostPrefixAttentionArgs,
+    HostPrefixOnlyArgs, KvConcatDims, MultiPrefixAttentionArgs, MultiPrefixDims,
     LseMergeBackwardArgs, LseMergeBackwardDims, LseMergeDims, PrefixAttention, PrefixAttentionArgs,
     PrefixAttentionBackwardDims, PrefixAttentionBackwardHostArgs, PrefixAttentionDims,
     PrefixOnlyArgs,
@@ -74,6 +75,78 @@ pub fn prefix_attention<T: Element>(
             let steps = plan::prefix_attention(op, dims, T::DTYPE, &b)?;
             if let Some(lens) = context_lens {
                 plan::check_context_lens(lens, dims)?;
+            }
+            run(&steps, &host)
+        },
+    )
+}
+
+/// Multi-tenant prefix attention (see [`crate::prefix_attention::MultiPrefixDims`]) on the
+/// CPU emulator: each sequence attends over its own prefix of the set, or none. Every
+/// argument, the ids, offsets and `context_lens` values included, is checked before anything
+/// runs. Slices of any alignment, as [`prefix_attention`].
+pub fn multi_prefix_attention<T: Element>(
+    op: &PrefixAttention,
+    dims: &MultiPrefixDims,
+    args: HostMultiPrefixAttentionArgs<'_, T>,
+) -> Result<()> {
+    let MultiPrefixAttentionArgs {
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_offsets,
+        prefix_ids,
+        context_lens,
+        out,
+        lse,
+        lambda,
+        workspace,
+        status,
+    } = args;
+    realigned(
+        [q, k, v, prefix_k, prefix_v],
+        out,
+        |[q, k, v, prefix_k, prefix_v], out| {
+            let args = MultiPrefixAttentionArgs {
+                q,
+                k,
+                v,
+                prefix_k,
+                prefix_v,
+                prefix_offsets,
+                prefix_ids,
+                context_lens,
+                out,
+                lse,
+                lambda,
+                workspace,
+                status,
+            };
+            let mut host = HostBufs::default();
+            let b = args.bufs(&mut host);
+            let a = &b.attention;
+            host.name([
+                ("q", Some(a.q)),
+                ("k", Some(a.k)),
+                ("v", Some(a.v)),
+                ("prefix_k", Some(a.prefix_k)),
+                ("prefix_v", Some(a.prefix_v)),
+                ("prefix_offsets", Some(b.prefix_offsets)),
+                ("prefix_ids", Some(b.prefix_ids)),
+                ("context_lens", a.context_lens),
+                ("out", Some(a.out)),
+                ("lse", a.lse),
+                ("lambda", a.lambda),
+                ("workspace", a.workspace),
+                ("status", b.status),
+            ]);
+            let steps = plan::multi_prefix_attention(op, dims, T::DTYPE, &b)?;
+            plan::check_prefix_set(prefix_ids, prefix_offsets, dims)?;
+            if let Some(lens) = context_lens {
+                plan::check_context_lens(lens, &dims.attention)
+                    .map_err(|e| e.of("multi_prefix_attention"))?;
             }
             run(&steps, &host)
         },

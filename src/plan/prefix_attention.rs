@@ -5,7 +5,7 @@ use super::{check_len, grid_for, Buf, KernelParams, Launch};
 use crate::error::{Error, Result};
 use crate::kernels::KernelId;
 use crate::prefix_attention::{
-    HeadLayout, KvConcatDims, LseMergeBackwardDims, LseMergeDims, PrefixAttention,
+    HeadLayout, KvConcatDims, LseMergeBackwardDims, LseMergeDims, MultiPrefixDims, PrefixAttention,
     PrefixAttentionBackwardDims, PrefixAttentionDims, HEAD_DIMS,
 };
 use crate::spec::DType;
@@ -45,7 +45,11 @@ pub struct PrefixAttentionParams {
     pub lse: u64,
     pub lambda: u64,
     pub partial: u64,
+    pub prefix_ids: u64,
+    pub prefix_offsets: u64,
+    pub status: u64,
     pub rows: i64,
+    pub prefix_rows: i64,
     pub sq: HeadStrides,
     pub sk: HeadStrides,
     pub sv: HeadStrides,
@@ -61,6 +65,7 @@ pub struct PrefixAttentionParams {
     pub kv_splits: i32,
     pub head_dim: i32,
     pub pack: i32,
+    pub prefixes: i32,
     pub scale_log2: f32,
 }
 // SAFETY: #[repr(C)], field for field the C++ struct (checked by a size test).
@@ -121,6 +126,19 @@ pub struct PrefixAttentionBufs {
     pub lambda: Option<Buf>,
     /// f32 scratch for split-KV decoding ([`kv_splits`]); `None`: never split.
     pub workspace: Option<Buf>,
+}
+
+/// The operands of `multi_prefix_attention`: the attention's (its `prefix_k` and `prefix_v`
+/// the packed set), the set's offsets table, the per-sequence ids and the status word.
+#[derive(Clone, Copy, Debug)]
+pub struct MultiPrefixAttentionBufs {
+    pub attention: PrefixAttentionBufs,
+    /// u32 `[prefixes + 1]`.
+    pub prefix_offsets: Buf,
+    /// i32 `[B]`.
+    pub prefix_ids: Buf,
+    /// u32 `[1]`, or `None`.
+    pub status: Option<Buf>,
 }
 
 /// The operands of `prefix_only_attention`.
@@ -487,7 +505,79 @@ pub fn prefix_attention(
     dtype: DType,
     b: &PrefixAttentionBufs,
 ) -> Result<Vec<(Launch, PrefixAttentionParams)>> {
-    plan_prefix_attention(op, dims, dtype, b).map_err(|e| e.of("prefix_attention"))
+    plan_prefix_attention(op, dims, dtype, b, None).map_err(|e| e.of("prefix_attention"))
+}
+
+/// Plans `multi_prefix_attention`: `prefix_attention`'s launches, each sequence reading its
+/// own prefix of the packed set (the same kernels, which look the prefix up on the device).
+/// The ids and offsets are checked for length here, for value by [`check_prefix_set`]
+/// where the host can read them.
+pub fn multi_prefix_attention(
+    op: &PrefixAttention,
+    dims: &MultiPrefixDims,
+    dtype: DType,
+    b: &MultiPrefixAttentionBufs,
+) -> Result<Vec<(Launch, PrefixAttentionParams)>> {
+    plan_prefix_attention(op, &dims.attention, dtype, &b.attention, Some((dims, b)))
+        .map_err(|e| e.of("multi_prefix_attention"))
+}
+
+/// Checks the values of a prefix set's offsets and of the per-sequence ids where the host
+/// can read them (the emulator, or a caller's host copies; on the GPU the kernel reads an
+/// id or a range outside the set as no prefix and flags it in `status`): `offsets`
+/// non-decreasing and within `dims.set_rows`, each prefix at most `dims.attention.prefix_len`
+/// rows, every id −1 or below `dims.prefixes`.
+pub fn check_prefix_set(ids: &[i32], offsets: &[u32], dims: &MultiPrefixDims) -> Result<()> {
+    prefix_set_within(ids, offsets, dims).map_err(|e| e.of("multi_prefix_attention"))
+}
+
+fn prefix_set_within(ids: &[i32], offsets: &[u32], dims: &MultiPrefixDims) -> Result<()> {
+    let offsets = &offsets[..dims.prefixes.saturating_add(1).min(offsets.len())];
+    for (i, w) in offsets.windows(2).enumerate() {
+        if w[1] < w[0] {
+            return Err(Error::invalid(
+                "prefix_offsets",
+                "non-decreasing offsets (prefix i is rows offsets[i]..offsets[i + 1])",
+                format!("offsets[{i}] = {} > offsets[{}] = {}", w[0], i + 1, w[1]),
+            ));
+        }
+        let len = (w[1] - w[0]) as usize;
+        if len > dims.attention.prefix_len {
+            return Err(Error::invalid(
+                "prefix_offsets",
+                format!(
+                    "prefixes of at most dims.attention.prefix_len = {} rows",
+                    dims.attention.prefix_len
+                ),
+                format!("{len} rows for prefix {i}"),
+            ));
+        }
+    }
+    if let Some(&last) = offsets.last() {
+        if last as usize > dims.set_rows {
+            return Err(Error::invalid(
+                "prefix_offsets",
+                format!(
+                    "offsets within the set's dims.set_rows = {} rows",
+                    dims.set_rows
+                ),
+                format!("offsets[{}] = {last}", offsets.len() - 1),
+            ));
+        }
+    }
+    let bad = ids
+        .iter()
+        .take(dims.attention.batch)
+        .enumerate()
+        .find(|(_, &id)| id < -1 || id as i64 >= dims.prefixes as i64);
+    match bad {
+        Some((b, &id)) => Err(Error::invalid(
+            "prefix_ids",
+            format!("−1 (no prefix) or an id below prefixes = {}", dims.prefixes),
+            format!("{id} for sequence {b}"),
+        )),
+        None => Ok(()),
+    }
 }
 
 fn plan_prefix_attention(
@@ -495,9 +585,42 @@ fn plan_prefix_attention(
     dims: &PrefixAttentionDims,
     dtype: DType,
     b: &PrefixAttentionBufs,
+    set: Option<(&MultiPrefixDims, &MultiPrefixAttentionBufs)>,
 ) -> Result<Vec<(Launch, PrefixAttentionParams)>> {
     let d = dims;
     let (scale_log2, _) = check_attention_dims(op, d)?;
+    // A prefix set: [set_rows, Hkv, d] tensors, read through the offsets (one "sequence" of
+    // set_rows rows, its batch stride unused), instead of [B, Hkv, l, d].
+    let prefix_shape = match set {
+        Some((s, sb)) => {
+            at_most("dims.set_rows", s.set_rows, MAX_LEN, "32-bit positions")?;
+            at_most(
+                "dims.prefixes",
+                s.prefixes,
+                i32::MAX as usize - 1,
+                "32-bit ids",
+            )?;
+            check_len(
+                "prefix_offsets",
+                Some(sb.prefix_offsets),
+                s.prefixes + 1,
+                Some("[prefixes + 1]: prefix i is rows offsets[i]..offsets[i + 1]"),
+            )?;
+            check_len(
+                "prefix_ids",
+                Some(sb.prefix_ids),
+                d.batch,
+                Some("one id per sequence"),
+            )?;
+            check_len("status", sb.status, 1, Some("one status word"))?;
+            [1, d.kv_heads, s.set_rows, d.head_dim]
+        }
+        None => [d.batch, d.kv_heads, d.prefix_len, d.head_dim],
+    };
+    let set_layout = |l: HeadLayout| match set {
+        Some(_) => l.shared_by_batch(),
+        None => l,
+    };
     let grid = grid_for([
         ("dims.q_len", d.q_len, QUERY_ROWS),
         ("dims.heads", d.heads, 1),
@@ -509,18 +632,8 @@ fn plan_prefix_attention(
         ("q", b.q, d.q, [d.batch, d.heads, d.q_len, hd]),
         ("k", b.k, d.k, [d.batch, hkv, d.kv_len, hd]),
         ("v", b.v, d.v, [d.batch, hkv, d.kv_len, hd]),
-        (
-            "prefix_k",
-            b.prefix_k,
-            d.prefix_k,
-            [d.batch, hkv, d.prefix_len, hd],
-        ),
-        (
-            "prefix_v",
-            b.prefix_v,
-            d.prefix_v,
-            [d.batch, hkv, d.prefix_len, hd],
-        ),
+        ("prefix_k", b.prefix_k, set_layout(d.prefix_k), prefix_shape),
+        ("prefix_v", b.prefix_v, set_layout(d.prefix_v), prefix_shape),
         ("out", b.out, d.out, [d.batch, d.heads, d.q_len, hd]),
     ];
     for (arg, buf, layout, shape) in tensors {
@@ -579,12 +692,16 @@ fn plan_prefix_attention(
         lse: addr(b.lse),
         lambda: addr(b.lambda),
         partial: if splits > 1 { addr(b.workspace) } else { 0 },
+        prefix_ids: set.map_or(0, |(_, sb)| sb.prefix_ids.addr),
+        prefix_offsets: set.map_or(0, |(_, sb)| sb.prefix_offsets.addr),
+        status: set.map_or(0, |(_, sb)| addr(sb.status)),
         rows: d.rows() as i64,
+        prefix_rows: set.map_or(0, |(s, _)| s.set_rows as i64),
         sq: d.q.into(),
         sk: d.k.into(),
         sv: d.v.into(),
-        spk: d.prefix_k.into(),
-        spv: d.prefix_v.into(),
+        spk: set_layout(d.prefix_k).into(),
+        spv: set_layout(d.prefix_v).into(),
         so: d.out.into(),
         heads: d.heads as i32,
         group: (d.heads / d.kv_heads) as i32,
@@ -595,6 +712,7 @@ fn plan_prefix_attention(
         kv_splits: splits as i32,
         head_dim: d.head_dim as i32,
         pack: pack as i32,
+        prefixes: set.map_or(0, |(s, _)| s.prefixes as i32),
         scale_log2,
     };
     if splits == 1 {
@@ -646,7 +764,7 @@ fn plan_prefix_only_attention(
         ..*op
     };
     // The private planner, whose errors the caller attributes to prefix_only_attention.
-    plan_prefix_attention(&op, &dims, dtype, &bufs)
+    plan_prefix_attention(&op, &dims, dtype, &bufs, None)
 }
 
 fn merge_kernel(dtype: DType) -> KernelId {

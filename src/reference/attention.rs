@@ -437,6 +437,104 @@ pub fn prefix_attention<T: Scalar>(
     Ok(r)
 }
 
+/// The tensors of a multi-tenant prefix attention: each sequence attends over its own
+/// prefix of a set, or none.
+#[derive(Clone, Copy, Debug)]
+pub struct MultiPrefixAttentionTensors<'a, T> {
+    /// Queries [B, Hq, Lq, d].
+    pub q: Tensor4<'a, T>,
+    /// Context keys [B, Hkv, Lk, d].
+    pub k: Tensor4<'a, T>,
+    /// Context values [B, Hkv, Lk, d_v].
+    pub v: Tensor4<'a, T>,
+    /// Prefix i's keys [1, Hkv, l_i, d], each prefix its own length.
+    pub prefixes_k: &'a [Tensor4<'a, T>],
+    /// Prefix i's values [1, Hkv, l_i, d_v].
+    pub prefixes_v: &'a [Tensor4<'a, T>],
+    /// Each sequence's prefix `[B]`, −1 for none.
+    pub ids: &'a [i32],
+    /// Valid context keys per sequence `[B]`, each ≤ Lk; `None` means all Lk.
+    pub context_lens: Option<&'a [u32]>,
+}
+
+/// Multi-tenant prefix attention, by definition sequence by sequence: sequence `b` is
+/// [`prefix_attention`] of its own batch-1 slice with prefix `ids[b]` (with `l = 0` when
+/// the id is −1: plain attention, λ = 0, LSE_p = −∞). The results are stacked over the
+/// batch as [`prefix_attention`]'s.
+pub fn multi_prefix_attention<T: Scalar>(
+    op: &PrefixAttention,
+    t: &MultiPrefixAttentionTensors<T>,
+) -> Result<PrefixAttentionOutput> {
+    let [batch, _, _, d] = t.q.shape;
+    let [_, hkv, _, dv] = t.v.shape;
+    t.q.check("q", "[B, Hq, Lq, d]", t.q.shape)?;
+    t.k.check("k", "[B, Hkv, Lk, d]", t.k.shape)?;
+    t.v.check("v", "[B, Hkv, Lk, d_v]", t.v.shape)?;
+    check_vec("ids", Some(t.ids), "[B]", batch)?;
+    check_vec("context_lens", t.context_lens, "[B]", batch)?;
+    if t.prefixes_k.len() != t.prefixes_v.len() {
+        return Err(Error::invalid(
+            "prefixes_v",
+            format!("one value tensor per key tensor ({})", t.prefixes_k.len()),
+            t.prefixes_v.len(),
+        ));
+    }
+    let mut r = PrefixAttentionOutput {
+        out: Vec::new(),
+        lse: Vec::new(),
+        lse_prefix: Vec::new(),
+        lse_context: Vec::new(),
+        lambda: Vec::new(),
+    };
+    let (no_k, no_v) = (
+        Tensor4::strided(&[][..], [1, hkv, 0, d], [0, 0, 0, 1]),
+        Tensor4::strided(&[][..], [1, hkv, 0, dv], [0, 0, 0, 1]),
+    );
+    for b in 0..batch {
+        let id = t.ids[b];
+        let (prefix_k, prefix_v) = match id {
+            -1 => (no_k, no_v),
+            _ => match usize::try_from(id).ok().filter(|&i| i < t.prefixes_k.len()) {
+                Some(i) => (t.prefixes_k[i], t.prefixes_v[i]),
+                None => {
+                    return Err(Error::invalid(
+                        "ids",
+                        format!("−1 or an id below {}", t.prefixes_k.len()),
+                        format!("{id} for sequence {b}"),
+                    ))
+                }
+            },
+        };
+        let s = prefix_attention(
+            op,
+            &PrefixAttentionTensors {
+                q: sequence(&t.q, b),
+                k: sequence(&t.k, b),
+                v: sequence(&t.v, b),
+                prefix_k,
+                prefix_v,
+                context_lens: t.context_lens.map(|l| &l[b..b + 1]),
+            },
+        )?;
+        r.out.extend(s.out);
+        r.lse.extend(s.lse);
+        r.lse_prefix.extend(s.lse_prefix);
+        r.lse_context.extend(s.lse_context);
+        r.lambda.extend(s.lambda);
+    }
+    Ok(r)
+}
+
+/// Sequence `b` of a checked `[B, ...]` tensor, as a batch of one.
+fn sequence<'a, T: Scalar>(x: &Tensor4<'a, T>, b: usize) -> Tensor4<'a, T> {
+    let at = b * x.strides[0];
+    Tensor4 {
+        data: x.data.get(at..).unwrap_or(&[]),
+        shape: [1, x.shape[1], x.shape[2], x.shape[3]],
+        strides: x.strides,
+    }
+}
+
 /// The unfused path a user would write: materialise `[P_k; K]` and `[P_v; V]` (l + Lk
 /// keys) and run one masked attention, the mask keeping every prefix key visible and the
 /// context keys masked as in the module docs (PEFT prepends ones to the attention mask).

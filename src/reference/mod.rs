@@ -29,9 +29,10 @@ pub mod optim;
 
 pub use adapter::{multi_head_adapter, MultiHeadAdapter, MultiHeadAdapterTensors};
 pub use attention::{
-    context_attention, lse_merge, lse_merge_backward, prefix_attention, prefix_attention_backward,
-    prefix_attention_concat, prefix_only_attention, AttentionState, MergeGrads, MergedAttention,
-    PrefixAttention, PrefixAttentionGrads, PrefixAttentionOutput, PrefixAttentionTensors, Tensor4,
+    context_attention, lse_merge, lse_merge_backward, multi_prefix_attention, prefix_attention,
+    prefix_attention_backward, prefix_attention_concat, prefix_only_attention, AttentionState,
+    MergeGrads, MergedAttention, MultiPrefixAttentionTensors, PrefixAttention,
+    PrefixAttentionGrads, PrefixAttentionOutput, PrefixAttentionTensors, Tensor4,
 };
 pub use backward::{
     delta_linear_backward, multi_head_adapter_backward, DeltaLinearGrads, MultiHeadAdapterGrads,
