@@ -8,7 +8,6 @@
 //! context keys past `context_lens`), and every output NaN before the run.
 
 use crate::common::{random_cases, Rng};
-use half::{bf16, f16};
 use peft_kernels::host::{self, Backend};
 use peft_kernels::prefix_attention::{
     HeadLayout, HostMultiPrefixAttentionArgs, HostPrefixAttentionArgs, MultiPrefixAttentionArgs,
@@ -472,10 +471,4 @@ pub fn bad_input_is_an_error(be: &Backend) {
         ..dims
     };
     expect_invalid(try_run(ok_ids, ok_off, &big, &x.set_k), "prefix_k");
-}
-
-pub fn every_dtype_random(be: &Backend, cases: usize) {
-    random_mixtures::<f32>(be, cases);
-    random_mixtures::<f16>(be, cases);
-    random_mixtures::<bf16>(be, cases);
 }
