@@ -21,8 +21,8 @@ use crate::plan::{self, Buf, BufSource, KernelParams, Launch};
 use crate::prefix_attention::{
     HostKvConcatArgs, HostLseMergeArgs, HostMultiPrefixAttentionArgs, HostPrefixAttentionArgs,
     HostPrefixOnlyArgs, KvConcatDims, LseMergeBackwardArgs, LseMergeBackwardDims, LseMergeDims,
-    MultiPrefixDims, PrefixAttention,
-    PrefixAttentionBackwardDims, PrefixAttentionBackwardHostArgs, PrefixAttentionDims,
+    MultiPrefixDims, PrefixAttention, PrefixAttentionBackwardDims, PrefixAttentionBackwardHostArgs,
+    PrefixAttentionDims,
 };
 use crate::{Element, Error, Result};
 

@@ -20,6 +20,12 @@
 //!   packs a GQA group's query heads into one block and, given the f32 workspace of
 //!   [`PrefixAttentionDims::workspace_len`], splits the keys over more blocks and merges the
 //!   runs (flash-decoding).
+//! - `multi_prefix_attention`: the same fused pass for a batch of sequences each with its own
+//!   prefix (or none) from a packed set of prefixes of different lengths, looked up on the
+//!   device through an offsets table and per-sequence ids ([`MultiPrefixDims`],
+//!   [`MultiPrefixAttentionArgs`]): serving many prefix-tuning fine-tunes in one batch. The
+//!   reference is the single-prefix one, sequence by sequence
+//!   ([`crate::reference::multi_prefix_attention`]). Forward only.
 //! - `prefix_only_attention`: the prefix part alone, `(out_p, LSE_p)` ([`PrefixOnlyArgs`]),
 //!   to pair with an attention of your own over the context through
 //! - `lse_merge`: two attention states `(o, LSE)` of the same rows merged into the gated
@@ -87,8 +93,7 @@
 
 use crate::plan::prefix_attention::{
     KvConcatBufs, LseMergeBackwardBufs, LseMergeBufs, MultiPrefixAttentionBufs,
-    PrefixAttentionBackwardBufs,
-    PrefixAttentionBufs, PrefixGradBuf, PrefixOnlyBufs,
+    PrefixAttentionBackwardBufs, PrefixAttentionBufs, PrefixGradBuf, PrefixOnlyBufs,
 };
 use crate::plan::BufSource;
 pub use crate::reference::PrefixAttention;

@@ -11,10 +11,13 @@ mod harness;
 
 use half::{bf16, f16};
 use harness::{MultiCase, MultiInputs};
+use peft_kernels::emulator::{self, CheckBuffer};
 use peft_kernels::host::Backend;
-use peft_kernels::plan::prefix_attention::{self as plan, MultiPrefixAttentionBufs, PrefixAttentionBufs};
+use peft_kernels::plan::prefix_attention::{
+    self as plan, MultiPrefixAttentionBufs, PrefixAttentionBufs,
+};
 use peft_kernels::plan::Buf;
-use peft_kernels::{emulator, Element, DEFAULT_SPLIT_TARGET};
+use peft_kernels::{Element, DEFAULT_SPLIT_TARGET};
 
 #[test]
 fn random_mixtures_f32() {
@@ -99,7 +102,12 @@ fn unchecked_ids_and_offsets_read_no_prefix_and_flag() {
     // (ids, offsets, the sequences read with no prefix, the status)
     let bad_offsets = vec![0, 5, 50, 22]; // prefix 1 past the set, prefix 2 decreasing
     let cases: [(Vec<i32>, Vec<u32>, Vec<usize>, u32); 3] = [
-        (vec![0, 3, 2, -1, i32::MIN], x.offsets.clone(), vec![1, 4], 1),
+        (
+            vec![0, 3, 2, -1, i32::MIN],
+            x.offsets.clone(),
+            vec![1, 4],
+            1,
+        ),
         (vec![0, 1, 2, -1, 1], bad_offsets.clone(), vec![1, 2, 4], 2),
         (vec![7, 1, 0, -1, -5], bad_offsets, vec![0, 1, 4], 3),
     ];
@@ -132,10 +140,24 @@ fn unchecked_ids_and_offsets_read_no_prefix_and_flag() {
             status: Some(buf_mut(&mut status)),
         };
         let steps = plan::multi_prefix_attention(&c.op(), &dims, f32::DTYPE, &bufs).unwrap();
+        // Named for the emulator's memcheck (PEFT_KERNELS_EMU_CHECK in a sanitize build).
+        let named = [
+            CheckBuffer::input("q", &x.q),
+            CheckBuffer::input("k", &x.k),
+            CheckBuffer::input("v", &x.v),
+            CheckBuffer::input("prefix_k", set_k),
+            CheckBuffer::input("prefix_v", set_v),
+            CheckBuffer::input("prefix_offsets", &offsets),
+            CheckBuffer::input("prefix_ids", &ids),
+            CheckBuffer::output("out", &out),
+            CheckBuffer::output("lse", &lse),
+            CheckBuffer::output("lambda", &lambda),
+            CheckBuffer::output("status", &status),
+        ];
         for (launch, params) in &steps {
             // SAFETY: every address is a live slice of the length the plan checked; the
             // outputs are written only through these addresses while no reference reads them.
-            unsafe { emulator::launch(launch, params) }.expect("launch");
+            unsafe { emulator::launch_with(launch, params, &named) }.expect("launch");
         }
         let r = expect(&c, &bad);
         let name = format!("ids {ids:?} offsets {offsets:?}");

@@ -6,9 +6,8 @@ use super::{Buffers, DeviceRead, DeviceWrite};
 use crate::plan::prefix_attention as plan;
 use crate::prefix_attention::{
     KvConcatArgs, KvConcatDims, LseMergeArgs, LseMergeBackwardArgs, LseMergeBackwardDims,
-    LseMergeDims, MultiPrefixAttentionArgs, MultiPrefixDims, PrefixAttention,
-    PrefixAttentionArgs, PrefixAttentionBackwardArgs,
-    PrefixAttentionBackwardDims, PrefixAttentionDims, PrefixOnlyArgs,
+    LseMergeDims, MultiPrefixAttentionArgs, MultiPrefixDims, PrefixAttention, PrefixAttentionArgs,
+    PrefixAttentionBackwardArgs, PrefixAttentionBackwardDims, PrefixAttentionDims, PrefixOnlyArgs,
 };
 use crate::{Element, Result};
 

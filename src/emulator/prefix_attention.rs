@@ -13,8 +13,8 @@ use super::{run, HostBufs};
 use crate::plan::prefix_attention as plan;
 use crate::prefix_attention::{
     HostKvConcatArgs, HostLseMergeArgs, HostMultiPrefixAttentionArgs, HostPrefixAttentionArgs,
-    HostPrefixOnlyArgs, KvConcatDims, MultiPrefixAttentionArgs, MultiPrefixDims,
-    LseMergeBackwardArgs, LseMergeBackwardDims, LseMergeDims, PrefixAttention, PrefixAttentionArgs,
+    HostPrefixOnlyArgs, KvConcatDims, LseMergeBackwardArgs, LseMergeBackwardDims, LseMergeDims,
+    MultiPrefixAttentionArgs, MultiPrefixDims, PrefixAttention, PrefixAttentionArgs,
     PrefixAttentionBackwardDims, PrefixAttentionBackwardHostArgs, PrefixAttentionDims,
     PrefixOnlyArgs,
 };

@@ -59,7 +59,11 @@ impl MultiCase {
         let kv_heads = rng.range(1, 2);
         let heads = kv_heads * rng.pick(&[1, 2, 4]);
         let q_len = if rng.chance(0.4) { 1 } else { rng.range(1, 80) };
-        let kv_len = if rng.chance(0.1) { 0 } else { rng.range(1, 150) };
+        let kv_len = if rng.chance(0.1) {
+            0
+        } else {
+            rng.range(1, 150)
+        };
         let n = rng.range(1, 5);
         let prefix_lens: Vec<usize> = (0..n)
             .map(|_| match rng.chance(0.1) {
@@ -252,7 +256,11 @@ pub fn run_multi<T: Element>(be: &Backend, c: &MultiCase, x: &MultiInputs<T>) ->
         lambda: vec![f32::NAN; rows],
         status: 0,
     };
-    let ws_len = if c.split { dims.workspace_len(T::DTYPE) } else { 0 };
+    let ws_len = if c.split {
+        dims.workspace_len(T::DTYPE)
+    } else {
+        0
+    };
     let mut workspace = vec![f32::NAN; ws_len];
     let mut status = [0u32];
     let args: HostMultiPrefixAttentionArgs<T> = MultiPrefixAttentionArgs {
@@ -270,8 +278,7 @@ pub fn run_multi<T: Element>(be: &Backend, c: &MultiCase, x: &MultiInputs<T>) ->
         workspace: (ws_len > 0).then_some(&mut workspace[..]),
         status: Some(&mut status),
     };
-    host::multi_prefix_attention(be, &c.op(), &dims, args)
-        .unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    host::multi_prefix_attention(be, &c.op(), &dims, args).unwrap_or_else(|e| panic!("{c:?}: {e}"));
     o.status = status[0];
     o
 }
@@ -354,12 +361,20 @@ pub fn same_as_shared_prefix<T: Element>(be: &Backend) {
         let x = MultiInputs::<T>::new(&mut rng, &c);
         let o = run_multi(be, &c, &x);
         let dims = c.dims();
-        let l = if id < 0 { 0 } else { c.prefix_lens[id as usize] };
+        let l = if id < 0 {
+            0
+        } else {
+            c.prefix_lens[id as usize]
+        };
         let mut single = dims.attention;
         single.prefix_len = l;
         single.prefix_k = HeadLayout::bshd(l, c.kv_heads, c.head_dim).shared_by_batch();
         single.prefix_v = single.prefix_k;
-        let lo = if id < 0 { 0 } else { x.offsets[id as usize] as usize };
+        let lo = if id < 0 {
+            0
+        } else {
+            x.offsets[id as usize] as usize
+        };
         let at = lo * dims.attention.prefix_k.seq;
         let span = l * dims.attention.prefix_k.seq;
         let (pk, pv) = (&x.set_k[at..at + span], &x.set_v[at..at + span]);
@@ -384,7 +399,12 @@ pub fn same_as_shared_prefix<T: Element>(be: &Backend) {
         host::prefix_attention(be, &c.op(), &single, args).expect("prefix_attention");
         let bits = |v: &[T]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
         let fbits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&o.out), bits(&out), "{} id {id} q_len {q_len}: out", T::DTYPE);
+        assert_eq!(
+            bits(&o.out),
+            bits(&out),
+            "{} id {id} q_len {q_len}: out",
+            T::DTYPE
+        );
         assert_eq!(fbits(&o.lse), fbits(&lse), "id {id} q_len {q_len}: lse");
         assert_eq!(fbits(&o.lambda), fbits(&lambda), "id {id} q_len {q_len}: λ");
     }
@@ -450,9 +470,15 @@ pub fn bad_input_is_an_error(be: &Backend) {
     expect_invalid(try_run(&[0, 2, -1], ok_off, &dims, &x.set_k), "prefix_ids");
     expect_invalid(try_run(&[0, -2, -1], ok_off, &dims, &x.set_k), "prefix_ids");
     expect_invalid(try_run(&[0, 1], ok_off, &dims, &x.set_k), "prefix_ids");
-    expect_invalid(try_run(ok_ids, &[0, 5, 4], &dims, &x.set_k), "prefix_offsets");
+    expect_invalid(
+        try_run(ok_ids, &[0, 5, 4], &dims, &x.set_k),
+        "prefix_offsets",
+    );
     // Past the set's rows (21 + 4 spare = 25).
-    expect_invalid(try_run(ok_ids, &[0, 5, 26], &dims, &x.set_k), "prefix_offsets");
+    expect_invalid(
+        try_run(ok_ids, &[0, 5, 26], &dims, &x.set_k),
+        "prefix_offsets",
+    );
     // Longer than the dims' longest prefix.
     let short = MultiPrefixDims {
         attention: peft_kernels::prefix_attention::PrefixAttentionDims {
