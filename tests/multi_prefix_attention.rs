@@ -65,6 +65,9 @@ fn buf_mut<A>(s: &mut [A]) -> Buf {
     }
 }
 
+/// An unchecked call: ids, offsets, the sequences that must read no prefix, the status.
+type Unchecked = (Vec<i32>, Vec<u32>, Vec<usize>, u32);
+
 /// Ids and offsets the host never checked (as on the GPU, where they live on the device):
 /// the kernel reads an id out of range, or a prefix whose offsets leave the set, as no prefix
 /// (that sequence gets plain attention, λ = 0) and sets the status bit; the others are as
@@ -101,7 +104,7 @@ fn unchecked_ids_and_offsets_read_no_prefix_and_flag() {
     };
     // (ids, offsets, the sequences read with no prefix, the status)
     let bad_offsets = vec![0, 5, 50, 22]; // prefix 1 past the set, prefix 2 decreasing
-    let cases: [(Vec<i32>, Vec<u32>, Vec<usize>, u32); 3] = [
+    let cases: [Unchecked; 3] = [
         (
             vec![0, 3, 2, -1, i32::MIN],
             x.offsets.clone(),
