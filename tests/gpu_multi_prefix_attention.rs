@@ -49,6 +49,14 @@ fn decode_and_prefill() {
 
 #[test]
 #[ignore = "needs a CUDA device"]
+fn split_kv_decode() {
+    harness::split_kv_decode::<f32>(&gpu());
+    harness::split_kv_decode::<f16>(&gpu());
+    harness::split_kv_decode::<bf16>(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
 fn same_as_shared_prefix_and_as_none() {
     harness::same_as_shared_prefix::<f32>(&gpu());
     harness::same_as_shared_prefix::<bf16>(&gpu());

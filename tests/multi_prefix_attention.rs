@@ -41,6 +41,12 @@ fn decode_and_prefill() {
 }
 
 #[test]
+fn split_kv_decode() {
+    harness::split_kv_decode::<f32>(&Backend::Emulator);
+    harness::split_kv_decode::<bf16>(&Backend::Emulator);
+}
+
+#[test]
 fn same_as_shared_prefix_and_as_none() {
     harness::same_as_shared_prefix::<f32>(&Backend::Emulator);
     harness::same_as_shared_prefix::<f16>(&Backend::Emulator);

@@ -52,17 +52,18 @@ pub struct MultiCase {
 impl MultiCase {
     /// A random mixture: 1–6 sequences, 1–5 prefixes of lengths from [`PREFIX_LENS`], ids
     /// with repeats and −1, sometimes every sequence on one prefix or none; decoding
-    /// (q_len = 1) 40% of the time, else prefill chunks; causal or not, ragged context
-    /// lengths, grouped-query heads, the split-KV workspace or not.
+    /// (q_len = 1, often over a long cache) 40% of the time, else prefill chunks; causal or
+    /// not, ragged context lengths, grouped-query heads, the split-KV workspace or not.
     pub fn random(rng: &mut Rng, head_dim: usize) -> MultiCase {
         let batch = rng.range(1, 6);
         let kv_heads = rng.range(1, 2);
         let heads = kv_heads * rng.pick(&[1, 2, 4]);
         let q_len = if rng.chance(0.4) { 1 } else { rng.range(1, 80) };
-        let kv_len = if rng.chance(0.1) {
-            0
-        } else {
-            rng.range(1, 150)
+        // Decoding over long caches half the time, where the split-KV workspace splits.
+        let kv_len = match (q_len, rng.range(0, 9)) {
+            (_, 0) => 0,
+            (1, 1..=5) => rng.range(150, 700),
+            _ => rng.range(1, 150),
         };
         let n = rng.range(1, 5);
         let prefix_lens: Vec<usize> = (0..n)
@@ -331,6 +332,36 @@ pub fn decode_and_prefill<T: Element>(be: &Backend) {
             split: true,
             split_target: DEFAULT_SPLIT_TARGET,
         };
+        check_multi::<T>(be, &mut rng, &c);
+    }
+}
+
+/// Decoding with the split-KV workspace over long contexts (the key tiles of each block split
+/// into runs and merged): the blocks' tile counts differ with their prefixes, a 200-row
+/// prefix spans runs, some runs lie wholly in a prefix or wholly in the context, and a
+/// sequence with an empty context or no prefix has empty runs.
+pub fn split_kv_decode<T: Element>(be: &Backend) {
+    let mut rng = Rng::from_env();
+    for (causal, split_target) in [(true, 1024), (false, DEFAULT_SPLIT_TARGET)] {
+        let c = MultiCase {
+            batch: 6,
+            heads: 4,
+            kv_heads: 2,
+            q_len: 1,
+            kv_len: 600,
+            head_dim: 64,
+            causal,
+            lens: Some(vec![600, 0, 1, 300, 599, 64]),
+            prefix_lens: vec![200, 64, 33, 1, 0],
+            ids: vec![0, 0, 1, 2, 3, -1],
+            spare_rows: 0,
+            slack: 0,
+            padded_set: false,
+            split: true,
+            split_target,
+        };
+        let runs = c.dims().workspace_len(T::DTYPE) / (c.dims().rows() * (c.head_dim + 4));
+        assert!(runs > 2, "{c:?}: {runs} runs, meant to split");
         check_multi::<T>(be, &mut rng, &c);
     }
 }
