@@ -152,6 +152,7 @@ PROFILE_CASES=(
   "prefix_attention|L=2048 l=128 causal.*/fused\$|^prefix_attention"
   "prefix_attention|decode.*L=32768 .*/split_kv\$|^prefix_attention"
   "prefix_attention_backward|L=2048 l=30 causal.*/fused\$|^prefix_attention_backward"
+  "multi_prefix_attention|^multi_prefix_attention decode.*/mixed\$|^prefix_attention"
 )
 
 # profile_case BENCH CASE KERNELS: ncu over 4 launches of the kernels matching KERNELS,
