@@ -565,3 +565,137 @@ fn an_empty_batch_launches_nothing() {
     )
     .unwrap();
 }
+
+/// The GPU twins: the same random mixtures on a device set with device batches, and device
+/// ids out of range flagged by the kernels.
+#[cfg(feature = "cuda")]
+mod on_gpu {
+    use super::*;
+    use peft_kernels::cuda::{self, DeviceAdapterSet, DeviceMultiDeltaLinearArgs};
+
+    fn mixtures<T: Element>(cases: usize) {
+        let stream = cuda::context(0).expect("a CUDA device").default_stream();
+        let mut rng = Rng::from_env();
+        let tol = default_tolerance(T::DTYPE);
+        for case in 0..cases {
+            // Decode and prefill, with K and N past every tile.
+            let m = rng.pick(&[1, 7, 16, 33, 64, 200]);
+            let (n, k) = (rng.pick(&[8, 72, 520]), rng.pick(&[16, 264, 1032]));
+            let count = rng.range(1, 12);
+            let (host_set, ids) = random_set::<T>(&mut rng, n, k, count);
+            let mut set =
+                DeviceAdapterSet::<T>::new(&stream, n, k, host_set.capacity(), host_set.max_rank())
+                    .unwrap();
+            // The same ids as the host set: slots filled in order (the lowest free slot is
+            // taken), a filler in each hole, removed at the end.
+            let filler = random_adapter::<T>(&mut rng, n, k, 1);
+            for slot in 0..host_set.capacity() {
+                let id = set
+                    .insert_host(host_set.get(slot).unwrap_or(&filler))
+                    .unwrap();
+                assert_eq!(id, slot);
+            }
+            for slot in 0..host_set.capacity() {
+                if host_set.get(slot).is_none() {
+                    set.remove(slot).unwrap();
+                }
+            }
+            let dims = MultiDeltaDims::new(m, n, k);
+            let x = scaled::<T>(&mut rng, m * k, 1);
+            let w = scaled::<T>(&mut rng, n * k, k);
+            let rows = random_rows(&mut rng, m, &ids);
+            let want = reference::multi_delta_linear(
+                MatRef::new(&x, m, k),
+                MatRef::new(&w, n, k),
+                None,
+                &host_set,
+                &rows,
+            )
+            .unwrap();
+            let d = |v: &[T]| stream.clone_htod(v).unwrap();
+            let (dx, dw) = (d(&x), d(&w));
+            let dids = stream.clone_htod(&rows).unwrap();
+            let mut dy = stream.clone_htod(&poisoned::<T>(m * n)).unwrap();
+            let mut ws = stream
+                .alloc_zeros::<T>(dims.workspace_len(set.max_rank()))
+                .unwrap();
+            let mut status = stream.alloc_zeros::<u32>(1).unwrap();
+            let args: DeviceMultiDeltaLinearArgs<T> = MultiDeltaLinearArgs {
+                x: &dx,
+                w: &dw,
+                bias: None,
+                batch: AdapterBatch::Rows(&dids),
+                status: Some(&mut status),
+                workspace: &mut ws,
+                y: &mut dy,
+            };
+            cuda::multi_delta_linear(&stream, &dims, &set, args).unwrap();
+            let y = stream.clone_dtoh(&dy).unwrap();
+            let what = format!("case {case} m {m} n {n} k {k}");
+            assert_close_matrix(&what, &y, MatrixLayout::contiguous(m, n), &want, tol);
+            assert_eq!(stream.clone_dtoh(&status).unwrap(), [0]);
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn random_mixtures_bf16() {
+        mixtures::<bf16>(random_cases(12));
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn random_mixtures_f16_and_f32() {
+        mixtures::<f16>(random_cases(6));
+        mixtures::<f32>(random_cases(6));
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn device_ids_out_of_range_flag_the_status() {
+        let stream = cuda::context(0).expect("a CUDA device").default_stream();
+        let mut rng = Rng::from_env();
+        let (m, n, k) = (4, 64, 64);
+        let mut set = DeviceAdapterSet::<f32>::new(&stream, n, k, 2, 8).unwrap();
+        // Slot 0 filled; slot 1 empty (removed); ids 2, -5 and 2^30 out of range.
+        set.insert_host(&random_adapter(&mut rng, n, k, 8)).unwrap();
+        let gone = set.insert_host(&random_adapter(&mut rng, n, k, 4)).unwrap();
+        set.remove(gone).unwrap();
+        let x = scaled::<f32>(&mut rng, m * k, 1);
+        let w = scaled::<f32>(&mut rng, n * k, k);
+        let want = peft_kernels::reference::linear::linear(
+            MatRef::new(&x, m, k),
+            MatRef::new(&w, n, k),
+            None,
+        )
+        .unwrap();
+        let dims = MultiDeltaDims::new(m, n, k);
+        let (dx, dw) = (
+            stream.clone_htod(&x).unwrap(),
+            stream.clone_htod(&w).unwrap(),
+        );
+        let dids = stream.clone_htod(&[2, -5, 1, 1 << 30]).unwrap();
+        let mut dy = stream.clone_htod(&poisoned::<f32>(m * n)).unwrap();
+        let mut ws = stream.alloc_zeros::<f32>(dims.workspace_len(8)).unwrap();
+        let mut status = stream.alloc_zeros::<u32>(1).unwrap();
+        cuda::multi_delta_linear(
+            &stream,
+            &dims,
+            &set,
+            MultiDeltaLinearArgs {
+                x: &dx,
+                w: &dw,
+                bias: None,
+                batch: AdapterBatch::Rows(&dids),
+                status: Some(&mut status),
+                workspace: &mut ws,
+                y: &mut dy,
+            },
+        )
+        .unwrap();
+        let y = stream.clone_dtoh(&dy).unwrap();
+        assert_close_matrix("y", &y, MatrixLayout::contiguous(m, n), &want, 1e-5);
+        let bits = MultiStatus::ID_OUT_OF_RANGE | MultiStatus::EMPTY_SLOT;
+        assert_eq!(stream.clone_dtoh(&status).unwrap(), [bits]);
+    }
+}
