@@ -7,8 +7,8 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use super::{Buffers, DeviceRead, DeviceWrite};
 use crate::error::{Error, Result};
-use crate::multi_adapter::{Adapter, MultiDeltaDims, MultiDeltaLinearArgs, Slots};
-use crate::plan::multi_adapter::{self as plan, AdapterEntry};
+use crate::multi_adapter::{Adapter, AdapterSet, MultiDeltaDims, MultiDeltaLinearArgs, Slots};
+use crate::plan::multi_adapter::{self as plan, AdapterEntry, SetView};
 use crate::plan::Buf;
 use crate::Element;
 
@@ -55,7 +55,31 @@ impl<T: Element> DeviceAdapterSet<T> {
     /// Adds an adapter whose tensors are already on the device (of the set's context) and
     /// returns its id.
     pub fn insert(&mut self, a: Adapter<CudaSlice<T>>) -> Result<usize> {
-        let (slot, mut entry) = self.slots.check(&a, |b| b.len())?;
+        let (slot, entry) = self.slots.check(&a, |b| b.len())?;
+        self.place(slot, entry, a)
+    }
+
+    /// A device copy of a host set, with the same ids.
+    pub fn from_host(stream: &Arc<CudaStream>, host: &AdapterSet<T>) -> Result<Self> {
+        let (n, k) = host.layer();
+        let mut set = Self::new(stream, n, k, host.capacity(), host.max_rank())?;
+        for slot in 0..host.capacity() {
+            if let Some(a) = host.get(slot) {
+                let (_, entry) = set.slots.check(a, Vec::len)?;
+                let device = set.upload(a)?;
+                set.place(slot, entry, device)?;
+            }
+        }
+        Ok(set)
+    }
+
+    /// Fills the empty `slot` with `a`, whose checked entry (without addresses) is `entry`.
+    fn place(
+        &mut self,
+        slot: usize,
+        mut entry: AdapterEntry,
+        a: Adapter<CudaSlice<T>>,
+    ) -> Result<usize> {
         let s = &self.stream;
         if [
             Some(&a.w_down),
@@ -87,15 +111,28 @@ impl<T: Element> DeviceAdapterSet<T> {
     pub fn insert_host(&mut self, a: &Adapter<Vec<T>>) -> Result<usize> {
         // Checked before the upload too, so a bad adapter costs no copy.
         self.slots.check(a, Vec::len)?;
+        let device = self.upload(a)?;
+        self.insert(device)
+    }
+
+    fn upload(&self, a: &Adapter<Vec<T>>) -> Result<Adapter<CudaSlice<T>>> {
         let up = |v: &Vec<T>| self.stream.clone_htod(v.as_slice());
-        let device = Adapter {
+        Ok(Adapter {
             op: a.op,
             w_down: up(&a.w_down)?,
             b_down: a.b_down.as_ref().map(up).transpose()?,
             w_up: up(&a.w_up)?,
             b_up: a.b_up.as_ref().map(up).transpose()?,
+        })
+    }
+
+    /// The planner's view, the table at its device address (for calls on the set's stream).
+    pub(crate) fn view(&self) -> SetView<'_> {
+        let table = Buf {
+            addr: self.table.device_ptr(&self.stream).0,
+            len: self.slots.entries.len(),
         };
-        self.insert(device)
+        self.slots.view(table)
     }
 
     /// Removes adapter `id` (its entry is emptied on the stream before its memory can be
