@@ -156,6 +156,11 @@ impl<T: Element> DeviceAdapterSet<T> {
         self.slots.max_rank
     }
 
+    /// The table's entries as the host last wrote them (device addresses).
+    pub(crate) fn entries(&self) -> &[AdapterEntry] {
+        &self.slots.entries
+    }
+
     /// Slots in all.
     pub fn capacity(&self) -> usize {
         self.slots.entries.len()
