@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the GPU check bundle on a development machine (x86-64 Linux, no GPU needed):
-# every test and bench binary and the examples (tour, finetune), built with `--release --features baseline`
+# every test and bench binary and the examples (tour, finetune, serve_many), built with `--release --features baseline`
 # by the pinned CUDA 13.0 nvcc, packed into gpu-bundle/ (git-ignored) together with
 # scripts/gpu-check.sh and benches/peers/, so that a machine with a GPU but no Rust
 # toolchain or network runs the whole check from it:
@@ -11,7 +11,7 @@
 # gpu-bundle/
 #   gpu-check.sh     the check (scripts/gpu-check.sh)
 #   payload.tar.xz   tests/<name> (tests/lib: the library's unit tests), benches/<name>,
-#                    examples/tour, examples/finetune
+#                    examples/tour, examples/finetune, examples/serve_many
 #   peers/           benches/peers: the PyTorch / PEFT peers
 #   MANIFEST.txt     commit, toolchain, binaries, sizes
 #
@@ -70,7 +70,7 @@ cargo_json() {
 export CUDARC_CUDA_VERSION=13000
 cargo_json tests test --release --features baseline --no-run
 cargo_json benches bench --features baseline --no-run
-cargo_json examples build --release --features baseline --example tour --example finetune
+cargo_json examples build --release --features baseline --example tour --example finetune --example serve_many
 
 step "staging the binaries"
 stage="$work/stage"
@@ -96,7 +96,7 @@ for name in ("tests", "benches", "examples"):
             print("tests", "lib" if kind == ["lib"] else target, m["executable"])
         elif name == "benches" and kind == ["bench"]:
             print("benches", target, m["executable"])
-        elif name == "examples" and kind == ["example"] and target in ("tour", "finetune"):
+        elif name == "examples" and kind == ["example"] and target in ("tour", "finetune", "serve_many"):
             print("examples", target, m["executable"])
 EOF
 grep -q '^examples tour ' "$work/artifacts.txt" || die "cargo built no tour example"

@@ -10,9 +10,11 @@
 #   libs         finds libcublas for cudarc (system, CUDA toolkit, or PyTorch's wheel)
 #   test:NAME    each test binary with --include-ignored: the GPU tests are #[ignore]d
 #                (tests/sass reads the kernels' SASS with the machine's cuobjdump;
-#                gpu_prefix_attention_backward: the attention backward and lse_merge_backward)
+#                gpu_prefix_attention_backward: the attention backward and lse_merge_backward;
+#                multi_adapter: on_gpu::, mixed-adapter batches and device ids out of range)
 #   bench:NAME   each criterion bench binary (--bench); the time left is shared among them
-#                (prefix_attention_backward: the backward, fused vs kv_concat + backward)
+#                (prefix_attention_backward: the backward, fused vs kv_concat + backward;
+#                multi_adapter: mixed batches vs the Punica-style cuBLAS sequence)
 #   peers        benches/peers/peers.py: PyTorch and PEFT on the benches' shapes (forward,
 #                the training step of delta_linear_train, the attention backward)
 #   ptx:NAME     the GPU tests again with PEFT_KERNELS_FORCE_PTX=1: the driver compiles
@@ -22,6 +24,7 @@
 #                plan step in plain stream order, as the sm_80 cubin runs them
 #   tour         examples/tour, every method of the unified view on the GPU
 #   finetune     examples/finetune, a student trained on the GPU recovers planted deltas
+#   serve_many   examples/serve_many, mixed multi-adapter batches checked row by row
 # in that order: what the budget cuts first is what a second call can redo quickest.
 #   sanitize     only with PEFT_GPU_CHECK_SANITIZE=1: compute-sanitizer memcheck over the
 #                GPU tests
@@ -32,7 +35,7 @@
 #
 # Environment:
 #   OUT                        where results go (the device tool sets it), else ./gpu-check-out
-#   PEFT_GPU_CHECK_SKIP        step kinds to skip, space-separated: tests ptx inorder tour finetune
+#   PEFT_GPU_CHECK_SKIP        step kinds to skip, space-separated: tests ptx inorder tour finetune serve_many
 #                              peers benches
 #   PEFT_GPU_CHECK_TEST_ARGS   arguments of every test binary (default: --include-ignored)
 #   PEFT_GPU_CHECK_BENCH_ARGS  more arguments of every bench binary, after --bench
@@ -136,6 +139,10 @@ tour_note() {
 
 finetune_note() {
   grep -E '^held-out loss|^verdict' "$1"  # one pair a run (LoRA + PA, prefix, MAM)
+}
+
+serve_many_note() {
+  grep -E '^(decode|prefill):|MISMATCH' "$1"  # one line a batch, and any failing row
 }
 
 profile_note() {
@@ -368,6 +375,12 @@ main() {
     run_step finetune 120 finetune_note "$bin/examples/finetune"
     if [ -n "$device" ] && grep -q '^backend: emulator' "$logs/finetune.log"; then
       record "finetune backend" FAIL 0 "a GPU is present but the example used the emulator"
+    fi
+  fi
+  if ! skipping serve_many && [ -x "$bin/examples/serve_many" ]; then
+    run_step serve_many 120 serve_many_note "$bin/examples/serve_many"
+    if [ -n "$device" ] && grep -q '^backend: emulator' "$logs/serve_many.log"; then
+      record "serve_many backend" FAIL 0 "a GPU is present but the example used the emulator"
     fi
   fi
   if [ "${PEFT_GPU_CHECK_SANITIZE:-0}" = 1 ]; then

@@ -318,6 +318,36 @@ pub fn dora_merge<T: Element>(
     }
 }
 
+/// `multi_delta_linear` ([`crate::multi_adapter`]) on host buffers and a host adapter set
+/// (the GPU gets a device copy of the set, with the same ids, for the call). Every id of the
+/// batch is checked before anything runs.
+pub fn multi_delta_linear<T: Element>(
+    backend: &Backend,
+    dims: &crate::multi_adapter::MultiDeltaDims,
+    set: &crate::multi_adapter::AdapterSet<T>,
+    args: crate::multi_adapter::HostMultiDeltaLinearArgs<'_, T>,
+) -> Result<()> {
+    match backend {
+        #[cfg(feature = "emulator")]
+        Backend::Emulator => crate::emulator::multi_delta_linear(dims, set, args),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(stream) => {
+            let device = crate::cuda::DeviceAdapterSet::from_host(stream, set)?;
+            let batch = args.batch;
+            let mut up = Upload::new(stream);
+            let b = args.bufs(&mut up);
+            let steps = plan::multi_adapter::multi_delta_linear(
+                dims,
+                T::DTYPE,
+                &device.view(),
+                &b,
+                Some(batch),
+            )?;
+            up.run2(&steps.delta, &steps.frozen)
+        }
+    }
+}
+
 /// The DoRA plans as the other plans are shaped: one step in a list.
 #[cfg(feature = "cuda")]
 fn dora_norm_plan(

@@ -31,6 +31,8 @@ pub enum Module {
     PrefixAttentionBackward,
     /// DoRA's row norms and per-column scale (`kernels/dora.cu`).
     Dora,
+    /// Many adapters of one linear layer in one batch (`kernels/multi_delta_linear.cu`).
+    MultiDeltaLinear,
 }
 
 impl Module {
@@ -46,6 +48,7 @@ impl Module {
         Module::Optim,
         Module::PrefixAttentionBackward,
         Module::Dora,
+        Module::MultiDeltaLinear,
     ];
 
     /// The file stem under `kernels/` (and of the embedded PTX and cubins).
@@ -61,6 +64,7 @@ impl Module {
             Module::Optim => "optim",
             Module::PrefixAttentionBackward => "prefix_attention_backward",
             Module::Dora => "dora",
+            Module::MultiDeltaLinear => "multi_delta_linear",
         }
     }
 }
@@ -347,6 +351,17 @@ kernel_table! {
         dora_scale_f32,
         dora_scale_f16,
         dora_scale_bf16,
+    }
+    MultiDeltaLinear {
+        multi_delta_naive_f32,
+        multi_delta_naive_f16,
+        multi_delta_naive_bf16,
+        multi_shrink_f32,
+        multi_shrink_f16,
+        multi_shrink_bf16,
+        multi_expand_f32,
+        multi_expand_f16,
+        multi_expand_bf16,
     }
 }
 

@@ -515,6 +515,131 @@ pub struct LoraStepArgs<'a, T> {
     pub d_lora_b: DeviceWrite<'a, T>,
 }
 
+impl Baseline {
+    /// The unfused multi-adapter sequence of Punica-style serving for a segmented batch (the
+    /// yardstick of [`crate::cuda::multi_delta_linear`], benches/multi_adapter.rs): the
+    /// frozen GEMM for every row, then per segment with an adapter a shrink GEMM of its rows
+    /// into t, the bias and activation, and an expand GEMM adding s·t·W_upᵀ to its rows of y
+    /// (beta = 1), and s·b_up:
+    ///
+    /// ```text
+    /// y = x·Wᵀ (+ b)                               cublasGemmEx (+ bias_activation)
+    /// per segment g of adapter a, rows R_g:
+    ///   t[R_g] = x[R_g]·W_down,aᵀ                  cublasGemmEx
+    ///   t[R_g] = f_a(t[R_g] + b_down,a)            bias_activation (unless identity, no bias)
+    ///   y[R_g] = s_a·t[R_g]·W_up,aᵀ + y[R_g]       cublasGemmEx, alpha = s_a, beta = 1
+    ///   y[R_g] += s_a·b_up,a                       bias_activation (only with b_up)
+    /// ```
+    ///
+    /// The segments are given on the host too (`host_starts`, `host_ids`: the launches of a
+    /// segment depend on them, as a per-group launcher's do); the call checks them and the
+    /// tensors as the fused call does, with `args.batch` its device twin (unused here).
+    pub fn multi_delta_linear<'a, T: Element>(
+        &'a self,
+        dims: &crate::multi_adapter::MultiDeltaDims,
+        set: &'a super::DeviceAdapterSet<T>,
+        (host_starts, host_ids): (&[i32], &[i32]),
+        args: super::DeviceMultiDeltaLinearArgs<'a, T>,
+    ) -> Result<()> {
+        use crate::multi_adapter::AdapterBatch;
+        let d = crate::multi_adapter::MultiDeltaDims {
+            kernel: KernelVariant::Auto,
+            ..*dims
+        };
+        let mut bufs = Buffers::new(&self.stream);
+        let b = args.bufs(&mut bufs);
+        let host = AdapterBatch::Segments {
+            starts: host_starts,
+            ids: host_ids,
+        };
+        crate::plan::multi_adapter::multi_delta_linear(&d, T::DTYPE, &set.view(), &b, Some(host))?;
+        if d.m == 0 {
+            return Ok(());
+        }
+        let size = T::DTYPE.size() as u64;
+        let (n, k) = (d.n as i32, d.k as i32);
+        let ldt = workspace_ld(set.max_rank());
+        let at = |buf: Buf, row: usize, ld: usize| Operand {
+            addr: buf.addr + (row * ld) as u64 * size,
+            ld: ld as i32,
+        };
+        let bias_act = |x: Operand, rows, cols, bias: u64, bias_scale, f: Activation| {
+            let p = BiasActivationParams {
+                x: x.addr,
+                bias,
+                ld: i64::from(x.ld),
+                rows,
+                cols,
+                activation: f as i32,
+                bias_scale,
+            };
+            let launch = bias_activation_launch(T::DTYPE, rows as usize, cols as usize);
+            // SAFETY: x is a checked [rows, cols] block of a checked matrix, bias (if any) an
+            // adapter's or the layer's checked vector of cols elements.
+            unsafe { super::launch(&self.stream, &launch, &p) }
+        };
+        bufs.check_before_launch()?;
+        self.stream.context().bind_to_thread()?;
+        let (x, y) = (at(b.x, 0, d.ld_x), at(b.y, 0, d.ld_y));
+        // SAFETY (each GEMM): the plan checked x, W, y, the workspace and every segment; the
+        // set's entries hold its adapters' checked shapes; `bufs` keeps the call's buffers
+        // stream-ordered until everything is queued.
+        unsafe {
+            self.gemm_nt::<T>(
+                GemmShape::new(d.m as i32, n, k, 1.0, 0.0),
+                x,
+                at(b.w, 0, d.k),
+                y,
+            )
+        }?;
+        if let Some(bias) = b.bias {
+            bias_act(y, d.m as i32, n, bias.addr, 1.0, Activation::Identity)?;
+        }
+        for (s, &id) in host_ids.iter().enumerate() {
+            let (r0, r1) = (host_starts[s] as usize, host_starts[s + 1] as usize);
+            let Some(e) = usize::try_from(id).ok().map(|id| set.entries()[id]) else {
+                continue;
+            };
+            if r1 == r0 {
+                continue;
+            }
+            let (rows, r) = ((r1 - r0) as i32, e.rank);
+            let t = at(b.workspace, r0, ldt);
+            let (w_down, w_up) = (
+                Operand {
+                    addr: e.w_down,
+                    ld: k,
+                },
+                Operand {
+                    addr: e.w_up,
+                    ld: r,
+                },
+            );
+            unsafe {
+                self.gemm_nt::<T>(
+                    GemmShape::new(rows, r, k, 1.0, 0.0),
+                    at(b.x, r0, d.ld_x),
+                    w_down,
+                    t,
+                )
+            }?;
+            let f = crate::spec::Activation::ALL[e.activation as usize];
+            if e.b_down != 0 || f != Activation::Identity {
+                bias_act(t, rows, r, e.b_down, 1.0, f)?;
+            }
+            let y_rows = at(b.y, r0, d.ld_y);
+            unsafe {
+                self.gemm_nt::<T>(GemmShape::new(rows, n, r, e.scale, 1.0), t, w_up, y_rows)
+            }?;
+            if e.b_up != 0 {
+                bias_act(y_rows, rows, n, e.b_up, e.scale, Activation::Identity)?;
+            }
+        }
+        drop(bufs);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,11 +30,13 @@ pub mod baseline;
 mod delta_linear;
 mod dora;
 mod modules;
+mod multi_adapter;
 mod optim;
 mod prefix_attention;
 
 pub use delta_linear::*;
 pub use dora::*;
+pub use multi_adapter::*;
 pub use optim::*;
 pub use prefix_attention::*;
 

@@ -25,11 +25,13 @@ use std::ffi::{c_char, c_void, CStr};
 
 mod delta_linear;
 mod dora;
+mod multi_adapter;
 mod optim;
 mod prefix_attention;
 
 pub use delta_linear::*;
 pub use dora::*;
+pub use multi_adapter::*;
 pub use optim::*;
 pub use prefix_attention::*;
 

@@ -1053,3 +1053,38 @@ fn plan_lora_merge(
     };
     Ok((launch, p))
 }
+
+/// The frozen GEMM of a delta-linear call alone, planned as `delta_linear` plans it (kernel
+/// by `d.kernel`, dtype and alignment; split-K into the main partial sums of the workspace
+/// laid out for `d`): y = x·Wᵀ + b, plus y itself read in place when `add_y` (each element
+/// read and written by one thread). A dependent launch of the step before it: it streams W
+/// first and waits before it reads or writes y. For multi-adapter batches
+/// ([`super::multi_adapter`]), whose deltas are written to y before it.
+pub(crate) fn frozen_pass(
+    d: &DeltaLinearDims,
+    dtype: DType,
+    (x, w, bias): (Buf, Buf, Option<Buf>),
+    y: Buf,
+    workspace: Buf,
+    add_y: bool,
+) -> Result<Vec<(Launch, FusedLinearParams)>> {
+    let n = positive("dims.n", d.n)?;
+    let k = positive("dims.k", d.k)?;
+    let m = dim_i32("dims.m", d.m)?;
+    let layout = workspace_layout(d.m, 1, d.r, d.n, d.split_target);
+    let (_, main_partials) = partials(workspace, &layout, dtype);
+    let mut p = pass((0, 1.0), m, n, y.addr, d.ld_y);
+    (p.a1, p.lda1, p.b1, p.ldb1, p.k1) = (x.addr, d.ld_x as i64, w.addr, d.k as i64, k);
+    p.bias = addr(bias);
+    if add_y {
+        (p.h_in, p.ldh) = (y.addr, d.ld_y as i64);
+    }
+    (p.c_main, p.c_out) = (COEF_ONE, COEF_ONE);
+    let kind = kind_for(
+        d.kernel,
+        dtype,
+        (d.m, d.n),
+        &[(x.addr, d.ld_x, 0), (w.addr, d.k, 0)],
+    )?;
+    pass_steps((kind, dtype), "dims.n", 1, p, (main_partials, d.n), true)
+}

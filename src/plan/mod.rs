@@ -5,6 +5,7 @@
 pub mod delta_linear;
 pub mod delta_linear_backward;
 pub mod dora;
+pub mod multi_adapter;
 pub mod optim;
 pub mod prefix_attention;
 

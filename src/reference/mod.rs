@@ -25,6 +25,7 @@ pub mod attention;
 pub mod backward;
 pub mod dora;
 pub mod linear;
+pub mod multi_adapter;
 pub mod optim;
 
 pub use adapter::{multi_head_adapter, MultiHeadAdapter, MultiHeadAdapterTensors};
