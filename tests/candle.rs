@@ -442,13 +442,17 @@ fn check_paths(paths: &[Path], cases: usize) {
                         default_tolerance(dtype),
                         seed,
                     );
+                    // With n = 1 or k = 1 every element of dW_down or dW_up is one sum over the
+                    // rows whose cancellation decides its error (measured 1.1e-5 in f32 for a
+                    // right result): 1e-4 there.
+                    let thin = if p.n == 1 || p.k == 1 { 1e-4 } else { 0.0 };
                     for ((g, r), gname) in grads.iter().zip(&g_ref).zip(GRAD_NAMES) {
                         match (g, r) {
                             (Some(g), Some(r)) => assert_close(
                                 &format!("{} {gname}", what(path)),
                                 g,
                                 r,
-                                grad_tolerance(dtype, path),
+                                grad_tolerance(dtype, path).max(thin),
                                 seed,
                             ),
                             (None, None) => {}
