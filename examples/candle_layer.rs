@@ -59,19 +59,21 @@ fn main() -> candle_core::Result<()> {
         }
     }
 
-    // Training: LoRA A and B of the first layer as candle Vars, fitted to a target output
-    // by plain gradient descent; the gradients come from the layer's backward.
+    // Training: LoRA A and B of the first layer as candle Vars, from B = 0 fitted to PEFT's
+    // output by plain gradient descent; the gradients come from the layer's backward (candle's
+    // autograd over its ops, or the crate's backward kernels in the custom op).
     let m = &adapter.modules[0];
     let weight = tensor(&format!("{}.weight", m.name))?;
     let x = tensor(&format!("{}.x", m.name))?;
-    let a = Var::from_tensor(&Tensor::from_vec(
-        m.w_down.to::<f32>(),
-        m.w_down.shape.clone(),
-        &device,
-    )?)?;
-    let b = Var::zeros((m.out_features, m.r), DType::F32, &device)?;
+    let a0 = Tensor::from_vec(m.w_down.to::<f32>(), m.w_down.shape.clone(), &device)?;
+    let (a, b) = (
+        Var::from_tensor(&a0)?,
+        Var::zeros((m.out_features, m.r), DType::F32, &device)?,
+    );
     let target = tensor(&format!("{}.y", m.name))?;
     for &(path, emulator) in paths {
+        // Each path from the same start (PEFT's initialisation: B = 0).
+        a.set(&a0)?;
         b.set(&Tensor::zeros((m.out_features, m.r), DType::F32, &device)?)?;
         let layer = DeltaLinearLayer::new(m.op(), &weight, None, &a, &b)?.with_emulator(emulator);
         let mut first = None;
@@ -81,7 +83,7 @@ fn main() -> candle_core::Result<()> {
             let first = *first.get_or_insert(value);
             if step % 10 == 0 {
                 println!(
-                    "  training B by {path}: step {step:>2} loss {value:.4e} ({:.3}x of the first)",
+                    "  training A, B by {path}: step {step:>2} loss {value:.4e} ({:.3}x of the first)",
                     value / first
                 );
             }
