@@ -1758,9 +1758,9 @@ impl PrefixAttentionLayer {
         let (b, hq, lq, d) = q
             .dims4()
             .map_err(|_| invalid(ATTENTION, "q", "[B, Hq, Lq, d]", format!("{:?}", q.dims())))?;
-        let (hkv, l, pd) = match self.prefix_k.dims() {
-            &[h, l, d] => (h, l, d),
-            &[pb, h, l, d] => {
+        let (hkv, l, pd) = match *self.prefix_k.dims() {
+            [h, l, d] => (h, l, d),
+            [pb, h, l, d] => {
                 if pb != b {
                     return Err(invalid(
                         ATTENTION,
