@@ -60,6 +60,73 @@ use crate::{Activation, Composition, DType, Element, Insertion};
 
 type Result<T> = candle_core::Result<T>;
 
+#[cfg(feature = "emulator")]
+use crate::emulator as emu;
+
+/// Without the `emulator` feature (a user's CUDA-only build), the emulator opt-in on CPU
+/// tensors is an `Unsupported` error; these stand in for the emulator's entry points.
+#[cfg(not(feature = "emulator"))]
+mod emu {
+    use crate::delta_linear::{
+        DeltaLinear, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs,
+        HostDeltaLinearArgs,
+    };
+    use crate::dora::{DoraDims, DoraNormArgs};
+    use crate::prefix_attention::{
+        HostPrefixAttentionArgs, PrefixAttention, PrefixAttentionBackwardDims,
+        PrefixAttentionBackwardHostArgs, PrefixAttentionDims,
+    };
+    use crate::{Element, Error, Result};
+
+    fn off() -> Error {
+        Error::Unsupported(
+            "with_emulator(true) on CPU tensors needs the crate's `emulator` feature".into(),
+        )
+    }
+    pub fn delta_linear<T: Element>(
+        _: &DeltaLinear,
+        _: &DeltaLinearDims,
+        _: HostDeltaLinearArgs<'_, T>,
+    ) -> Result<()> {
+        Err(off())
+    }
+    pub fn delta_linear_train<T: Element>(
+        _: &DeltaLinear,
+        _: &DeltaLinearDims,
+        _: DeltaLinearTrainArgs<&[T], &mut [T], &mut [f32]>,
+    ) -> Result<()> {
+        Err(off())
+    }
+    pub fn delta_linear_backward<T: Element>(
+        _: &DeltaLinear,
+        _: &DeltaLinearDims,
+        _: DeltaLinearBackwardArgs<&[T], &[f32], &mut [T], &mut [f32]>,
+    ) -> Result<()> {
+        Err(off())
+    }
+    pub fn dora_norm<T: Element>(
+        _: &DoraDims,
+        _: f32,
+        _: DoraNormArgs<&[T], &mut [f32]>,
+    ) -> Result<()> {
+        Err(off())
+    }
+    pub fn prefix_attention<T: Element>(
+        _: &PrefixAttention,
+        _: &PrefixAttentionDims,
+        _: HostPrefixAttentionArgs<'_, T>,
+    ) -> Result<()> {
+        Err(off())
+    }
+    pub fn prefix_attention_backward<T: Element>(
+        _: &PrefixAttention,
+        _: &PrefixAttentionBackwardDims,
+        _: PrefixAttentionBackwardHostArgs<'_, T>,
+    ) -> Result<()> {
+        Err(off())
+    }
+}
+
 /// The crate's error as candle's.
 fn wrap(e: crate::Error) -> candle_core::Error {
     candle_core::Error::Msg(format!("peft-kernels: {e}"))
@@ -661,7 +728,7 @@ fn linear_forward<T: Elem>(
             y: &mut y[..],
         };
         let result = if train {
-            crate::emulator::delta_linear_train(
+            emu::delta_linear_train(
                 &c.op,
                 d,
                 DeltaLinearTrainArgs {
@@ -671,7 +738,7 @@ fn linear_forward<T: Elem>(
                 },
             )
         } else {
-            crate::emulator::delta_linear(&c.op, d, forward)
+            emu::delta_linear(&c.op, d, forward)
         };
         result.map_err(wrap)?;
         let saved = if train {
@@ -804,7 +871,7 @@ fn linear_backward<T: Elem>(
         let mut db_up = has(B_UP).then(|| vec![0.0f32; d.n]);
         let mut dgate = has(GATE).then(|| vec![0.0f32; d.m]);
         let mut workspace = vec![0.0f32; ws];
-        crate::emulator::delta_linear_backward(
+        emu::delta_linear_backward(
             &c.op,
             d,
             DeltaLinearBackwardArgs {
@@ -1293,7 +1360,7 @@ fn dora_norm<T: Elem>(dims: &DoraDims, s: f32, inputs: &[Option<Tensor>]) -> Res
     if held.is_cpu() {
         let get = |i, len| held.host::<T>(i, len).map(|s| s.expect("given"));
         let mut g = vec![0.0f32; n];
-        crate::emulator::dora_norm(
+        emu::dora_norm(
             dims,
             s,
             DoraNormArgs {
@@ -1428,7 +1495,7 @@ fn attention_forward<T: Elem>(
         let get = |i, len| held.host::<T>(i, len).map(|s| s.expect("given"));
         let mut out = vec![T::default(); c.out_len()];
         let mut lse = vec![0.0f32; if train { rows } else { 0 }];
-        crate::emulator::prefix_attention(
+        emu::prefix_attention(
             &c.op,
             d,
             PrefixAttentionArgs {
@@ -1566,7 +1633,7 @@ fn attention_backward<T: Elem>(
         );
         let (mut dpk, mut dpv) = (vec![0.0f32; dprefix_len], vec![0.0f32; dprefix_len]);
         let mut workspace = vec![0.0f32; ws];
-        crate::emulator::prefix_attention_backward(
+        emu::prefix_attention_backward(
             &c.op,
             &dims,
             PrefixAttentionBackwardArgs {
