@@ -59,6 +59,8 @@
 //! # Ok::<(), peft_kernels::Error>(())
 //! ```
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod delta_linear;
 pub mod dora;
 pub mod dropout;

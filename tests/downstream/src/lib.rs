@@ -94,3 +94,18 @@ fn cuda_view<'a>(
     let start = layout.start_offset();
     Ok(slice.slice(start..start + layout.shape().elem_count()))
 }
+
+/// The same LoRA layer through the crate's candle layer (`peft_kernels::candle`, features
+/// `candle` and `cuda`): on CUDA tensors the fused kernels on candle's stream, differentiable
+/// by candle's autograd. Here so that the layer's CUDA path type-checks.
+pub fn lora_layer(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    alpha: f32,
+) -> candle_core::Result<Tensor> {
+    use candle_core::Module;
+    let layer = peft_kernels::candle::DeltaLinearLayer::new(DeltaLinear::lora(alpha), w, None, a, b)?;
+    layer.forward(x)
+}
