@@ -65,6 +65,8 @@ pub mod delta_linear;
 pub mod dora;
 pub mod dropout;
 pub mod error;
+// Runs an operation on the best backend: there is none without `emulator` or `cuda`.
+#[cfg(any(feature = "emulator", feature = "cuda"))]
 pub mod host;
 pub mod kernels;
 pub mod multi_adapter;
