@@ -1,0 +1,175 @@
+//! The emulator's profile mode (issue 16): its counts against independent counts of known
+//! kernels, sampling against exact profiles, and its refusals.
+
+mod common;
+
+use common::Rng;
+use peft_kernels::emulator::{self, LaunchProfile, Sampling};
+use peft_kernels::selftest::{self, mma, mma::BLayout, mma::MmaGemm};
+use peft_kernels::Result;
+
+fn one(r: Result<((), Vec<LaunchProfile>)>) -> LaunchProfile {
+    let (_, mut p) = r.unwrap_or_else(|e| panic!("profile: {e}"));
+    assert_eq!(p.len(), 1, "one launch profiled");
+    p.pop().unwrap()
+}
+
+/// The 32-byte sectors of a buffer of `bytes` bytes (counted from its start, as if it were
+/// a 256-byte aligned device allocation).
+fn sectors_of(bytes: usize) -> f64 {
+    bytes.div_ceil(32) as f64
+}
+
+/// The tiled SGEMM's traffic is known exactly: block (x, y) reads rows [64y, 64y + 64) of
+/// A and columns [64x, 64x + 64) of B, every element once, loads guarded by the bounds, and
+/// writes its tile of C once. So A is read grid.x times, B grid.y times, C written once.
+fn sgemm_profile(m: usize, n: usize, k: usize, sampling: Sampling) -> LaunchProfile {
+    let mut rng = Rng::from_env();
+    let a = rng.uniform_vec::<f32>(m * k);
+    let b = rng.uniform_vec::<f32>(k * n);
+    let mut c = vec![f32::NAN; m * n];
+    let p = one(emulator::profile(sampling, || {
+        selftest::sgemm_tiled(&a, &b, &mut c, m, n, k)
+    }));
+    p
+}
+
+#[test]
+fn sgemm_bytes_match_an_independent_count() {
+    let (m, n, k) = (130, 97, 45);
+    let p = sgemm_profile(m, n, k, Sampling::Exact);
+    let (gx, gy) = (n.div_ceil(64) as f64, m.div_ceil(64) as f64);
+    let a = p.operand("a").unwrap();
+    let b = p.operand("b").unwrap();
+    let c = p.operand("c").unwrap();
+    assert_eq!(a.loads.bytes, gx * (m * k * 4) as f64, "{p}");
+    assert_eq!(b.loads.bytes, gy * (k * n * 4) as f64, "{p}");
+    assert_eq!(c.stores.bytes, (m * n * 4) as f64, "{p}");
+    assert_eq!(
+        a.stores.requests + b.stores.requests + c.loads.requests,
+        0.0,
+        "{p}"
+    );
+    // Every byte of each buffer is touched, so its distinct sectors are all of its sectors;
+    // every block reads its rows of A, so A's sectors are re-read by grid.x − 1 other blocks
+    // (about: a block's rows share boundary sectors with the next block's).
+    assert_eq!(a.loads.distinct_sectors, sectors_of(m * k * 4), "{p}");
+    assert_eq!(b.loads.distinct_sectors, sectors_of(k * n * 4), "{p}");
+    assert_eq!(c.stores.distinct_sectors, sectors_of(m * n * 4), "{p}");
+    assert!(
+        a.loads.reread_sectors() >= (gx - 1.0) * a.loads.distinct_sectors,
+        "{p}"
+    );
+    // 16 × 16 threads, barriers: two per K slice of 16 per block.
+    assert_eq!(p.blocks, gx * gy);
+    assert_eq!(p.threads, gx * gy * 256.0);
+    assert_eq!(p.barriers, gx * gy * 2.0 * k.div_ceil(16) as f64, "{p}");
+    assert_eq!(p.outside_bytes, 0.0);
+    assert!(!p.sampled);
+    // A warp's transposing store as[kk][r] hits rows kk = 0..15 (68 floats apart: bank
+    // 4·kk + r mod 32) of two columns r: rows kk and kk + 8 share a bank, a 2-way conflict
+    // the padding of 4 does not remove; bs[kk][c] stores run along a row, conflict-free.
+    // The inner loop's loads broadcast.
+    assert_eq!(
+        p.shared_stores.wavefronts,
+        1.5 * p.shared_stores.requests,
+        "{p}"
+    );
+    assert_eq!(p.shared_stores.ideal, p.shared_stores.requests, "{p}");
+    assert_eq!(p.shared_loads.conflicts(), 0.0, "{p}");
+    assert_eq!(p.mma, 0.0);
+}
+
+/// The tensor-core GEMM stages A and B with cp.async (copies the runtime performs on the
+/// kernel's behalf: they must be counted too), reads them with ldmatrix and multiplies with
+/// mma.sync: its bytes and FLOPs are known, and its padded rows make ldmatrix
+/// conflict-free.
+#[test]
+fn mma_gemm_counts_copies_ldmatrix_and_mma() {
+    let mut rng = Rng::from_env();
+    for layout in [BLayout::Nk, BLayout::Kn] {
+        let (m, n, k) = (128, 192, 96);
+        let gemm = MmaGemm {
+            m,
+            n,
+            k,
+            b_layout: layout,
+        };
+        let a: Vec<half::bf16> = rng
+            .uniform_vec::<f32>(m * k)
+            .into_iter()
+            .map(half::bf16::from_f32)
+            .collect();
+        let b: Vec<half::bf16> = rng.uniform_vec(n * k);
+        let mut c = vec![f32::NAN; m * n];
+        let p = one(emulator::profile(Sampling::Exact, || {
+            mma::mma_gemm(&gemm, &a, &b, &mut c)
+        }));
+        let (gx, gy) = ((n / 64) as f64, (m / 64) as f64);
+        assert_eq!(
+            p.operand("a").unwrap().loads.bytes,
+            gx * (m * k * 2) as f64,
+            "{p}"
+        );
+        assert_eq!(
+            p.operand("b").unwrap().loads.bytes,
+            gy * (n * k * 2) as f64,
+            "{p}"
+        );
+        assert_eq!(
+            p.operand("c").unwrap().stores.bytes,
+            (m * n * 4) as f64,
+            "{p}"
+        );
+        assert_eq!(p.mma_flops, (2 * m * n * k) as f64, "{p}");
+        assert_eq!(p.mma, (m * n * k / (16 * 8 * 16)) as f64, "{p}");
+        assert!(p.ldmatrix > 0.0);
+        assert_eq!(p.ldmatrix_wavefronts, p.ldmatrix_phases, "{layout:?}: {p}");
+        // 16-byte cp.async copies of whole rows of the tiles: fully coalesced. The
+        // epilogue stores one f32 of a fragment per instruction: the 4 lanes of a row
+        // write every other float of 32 bytes, so half of each sector.
+        for o in ["a", "b"] {
+            assert_eq!(p.operand(o).unwrap().loads.coalescing(), 1.0, "{p}");
+        }
+        assert_eq!(p.operand("c").unwrap().stores.coalescing(), 0.5, "{p}");
+    }
+}
+
+/// Sampling: blocks of one class do the same work in the SGEMM (interior tiles are full,
+/// the last row and column of tiles ragged), so the scaled counts equal the exact ones.
+#[test]
+fn sampled_profiles_match_exact_ones_on_homogeneous_grids() {
+    let (m, n, k) = (64 * 7 + 5, 64 * 8 + 3, 40);
+    let exact = sgemm_profile(m, n, k, Sampling::Exact);
+    let sampled = sgemm_profile(m, n, k, Sampling::Sampled);
+    assert!(sampled.sampled && sampled.blocks_run == 25.0, "{sampled}");
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(1.0);
+    for (e, s) in exact.operands.iter().zip(&sampled.operands) {
+        for (te, ts) in [(&e.loads, &s.loads), (&e.stores, &s.stores)] {
+            for (x, y) in [
+                (te.requests, ts.requests),
+                (te.bytes, ts.bytes),
+                (te.sectors, ts.sectors),
+                (te.block_sectors, ts.block_sectors),
+            ] {
+                assert!(
+                    close(x, y),
+                    "{}: exact {x}, sampled {y}\n{exact}\n{sampled}",
+                    e.name
+                );
+            }
+            // Distinct sectors are estimated: rows of A shared along x, partitioned along y.
+            let (x, y) = (te.distinct_sectors, ts.distinct_sectors);
+            assert!(
+                (x - y).abs() <= 0.02 * x,
+                "{}: exact {x}, sampled {y}",
+                e.name
+            );
+        }
+    }
+    assert!(close(exact.barriers, sampled.barriers));
+    assert!(close(
+        exact.shared_loads.wavefronts,
+        sampled.shared_loads.wavefronts
+    ));
+}
