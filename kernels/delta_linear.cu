@@ -603,10 +603,21 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
     }
     if (split) {
         // This run's sum: the reduction adds the runs and finishes.
+        // A pair (n is even) is one 8-byte store where the partial rows are 8-byte aligned:
+        // the 4 lanes of a fragment row then fill a 32-byte sector (two 4-byte stores fill
+        // half of one each, which the profile counted as 50% coalesced, issue 16).
         float* run = p.partial + int64_t(blockIdx.x / n_tiles) * p.m * p.ldp;
+        const bool pairs = reinterpret_cast<uintptr_t>(p.partial) % 8 == 0 && p.ldp % 2 == 0;
         for_each_pair([&](int m, int n, const RowCoefs&, float& v0, float& v1) {
-            run[m * p.ldp + n] = v0;
-            if (n + 1 < p.n) run[m * p.ldp + n + 1] = v1;
+            if (pairs && n + 1 < p.n) {
+                Vec<float, 2> v;
+                v.v[0] = v0;
+                v.v[1] = v1;
+                store_vec(run + m * p.ldp + n, v);
+            } else {
+                run[m * p.ldp + n] = v0;
+                if (n + 1 < p.n) run[m * p.ldp + n + 1] = v1;
+            }
         });
         return;
     }

@@ -571,6 +571,12 @@ void operand_end() {
 void ldmatrix(const void* const* rows, int num) {
   if (State* s = rt::tl_state; s && s->profile) prof::ldmatrix(s->profile, rows, num);
 }
+__attribute__((noinline)) void vector_access(const void* p, unsigned bytes, unsigned kind) {
+  State* s = rt::tl_state;
+  if (!s || !s->profile || !detail::tl_thread) return;
+  profile(*s, rt::classify(*s, reinterpret_cast<uintptr_t>(p), bytes, kind),
+          __builtin_return_address(0));
+}
 void tensor(uint64_t flops, bool wgmma) {
   if (State* s = rt::tl_state; s && s->profile) prof::tensor(s->profile, flops, wgmma);
 }

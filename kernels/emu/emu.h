@@ -211,6 +211,10 @@ void atomic_end();
 void operand_begin();
 void operand_end();
 void ldmatrix(const void* const* rows, int num);
+// One vector access of `bytes` at `p` by the calling thread, for the profile only, at the
+// instruction that calls this (its return address): the access as the GPU issues it, whose
+// copy the host compiler may split (bracketed by operand_begin/end).
+void vector_access(const void* p, unsigned bytes, unsigned kind);
 void tensor(uint64_t flops, bool wgmma);
 }  // namespace check
 
