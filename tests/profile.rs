@@ -246,6 +246,37 @@ mod decode {
         }
     }
 
+    /// Between decode and prefill (16 < M ≤ 64) the frozen GEMM still streams W from memory:
+    /// one row tile covers every row, so no block re-reads a sector another read (16-row
+    /// tiles read W ceil(M/16) times).
+    #[test]
+    fn small_batches_read_w_once() {
+        for m in [17, 64] {
+            let p = lora_plan(m, Sampling::Exact);
+            let all: String = p.iter().map(|l| format!("{l}\n")).collect();
+            for o in p.iter().filter_map(|l| l.operand("w")) {
+                assert_eq!(o.loads.reread_sectors(), 0.0, "m = {m}\n{all}");
+                assert!(o.loads.coalescing() >= 0.95, "m = {m}\n{all}");
+            }
+            // Beside the split-K partial sums (f32, written and read once), the ideal bytes.
+            let partials: f64 = p
+                .iter()
+                .filter_map(|l| l.operand("workspace"))
+                .map(|o| o.loads.dram_bytes() + o.stores.dram_bytes())
+                .sum();
+            let dram: f64 = p.iter().map(LaunchProfile::dram_bytes).sum::<f64>() - partials;
+            let ideal = ideal_bytes(m);
+            assert!((dram - ideal).abs() <= 0.05 * ideal, "m = {m}: {dram} vs {ideal}\n{all}");
+            assert!(partials <= 2.0 * 4.0 * (4 * m * 4096) as f64, "m = {m}\n{all}");
+            // The partial sums are stored in 8-byte pairs that fill whole sectors.
+            for l in &p {
+                if let Some(o) = l.operand("workspace") {
+                    assert!(o.stores.coalescing() >= 0.95 || o.stores.bytes < 65536.0, "{l}");
+                }
+            }
+        }
+    }
+
     #[test]
     #[ignore = "prints the profiles of the decode plans"]
     fn print() {
