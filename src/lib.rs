@@ -65,6 +65,7 @@ pub mod dropout;
 pub mod error;
 pub mod host;
 pub mod kernels;
+pub mod model;
 pub mod optim;
 #[cfg(feature = "peft")]
 pub mod peft;

@@ -266,12 +266,21 @@ mod decode {
                 .sum();
             let dram: f64 = p.iter().map(LaunchProfile::dram_bytes).sum::<f64>() - partials;
             let ideal = ideal_bytes(m);
-            assert!((dram - ideal).abs() <= 0.05 * ideal, "m = {m}: {dram} vs {ideal}\n{all}");
-            assert!(partials <= 2.0 * 4.0 * (4 * m * 4096) as f64, "m = {m}\n{all}");
+            assert!(
+                (dram - ideal).abs() <= 0.05 * ideal,
+                "m = {m}: {dram} vs {ideal}\n{all}"
+            );
+            assert!(
+                partials <= 2.0 * 4.0 * (4 * m * 4096) as f64,
+                "m = {m}\n{all}"
+            );
             // The partial sums are stored in 8-byte pairs that fill whole sectors.
             for l in &p {
                 if let Some(o) = l.operand("workspace") {
-                    assert!(o.stores.coalescing() >= 0.95 || o.stores.bytes < 65536.0, "{l}");
+                    assert!(
+                        o.stores.coalescing() >= 0.95 || o.stores.bytes < 65536.0,
+                        "{l}"
+                    );
                 }
             }
         }
@@ -288,5 +297,99 @@ mod decode {
                 eprintln!("{l}");
             }
         }
+    }
+}
+
+mod attention {
+    use super::*;
+    use half::bf16;
+    use peft_kernels::prefix_attention::{
+        HostPrefixAttentionArgs, PrefixAttention, PrefixAttentionArgs, PrefixAttentionDims,
+    };
+
+    fn profile_attention(
+        dims: &PrefixAttentionDims,
+        causal: bool,
+        sampling: Sampling,
+    ) -> Result<Vec<LaunchProfile>> {
+        let mut rng = Rng::from_env();
+        let (b, h, kvh, d) = (dims.batch, dims.heads, dims.kv_heads, dims.head_dim);
+        let q: Vec<bf16> = rng.uniform_vec(b * h * dims.q_len * d);
+        let k: Vec<bf16> = rng.uniform_vec(b * kvh * dims.kv_len * d);
+        let v: Vec<bf16> = rng.uniform_vec(b * kvh * dims.kv_len * d);
+        let pk: Vec<bf16> = rng.uniform_vec(b * kvh * dims.prefix_len * d);
+        let pv: Vec<bf16> = rng.uniform_vec(b * kvh * dims.prefix_len * d);
+        let mut out = vec![bf16::NAN; q.len()];
+        let mut workspace = vec![f32::NAN; dims.workspace_len(peft_kernels::DType::BF16)];
+        let args: HostPrefixAttentionArgs<bf16> = PrefixAttentionArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            prefix_k: &pk,
+            prefix_v: &pv,
+            context_lens: None,
+            out: &mut out,
+            lse: None,
+            lambda: None,
+            workspace: Some(&mut workspace),
+        };
+        let op = PrefixAttention {
+            causal,
+            ..PrefixAttention::default()
+        };
+        emulator::profile(sampling, || emulator::prefix_attention(&op, dims, args)).map(|r| r.1)
+    }
+
+    /// #16 item 5: a block of the prefix attention kernel reads each K/V (and prefix K/V)
+    /// tile from memory once: the bytes its loads request equal the sectors it touches, and
+    /// its ldmatrix phases are conflict-free.
+    #[test]
+    fn each_block_reads_its_kv_once() {
+        let dims = PrefixAttentionDims::new(2, 4, 2, 200, 333, 30, 64);
+        let p = profile_attention(&dims, false, Sampling::Exact).unwrap();
+        let mut seen = 0;
+        for l in &p {
+            for name in ["k", "v", "prefix_k", "prefix_v"] {
+                let Some(o) = l.operand(name) else { continue };
+                if o.loads.requests == 0.0 {
+                    continue;
+                }
+                seen += 1;
+                let touched = 32.0 * o.loads.block_sectors;
+                assert!(
+                    o.loads.bytes <= 1.01 * touched,
+                    "`{name}`: {} bytes requested over {touched} bytes of sectors the blocks \
+                     touched: a block re-reads a tile\n{l}",
+                    o.loads.bytes
+                );
+            }
+            assert_eq!(l.ldmatrix_wavefronts, l.ldmatrix_phases, "{l}");
+        }
+        assert!(seen >= 4, "no launch read K and V: {p:?}");
+    }
+
+    /// A causal mask gives each query tile its own number of key tiles: sampled blocks of
+    /// one class do different work, which the sampled profile refuses to scale.
+    #[test]
+    fn sampling_refuses_causal_attention() {
+        let dims = PrefixAttentionDims::new(1, 2, 2, 1024, 1024, 30, 64);
+        let err = profile_attention(&dims, true, Sampling::Sampled).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("data-dependent"), "{msg}");
+        // Not causal: every query tile sees every key, and the sample stands for the grid.
+        let p = profile_attention(&dims, false, Sampling::Sampled).unwrap();
+        assert!(p.iter().any(|l| l.sampled), "{p:?}");
+    }
+
+    /// The bench's prefill shape (B = 8, H = 32, L = 2048, prefix 128, d = 128), sampled.
+    #[test]
+    #[ignore = "prints the sampled profile of the bench's attention shape"]
+    fn print_bench_shape() {
+        let dims = PrefixAttentionDims::new(8, 32, 32, 2048, 2048, 128, 128);
+        let t = std::time::Instant::now();
+        for l in profile_attention(&dims, false, Sampling::Sampled).unwrap() {
+            eprintln!("{l}");
+        }
+        eprintln!("{:.1} s", t.elapsed().as_secs_f64());
     }
 }
