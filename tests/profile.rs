@@ -28,10 +28,9 @@ fn sgemm_profile(m: usize, n: usize, k: usize, sampling: Sampling) -> LaunchProf
     let a = rng.uniform_vec::<f32>(m * k);
     let b = rng.uniform_vec::<f32>(k * n);
     let mut c = vec![f32::NAN; m * n];
-    let p = one(emulator::profile(sampling, || {
+    one(emulator::profile(sampling, || {
         selftest::sgemm_tiled(&a, &b, &mut c, m, n, k)
-    }));
-    p
+    }))
 }
 
 #[test]
