@@ -241,6 +241,8 @@ mod decode {
             }
             for l in &p {
                 assert_eq!(l.ldmatrix_wavefronts, l.ldmatrix_phases, "m = {m}\n{l}");
+                // Every global access fell in a buffer the plan names: none went uncounted.
+                assert_eq!(l.outside_bytes, 0.0, "m = {m}\n{l}");
             }
         }
     }
