@@ -54,6 +54,9 @@ inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], c
   for (int i = 0; i < 2; ++i) mine.b[i] = b[i];
   warp_exchange(mine, all, 0xFFFFFFFFu);
   const unsigned lane = lane_id(), g = lane / 4, t = lane % 4;
+#ifdef PK_EMU_CHECKED
+  if (lane == 0) check::tensor(2 * 16 * 8 * 16, false);  // the profile's count
+#endif
   float out[4];
   for (unsigned i = 0; i < 4; ++i) {
     const unsigned row = g + 8 * (i / 2), col = 2 * t + (i & 1);
@@ -80,6 +83,11 @@ inline void ldmatrix(uint32_t* r, const void* row_ptr) {
     if (reinterpret_cast<uintptr_t>(rows[i]) % 16 != 0)
       fail("ldmatrix: lane %d's row address %p is not 16-byte aligned", i, rows[i]);
   const unsigned lane = lane_id();
+#ifdef PK_EMU_CHECKED
+  // The profile counts the instruction by its phases (one per matrix), not the reads below.
+  if (lane == 0) check::ldmatrix(rows, kNum);
+  check::operand_begin();
+#endif
   for (int m = 0; m < kNum; ++m) {
     const char* const* mat = reinterpret_cast<const char* const*>(rows + 8 * m);
     if constexpr (!kTrans) {
@@ -91,6 +99,9 @@ inline void ldmatrix(uint32_t* r, const void* row_ptr) {
       r[m] = uint32_t(lo) | uint32_t(hi) << 16;
     }
   }
+#ifdef PK_EMU_CHECKED
+  check::operand_end();
+#endif
 }
 
 }  // namespace emu::arch

@@ -104,12 +104,26 @@ PK_INLINE void check_vec_aligned(const void* p, const char* what) {
 #endif
 }
 
+// The emulator's checked copy reports a vector access to the profile as the one access the
+// GPU issues (the host compiler may split the copy below into narrower ones, which are
+// checked but not counted again): kernels/emu/profile.cpp.
+#ifdef PK_EMU_CHECKED
+#define PK_EMU_VECTOR_ACCESS(p, bytes, kind, access) \
+  emu::check::vector_access(p, bytes, kind);        \
+  emu::check::operand_begin();                      \
+  access;                                           \
+  emu::check::operand_end();
+#else
+#define PK_EMU_VECTOR_ACCESS(p, bytes, kind, access) access;
+#endif
+
 template <typename T, int N>
 PK_INLINE Vec<T, N> load_vec(const T* p) {
   using V = Vec<T, N>;
   check_vec_aligned<V::kBytes>(p, "load_vec");
   V r;
-  r.raw = *reinterpret_cast<const typename V::Raw*>(p);
+  PK_EMU_VECTOR_ACCESS(p, V::kBytes, emu::check::kRead,
+                       r.raw = *reinterpret_cast<const typename V::Raw*>(p))
   return r;
 }
 
@@ -117,7 +131,8 @@ template <typename T, int N>
 PK_INLINE void store_vec(T* p, const Vec<T, N>& v) {
   using V = Vec<T, N>;
   check_vec_aligned<V::kBytes>(p, "store_vec");
-  *reinterpret_cast<typename V::Raw*>(p) = v.raw;
+  PK_EMU_VECTOR_ACCESS(p, V::kBytes, emu::check::kWrite,
+                       *reinterpret_cast<typename V::Raw*>(p) = v.raw)
 }
 
 // ---------------------------------------------------------------------------------------

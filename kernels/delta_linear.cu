@@ -62,13 +62,16 @@
 //           at the edge, so two more (unmeasured; 4 stages is the one to compare).
 //           A down pass has only ceil(r/32) column tiles (one for r = 16: one SM streaming
 //           all of W_down): it splits its K (below).
+//   mid:    BM=64 BN=64 BK=64, 4 warps as 2×2 (warp tile 32×32), 4 stages, 72 KiB smem.
+//           16 < M ≤ 64 is still memory-bound on W: one row tile covers every row, so W
+//           is read once (16-row tiles read it ceil(M/16) times, up to 4×: the emulator's
+//           profile counted 3 re-reads of every sector of W at M = 64, issue 16), and BN=64
+//           gives N/64 blocks, split over K to fill the GPU (split-K below).
 //   small:  BM=16 BN=64 BK=64, 4 warps as 1×4 (warp tile 16×16), 4 stages, 45 KiB smem.
-//           16 < M ≤ 64 is still memory-bound on W: a 16-row tile wastes MMA work nobody
-//           misses, and BN=64 gives N/64 blocks each streaming 64 rows of W with 10 KiB of
-//           loads (8 KiB of W) per stage. It also takes any M when N ≤ 64 (the down pass's
-//           r columns, a head's slice): the large tile would compute mostly padding there
-//           and give the pass ceil(M/128) blocks; 16-row tiles give ceil(M/16), reading
-//           the small W from L2 again for each and u from memory once.
+//           Any M when N ≤ 64 (the down pass's r columns, a head's slice): the large tile
+//           would compute mostly padding there and give the pass ceil(M/128) blocks;
+//           16-row tiles give ceil(M/16), reading the small W from L2 again for each and u
+//           from memory once.
 //   Shared-memory rows are padded by 8 elements (pitch BK+8): the 8 row addresses of one
 //   ldmatrix phase then fall into 8 distinct 4-bank groups (pitch 80, 144 or 272 B), so the
 //   fragment loads are conflict-free without a swizzle.
@@ -377,6 +380,7 @@ struct MmaConfig {
 };
 using MmaLarge = MmaConfig<128, 128, 32, 2, 4, 1, 4, true>;
 using MmaSmall = MmaConfig<16, 64, 64, 1, 4, 1, 4, true>;
+using MmaMid = MmaConfig<64, 64, 64, 2, 2, 1, 4, true>;
 using MmaDecode = MmaConfig<16, 32, 128, 1, 1, 4, 6, true>;
 using MmaHopper = MmaConfig<128, 128, 64, 8, 1, 1, 3, false, true>;
 
@@ -599,10 +603,21 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
     }
     if (split) {
         // This run's sum: the reduction adds the runs and finishes.
+        // A pair (n is even) is one 8-byte store where the partial rows are 8-byte aligned:
+        // the 4 lanes of a fragment row then fill a 32-byte sector (two 4-byte stores fill
+        // half of one each, which the profile counted as 50% coalesced, issue 16).
         float* run = p.partial + int64_t(blockIdx.x / n_tiles) * p.m * p.ldp;
+        const bool pairs = reinterpret_cast<uintptr_t>(p.partial) % 8 == 0 && p.ldp % 2 == 0;
         for_each_pair([&](int m, int n, const RowCoefs&, float& v0, float& v1) {
-            run[m * p.ldp + n] = v0;
-            if (n + 1 < p.n) run[m * p.ldp + n + 1] = v1;
+            if (pairs && n + 1 < p.n) {
+                Vec<float, 2> v;
+                v.v[0] = v0;
+                v.v[1] = v1;
+                store_vec(run + m * p.ldp + n, v);
+            } else {
+                run[m * p.ldp + n] = v0;
+                if (n + 1 < p.n) run[m * p.ldp + n + 1] = v1;
+            }
         });
         return;
     }
@@ -705,6 +720,8 @@ PK_KERNEL_BOUNDS(fused_linear_mma_large_f16, (fused_linear_mma<__half, MmaLarge>
 PK_KERNEL_BOUNDS(fused_linear_mma_large_bf16, (fused_linear_mma<__nv_bfloat16, MmaLarge>), FusedLinearParams, 256, 2)
 PK_KERNEL_BOUNDS(fused_linear_mma_small_f16, (fused_linear_mma<__half, MmaSmall>), FusedLinearParams, 128, 4)
 PK_KERNEL_BOUNDS(fused_linear_mma_small_bf16, (fused_linear_mma<__nv_bfloat16, MmaSmall>), FusedLinearParams, 128, 4)
+PK_KERNEL_BOUNDS(fused_linear_mma_mid_f16, (fused_linear_mma<__half, MmaMid>), FusedLinearParams, 128, 4)
+PK_KERNEL_BOUNDS(fused_linear_mma_mid_bf16, (fused_linear_mma<__nv_bfloat16, MmaMid>), FusedLinearParams, 128, 4)
 PK_KERNEL_BOUNDS(fused_linear_mma_decode_f16, (fused_linear_mma<__half, MmaDecode>), FusedLinearParams, 128, 4)
 PK_KERNEL_BOUNDS(fused_linear_mma_decode_bf16, (fused_linear_mma<__nv_bfloat16, MmaDecode>), FusedLinearParams, 128, 4)
 PK_KERNEL_BOUNDS(fused_linear_wgmma_f16, (fused_linear_mma<__half, MmaHopper>), FusedLinearParams, 256, 2)

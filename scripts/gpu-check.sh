@@ -32,6 +32,10 @@
 #                steps skipped): Nsight Compute on one call's kernels of each fused bench
 #                case in PROFILE_CASES (criterion's --profile-time loop of that case alone),
 #                a table per kernel: time, DRAM and SM throughput, occupancy, registers
+#   model        only with PEFT_GPU_CHECK_MODEL=1: issue 16's performance model against
+#                Nsight Compute, launch by launch, on the fused LoRA plans of tests/gpu_model
+#                (the model side runs on the CPU first, so on a machine without a GPU the step
+#                gets that far and then says it needs the device)
 #
 # Environment:
 #   OUT                        where results go (the device tool sets it), else ./gpu-check-out
@@ -42,6 +46,7 @@
 #                              (criterion's, e.g. "--measurement-time 2")
 #   PEFT_GPU_CHECK_SANITIZE=1  add the compute-sanitizer step
 #   PEFT_GPU_CHECK_PROFILE=1   add the Nsight Compute steps
+#   PEFT_GPU_CHECK_MODEL=1     add the model-against-measurement step (model.md)
 #   PEFT_GPU_CHECK_BUDGET_S    seconds for the whole check (default 540, inside the device
 #                              tool's 600 per call)
 #   PYTHON                     the Python with torch and peft (default python3)
@@ -195,6 +200,72 @@ print("|---|---|---|" + "---|" * len(wanted))
 for (_, kernel, grid, block), m in launches.items():
     print(f"| {kernel} | {grid} | {block} | " + " | ".join(m.get(w, "") for w in wanted) + " |")
 print(f"profiled {len(launches)} kernel launch(es)")
+EOF
+}
+
+# The model of issue 16 (src/model.rs, tests/gpu_model.rs) against Nsight Compute.
+MODEL_METRICS="gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum"
+MODEL_METRICS+=",l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum"
+MODEL_METRICS+=",l1tex__t_sectors_pipe_lsu_mem_global_op_ldgsts.sum,l1tex__t_requests_pipe_lsu_mem_global_op_ldgsts.sum"
+MODEL_METRICS+=",l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum"
+
+model_note() {
+  grep -m1 -E '^compared [0-9]+ launch|^ncu not found|^no GPU' "$1" || echo "no comparison"
+}
+
+# model_compare: the model's side (the emulator's profile, CPU only), then the plans under
+# ncu, then one row per launch: modeled against measured.
+model_compare() {
+  local csv="$logs/model.csv" ncu report
+  PEFT_MODEL_CSV="$csv" "$bin/tests/gpu_model" --ignored --exact model_csv --test-threads 1 ||
+    return 1
+  echo "model: $(($(wc -l <"$csv") - 1)) launches modeled"
+  ncu="$(cuda_tool ncu)"
+  if [ ! -x "$ncu" ]; then
+    echo "ncu not found ($ncu): the measured side needs Nsight Compute on a GPU machine"
+    return 1
+  fi
+  if ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "no GPU: nvidia-smi finds no device; the model side above is what a CPU machine can do"
+    return 1
+  fi
+  report="$logs/model-ncu"
+  "$ncu" --clock-control none --metrics "$MODEL_METRICS" -f -o "$report" \
+    "$bin/tests/gpu_model" --ignored --exact run_plans_on_gpu --test-threads 1 || return 1
+  "$ncu" --import "$report.ncu-rep" --csv --page raw >"$report.csv" || return 1
+  "$python" - "$csv" "$report.csv" <<'EOF'
+import csv, math, sys
+model = list(csv.DictReader(open(sys.argv[1])))
+rows = list(csv.reader(open(sys.argv[2])))
+start = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
+head = rows[start]
+# The row after the header holds the units; then one row per launch, in launch order.
+launches = [dict(zip(head, r)) for r in rows[start + 2:] if len(r) == len(head)]
+def num(d, k):
+    try:
+        return float(str(d.get(k, "")).replace(",", ""))
+    except ValueError:
+        return float("nan")
+print("| M | # | kernel | model µs | measured µs | model/measured | model DRAM MB | measured DRAM MB | model sectors/req | measured | model bank conflicts | measured |")
+print("|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+logs = []
+for m, g in zip(model, launches):
+    t = num(g, "gpu__time_duration.sum") / 1e3  # ns -> µs
+    dram = (num(g, "dram__bytes_read.sum") + num(g, "dram__bytes_write.sum")) / 1e6
+    sec = num(g, "l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum") + num(g, "l1tex__t_sectors_pipe_lsu_mem_global_op_ldgsts.sum")
+    req = num(g, "l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum") + num(g, "l1tex__t_requests_pipe_lsu_mem_global_op_ldgsts.sum")
+    name = g.get("Kernel Name", "?")
+    same = "" if name.startswith(m["kernel"]) else f" (GPU: {name})"
+    ratio = float(m["model_us"]) / t if t > 0 else float("nan")
+    if ratio > 0:
+        logs.append(math.log(ratio))
+    print(f"| {m['m']} | {m['launch']} | {m['kernel']}{same} | {float(m['model_us']):.1f} | {t:.1f} | {ratio:.2f} "
+          f"| {float(m['model_dram_bytes']) / 1e6:.2f} | {dram:.2f} | {float(m['model_sectors_per_request']):.2f} "
+          f"| {sec / req if req else float('nan'):.2f} | {m['model_bank_conflicts']} | {num(g, 'l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum'):.0f} |")
+if len(model) != len(launches):
+    print(f"launch counts differ: {len(model)} modeled, {len(launches)} measured")
+gm = math.exp(sum(logs) / len(logs)) if logs else float("nan")
+print(f"compared {min(len(model), len(launches))} launches; model/measured time, geometric mean {gm:.2f}")
 EOF
 }
 
@@ -407,6 +478,11 @@ main() {
     done
   fi
 
+  if [ "${PEFT_GPU_CHECK_MODEL:-0}" = 1 ] && [ -x "$bin/tests/gpu_model" ]; then
+    run_step model 240 model_note model_compare
+    grep -E '^\||^compared|^launch counts' "$logs/model.log" >"$out/model.md" || true
+  fi
+
   # Results: at most eight files come back from $OUT, so the details go in one archive.
   [ -f "$work/peers/peers.md" ] && cp "$work/peers/peers.md" "$out/peers.md"
   : >"$out/benches.md"
@@ -453,6 +529,8 @@ main() {
   [ -s "$out/benches.md" ] && cat "$out/benches.md"
   echo
   [ -s "$out/profile.md" ] && cat "$out/profile.md"
+  echo
+  [ -s "$out/model.md" ] && cat "$out/model.md"
   echo
   cat "$out/summary.md"
   echo

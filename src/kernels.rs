@@ -226,6 +226,8 @@ kernel_table! {
         fused_linear_simt_bf16,
         fused_linear_mma_small_f16,
         fused_linear_mma_small_bf16,
+        fused_linear_mma_mid_f16,
+        fused_linear_mma_mid_bf16,
         fused_linear_mma_decode_f16,
         fused_linear_mma_decode_bf16,
         fused_linear_wgmma_f16,

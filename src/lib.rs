@@ -69,6 +69,7 @@ pub mod error;
 #[cfg(any(feature = "emulator", feature = "cuda"))]
 pub mod host;
 pub mod kernels;
+pub mod model;
 pub mod multi_adapter;
 pub mod optim;
 #[cfg(feature = "peft")]

@@ -12,8 +12,8 @@
 // TLS block, where `__shared__` arrays live, minus the runtime's own thread_locals), one of
 // the launch's buffers (extents from Rust: emu_check_next_launch), or nothing the launch
 // may touch. The checks then act on the classified access (check_shared, check_global).
-// A tool that counts accesses (issue 16's profile mode) would take the same classified
-// Access at the same point, so it sees exactly what the checks see.
+// The profile mode (profile.cpp) takes the same classified Access at the same point, so it
+// counts exactly what the checks see.
 //
 // The race model. Shared memory, per byte: the last write and the reads since (the
 // thread, the block-barrier epoch, the thread's warp-sync clock). Two accesses of different
@@ -87,11 +87,19 @@ class ZeroArray {
   size_t n_ = 0;
 };
 
-enum Check : unsigned { kMemcheck = 1, kRacecheck = 2, kInitcheck = 4 };
+// kProfile: count (profile.cpp); kSampled: profile a sample of the blocks only.
+enum Check : unsigned {
+  kMemcheck = 1,
+  kRacecheck = 2,
+  kInitcheck = 4,
+  kProfile = 8,
+  kSampled = 16,
+};
 constexpr uint32_t kWorkspace = 1, kWritten = 2;
 
 struct Buffer {
   uintptr_t lo, hi;
+  size_t spec;  // its index in the request
   std::string name;
   bool workspace, written_by_launch;
   // Racecheck, per byte: 1 + the linear block that last wrote it / read it (kMany: more
@@ -177,6 +185,9 @@ struct State {
   std::vector<uint32_t> clock;   // per thread: warp collectives it took part in
   std::vector<uint32_t> common;  // per warp, [a][b]: a's clock at a's last collective with b
   bool in_atomic = false;
+  bool in_operand = false;             // operand reads of an instruction the profile counts
+  prof::Launch* profile = nullptr;     // with kProfile
+  std::vector<std::string> names;      // the buffers' names by spec, for the profile
 };
 
 namespace {
@@ -427,6 +438,7 @@ void launch_begin(unsigned checks, const char* kernel, Dim3 grid, Dim3 block,
     const BufferSpec& spec = tl_request.buffers[i];
     if (spec.bytes == 0) continue;
     Buffer b;
+    b.spec = i;
     b.lo = uintptr_t(spec.addr);
     b.hi = b.lo + spec.bytes;
     b.name = tl_request.names[i];
@@ -461,12 +473,30 @@ void launch_begin(unsigned checks, const char* kernel, Dim3 grid, Dim3 block,
   // Records of an earlier launch in the static shared shadow are older than any epoch of
   // this one (epochs only grow), so they read as "not written in this block".
   s.in_atomic = false;
+  s.in_operand = false;
+  s.profile = nullptr;
+  if (checks & kProfile) {
+    std::vector<prof::Region> regions;
+    for (const Buffer& b : s.buffers) regions.push_back(prof::Region{b.lo, b.hi, b.spec});
+    s.names = tl_request.names;
+    s.profile = prof::begin(grid, block, checks & kSampled, regions.data(), regions.size(),
+                            tl_request.buffers.size());
+  }
   tl_state = &s;
 }
 
-void launch_end() {
+const std::vector<uint64_t>* sampled_blocks() {
+  return tl_state && tl_state->profile ? prof::blocks(tl_state->profile) : nullptr;
+}
+
+const char* launch_end() {
+  State& s = *tl_state;
   tl_state = nullptr;
   if (!tl_plan.open) tl_plan.written.clear();
+  if (!s.profile) return nullptr;
+  const char* refusal = prof::end(s.profile, s.names);
+  s.profile = nullptr;
+  return refusal;
 }
 
 void block_begin(uint64_t b, const unsigned char* smem, const unsigned char* map_lo,
@@ -480,9 +510,14 @@ void block_begin(uint64_t b, const unsigned char* smem, const unsigned char* map
   std::fill(s.clock.begin(), s.clock.end(), 0);
   std::fill(s.common.begin(), s.common.end(), 0);
   s.in_atomic = false;
+  s.in_operand = false;
+  if (s.profile) prof::block_begin(s.profile, b);
 }
 
-void barrier() { ++tl_state->epoch; }
+void barrier() {
+  ++tl_state->epoch;
+  if (tl_state->profile) prof::barrier(tl_state->profile);
+}
 
 void warp_sync(unsigned warp, unsigned mask) {
   State& s = *tl_state;
@@ -500,6 +535,25 @@ namespace emu::check {
 
 using rt::State;
 
+namespace {
+// The profile's share of a classified access (profile.cpp).
+void profile(State& s, const rt::Access& a, const void* pc) {
+  const unsigned t = detail::tl_thread->linear;
+  const bool write = a.kind & kWrite;
+  switch (a.space) {
+    case rt::Space::Own: return;
+    case rt::Space::DynamicShared:
+    case rt::Space::StaticShared:
+      prof::shared(s.profile, t, pc, a.p, a.bytes, write);
+      return;
+    case rt::Space::Global:
+      prof::global(s.profile, t, pc, a.index, a.p, a.bytes, write);
+      return;
+    case rt::Space::Outside: prof::outside(s.profile, a.bytes); return;
+  }
+}
+}  // namespace
+
 bool active() { return rt::tl_state != nullptr; }
 
 void atomic_begin() {
@@ -508,14 +562,32 @@ void atomic_begin() {
 void atomic_end() {
   if (State* s = rt::tl_state) s->in_atomic = false;
 }
+void operand_begin() {
+  if (State* s = rt::tl_state) s->in_operand = true;
+}
+void operand_end() {
+  if (State* s = rt::tl_state) s->in_operand = false;
+}
+void ldmatrix(const void* const* rows, int num) {
+  if (State* s = rt::tl_state; s && s->profile) prof::ldmatrix(s->profile, rows, num);
+}
+__attribute__((noinline)) void vector_access(const void* p, unsigned bytes, unsigned kind) {
+  State* s = rt::tl_state;
+  if (!s || !s->profile || !detail::tl_thread) return;
+  profile(*s, rt::classify(*s, reinterpret_cast<uintptr_t>(p), bytes, kind),
+          __builtin_return_address(0));
+}
+void tensor(uint64_t flops, bool wgmma) {
+  if (State* s = rt::tl_state; s && s->profile) prof::tensor(s->profile, flops, wgmma);
+}
 
 void access(const void* ptr, size_t bytes, unsigned kind, const void* pc) {
-  (void)pc;  // for counting tools (see the file comment)
   State* sp = rt::tl_state;
   if (!sp || bytes == 0 || !detail::tl_thread) return;
   State& s = *sp;
   if (s.in_atomic) kind |= kAtomic;
   const rt::Access a = rt::classify(s, reinterpret_cast<uintptr_t>(ptr), bytes, kind);
+  if (s.profile && !s.in_operand) profile(s, a, pc);
   switch (a.space) {
     case rt::Space::Own: return;
     case rt::Space::DynamicShared:

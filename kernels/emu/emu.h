@@ -202,6 +202,20 @@ bool active();
 // them; memcheck still applies).
 void atomic_begin();
 void atomic_end();
+// For the profile mode (kernels/emu/profile.cpp), from the emulated tensor-core
+// instructions of the checked copy (arch.cuh): brackets the operand reads of an instruction
+// counted as a whole (ldmatrix), which are checked but not counted as plain loads; one
+// ldmatrix of the calling warp (its lanes' 8·num row addresses; called by one lane); one
+// tensor-core instruction of `flops` (2·m·n·k; called by one lane of the warp, or thread
+// of the warpgroup).
+void operand_begin();
+void operand_end();
+void ldmatrix(const void* const* rows, int num);
+// One vector access of `bytes` at `p` by the calling thread, for the profile only, at the
+// instruction that calls this (its return address): the access as the GPU issues it, whose
+// copy the host compiler may split (bracketed by operand_begin/end).
+void vector_access(const void* p, unsigned bytes, unsigned kind);
+void tensor(uint64_t flops, bool wgmma);
 }  // namespace check
 
 // The calling thread's lane (threadIdx linearised, modulo 32).

@@ -135,6 +135,7 @@ struct CopyOp {
   const void* src;
   unsigned bytes, src_bytes;
   uint64_t group;
+  const void* pc;  // the issuing instruction, for the profile's grouping
 };
 
 // One queued wgmma.mma_async of a thread (see emu.h).
@@ -195,6 +196,8 @@ struct LaunchState {
   Body body;
   const void* ctx;
   uint64_t nblocks;
+  // The blocks to run, in order (a sampled profile), or null: all of them.
+  const std::vector<uint64_t>* only = nullptr;
   unsigned nthreads;
   uint64_t fp_env;  // the launching thread's MXCSR | x87 control word << 32
   std::atomic<uint64_t> next{0};
@@ -648,8 +651,9 @@ void run_worker(LaunchState& L) {
   tl_grid_dim = dim3(L.grid.x, L.grid.y, L.grid.z);
   tl_engine = e;
   while (!L.stop.load(std::memory_order_relaxed)) {
-    const uint64_t b = L.next.fetch_add(1, std::memory_order_relaxed);
-    if (b >= L.nblocks) break;
+    const uint64_t i = L.next.fetch_add(1, std::memory_order_relaxed);
+    if (i >= (L.only ? L.only->size() : L.nblocks)) break;
+    const uint64_t b = L.only ? (*L.only)[i] : i;
     if (!run_block(*e, b)) L.record_failure(b, e->message);
   }
   tl_engine = nullptr;
@@ -957,14 +961,17 @@ int launch(const char* name, Dim3 grid, Dim3 block, uint32_t dynamic_smem,
   // A checked launch runs its blocks in order on this thread: the checker's state is the
   // launching thread's, and its global race records assume one block at a time.
   const uint64_t n = checks ? 1 : std::min<uint64_t>(workers(), L.nblocks);
-  if (checks)
+  if (checks) {
     check::rt::launch_begin(checks, name, grid, block, dynamic_smem, ctx, ctx_bytes);
+    L.only = check::rt::sampled_blocks();
+  }
   if (n <= 1)
     run_worker(L);
   else
     pool().run(L, unsigned(n - 1));
-  if (checks) check::rt::launch_end();
+  const char* refusal = checks ? check::rt::launch_end() : nullptr;
   if (L.fail_block != UINT64_MAX) return launch_error(L.message.c_str());
+  if (refusal) return launch_error(refusal);
   tl_last_error.clear();
   return 0;
 }
@@ -1013,7 +1020,8 @@ void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes) {
   if (reinterpret_cast<uintptr_t>(dst) % bytes ||
       (src_bytes && reinterpret_cast<uintptr_t>(src) % bytes))
     fail("cp_async: %u-byte copy from %p to %p is not %u-byte aligned", bytes, src, dst, bytes);
-  f->copies.push_back(detail::CopyOp{dst, src, bytes, src_bytes, f->group});
+  f->copies.push_back(
+      detail::CopyOp{dst, src, bytes, src_bytes, f->group, __builtin_return_address(0)});
 }
 
 void cp_async_commit() { ++detail::engine().cur->group; }
@@ -1040,8 +1048,8 @@ void cp_async_wait(int n) {
   wait_groups("cp_async_wait", f->copies, f->group, n, [](const detail::CopyOp& c) {
     if (check::rt::on()) {
       // The copy lands now, on behalf of the issuing thread (the caller).
-      check::access(c.src, c.src_bytes, check::kRead, __builtin_return_address(0));
-      check::access(c.dst, c.bytes, check::kWrite, __builtin_return_address(0));
+      check::access(c.src, c.src_bytes, check::kRead, c.pc);
+      check::access(c.dst, c.bytes, check::kWrite, c.pc);
     }
     std::memcpy(c.dst, c.src, c.src_bytes);
     std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
@@ -1075,7 +1083,12 @@ float wgmma_operand(uint64_t desc, unsigned row, unsigned k, bool bf16) {
   const detail::Engine& e = detail::engine();
   if (e.smem == nullptr || e.smem + address + 2 > e.smem_end)
     fail("wgmma operand at shared address 0x%x is outside the dynamic shared memory", address);
-  if (check::rt::on()) check::access(e.smem + address, 2, check::kRead, nullptr);
+  if (check::rt::on()) {
+    // Counted with its instruction (wgmma_mma_async), not as a plain load.
+    check::operand_begin();
+    check::access(e.smem + address, 2, check::kRead, nullptr);
+    check::operand_end();
+  }
   uint16_t bits;
   std::memcpy(&bits, e.smem + address, 2);
   return bf16 ? __bfloat162float(__ushort_as_bfloat16(bits)) : __half2float(__ushort_as_half(bits));
@@ -1120,6 +1133,8 @@ void wgmma_mma_async(float* d, unsigned n, uint64_t desc_a, uint64_t desc_b, boo
   const uint64_t i = f->wgmma_count++;
   if (i == issued.size()) {
     issued.push_back(mine);
+    // m64nNk16: N = 2n columns.
+    if (check::rt::on()) check::tensor(2ull * 64 * (2 * n) * 16, true);
   } else if (!(issued[i] == mine)) {
     fail("wgmma #%llu: this thread's operands (descriptors 0x%016llx, 0x%016llx) differ from "
          "its warpgroup's (0x%016llx, 0x%016llx); all 128 threads must issue the same wgmma",

@@ -49,7 +49,7 @@ use cudarc::driver::{
     result, CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
     DriverError, LaunchConfig, SyncOnDrop, UnifiedSlice,
 };
-pub use modules::{cubin, image, Image};
+pub use modules::{cubin, image, resources, Image};
 
 use crate::plan::{Buf, BufSource, KernelParams, Launch};
 use crate::{Error, Result};

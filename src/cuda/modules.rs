@@ -16,6 +16,9 @@ pub(crate) struct ModuleImages {
     pub(crate) ptx: &'static str,
     pub(crate) sm_80: &'static [u8],
     pub(crate) sm_90: &'static [u8],
+    /// ptxas's `-v` report of each cubin (registers, shared memory per kernel).
+    pub(crate) sm_80_ptxas: &'static str,
+    pub(crate) sm_90_ptxas: &'static str,
 }
 
 // Defines `NVCC_VERSION` and `MODULE_IMAGES`, one entry per kernels/*.cu in file order.
@@ -121,6 +124,21 @@ pub fn cubin(module: Module, image: Image) -> Option<&'static [u8]> {
         Image::Sm90 => Some(images.sm_90),
         Image::Ptx => None,
     }
+}
+
+/// ptxas's registers and static shared memory of `kernel` in its sm_80 or sm_90 cubin (for
+/// the occupancy of [`crate::model`]); `None` for the PTX image.
+pub fn resources(kernel: KernelId, image: Image) -> Option<crate::model::Resources> {
+    let images = images(kernel.module()).ok()?;
+    let report = match image {
+        Image::Sm80 => images.sm_80_ptxas,
+        Image::Sm90 => images.sm_90_ptxas,
+        Image::Ptx => return None,
+    };
+    crate::model::parse_ptxas(report)
+        .into_iter()
+        .find(|(name, _)| name == kernel.name())
+        .map(|(_, r)| r)
 }
 
 /// The images nvcc built for `module`.

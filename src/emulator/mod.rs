@@ -28,12 +28,14 @@ mod dora;
 mod multi_adapter;
 mod optim;
 mod prefix_attention;
+mod profile;
 
 pub use delta_linear::*;
 pub use dora::*;
 pub use multi_adapter::*;
 pub use optim::*;
 pub use prefix_attention::*;
+pub use profile::{profile, LaunchProfile, OperandProfile, Sampling, SharedTraffic, Traffic};
 
 use crate::plan::{Buf, BufSource, KernelParams, Launch};
 use crate::{Error, Result};
@@ -266,7 +268,9 @@ unsafe fn launch_impl<P: KernelParams>(
     buffers: Option<&[CheckBuffer]>,
 ) -> Result<()> {
     let checks = checks()?;
-    let entry = if checks.is_empty() {
+    let profiling = profile::sampling()?;
+    let bits = checks.0 | profiling.map_or(0, |(s, _)| profile::bits(s));
+    let entry = if bits == 0 {
         crate::kernels::emu_entry::entry(launch.kernel)
     } else {
         let Some(entry) = crate::kernels::emu_entry::checked_entry(launch.kernel) else {
@@ -290,12 +294,7 @@ unsafe fn launch_impl<P: KernelParams>(
             .collect();
         // SAFETY: `specs` is valid for the call, which copies it (names included).
         unsafe {
-            emu_check_next_launch(
-                checks.0,
-                specs.as_ptr(),
-                specs.len(),
-                buffers.is_some() as i32,
-            )
+            emu_check_next_launch(bits, specs.as_ptr(), specs.len(), buffers.is_some() as i32)
         };
         entry
     };
@@ -313,6 +312,9 @@ unsafe fn launch_impl<P: KernelParams>(
         )
     };
     if rc == 0 {
+        if let Some((_, print)) = profiling {
+            profile::collect(launch, buffers.unwrap_or(&[]), print);
+        }
         return Ok(());
     }
     // SAFETY: a NUL-terminated thread-local string, valid until the next launch on this

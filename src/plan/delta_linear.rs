@@ -236,6 +236,7 @@ enum Kind {
     Simt,
     MmaDecode,
     MmaSmall,
+    MmaMid,
     MmaLarge,
     /// Hopper's warpgroup MMA (only on request).
     Wgmma,
@@ -254,7 +255,9 @@ type VecOperand = (u64, usize, usize);
 fn mma_kind(m: usize, n: usize) -> Kind {
     match (m, n) {
         (..=DECODE_ROWS, _) => Kind::MmaDecode,
-        (..=64, _) | (_, ..=64) => Kind::MmaSmall,
+        (_, ..=64) => Kind::MmaSmall,
+        // One row tile for every row: W read once.
+        (..=64, _) => Kind::MmaMid,
         _ => Kind::MmaLarge,
     }
 }
@@ -300,6 +303,7 @@ fn tile(kind: Kind) -> (usize, usize, usize) {
         Kind::Simt => (64, 64, 16),
         Kind::MmaDecode => (16, 32, 128),
         Kind::MmaSmall => (16, 64, 64),
+        Kind::MmaMid => (64, 64, 64),
         Kind::MmaLarge => (128, 128, 32),
         Kind::Wgmma => (128, 128, 64),
         Kind::SplitReduce => (1, 128, 1),
@@ -308,7 +312,10 @@ fn tile(kind: Kind) -> (usize, usize, usize) {
 
 /// Whether the kernel of `kind` can split its K over blocks (`FusedLinearParams::k_splits`).
 fn splits_k(kind: Kind) -> bool {
-    matches!(kind, Kind::MmaDecode | Kind::MmaSmall | Kind::MmaLarge)
+    matches!(
+        kind,
+        Kind::MmaDecode | Kind::MmaSmall | Kind::MmaMid | Kind::MmaLarge
+    )
 }
 
 /// The launch of a pass over `m` rows × `cols.1` columns (the argument `cols.0` sets) in
@@ -361,6 +368,15 @@ fn launch_for(
             ],
             128,
             4 * (16 + 64) * (64 + 8) * 2,
+        ),
+        Kind::MmaMid => (
+            [
+                None,
+                Some(fused_linear_mma_mid_f16),
+                Some(fused_linear_mma_mid_bf16),
+            ],
+            128,
+            4 * (64 + 64) * (64 + 8) * 2,
         ),
         Kind::MmaLarge => (
             [

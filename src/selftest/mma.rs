@@ -24,7 +24,7 @@ use bytemuck::{Pod, Zeroable};
 use half::bf16;
 
 use super::{addr, addr_mut, check_len, count, launch_1d};
-use crate::emulator;
+use crate::emulator::{self, CheckBuffer};
 use crate::kernels::KernelId;
 use crate::plan::{KernelParams, Launch};
 use crate::{Activation, DType, Element, Error, Result};
@@ -311,10 +311,15 @@ fn run_gemm<T: Element>(
         ldb,
         ldc: count("n", n)?,
     };
+    let buffers = [
+        CheckBuffer::input("a", a_dev.as_slice()),
+        CheckBuffer::input("b", b_dev.as_slice()),
+        CheckBuffer::output("c", c),
+    ];
     // SAFETY: a_dev holds m rows of lda ≥ k elements, b_dev b_rows rows of ldb ≥ b_cols,
     // both 16-byte aligned with lda, ldb multiples of 8; c holds m · n floats. The kernel
     // reads and writes nothing outside the m × n × k problem.
-    unsafe { emulator::launch(&launch, &params) }
+    unsafe { emulator::launch_with(&launch, &params, &buffers) }
 }
 
 /// `rows × cols` row-major `src` copied into an aligned buffer whose rows are padded to a
