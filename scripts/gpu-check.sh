@@ -10,7 +10,9 @@
 #   libs         finds libcublas for cudarc (system, CUDA toolkit, or PyTorch's wheel)
 #   test:NAME    each test binary with --include-ignored: the GPU tests are #[ignore]d
 #                (tests/sass reads the kernels' SASS with the machine's cuobjdump;
-#                gpu_prefix_attention_backward: the attention backward and lse_merge_backward)
+#                gpu_prefix_attention_backward: the attention backward and lse_merge_backward;
+#                dora: the fused DoRA forward on every kernel variant, its training forward
+#                and backward (dmagnitude), norms, merge and unmerge)
 #   bench:NAME   each criterion bench binary (--bench); the time left is shared among them
 #                (prefix_attention_backward: the backward, fused vs kv_concat + backward)
 #   peers        benches/peers/peers.py: PyTorch and PEFT on the benches' shapes (forward,

@@ -251,9 +251,9 @@ fn plan_merge(
     })
 }
 
-/// What DoRA is: LoRA's delta (parallel, identity, a plain or LoRA scale, no biases in the
-/// bottleneck, x as its input), whose weight W + s·B·A the norm is of.
-fn check_lora(op: &DeltaLinear, f: &DeltaLinearBufs) -> Result<()> {
+/// What DoRA is: LoRA's delta (parallel, identity, a plain or LoRA scale), whose weight
+/// W + s·B·A the norm is of.
+fn check_lora_op(op: &DeltaLinear) -> Result<()> {
     if op.insertion != Insertion::Parallel {
         return Err(Error::invalid(
             "op.insertion",
@@ -275,16 +275,26 @@ fn check_lora(op: &DeltaLinear, f: &DeltaLinearBufs) -> Result<()> {
             "Composition::Gated",
         ));
     }
-    for (arg, buf) in [("u", f.u), ("b_down", f.b_down), ("b_up", f.b_up)] {
-        if buf.is_some() {
-            return Err(Error::invalid(
-                arg,
-                "None (DoRA's delta is x·Aᵀ·Bᵀ: W + s·B·A is the weight it normalises)",
-                "a tensor",
-            ));
-        }
-    }
     Ok(())
+}
+
+/// An error naming the first of `tensors` given: DoRA's delta is x·Aᵀ·Bᵀ, no bottleneck
+/// biases and no separate input (W + s·B·A is the weight it normalises).
+fn check_absent(tensors: &[(&'static str, Option<Buf>)]) -> Result<()> {
+    match tensors.iter().find(|(_, b)| b.is_some()) {
+        Some((arg, _)) => Err(Error::invalid(
+            arg,
+            "None (DoRA's delta is x·Aᵀ·Bᵀ: W + s·B·A is the weight it normalises)",
+            "a tensor",
+        )),
+        None => Ok(()),
+    }
+}
+
+/// [`check_lora_op`] and [`check_absent`] for a forward's tensors.
+fn check_lora(op: &DeltaLinear, f: &DeltaLinearBufs) -> Result<()> {
+    check_lora_op(op)?;
+    check_absent(&[("u", f.u), ("b_down", f.b_down), ("b_up", f.b_up)])
 }
 
 /// Plans `dora_linear`: y = g ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b, delta_linear's passes with g in the
@@ -398,36 +408,8 @@ fn plan_backward(
     b: &DoraLinearBackwardBufs,
 ) -> Result<DoraBackwardPlan> {
     let bw = &b.backward;
-    if op.insertion != Insertion::Parallel
-        || op.activation != Activation::Identity
-        || op.composition == Composition::Gated
-    {
-        // The forward's checks, with its names.
-        let f = DeltaLinearBufs {
-            x: bw.x,
-            w: bw.w,
-            bias: None,
-            u: bw.u,
-            w_down: bw.w_down,
-            b_down: None,
-            w_up: bw.w_up,
-            b_up: bw.b_up,
-            gate: bw.gate,
-            workspace: bw.workspace,
-            y: bw.dy,
-            col_scale: None,
-        };
-        check_lora(op, &f)?;
-    }
-    for (arg, buf) in [("u", bw.u), ("b_up", bw.b_up)] {
-        if buf.is_some() {
-            return Err(Error::invalid(
-                arg,
-                "None (DoRA's delta is x·Aᵀ·Bᵀ)",
-                "a tensor",
-            ));
-        }
-    }
+    check_lora_op(op)?;
+    check_absent(&[("u", bw.u), ("b_up", bw.b_up)])?;
     if bw.dropout.is_some_and(|dr| dr.p > 0.0) {
         return Err(Error::Unsupported(
             "dora_linear_backward: LoRA dropout (see dora_linear_train); pass dropout: None".into(),
