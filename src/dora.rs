@@ -90,7 +90,8 @@ pub struct DoraLinearTrainArgs<R, W, G, S> {
 /// upstream gradient; `saved` what `dora_linear_train` saved; `workspace` of
 /// [`DeltaLinearDims::dora_backward_workspace_len`] f32 elements; `u`, `du`, `b_up`, `gate`,
 /// `dgate` `None`), g, the norms and the magnitude's gradient. `backward.accumulate` applies
-/// to `dmagnitude` too.
+/// to `dmagnitude` too. An empty batch (m = 0) is checked and launches nothing, as
+/// `delta_linear_backward` does: the gradients are left as they were.
 #[derive(Debug)]
 pub struct DoraLinearBackwardArgs<R, S, W, G> {
     pub backward: DeltaLinearBackwardArgs<R, S, W, G>,
