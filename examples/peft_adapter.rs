@@ -8,8 +8,8 @@
 //! ```
 
 use half::{bf16, f16};
-use peft_kernels::delta_linear::DeltaLinearArgs;
-use peft_kernels::dora::{DoraNormArgs, DoraScaleArgs, DoraScaleDims};
+use peft_kernels::delta_linear::{DeltaLinearArgs, HostDeltaLinearArgs};
+use peft_kernels::dora::{DoraLinearArgs, DoraNormArgs};
 use peft_kernels::host::{self, Backend};
 use peft_kernels::peft::{self, Adapter, LoraModule, PrefixAdapter, Tensor};
 use peft_kernels::prefix_attention::{HeadLayout, PrefixAttention, PrefixAttentionArgs};
@@ -18,8 +18,9 @@ use peft_kernels::{DType, Element, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// One layer through the kernels: `delta_linear` (and, for DoRA, `dora_norm` then
-/// `dora_scale` with the bias) in the dtype PEFT ran it in.
+/// One layer through the kernels: `delta_linear`, or for DoRA `dora_norm` then `dora_linear`
+/// (one fused pass with the magnitude's scale, then the bias, in its epilogue), in the dtype
+/// PEFT ran it in.
 fn layer<T: Element>(
     backend: &Backend,
     m: &LoraModule,
@@ -37,51 +38,41 @@ fn layer<T: Element>(
     let dims = m.dims(x.len() / m.in_features);
     let mut workspace = vec![T::default(); dims.workspace_len()];
     let mut y = vec![T::default(); dims.m * dims.n];
-    // DoRA adds the bias after its scale.
-    let dora = m.magnitude.is_some();
-    host::delta_linear(
-        backend,
-        &m.op(),
-        &dims,
-        DeltaLinearArgs {
-            x,
-            w: &w,
-            bias: if dora { None } else { bias.as_deref() },
-            u: None,
-            w_down: &a,
-            b_down: None,
-            w_up: &b,
-            b_up: b_up.as_deref(),
-            gate: None,
-            workspace: &mut workspace,
-            y: &mut y,
-        },
-    )?;
-    if let Some(magnitude) = &m.magnitude {
-        let d = m.dora_dims();
-        let mut g = vec![0.0f32; d.n];
-        let magnitude = magnitude.to::<T>();
-        host::dora_norm(
-            backend,
-            &d,
-            m.scale,
-            DoraNormArgs {
-                w: &w[..],
-                w_down: &a,
-                w_up: &b,
-                magnitude: &magnitude,
-                g: &mut g,
-            },
-        )?;
-        host::dora_scale(
-            backend,
-            &DoraScaleDims::new(dims.m, dims.n),
-            DoraScaleArgs {
-                y: &mut y,
-                g: &g[..],
-                bias: bias.as_deref(),
-            },
-        )?;
+    let forward: HostDeltaLinearArgs<T> = DeltaLinearArgs {
+        x,
+        w: &w,
+        bias: bias.as_deref(),
+        u: None,
+        w_down: &a,
+        b_down: None,
+        w_up: &b,
+        b_up: b_up.as_deref(),
+        gate: None,
+        workspace: &mut workspace,
+        y: &mut y,
+    };
+    match &m.magnitude {
+        None => host::delta_linear(backend, &m.op(), &dims, forward)?,
+        Some(magnitude) => {
+            // g depends on the weights only: a server computes it once per adapter.
+            let d = m.dora_dims();
+            let mut g = vec![0.0f32; d.n];
+            let magnitude = magnitude.to::<T>();
+            host::dora_norm(
+                backend,
+                &d,
+                m.scale,
+                DoraNormArgs {
+                    w: &w[..],
+                    w_down: &a,
+                    w_up: &b,
+                    magnitude: &magnitude,
+                    g: &mut g,
+                    norm: None,
+                },
+            )?;
+            host::dora_linear(backend, &m.op(), &dims, DoraLinearArgs { forward, g: &g })?;
+        }
     }
     Ok(y)
 }

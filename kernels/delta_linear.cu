@@ -8,6 +8,8 @@
 //     acc  = c_main(m) · (acc + bias[n] + h_in[m,n])    at the phase switch
 //     acc += A2[m,:] · B2[n,:]                          phase 2, K2 steps (the delta's up-projection)
 //     out  = c_out(m) · f(acc + c_bias2(m) · bias2[n])
+//   or, with a column scale g [n] (DoRA's m / ‖W + s·B·A‖, f32), the bias after it:
+//     acc  = c_main(m) · (acc + h_in[m,n]);  …;  out = g[n] · c_out(m) · f(…) + bias[n]
 //
 // with row coefficients chosen from the composition: (c_h, c_d) = (1, 1) for add, (1, s) for
 // scaled add, (1 − λ_m, λ_m) for the gate. A parallel delta is two launches of this pass (a pass
@@ -116,6 +118,7 @@ struct FusedLinearParams {
     void* out;
     float* partial;  // split-K partial sums, f32 [k_splits][m][ldp] (see fused_linear_mma)
     float* save;     // training mode: what the backward needs of each output (see finish)
+    const float* col_scale;  // [n] f32 or null: out = col_scale ⊙ (the pass without bias) + bias
     int64_t lda1, ldb1, ldh, lda2, ldb2, ldo, ldp, ld_save;
     int64_t bs_a1, bs_b1, bs_bias, bs_h, bs_a2, bs_b2, bs_bias2, bs_out, bs_save;
     uint64_t drop_seed;  // LoRA dropout on A1 (a down pass's u): see a1_dropout
@@ -186,7 +189,8 @@ PK_INLINE RowCoefs row_coefs(const FusedLinearParams& p, int m) {
 template <typename T>
 PK_INLINE float phase_switch(const FusedLinearParams& p, const Operands<T>& o, int m, int n,
                              const RowCoefs& c, float acc) {
-    if (o.bias) acc += to_float(o.bias[n]);
+    // With a column scale the bias joins after it, in the epilogue.
+    if (o.bias && !p.col_scale) acc += to_float(o.bias[n]);
     if (o.h_in) acc += to_float(o.h_in[m * p.ldh + n]);
     return c.main * acc;
 }
@@ -200,10 +204,13 @@ __device__ __attribute__((noinline)) float activate_out_of_line(int32_t activati
 }
 
 // The epilogue's value of one element, stored: second bias (when there is one: `bias2`, its
-// entry), activation, output coefficient. A training-mode forward (o.save non-null) also keeps
-// in f32 what the backward reads: a down pass the pre-activation z = u·W_downᵀ + b_down
-// (before f and c_out: f′(z) needs it, and the gate's c_out may be 0), a frozen pass whose
-// output a sequential or gated delta reads (save_stored) h as stored in T, as the delta saw it.
+// entry), activation, output coefficient, then DoRA's column scale and the frozen bias when
+// there is a column scale (phase_switch left the bias out). A training-mode forward (o.save
+// non-null) also keeps in f32 what the backward reads: a down pass the pre-activation
+// z = u·W_downᵀ + b_down (before f and c_out: f′(z) needs it, and the gate's c_out may be 0),
+// a frozen pass whose output a sequential or gated delta reads (save_stored) h as stored in
+// T, as the delta saw it, and a main pass with a column scale its output before the scale
+// (DoRA's x·Wᵀ + Δ, whose product with dy the magnitude's gradient sums).
 template <typename T>
 PK_INLINE T epilogue(const FusedLinearParams& p, const Operands<T>& o, int m, int n,
                      const RowCoefs& c, float acc, bool has_bias2, float bias2) {
@@ -211,7 +218,9 @@ PK_INLINE T epilogue(const FusedLinearParams& p, const Operands<T>& o, int m, in
     const float z = acc;
     if (p.activation != static_cast<int32_t>(Activation::Identity))
         acc = activate_out_of_line(p.activation, acc);
-    const T v = from_float<T>(c.out * acc);
+    float y = c.out * acc;
+    if (p.col_scale) y = p.col_scale[n] * y + (o.bias ? to_float(o.bias[n]) : 0.0f);
+    const T v = from_float<T>(y);
     if (o.save) o.save[m * p.ld_save + n] = p.save_stored ? to_float(v) : z;
     return v;
 }

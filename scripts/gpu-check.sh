@@ -11,7 +11,9 @@
 #   test:NAME    each test binary with --include-ignored: the GPU tests are #[ignore]d
 #                (tests/sass reads the kernels' SASS with the machine's cuobjdump;
 #                gpu_prefix_attention_backward: the attention backward and lse_merge_backward;
-#                multi_adapter: on_gpu::, mixed-adapter batches and device ids out of range)
+#                multi_adapter: on_gpu::, mixed-adapter batches and device ids out of range;
+#                dora: the fused DoRA forward on every kernel variant, its training forward
+#                and backward (dmagnitude), norms, merge and unmerge)
 #   bench:NAME   each criterion bench binary (--bench); the time left is shared among them
 #                (prefix_attention_backward: the backward, fused vs kv_concat + backward;
 #                multi_adapter: mixed batches vs the Punica-style cuBLAS sequence)

@@ -640,6 +640,7 @@ impl<R, W> DeltaLinearArgs<R, W> {
             gate: self.gate.map(|b| s.read(b)),
             workspace: s.write(self.workspace),
             y: s.write(self.y),
+            col_scale: None,
         }
     }
 }

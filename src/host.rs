@@ -14,7 +14,10 @@ use crate::delta_linear::{
     DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs, HostDeltaApplyArgs,
     HostDeltaLinearArgs, HostLoraMergeArgs, LoraMergeDims,
 };
-use crate::dora::{DoraDims, DoraMergeArgs, DoraNormArgs, DoraScaleArgs, DoraScaleDims};
+use crate::dora::{
+    DoraDims, DoraLinearArgs, DoraLinearBackwardArgs, DoraLinearTrainArgs, DoraMergeArgs,
+    DoraNormArgs,
+};
 use crate::optim::{AdamW, AdamwArgs};
 #[cfg(feature = "cuda")]
 use crate::plan::{self, Buf, BufSource, KernelParams, Launch};
@@ -287,12 +290,40 @@ host_op!(
     DoraNormArgs<&[T], &mut [f32]>
 );
 host_op!(
-    /// `dora_scale` (`y ← g ⊙ y + bias` per column, [`crate::dora`]) on host buffers.
-    dora_scale,
-    dora_scale_plan,
-    (dims: &DoraScaleDims),
-    DoraScaleArgs<&[T], &mut [T], &[f32]>
+    /// `dora_linear` (the DoRA forward, [`crate::dora`]) on host buffers.
+    dora_linear,
+    plan::dora::dora_linear,
+    (op: &DeltaLinear, dims: &DeltaLinearDims),
+    DoraLinearArgs<&[T], &mut [T], &[f32]>
 );
+host_op!(
+    /// `dora_linear_train` (the DoRA forward that saves what its backward reads) on host
+    /// buffers.
+    dora_linear_train,
+    plan::dora::dora_linear_train,
+    (op: &DeltaLinear, dims: &DeltaLinearDims),
+    DoraLinearTrainArgs<&[T], &mut [T], &[f32], &mut [f32]>
+);
+
+/// `dora_linear_backward` (the magnitude's, the adapter's and x's gradients,
+/// [`crate::dora`]) on host buffers.
+pub fn dora_linear_backward<T: Element>(
+    backend: &Backend,
+    op: &DeltaLinear,
+    dims: &DeltaLinearDims,
+    args: DoraLinearBackwardArgs<&[T], &[f32], &mut [T], &mut [f32]>,
+) -> Result<()> {
+    match backend {
+        #[cfg(feature = "emulator")]
+        Backend::Emulator => crate::emulator::dora_linear_backward(op, dims, args),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(stream) => {
+            let mut up = Upload::new(stream);
+            let p = plan::dora::dora_linear_backward(op, dims, T::DTYPE, &args.bufs(&mut up))?;
+            up.run2(&p.columns, &p.backward)
+        }
+    }
+}
 
 /// DoRA's merge, or with `unmerge` its inverse ([`crate::dora`]), on host buffers.
 pub fn dora_merge<T: Element>(
@@ -357,15 +388,6 @@ fn dora_norm_plan(
     b: &plan::dora::DoraNormBufs,
 ) -> Result<Vec<(Launch, plan::dora::DoraNormParams)>> {
     Ok(vec![plan::dora::dora_norm(dtype, dims, scale, b)?])
-}
-
-#[cfg(feature = "cuda")]
-fn dora_scale_plan(
-    dims: &DoraScaleDims,
-    dtype: crate::DType,
-    b: &plan::dora::DoraScaleBufs,
-) -> Result<Vec<(Launch, plan::dora::DoraScaleParams)>> {
-    Ok(vec![plan::dora::dora_scale(dtype, dims, b)?])
 }
 
 /// The LoRA merge plan as the other plans are shaped: one step in a list.

@@ -29,7 +29,7 @@ pub enum Module {
     Optim,
     /// The backward of prefix attention (`kernels/prefix_attention_backward.cu`).
     PrefixAttentionBackward,
-    /// DoRA's row norms and per-column scale (`kernels/dora.cu`).
+    /// DoRA's row norms, merge's row scale and backward (`kernels/dora.cu`).
     Dora,
     /// Many adapters of one linear layer in one batch (`kernels/multi_delta_linear.cu`).
     MultiDeltaLinear,
@@ -353,6 +353,10 @@ kernel_table! {
         dora_scale_f32,
         dora_scale_f16,
         dora_scale_bf16,
+        dora_bwd_columns_f32,
+        dora_bwd_columns_f16,
+        dora_bwd_columns_bf16,
+        dora_dmagnitude_f32,
     }
     MultiDeltaLinear {
         multi_delta_naive_f32,

@@ -276,8 +276,9 @@ pub struct LoraModule {
 }
 
 impl LoraModule {
-    /// The delta's description: parallel, identity, `h + s·Δh`. (DoRA rescales the sum per
-    /// output column afterwards: [`crate::dora`].)
+    /// The delta's description: parallel, identity, `h + s·Δh`. (DoRA runs it through
+    /// `dora_linear`, which scales the sum per output column before the bias:
+    /// [`crate::dora`].)
     pub fn op(&self) -> DeltaLinear {
         DeltaLinear::new(
             Insertion::Parallel,

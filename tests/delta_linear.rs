@@ -475,6 +475,7 @@ fn planner_bufs(
         gate: None,
         workspace: buf(DeltaLinearDims::new(m, n, k, r).workspace_len()),
         y: buf(m * n),
+        col_scale: None,
     }
 }
 

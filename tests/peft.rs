@@ -7,7 +7,7 @@ mod common;
 
 use half::{bf16, f16};
 use peft_kernels::delta_linear::{DeltaLinearArgs, LoraMergeArgs};
-use peft_kernels::dora::{DoraMergeArgs, DoraNormArgs, DoraScaleArgs, DoraScaleDims};
+use peft_kernels::dora::{DoraLinearArgs, DoraMergeArgs, DoraNormArgs};
 use peft_kernels::peft::{self, Adapter, BiasMode, LoraAdapter, LoraModule, PrefixAdapter, Tensor};
 use peft_kernels::prefix_attention::{HeadLayout, PrefixAttention, PrefixAttentionArgs};
 use peft_kernels::reference::{self, MatRef};
@@ -620,9 +620,9 @@ fn tensor_views_check_their_dtype() {
     assert!(m.frozen_weight(&[0.0f32; 3]).is_err());
 }
 
-/// The DoRA layer of `m` through the kernels: g from `dora_norm`, then `delta_linear` without
-/// the bias and `dora_scale` with g and the bias (f32, as the fixtures). Without `apply_g`,
-/// plain LoRA with the bias.
+/// The DoRA layer of `m` through the kernels: g from `dora_norm`, then `dora_linear` (one
+/// fused pass, g and then the bias in its epilogue; f32, as the fixtures). Without
+/// `apply_g`, plain LoRA with the bias.
 fn run_dora(m: &LoraModule, io: &BTreeMap<String, Tensor>, apply_g: bool) -> Vec<f32> {
     let stored = io[&format!("{}.weight", m.name)].as_slice::<f32>().unwrap();
     let w = m.frozen_weight(stored).unwrap();
@@ -639,20 +639,36 @@ fn run_dora(m: &LoraModule, io: &BTreeMap<String, Tensor>, apply_g: bool) -> Vec
             w_up: &b,
             magnitude: &magnitude,
             g: &mut g,
+            norm: None,
         },
     )
     .unwrap();
     if !apply_g {
         return run_layer::<f32>(m, io);
     }
-    let mut y = run_pass::<f32>(m, io, None);
+    let x = io[&format!("{}.x", m.name)].as_slice::<f32>().unwrap();
     let bias = layer_bias::<f32>(m, io);
-    emulator::dora_scale::<f32>(
-        &DoraScaleDims::new(y.len() / dora.n, dora.n),
-        DoraScaleArgs {
-            y: &mut y,
-            g: &g[..],
-            bias: bias.as_deref(),
+    let dims = m.dims(x.len() / m.in_features);
+    let mut ws = vec![0.0f32; dims.workspace_len()];
+    let mut y = common::poisoned::<f32>(dims.m * dims.n);
+    emulator::dora_linear(
+        &m.op(),
+        &dims,
+        DoraLinearArgs {
+            forward: DeltaLinearArgs {
+                x,
+                w: &w,
+                bias: bias.as_deref(),
+                u: None,
+                w_down: &a,
+                b_down: None,
+                w_up: &b,
+                b_up: None,
+                gate: None,
+                workspace: &mut ws,
+                y: &mut y,
+            },
+            g: &g,
         },
     )
     .unwrap();
@@ -766,6 +782,7 @@ fn merged_layers_reproduce_peft() {
                         w_up: &lb,
                         magnitude: &magnitude,
                         g: &mut g,
+                        norm: None,
                     },
                 )
                 .unwrap();

@@ -153,7 +153,7 @@ pub fn lora_merge<T: Element>(
 }
 
 /// The checks' names of a forward's buffers (training mode adds `saved`).
-fn linear_names(b: &DeltaLinearBufs) -> [(&'static str, Option<Buf>); 11] {
+pub(super) fn linear_names(b: &DeltaLinearBufs) -> [(&'static str, Option<Buf>); 11] {
     [
         ("x", Some(b.x)),
         ("w", Some(b.w)),

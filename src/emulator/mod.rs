@@ -379,6 +379,16 @@ impl<'r, 'w, A, B> BufSource<&'r [A], &'w mut [B]> for HostBufs {
 /// shapes it launches with, which is what makes this safe to call with a plan's output.
 /// With checks on, initcheck follows the workspace across the steps.
 pub(crate) fn run<P: KernelParams>(steps: &[(Launch, P)], host: &HostBufs) -> Result<()> {
+    run2(steps, &[] as &[(Launch, P)], host)
+}
+
+/// [`run`] for a plan of two kernel families (DoRA's backward, merge): `first`'s steps, then
+/// `second`'s, one plan to initcheck.
+pub(crate) fn run2<P: KernelParams, Q: KernelParams>(
+    first: &[(Launch, P)],
+    second: &[(Launch, Q)],
+    host: &HostBufs,
+) -> Result<()> {
     struct Plan;
     impl Drop for Plan {
         fn drop(&mut self) {
@@ -389,7 +399,11 @@ pub(crate) fn run<P: KernelParams>(steps: &[(Launch, P)], host: &HostBufs) -> Re
     // SAFETY: sets thread-local state.
     unsafe { emu_check_plan(1) };
     let _plan = Plan;
-    for (l, p) in steps {
+    for (l, p) in first {
+        // SAFETY: see above.
+        unsafe { launch_with(l, p, &host.buffers) }?;
+    }
+    for (l, p) in second {
         // SAFETY: see above.
         unsafe { launch_with(l, p, &host.buffers) }?;
     }

@@ -24,6 +24,7 @@ pub struct FusedLinearParams {
     pub out: u64,
     pub partial: u64,
     pub save: u64,
+    pub col_scale: u64,
     pub lda1: i64,
     pub ldb1: i64,
     pub ldh: i64,
@@ -100,6 +101,9 @@ pub struct DeltaLinearBufs {
     pub gate: Option<Buf>,
     pub workspace: Buf,
     pub y: Buf,
+    /// DoRA's column scale g `[n]`, f32 (`crate::dora::DoraLinearArgs`): y = g ⊙ (x·Wᵀ + Δ) + b.
+    /// Parallel insertion without a gate only; a training forward then also saves x·Wᵀ + Δ.
+    pub col_scale: Option<Buf>,
 }
 
 /// The operands of one delta-apply call (a delta on a given h, per head).
@@ -675,6 +679,13 @@ pub(crate) fn saved_len(op: &DeltaLinear, m: usize, n: usize, r: usize) -> usize
     m.saturating_mul(r).saturating_add(h)
 }
 
+/// The f32 elements of a training forward's `saved` with a column scale (DoRA): z [m, r] at
+/// 0, then the main pass's output before the scale, x·Wᵀ + Δ [m, n] (a column scale is
+/// refused where [`saves_h`]). Saturates at usize::MAX.
+pub(crate) fn scaled_saved_len(m: usize, n: usize, r: usize) -> usize {
+    m.saturating_mul(r).saturating_add(m.saturating_mul(n))
+}
+
 /// Plans `delta_linear_train`: `delta_linear` that also saves, in f32, what the backward
 /// reads (see [`DeltaLinearDims::saved_len`]). A gated parallel delta then runs as a
 /// sequential one does, [frozen, down, up], so that h is stored (in y, rounded to T) and
@@ -689,7 +700,7 @@ pub fn delta_linear_train(
         .map_err(|e| e.of("delta_linear_train"))
 }
 
-fn plan_delta_linear(
+pub(crate) fn plan_delta_linear(
     op: &DeltaLinear,
     d: &DeltaLinearDims,
     dtype: DType,
@@ -748,6 +759,14 @@ fn plan_delta_linear(
     check_exact("w_up", Some(b.w_up), &[d.n, d.r])?;
     check_exact("b_up", b.b_up, &[d.n])?;
     check_gate(b.gate, op.composition, d.m)?;
+    if b.col_scale.is_some() && (op.insertion == Insertion::Sequential || b.gate.is_some()) {
+        return Err(Error::invalid(
+            "col_scale",
+            "None unless the delta is parallel and not gated (DoRA's scale multiplies x·Wᵀ + Δ)",
+            "a column scale",
+        ));
+    }
+    check_exact("col_scale", b.col_scale, &[d.n])?;
     let ldt = workspace_ld(d.r);
     let layout = workspace_layout(d.m, 1, d.r, d.n, d.split_target);
     check_workspace(b.workspace, &layout)?;
@@ -760,16 +779,27 @@ fn plan_delta_linear(
             ld: d.ld_y,
         },
     )?;
-    check_len(
-        "saved",
-        saved,
-        saved_len(op, d.m, d.n, d.r),
-        Some("dims.saved_len(op): z [m, r], then h [m, n] for a sequential or gated delta, f32"),
-    )?;
+    if b.col_scale.is_some() {
+        check_len(
+            "saved",
+            saved,
+            scaled_saved_len(d.m, d.n, d.r),
+            Some("dims.dora_saved_len(): z [m, r], then x·Wᵀ + Δ [m, n], f32"),
+        )?;
+    } else {
+        check_len(
+            "saved",
+            saved,
+            saved_len(op, d.m, d.n, d.r),
+            Some(
+                "dims.saved_len(op): z [m, r], then h [m, n] for a sequential or gated delta, f32",
+            ),
+        )?;
+    }
     if d.m == 0 {
         return Ok(Vec::new());
     }
-    // The saved z, and h after it (byte addresses of f32 elements).
+    // The saved z, and h (or DoRA's x·Wᵀ + Δ) after it (byte addresses of f32 elements).
     let saved_z = addr(saved);
     let saved_h = saved.map_or(0, |s| s.addr + 4 * (d.m * d.r) as u64);
 
@@ -825,6 +855,11 @@ fn plan_delta_linear(
         (p.a2, p.lda2, p.b2, p.ldb2, p.k2) = (t, ldt as i64, b.w_up.addr, d.r as i64, r);
         (p.bias2, p.gate) = (addr(b.b_up), gate);
         (p.c_main, p.c_bias2, p.c_out) = (COEF_H, COEF_D, COEF_ONE);
+        if let Some(g) = b.col_scale {
+            // Only a parallel delta has one (checked): this pass is its frozen GEMM too.
+            p.col_scale = g.addr;
+            (p.save, p.ld_save) = (saved_h, d.n as i64);
+        }
         let kind = kind_for(d.kernel, dtype, (d.m, d.n), phase1)?;
         pass_steps((kind, dtype), "dims.n", 1, p, (main_partials, d.n), true)
     };

@@ -164,7 +164,7 @@ fn buf_nonempty(b: Buf) -> bool {
 }
 
 /// An error naming the first output that shares memory with an input or another output.
-fn check_disjoint(
+pub(crate) fn check_disjoint(
     outputs: &[(&'static str, Option<Buf>, usize)],
     inputs: &[(&'static str, Option<Buf>, usize)],
 ) -> Result<()> {
@@ -351,7 +351,7 @@ pub fn delta_linear_backward(
     plan(op, d, dtype, b).map_err(|e| e.of("delta_linear_backward"))
 }
 
-fn plan(
+pub(crate) fn plan(
     op: &DeltaLinear,
     d: &DeltaLinearDims,
     dtype: DType,
