@@ -1369,6 +1369,7 @@ fn dora_norm<T: Elem>(dims: &DoraDims, s: f32, inputs: &[Option<Tensor>]) -> Res
                 w_up: get(2, n * r)?,
                 magnitude: get(3, n)?,
                 g: &mut g[..],
+                norm: None,
             },
         )
         .map_err(wrap)?;
@@ -1391,6 +1392,7 @@ fn dora_norm<T: Elem>(dims: &DoraDims, s: f32, inputs: &[Option<Tensor>]) -> Res
                 w_up: &w_up,
                 magnitude: &ones,
                 g: &mut g,
+                norm: None,
             },
         )
         .map_err(wrap)?;
