@@ -26,6 +26,7 @@ pub mod backward;
 pub mod dora;
 pub mod linear;
 pub mod optim;
+pub mod quant;
 
 pub use adapter::{multi_head_adapter, MultiHeadAdapter, MultiHeadAdapterTensors};
 pub use attention::{

@@ -1,0 +1,299 @@
+//! Quantized frozen weights, exactly as the libraries store them (no repacking on load):
+//!
+//! - **NF4** (QLoRA, bitsandbytes `quantize_4bit(..., quant_type="nf4")`): the W [n, k]
+//!   flattened row-major, cut into blocks of `blocksize` (64 in QLoRA) consecutive elements
+//!   *of the flattened tensor* (a block may straddle rows when k is not a multiple of it; the
+//!   last block may be short), each element a 4-bit index into the 16-entry code table
+//!   (`quant_map`, [`NF4_CODE`]), two per byte: element 2i in the **high** nibble of byte i,
+//!   element 2i+1 in the low nibble (bitsandbytes' `(q[::2] << 4) | q[1::2]`; an odd count
+//!   pads the last low nibble). Element i is `code[nibble] · absmax[i / blocksize]`, one f32
+//!   product. The absmax are f32, or double-quantized (`compress_statistics=True`): uint8
+//!   codes, one per block, into a 256-entry code table (`nested_quant_map`) times an f32
+//!   scale per [`NF4_NESTED_BLOCK`] codes (`nested_absmax`), plus the f32 `nested_offset`:
+//!   `absmax[j] = (nested_code[codes[j]] · nested_absmax[j / 256]) + offset`, two f32
+//!   operations each rounded (bitsandbytes' `dequantize_blockwise(...) + offset`).
+//! - **FP8 E4M3** (`float8_e4m3fn`, DeepSeek-V3 / transformers' fine-grained FP8): W [n, k]
+//!   as one byte per element, and f32 scales (`weight_scale_inv`), one per output row
+//!   ([`Fp8Scaling::PerRow`]) or per `rows × cols` block (128 × 128 in DeepSeek-V3,
+//!   [`Fp8Scaling::Block`]; [ceil(n/rows), ceil(k/cols)] row-major, edge blocks short).
+//!   Element (i, j) is `f32(e4m3) · scale`, one f32 product.
+//!
+//! A block whose absmax or scale is 0 dequantizes to zeros (0 · code, never 0 / 0).
+//!
+//! The types are generic over the backend's buffers: `B` holds bytes (u8), `F` f32 values
+//! (`&[u8]` and `&[f32]` on the host). Wrong element types are unrepresentable there; the
+//! shapes and lengths are checked by [`QuantWeight::check`] (every backend's planning calls
+//! it), each error naming the argument (`w.packed`, `w.absmax`, …).
+
+use crate::error::{Error, Result};
+
+/// bitsandbytes' NF4 code table (`bitsandbytes.functional.get_4bit_type("nf4")`, the same
+/// f32 values as the `quant_map` it saves with a checkpoint).
+#[allow(clippy::excessive_precision)]
+pub const NF4_CODE: [f32; 16] = [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+];
+
+/// The block of double quantization: bitsandbytes' `quantize_4bit` quantizes the absmax in
+/// blocks of 256 (its `nested_blocksize`).
+pub const NF4_NESTED_BLOCK: usize = 256;
+
+/// The absmax of an NF4 weight: one per block of `blocksize` elements.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Nf4Absmax<B, F> {
+    /// f32 [blocks] (`weight.absmax` without `compress_statistics`).
+    F32(F),
+    /// Double quantization (`compress_statistics=True`).
+    Double {
+        /// uint8 [blocks]: codes of absmax − offset (`weight.absmax`).
+        codes: B,
+        /// f32 [256]: the code table of those codes (`weight.nested_quant_map`).
+        code: F,
+        /// f32 [ceil(blocks / 256)]: the scale of each run of 256 codes
+        /// (`weight.nested_absmax`).
+        scales: F,
+        /// Added to every dequantized absmax (`nested_offset`).
+        offset: f32,
+    },
+}
+
+/// A 4-bit blockwise-quantized W [n, k] in bitsandbytes' layout (module docs).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Nf4Weight<B, F> {
+    /// uint8 [ceil(n·k / 2)]: two 4-bit codes per byte, element 2i in the high nibble
+    /// (`weight`, stored [ceil(n·k / 2), 1]).
+    pub packed: B,
+    /// f32 [16]: the 4-bit code table (`weight.quant_map`; [`NF4_CODE`] for NF4).
+    pub code: F,
+    /// Elements per absmax block over the flattened tensor: a power of two from 32 to 4096
+    /// (bitsandbytes' choices; QLoRA uses 64).
+    pub blocksize: usize,
+    pub absmax: Nf4Absmax<B, F>,
+}
+
+/// Which scale an FP8 element takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fp8Scaling {
+    /// One scale per output row: [n].
+    PerRow,
+    /// One scale per `rows × cols` block of W: [ceil(n / rows), ceil(k / cols)] row-major
+    /// (DeepSeek-V3's `weight_block_size` [128, 128]).
+    Block { rows: usize, cols: usize },
+}
+
+/// An FP8 E4M3 W [n, k] with f32 scales (module docs).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Fp8Weight<B, F> {
+    /// E4M3 bytes [n, k] (`float8_e4m3fn`, `weight`).
+    pub weight: B,
+    /// f32 scales as `scaling` says (`weight_scale_inv`: W = f32(weight) · scale).
+    pub scale: F,
+    pub scaling: Fp8Scaling,
+}
+
+/// A quantized frozen weight W [n, k].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum QuantWeight<B, F> {
+    Nf4(Nf4Weight<B, F>),
+    Fp8(Fp8Weight<B, F>),
+}
+
+impl<B, F> QuantWeight<B, F> {
+    /// The same description over other buffers (`fb` for each byte buffer, `ff` for each
+    /// f32 buffer): a backend's buffers to addresses, or to lengths.
+    pub fn map<B2, F2>(
+        self,
+        mut fb: impl FnMut(B) -> B2,
+        mut ff: impl FnMut(F) -> F2,
+    ) -> QuantWeight<B2, F2> {
+        match self {
+            QuantWeight::Nf4(w) => QuantWeight::Nf4(Nf4Weight {
+                packed: fb(w.packed),
+                code: ff(w.code),
+                blocksize: w.blocksize,
+                absmax: match w.absmax {
+                    Nf4Absmax::F32(a) => Nf4Absmax::F32(ff(a)),
+                    Nf4Absmax::Double {
+                        codes,
+                        code,
+                        scales,
+                        offset,
+                    } => Nf4Absmax::Double {
+                        codes: fb(codes),
+                        code: ff(code),
+                        scales: ff(scales),
+                        offset,
+                    },
+                },
+            }),
+            QuantWeight::Fp8(w) => QuantWeight::Fp8(Fp8Weight {
+                weight: fb(w.weight),
+                scale: ff(w.scale),
+                scaling: w.scaling,
+            }),
+        }
+    }
+}
+
+/// The packed lengths and scale counts of a W [n, k] (usize arithmetic that cannot
+/// overflow once n·k fits, which [`QuantWeight::check`] checks first).
+impl QuantWeight<usize, usize> {
+    /// Checks buffer lengths (`self` holds each buffer's element count, as
+    /// [`QuantWeight::map`] makes it) against W [n, k]: an error naming the first argument
+    /// that disagrees, with the expected value.
+    pub fn check(&self, n: usize, k: usize) -> Result<()> {
+        let count = n
+            .checked_mul(k)
+            .filter(|&c| c <= i64::MAX as usize / 2)
+            .ok_or_else(|| Error::invalid("dims", "n·k within 2^62", format!("{n}·{k}")))?;
+        let exact = |arg: &'static str, len: usize, want: usize, what: &str| {
+            if len == want {
+                Ok(())
+            } else {
+                Err(Error::invalid(
+                    arg,
+                    format!("{want} elements ({what})"),
+                    format!("{len} elements"),
+                ))
+            }
+        };
+        match *self {
+            QuantWeight::Nf4(w) => {
+                if !(32..=4096).contains(&w.blocksize) || !w.blocksize.is_power_of_two() {
+                    return Err(Error::invalid(
+                        "w.blocksize",
+                        "a power of two from 32 to 4096 (bitsandbytes' block sizes)",
+                        w.blocksize,
+                    ));
+                }
+                exact(
+                    "w.packed",
+                    w.packed,
+                    count.div_ceil(2),
+                    "ceil(n·k / 2) bytes: two 4-bit codes per byte",
+                )?;
+                exact("w.code", w.code, 16, "the 4-bit code table")?;
+                let blocks = count.div_ceil(w.blocksize);
+                match w.absmax {
+                    Nf4Absmax::F32(a) => exact(
+                        "w.absmax",
+                        a,
+                        blocks,
+                        "one per block: ceil(n·k / blocksize)",
+                    )?,
+                    Nf4Absmax::Double {
+                        codes,
+                        code,
+                        scales,
+                        offset,
+                    } => {
+                        exact("w.absmax", codes, blocks, "one code per block")?;
+                        exact("w.nested_code", code, 256, "the 8-bit code table")?;
+                        exact(
+                            "w.nested_absmax",
+                            scales,
+                            blocks.div_ceil(NF4_NESTED_BLOCK),
+                            "one per 256 absmax codes",
+                        )?;
+                        if !offset.is_finite() {
+                            return Err(Error::invalid("w.offset", "a finite f32", offset));
+                        }
+                    }
+                }
+            }
+            QuantWeight::Fp8(w) => {
+                exact(
+                    "w.weight",
+                    w.weight,
+                    count,
+                    "one E4M3 byte per element of [n, k]",
+                )?;
+                let scales = match w.scaling {
+                    Fp8Scaling::PerRow => n,
+                    Fp8Scaling::Block { rows, cols } => {
+                        for (arg, v) in [("w.scaling.rows", rows), ("w.scaling.cols", cols)] {
+                            if v == 0 {
+                                return Err(Error::invalid(arg, "at least 1", 0));
+                            }
+                        }
+                        n.div_ceil(rows) * k.div_ceil(cols)
+                    }
+                };
+                exact("w.scale", w.scale, scales, "one f32 scale per row or block")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl QuantWeight<&[u8], &[f32]> {
+    /// W [n, k] dequantized to f32 exactly as the libraries do (bitsandbytes'
+    /// `dequantize_4bit` to float32; transformers' `weight.to(float32) * weight_scale_inv`),
+    /// bit for bit: for checking a checkpoint and for unfused baselines, not for the
+    /// kernels (which never materialise W).
+    pub fn dequantize_f32(&self, n: usize, k: usize) -> Result<Vec<f32>> {
+        self.map(<[u8]>::len, <[f32]>::len).check(n, k)?;
+        Ok((0..n * k).map(|i| self.element_f32(i, k)).collect())
+    }
+
+    /// Element `i` of the flattened W (row length `k`), as [`Self::dequantize_f32`].
+    fn element_f32(&self, i: usize, k: usize) -> f32 {
+        match self {
+            QuantWeight::Nf4(w) => {
+                let byte = w.packed[i / 2];
+                let nibble = if i % 2 == 0 { byte >> 4 } else { byte & 0xf };
+                w.code[nibble as usize] * nf4_absmax_f32(&w.absmax, i / w.blocksize)
+            }
+            QuantWeight::Fp8(w) => {
+                let (row, col) = (i / k, i % k);
+                let scale = match w.scaling {
+                    Fp8Scaling::PerRow => w.scale[row],
+                    Fp8Scaling::Block { rows, cols } => {
+                        w.scale[(row / rows) * k.div_ceil(cols) + col / cols]
+                    }
+                };
+                e4m3_to_f32(w.weight[i]) * scale
+            }
+        }
+    }
+}
+
+/// Absmax `block` of an NF4 weight in f32, as bitsandbytes computes it.
+fn nf4_absmax_f32(a: &Nf4Absmax<&[u8], &[f32]>, block: usize) -> f32 {
+    match *a {
+        Nf4Absmax::F32(a) => a[block],
+        Nf4Absmax::Double {
+            codes,
+            code,
+            scales,
+            offset,
+        } => code[codes[block] as usize] * scales[block / NF4_NESTED_BLOCK] + offset,
+    }
+}
+
+/// The value of an E4M3 byte (`float8_e4m3fn`: bias 7, no infinities, 0x7f / 0xff NaN),
+/// exact in f32.
+pub fn e4m3_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (e, m) = (i32::from((b >> 3) & 0xf), f32::from(b & 7));
+    match (e, m) {
+        (15, 7.0) => f32::NAN,
+        (0, _) => sign * m / 8.0 * 2f32.powi(-6),
+        _ => sign * (1.0 + m / 8.0) * 2f32.powi(e - 7),
+    }
+}
