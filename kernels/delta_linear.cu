@@ -92,6 +92,7 @@
 
 #include "common.cuh"
 #include "philox.cuh"
+#include "quant.cuh"
 
 // Which coefficient of the row multiplies a term (see the header).
 enum Coef : int32_t { COEF_ONE = 0, COEF_H = 1, COEF_D = 2 };
@@ -125,6 +126,7 @@ struct FusedLinearParams {
     int32_t dropout;      // drop elements of A1 (naive and SIMT kernels only: the plan's choice)
     float scale;
     float drop_p;
+    QuantParams quant;  // phase 1's B1 quantized (quant.cuh): the frozen W of delta_linear_quant
 };
 PK_PARAMS_SIZE(FusedLinearParams)
 
@@ -252,7 +254,8 @@ PK_INLINE void fused_linear_naive(const FusedLinearParams& p) {
     float acc = 0.0f;
     for (int k = 0; k < p.k1; ++k) {
         const float a = to_float(o.a1[m * p.lda1 + k]);
-        acc += (p.dropout ? a * a1_dropout(p, m, k) : a) * to_float(o.b1[n * p.ldb1 + k]);
+        const float b = p.quant.format ? quant_value_t<T>(p.quant, n, k) : to_float(o.b1[n * p.ldb1 + k]);
+        acc += (p.dropout ? a * a1_dropout(p, m, k) : a) * b;
     }
     const RowCoefs c = row_coefs<T>(p, m);
     acc = phase_switch(p, o, m, n, c, acc);
@@ -282,6 +285,17 @@ PK_INLINE void load_tile(float (*dst)[BM + 4], const T* src, int64_t ld, int r0,
         float v = (gr < rows_lim && gk < k_lim) ? to_float(src[gr * ld + gk]) : 0.0f;
         if (drop && gr < rows_lim && gk < k_lim) v *= a1_dropout(*drop, gr, gk);
         dst[k][row] = v;
+    }
+}
+
+// load_tile for a quantized B1 (quant.cuh), dequantized to T's values.
+template <typename T>
+PK_INLINE void load_tile_quant(float (*dst)[BM + 4], const QuantParams& q, int r0, int rows_lim,
+                               int k0, int k_lim) {
+    const int k = threadIdx.x % BK;
+    for (int row = threadIdx.x / BK; row < BM; row += THREADS / BK) {
+        const int gr = r0 + row, gk = k0 + k;
+        dst[k][row] = (gr < rows_lim && gk < k_lim) ? quant_value_t<T>(q, gr, gk) : 0.0f;
     }
 }
 }  // namespace simt
@@ -317,7 +331,10 @@ PK_INLINE void fused_linear_simt(const FusedLinearParams& p) {
         const int k0 = (first ? kt : kt - tiles1) * BK, k_lim = first ? p.k1 : p.k2;
         load_tile(As, first ? o.a1 : o.a2, first ? p.lda1 : p.lda2, m0, p.m, k0, k_lim,
                   first && p.dropout ? &p : nullptr);
-        load_tile(Bs, first ? o.b1 : o.b2, first ? p.ldb1 : p.ldb2, n0, p.n, k0, k_lim);
+        if (first && p.quant.format)
+            load_tile_quant<T>(Bs, p.quant, n0, p.n, k0, k_lim);
+        else
+            load_tile(Bs, first ? o.b1 : o.b2, first ? p.ldb1 : p.ldb2, n0, p.n, k0, k_lim);
         __syncthreads();
         for (int k = 0; k < BK; ++k) {
             float a[4], b[4];
@@ -409,6 +426,34 @@ PK_INLINE void mma_load_tile(T* dst, const T* src, int64_t ld, bool vec, int r0,
         } else {
 #pragma unroll
             for (int e = 0; e < 8; ++e) s[e] = e < valid ? g[e] : from_float<T>(0.0f);
+        }
+    }
+}
+
+// mma_load_tile for a quantized B1 (quant.cuh): rows [r0, r0 + ROWS) × cols [k0, k0 + BK) of
+// W dequantized to T into dst, in runs of RUN elements (NF4 32, FP8 16: 16 bytes of packed
+// weight each). A run inside W whose bytes are 16-byte aligned and that shares one absmax or
+// scale is one 16-byte load (quant_load_run); any other run (the ragged edges, a k that is not
+// a multiple of RUN, FP8 block columns not a multiple of 16) is dequantized element by
+// element. The loads are synchronous (the values are needed to dequantize): plain shared
+// stores, visible after the pipeline's next barrier, as mma_load_tile's element path.
+template <typename C, int ROWS, typename T>
+PK_INLINE void mma_load_tile_quant(T* dst, const QuantParams& q, int r0, int rows_lim, int k0,
+                                   int k_lim) {
+    constexpr int RUN = 32;  // elements per thread and step (quant_run32)
+    static_assert(C::BK % RUN == 0, "runs tile BK");
+    constexpr int RUNS = C::BK / RUN;
+    const bool vectorized = quant_runs_vectorized(q);
+    for (int i = threadIdx.x; i < ROWS * RUNS; i += C::THREADS) {
+        const int row = i / RUNS, col = (i % RUNS) * RUN;
+        T v[RUN];
+        quant_run32(q, vectorized, r0 + row, k0 + col, rows_lim, k_lim, v);
+#pragma unroll
+        for (int c = 0; c < RUN; c += 8) {
+            // wgmma's 128-byte swizzle, as mma_load_tile.
+            T* s = dst + row * C::PITCH + (C::WGMMA ? (col + c) ^ (row % 8 * 8) : col + c);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) s[e] = v[c + e];
         }
     }
 }
@@ -508,7 +553,10 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
         if (kt == max(tiles1, kt_begin)) grid_dependency_wait();
         // Checked per tile, not kept in registers: the large tile has none to spare.
         mma_load_tile<C, C::BM>(sa, a, lda, rows_copyable_16(a, lda), m0, p.m, k0, k_lim);
-        mma_load_tile<C, C::BN>(sb, b, ldb, rows_copyable_16(b, ldb), n0, p.n, k0, k_lim);
+        if (first && p.quant.format)
+            mma_load_tile_quant<C, C::BN>(sb, p.quant, n0, p.n, k0, k_lim);
+        else
+            mma_load_tile<C, C::BN>(sb, b, ldb, rows_copyable_16(b, ldb), n0, p.n, k0, k_lim);
     };
     // Apply `fn(m, n, row coefficients, v0, v1)` to every pair of accumulator elements that
     // starts inside the output: elements 2·half and 2·half + 1 of fragment (mi, ni) are row

@@ -25,7 +25,11 @@
 //! shapes and lengths are checked by [`QuantWeight::check`] (every backend's planning calls
 //! it), each error naming the argument (`w.packed`, `w.absmax`, …).
 
+use crate::delta_linear::LoraDropout;
 use crate::error::{Error, Result};
+use crate::plan::delta_linear::{DeltaLinearBufs, DeltaLinearQuantBufs, DeltaLinearQuantTrainBufs};
+use crate::plan::delta_linear_backward::{DeltaLinearBackwardBufs, DeltaLinearQuantBackwardBufs};
+use crate::plan::{Buf, BufSource};
 
 /// bitsandbytes' NF4 code table (`bitsandbytes.functional.get_4bit_type("nf4")`, the same
 /// f32 values as the `quant_map` it saves with a checkpoint).
@@ -295,5 +299,181 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
         (15, 7.0) => f32::NAN,
         (0, _) => sign * m / 8.0 * 2f32.powi(-6),
         _ => sign * (1.0 + m / 8.0) * 2f32.powi(e - 7),
+    }
+}
+
+/// The tensors of `delta_linear_quant`: [`crate::delta_linear::DeltaLinearArgs`]' with the frozen W quantized
+/// (`w`; every other tensor, and every method of the unified view, as `delta_linear`). The
+/// kernels dequantize W's tiles as they load them (kernels/quant.cuh): the dequantized W never
+/// exists in memory.
+#[derive(Debug)]
+pub struct DeltaLinearQuantArgs<R, W, B, F> {
+    /// [m, k], row stride `ld_x`.
+    pub x: R,
+    /// The frozen weight [n, k], quantized.
+    pub w: QuantWeight<B, F>,
+    pub bias: Option<R>,
+    pub u: Option<R>,
+    pub w_down: R,
+    pub b_down: Option<R>,
+    pub w_up: R,
+    pub b_up: Option<R>,
+    pub gate: Option<R>,
+    pub workspace: W,
+    pub y: W,
+}
+
+/// A training-mode `delta_linear_quant` (as [`crate::delta_linear::DeltaLinearTrainArgs`]).
+#[derive(Debug)]
+pub struct DeltaLinearQuantTrainArgs<R, W, S, B, F> {
+    pub forward: DeltaLinearQuantArgs<R, W, B, F>,
+    pub saved: S,
+    pub dropout: Option<LoraDropout>,
+}
+
+/// [`DeltaLinearQuantArgs`] over host slices.
+pub type HostDeltaLinearQuantArgs<'a, T> =
+    DeltaLinearQuantArgs<&'a [T], &'a mut [T], &'a [u8], &'a [f32]>;
+/// [`DeltaLinearQuantTrainArgs`] over host slices.
+pub type HostDeltaLinearQuantTrainArgs<'a, T> =
+    DeltaLinearQuantTrainArgs<&'a [T], &'a mut [T], &'a mut [f32], &'a [u8], &'a [f32]>;
+
+impl<B, F> QuantWeight<B, F> {
+    /// The buffers' addresses from a backend's buffer source.
+    fn bufs<R, W, Src>(self, s: &mut Src) -> QuantWeight<Buf, Buf>
+    where
+        Src: BufSource<B, W> + BufSource<F, W>,
+    {
+        let bytes = self.map(|b| BufSource::<B, W>::read(s, b), |f| f);
+        bytes.map(|b| b, |f| BufSource::<F, W>::read(s, f))
+    }
+
+    /// The buffer the kernels stream: NF4's packed codes, FP8's bytes.
+    pub fn data(&self) -> &B {
+        match self {
+            QuantWeight::Nf4(w) => &w.packed,
+            QuantWeight::Fp8(w) => &w.weight,
+        }
+    }
+}
+
+impl<R, W, B, F> DeltaLinearQuantArgs<R, W, B, F> {
+    /// The planner's view of these tensors (see [`crate::delta_linear::DeltaLinearArgs::bufs`]): the dense view's
+    /// `w` is the quantized weight's data buffer, which the plan does not read as W.
+    pub fn bufs<Src>(self, s: &mut Src) -> DeltaLinearQuantBufs
+    where
+        Src: BufSource<R, W> + BufSource<B, W> + BufSource<F, W>,
+    {
+        let w = self.w.bufs::<R, W, Src>(s);
+        let mut r = |b: R| BufSource::<R, W>::read(s, b);
+        let (x, bias, u) = (r(self.x), self.bias.map(&mut r), self.u.map(&mut r));
+        let (w_down, b_down) = (r(self.w_down), self.b_down.map(&mut r));
+        let (w_up, b_up, gate) = (r(self.w_up), self.b_up.map(&mut r), self.gate.map(&mut r));
+        let workspace = BufSource::<R, W>::write(s, self.workspace);
+        let y = BufSource::<R, W>::write(s, self.y);
+        DeltaLinearQuantBufs {
+            forward: DeltaLinearBufs {
+                x,
+                w: *w.data(),
+                bias,
+                u,
+                w_down,
+                b_down,
+                w_up,
+                b_up,
+                gate,
+                workspace,
+                y,
+            },
+            w,
+        }
+    }
+}
+
+impl<R, W, S, B, F> DeltaLinearQuantTrainArgs<R, W, S, B, F> {
+    /// The planner's view of these tensors.
+    pub fn bufs<Src>(self, s: &mut Src) -> DeltaLinearQuantTrainBufs
+    where
+        Src: BufSource<R, W> + BufSource<B, W> + BufSource<F, W> + BufSource<R, S>,
+    {
+        let saved = BufSource::<R, S>::write(s, self.saved);
+        DeltaLinearQuantTrainBufs {
+            forward: self.forward.bufs(s),
+            saved,
+            dropout: self.dropout,
+        }
+    }
+}
+
+/// The tensors of `delta_linear_quant_backward`: [`crate::delta_linear::DeltaLinearBackwardArgs`]'
+/// with the frozen W quantized (the same forms, gradients and buffers). dx reads W through
+/// its quantized tiles, never a dequantized copy.
+#[derive(Debug)]
+pub struct DeltaLinearQuantBackwardArgs<R, S, W, G, B, F> {
+    pub dy: R,
+    pub x: R,
+    /// The frozen weight [n, k], quantized as in the forward.
+    pub w: QuantWeight<B, F>,
+    pub u: Option<R>,
+    pub w_down: R,
+    pub w_up: R,
+    pub b_up: Option<R>,
+    pub gate: Option<R>,
+    pub saved: S,
+    pub dx: W,
+    pub du: Option<W>,
+    pub dw_down: G,
+    pub db_down: Option<G>,
+    pub dw_up: G,
+    pub db_up: Option<G>,
+    pub dgate: Option<G>,
+    pub workspace: G,
+    pub dropout: Option<LoraDropout>,
+    pub accumulate: bool,
+}
+
+/// [`DeltaLinearQuantBackwardArgs`] over host slices.
+pub type HostDeltaLinearQuantBackwardArgs<'a, T> = DeltaLinearQuantBackwardArgs<
+    &'a [T],
+    &'a [f32],
+    &'a mut [T],
+    &'a mut [f32],
+    &'a [u8],
+    &'a [f32],
+>;
+
+impl<R, S, W, G, B, F> DeltaLinearQuantBackwardArgs<R, S, W, G, B, F> {
+    /// The planner's view of these tensors.
+    pub fn bufs<Src>(self, s: &mut Src) -> DeltaLinearQuantBackwardBufs
+    where
+        Src: BufSource<R, W> + BufSource<S, G> + BufSource<B, W> + BufSource<F, W>,
+    {
+        let w = self.w.bufs::<R, W, Src>(s);
+        let r = |s: &mut Src, b: R| BufSource::<R, W>::read(s, b);
+        let g = |s: &mut Src, b: G| BufSource::<S, G>::write(s, b);
+        DeltaLinearQuantBackwardBufs {
+            backward: DeltaLinearBackwardBufs {
+                dy: r(s, self.dy),
+                x: r(s, self.x),
+                w: *w.data(),
+                u: self.u.map(|b| r(s, b)),
+                w_down: r(s, self.w_down),
+                w_up: r(s, self.w_up),
+                b_up: self.b_up.map(|b| r(s, b)),
+                gate: self.gate.map(|b| r(s, b)),
+                saved: BufSource::<S, G>::read(s, self.saved),
+                dx: BufSource::<R, W>::write(s, self.dx),
+                du: self.du.map(|b| BufSource::<R, W>::write(s, b)),
+                dw_down: g(s, self.dw_down),
+                db_down: self.db_down.map(|b| g(s, b)),
+                dw_up: g(s, self.dw_up),
+                db_up: self.db_up.map(|b| g(s, b)),
+                dgate: self.dgate.map(|b| g(s, b)),
+                workspace: g(s, self.workspace),
+                dropout: self.dropout,
+                accumulate: self.accumulate,
+            },
+            w,
+        }
     }
 }

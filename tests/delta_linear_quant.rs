@@ -1,0 +1,487 @@
+//! `delta_linear_quant`: every method of the unified view over a quantized frozen W (NF4 with
+//! f32 or double-quantized absmax, FP8 E4M3 with per-row or block scales), every kernel and
+//! activation dtype, awkward shapes, random configurations, poisoned outputs, against the f64
+//! reference over the dequantized W (src/reference/quant.rs).
+
+mod common;
+
+use common::{poisoned, random_cases, Placed, Rng};
+use half::{bf16, f16};
+use peft_kernels::delta_linear::{DeltaLinear, DeltaLinearDims, KernelVariant};
+use peft_kernels::host::{self, Backend};
+use peft_kernels::quant::{
+    DeltaLinearQuantArgs, Fp8Scaling, Fp8Weight, Nf4Absmax, Nf4Weight, QuantWeight, NF4_CODE,
+};
+use peft_kernels::reference::linear::{self as reference, DeltaLinearTensors};
+use peft_kernels::reference::quant::dequantize;
+use peft_kernels::reference::MatRef;
+use peft_kernels::validate::{assert_close_matrix, default_tolerance};
+use peft_kernels::{Activation, Composition, Element, Error, Insertion, MatrixLayout};
+
+/// Which quantized format a case uses.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Format {
+    Nf4,
+    Nf4Double,
+    Fp8Row,
+    Fp8Block(usize, usize),
+}
+
+/// A random quantized W [n, k], owning its buffers.
+struct Quant {
+    format: Format,
+    blocksize: usize,
+    data: Vec<u8>,
+    code: Vec<f32>,
+    absmax: Vec<f32>,
+    codes: Vec<u8>,
+    nested_code: Vec<f32>,
+    nested_absmax: Vec<f32>,
+    offset: f32,
+    scale: Vec<f32>,
+}
+
+impl Quant {
+    /// Values of magnitude about 1/√k (so that x·Wᵀ stays O(1)), one block or row of them
+    /// zero-scaled (absmax or scale 0 over random codes: zeros, never NaN).
+    fn random(rng: &mut Rng, format: Format, n: usize, k: usize) -> Quant {
+        let s = 1.0 / (k as f64).sqrt();
+        let count = n * k;
+        let mut q = Quant {
+            format,
+            blocksize: 64,
+            data: vec![],
+            code: NF4_CODE.to_vec(),
+            absmax: vec![],
+            codes: vec![],
+            nested_code: vec![],
+            nested_absmax: vec![],
+            offset: 0.0,
+            scale: vec![],
+        };
+        match format {
+            Format::Nf4 | Format::Nf4Double => {
+                q.blocksize = rng.pick(&[32, 64, 64, 128]);
+                q.data = (0..count.div_ceil(2))
+                    .map(|_| rng.next_u64() as u8)
+                    .collect();
+                let blocks = count.div_ceil(q.blocksize);
+                if format == Format::Nf4 {
+                    q.absmax = (0..blocks)
+                        .map(|_| rng.uniform(0.5, 2.0) as f32 * s as f32)
+                        .collect();
+                    let zero = rng.range(0, blocks - 1);
+                    q.absmax[zero] = 0.0;
+                } else {
+                    q.codes = (0..blocks).map(|_| rng.next_u64() as u8).collect();
+                    q.nested_code = (0..256).map(|_| rng.uniform(-1.0, 1.0) as f32).collect();
+                    q.nested_absmax = (0..blocks.div_ceil(256))
+                        .map(|_| rng.uniform(0.2, 1.0) as f32 * s as f32)
+                        .collect();
+                    q.offset = (1.5 * s) as f32;
+                }
+            }
+            Format::Fp8Row | Format::Fp8Block(..) => {
+                // Any byte but E4M3's NaNs (0x7f, 0xff); values up to 448.
+                q.data = (0..count)
+                    .map(|_| loop {
+                        let b = rng.next_u64() as u8;
+                        if b & 0x7f != 0x7f {
+                            break b;
+                        }
+                    })
+                    .collect();
+                let scales = match format {
+                    Format::Fp8Block(br, bc) => n.div_ceil(br) * k.div_ceil(bc),
+                    _ => n,
+                };
+                q.scale = (0..scales)
+                    .map(|_| rng.uniform(0.5, 2.0) as f32 * s as f32 / 100.0)
+                    .collect();
+                let zero = rng.range(0, scales - 1);
+                q.scale[zero] = 0.0;
+            }
+        }
+        q
+    }
+
+    fn weight<'a>(&'a self, data: &'a [u8]) -> QuantWeight<&'a [u8], &'a [f32]> {
+        match self.format {
+            Format::Nf4 | Format::Nf4Double => QuantWeight::Nf4(Nf4Weight {
+                packed: data,
+                code: &self.code,
+                blocksize: self.blocksize,
+                absmax: if self.format == Format::Nf4 {
+                    Nf4Absmax::F32(&self.absmax)
+                } else {
+                    Nf4Absmax::Double {
+                        codes: &self.codes,
+                        code: &self.nested_code,
+                        scales: &self.nested_absmax,
+                        offset: self.offset,
+                    }
+                },
+            }),
+            Format::Fp8Row | Format::Fp8Block(..) => QuantWeight::Fp8(Fp8Weight {
+                weight: data,
+                scale: &self.scale,
+                scaling: match self.format {
+                    Format::Fp8Block(rows, cols) => Fp8Scaling::Block { rows, cols },
+                    _ => Fp8Scaling::PerRow,
+                },
+            }),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    op: DeltaLinear,
+    dims: DeltaLinearDims,
+    format: Format,
+    bias: bool,
+    biases: bool,
+    /// The packed bytes one byte past a 16-byte boundary (the element-by-element loads).
+    misaligned: bool,
+}
+
+struct Inputs<T> {
+    x: Vec<T>,
+    w: Quant,
+    bias: Option<Vec<T>>,
+    w_down: Vec<T>,
+    b_down: Option<Vec<T>>,
+    w_up: Vec<T>,
+    b_up: Option<Vec<T>>,
+    gate: Option<Vec<T>>,
+}
+
+fn widen<T: Element>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|x| x.to_f64()).collect()
+}
+
+impl<T: Element> Inputs<T> {
+    fn new(rng: &mut Rng, c: &Case) -> Self {
+        let d = c.dims;
+        let k_u = if c.op.insertion == Insertion::Sequential {
+            d.n
+        } else {
+            d.k
+        };
+        let scaled = |rng: &mut Rng, len: usize, fan_in: usize| -> Vec<T> {
+            let s = 1.0 / (fan_in as f64).sqrt();
+            (0..len)
+                .map(|_| T::from_f64(s * rng.uniform(-1.0, 1.0)))
+                .collect()
+        };
+        Inputs {
+            x: rng.uniform_vec(d.m * d.k),
+            w: Quant::random(rng, c.format, d.n, d.k),
+            bias: c.bias.then(|| rng.uniform_vec(d.n)),
+            w_down: scaled(rng, d.r * k_u, k_u),
+            b_down: c.biases.then(|| rng.uniform_vec(d.r)),
+            w_up: scaled(rng, d.n * d.r, d.r),
+            b_up: c.biases.then(|| rng.uniform_vec(d.n)),
+            gate: (c.op.composition == Composition::Gated)
+                .then(|| (0..d.m).map(|_| T::from_f64(rng.unit())).collect()),
+        }
+    }
+
+    /// The f64 reference over the dequantized W; a sequential delta reads h rounded to T, as
+    /// the kernels materialise it (tests/delta_linear.rs `Inputs::reference`).
+    fn reference(&self, c: &Case) -> Vec<f64> {
+        let d = c.dims;
+        let w = dequantize(&self.w.weight(&self.w.data), d.n, d.k).expect("dequantize");
+        let (x, bias) = (widen(&self.x), self.bias.as_deref().map(widen));
+        let (w_down, w_up) = (widen(&self.w_down), widen(&self.w_up));
+        let (b_down, b_up) = (
+            self.b_down.as_deref().map(widen),
+            self.b_up.as_deref().map(widen),
+        );
+        let gate = self.gate.as_deref().map(widen);
+        let k_u = w_down.len() / d.r;
+        let tensors = |x, w, b, u| DeltaLinearTensors::<'_, f64> {
+            x,
+            w,
+            b,
+            u,
+            w_down: MatRef::new(&w_down, d.r, k_u),
+            b_down: b_down.as_deref(),
+            w_up: MatRef::new(&w_up, d.n, d.r),
+            b_up: b_up.as_deref(),
+            gate: gate.as_deref(),
+        };
+        let (x, w) = (MatRef::new(&x, d.m, d.k), MatRef::new(&w, d.n, d.k));
+        if c.op.insertion == Insertion::Parallel {
+            return reference::delta_linear(&c.op, &tensors(x, w, bias.as_deref(), None))
+                .expect("reference");
+        }
+        let h: Vec<f64> = reference::linear(x, w, bias.as_deref())
+            .expect("reference")
+            .into_iter()
+            .map(|v| T::from_f64(v).to_f64())
+            .collect();
+        let identity: Vec<f64> = (0..d.n * d.n)
+            .map(|i| if i % (d.n + 1) == 0 { 1.0 } else { 0.0 })
+            .collect();
+        let h = MatRef::new(&h, d.m, d.n);
+        let parallel = DeltaLinear {
+            insertion: Insertion::Parallel,
+            ..c.op
+        };
+        reference::delta_linear(
+            &parallel,
+            &tensors(h, MatRef::new(&identity, d.n, d.n), None, Some(h)),
+        )
+        .expect("reference")
+    }
+
+    fn run(&self, c: &Case, backend: &Backend) -> peft_kernels::Result<Vec<T>> {
+        let d = c.dims;
+        let mut y = poisoned::<T>(d.m * d.n);
+        let mut workspace = poisoned::<T>(d.workspace_len());
+        let data = Placed::new(&self.w.data, c.misaligned);
+        let args = DeltaLinearQuantArgs {
+            x: &self.x[..],
+            w: self.w.weight(data.get()),
+            bias: self.bias.as_deref(),
+            u: None,
+            w_down: &self.w_down[..],
+            b_down: self.b_down.as_deref(),
+            w_up: &self.w_up[..],
+            b_up: self.b_up.as_deref(),
+            gate: self.gate.as_deref(),
+            workspace: &mut workspace[..],
+            y: &mut y[..],
+        };
+        host::delta_linear_quant(backend, &c.op, &d, args)?;
+        Ok(y)
+    }
+}
+
+fn check<T: Element>(rng: &mut Rng, c: &Case, backend: &Backend) {
+    let inputs = Inputs::<T>::new(rng, c);
+    let expected = inputs.reference(c);
+    let y = inputs
+        .run(c, backend)
+        .unwrap_or_else(|e| panic!("{c:?} ({}, seed {}): {e}", T::DTYPE, rng.seed()));
+    let name = format!("{} {:?} (seed {})", T::DTYPE, c, rng.seed());
+    let layout = MatrixLayout::contiguous(c.dims.m, c.dims.n);
+    assert_close_matrix(&name, &y, layout, &expected, default_tolerance(T::DTYPE));
+}
+
+fn check_every_dtype(rng: &mut Rng, c: &Case, backend: &Backend) {
+    check::<f32>(rng, c, backend);
+    check::<f16>(rng, c, backend);
+    check::<bf16>(rng, c, backend);
+}
+
+const FORMATS: [Format; 5] = [
+    Format::Nf4,
+    Format::Nf4Double,
+    Format::Fp8Row,
+    Format::Fp8Block(128, 128),
+    Format::Fp8Block(3, 16),
+];
+
+fn random_op(rng: &mut Rng) -> DeltaLinear {
+    let (scale, alpha, rslora) = (
+        rng.uniform(-3.0, 5.0) as f32,
+        rng.uniform(-16.0, 64.0) as f32,
+        rng.chance(0.5),
+    );
+    let composition = rng.pick(&[
+        Composition::Add,
+        Composition::Scaled(scale),
+        Composition::Lora { alpha, rslora },
+        Composition::Gated,
+    ]);
+    let insertion = rng.pick(&[Insertion::Parallel, Insertion::Sequential]);
+    DeltaLinear::new(insertion, rng.pick(&Activation::ALL), composition)
+}
+
+/// Every format × kernel on awkward shapes: m ∈ {1, 3, 65, 257}; n odd; k not a multiple of
+/// the NF4 block (blocks straddle rows), odd (n·k odd: a pad nibble), a multiple of 32 (the
+/// 16-byte loads of the tensor-core loader) and long enough at decode to split over K.
+fn awkward_shapes(backend: &Backend) {
+    let mut rng = Rng::from_env();
+    let shapes = [
+        (1, 33, 1152, 16),
+        (3, 7, 13, 4),
+        (65, 31, 100, 8),
+        (257, 17, 64, 3),
+        (1, 5, 96, 1),
+    ];
+    let kernels = [
+        KernelVariant::Naive,
+        KernelVariant::Simt,
+        KernelVariant::Auto,
+    ];
+    for (i, &(m, n, k, r)) in shapes.iter().enumerate() {
+        for (j, &format) in FORMATS.iter().enumerate() {
+            let mut dims = DeltaLinearDims::new(m, n, k, r);
+            dims.kernel = kernels[(i + j) % kernels.len()];
+            let c = Case {
+                op: random_op(&mut rng),
+                dims,
+                format,
+                bias: rng.chance(0.5),
+                biases: rng.chance(0.5),
+                misaligned: false,
+            };
+            check_every_dtype(&mut rng, &c, backend);
+        }
+    }
+}
+
+fn runs_wgmma(backend: &Backend) -> bool {
+    match backend {
+        #[cfg(feature = "emulator")]
+        Backend::Emulator => true,
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(stream) => {
+            let image = peft_kernels::cuda::image(stream.context()).expect("the kernels' image");
+            image == peft_kernels::cuda::Image::Sm90
+        }
+    }
+}
+
+/// The tensor-core kernels (decode, small, large tiles; wgmma where it runs) with the packed
+/// bytes aligned (16-byte loads) and misaligned (element by element), f16 and bf16.
+fn tensor_cores(backend: &Backend) {
+    let mut rng = Rng::from_env();
+    let mut kernels = vec![KernelVariant::TensorCore];
+    if runs_wgmma(backend) {
+        kernels.push(KernelVariant::Wgmma);
+    }
+    for &(m, n, k) in &[(1, 40, 256), (16, 67, 128), (65, 130, 96), (129, 129, 160)] {
+        for &format in &FORMATS {
+            for misaligned in [false, true] {
+                let mut dims = DeltaLinearDims::new(m, n, k, rng.range(1, 16));
+                dims.kernel = rng.pick(&kernels);
+                let c = Case {
+                    op: random_op(&mut rng),
+                    dims,
+                    format,
+                    bias: true,
+                    biases: true,
+                    misaligned,
+                };
+                check::<f16>(&mut rng, &c, backend);
+                check::<bf16>(&mut rng, &c, backend);
+            }
+        }
+    }
+}
+
+/// Random configurations every run (`PEFT_RANDOM_CASES`, default 12).
+fn random_configurations(backend: &Backend) {
+    let mut rng = Rng::from_env();
+    for _ in 0..random_cases(12) {
+        let m = rng.pick(&[1, 3, 65, 257]);
+        let n = rng.range(1, 70);
+        let k = if rng.chance(0.5) {
+            32 * rng.range(1, 8)
+        } else {
+            rng.range(1, 300)
+        };
+        let mut dims = DeltaLinearDims::new(m, n, k, rng.range(1, 20));
+        dims.kernel = rng.pick(&[
+            KernelVariant::Naive,
+            KernelVariant::Simt,
+            KernelVariant::Auto,
+            KernelVariant::TensorCore,
+        ]);
+        let format = match rng.range(0, 3) {
+            0 => Format::Nf4,
+            1 => Format::Nf4Double,
+            2 => Format::Fp8Row,
+            _ => {
+                let (rows, any) = (rng.range(1, 130), rng.range(1, 130));
+                Format::Fp8Block(rows, rng.pick(&[16, 32, 128, any]))
+            }
+        };
+        let c = Case {
+            op: random_op(&mut rng),
+            dims,
+            format,
+            bias: rng.chance(0.5),
+            biases: rng.chance(0.5),
+            misaligned: rng.chance(0.3),
+        };
+        match dims.kernel {
+            KernelVariant::TensorCore => {
+                check::<f16>(&mut rng, &c, backend);
+                check::<bf16>(&mut rng, &c, backend);
+            }
+            _ => check_every_dtype(&mut rng, &c, backend),
+        }
+    }
+}
+
+/// A bad quantized weight is an error naming it, attributed to the operation.
+fn bad_arguments(backend: &Backend) {
+    let mut rng = Rng::from_env();
+    let (m, n, k, r) = (2, 5, 70, 2);
+    let dims = DeltaLinearDims::new(m, n, k, r);
+    let c = Case {
+        op: DeltaLinear::lora(8.0),
+        dims,
+        format: Format::Nf4,
+        bias: false,
+        biases: false,
+        misaligned: false,
+    };
+    let inputs = Inputs::<f32>::new(&mut rng, &c);
+    let mut y = poisoned::<f32>(m * n);
+    let mut workspace = poisoned::<f32>(dims.workspace_len());
+    let short = &inputs.w.data[1..];
+    let args = DeltaLinearQuantArgs {
+        x: &inputs.x[..],
+        w: inputs.w.weight(short),
+        bias: None,
+        u: None,
+        w_down: &inputs.w_down[..],
+        b_down: None,
+        w_up: &inputs.w_up[..],
+        b_up: None,
+        gate: None,
+        workspace: &mut workspace[..],
+        y: &mut y[..],
+    };
+    match host::delta_linear_quant(backend, &c.op, &dims, args) {
+        Err(Error::InvalidArgument { op, arg, .. }) => {
+            assert_eq!((op, arg), ("delta_linear_quant", "w.packed"))
+        }
+        other => panic!("expected w.packed refused, got {other:?}"),
+    }
+    assert!(y.iter().all(|v| v.is_nan()), "nothing ran");
+}
+
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        #[cfg(feature = "emulator")]
+        mod on_emulator {
+            $(#[test]
+            fn $name() {
+                super::$name(&super::Backend::Emulator)
+            })*
+        }
+        #[cfg(feature = "cuda")]
+        mod on_gpu {
+            $(#[test]
+            #[ignore = "needs a CUDA device"]
+            fn $name() {
+                let gpu = super::Backend::cuda(0).expect("GPU tests need a CUDA device");
+                super::$name(&gpu)
+            })*
+        }
+    };
+}
+
+on_every_backend!(
+    awkward_shapes,
+    tensor_cores,
+    random_configurations,
+    bad_arguments
+);
