@@ -7,10 +7,14 @@ mod common;
 
 use common::{poisoned, random_cases, Placed, Rng};
 use half::{bf16, f16};
-use peft_kernels::delta_linear::{DeltaLinear, DeltaLinearDims, KernelVariant};
+use peft_kernels::delta_linear::{
+    DeltaLinear, DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs,
+    KernelVariant, LoraDropout,
+};
 use peft_kernels::host::{self, Backend};
 use peft_kernels::quant::{
-    DeltaLinearQuantArgs, Fp8Scaling, Fp8Weight, Nf4Absmax, Nf4Weight, QuantWeight, NF4_CODE,
+    DeltaLinearQuantArgs, DeltaLinearQuantBackwardArgs, DeltaLinearQuantTrainArgs, Fp8Scaling,
+    Fp8Weight, Nf4Absmax, Nf4Weight, QuantWeight, NF4_CODE,
 };
 use peft_kernels::reference::linear::{self as reference, DeltaLinearTensors};
 use peft_kernels::reference::quant::dequantize;
@@ -458,6 +462,246 @@ fn bad_arguments(backend: &Backend) {
     assert!(y.iter().all(|v| v.is_nan()), "nothing ran");
 }
 
+/// Every buffer a training step writes: the forward's y and saved, the backward's gradients.
+#[derive(Debug, PartialEq)]
+struct Step<T> {
+    y: Vec<T>,
+    saved: Vec<f32>,
+    dx: Vec<T>,
+    du: Option<Vec<T>>,
+    grads: Vec<Vec<f32>>,
+}
+
+/// A training step (forward, backward) over W quantized, or dense as W_T = T(dequantize_f32),
+/// the values the quantized kernels multiply with.
+#[allow(clippy::too_many_arguments)]
+fn train_step<T: Element>(
+    backend: &Backend,
+    op: &DeltaLinear,
+    d: &DeltaLinearDims,
+    inputs: &Inputs<T>,
+    quant: bool,
+    u: Option<&[T]>,
+    dy: &[T],
+    dropout: Option<LoraDropout>,
+) -> Step<T> {
+    let w_t: Vec<T> = inputs
+        .w
+        .weight(&inputs.w.data)
+        .dequantize_f32(d.n, d.k)
+        .unwrap()
+        .into_iter()
+        .map(T::from_f32)
+        .collect();
+    let k_u = inputs.w_down.len() / d.r;
+    let mut y = poisoned::<T>(d.m * d.n);
+    let mut workspace = poisoned::<T>(d.workspace_len());
+    let mut saved = poisoned::<f32>(d.saved_len(op));
+    let r = if quant {
+        let forward = DeltaLinearQuantArgs {
+            x: &inputs.x[..],
+            w: inputs.w.weight(&inputs.w.data),
+            bias: inputs.bias.as_deref(),
+            u,
+            w_down: &inputs.w_down[..],
+            b_down: inputs.b_down.as_deref(),
+            w_up: &inputs.w_up[..],
+            b_up: inputs.b_up.as_deref(),
+            gate: inputs.gate.as_deref(),
+            workspace: &mut workspace[..],
+            y: &mut y[..],
+        };
+        host::delta_linear_quant_train(
+            backend,
+            op,
+            d,
+            DeltaLinearQuantTrainArgs {
+                forward,
+                saved: &mut saved[..],
+                dropout,
+            },
+        )
+    } else {
+        let forward = DeltaLinearArgs {
+            x: &inputs.x[..],
+            w: &w_t[..],
+            bias: inputs.bias.as_deref(),
+            u,
+            w_down: &inputs.w_down[..],
+            b_down: inputs.b_down.as_deref(),
+            w_up: &inputs.w_up[..],
+            b_up: inputs.b_up.as_deref(),
+            gate: inputs.gate.as_deref(),
+            workspace: &mut workspace[..],
+            y: &mut y[..],
+        };
+        host::delta_linear_train(
+            backend,
+            op,
+            d,
+            DeltaLinearTrainArgs {
+                forward,
+                saved: &mut saved[..],
+                dropout,
+            },
+        )
+    };
+    r.unwrap_or_else(|e| panic!("{op:?} {d:?} forward (quantized {quant}): {e}"));
+    let mut dx = poisoned::<T>(d.m * d.k);
+    let mut du = u.map(|_| poisoned::<T>(d.m * k_u));
+    let biased = inputs.b_up.is_some();
+    let (mut dw_down, mut dw_up) = (vec![0.5f32; d.r * k_u], vec![0.25f32; d.n * d.r]);
+    let (mut db_down, mut db_up) = (
+        biased.then(|| vec![0.5f32; d.r]),
+        biased.then(|| vec![0.5f32; d.n]),
+    );
+    let mut dgate = inputs.gate.as_ref().map(|_| poisoned::<f32>(d.m));
+    let mut ws = poisoned::<f32>(d.backward_workspace_len(op));
+    let accumulate = dropout.is_some();
+    let r = if quant {
+        host::delta_linear_quant_backward(
+            backend,
+            op,
+            d,
+            DeltaLinearQuantBackwardArgs {
+                dy,
+                x: &inputs.x[..],
+                w: inputs.w.weight(&inputs.w.data),
+                u,
+                w_down: &inputs.w_down[..],
+                w_up: &inputs.w_up[..],
+                b_up: inputs.b_up.as_deref(),
+                gate: inputs.gate.as_deref(),
+                saved: &saved[..],
+                dx: &mut dx[..],
+                du: du.as_deref_mut(),
+                dw_down: &mut dw_down[..],
+                db_down: db_down.as_deref_mut(),
+                dw_up: &mut dw_up[..],
+                db_up: db_up.as_deref_mut(),
+                dgate: dgate.as_deref_mut(),
+                workspace: &mut ws[..],
+                dropout,
+                accumulate,
+            },
+        )
+    } else {
+        host::delta_linear_backward(
+            backend,
+            op,
+            d,
+            DeltaLinearBackwardArgs {
+                dy,
+                x: &inputs.x[..],
+                w: &w_t[..],
+                u,
+                w_down: &inputs.w_down[..],
+                w_up: &inputs.w_up[..],
+                b_up: inputs.b_up.as_deref(),
+                gate: inputs.gate.as_deref(),
+                saved: &saved[..],
+                dx: &mut dx[..],
+                du: du.as_deref_mut(),
+                dw_down: &mut dw_down[..],
+                db_down: db_down.as_deref_mut(),
+                dw_up: &mut dw_up[..],
+                db_up: db_up.as_deref_mut(),
+                dgate: dgate.as_deref_mut(),
+                workspace: &mut ws[..],
+                dropout,
+                accumulate,
+            },
+        )
+    };
+    r.unwrap_or_else(|e| panic!("{op:?} {d:?} backward (quantized {quant}): {e}"));
+    let grads = [Some(dw_down), db_down, Some(dw_up), db_up, dgate]
+        .into_iter()
+        .flatten()
+        .collect();
+    Step {
+        y,
+        saved,
+        dx,
+        du,
+        grads,
+    }
+}
+
+/// Training over a quantized W (`delta_linear_quant_train`, `delta_linear_quant_backward`)
+/// against the dense training step over W_T, bit for bit: the same kernels, plans and orders
+/// of summation see the same W values (the dense step is checked against the f64 reference
+/// and its finite differences in tests/delta_linear_backward.rs). The training issue's forms
+/// (parallel with u = x or a separate u, sequential; every composition and activation),
+/// every kernel and dtype, awkward shapes, dropout and accumulation.
+fn training_matches_dense(backend: &Backend) {
+    fn case<T: Element>(rng: &mut Rng, backend: &Backend, kernel: KernelVariant) {
+        let (m, n, k) = (
+            rng.pick(&[1, 3, 65]),
+            rng.range(1, 40),
+            rng.pick(&[13, 64, 100, 160]),
+        );
+        let mut dims = DeltaLinearDims::new(m, n, k, rng.range(1, 12));
+        dims.kernel = kernel;
+        let op = random_op(rng);
+        let separate_u = op.insertion == Insertion::Parallel && rng.chance(0.4);
+        let c = Case {
+            op,
+            dims,
+            format: rng.pick(&FORMATS),
+            bias: rng.chance(0.5),
+            biases: rng.chance(0.5),
+            misaligned: false,
+        };
+        let inputs = Inputs::<T>::new(rng, &c);
+        let u: Option<Vec<T>> = separate_u.then(|| rng.uniform_vec(m * k));
+        let dy: Vec<T> = rng.uniform_vec(m * n);
+        let dropout = rng.chance(0.3).then(|| LoraDropout {
+            p: 0.25,
+            seed: rng.next_u64(),
+        });
+        let run = |quant| {
+            train_step(
+                backend,
+                &c.op,
+                &dims,
+                &inputs,
+                quant,
+                u.as_deref(),
+                &dy,
+                dropout,
+            )
+        };
+        let (dense, quantized) = (run(false), run(true));
+        let name = format!(
+            "{} {c:?} separate u {separate_u} (seed {})",
+            T::DTYPE,
+            rng.seed()
+        );
+        assert!(
+            dense.dx.iter().all(|v| v.to_f64().is_finite()),
+            "{name}: dx written"
+        );
+        assert!(
+            dense == quantized,
+            "{name}: the quantized step differs from the dense one"
+        );
+    }
+    let mut rng = Rng::from_env();
+    for _ in 0..random_cases(12) {
+        let kernel = rng.pick(&[KernelVariant::Naive, KernelVariant::Simt]);
+        case::<f32>(&mut rng, backend, kernel);
+        let kernels = [
+            KernelVariant::Naive,
+            KernelVariant::Simt,
+            KernelVariant::TensorCore,
+        ];
+        let kernel = rng.pick(&kernels);
+        case::<f16>(&mut rng, backend, kernel);
+        let kernel = rng.pick(&kernels);
+        case::<bf16>(&mut rng, backend, kernel);
+    }
+}
+
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         #[cfg(feature = "emulator")]
@@ -483,5 +727,6 @@ on_every_backend!(
     awkward_shapes,
     tensor_cores,
     random_configurations,
-    bad_arguments
+    bad_arguments,
+    training_matches_dense,
 );
