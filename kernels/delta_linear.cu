@@ -506,7 +506,10 @@ PK_INLINE void wgmma_tile(float (&acc)[C::MI][C::NI][4], const T* sa, const T* s
     wgmma_commit();
 }
 
-template <typename T, typename C>
+// QUANT: phase 1's B1 is the quantized W (p.quant, mma_load_tile_quant). A separate
+// instantiation: the quantized loader's registers beside the dense path's made the large and
+// small tiles spill (ptxas: 348 and 32 bytes), so the dense kernels do not carry it.
+template <typename T, typename C, bool QUANT = false>
 PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
     PK_DYNAMIC_SMEM(unsigned char, smem_raw);
     allow_dependent_launch();
@@ -553,7 +556,7 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
         if (kt == max(tiles1, kt_begin)) grid_dependency_wait();
         // Checked per tile, not kept in registers: the large tile has none to spare.
         mma_load_tile<C, C::BM>(sa, a, lda, rows_copyable_16(a, lda), m0, p.m, k0, k_lim);
-        if (first && p.quant.format)
+        if (QUANT && first)
             mma_load_tile_quant<C, C::BN>(sb, p.quant, n0, p.n, k0, k_lim);
         else
             mma_load_tile<C, C::BN>(sb, b, ldb, rows_copyable_16(b, ldb), n0, p.n, k0, k_lim);
@@ -757,6 +760,14 @@ PK_KERNEL_BOUNDS(fused_linear_mma_decode_f16, (fused_linear_mma<__half, MmaDecod
 PK_KERNEL_BOUNDS(fused_linear_mma_decode_bf16, (fused_linear_mma<__nv_bfloat16, MmaDecode>), FusedLinearParams, 128, 4)
 PK_KERNEL_BOUNDS(fused_linear_wgmma_f16, (fused_linear_mma<__half, MmaHopper>), FusedLinearParams, 256, 2)
 PK_KERNEL_BOUNDS(fused_linear_wgmma_bf16, (fused_linear_mma<__nv_bfloat16, MmaHopper>), FusedLinearParams, 256, 2)
+PK_KERNEL_BOUNDS(fused_linear_mma_large_q_f16, (fused_linear_mma<__half, MmaLarge, true>), FusedLinearParams, 256, 2)
+PK_KERNEL_BOUNDS(fused_linear_mma_large_q_bf16, (fused_linear_mma<__nv_bfloat16, MmaLarge, true>), FusedLinearParams, 256, 2)
+PK_KERNEL_BOUNDS(fused_linear_mma_small_q_f16, (fused_linear_mma<__half, MmaSmall, true>), FusedLinearParams, 128, 4)
+PK_KERNEL_BOUNDS(fused_linear_mma_small_q_bf16, (fused_linear_mma<__nv_bfloat16, MmaSmall, true>), FusedLinearParams, 128, 4)
+PK_KERNEL_BOUNDS(fused_linear_mma_decode_q_f16, (fused_linear_mma<__half, MmaDecode, true>), FusedLinearParams, 128, 4)
+PK_KERNEL_BOUNDS(fused_linear_mma_decode_q_bf16, (fused_linear_mma<__nv_bfloat16, MmaDecode, true>), FusedLinearParams, 128, 4)
+PK_KERNEL_BOUNDS(fused_linear_wgmma_q_f16, (fused_linear_mma<__half, MmaHopper, true>), FusedLinearParams, 256, 2)
+PK_KERNEL_BOUNDS(fused_linear_wgmma_q_bf16, (fused_linear_mma<__nv_bfloat16, MmaHopper, true>), FusedLinearParams, 256, 2)
 PK_KERNEL_BOUNDS(fused_linear_split_reduce_f16, fused_linear_split_reduce<__half>, FusedLinearParams, 128, 8)
 PK_KERNEL_BOUNDS(fused_linear_split_reduce_bf16, fused_linear_split_reduce<__nv_bfloat16>, FusedLinearParams, 128, 8)
 PK_KERNEL_BOUNDS(lora_merge_f32, lora_merge<float>, LoraMergeParams, 256, 2)
@@ -796,3 +807,48 @@ PK_INLINE void bias_activation(const BiasActivationParams& p) {
 PK_KERNEL_BOUNDS(bias_activation_f32, bias_activation<float>, BiasActivationParams, 256, 1)
 PK_KERNEL_BOUNDS(bias_activation_f16, bias_activation<__half>, BiasActivationParams, 256, 1)
 PK_KERNEL_BOUNDS(bias_activation_bf16, bias_activation<__nv_bfloat16>, BiasActivationParams, 256, 1)
+
+// ---------------------------------------------------------------------------------------------
+// Dequantization of a quantized frozen W [n, k] to T (quant.cuh): the first step of the unfused
+// path that the fused kernels above replace (Unsloth's and PEFT's QLoRA: W dequantized to a
+// bf16 buffer, then cuBLAS), for the baseline (src/cuda/baseline.rs) and for users who want
+// W_T. One thread per run of 32 elements of a row (quant_run32: one 16-byte load of NF4, two
+// of FP8, where aligned), 16-byte stores where the output row allows; grid-stride.
+
+struct QuantDequantizeParams {
+    QuantParams q;
+    void* out;  // [n, k], contiguous
+    int64_t n;
+};
+PK_PARAMS_SIZE(QuantDequantizeParams)
+
+template <typename T>
+PK_INLINE void quant_dequantize(const QuantDequantizeParams& p) {
+    T* out = static_cast<T*>(p.out);
+    const int64_t runs_per_row = (p.q.k + 31) / 32, runs = p.n * runs_per_row;
+    const bool vectorized = quant_runs_vectorized(p.q);
+    constexpr int PER = 16 / int(sizeof(T));  // elements per 16-byte store
+    const bool vec_store = reinterpret_cast<uintptr_t>(out) % 16 == 0 && p.q.k % PER == 0;
+    const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < runs; r += stride) {
+        const int64_t row = r / runs_per_row, col = (r % runs_per_row) * 32;
+        T v[32];
+        quant_run32(p.q, vectorized, row, col, p.n, p.q.k, v);
+        T* dst = out + row * p.q.k + col;
+        if (vec_store && col + 32 <= p.q.k) {
+#pragma unroll
+            for (int c = 0; c < 32; c += PER) {
+                Vec<T, PER> w;
+#pragma unroll
+                for (int e = 0; e < PER; ++e) w.v[e] = v[c + e];
+                store_vec(dst + c, w);
+            }
+        } else {
+            for (int e = 0; e < 32 && col + e < p.q.k; ++e) dst[e] = v[e];
+        }
+    }
+}
+
+PK_KERNEL_BOUNDS(quant_dequantize_f32, quant_dequantize<float>, QuantDequantizeParams, 256, 1)
+PK_KERNEL_BOUNDS(quant_dequantize_f16, quant_dequantize<__half>, QuantDequantizeParams, 256, 1)
+PK_KERNEL_BOUNDS(quant_dequantize_bf16, quant_dequantize<__nv_bfloat16>, QuantDequantizeParams, 256, 1)

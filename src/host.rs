@@ -25,6 +25,7 @@ use crate::prefix_attention::{
 };
 use crate::quant::{
     HostDeltaLinearQuantArgs, HostDeltaLinearQuantBackwardArgs, HostDeltaLinearQuantTrainArgs,
+    HostQuantDequantizeArgs,
 };
 use crate::{Element, Error, Result};
 
@@ -128,6 +129,13 @@ host_op!(
     plan::delta_linear_backward::delta_linear_quant_backward,
     (op: &DeltaLinear, dims: &DeltaLinearDims),
     HostDeltaLinearQuantBackwardArgs<'_, T>
+);
+host_op!(
+    /// `quant_dequantize` ([`crate::quant::QuantDequantizeArgs`]) on host buffers.
+    quant_dequantize,
+    plan::delta_linear::quant_dequantize,
+    (n: usize, k: usize),
+    HostQuantDequantizeArgs<'_, T>
 );
 host_op!(
     /// `delta_linear_backward` on host buffers.

@@ -236,6 +236,17 @@ kernel_table! {
         bias_activation_f32,
         bias_activation_f16,
         bias_activation_bf16,
+        fused_linear_mma_large_q_f16,
+        fused_linear_mma_large_q_bf16,
+        fused_linear_mma_small_q_f16,
+        fused_linear_mma_small_q_bf16,
+        fused_linear_mma_decode_q_f16,
+        fused_linear_mma_decode_q_bf16,
+        fused_linear_wgmma_q_f16,
+        fused_linear_wgmma_q_bf16,
+        quant_dequantize_f32,
+        quant_dequantize_f16,
+        quant_dequantize_bf16,
     }
     DeltaLinearBackward {
         delta_bwd_dz_f32,

@@ -27,7 +27,9 @@
 
 use crate::delta_linear::LoraDropout;
 use crate::error::{Error, Result};
-use crate::plan::delta_linear::{DeltaLinearBufs, DeltaLinearQuantBufs, DeltaLinearQuantTrainBufs};
+use crate::plan::delta_linear::{
+    DeltaLinearBufs, DeltaLinearQuantBufs, DeltaLinearQuantTrainBufs, QuantDequantizeBufs,
+};
 use crate::plan::delta_linear_backward::{DeltaLinearBackwardBufs, DeltaLinearQuantBackwardBufs};
 use crate::plan::{Buf, BufSource};
 
@@ -475,5 +477,167 @@ impl<R, S, W, G, B, F> DeltaLinearQuantBackwardArgs<R, S, W, G, B, F> {
             },
             w,
         }
+    }
+}
+
+/// The tensors of `quant_dequantize`: a quantized W [n, k] and the contiguous `out` [n, k] it
+/// is dequantized into (each element the f32 value of [`QuantWeight::dequantize_f32`] rounded
+/// to the element type: what the fused kernels multiply with). The fused operations never
+/// need it; it is the first step of the unfused path (`cuda::baseline`).
+#[derive(Debug)]
+pub struct QuantDequantizeArgs<W, B, F> {
+    pub w: QuantWeight<B, F>,
+    pub out: W,
+}
+
+/// [`QuantDequantizeArgs`] over host slices.
+pub type HostQuantDequantizeArgs<'a, T> = QuantDequantizeArgs<&'a mut [T], &'a [u8], &'a [f32]>;
+
+impl<W, B, F> QuantDequantizeArgs<W, B, F> {
+    /// The planner's view of these tensors.
+    pub fn bufs<Src>(self, s: &mut Src) -> QuantDequantizeBufs
+    where
+        Src: BufSource<B, W> + BufSource<F, W>,
+    {
+        let w = self.w.bufs::<B, W, Src>(s);
+        QuantDequantizeBufs {
+            w,
+            out: BufSource::<B, W>::write(s, self.out),
+        }
+    }
+}
+
+/// An NF4 weight read from a checkpoint, owning its tensors ([`Nf4Checkpoint::weight`] lends
+/// them as a [`QuantWeight`]).
+#[cfg(feature = "peft")]
+#[derive(Clone, Debug, PartialEq)]
+pub struct Nf4Checkpoint {
+    /// W's shape [n, k] (the quant state's `shape`).
+    pub n: usize,
+    pub k: usize,
+    pub blocksize: usize,
+    pub packed: Vec<u8>,
+    pub code: Vec<f32>,
+    /// f32 absmax, empty under double quantization.
+    pub absmax: Vec<f32>,
+    /// Double quantization's codes, table, scales and offset (empty, 0 without).
+    pub absmax_codes: Vec<u8>,
+    pub nested_code: Vec<f32>,
+    pub nested_absmax: Vec<f32>,
+    pub offset: f32,
+}
+
+#[cfg(feature = "peft")]
+impl Nf4Checkpoint {
+    /// The weight `{prefix}weight` of a bitsandbytes `Linear4bit` layer (NF4) in a safetensors
+    /// file as transformers saves a QLoRA base model: `weight` (uint8, two codes a byte),
+    /// `weight.absmax` (f32, or uint8 codes under double quantization with
+    /// `weight.nested_absmax` and `weight.nested_quant_map`), `weight.quant_map`, and the JSON
+    /// of `weight.quant_state.bitsandbytes__nf4` (quant_type, blocksize, shape,
+    /// nested_blocksize, nested_offset). Each tensor is taken as stored; an error names the
+    /// tensor that is missing, of the wrong dtype or length, or a quant state this crate does
+    /// not run (FP4, a nested block size other than 256).
+    pub fn load(path: impl AsRef<std::path::Path>, prefix: &str) -> Result<Nf4Checkpoint> {
+        use safetensors::Dtype;
+        let path = path.as_ref();
+        let bytes = std::fs::read(path)
+            .map_err(|e| Error::invalid("path", "a readable safetensors file", e))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::invalid("path", "a safetensors file", e))?;
+        let tensor = |arg: &'static str, dtype: Dtype| -> Result<Option<Vec<u8>>> {
+            let name = format!("{prefix}{arg}");
+            match st.tensor(&name) {
+                Ok(t) if t.dtype() == dtype => Ok(Some(t.data().to_vec())),
+                Ok(t) => Err(Error::invalid(
+                    arg,
+                    format!("dtype {dtype:?}"),
+                    format!("{:?}", t.dtype()),
+                )),
+                Err(_) => Ok(None),
+            }
+        };
+        let required = |arg: &'static str, dtype: Dtype| -> Result<Vec<u8>> {
+            tensor(arg, dtype)?.ok_or_else(|| Error::invalid(arg, "a tensor", "none in the file"))
+        };
+        let f32s = |b: Vec<u8>| -> Vec<f32> {
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        const STATE: &str = "weight.quant_state.bitsandbytes__nf4";
+        let state: serde_json::Value = serde_json::from_slice(&required(STATE, Dtype::U8)?)
+            .map_err(|e| Error::invalid(STATE, "the quant state's JSON", e))?;
+        let field = |key: &str| state.get(key).filter(|v| !v.is_null());
+        if field("quant_type").and_then(|v| v.as_str()) != Some("nf4") {
+            return Err(Error::invalid(
+                STATE,
+                "quant_type \"nf4\"",
+                state["quant_type"].clone(),
+            ));
+        }
+        let shape: Vec<usize> = field("shape")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|d| d.as_u64().map(|d| d as usize))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let [n, k] = shape[..] else {
+            return Err(Error::invalid(
+                STATE,
+                "a shape [n, k]",
+                state["shape"].clone(),
+            ));
+        };
+        let blocksize = field("blocksize").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+        let mut w = Nf4Checkpoint {
+            n,
+            k,
+            blocksize,
+            packed: required("weight", Dtype::U8)?,
+            code: f32s(required("weight.quant_map", Dtype::F32)?),
+            absmax: Vec::new(),
+            absmax_codes: Vec::new(),
+            nested_code: Vec::new(),
+            nested_absmax: Vec::new(),
+            offset: 0.0,
+        };
+        if let Some(nested) = field("nested_offset") {
+            if field("nested_blocksize").and_then(|v| v.as_u64()) != Some(NF4_NESTED_BLOCK as u64) {
+                return Err(Error::invalid(
+                    STATE,
+                    "nested_blocksize 256",
+                    state["nested_blocksize"].clone(),
+                ));
+            }
+            w.offset = nested.as_f64().unwrap_or(f64::NAN) as f32;
+            w.absmax_codes = required("weight.absmax", Dtype::U8)?;
+            w.nested_absmax = f32s(required("weight.nested_absmax", Dtype::F32)?);
+            w.nested_code = f32s(required("weight.nested_quant_map", Dtype::F32)?);
+        } else {
+            w.absmax = f32s(required("weight.absmax", Dtype::F32)?);
+        }
+        w.weight().map(<[u8]>::len, <[f32]>::len).check(n, k)?;
+        Ok(w)
+    }
+
+    /// The weight as the operations take it.
+    pub fn weight(&self) -> QuantWeight<&[u8], &[f32]> {
+        QuantWeight::Nf4(Nf4Weight {
+            packed: &self.packed,
+            code: &self.code,
+            blocksize: self.blocksize,
+            absmax: if self.absmax_codes.is_empty() {
+                Nf4Absmax::F32(&self.absmax)
+            } else {
+                Nf4Absmax::Double {
+                    codes: &self.absmax_codes,
+                    code: &self.nested_code,
+                    scales: &self.nested_absmax,
+                    offset: self.offset,
+                }
+            },
+        })
     }
 }

@@ -729,4 +729,51 @@ on_every_backend!(
     random_configurations,
     bad_arguments,
     training_matches_dense,
+    dequantize_kernel_every_format,
 );
+
+/// The dequantize kernel on random weights of every format, awkward shapes and every dtype:
+/// bit for bit `dequantize_f32` rounded to T (fused and unfused paths multiply the same W).
+fn dequantize_kernel_every_format(backend: &Backend) {
+    use peft_kernels::quant::QuantDequantizeArgs;
+    fn check<T: Element>(
+        backend: &Backend,
+        rng: &mut Rng,
+        format: Format,
+        n: usize,
+        k: usize,
+        misaligned: bool,
+    ) {
+        let q = Quant::random(rng, format, n, k);
+        let data = Placed::new(&q.data, misaligned);
+        let expected: Vec<u64> = q
+            .weight(&q.data)
+            .dequantize_f32(n, k)
+            .unwrap()
+            .into_iter()
+            .map(|v| T::from_f32(v).to_f64().to_bits())
+            .collect();
+        let mut out = Placed::new(&poisoned::<T>(n * k), misaligned);
+        let args = QuantDequantizeArgs {
+            w: q.weight(data.get()),
+            out: out.get_mut(),
+        };
+        host::quant_dequantize(backend, n, k, args).unwrap();
+        let got: Vec<u64> = out.get().iter().map(|v| v.to_f64().to_bits()).collect();
+        assert!(
+            got == expected,
+            "{} {format:?} [{n}, {k}] misaligned {misaligned} (seed {})",
+            T::DTYPE,
+            rng.seed()
+        );
+    }
+    let mut rng = Rng::from_env();
+    for &(n, k) in &[(1, 1), (3, 13), (7, 64), (5, 100), (33, 256), (2, 1000)] {
+        for &format in &FORMATS {
+            let misaligned = rng.chance(0.3);
+            check::<f32>(backend, &mut rng, format, n, k, misaligned);
+            check::<f16>(backend, &mut rng, format, n, k, misaligned);
+            check::<bf16>(backend, &mut rng, format, n, k, misaligned);
+        }
+    }
+}

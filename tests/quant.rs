@@ -374,3 +374,117 @@ fn bad_quantized_weights_are_errors_naming_the_argument() {
         assert_eq!(invalid_arg(w.dequantize_f32(n, k)).0, arg, "{w:?}");
     }
 }
+
+/// The dequantize kernel (the unfused baseline's first step) on bitsandbytes' own tensors:
+/// bf16 output bit for bit bitsandbytes' `dequantize_4bit(..., bfloat16)`, f32 its float32.
+fn dequantize_kernel_reproduces_bitsandbytes(backend: &peft_kernels::host::Backend) {
+    use peft_kernels::host;
+    use peft_kernels::quant::QuantDequantizeArgs;
+    for case in cases("nf4") {
+        let c = Nf4Case::load(&case);
+        let mut out = vec![f32::NAN; c.n * c.k];
+        let args = QuantDequantizeArgs {
+            w: c.weight(),
+            out: &mut out[..],
+        };
+        host::quant_dequantize(backend, c.n, c.k, args).unwrap();
+        assert_bits(&c.name, &out, &f32s(&format!("{}.expected.f32", c.name)));
+        let mut out = vec![bf16::NAN; c.n * c.k];
+        let args = QuantDequantizeArgs {
+            w: c.weight(),
+            out: &mut out[..],
+        };
+        host::quant_dequantize(backend, c.n, c.k, args).unwrap();
+        let expected: Vec<u16> = fixture(&format!("{}.expected.bf16", c.name))
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        let got: Vec<u16> = out.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got, expected, "{}: the kernel's bf16", c.name);
+    }
+    // A wrong output length is refused, naming it.
+    let c = Nf4Case::load(&cases("nf4")[0]);
+    let mut out = vec![0.0f32; c.n * c.k - 1];
+    let args = QuantDequantizeArgs {
+        w: c.weight(),
+        out: &mut out[..],
+    };
+    match host::quant_dequantize(backend, c.n, c.k, args) {
+        Err(Error::InvalidArgument { op, arg, .. }) => {
+            assert_eq!((op, arg), ("quant_dequantize", "out"))
+        }
+        other => panic!("expected out refused, got {other:?}"),
+    }
+}
+
+#[cfg(feature = "emulator")]
+#[test]
+fn dequantize_kernel_reproduces_bitsandbytes_on_emulator() {
+    dequantize_kernel_reproduces_bitsandbytes(&peft_kernels::host::Backend::Emulator)
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA device"]
+fn dequantize_kernel_reproduces_bitsandbytes_on_gpu() {
+    let gpu = peft_kernels::host::Backend::cuda(0).expect("GPU tests need a CUDA device");
+    dequantize_kernel_reproduces_bitsandbytes(&gpu)
+}
+
+/// A bitsandbytes Linear4bit layer as transformers saves it (safetensors), loaded without
+/// repacking: its dequantized values bit for bit bitsandbytes'.
+#[cfg(feature = "peft")]
+#[test]
+fn loads_a_bitsandbytes_layer_from_safetensors() {
+    use peft_kernels::quant::Nf4Checkpoint;
+    let case = &cases("layer")[0];
+    let (n, k, prefix) = (case[1].parse().unwrap(), case[2].parse().unwrap(), &case[3]);
+    let path: PathBuf = [
+        env!("CARGO_MANIFEST_DIR"),
+        "tests/fixtures/quant/bnb_layer.safetensors",
+    ]
+    .iter()
+    .collect();
+    let w = Nf4Checkpoint::load(&path, prefix).unwrap();
+    assert_eq!((w.n, w.k, w.blocksize), (n, k, 64));
+    assert!(!w.absmax_codes.is_empty(), "the layer is double-quantized");
+    let got = w.weight().dequantize_f32(n, k).unwrap();
+    assert_bits("bnb_layer", &got, &f32s("bnb_layer.expected.f32"));
+    // The file with one tensor's dtype changed: an error naming that tensor.
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let dtype = match name.ends_with("weight.nested_absmax") {
+                true => safetensors::Dtype::I32,
+                false => t.dtype(),
+            };
+            (
+                name,
+                safetensors::tensor::TensorView::new(dtype, t.shape().to_vec(), t.data()).unwrap(),
+            )
+        })
+        .collect();
+    let bad = std::env::temp_dir().join(format!("peft-quant-{}.safetensors", std::process::id()));
+    safetensors::serialize_to_file(views, None, &bad).unwrap();
+    let loaded = Nf4Checkpoint::load(&bad, prefix);
+    std::fs::remove_file(&bad).unwrap();
+    match loaded {
+        Err(Error::InvalidArgument { arg, expected, .. }) => {
+            assert_eq!(
+                (arg, expected.as_str()),
+                ("weight.nested_absmax", "dtype F32")
+            )
+        }
+        other => panic!("expected the dtype refused, got {other:?}"),
+    }
+    // Another prefix has no such tensors.
+    match Nf4Checkpoint::load(&path, "model.layers.1.") {
+        Err(Error::InvalidArgument { arg, .. }) => {
+            assert_eq!(arg, "weight.quant_state.bitsandbytes__nf4")
+        }
+        other => panic!("expected a missing tensor, got {other:?}"),
+    }
+}

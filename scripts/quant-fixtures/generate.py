@@ -8,11 +8,13 @@ uint8 codes per 256 absmax values, their f32 scale `state2.absmax`, the 256-entr
 `state2.code` and the f32 `offset`). FP8 E4M3: torch's `float8_e4m3fn` conversion, the
 decode of all 256 bytes, and weights quantized as DeepSeek-V3 / transformers' fine-grained
 FP8 store them (`weight` E4M3 [n, k], `weight_scale_inv` f32 per 128×128 block or per
-output row; W = f32(weight) · scale_inv).
+output row; W = f32(weight) · scale_inv). And one bitsandbytes Linear4bit layer's state dict
+as transformers saves it, in safetensors (bnb_layer.safetensors).
 
 Each tensor is a raw little-endian file `<case>.<tensor>.<dtype>`; cases.txt lists the
 cases, one a line: `nf4 <case> <rows> <cols> <blocksize> <double 0|1> <offset f32 bits hex>`
-or `fp8 <case> <rows> <cols> <block rows> <block cols>` (0 0: per output row).
+or `fp8 <case> <rows> <cols> <block rows> <block cols>` (0 0: per output row), or
+`layer <case> <rows> <cols> <tensor name prefix>`.
 
 Run from the repository root:
   python3 -m venv /tmp/qvenv && /tmp/qvenv/bin/pip install -r scripts/quant-fixtures/requirements.txt
@@ -119,6 +121,25 @@ def fp8(case, rows, cols, block, lines, gen):
     lines.append(f"fp8 {case} {rows} {cols} {br} {bc}")
 
 
+def bnb_layer(lines, gen):
+    """A bitsandbytes Linear4bit layer's state dict as transformers saves a QLoRA base model
+    (`Linear4bit._save_to_state_dict`: `weight` and `weight.` + the quant state's packed
+    dict), in bnb_layer.safetensors under the prefix `model.layers.0.mlp.down_proj.`, with
+    its dequantized values (bnb_layer.expected.f32)."""
+    from safetensors.torch import save_file
+
+    rows, cols = 48, 80
+    w = (torch.randn(rows, cols, generator=gen) * 0.05).to(torch.bfloat16)
+    packed, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    prefix = "model.layers.0.mlp.down_proj."
+    tensors = {prefix + "weight": packed}
+    for key, value in qs.as_dict(packed=True).items():
+        tensors[prefix + "weight." + key] = value
+    save_file(tensors, os.path.join(OUT, "bnb_layer.safetensors"))
+    save("bnb_layer", "expected", dequantize_4bit(packed, qs, torch.float32))
+    lines.append(f"layer bnb_layer {rows} {cols} {prefix}")
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     gen = torch.Generator().manual_seed(15)
@@ -131,6 +152,7 @@ def main():
     nf4("nf4_rows", 9, 128, True, lines, gen)  # rows of whole blocks: the CPU kernel agrees
     fp8("fp8_block", 136, 200, (128, 128), lines, gen)
     fp8("fp8_row", 7, 33, None, lines, gen)
+    bnb_layer(lines, gen)
     # Every E4M3 byte's value (NaN at 0x7f and 0xff).
     save("e4m3", "decode", torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float())
     with open(os.path.join(OUT, "cases.txt"), "w") as f:

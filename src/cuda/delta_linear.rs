@@ -10,7 +10,10 @@ use crate::delta_linear::{
 };
 use crate::plan::delta_linear as plan;
 use crate::plan::delta_linear_backward as backward_plan;
-use crate::quant::{DeltaLinearQuantArgs, DeltaLinearQuantBackwardArgs, DeltaLinearQuantTrainArgs};
+use crate::quant::{
+    DeltaLinearQuantArgs, DeltaLinearQuantBackwardArgs, DeltaLinearQuantTrainArgs,
+    QuantDequantizeArgs,
+};
 use crate::{Element, Result};
 
 /// [`DeltaLinearArgs`] over device buffers, as [`delta_linear`] takes them: annotate a `let`
@@ -77,6 +80,19 @@ pub fn delta_linear_quant<'a, T: Element>(
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = plan::delta_linear_quant(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: the addresses came from `bufs`, checked by the plan.
+    unsafe { bufs.run(&steps) }
+}
+
+/// `quant_dequantize` ([`crate::quant::QuantDequantizeArgs`]) queued on `stream`.
+pub fn quant_dequantize<'a, T: Element>(
+    stream: &'a CudaStream,
+    n: usize,
+    k: usize,
+    args: QuantDequantizeArgs<DeviceWrite<'a, T>, DeviceRead<'a, u8>, DeviceRead<'a, f32>>,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = plan::quant_dequantize(n, k, T::DTYPE, &args.bufs(&mut bufs))?;
     // SAFETY: the addresses came from `bufs`, checked by the plan.
     unsafe { bufs.run(&steps) }
 }

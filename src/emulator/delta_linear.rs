@@ -11,6 +11,7 @@ use crate::plan::delta_linear_backward::{self as backward_plan, DeltaLinearBackw
 use crate::plan::Buf;
 use crate::quant::{
     HostDeltaLinearQuantArgs, HostDeltaLinearQuantBackwardArgs, HostDeltaLinearQuantTrainArgs,
+    HostQuantDequantizeArgs,
 };
 use crate::{Element, Result};
 
@@ -38,6 +39,18 @@ pub fn delta_linear_quant<T: Element>(
     let b = args.bufs(&mut host);
     host.name(linear_names(&b.forward));
     run(&plan::delta_linear_quant(op, dims, T::DTYPE, &b)?, &host)
+}
+
+/// `quant_dequantize` ([`crate::quant::QuantDequantizeArgs`]) on the CPU emulator.
+pub fn quant_dequantize<T: Element>(
+    n: usize,
+    k: usize,
+    args: HostQuantDequantizeArgs<'_, T>,
+) -> Result<()> {
+    let mut host = HostBufs::default();
+    let b = args.bufs(&mut host);
+    host.name([("out", Some(b.out))]);
+    run(&plan::quant_dequantize(n, k, T::DTYPE, &b)?, &host)
 }
 
 /// The backward of [`delta_linear_quant_train`]'s forward on the CPU emulator.

@@ -135,6 +135,76 @@ impl QuantParams {
     }
 }
 
+/// Twin of `QuantDequantizeParams` in kernels/delta_linear.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct QuantDequantizeParams {
+    pub q: QuantParams,
+    pub out: u64,
+    pub n: i64,
+}
+// SAFETY: as above.
+unsafe impl super::KernelParams for QuantDequantizeParams {}
+
+/// Threads per block of `quant_dequantize`, and its grid cap (a grid-stride loop covers the
+/// rest).
+const DEQUANTIZE_THREADS: usize = 256;
+const DEQUANTIZE_MAX_BLOCKS: usize = 65_536;
+
+/// Plans `quant_dequantize`: the quantized W [n, k] to a contiguous `out` [n, k] in `dtype`
+/// (each element the libraries' f32 value rounded to dtype: the values the fused kernels multiply
+/// with), for the unfused baseline and for users who want W materialised.
+pub fn quant_dequantize(
+    n: usize,
+    k: usize,
+    dtype: DType,
+    b: &QuantDequantizeBufs,
+) -> Result<Vec<(Launch, QuantDequantizeParams)>> {
+    plan_dequantize(&b.w, n, k, dtype, b.out).map_err(|e| e.of("quant_dequantize"))
+}
+
+/// The operands of a `quant_dequantize` call.
+#[derive(Clone, Copy, Debug)]
+pub struct QuantDequantizeBufs {
+    pub w: QuantWeight<Buf, Buf>,
+    pub out: Buf,
+}
+
+fn plan_dequantize(
+    w: &QuantWeight<Buf, Buf>,
+    n: usize,
+    k: usize,
+    dtype: DType,
+    out: Buf,
+) -> Result<Vec<(Launch, QuantDequantizeParams)>> {
+    positive("n", n)?;
+    positive("k", k)?;
+    let q = QuantParams::new(w, n, k)?;
+    check_exact("out", Some(out), &[n, k])?;
+    let runs = n.saturating_mul(k.div_ceil(32));
+    let blocks = runs
+        .div_ceil(DEQUANTIZE_THREADS)
+        .clamp(1, DEQUANTIZE_MAX_BLOCKS);
+    let kernel = match dtype {
+        DType::F32 => KernelId::quant_dequantize_f32,
+        DType::F16 => KernelId::quant_dequantize_f16,
+        DType::BF16 => KernelId::quant_dequantize_bf16,
+    };
+    let launch = Launch {
+        kernel,
+        grid: [blocks as u32, 1, 1],
+        block: [DEQUANTIZE_THREADS as u32, 1, 1],
+        dynamic_smem: 0,
+        overlap_previous: false,
+    };
+    let p = QuantDequantizeParams {
+        q,
+        out: out.addr,
+        n: n as i64,
+    };
+    Ok(vec![(launch, p)])
+}
+
 // kernels/quant.cuh `QuantFormat`.
 const QUANT_NF4: i32 = 1;
 const QUANT_FP8: i32 = 2;
@@ -675,12 +745,33 @@ fn pass_steps(
     let splits = k_splits(kind, m, n, k_tiles, partials.split_target, fit);
     let mut pass = launch_for(kind, dtype, m, (cols, n), batch, splits)?;
     pass.overlap_previous = overlap;
+    if p.quant.format != 0 {
+        pass.kernel = quantized_kernel(pass.kernel);
+    }
     if splits == 1 {
         return Ok(vec![(pass, p)]);
     }
     (p.partial, p.ldp, p.k_splits) = (partials.addr, ldp as i64, splits as i32);
     let reduce = launch_for(Kind::SplitReduce, dtype, m, (cols, n), 1, 1)?;
     Ok(vec![(pass, p), (overlapping(reduce), p)])
+}
+
+/// The tensor-core kernel that reads a quantized B1: each mma kernel's `_q` instantiation
+/// (kernels/delta_linear.cu: the dense ones do not carry the quantized loader's registers);
+/// the naive and SIMT kernels read either.
+fn quantized_kernel(kernel: KernelId) -> KernelId {
+    use KernelId::*;
+    match kernel {
+        fused_linear_mma_large_f16 => fused_linear_mma_large_q_f16,
+        fused_linear_mma_large_bf16 => fused_linear_mma_large_q_bf16,
+        fused_linear_mma_small_f16 => fused_linear_mma_small_q_f16,
+        fused_linear_mma_small_bf16 => fused_linear_mma_small_q_bf16,
+        fused_linear_mma_decode_f16 => fused_linear_mma_decode_q_f16,
+        fused_linear_mma_decode_bf16 => fused_linear_mma_decode_q_bf16,
+        fused_linear_wgmma_f16 => fused_linear_wgmma_q_f16,
+        fused_linear_wgmma_bf16 => fused_linear_wgmma_q_bf16,
+        other => other,
+    }
 }
 
 /// One fused-linear pass with every operand absent: callers fill what they use.
