@@ -760,14 +760,18 @@ PK_KERNEL_BOUNDS(fused_linear_mma_decode_f16, (fused_linear_mma<__half, MmaDecod
 PK_KERNEL_BOUNDS(fused_linear_mma_decode_bf16, (fused_linear_mma<__nv_bfloat16, MmaDecode>), FusedLinearParams, 128, 4)
 PK_KERNEL_BOUNDS(fused_linear_wgmma_f16, (fused_linear_mma<__half, MmaHopper>), FusedLinearParams, 256, 2)
 PK_KERNEL_BOUNDS(fused_linear_wgmma_bf16, (fused_linear_mma<__nv_bfloat16, MmaHopper>), FusedLinearParams, 256, 2)
-PK_KERNEL_BOUNDS(fused_linear_mma_large_q_f16, (fused_linear_mma<__half, MmaLarge, true>), FusedLinearParams, 256, 2)
-PK_KERNEL_BOUNDS(fused_linear_mma_large_q_bf16, (fused_linear_mma<__nv_bfloat16, MmaLarge, true>), FusedLinearParams, 256, 2)
-PK_KERNEL_BOUNDS(fused_linear_mma_small_q_f16, (fused_linear_mma<__half, MmaSmall, true>), FusedLinearParams, 128, 4)
-PK_KERNEL_BOUNDS(fused_linear_mma_small_q_bf16, (fused_linear_mma<__nv_bfloat16, MmaSmall, true>), FusedLinearParams, 128, 4)
-PK_KERNEL_BOUNDS(fused_linear_mma_decode_q_f16, (fused_linear_mma<__half, MmaDecode, true>), FusedLinearParams, 128, 4)
-PK_KERNEL_BOUNDS(fused_linear_mma_decode_q_bf16, (fused_linear_mma<__nv_bfloat16, MmaDecode, true>), FusedLinearParams, 128, 4)
-PK_KERNEL_BOUNDS(fused_linear_wgmma_q_f16, (fused_linear_mma<__half, MmaHopper, true>), FusedLinearParams, 256, 2)
-PK_KERNEL_BOUNDS(fused_linear_wgmma_q_bf16, (fused_linear_mma<__nv_bfloat16, MmaHopper, true>), FusedLinearParams, 256, 2)
+// The quantized loader's 32-element runs need more registers than the dense copies: at the
+// dense kernels' bounds ptxas spilled (large 328 bytes on sm_90, 480 on sm_80; wgmma 32;
+// decode 8 on sm_80), so these allow twice the registers (half the resident blocks). An
+// occupancy to tune once measured; a cp.async staging of the packed bytes is the next step.
+PK_KERNEL_BOUNDS(fused_linear_mma_large_q_f16, (fused_linear_mma<__half, MmaLarge, true>), FusedLinearParams, 256, 1)
+PK_KERNEL_BOUNDS(fused_linear_mma_large_q_bf16, (fused_linear_mma<__nv_bfloat16, MmaLarge, true>), FusedLinearParams, 256, 1)
+PK_KERNEL_BOUNDS(fused_linear_mma_small_q_f16, (fused_linear_mma<__half, MmaSmall, true>), FusedLinearParams, 128, 2)
+PK_KERNEL_BOUNDS(fused_linear_mma_small_q_bf16, (fused_linear_mma<__nv_bfloat16, MmaSmall, true>), FusedLinearParams, 128, 2)
+PK_KERNEL_BOUNDS(fused_linear_mma_decode_q_f16, (fused_linear_mma<__half, MmaDecode, true>), FusedLinearParams, 128, 2)
+PK_KERNEL_BOUNDS(fused_linear_mma_decode_q_bf16, (fused_linear_mma<__nv_bfloat16, MmaDecode, true>), FusedLinearParams, 128, 2)
+PK_KERNEL_BOUNDS(fused_linear_wgmma_q_f16, (fused_linear_mma<__half, MmaHopper, true>), FusedLinearParams, 256, 1)
+PK_KERNEL_BOUNDS(fused_linear_wgmma_q_bf16, (fused_linear_mma<__nv_bfloat16, MmaHopper, true>), FusedLinearParams, 256, 1)
 PK_KERNEL_BOUNDS(fused_linear_split_reduce_f16, fused_linear_split_reduce<__half>, FusedLinearParams, 128, 8)
 PK_KERNEL_BOUNDS(fused_linear_split_reduce_bf16, fused_linear_split_reduce<__nv_bfloat16>, FusedLinearParams, 128, 8)
 PK_KERNEL_BOUNDS(lora_merge_f32, lora_merge<float>, LoraMergeParams, 256, 2)

@@ -342,7 +342,7 @@ pub type HostDeltaLinearQuantTrainArgs<'a, T> =
 
 impl<B, F> QuantWeight<B, F> {
     /// The buffers' addresses from a backend's buffer source.
-    fn bufs<R, W, Src>(self, s: &mut Src) -> QuantWeight<Buf, Buf>
+    fn bufs<W, Src>(self, s: &mut Src) -> QuantWeight<Buf, Buf>
     where
         Src: BufSource<B, W> + BufSource<F, W>,
     {
@@ -366,7 +366,7 @@ impl<R, W, B, F> DeltaLinearQuantArgs<R, W, B, F> {
     where
         Src: BufSource<R, W> + BufSource<B, W> + BufSource<F, W>,
     {
-        let w = self.w.bufs::<R, W, Src>(s);
+        let w = self.w.bufs::<W, Src>(s);
         let mut r = |b: R| BufSource::<R, W>::read(s, b);
         let (x, bias, u) = (r(self.x), self.bias.map(&mut r), self.u.map(&mut r));
         let (w_down, b_down) = (r(self.w_down), self.b_down.map(&mut r));
@@ -450,7 +450,7 @@ impl<R, S, W, G, B, F> DeltaLinearQuantBackwardArgs<R, S, W, G, B, F> {
     where
         Src: BufSource<R, W> + BufSource<S, G> + BufSource<B, W> + BufSource<F, W>,
     {
-        let w = self.w.bufs::<R, W, Src>(s);
+        let w = self.w.bufs::<W, Src>(s);
         let r = |s: &mut Src, b: R| BufSource::<R, W>::read(s, b);
         let g = |s: &mut Src, b: G| BufSource::<S, G>::write(s, b);
         DeltaLinearQuantBackwardBufs {
@@ -499,7 +499,7 @@ impl<W, B, F> QuantDequantizeArgs<W, B, F> {
     where
         Src: BufSource<B, W> + BufSource<F, W>,
     {
-        let w = self.w.bufs::<B, W, Src>(s);
+        let w = self.w.bufs::<W, Src>(s);
         QuantDequantizeBufs {
             w,
             out: BufSource::<B, W>::write(s, self.out),

@@ -245,7 +245,8 @@ fn bad_quantized_weights_are_errors_naming_the_argument() {
     );
     let good = nf4(packed, &NF4_CODE, 64, Nf4Absmax::F32(absmax));
     assert_eq!(good.dequantize_f32(n, k).unwrap().len(), n * k);
-    let cases: Vec<(QuantWeight<&[u8], &[f32]>, &str)> = vec![
+    type HostWeight<'a> = QuantWeight<&'a [u8], &'a [f32]>;
+    let cases: Vec<(HostWeight, &str)> = vec![
         // An odd packed length (104 bytes hold 208 codes, not 210).
         (
             nf4(&packed[..104], &NF4_CODE, 64, Nf4Absmax::F32(absmax)),
