@@ -26,6 +26,8 @@ fn main() {
 
 #[cfg(feature = "baseline")]
 mod gpu {
+    use std::sync::Arc;
+
     use criterion::BenchmarkId;
     use half::bf16;
     use peft_kernels::cuda::cudarc::driver::{CudaSlice, CudaStream};
@@ -100,7 +102,7 @@ mod gpu {
         2.0 * (m * N * K) as f64 + 2.0 * (m * R * (K + N)) as f64
     }
 
-    fn upload<T: cuda::cudarc::driver::DeviceRepr>(s: &CudaStream, v: &[T]) -> CudaSlice<T> {
+    fn upload<T: cuda::cudarc::driver::DeviceRepr>(s: &Arc<CudaStream>, v: &[T]) -> CudaSlice<T> {
         s.clone_htod(v).expect("copy to the device")
     }
 

@@ -71,6 +71,24 @@ pub type DeviceDeltaLinearQuantArgs<'a, T> = DeltaLinearQuantArgs<
     DeviceRead<'a, f32>,
 >;
 
+/// [`DeltaLinearQuantTrainArgs`] over device buffers.
+pub type DeviceDeltaLinearQuantTrainArgs<'a, T> = DeltaLinearQuantTrainArgs<
+    DeviceRead<'a, T>,
+    DeviceWrite<'a, T>,
+    DeviceWrite<'a, f32>,
+    DeviceRead<'a, u8>,
+    DeviceRead<'a, f32>,
+>;
+/// [`DeltaLinearQuantBackwardArgs`] over device buffers.
+pub type DeviceDeltaLinearQuantBackwardArgs<'a, T> = DeltaLinearQuantBackwardArgs<
+    DeviceRead<'a, T>,
+    DeviceRead<'a, f32>,
+    DeviceWrite<'a, T>,
+    DeviceWrite<'a, f32>,
+    DeviceRead<'a, u8>,
+    DeviceRead<'a, f32>,
+>;
+
 /// `delta_linear` over a quantized frozen W ([`crate::quant`]), queued on `stream`.
 pub fn delta_linear_quant<'a, T: Element>(
     stream: &'a CudaStream,
@@ -102,14 +120,7 @@ pub fn delta_linear_quant_backward<'a, T: Element>(
     stream: &'a CudaStream,
     op: &DeltaLinear,
     dims: &DeltaLinearDims,
-    args: DeltaLinearQuantBackwardArgs<
-        DeviceRead<'a, T>,
-        DeviceRead<'a, f32>,
-        DeviceWrite<'a, T>,
-        DeviceWrite<'a, f32>,
-        DeviceRead<'a, u8>,
-        DeviceRead<'a, f32>,
-    >,
+    args: DeviceDeltaLinearQuantBackwardArgs<'a, T>,
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps =
@@ -123,13 +134,7 @@ pub fn delta_linear_quant_train<'a, T: Element>(
     stream: &'a CudaStream,
     op: &DeltaLinear,
     dims: &DeltaLinearDims,
-    args: DeltaLinearQuantTrainArgs<
-        DeviceRead<'a, T>,
-        DeviceWrite<'a, T>,
-        DeviceWrite<'a, f32>,
-        DeviceRead<'a, u8>,
-        DeviceRead<'a, f32>,
-    >,
+    args: DeviceDeltaLinearQuantTrainArgs<'a, T>,
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = plan::delta_linear_quant_train(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
