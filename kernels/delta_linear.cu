@@ -97,6 +97,7 @@
 
 #include "common.cuh"
 #include "philox.cuh"
+#include "quant.cuh"
 
 // Which coefficient of the row multiplies a term (see the header).
 enum Coef : int32_t { COEF_ONE = 0, COEF_H = 1, COEF_D = 2 };
@@ -131,6 +132,7 @@ struct FusedLinearParams {
     int32_t dropout;      // drop elements of A1 (naive and SIMT kernels only: the plan's choice)
     float scale;
     float drop_p;
+    QuantParams quant;  // phase 1's B1 quantized (quant.cuh): the frozen W of delta_linear_quant
 };
 PK_PARAMS_SIZE(FusedLinearParams)
 
@@ -264,7 +266,8 @@ PK_INLINE void fused_linear_naive(const FusedLinearParams& p) {
     float acc = 0.0f;
     for (int k = 0; k < p.k1; ++k) {
         const float a = to_float(o.a1[m * p.lda1 + k]);
-        acc += (p.dropout ? a * a1_dropout(p, m, k) : a) * to_float(o.b1[n * p.ldb1 + k]);
+        const float b = p.quant.format ? quant_value_t<T>(p.quant, n, k) : to_float(o.b1[n * p.ldb1 + k]);
+        acc += (p.dropout ? a * a1_dropout(p, m, k) : a) * b;
     }
     const RowCoefs c = row_coefs<T>(p, m);
     acc = phase_switch(p, o, m, n, c, acc);
@@ -294,6 +297,17 @@ PK_INLINE void load_tile(float (*dst)[BM + 4], const T* src, int64_t ld, int r0,
         float v = (gr < rows_lim && gk < k_lim) ? to_float(src[gr * ld + gk]) : 0.0f;
         if (drop && gr < rows_lim && gk < k_lim) v *= a1_dropout(*drop, gr, gk);
         dst[k][row] = v;
+    }
+}
+
+// load_tile for a quantized B1 (quant.cuh), dequantized to T's values.
+template <typename T>
+PK_INLINE void load_tile_quant(float (*dst)[BM + 4], const QuantParams& q, int r0, int rows_lim,
+                               int k0, int k_lim) {
+    const int k = threadIdx.x % BK;
+    for (int row = threadIdx.x / BK; row < BM; row += THREADS / BK) {
+        const int gr = r0 + row, gk = k0 + k;
+        dst[k][row] = (gr < rows_lim && gk < k_lim) ? quant_value_t<T>(q, gr, gk) : 0.0f;
     }
 }
 }  // namespace simt
@@ -329,7 +343,10 @@ PK_INLINE void fused_linear_simt(const FusedLinearParams& p) {
         const int k0 = (first ? kt : kt - tiles1) * BK, k_lim = first ? p.k1 : p.k2;
         load_tile(As, first ? o.a1 : o.a2, first ? p.lda1 : p.lda2, m0, p.m, k0, k_lim,
                   first && p.dropout ? &p : nullptr);
-        load_tile(Bs, first ? o.b1 : o.b2, first ? p.ldb1 : p.ldb2, n0, p.n, k0, k_lim);
+        if (first && p.quant.format)
+            load_tile_quant<T>(Bs, p.quant, n0, p.n, k0, k_lim);
+        else
+            load_tile(Bs, first ? o.b1 : o.b2, first ? p.ldb1 : p.ldb2, n0, p.n, k0, k_lim);
         __syncthreads();
         for (int k = 0; k < BK; ++k) {
             float a[4], b[4];
@@ -426,6 +443,34 @@ PK_INLINE void mma_load_tile(T* dst, const T* src, int64_t ld, bool vec, int r0,
     }
 }
 
+// mma_load_tile for a quantized B1 (quant.cuh): rows [r0, r0 + ROWS) × cols [k0, k0 + BK) of
+// W dequantized to T into dst, in runs of RUN elements (NF4 32, FP8 16: 16 bytes of packed
+// weight each). A run inside W whose bytes are 16-byte aligned and that shares one absmax or
+// scale is one 16-byte load (quant_load_run); any other run (the ragged edges, a k that is not
+// a multiple of RUN, FP8 block columns not a multiple of 16) is dequantized element by
+// element. The loads are synchronous (the values are needed to dequantize): plain shared
+// stores, visible after the pipeline's next barrier, as mma_load_tile's element path.
+template <typename C, int ROWS, typename T>
+PK_INLINE void mma_load_tile_quant(T* dst, const QuantParams& q, int r0, int rows_lim, int k0,
+                                   int k_lim) {
+    constexpr int RUN = 32;  // elements per thread and step (quant_run32)
+    static_assert(C::BK % RUN == 0, "runs tile BK");
+    constexpr int RUNS = C::BK / RUN;
+    const bool vectorized = quant_runs_vectorized(q);
+    for (int i = threadIdx.x; i < ROWS * RUNS; i += C::THREADS) {
+        const int row = i / RUNS, col = (i % RUNS) * RUN;
+        T v[RUN];
+        quant_run32(q, vectorized, r0 + row, k0 + col, rows_lim, k_lim, v);
+#pragma unroll
+        for (int c = 0; c < RUN; c += 8) {
+            // wgmma's 128-byte swizzle, as mma_load_tile.
+            T* s = dst + row * C::PITCH + (C::WGMMA ? (col + c) ^ (row % 8 * 8) : col + c);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) s[e] = v[c + e];
+        }
+    }
+}
+
 // One k-tile of the block's product on mma.sync: warp (wk, wm0, wn0) adds its WM × WN tile
 // over its KSLICE columns of the stage (sa: BM rows of A, sb: BN rows of B, pitch PITCH).
 template <typename T, typename C>
@@ -474,7 +519,10 @@ PK_INLINE void wgmma_tile(float (&acc)[C::MI][C::NI][4], const T* sa, const T* s
     wgmma_commit();
 }
 
-template <typename T, typename C>
+// QUANT: phase 1's B1 is the quantized W (p.quant, mma_load_tile_quant). A separate
+// instantiation: the quantized loader's registers beside the dense path's made the large and
+// small tiles spill (ptxas: 348 and 32 bytes), so the dense kernels do not carry it.
+template <typename T, typename C, bool QUANT = false>
 PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
     PK_DYNAMIC_SMEM(unsigned char, smem_raw);
     allow_dependent_launch();
@@ -521,7 +569,10 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
         if (kt == max(tiles1, kt_begin)) grid_dependency_wait();
         // Checked per tile, not kept in registers: the large tile has none to spare.
         mma_load_tile<C, C::BM>(sa, a, lda, rows_copyable_16(a, lda), m0, p.m, k0, k_lim);
-        mma_load_tile<C, C::BN>(sb, b, ldb, rows_copyable_16(b, ldb), n0, p.n, k0, k_lim);
+        if (QUANT && first)
+            mma_load_tile_quant<C, C::BN>(sb, p.quant, n0, p.n, k0, k_lim);
+        else
+            mma_load_tile<C, C::BN>(sb, b, ldb, rows_copyable_16(b, ldb), n0, p.n, k0, k_lim);
     };
     // Apply `fn(m, n, row coefficients, v0, v1)` to every pair of accumulator elements that
     // starts inside the output: elements 2·half and 2·half + 1 of fragment (mi, ni) are row
@@ -735,6 +786,20 @@ PK_KERNEL_BOUNDS(fused_linear_mma_decode_f16, (fused_linear_mma<__half, MmaDecod
 PK_KERNEL_BOUNDS(fused_linear_mma_decode_bf16, (fused_linear_mma<__nv_bfloat16, MmaDecode>), FusedLinearParams, 128, 4)
 PK_KERNEL_BOUNDS(fused_linear_wgmma_f16, (fused_linear_mma<__half, MmaHopper>), FusedLinearParams, 256, 2)
 PK_KERNEL_BOUNDS(fused_linear_wgmma_bf16, (fused_linear_mma<__nv_bfloat16, MmaHopper>), FusedLinearParams, 256, 2)
+// The quantized loader's 32-element runs need more registers than the dense copies: at the
+// dense kernels' bounds ptxas spilled (large 328 bytes on sm_90, 480 on sm_80; wgmma 32;
+// decode 8 on sm_80), so these allow twice the registers (half the resident blocks). An
+// occupancy to tune once measured; a cp.async staging of the packed bytes is the next step.
+PK_KERNEL_BOUNDS(fused_linear_mma_large_q_f16, (fused_linear_mma<__half, MmaLarge, true>), FusedLinearParams, 256, 1)
+PK_KERNEL_BOUNDS(fused_linear_mma_large_q_bf16, (fused_linear_mma<__nv_bfloat16, MmaLarge, true>), FusedLinearParams, 256, 1)
+PK_KERNEL_BOUNDS(fused_linear_mma_small_q_f16, (fused_linear_mma<__half, MmaSmall, true>), FusedLinearParams, 128, 2)
+PK_KERNEL_BOUNDS(fused_linear_mma_small_q_bf16, (fused_linear_mma<__nv_bfloat16, MmaSmall, true>), FusedLinearParams, 128, 2)
+PK_KERNEL_BOUNDS(fused_linear_mma_decode_q_f16, (fused_linear_mma<__half, MmaDecode, true>), FusedLinearParams, 128, 2)
+PK_KERNEL_BOUNDS(fused_linear_mma_decode_q_bf16, (fused_linear_mma<__nv_bfloat16, MmaDecode, true>), FusedLinearParams, 128, 2)
+PK_KERNEL_BOUNDS(fused_linear_mma_mid_q_f16, (fused_linear_mma<__half, MmaMid, true>), FusedLinearParams, 128, 2)
+PK_KERNEL_BOUNDS(fused_linear_mma_mid_q_bf16, (fused_linear_mma<__nv_bfloat16, MmaMid, true>), FusedLinearParams, 128, 2)
+PK_KERNEL_BOUNDS(fused_linear_wgmma_q_f16, (fused_linear_mma<__half, MmaHopper, true>), FusedLinearParams, 256, 1)
+PK_KERNEL_BOUNDS(fused_linear_wgmma_q_bf16, (fused_linear_mma<__nv_bfloat16, MmaHopper, true>), FusedLinearParams, 256, 1)
 PK_KERNEL_BOUNDS(fused_linear_split_reduce_f16, fused_linear_split_reduce<__half>, FusedLinearParams, 128, 8)
 PK_KERNEL_BOUNDS(fused_linear_split_reduce_bf16, fused_linear_split_reduce<__nv_bfloat16>, FusedLinearParams, 128, 8)
 PK_KERNEL_BOUNDS(lora_merge_f32, lora_merge<float>, LoraMergeParams, 256, 2)
@@ -774,3 +839,48 @@ PK_INLINE void bias_activation(const BiasActivationParams& p) {
 PK_KERNEL_BOUNDS(bias_activation_f32, bias_activation<float>, BiasActivationParams, 256, 1)
 PK_KERNEL_BOUNDS(bias_activation_f16, bias_activation<__half>, BiasActivationParams, 256, 1)
 PK_KERNEL_BOUNDS(bias_activation_bf16, bias_activation<__nv_bfloat16>, BiasActivationParams, 256, 1)
+
+// ---------------------------------------------------------------------------------------------
+// Dequantization of a quantized frozen W [n, k] to T (quant.cuh): the first step of the unfused
+// path that the fused kernels above replace (Unsloth's and PEFT's QLoRA: W dequantized to a
+// bf16 buffer, then cuBLAS), for the baseline (src/cuda/baseline.rs) and for users who want
+// W_T. One thread per run of 32 elements of a row (quant_run32: one 16-byte load of NF4, two
+// of FP8, where aligned), 16-byte stores where the output row allows; grid-stride.
+
+struct QuantDequantizeParams {
+    QuantParams q;
+    void* out;  // [n, k], contiguous
+    int64_t n;
+};
+PK_PARAMS_SIZE(QuantDequantizeParams)
+
+template <typename T>
+PK_INLINE void quant_dequantize(const QuantDequantizeParams& p) {
+    T* out = static_cast<T*>(p.out);
+    const int64_t runs_per_row = (p.q.k + 31) / 32, runs = p.n * runs_per_row;
+    const bool vectorized = quant_runs_vectorized(p.q);
+    constexpr int PER = 16 / int(sizeof(T));  // elements per 16-byte store
+    const bool vec_store = reinterpret_cast<uintptr_t>(out) % 16 == 0 && p.q.k % PER == 0;
+    const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < runs; r += stride) {
+        const int64_t row = r / runs_per_row, col = (r % runs_per_row) * 32;
+        T v[32];
+        quant_run32(p.q, vectorized, row, col, p.n, p.q.k, v);
+        T* dst = out + row * p.q.k + col;
+        if (vec_store && col + 32 <= p.q.k) {
+#pragma unroll
+            for (int c = 0; c < 32; c += PER) {
+                Vec<T, PER> w;
+#pragma unroll
+                for (int e = 0; e < PER; ++e) w.v[e] = v[c + e];
+                store_vec(dst + c, w);
+            }
+        } else {
+            for (int e = 0; e < 32 && col + e < p.q.k; ++e) dst[e] = v[e];
+        }
+    }
+}
+
+PK_KERNEL_BOUNDS(quant_dequantize_f32, quant_dequantize<float>, QuantDequantizeParams, 256, 1)
+PK_KERNEL_BOUNDS(quant_dequantize_f16, quant_dequantize<__half>, QuantDequantizeParams, 256, 1)
+PK_KERNEL_BOUNDS(quant_dequantize_bf16, quant_dequantize<__nv_bfloat16>, QuantDequantizeParams, 256, 1)

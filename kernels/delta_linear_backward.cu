@@ -35,6 +35,7 @@
 
 #include "common.cuh"
 #include "philox.cuh"
+#include "quant.cuh"
 
 enum BwdCoef : int32_t { BWD_COEF_ONE = 0, BWD_COEF_H = 1, BWD_COEF_D = 2 };
 enum BwdCompose : int32_t { BWD_ADD = 0, BWD_SCALED = 1, BWD_GATED = 2 };
@@ -69,6 +70,7 @@ struct DeltaBackwardParams {
     int32_t dropout;     // data pass: mask the delta's part; weight pass: mask Q (= u)
     float scale;
     float drop_p;
+    QuantParams quant;  // data pass: the frozen W (b) quantized (delta_linear_quant_backward)
 };
 PK_PARAMS_SIZE(DeltaBackwardParams)
 
@@ -164,8 +166,11 @@ PK_INLINE void bwd_data_naive(const DeltaBackwardParams& p) {
     if (m >= p.rows || c >= p.cols) return;
     const BwdOperands o = bwd_operands<T>(p, blockIdx.z);
     float acc = 0.0f, delta = 0.0f;
-    for (int i = 0; i < p.k1; ++i)
-        acc += load<T>(o.a, p.a_f32, m * p.lda + i) * load<T>(o.b, p.b_f32, i * p.ldb + c);
+    for (int i = 0; i < p.k1; ++i) {
+        const float b = p.quant.format ? quant_value_t<T>(p.quant, i, c)
+                                       : load<T>(o.b, p.b_f32, i * p.ldb + c);
+        acc += load<T>(o.a, p.a_f32, m * p.lda + i) * b;
+    }
     if (o.e) acc += load<T>(o.e, p.e_f32, m * p.lde + c);
     for (int j = 0; o.a2 && j < p.k2; ++j)
         delta += static_cast<const float*>(o.a2)[m * p.lda2 + j] *
@@ -225,7 +230,10 @@ PK_INLINE void bwd_data_simt(const DeltaBackwardParams& p) {
         const int64_t ldb = delta ? p.ldb2 : p.ldb;
         for (int idx = threadIdx.x; idx < BK * BN; idx += THREADS) {
             const int k = idx / BN, col = idx % BN, gk = k0 + k, gc = c0 + col;
-            Bs[k][col] = (gk < k_lim && gc < p.cols) ? load<T>(b, b_f32, gk * ldb + gc) : 0.0f;
+            const bool quant = !delta && p.quant.format;
+            Bs[k][col] = !(gk < k_lim && gc < p.cols) ? 0.0f
+                         : quant ? quant_value_t<T>(p.quant, gk, gc)
+                                 : load<T>(b, b_f32, gk * ldb + gc);
         }
         __syncthreads();
         for (int k = 0; k < BK; ++k) {
@@ -293,6 +301,25 @@ PK_INLINE void bwd_mma_load(T (*dst)[COLS + bwd_mma::PAD], const void* src, int3
     }
 }
 
+// bwd_mma_load of a quantized W (quant.cuh): rows [r0, r0 + ROWS) (W's rows, the reduction
+// index) × cols [c0, c0 + COLS) (W's columns) into dst as T, in runs of 32 columns: a row's
+// run is contiguous in the packed bytes, so W is read untransposed, 16 bytes at a time where
+// quant_runs_vectorized allows. Plain shared stores, as bwd_mma_load's element path.
+template <typename T, int ROWS, int COLS>
+PK_INLINE void bwd_mma_load_quant(T (*dst)[COLS + bwd_mma::PAD], const QuantParams& q,
+                                  int rows_lim, int cols_lim, int r0, int c0) {
+    static_assert(COLS % 32 == 0, "runs of 32 columns");
+    constexpr int RUNS = COLS / 32;
+    const bool vectorized = quant_runs_vectorized(q);
+    for (int i = threadIdx.x; i < ROWS * RUNS; i += bwd_mma::THREADS) {
+        const int r = i / RUNS, c = (i % RUNS) * 32;
+        T v[32];
+        quant_run32(q, vectorized, r0 + r, c0 + c, rows_lim, cols_lim, v);
+#pragma unroll
+        for (int e = 0; e < 32; ++e) dst[r][c + e] = v[e];
+    }
+}
+
 PK_INLINE bool copyable_16(const void* p, int64_t ld) {
     return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 8 == 0;
 }
@@ -319,7 +346,10 @@ PK_INLINE void bwd_data_mma(const DeltaBackwardParams& p) {
         } else {
             const int k0 = (kt - tiles2) * BK;
             bwd_mma_load<T, BM, BK>(as[stage], o.a, p.a_f32, a_vec, p.lda, p.rows, p.k1, m0, k0);
-            bwd_mma_load<T, BK, BN>(bs[stage], o.b, p.b_f32, b_vec, p.ldb, p.k1, p.cols, k0, c0);
+            if (p.quant.format)
+                bwd_mma_load_quant<T, BK, BN>(bs[stage], p.quant, p.k1, p.cols, k0, c0);
+            else
+                bwd_mma_load<T, BK, BN>(bs[stage], o.b, p.b_f32, b_vec, p.ldb, p.k1, p.cols, k0, c0);
         }
     };
     float acc[4][4][4] = {};

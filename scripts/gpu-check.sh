@@ -167,6 +167,8 @@ PROFILE_CASES=(
   "prefix_attention|decode.*L=32768 .*/split_kv\$|^prefix_attention"
   "prefix_attention_backward|L=2048 l=30 causal.*/fused\$|^prefix_attention_backward"
   "multi_prefix_attention|^multi_prefix_attention decode.*/mixed\$|^prefix_attention"
+  "delta_linear_quant|^delta_linear_quant/nf4/fused/1\$|^fused_linear"
+  "delta_linear_quant|^delta_linear_quant/fp8/fused/4096\$|^fused_linear"
 )
 
 # profile_case BENCH CASE KERNELS: ncu over 4 launches of the kernels matching KERNELS,

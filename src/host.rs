@@ -27,6 +27,10 @@ use crate::prefix_attention::{
     MultiPrefixDims, PrefixAttention, PrefixAttentionBackwardDims, PrefixAttentionBackwardHostArgs,
     PrefixAttentionDims,
 };
+use crate::quant::{
+    HostDeltaLinearQuantArgs, HostDeltaLinearQuantBackwardArgs, HostDeltaLinearQuantTrainArgs,
+    HostQuantDequantizeArgs,
+};
 use crate::{Element, Error, Result};
 
 /// Where host-buffer operations run.
@@ -108,6 +112,34 @@ host_op!(
     plan::delta_linear::delta_linear_train,
     (op: &DeltaLinear, dims: &DeltaLinearDims),
     DeltaLinearTrainArgs<&[T], &mut [T], &mut [f32]>
+);
+host_op!(
+    /// `delta_linear_quant` (a quantized frozen W, [`crate::quant`]) on host buffers.
+    delta_linear_quant,
+    plan::delta_linear::delta_linear_quant,
+    (op: &DeltaLinear, dims: &DeltaLinearDims),
+    HostDeltaLinearQuantArgs<'_, T>
+);
+host_op!(
+    /// `delta_linear_quant_train` on host buffers.
+    delta_linear_quant_train,
+    plan::delta_linear::delta_linear_quant_train,
+    (op: &DeltaLinear, dims: &DeltaLinearDims),
+    HostDeltaLinearQuantTrainArgs<'_, T>
+);
+host_op!(
+    /// `delta_linear_quant_backward` on host buffers.
+    delta_linear_quant_backward,
+    plan::delta_linear_backward::delta_linear_quant_backward,
+    (op: &DeltaLinear, dims: &DeltaLinearDims),
+    HostDeltaLinearQuantBackwardArgs<'_, T>
+);
+host_op!(
+    /// `quant_dequantize` ([`crate::quant::QuantDequantizeArgs`]) on host buffers.
+    quant_dequantize,
+    plan::delta_linear::quant_dequantize,
+    (n: usize, k: usize),
+    HostQuantDequantizeArgs<'_, T>
 );
 host_op!(
     /// `delta_linear_backward` on host buffers.

@@ -76,6 +76,7 @@ pub mod optim;
 pub mod peft;
 pub mod plan;
 pub mod prefix_attention;
+pub mod quant;
 pub mod reference;
 // The emulator's own checks (the crate's tests run them, feature `selftest`); not part of
 // the API.

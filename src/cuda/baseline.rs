@@ -40,13 +40,14 @@
 use std::sync::Arc;
 
 use cudarc::cublas::{result as cublas, sys as blas_sys, CudaBlas};
-use cudarc::driver::CudaStream;
+use cudarc::driver::{CudaSlice, CudaStream};
 
-use super::{Buffers, DeviceDeltaLinearArgs, DeviceRead, DeviceWrite};
-use crate::delta_linear::{DeltaLinear, DeltaLinearDims, KernelVariant};
+use super::{Buffers, DeviceDeltaLinearArgs, DeviceDeltaLinearQuantArgs, DeviceRead, DeviceWrite};
+use crate::delta_linear::{DeltaLinear, DeltaLinearArgs, DeltaLinearDims, KernelVariant};
 use crate::kernels::KernelId;
 use crate::plan::delta_linear::workspace_ld;
 use crate::plan::{Buf, KernelParams, Launch};
+use crate::quant::{DeltaLinearQuantArgs, QuantDequantizeArgs};
 use crate::spec::{Activation, Composition, DType, Element, Insertion, MatrixLayout};
 use crate::{Error, Result};
 
@@ -312,6 +313,49 @@ impl Baseline {
         // The buffers record their uses now that everything is queued.
         drop(bufs);
         Ok(())
+    }
+
+    /// QLoRA as Unsloth and PEFT run it: the quantized W dequantized into `w_dequantized`
+    /// ([n, k], T) by the crate's `quant_dequantize` kernel, then the cuBLAS sequence of
+    /// [`Baseline::delta_linear`] over it. The yardstick of `cuda::delta_linear_quant`, which
+    /// never materialises W.
+    pub fn delta_linear_quant<'a, T: Element>(
+        &'a self,
+        op: &DeltaLinear,
+        dims: &DeltaLinearDims,
+        args: DeviceDeltaLinearQuantArgs<'a, T>,
+        w_dequantized: &'a mut CudaSlice<T>,
+    ) -> Result<()> {
+        let DeltaLinearQuantArgs {
+            x,
+            w,
+            bias,
+            u,
+            w_down,
+            b_down,
+            w_up,
+            b_up,
+            gate,
+            workspace,
+            y,
+        } = args;
+        let out: DeviceWrite<'_, T> = &mut *w_dequantized;
+        super::quant_dequantize(&self.stream, dims.n, dims.k, QuantDequantizeArgs { w, out })?;
+        let w: &'a CudaSlice<T> = w_dequantized;
+        let args: DeviceDeltaLinearArgs<'a, T> = DeltaLinearArgs {
+            x,
+            w,
+            bias,
+            u,
+            w_down,
+            b_down,
+            w_up,
+            b_up,
+            gate,
+            workspace,
+            y,
+        };
+        self.delta_linear(op, dims, args)
     }
 
     /// One cublasGemmEx for the row-major `c = alpha·a·bᵀ + beta·c` (see the module docs

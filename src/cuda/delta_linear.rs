@@ -10,6 +10,10 @@ use crate::delta_linear::{
 };
 use crate::plan::delta_linear as plan;
 use crate::plan::delta_linear_backward as backward_plan;
+use crate::quant::{
+    DeltaLinearQuantArgs, DeltaLinearQuantBackwardArgs, DeltaLinearQuantTrainArgs,
+    QuantDequantizeArgs,
+};
 use crate::{Element, Result};
 
 /// [`DeltaLinearArgs`] over device buffers, as [`delta_linear`] takes them: annotate a `let`
@@ -55,6 +59,85 @@ pub fn delta_linear<'a, T: Element>(
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = plan::delta_linear(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: the addresses came from `bufs`, checked by the plan.
+    unsafe { bufs.run(&steps) }
+}
+
+/// [`DeltaLinearQuantArgs`] over device buffers: packed bytes as u8, scales as f32.
+pub type DeviceDeltaLinearQuantArgs<'a, T> = DeltaLinearQuantArgs<
+    DeviceRead<'a, T>,
+    DeviceWrite<'a, T>,
+    DeviceRead<'a, u8>,
+    DeviceRead<'a, f32>,
+>;
+
+/// [`DeltaLinearQuantTrainArgs`] over device buffers.
+pub type DeviceDeltaLinearQuantTrainArgs<'a, T> = DeltaLinearQuantTrainArgs<
+    DeviceRead<'a, T>,
+    DeviceWrite<'a, T>,
+    DeviceWrite<'a, f32>,
+    DeviceRead<'a, u8>,
+    DeviceRead<'a, f32>,
+>;
+/// [`DeltaLinearQuantBackwardArgs`] over device buffers.
+pub type DeviceDeltaLinearQuantBackwardArgs<'a, T> = DeltaLinearQuantBackwardArgs<
+    DeviceRead<'a, T>,
+    DeviceRead<'a, f32>,
+    DeviceWrite<'a, T>,
+    DeviceWrite<'a, f32>,
+    DeviceRead<'a, u8>,
+    DeviceRead<'a, f32>,
+>;
+
+/// `delta_linear` over a quantized frozen W ([`crate::quant`]), queued on `stream`.
+pub fn delta_linear_quant<'a, T: Element>(
+    stream: &'a CudaStream,
+    op: &DeltaLinear,
+    dims: &DeltaLinearDims,
+    args: DeviceDeltaLinearQuantArgs<'a, T>,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = plan::delta_linear_quant(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: the addresses came from `bufs`, checked by the plan.
+    unsafe { bufs.run(&steps) }
+}
+
+/// `quant_dequantize` ([`crate::quant::QuantDequantizeArgs`]) queued on `stream`.
+pub fn quant_dequantize<'a, T: Element>(
+    stream: &'a CudaStream,
+    n: usize,
+    k: usize,
+    args: QuantDequantizeArgs<DeviceWrite<'a, T>, DeviceRead<'a, u8>, DeviceRead<'a, f32>>,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = plan::quant_dequantize(n, k, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: the addresses came from `bufs`, checked by the plan.
+    unsafe { bufs.run(&steps) }
+}
+
+/// The backward of [`delta_linear_quant_train`]'s forward, queued on `stream`.
+pub fn delta_linear_quant_backward<'a, T: Element>(
+    stream: &'a CudaStream,
+    op: &DeltaLinear,
+    dims: &DeltaLinearDims,
+    args: DeviceDeltaLinearQuantBackwardArgs<'a, T>,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps =
+        backward_plan::delta_linear_quant_backward(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
+    // SAFETY: the addresses came from `bufs`, checked by the plan.
+    unsafe { bufs.run(&steps) }
+}
+
+/// [`delta_linear_quant`] in training mode, queued on `stream`.
+pub fn delta_linear_quant_train<'a, T: Element>(
+    stream: &'a CudaStream,
+    op: &DeltaLinear,
+    dims: &DeltaLinearDims,
+    args: DeviceDeltaLinearQuantTrainArgs<'a, T>,
+) -> Result<()> {
+    let mut bufs = Buffers::new(stream);
+    let steps = plan::delta_linear_quant_train(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
     // SAFETY: the addresses came from `bufs`, checked by the plan.
     unsafe { bufs.run(&steps) }
 }

@@ -7,8 +7,12 @@ use crate::delta_linear::{
     HostDeltaLinearArgs, HostLoraMergeArgs, LoraMergeDims,
 };
 use crate::plan::delta_linear::{self as plan, DeltaApplyBufs, DeltaLinearBufs};
-use crate::plan::delta_linear_backward as backward_plan;
+use crate::plan::delta_linear_backward::{self as backward_plan, DeltaLinearBackwardBufs};
 use crate::plan::Buf;
+use crate::quant::{
+    HostDeltaLinearQuantArgs, HostDeltaLinearQuantBackwardArgs, HostDeltaLinearQuantTrainArgs,
+    HostQuantDequantizeArgs,
+};
 use crate::{Element, Result};
 
 /// `y = compose(x·Wᵀ + b, s·f(u·W_downᵀ + b_down)·W_upᵀ + b_up)` (see
@@ -23,6 +27,61 @@ pub fn delta_linear<T: Element>(
     let b = args.bufs(&mut host);
     host.name(linear_names(&b));
     run(&plan::delta_linear(op, dims, T::DTYPE, &b)?, &host)
+}
+
+/// `delta_linear` over a quantized frozen W ([`crate::quant`]) on the CPU emulator.
+pub fn delta_linear_quant<T: Element>(
+    op: &DeltaLinear,
+    dims: &DeltaLinearDims,
+    args: HostDeltaLinearQuantArgs<'_, T>,
+) -> Result<()> {
+    let mut host = HostBufs::default();
+    let b = args.bufs(&mut host);
+    host.name(linear_names(&b.forward));
+    run(&plan::delta_linear_quant(op, dims, T::DTYPE, &b)?, &host)
+}
+
+/// `quant_dequantize` ([`crate::quant::QuantDequantizeArgs`]) on the CPU emulator.
+pub fn quant_dequantize<T: Element>(
+    n: usize,
+    k: usize,
+    args: HostQuantDequantizeArgs<'_, T>,
+) -> Result<()> {
+    let mut host = HostBufs::default();
+    let b = args.bufs(&mut host);
+    host.name([("out", Some(b.out))]);
+    run(&plan::quant_dequantize(n, k, T::DTYPE, &b)?, &host)
+}
+
+/// The backward of [`delta_linear_quant_train`]'s forward on the CPU emulator.
+pub fn delta_linear_quant_backward<T: Element>(
+    op: &DeltaLinear,
+    dims: &DeltaLinearDims,
+    args: HostDeltaLinearQuantBackwardArgs<'_, T>,
+) -> Result<()> {
+    let mut host = HostBufs::default();
+    let b = args.bufs(&mut host);
+    host.name(backward_names(&b.backward));
+    run(
+        &backward_plan::delta_linear_quant_backward(op, dims, T::DTYPE, &b)?,
+        &host,
+    )
+}
+
+/// [`delta_linear_quant`] in training mode (as [`delta_linear_train`]).
+pub fn delta_linear_quant_train<T: Element>(
+    op: &DeltaLinear,
+    dims: &DeltaLinearDims,
+    args: HostDeltaLinearQuantTrainArgs<'_, T>,
+) -> Result<()> {
+    let mut host = HostBufs::default();
+    let b = args.bufs(&mut host);
+    host.name(linear_names(&b.forward.forward));
+    host.name([("saved", Some(b.saved))]);
+    run(
+        &plan::delta_linear_quant_train(op, dims, T::DTYPE, &b)?,
+        &host,
+    )
 }
 
 /// [`delta_linear`] in training mode: also saves, in `saved` (f32,
@@ -48,25 +107,7 @@ pub fn delta_linear_backward<T: Element>(
 ) -> Result<()> {
     let mut host = HostBufs::default();
     let b = args.bufs(&mut host);
-    host.name([
-        ("dy", Some(b.dy)),
-        ("x", Some(b.x)),
-        ("w", Some(b.w)),
-        ("u", b.u),
-        ("w_down", Some(b.w_down)),
-        ("w_up", Some(b.w_up)),
-        ("b_up", b.b_up),
-        ("gate", b.gate),
-        ("saved", Some(b.saved)),
-        ("dx", Some(b.dx)),
-        ("du", b.du),
-        ("dw_down", Some(b.dw_down)),
-        ("db_down", b.db_down),
-        ("dw_up", Some(b.dw_up)),
-        ("db_up", b.db_up),
-        ("dgate", b.dgate),
-        ("workspace", Some(b.workspace)),
-    ]);
+    host.name(backward_names(&b));
     run(
         &backward_plan::delta_linear_backward(op, dims, T::DTYPE, &b)?,
         &host,
@@ -166,6 +207,29 @@ pub(super) fn linear_names(b: &DeltaLinearBufs) -> [(&'static str, Option<Buf>);
         ("gate", b.gate),
         ("workspace", Some(b.workspace)),
         ("y", Some(b.y)),
+    ]
+}
+
+/// The checks' names of `delta_linear_backward`'s buffers.
+fn backward_names(b: &DeltaLinearBackwardBufs) -> [(&'static str, Option<Buf>); 17] {
+    [
+        ("dy", Some(b.dy)),
+        ("x", Some(b.x)),
+        ("w", Some(b.w)),
+        ("u", b.u),
+        ("w_down", Some(b.w_down)),
+        ("w_up", Some(b.w_up)),
+        ("b_up", b.b_up),
+        ("gate", b.gate),
+        ("saved", Some(b.saved)),
+        ("dx", Some(b.dx)),
+        ("du", b.du),
+        ("dw_down", Some(b.dw_down)),
+        ("db_down", b.db_down),
+        ("dw_up", Some(b.dw_up)),
+        ("db_up", b.db_up),
+        ("dgate", b.dgate),
+        ("workspace", Some(b.workspace)),
     ]
 }
 

@@ -7,6 +7,7 @@ use crate::delta_linear::{
 };
 use crate::error::{Error, Result};
 use crate::kernels::KernelId;
+use crate::quant::{Fp8Scaling, Nf4Absmax, QuantWeight};
 use crate::spec::{Activation, Composition, DType, Insertion, MatrixLayout};
 
 /// Twin of `FusedLinearParams` in kernels/delta_linear.cu (see its header for the math).
@@ -57,9 +58,157 @@ pub struct FusedLinearParams {
     pub dropout: i32,
     pub scale: f32,
     pub drop_p: f32,
+    /// Phase 1's B1 quantized (`delta_linear_quant`); `format` 0: B1 is the dense `b1`.
+    pub quant: QuantParams,
 }
 // SAFETY: #[repr(C)], field for field the C++ struct (checked by a size test).
 unsafe impl super::KernelParams for FusedLinearParams {}
+
+/// Twin of `QuantParams` in kernels/quant.cuh: a quantized frozen W [n, k] by address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct QuantParams {
+    pub data: u64,
+    pub code: u64,
+    pub absmax: u64,
+    pub absmax_codes: u64,
+    pub nested_code: u64,
+    pub nested_absmax: u64,
+    pub scale: u64,
+    pub k: i64,
+    pub scale_ld: i64,
+    pub format: i32,
+    pub block_shift: i32,
+    pub block_rows: i32,
+    pub block_cols: i32,
+    pub offset: f32,
+    pub pad_: i32,
+}
+
+impl QuantParams {
+    /// The kernels' view of a quantized W [n, k], after checking it against that shape
+    /// ([`QuantWeight::check`]).
+    pub fn new(w: &QuantWeight<Buf, Buf>, n: usize, k: usize) -> Result<QuantParams> {
+        w.map(|b| b.len, |b| b.len).check(n, k)?;
+        let k_i64 = k as i64;
+        Ok(match *w {
+            QuantWeight::Nf4(w) => {
+                let mut q = QuantParams {
+                    data: w.packed.addr,
+                    code: w.code.addr,
+                    k: k_i64,
+                    format: QUANT_NF4,
+                    block_shift: w.blocksize.trailing_zeros() as i32,
+                    ..Default::default()
+                };
+                match w.absmax {
+                    Nf4Absmax::F32(a) => q.absmax = a.addr,
+                    Nf4Absmax::Double {
+                        codes,
+                        code,
+                        scales,
+                        offset,
+                    } => {
+                        (q.absmax_codes, q.nested_code, q.nested_absmax, q.offset) =
+                            (codes.addr, code.addr, scales.addr, offset)
+                    }
+                }
+                q
+            }
+            QuantWeight::Fp8(w) => {
+                let (block_rows, block_cols) = match w.scaling {
+                    Fp8Scaling::PerRow => (0, 0),
+                    // Blocks wider than W act as one block: clamp them into i32.
+                    Fp8Scaling::Block { rows, cols } => (rows.min(n), cols.min(k)),
+                };
+                QuantParams {
+                    data: w.weight.addr,
+                    scale: w.scale.addr,
+                    k: k_i64,
+                    scale_ld: k.div_ceil(block_cols.max(1)) as i64,
+                    format: QUANT_FP8,
+                    block_rows: block_rows as i32,
+                    block_cols: block_cols as i32,
+                    ..Default::default()
+                }
+            }
+        })
+    }
+}
+
+/// Twin of `QuantDequantizeParams` in kernels/delta_linear.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct QuantDequantizeParams {
+    pub q: QuantParams,
+    pub out: u64,
+    pub n: i64,
+}
+// SAFETY: as above.
+unsafe impl super::KernelParams for QuantDequantizeParams {}
+
+/// Threads per block of `quant_dequantize`, and its grid cap (a grid-stride loop covers the
+/// rest).
+const DEQUANTIZE_THREADS: usize = 256;
+const DEQUANTIZE_MAX_BLOCKS: usize = 65_536;
+
+/// Plans `quant_dequantize`: the quantized W [n, k] to a contiguous `out` [n, k] in `dtype`
+/// (each element the libraries' f32 value rounded to dtype: the values the fused kernels multiply
+/// with), for the unfused baseline and for users who want W materialised.
+pub fn quant_dequantize(
+    n: usize,
+    k: usize,
+    dtype: DType,
+    b: &QuantDequantizeBufs,
+) -> Result<Vec<(Launch, QuantDequantizeParams)>> {
+    plan_dequantize(&b.w, n, k, dtype, b.out).map_err(|e| e.of("quant_dequantize"))
+}
+
+/// The operands of a `quant_dequantize` call.
+#[derive(Clone, Copy, Debug)]
+pub struct QuantDequantizeBufs {
+    pub w: QuantWeight<Buf, Buf>,
+    pub out: Buf,
+}
+
+fn plan_dequantize(
+    w: &QuantWeight<Buf, Buf>,
+    n: usize,
+    k: usize,
+    dtype: DType,
+    out: Buf,
+) -> Result<Vec<(Launch, QuantDequantizeParams)>> {
+    positive("n", n)?;
+    positive("k", k)?;
+    let q = QuantParams::new(w, n, k)?;
+    check_exact("out", Some(out), &[n, k])?;
+    let runs = n.saturating_mul(k.div_ceil(32));
+    let blocks = runs
+        .div_ceil(DEQUANTIZE_THREADS)
+        .clamp(1, DEQUANTIZE_MAX_BLOCKS);
+    let kernel = match dtype {
+        DType::F32 => KernelId::quant_dequantize_f32,
+        DType::F16 => KernelId::quant_dequantize_f16,
+        DType::BF16 => KernelId::quant_dequantize_bf16,
+    };
+    let launch = Launch {
+        kernel,
+        grid: [blocks as u32, 1, 1],
+        block: [DEQUANTIZE_THREADS as u32, 1, 1],
+        dynamic_smem: 0,
+        overlap_previous: false,
+    };
+    let p = QuantDequantizeParams {
+        q,
+        out: out.addr,
+        n: n as i64,
+    };
+    Ok(vec![(launch, p)])
+}
+
+// kernels/quant.cuh `QuantFormat`.
+const QUANT_NF4: i32 = 1;
+const QUANT_FP8: i32 = 2;
 
 /// Twin of `LoraMergeParams` in kernels/delta_linear.cu.
 #[repr(C)]
@@ -616,12 +765,35 @@ fn pass_steps(
     let splits = k_splits(kind, m, n, k_tiles, partials.split_target, fit);
     let mut pass = launch_for(kind, dtype, m, (cols, n), batch, splits)?;
     pass.overlap_previous = overlap;
+    if p.quant.format != 0 {
+        pass.kernel = quantized_kernel(pass.kernel);
+    }
     if splits == 1 {
         return Ok(vec![(pass, p)]);
     }
     (p.partial, p.ldp, p.k_splits) = (partials.addr, ldp as i64, splits as i32);
     let reduce = launch_for(Kind::SplitReduce, dtype, m, (cols, n), 1, 1)?;
     Ok(vec![(pass, p), (overlapping(reduce), p)])
+}
+
+/// The tensor-core kernel that reads a quantized B1: each mma kernel's `_q` instantiation
+/// (kernels/delta_linear.cu: the dense ones do not carry the quantized loader's registers);
+/// the naive and SIMT kernels read either.
+fn quantized_kernel(kernel: KernelId) -> KernelId {
+    use KernelId::*;
+    match kernel {
+        fused_linear_mma_large_f16 => fused_linear_mma_large_q_f16,
+        fused_linear_mma_large_bf16 => fused_linear_mma_large_q_bf16,
+        fused_linear_mma_small_f16 => fused_linear_mma_small_q_f16,
+        fused_linear_mma_small_bf16 => fused_linear_mma_small_q_bf16,
+        fused_linear_mma_decode_f16 => fused_linear_mma_decode_q_f16,
+        fused_linear_mma_decode_bf16 => fused_linear_mma_decode_q_bf16,
+        fused_linear_mma_mid_f16 => fused_linear_mma_mid_q_f16,
+        fused_linear_mma_mid_bf16 => fused_linear_mma_mid_q_bf16,
+        fused_linear_wgmma_f16 => fused_linear_wgmma_q_f16,
+        fused_linear_wgmma_bf16 => fused_linear_wgmma_q_bf16,
+        other => other,
+    }
 }
 
 /// One fused-linear pass with every operand absent: callers fill what they use.
@@ -655,7 +827,7 @@ pub fn delta_linear(
     dtype: DType,
     b: &DeltaLinearBufs,
 ) -> Result<Vec<(Launch, FusedLinearParams)>> {
-    plan_delta_linear(op, d, dtype, b, None).map_err(|e| e.of("delta_linear"))
+    plan_delta_linear(op, d, dtype, b, None, None).map_err(|e| e.of("delta_linear"))
 }
 
 /// The operands of a training-mode forward: the forward's, and the f32 buffer it saves into.
@@ -696,8 +868,48 @@ pub fn delta_linear_train(
     dtype: DType,
     b: &DeltaLinearTrainBufs,
 ) -> Result<Vec<(Launch, FusedLinearParams)>> {
-    plan_delta_linear(op, d, dtype, &b.forward, Some((b.saved, b.dropout)))
+    plan_delta_linear(op, d, dtype, &b.forward, Some((b.saved, b.dropout)), None)
         .map_err(|e| e.of("delta_linear_train"))
+}
+
+/// The operands of a `delta_linear_quant` call: the dense call's, whose `w` is the quantized
+/// weight's data buffer (the kernels read W through `w`, never as a dense [n, k]).
+#[derive(Clone, Copy, Debug)]
+pub struct DeltaLinearQuantBufs {
+    pub forward: DeltaLinearBufs,
+    pub w: QuantWeight<Buf, Buf>,
+}
+
+/// The operands of a training-mode `delta_linear_quant`.
+#[derive(Clone, Copy, Debug)]
+pub struct DeltaLinearQuantTrainBufs {
+    pub forward: DeltaLinearQuantBufs,
+    pub saved: Buf,
+    pub dropout: Option<LoraDropout>,
+}
+
+/// Plans `delta_linear_quant`: `delta_linear` (the same passes, kernels and splits) with the
+/// frozen GEMM's B1 read through the quantized weight (kernels/quant.cuh).
+pub fn delta_linear_quant(
+    op: &DeltaLinear,
+    d: &DeltaLinearDims,
+    dtype: DType,
+    b: &DeltaLinearQuantBufs,
+) -> Result<Vec<(Launch, FusedLinearParams)>> {
+    plan_delta_linear(op, d, dtype, &b.forward, None, Some(&b.w))
+        .map_err(|e| e.of("delta_linear_quant"))
+}
+
+/// Plans `delta_linear_quant_train`: `delta_linear_train` over a quantized W.
+pub fn delta_linear_quant_train(
+    op: &DeltaLinear,
+    d: &DeltaLinearDims,
+    dtype: DType,
+    b: &DeltaLinearQuantTrainBufs,
+) -> Result<Vec<(Launch, FusedLinearParams)>> {
+    let train = Some((b.saved, b.dropout));
+    plan_delta_linear(op, d, dtype, &b.forward.forward, train, Some(&b.forward.w))
+        .map_err(|e| e.of("delta_linear_quant_train"))
 }
 
 pub(crate) fn plan_delta_linear(
@@ -706,6 +918,7 @@ pub(crate) fn plan_delta_linear(
     dtype: DType,
     b: &DeltaLinearBufs,
     train: Option<(Buf, Option<LoraDropout>)>,
+    quant: Option<&QuantWeight<Buf, Buf>>,
 ) -> Result<Vec<(Launch, FusedLinearParams)>> {
     let saved = train.map(|t| t.0);
     // Dropout with p = 0 keeps everything: no dropout at all.
@@ -728,7 +941,13 @@ pub(crate) fn plan_delta_linear(
             ld: d.ld_x,
         },
     )?;
-    check_exact("w", Some(b.w), &[d.n, d.k])?;
+    let quant = match quant {
+        Some(w) => QuantParams::new(w, d.n, d.k)?,
+        None => {
+            check_exact("w", Some(b.w), &[d.n, d.k])?;
+            QuantParams::default()
+        }
+    };
     check_exact("bias", b.bias, &[d.n])?;
     let k_u = match (op.insertion, b.u) {
         (Insertion::Sequential, Some(_)) => {
@@ -836,10 +1055,19 @@ pub(crate) fn plan_delta_linear(
         }
         pass_steps((kind, dtype), "dims.r", 1, p, (down_partials, ldt), false)?
     };
-    // Phase 1 as the frozen GEMM x·Wᵀ + b, and the operands it reads with vector copies.
-    let frozen_operands = [(b.x.addr, d.ld_x, 0), (b.w.addr, d.k, 0)];
+    // Phase 1 as the frozen GEMM x·Wᵀ + b, and the operands it reads with vector copies (a
+    // quantized W's loader picks its own: kernels/delta_linear.cu mma_load_tile_quant).
+    let dense_operands = [(b.x.addr, d.ld_x, 0), (b.w.addr, d.k, 0)];
+    let frozen_operands = match quant.format {
+        0 => &dense_operands[..],
+        _ => &dense_operands[..1],
+    };
     let set_frozen = |p: &mut FusedLinearParams| {
-        (p.a1, p.lda1, p.b1, p.ldb1, p.k1) = (b.x.addr, d.ld_x as i64, b.w.addr, d.k as i64, k);
+        (p.a1, p.lda1, p.ldb1, p.k1) = (b.x.addr, d.ld_x as i64, d.k as i64, k);
+        if quant.format == 0 {
+            p.b1 = b.w.addr;
+        }
+        p.quant = quant;
         p.bias = addr(b.bias);
     };
     // The up-projection of t, with the frozen part (x·Wᵀ) when `frozen`, or h from y.
@@ -847,7 +1075,7 @@ pub(crate) fn plan_delta_linear(
         let mut p = pass(composition, m, n, b.y.addr, d.ld_y);
         let phase1: &[VecOperand] = if frozen {
             set_frozen(&mut p);
-            &frozen_operands
+            frozen_operands
         } else {
             (p.h_in, p.ldh) = (b.y.addr, d.ld_y as i64);
             &[]
@@ -874,7 +1102,7 @@ pub(crate) fn plan_delta_linear(
         if saved.is_some() {
             (p.save, p.ld_save, p.save_stored) = (saved_h, d.n as i64, 1);
         }
-        let kind = kind_for(d.kernel, dtype, (d.m, d.n), &frozen_operands)?;
+        let kind = kind_for(d.kernel, dtype, (d.m, d.n), frozen_operands)?;
         let frozen = pass_steps((kind, dtype), "dims.n", 1, p, (main_partials, d.n), false)?;
         Ok([frozen, down, up(false)?].concat())
     }

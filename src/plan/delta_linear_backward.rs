@@ -4,6 +4,7 @@
 
 use super::delta_linear::{
     check_exact, check_gate, check_matrix, composition_code, dim_i32, positive, saved_len, saves_h,
+    QuantParams,
 };
 use super::{check_len, grid_for, Buf, Launch};
 use crate::delta_linear::{
@@ -11,6 +12,7 @@ use crate::delta_linear::{
 };
 use crate::error::{Error, Result};
 use crate::kernels::KernelId;
+use crate::quant::QuantWeight;
 use crate::spec::{Composition, DType, Insertion, MatrixLayout};
 
 /// Twin of `DeltaBackwardParams` in kernels/delta_linear_backward.cu (see its header).
@@ -64,6 +66,8 @@ pub struct DeltaBackwardParams {
     pub dropout: i32,
     pub scale: f32,
     pub drop_p: f32,
+    /// The data pass's frozen W quantized (`delta_linear_quant_backward`).
+    pub quant: QuantParams,
 }
 // SAFETY: #[repr(C)], field for field the C++ struct (checked by a size test).
 unsafe impl super::KernelParams for DeltaBackwardParams {}
@@ -244,7 +248,8 @@ fn dz_step(dtype: DType, p: DeltaBackwardParams) -> Result<(Launch, DeltaBackwar
 fn tensor_cores(variant: KernelVariant, dtype: DType, p: &DeltaBackwardParams) -> bool {
     let eligible =
         dtype != DType::F32 && p.k1 > 0 && p.e == 0 && (p.coef == COEF_ONE || p.compose != GATED);
-    let aligned = p.b_f32 == 0 && p.b % 16 == 0 && p.ldb % 8 == 0;
+    // A quantized W's loader picks its own loads (kernels/delta_linear_backward.cu).
+    let aligned = p.quant.format != 0 || (p.b_f32 == 0 && p.b % 16 == 0 && p.ldb % 8 == 0);
     match variant {
         KernelVariant::Naive | KernelVariant::Simt => false,
         KernelVariant::Auto => eligible && aligned,
@@ -348,7 +353,26 @@ pub fn delta_linear_backward(
     dtype: DType,
     b: &DeltaLinearBackwardBufs,
 ) -> Result<Vec<(Launch, DeltaBackwardParams)>> {
-    plan(op, d, dtype, b).map_err(|e| e.of("delta_linear_backward"))
+    plan(op, d, dtype, b, None).map_err(|e| e.of("delta_linear_backward"))
+}
+
+/// The operands of a `delta_linear_quant_backward` call: the dense call's, whose `w` is the
+/// quantized weight's data buffer (the kernels read W through `w`).
+#[derive(Clone, Copy, Debug)]
+pub struct DeltaLinearQuantBackwardBufs {
+    pub backward: DeltaLinearBackwardBufs,
+    pub w: QuantWeight<Buf, Buf>,
+}
+
+/// Plans `delta_linear_quant_backward`: `delta_linear_backward` whose dx pass reads the
+/// quantized W (untransposed, dequantized as its tiles load: never materialised).
+pub fn delta_linear_quant_backward(
+    op: &DeltaLinear,
+    d: &DeltaLinearDims,
+    dtype: DType,
+    b: &DeltaLinearQuantBackwardBufs,
+) -> Result<Vec<(Launch, DeltaBackwardParams)>> {
+    plan(op, d, dtype, &b.backward, Some(&b.w)).map_err(|e| e.of("delta_linear_quant_backward"))
 }
 
 pub(crate) fn plan(
@@ -356,6 +380,7 @@ pub(crate) fn plan(
     d: &DeltaLinearDims,
     dtype: DType,
     b: &DeltaLinearBackwardBufs,
+    quant: Option<&QuantWeight<Buf, Buf>>,
 ) -> Result<Vec<(Launch, DeltaBackwardParams)>> {
     if let Some(dr) = b.dropout {
         crate::dropout::check_p("dropout.p", dr.p)?;
@@ -375,7 +400,15 @@ pub(crate) fn plan(
     let matrix = |rows, cols, ld| MatrixLayout { rows, cols, ld };
     check_matrix("dy", b.dy, matrix(d.m, d.n, d.ld_y))?;
     check_matrix("x", b.x, matrix(d.m, d.k, d.ld_x))?;
-    check_exact("w", Some(b.w), &[d.n, d.k])?;
+    let quant = match quant {
+        Some(w) => QuantParams::new(w, d.n, d.k)?,
+        None => {
+            check_exact("w", Some(b.w), &[d.n, d.k])?;
+            QuantParams::default()
+        }
+    };
+    // The frozen W's element size (a quantized W: its data buffer's bytes).
+    let w_size = if quant.format == 0 { dtype.size() } else { 1 };
     let k_u = match (op.insertion, b.u) {
         (Insertion::Sequential, Some(_)) => {
             return Err(Error::invalid(
@@ -465,7 +498,7 @@ pub(crate) fn plan(
         &[
             ("dy", Some(b.dy), t),
             ("x", Some(b.x), t),
-            ("w", Some(b.w), t),
+            ("w", Some(b.w), w_size),
             ("u", b.u, t),
             ("w_down", Some(b.w_down), t),
             ("w_up", Some(b.w_up), t),
@@ -542,7 +575,11 @@ pub(crate) fn plan(
 
     // The data passes.
     let frozen = |p: &mut DeltaBackwardParams| {
-        (p.b, p.ldb, p.k1, p.cols) = (b.w.addr, d.k as i64, n, d.k as i32);
+        (p.ldb, p.k1, p.cols) = (d.k as i64, n, d.k as i32);
+        if quant.format == 0 {
+            p.b = b.w.addr;
+        }
+        p.quant = quant;
         (p.out, p.ldo) = (b.dx.addr, d.ld_x as i64);
     };
     let delta = |p: &mut DeltaBackwardParams| {

@@ -27,6 +27,7 @@ pub mod dora;
 pub mod linear;
 pub mod multi_adapter;
 pub mod optim;
+pub mod quant;
 
 pub use adapter::{multi_head_adapter, MultiHeadAdapter, MultiHeadAdapterTensors};
 pub use attention::{
