@@ -386,6 +386,7 @@ impl<R, W, B, F> DeltaLinearQuantArgs<R, W, B, F> {
                 gate,
                 workspace,
                 y,
+                col_scale: None,
             },
             w,
         }

@@ -312,7 +312,7 @@ pub fn dora_linear(
                 col_scale: Some(b.g),
                 ..b.forward
             };
-            plan_delta_linear(op, d, dtype, &forward, None)
+            plan_delta_linear(op, d, dtype, &forward, None, None)
         })
         .map_err(|e| e.of("dora_linear"))
 }
@@ -341,7 +341,7 @@ pub fn dora_linear_train(
             col_scale: Some(b.g),
             ..b.train.forward
         };
-        plan_delta_linear(op, d, dtype, &forward, Some((b.train.saved, None)))
+        plan_delta_linear(op, d, dtype, &forward, Some((b.train.saved, None)), None)
     };
     plan().map_err(|e| e.of("dora_linear_train"))
 }
@@ -484,7 +484,7 @@ fn plan_backward(
         },
         ..*bw
     };
-    let backward = plan_delta_backward(op, d, dtype, &delta_bufs)?;
+    let backward = plan_delta_backward(op, d, dtype, &delta_bufs, None)?;
     if d.m == 0 {
         return Ok(DoraBackwardPlan {
             columns: Vec::new(),
