@@ -358,7 +358,13 @@ fn tensor_cores(backend: &Backend) {
     if runs_wgmma(backend) {
         kernels.push(KernelVariant::Wgmma);
     }
-    for &(m, n, k) in &[(1, 40, 256), (16, 67, 128), (41, 97, 192), (65, 130, 96), (129, 129, 160)] {
+    for &(m, n, k) in &[
+        (1, 40, 256),
+        (16, 67, 128),
+        (41, 97, 192),
+        (65, 130, 96),
+        (129, 129, 160),
+    ] {
         for &format in &FORMATS {
             for misaligned in [false, true] {
                 let mut dims = DeltaLinearDims::new(m, n, k, rng.range(1, 16));
