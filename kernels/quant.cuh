@@ -54,9 +54,12 @@ PK_INLINE float nf4_absmax(const QuantParams& q, int64_t b) {
 }
 
 // The scale of FP8 element (row, col).
+// row < n and col < k fit 32 bits (the plan checks n, k ≤ i32::MAX): 32-bit divisions, as a
+// 64-bit one is a called routine whose stack frame put the SIMT backward in local memory.
 PK_INLINE float fp8_scale(const QuantParams& q, int64_t row, int64_t col) {
-    return q.block_rows ? q.scale[(row / q.block_rows) * q.scale_ld + col / q.block_cols]
-                        : q.scale[row];
+    if (!q.block_rows) return q.scale[row];
+    const int32_t br = int32_t(row) / q.block_rows, bc = int32_t(col) / q.block_cols;
+    return q.scale[int64_t(br) * q.scale_ld + bc];
 }
 
 // W[row, col] in f32, exactly as src/quant.rs `dequantize_f32`.
