@@ -74,10 +74,10 @@ impl MultiStatus {
 /// Which adapter each row of a batch uses (the buffers are i32, in the backend's memory).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AdapterBatch<I> {
-    /// One id per row, [m]; −1: no adapter.
+    /// One id per row, `[m]`; −1: no adapter.
     Rows(I),
     /// Segments of consecutive rows: `starts` [segments + 1], from 0 to m and never
-    /// decreasing; `ids` [segments] (−1: no adapter).
+    /// decreasing; `ids` `[segments]` (−1: no adapter).
     Segments { starts: I, ids: I },
 }
 
@@ -117,8 +117,8 @@ pub fn rows_of(batch: AdapterBatch<&[i32]>, m: usize) -> Result<Vec<i32>> {
     }
 }
 
-/// One adapter's method and tensors: `w_down` [rank, k] (LoRA A), `b_down` [rank], `w_up`
-/// [n, rank] (LoRA B), `b_up` [n].
+/// One adapter's method and tensors: `w_down` `[rank, k]` (LoRA A), `b_down` `[rank]`,
+/// `w_up` `[n, rank]` (LoRA B), `b_up` `[n]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Adapter<B> {
     pub op: DeltaLinear,

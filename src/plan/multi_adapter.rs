@@ -1,7 +1,7 @@
 //! Planning of multi-adapter batches (kernels/multi_delta_linear.cu): validation of the set,
 //! the batch description and the tensors, and the launch sequence. The naive variant is one
 //! launch; every other is [shrink, expand] (this module's kernels) then the frozen GEMM with
-//! y added in place, planned by [`super::delta_linear::frozen_pass`] exactly as delta_linear
+//! y added in place, planned by `delta_linear::frozen_pass` exactly as delta_linear
 //! plans it for one adapter.
 
 use super::delta_linear::{
