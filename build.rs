@@ -2,14 +2,20 @@
 //! - feature `emulator`: kernels/emu/*.cpp and every kernels/*.cu, compiled as C++ with the
 //!   emulation header forced in, into one static library (build/emulator.rs);
 //! - feature `cuda`: every kernels/*.cu through nvcc into PTX (compute_90) and cubins
-//!   (sm_80, sm_90), embedded in the crate (build/cuda.rs).
+//!   (sm_80, sm_90), embedded in the crate (build/cuda.rs);
+//! - `PEFT_KERNELS_BUILD_CACHE=<folder>`: both keep each compiler run's output there and reuse
+//!   it in the crate's builds under other features and profiles (build/cache.rs).
 //!
 //! Without `cuda` it never looks for nvcc.
 
+#[path = "build/cache.rs"]
+mod cache;
 #[path = "build/cuda.rs"]
 mod cuda;
 #[path = "build/emulator.rs"]
 mod emulator;
+#[path = "build/parallel.rs"]
+mod parallel;
 #[path = "build/tools.rs"]
 mod tools;
 
@@ -23,11 +29,12 @@ fn main() {
     println!("cargo::rerun-if-changed=kernels");
     let selftest = std::env::var_os("CARGO_FEATURE_SELFTEST").is_some();
     let sources = cu_sources(&kernels, selftest);
+    let cache = cache::Cache::from_env(&root);
     if std::env::var_os("CARGO_FEATURE_EMULATOR").is_some() {
-        emulator::build(&kernels, &sources);
+        emulator::build(&kernels, &sources, &cache);
     }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
-        cuda::build(&root, &kernels, &sources);
+        cuda::build(&root, &kernels, &sources, &cache);
     }
 }
 

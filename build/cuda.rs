@@ -8,9 +8,9 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 
+use crate::cache::{Cache, Entry};
+use crate::parallel::run_parallel;
 use crate::tools::tool_dirs;
 
 /// Flags of every nvcc run. Deliberately no `--use_fast_math`: kernels keep IEEE division,
@@ -35,7 +35,7 @@ fn nvcc_arch(arch: &str) -> String {
     }
 }
 
-pub fn build(root: &Path, kernels: &Path, sources: &[PathBuf]) {
+pub fn build(root: &Path, kernels: &Path, sources: &[PathBuf], cache: &Cache) {
     for var in ["NVCC", "CUDA_HOME", "CUDA_PATH"] {
         println!("cargo::rerun-if-env-changed={var}");
     }
@@ -67,7 +67,12 @@ pub fn build(root: &Path, kernels: &Path, sources: &[PathBuf]) {
             std::iter::once(ptx).chain(cubins)
         })
         .collect();
-    let results = run_parallel(&jobs, |job| job.run(&nvcc, kernels));
+    let results = run_parallel(&jobs, |job| {
+        let flags = NVCC_FLAGS.join(" ");
+        let target = job.arch.unwrap_or(PTX_ARCH);
+        let entry = cache.entry(&["nvcc", &version, &flags, target, &job.stem]);
+        job.run(&nvcc, kernels, entry.as_ref())
+    });
 
     // cargo shows a build script's output line by line (`cargo::error=` lines even when
     // the script fails), so nvcc's log goes out a line at a time, each line once: the
@@ -206,9 +211,26 @@ impl Job {
         }
     }
 
-    /// Runs nvcc; its log (with `-Xptxas -v`, ptxas's report, which is also written beside
-    /// the cubin) is Ok when it succeeded, Err when it failed.
-    fn run(&self, nvcc: &Path, kernels: &Path) -> Result<String, String> {
+    /// Where the run's log goes: for a cubin ptxas's report (`-Xptxas -v`), embedded in the
+    /// crate; for the PTX nvcc's messages, kept so that a cached run can repeat them.
+    fn log_file(&self) -> PathBuf {
+        let name = match self.arch {
+            Some(arch) => format!("{}.{arch}.ptxas.txt", self.stem),
+            None => format!("{}.ptx.log", self.stem),
+        };
+        self.output.with_file_name(name)
+    }
+
+    /// Runs nvcc, or copies a cached run's output and log (`entry`, build/cache.rs); the
+    /// log is Ok when it succeeded, Err when it failed. Only successful runs are cached.
+    fn run(&self, nvcc: &Path, kernels: &Path, entry: Option<&Entry>) -> Result<String, String> {
+        let log_file = self.log_file();
+        let files = [self.output.as_path(), log_file.as_path()];
+        if let Some(entry) = entry {
+            if entry.fetch(&files) {
+                return std::fs::read_to_string(&log_file).map_err(|e| e.to_string());
+            }
+        }
         let mut cmd = Command::new(nvcc);
         cmd.args(NVCC_FLAGS).arg("-I").arg(kernels);
         match self.arch {
@@ -224,43 +246,15 @@ impl Job {
             .map_err(|e| format!("cannot run {}: {e}", nvcc.display()))?;
         let log = String::from_utf8_lossy(&out.stderr).into_owned()
             + &String::from_utf8_lossy(&out.stdout);
-        if let Some(arch) = self.arch {
-            let report = self
-                .output
-                .with_file_name(format!("{}.{arch}.ptxas.txt", self.stem));
-            std::fs::write(report, &log).map_err(|e| e.to_string())?;
+        std::fs::write(&log_file, &log).map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(log);
         }
-        if out.status.success() {
-            Ok(log)
-        } else {
-            Err(log)
+        if let Some(entry) = entry {
+            entry.store(&files);
         }
+        Ok(log)
     }
-}
-
-/// Runs `f` on every job over cargo's job count of threads; the results in job order.
-fn run_parallel<J: Sync, R: Send>(jobs: &[J], f: impl Fn(&J) -> R + Sync) -> Vec<R> {
-    let workers = std::env::var("NUM_JOBS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
-        .unwrap_or(1)
-        .clamp(1, jobs.len().max(1));
-    let next = AtomicUsize::new(0);
-    let results = Mutex::new(Vec::with_capacity(jobs.len()));
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(job) = jobs.get(i) else { break };
-                let r = f(job);
-                results.lock().unwrap().push((i, r));
-            });
-        }
-    });
-    let mut results = results.into_inner().unwrap();
-    results.sort_by_key(|(i, _)| *i);
-    results.into_iter().map(|(_, r)| r).collect()
 }
 
 /// A warning of cudafe++ (`file(6): warning #177-D: …`), nvcc, ptxas (`ptxas warning : …`)

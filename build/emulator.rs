@@ -17,11 +17,18 @@
 //! `PEFT_KERNELS_EMU_SANITIZE=1` at build time instead builds the runtime and the plain copy
 //! with `-fsanitize=address,undefined` (see README, "Sanitizers"); the checked copy is then
 //! left out (kernel-address and address cannot be combined) and the checks are unavailable.
+//!
+//! Each file is compiled on its own (over the build's threads, build/parallel.rs), so that
+//! `PEFT_KERNELS_BUILD_CACHE` (build/cache.rs) can keep its object; the objects are then
+//! archived into the one library.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-pub fn build(kernels: &Path, sources: &[PathBuf]) {
+use crate::cache::Cache;
+use crate::parallel::run_parallel;
+
+pub fn build(kernels: &Path, sources: &[PathBuf], cache: &Cache) {
     // The fibers' context switch is x86-64 System V assembly with ELF directives, and the
     // runtime uses Linux's mmap flags and signals.
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
@@ -44,9 +51,10 @@ pub fn build(kernels: &Path, sources: &[PathBuf]) {
         .collect();
     runtime.sort();
 
-    let mut b = base(kernels);
+    let mut plain = base(kernels);
     if sanitize {
-        b.flag("-fsanitize=address,undefined")
+        plain
+            .flag("-fsanitize=address,undefined")
             .flag("-fno-sanitize-recover=undefined")
             .flag("-fno-omit-frame-pointer");
         // The Rust test binaries are not instrumented: the sanitizer runtimes come from the
@@ -55,20 +63,68 @@ pub fn build(kernels: &Path, sources: &[PathBuf]) {
         println!("cargo::rustc-link-lib=dylib=ubsan");
     } else {
         println!("cargo::rustc-cfg=pk_emu_checked");
-        for obj in checked_objects(kernels, sources) {
-            b.object(obj);
-        }
     }
-    for f in &runtime {
-        b.file(f);
+    // The runtime and the .cu sources, compiled as C++ with the emulation header included
+    // first; then the checked copy of the .cu sources.
+    let mut units: Vec<(&Path, bool)> = runtime.iter().map(|f| (f.as_path(), false)).collect();
+    units.extend(sources.iter().map(|f| (f.as_path(), false)));
+    if !sanitize {
+        units.extend(sources.iter().map(|f| (f.as_path(), true)));
     }
-    // The .cu sources: compiled as C++ with the emulation header included first.
-    for f in sources {
-        b.file(f);
+    let checked = checked_build(kernels);
+    let objects = run_parallel(&units, |&(file, is_checked)| {
+        object(
+            if is_checked { &checked } else { &plain },
+            file,
+            is_checked,
+            cache,
+        )
+    });
+    let mut lib = cc::Build::new();
+    lib.cpp(true);
+    for obj in objects {
+        lib.object(obj);
     }
-    forced_header(&mut b, kernels);
     // cc also links the C++ standard library (`cargo:rustc-link-lib=stdc++`).
-    b.compile("peft_kernels_emu");
+    lib.compile("peft_kernels_emu");
+}
+
+/// The object of `file` compiled by `build` (the checked copy's with its symbols renamed),
+/// from the cache when it holds it.
+fn object(build: &cc::Build, file: &Path, checked: bool, cache: &Cache) -> PathBuf {
+    let name = file.file_name().unwrap().to_string_lossy();
+    let dir = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join(if checked {
+        "checked"
+    } else {
+        "plain"
+    });
+    std::fs::create_dir_all(&dir).unwrap();
+    let dst = dir.join(format!("{name}.o"));
+    // The compiler, its version and every flag cc gives it (CXXFLAGS included).
+    let compiler = build.get_compiler();
+    let version = run(Command::new(compiler.path()).arg("--version"));
+    let args: Vec<String> = compiler
+        .args()
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let path = compiler.path().to_string_lossy();
+    let entry = cache.entry(&["g++", &path, &version, &args.join(" "), &name]);
+    if entry.as_ref().is_some_and(|e| e.fetch(&[&dst])) {
+        return dst;
+    }
+    let mut b = build.clone();
+    b.out_dir(dir.join(format!("{name}.cc"))).file(file);
+    let obj = b.compile_intermediates().remove(0);
+    if checked {
+        rename_symbols(&obj, &dst);
+    } else {
+        std::fs::rename(&obj, &dst).unwrap();
+    }
+    if let Some(entry) = entry {
+        entry.store(&[&dst]);
+    }
+    dst
 }
 
 /// The flags every emulator object is built with.
@@ -89,20 +145,18 @@ fn base(kernels: &Path) -> cc::Build {
         // over it into a neighbouring stack.
         .flag_if_supported("-fstack-clash-protection")
         .include(kernels)
-        .define("PK_EMULATOR", "1");
+        .define("PK_EMULATOR", "1")
+        // `-include emu.h -x c++`: flags go before the file, so `-x c++` covers a .cu file.
+        .flag("-include")
+        .flag(kernels.join("emu/emu.h").to_str().unwrap())
+        .flag("-x")
+        .flag("c++");
     b
 }
 
-/// `-include emu.h -x c++`: flags go before the files, so `-x c++` covers the .cu files.
-fn forced_header(b: &mut cc::Build, kernels: &Path) {
-    b.flag("-include")
-        .flag(kernels.join("emu/emu.h").to_str().unwrap());
-    b.flag("-x").flag("c++");
-}
-
-/// The checked copy of the kernels (see the module comment): instrumented objects with
-/// every symbol they define renamed `pkc_<name>`.
-fn checked_objects(kernels: &Path, sources: &[PathBuf]) -> Vec<PathBuf> {
+/// The checked copy of the kernels (see the module comment): instrumented; `object` then
+/// renames every symbol an object defines.
+fn checked_build(kernels: &Path) -> cc::Build {
     let mut c = base(kernels);
     c.define("PK_EMU_CHECKED", "1")
         .flag("-fsanitize=kernel-address")
@@ -112,36 +166,25 @@ fn checked_objects(kernels: &Path, sources: &[PathBuf]) -> Vec<PathBuf> {
         // Every access is reported, none elided as "known in bounds" of a global.
         .flag("--param=asan-instrument-reads=1")
         .flag("--param=asan-instrument-writes=1");
-    for f in sources {
-        c.file(f);
-    }
-    forced_header(&mut c, kernels);
-    let objects = c.compile_intermediates();
-    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("checked");
-    std::fs::create_dir_all(&out).unwrap();
-    let mut renamed = Vec::new();
-    for (i, obj) in objects.iter().enumerate() {
-        let listing = run(Command::new(tool("NM", "nm"))
-            .args(["-P", "--defined-only", "--extern-only"])
-            .arg(obj));
-        let map: String = listing
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .map(|sym| format!("{sym} pkc_{sym}\n"))
-            .collect();
-        let map_file = out.join(format!("{i}.syms"));
-        std::fs::write(&map_file, map).unwrap();
-        let dst = out.join(format!(
-            "{i}-{}",
-            obj.file_name().unwrap().to_string_lossy()
-        ));
-        run(Command::new(tool("OBJCOPY", "objcopy"))
-            .arg(format!("--redefine-syms={}", map_file.display()))
-            .arg(obj)
-            .arg(&dst));
-        renamed.push(dst);
-    }
-    renamed
+    c
+}
+
+/// Copies `obj` to `dst` with every symbol it defines renamed `pkc_<name>`.
+fn rename_symbols(obj: &Path, dst: &Path) {
+    let listing = run(Command::new(tool("NM", "nm"))
+        .args(["-P", "--defined-only", "--extern-only"])
+        .arg(obj));
+    let map: String = listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(|sym| format!("{sym} pkc_{sym}\n"))
+        .collect();
+    let map_file = dst.with_extension("syms");
+    std::fs::write(&map_file, map).unwrap();
+    run(Command::new(tool("OBJCOPY", "objcopy"))
+        .arg(format!("--redefine-syms={}", map_file.display()))
+        .arg(obj)
+        .arg(dst));
 }
 
 fn tool(var: &str, default: &str) -> String {
