@@ -2,6 +2,7 @@
 //! the unified view's dimensions, every dtype, every kernel implementation, awkward shapes,
 //! strides, poisoned outputs and bad arguments.
 
+#[macro_use]
 mod common;
 
 use common::{poisoned, Placed, Rng};
@@ -1918,28 +1919,6 @@ fn params_match_the_kernels_structs() {
             std::mem::size_of::<LoraMergeParams>()
         );
     }
-}
-
-/// Each test body above, once per backend: the emulator always, the GPU when asked.
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
-        #[cfg(feature = "emulator")]
-        mod on_emulator {
-            $(#[test]
-            fn $name() {
-                super::$name(&super::Backend::Emulator)
-            })*
-        }
-        #[cfg(feature = "cuda")]
-        mod on_gpu {
-            $(#[test]
-            #[ignore = "needs a CUDA device"]
-            fn $name() {
-                let gpu = super::Backend::cuda(0).expect("GPU tests need a CUDA device");
-                super::$name(&gpu)
-            })*
-        }
-    };
 }
 
 on_every_backend!(

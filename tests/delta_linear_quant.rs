@@ -3,6 +3,7 @@
 //! activation dtype, awkward shapes, random configurations, poisoned outputs, against the f64
 //! reference over the dequantized W (src/reference/quant.rs).
 
+#[macro_use]
 mod common;
 
 use common::{poisoned, random_cases, Placed, Rng};
@@ -706,27 +707,6 @@ fn training_matches_dense(backend: &Backend) {
         let kernel = rng.pick(&kernels);
         case::<bf16>(&mut rng, backend, kernel);
     }
-}
-
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
-        #[cfg(feature = "emulator")]
-        mod on_emulator {
-            $(#[test]
-            fn $name() {
-                super::$name(&super::Backend::Emulator)
-            })*
-        }
-        #[cfg(feature = "cuda")]
-        mod on_gpu {
-            $(#[test]
-            #[ignore = "needs a CUDA device"]
-            fn $name() {
-                let gpu = super::Backend::cuda(0).expect("GPU tests need a CUDA device");
-                super::$name(&gpu)
-            })*
-        }
-    };
 }
 
 on_every_backend!(

@@ -4,6 +4,7 @@
 //! reference itself checked against finite differences in tests/reference_backward.rs),
 //! merge and unmerge; every dtype, awkward shapes, outputs poisoned with NaN.
 
+#[macro_use]
 mod common;
 
 use common::{poisoned, Rng};
@@ -869,28 +870,6 @@ fn bad_arguments(backend: &Backend) {
     .unwrap_err();
     refused(err, "dora_merge", "g");
     assert_eq!(w2, t.w, "a refused merge leaves W as it was");
-}
-
-/// Each test body above, once per backend: the emulator always, the GPU when asked.
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
-        #[cfg(feature = "emulator")]
-        mod on_emulator {
-            $(#[test]
-            fn $name() {
-                super::$name(&super::Backend::Emulator)
-            })*
-        }
-        #[cfg(feature = "cuda")]
-        mod on_gpu {
-            $(#[test]
-            #[ignore = "needs a CUDA device"]
-            fn $name() {
-                let gpu = super::Backend::cuda(0).expect("GPU tests need a CUDA device");
-                super::$name(&gpu)
-            })*
-        }
-    };
 }
 
 on_every_backend!(every_dtype, backward_every_dtype, merges, bad_arguments);

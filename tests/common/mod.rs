@@ -172,3 +172,29 @@ impl<T: bytemuck::Pod + Default> Placed<T> {
         dst.copy_from_slice(self.get());
     }
 }
+
+/// `on_every_backend!(a, b, …)`: each test body `fn a(backend: &Backend)` of the calling file,
+/// once per backend: `on_emulator::a` always, `on_gpu::a` (ignored without a device) with
+/// `cuda`. Files that include this module with `#[macro_use]` use it.
+#[allow(unused_macros)]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        #[cfg(feature = "emulator")]
+        mod on_emulator {
+            $(#[test]
+            fn $name() {
+                super::$name(&peft_kernels::host::Backend::Emulator)
+            })*
+        }
+        #[cfg(feature = "cuda")]
+        mod on_gpu {
+            $(#[test]
+            #[ignore = "needs a CUDA device"]
+            fn $name() {
+                let gpu = peft_kernels::host::Backend::cuda(0)
+                    .expect("GPU tests need a CUDA device");
+                super::$name(&gpu)
+            })*
+        }
+    };
+}
