@@ -5,7 +5,7 @@
 #[macro_use]
 mod common;
 
-use common::{poisoned, Placed, Rng};
+use common::{poisoned, runs_wgmma, Placed, Rng};
 use half::{bf16, f16};
 use peft_kernels::delta_linear::{
     DeltaApplyArgs, DeltaApplyDims, DeltaLinear, DeltaLinearArgs, DeltaLinearDims,
@@ -500,20 +500,6 @@ fn apply_planner_bufs(
         gate: None,
         workspace: buf(DeltaApplyDims::new(m, heads, dh, du, r).workspace_len()),
         y: buf(m * heads * dh),
-    }
-}
-
-/// Whether `backend` runs Hopper's wgmma kernel: the emulator always, a GPU when it loads
-/// the sm_90 cubin (compute capability 9.0, without PEFT_KERNELS_FORCE_PTX).
-fn runs_wgmma(backend: &Backend) -> bool {
-    match backend {
-        #[cfg(feature = "emulator")]
-        Backend::Emulator => true,
-        #[cfg(feature = "cuda")]
-        Backend::Cuda(stream) => {
-            let image = peft_kernels::cuda::image(stream.context()).expect("the kernels' image");
-            image == peft_kernels::cuda::Image::Sm90
-        }
     }
 }
 

@@ -6,7 +6,7 @@
 #[macro_use]
 mod common;
 
-use common::{poisoned, random_cases, Placed, Rng};
+use common::{poisoned, random_cases, runs_wgmma, Placed, Rng};
 use half::{bf16, f16};
 use peft_kernels::delta_linear::{
     DeltaLinear, DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs,
@@ -335,18 +335,6 @@ fn awkward_shapes(backend: &Backend) {
                 misaligned: false,
             };
             check_every_dtype(&mut rng, &c, backend);
-        }
-    }
-}
-
-fn runs_wgmma(backend: &Backend) -> bool {
-    match backend {
-        #[cfg(feature = "emulator")]
-        Backend::Emulator => true,
-        #[cfg(feature = "cuda")]
-        Backend::Cuda(stream) => {
-            let image = peft_kernels::cuda::image(stream.context()).expect("the kernels' image");
-            image == peft_kernels::cuda::Image::Sm90
         }
     }
 }

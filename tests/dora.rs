@@ -7,7 +7,7 @@
 #[macro_use]
 mod common;
 
-use common::{poisoned, Rng};
+use common::{poisoned, runs_wgmma, Rng};
 use half::{bf16, f16};
 use peft_kernels::delta_linear::{
     DeltaLinear, DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs,
@@ -125,16 +125,7 @@ fn variants(backend: &Backend, dtype: DType) -> Vec<KernelVariant> {
     ];
     if dtype != DType::F32 {
         v.push(KernelVariant::TensorCore);
-        let wgmma = match backend {
-            #[cfg(feature = "emulator")]
-            Backend::Emulator => true,
-            #[cfg(feature = "cuda")]
-            Backend::Cuda(stream) => {
-                peft_kernels::cuda::image(stream.context()).expect("the kernels' image")
-                    == peft_kernels::cuda::Image::Sm90
-            }
-        };
-        if wgmma {
+        if runs_wgmma(backend) {
             v.push(KernelVariant::Wgmma);
         }
     }

@@ -198,3 +198,17 @@ macro_rules! on_every_backend {
         }
     };
 }
+
+/// Whether `backend` runs Hopper's wgmma kernel: the emulator always, a GPU when it loads
+/// the sm_90 cubin (compute capability 9.0, without PEFT_KERNELS_FORCE_PTX).
+pub fn runs_wgmma(backend: &peft_kernels::host::Backend) -> bool {
+    match backend {
+        #[cfg(feature = "emulator")]
+        peft_kernels::host::Backend::Emulator => true,
+        #[cfg(feature = "cuda")]
+        peft_kernels::host::Backend::Cuda(stream) => {
+            let image = peft_kernels::cuda::image(stream.context()).expect("the kernels' image");
+            image == peft_kernels::cuda::Image::Sm90
+        }
+    }
+}
