@@ -8,7 +8,7 @@
 //! wherever their shape does not reach, and every gradient buffer is NaN before the run, its
 //! gaps still NaN after it.
 
-use crate::common::{random_cases, Rng};
+use crate::common::{random_cases, Placed, Rng};
 use crate::harness::{random_lens, Case, Inputs, Layout, Strided};
 use half::{bf16, f16};
 use peft_kernels::host::{self, Backend};
@@ -397,6 +397,73 @@ pub fn forward_then_backward(be: &Backend) {
         let name = format!("forward then backward {case:?} (seed {})", rng.seed());
         compare(&name, &g, &want, 1e-4);
     }
+}
+
+/// Host slices of any alignment (a `Vec<bf16>` promises 2 bytes): every tensor, gradient and
+/// the workspace one element past a 16-byte boundary give the aligned run's gradients bit for
+/// bit, in every dtype.
+pub fn misaligned_buffers(be: &Backend) {
+    fn each<T: Element + Default>(be: &Backend, rng: &mut Rng) {
+        let d = rng.pick(&[32, 64, 96]);
+        let case = grid_case(rng, d);
+        let x = Inputs::<T>::new(rng, &case);
+        let saved = Saved::from_reference(rng, &case, &x);
+        let want = run_backward::<T, T>(be, &case, &x, &saved)
+            .unwrap_or_else(|e| panic!("{} {case:?}: {e}", T::DTYPE));
+        let dims = PrefixAttentionBackwardDims::new(case.dims());
+        let mut g = Grads::<T, T>::poisoned(&dims);
+        let read = |s: &Strided<T>| Placed::misaligned(&s.data);
+        let (q, k, v) = (read(&x.q), read(&x.k), read(&x.v));
+        let (pk, pv) = (read(&x.prefix_k), read(&x.prefix_v));
+        let (out, dout) = (read(&saved.out), read(&saved.dout));
+        let lse = Placed::misaligned(&saved.lse);
+        let (mut dq, mut dk, mut dv) = (read(&g.dq), read(&g.dk), read(&g.dv));
+        let (mut dpk, mut dpv) = (read(&g.dprefix_k), read(&g.dprefix_v));
+        let mut workspace = Placed::misaligned(&vec![f32::NAN; dims.workspace_len()]);
+        let args = PrefixAttentionBackwardArgs {
+            q: q.get(),
+            k: k.get(),
+            v: v.get(),
+            prefix_k: pk.get(),
+            prefix_v: pv.get(),
+            context_lens: case.lens.as_deref(),
+            out: out.get(),
+            lse: lse.get(),
+            dout: dout.get(),
+            dq: dq.get_mut(),
+            dk: dk.get_mut(),
+            dv: dv.get_mut(),
+            dprefix_k: PrefixGrad::Elem(dpk.get_mut()),
+            dprefix_v: PrefixGrad::Elem(dpv.get_mut()),
+            workspace: workspace.get_mut(),
+        };
+        host::prefix_attention_backward(be, &case.op(), &dims, args)
+            .unwrap_or_else(|e| panic!("misaligned {} {case:?}: {e}", T::DTYPE));
+        dq.copy_to(&mut g.dq.data);
+        dk.copy_to(&mut g.dk.data);
+        dv.copy_to(&mut g.dv.data);
+        dpk.copy_to(&mut g.dprefix_k.data);
+        dpv.copy_to(&mut g.dprefix_v.data);
+        for (name, got, want) in [
+            ("dq", &g.dq, &want.dq),
+            ("dk", &g.dk, &want.dk),
+            ("dv", &g.dv, &want.dv),
+            ("dprefix_k", &g.dprefix_k, &want.dprefix_k),
+            ("dprefix_v", &g.dprefix_v, &want.dprefix_v),
+        ] {
+            let bits = |s: &Strided<T>| bytemuck::cast_slice::<T, u8>(&s.data).to_vec();
+            assert!(
+                bits(got) == bits(want),
+                "{name} of misaligned {} {case:?} (seed {}) differs from the aligned run",
+                T::DTYPE,
+                rng.seed()
+            );
+        }
+    }
+    let mut rng = Rng::from_env();
+    each::<f32>(be, &mut rng);
+    each::<f16>(be, &mut rng);
+    each::<bf16>(be, &mut rng);
 }
 
 /// Bad arguments: the forward's checks, the saved tensors' and the gradients' shapes, and
