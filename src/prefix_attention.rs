@@ -753,7 +753,7 @@ pub struct PrefixAttentionBackwardArgs<R, W, Lens, StatsR, StatsW> {
 }
 
 /// [`PrefixAttentionBackwardArgs`] over host slices (the emulator's and `host`'s).
-pub type PrefixAttentionBackwardHostArgs<'a, T> =
+pub type HostPrefixAttentionBackwardArgs<'a, T> =
     PrefixAttentionBackwardArgs<&'a [T], &'a mut [T], &'a [u32], &'a [f32], &'a mut [f32]>;
 
 impl<R, W, Lens, StatsR, StatsW> PrefixAttentionBackwardArgs<R, W, Lens, StatsR, StatsW> {
@@ -825,6 +825,10 @@ pub struct LseMergeBackwardArgs<R, W, StatsR, StatsW> {
     pub do_context: W,
     pub dlse_context: StatsW,
 }
+
+/// [`LseMergeBackwardArgs`] over host slices (the LSEs and their gradients f32).
+pub type HostLseMergeBackwardArgs<'a, T> =
+    LseMergeBackwardArgs<&'a [T], &'a mut [T], &'a [f32], &'a mut [f32]>;
 
 impl<R, W, StatsR, StatsW> LseMergeBackwardArgs<R, W, StatsR, StatsW> {
     pub(crate) fn bufs<S>(self, s: &mut S) -> LseMergeBackwardBufs

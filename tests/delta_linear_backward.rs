@@ -10,8 +10,8 @@ use common::{poisoned, random_cases, Rng};
 use half::{bf16, f16};
 use peft_kernels::delta_linear::{
     DeltaApplyArgs, DeltaApplyBackwardArgs, DeltaApplyDims, DeltaApplyTrainArgs, DeltaLinear,
-    DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs, KernelVariant,
-    LoraDropout,
+    DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs,
+    HostDeltaLinearBackwardArgs, KernelVariant, LoraDropout,
 };
 use peft_kernels::dropout;
 use peft_kernels::host::{self, Backend};
@@ -840,31 +840,29 @@ impl Bufs {
     }
 
     fn backward(&mut self, accumulate: bool) -> Result<(), Error> {
-        peft_kernels::emulator::delta_linear_backward(
-            &self.op,
-            &self.dims,
-            DeltaLinearBackwardArgs {
-                dy: &self.dy,
-                x: &self.x,
-                w: &self.w,
-                u: Some(&self.u),
-                w_down: &self.w_down,
-                w_up: &self.w_up,
-                b_up: Some(&self.b_up),
-                gate: Some(&self.gate),
-                saved: &self.saved,
-                dx: &mut self.dx,
-                du: self.du.as_deref_mut(),
-                dw_down: &mut self.dw_down,
-                db_down: Some(&mut self.db_down),
-                dw_up: &mut self.dw_up,
-                db_up: Some(&mut self.db_up),
-                dgate: self.dgate.as_deref_mut(),
-                workspace: &mut self.workspace,
-                dropout: self.dropout,
-                accumulate,
-            },
-        )
+        // Built before the call: the alias types it (`&Vec` coerces to the slice).
+        let args: HostDeltaLinearBackwardArgs<f32> = DeltaLinearBackwardArgs {
+            dy: &self.dy,
+            x: &self.x,
+            w: &self.w,
+            u: Some(&self.u),
+            w_down: &self.w_down,
+            w_up: &self.w_up,
+            b_up: Some(&self.b_up),
+            gate: Some(&self.gate),
+            saved: &self.saved,
+            dx: &mut self.dx,
+            du: self.du.as_deref_mut(),
+            dw_down: &mut self.dw_down,
+            db_down: Some(&mut self.db_down),
+            dw_up: &mut self.dw_up,
+            db_up: Some(&mut self.db_up),
+            dgate: self.dgate.as_deref_mut(),
+            workspace: &mut self.workspace,
+            dropout: self.dropout,
+            accumulate,
+        };
+        peft_kernels::emulator::delta_linear_backward(&self.op, &self.dims, args)
     }
 }
 
