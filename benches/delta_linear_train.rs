@@ -16,8 +16,10 @@
 //! iterations) and a summary table by CUDA events, operands rotated through copies larger
 //! than L2. Without the `cuda` feature or a CUDA device it prints why it skips and exits.
 //!
-//! The backward's data and weight passes run on SIMT tiles (no tensor-core backward yet):
-//! expect the fused step to lose to cuBLAS until they do.
+//! The backward's data pass (dx) runs on the tensor cores (`delta_bwd_data_mma`, ldmatrix
+//! .trans for the untransposed W), its weight-gradient passes on SIMT tiles (no tensor-core
+//! version yet): expect the fused step to lose to cuBLAS's eight tensor-core GEMMs until
+//! they have one.
 
 mod common;
 

@@ -50,8 +50,8 @@ use peft_kernels::delta_linear::{
 use peft_kernels::host::{self, Backend};
 use peft_kernels::optim::{AdamW, AdamwArgs, AdamwTensor};
 use peft_kernels::prefix_attention::{
-    HeadLayout, HostPrefixAttentionArgs, PrefixAttention, PrefixAttentionArgs,
-    PrefixAttentionBackwardArgs, PrefixAttentionBackwardDims, PrefixAttentionBackwardHostArgs,
+    HeadLayout, HostPrefixAttentionArgs, HostPrefixAttentionBackwardArgs, PrefixAttention,
+    PrefixAttentionArgs, PrefixAttentionBackwardArgs, PrefixAttentionBackwardDims,
     PrefixAttentionDims, PrefixGrad,
 };
 use peft_kernels::{Activation, Element, Result};
@@ -585,7 +585,7 @@ impl Model for PrefixBlock {
         let mut dq = vec![T::from_f32(0.0); M * D];
         let (mut dk, mut dv) = (dq.clone(), dq.clone());
         let mut workspace = vec![0.0f32; dims.workspace_len()];
-        let args: PrefixAttentionBackwardHostArgs<T> = PrefixAttentionBackwardArgs {
+        let args: HostPrefixAttentionBackwardArgs<T> = PrefixAttentionBackwardArgs {
             q: &a.q,
             k: &a.k,
             v: &a.v,

@@ -73,8 +73,8 @@ mod emu {
     };
     use crate::dora::{DoraDims, DoraNormArgs};
     use crate::prefix_attention::{
-        HostPrefixAttentionArgs, PrefixAttention, PrefixAttentionBackwardDims,
-        PrefixAttentionBackwardHostArgs, PrefixAttentionDims,
+        HostPrefixAttentionArgs, HostPrefixAttentionBackwardArgs, PrefixAttention,
+        PrefixAttentionBackwardDims, PrefixAttentionDims,
     };
     use crate::{Element, Error, Result};
 
@@ -121,7 +121,7 @@ mod emu {
     pub fn prefix_attention_backward<T: Element>(
         _: &PrefixAttention,
         _: &PrefixAttentionBackwardDims,
-        _: PrefixAttentionBackwardHostArgs<'_, T>,
+        _: HostPrefixAttentionBackwardArgs<'_, T>,
     ) -> Result<()> {
         Err(off())
     }

@@ -622,6 +622,18 @@ pub type HostDeltaLinearArgs<'a, T> = DeltaLinearArgs<&'a [T], &'a mut [T]>;
 pub type HostDeltaApplyArgs<'a, T> = DeltaApplyArgs<&'a [T], &'a mut [T]>;
 /// [`LoraMergeArgs`] over host slices (`emulator::lora_merge`, `host::lora_merge`).
 pub type HostLoraMergeArgs<'a, T> = LoraMergeArgs<&'a [T], &'a mut [T]>;
+/// [`DeltaLinearTrainArgs`] over host slices (the saved buffer f32).
+pub type HostDeltaLinearTrainArgs<'a, T> =
+    DeltaLinearTrainArgs<&'a [T], &'a mut [T], &'a mut [f32]>;
+/// [`DeltaLinearBackwardArgs`] over host slices (the saved buffer, the adapter gradients and
+/// the workspace f32).
+pub type HostDeltaLinearBackwardArgs<'a, T> =
+    DeltaLinearBackwardArgs<&'a [T], &'a [f32], &'a mut [T], &'a mut [f32]>;
+/// [`DeltaApplyTrainArgs`] over host slices.
+pub type HostDeltaApplyTrainArgs<'a, T> = DeltaApplyTrainArgs<&'a [T], &'a mut [T], &'a mut [f32]>;
+/// [`DeltaApplyBackwardArgs`] over host slices.
+pub type HostDeltaApplyBackwardArgs<'a, T> =
+    DeltaApplyBackwardArgs<&'a [T], &'a [f32], &'a mut [T], &'a mut [f32]>;
 
 impl<R, W> DeltaLinearArgs<R, W> {
     /// The planner's view of these tensors: each buffer's address and length from the

@@ -10,22 +10,22 @@
 //! as their type.
 
 use crate::delta_linear::{
-    DeltaApplyBackwardArgs, DeltaApplyDims, DeltaApplyTrainArgs, DeltaLinear,
-    DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs, HostDeltaApplyArgs,
-    HostDeltaLinearArgs, HostLoraMergeArgs, LoraMergeDims,
+    DeltaApplyDims, DeltaLinear, DeltaLinearDims, HostDeltaApplyArgs, HostDeltaApplyBackwardArgs,
+    HostDeltaApplyTrainArgs, HostDeltaLinearArgs, HostDeltaLinearBackwardArgs,
+    HostDeltaLinearTrainArgs, HostLoraMergeArgs, LoraMergeDims,
 };
 use crate::dora::{
     DoraDims, DoraLinearArgs, DoraLinearBackwardArgs, DoraLinearTrainArgs, DoraMergeArgs,
     DoraNormArgs,
 };
-use crate::optim::{AdamW, AdamwArgs};
+use crate::optim::{AdamW, HostAdamwArgs};
 #[cfg(feature = "cuda")]
 use crate::plan::{self, Buf, BufSource, KernelParams, Launch};
 use crate::prefix_attention::{
-    HostKvConcatArgs, HostLseMergeArgs, HostMultiPrefixAttentionArgs, HostPrefixAttentionArgs,
-    HostPrefixOnlyArgs, KvConcatDims, LseMergeBackwardArgs, LseMergeBackwardDims, LseMergeDims,
-    MultiPrefixDims, PrefixAttention, PrefixAttentionBackwardDims, PrefixAttentionBackwardHostArgs,
-    PrefixAttentionDims,
+    HostKvConcatArgs, HostLseMergeArgs, HostLseMergeBackwardArgs, HostMultiPrefixAttentionArgs,
+    HostPrefixAttentionArgs, HostPrefixAttentionBackwardArgs, HostPrefixOnlyArgs, KvConcatDims,
+    LseMergeBackwardDims, LseMergeDims, MultiPrefixDims, PrefixAttention,
+    PrefixAttentionBackwardDims, PrefixAttentionDims,
 };
 use crate::quant::{
     HostDeltaLinearQuantArgs, HostDeltaLinearQuantBackwardArgs, HostDeltaLinearQuantTrainArgs,
@@ -111,7 +111,7 @@ host_op!(
     delta_linear_train,
     plan::delta_linear::delta_linear_train,
     (op: &DeltaLinear, dims: &DeltaLinearDims),
-    DeltaLinearTrainArgs<&[T], &mut [T], &mut [f32]>
+    HostDeltaLinearTrainArgs<'_, T>
 );
 host_op!(
     /// `delta_linear_quant` (a quantized frozen W, [`crate::quant`]) on host buffers.
@@ -146,7 +146,7 @@ host_op!(
     delta_linear_backward,
     plan::delta_linear_backward::delta_linear_backward,
     (op: &DeltaLinear, dims: &DeltaLinearDims),
-    DeltaLinearBackwardArgs<&[T], &[f32], &mut [T], &mut [f32]>
+    HostDeltaLinearBackwardArgs<'_, T>
 );
 host_op!(
     /// `delta_apply` (a delta on a given h, per head) on host buffers.
@@ -160,14 +160,14 @@ host_op!(
     delta_apply_train,
     plan::delta_linear::delta_apply_train,
     (op: &DeltaLinear, dims: &DeltaApplyDims),
-    DeltaApplyTrainArgs<&[T], &mut [T], &mut [f32]>
+    HostDeltaApplyTrainArgs<'_, T>
 );
 host_op!(
     /// `delta_apply_backward` on host buffers.
     delta_apply_backward,
     plan::delta_linear_backward::delta_apply_backward,
     (op: &DeltaLinear, dims: &DeltaApplyDims),
-    DeltaApplyBackwardArgs<&[T], &[f32], &mut [T], &mut [f32]>
+    HostDeltaApplyBackwardArgs<'_, T>
 );
 host_op!(
     /// `lora_merge` (`W ← W + scale·B·A`, scale = ±s, the layer's `composition.scale(r)`) on
@@ -196,7 +196,7 @@ host_op!(
     lse_merge_backward,
     plan::prefix_attention::lse_merge_backward,
     (dims: &LseMergeBackwardDims),
-    LseMergeBackwardArgs<&[T], &mut [T], &[f32], &mut [f32]>
+    HostLseMergeBackwardArgs<'_, T>
 );
 host_op!(
     /// `kv_concat` (`[P; C]` along the sequence) on host buffers.
@@ -263,7 +263,7 @@ pub fn adamw<T: Element>(
     backend: &Backend,
     op: &AdamW,
     step: u64,
-    args: AdamwArgs<&[f32], &mut [f32], &mut [T]>,
+    args: HostAdamwArgs<'_, T>,
 ) -> Result<()> {
     match backend {
         #[cfg(feature = "emulator")]
@@ -292,7 +292,7 @@ pub fn prefix_attention_backward<T: Element>(
     backend: &Backend,
     op: &PrefixAttention,
     dims: &PrefixAttentionBackwardDims,
-    args: PrefixAttentionBackwardHostArgs<'_, T>,
+    args: HostPrefixAttentionBackwardArgs<'_, T>,
 ) -> Result<()> {
     match backend {
         #[cfg(feature = "emulator")]

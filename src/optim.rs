@@ -153,6 +153,9 @@ pub struct AdamwArgs<R, W, WT> {
     pub grad_norm: Option<W>,
 }
 
+/// [`AdamwArgs`] over host slices: f32 master weights, gradients and moments, the T copy.
+pub type HostAdamwArgs<'a, T> = AdamwArgs<&'a [f32], &'a mut [f32], &'a mut [T]>;
+
 impl<R, W, WT> AdamwArgs<R, W, WT> {
     /// The planner's view of these tensors: each buffer's address and length from the
     /// backend's buffer source, as [`crate::plan::optim::adamw`] takes them.

@@ -753,11 +753,13 @@ pub struct PrefixAttentionBackwardArgs<R, W, Lens, StatsR, StatsW> {
 }
 
 /// [`PrefixAttentionBackwardArgs`] over host slices (the emulator's and `host`'s).
-pub type PrefixAttentionBackwardHostArgs<'a, T> =
+pub type HostPrefixAttentionBackwardArgs<'a, T> =
     PrefixAttentionBackwardArgs<&'a [T], &'a mut [T], &'a [u32], &'a [f32], &'a mut [f32]>;
 
 impl<R, W, Lens, StatsR, StatsW> PrefixAttentionBackwardArgs<R, W, Lens, StatsR, StatsW> {
-    pub(crate) fn bufs<S>(self, s: &mut S) -> PrefixAttentionBackwardBufs
+    /// The planner's view of these tensors (see [`PrefixAttentionArgs::bufs`]), for a caller
+    /// who launches `plan::prefix_attention::prefix_attention_backward`'s steps itself.
+    pub fn bufs<S>(self, s: &mut S) -> PrefixAttentionBackwardBufs
     where
         S: BufSource<R, W> + BufSource<Lens, StatsW> + BufSource<StatsR, StatsW>,
     {
@@ -826,8 +828,13 @@ pub struct LseMergeBackwardArgs<R, W, StatsR, StatsW> {
     pub dlse_context: StatsW,
 }
 
+/// [`LseMergeBackwardArgs`] over host slices (the LSEs and their gradients f32).
+pub type HostLseMergeBackwardArgs<'a, T> =
+    LseMergeBackwardArgs<&'a [T], &'a mut [T], &'a [f32], &'a mut [f32]>;
+
 impl<R, W, StatsR, StatsW> LseMergeBackwardArgs<R, W, StatsR, StatsW> {
-    pub(crate) fn bufs<S>(self, s: &mut S) -> LseMergeBackwardBufs
+    /// The planner's view of these tensors (see [`PrefixAttentionArgs::bufs`]).
+    pub fn bufs<S>(self, s: &mut S) -> LseMergeBackwardBufs
     where
         S: BufSource<R, W> + BufSource<StatsR, StatsW>,
     {

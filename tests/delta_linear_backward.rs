@@ -10,8 +10,8 @@ use common::{poisoned, random_cases, Rng};
 use half::{bf16, f16};
 use peft_kernels::delta_linear::{
     DeltaApplyArgs, DeltaApplyBackwardArgs, DeltaApplyDims, DeltaApplyTrainArgs, DeltaLinear,
-    DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs, KernelVariant,
-    LoraDropout,
+    DeltaLinearArgs, DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs,
+    HostDeltaLinearBackwardArgs, KernelVariant, LoraDropout,
 };
 use peft_kernels::dropout;
 use peft_kernels::host::{self, Backend};
@@ -840,31 +840,29 @@ impl Bufs {
     }
 
     fn backward(&mut self, accumulate: bool) -> Result<(), Error> {
-        peft_kernels::emulator::delta_linear_backward(
-            &self.op,
-            &self.dims,
-            DeltaLinearBackwardArgs {
-                dy: &self.dy,
-                x: &self.x,
-                w: &self.w,
-                u: Some(&self.u),
-                w_down: &self.w_down,
-                w_up: &self.w_up,
-                b_up: Some(&self.b_up),
-                gate: Some(&self.gate),
-                saved: &self.saved,
-                dx: &mut self.dx,
-                du: self.du.as_deref_mut(),
-                dw_down: &mut self.dw_down,
-                db_down: Some(&mut self.db_down),
-                dw_up: &mut self.dw_up,
-                db_up: Some(&mut self.db_up),
-                dgate: self.dgate.as_deref_mut(),
-                workspace: &mut self.workspace,
-                dropout: self.dropout,
-                accumulate,
-            },
-        )
+        // Built before the call: the alias types it (`&Vec` coerces to the slice).
+        let args: HostDeltaLinearBackwardArgs<f32> = DeltaLinearBackwardArgs {
+            dy: &self.dy,
+            x: &self.x,
+            w: &self.w,
+            u: Some(&self.u),
+            w_down: &self.w_down,
+            w_up: &self.w_up,
+            b_up: Some(&self.b_up),
+            gate: Some(&self.gate),
+            saved: &self.saved,
+            dx: &mut self.dx,
+            du: self.du.as_deref_mut(),
+            dw_down: &mut self.dw_down,
+            db_down: Some(&mut self.db_down),
+            dw_up: &mut self.dw_up,
+            db_up: Some(&mut self.db_up),
+            dgate: self.dgate.as_deref_mut(),
+            workspace: &mut self.workspace,
+            dropout: self.dropout,
+            accumulate,
+        };
+        peft_kernels::emulator::delta_linear_backward(&self.op, &self.dims, args)
     }
 }
 
@@ -1007,6 +1005,69 @@ fn aliasing_gradients_are_refused() {
             .expect_err(name)
             .to_string();
         assert!(e.contains(name), "{name}: {e}");
+    }
+}
+
+/// An empty batch (m = 0) is checked as any call and plans no launch, as every operation of
+/// the crate treats one: a short `dw_down` is still refused.
+#[test]
+fn an_empty_batch_is_checked_and_launches_nothing() {
+    use peft_kernels::plan::delta_linear_backward::{
+        delta_linear_backward, DeltaLinearBackwardBufs,
+    };
+    use peft_kernels::plan::Buf;
+    use peft_kernels::DType;
+    let mut rng = Rng::from_env();
+    let empty = |rng: &mut Rng| {
+        let mut b = Bufs::new(rng);
+        b.dims.m = 0;
+        b.gate.clear();
+        b.dgate = Some(Vec::new());
+        b.saved.truncate(b.dims.saved_len(&b.op));
+        b
+    };
+    for accumulate in [false, true] {
+        empty(&mut rng)
+            .backward(accumulate)
+            .expect("an empty batch is Ok");
+        let mut b = empty(&mut rng);
+        b.dw_down.pop();
+        let e = b.backward(accumulate).expect_err("dw_down").to_string();
+        assert!(e.contains("`dw_down`"), "{e}");
+    }
+    // The plan of an empty LoRA batch: no step.
+    let (n, k, r) = (8, 8, 2);
+    let dims = DeltaLinearDims::new(0, n, k, r);
+    let op = DeltaLinear::lora(2.0);
+    let mut next = 1u64 << 20;
+    let mut buf = |len: usize| {
+        next += 1 << 20;
+        Buf { addr: next, len }
+    };
+    let bufs = DeltaLinearBackwardBufs {
+        dy: buf(0),
+        x: buf(0),
+        w: buf(n * k),
+        u: None,
+        w_down: buf(r * k),
+        w_up: buf(n * r),
+        b_up: None,
+        gate: None,
+        saved: buf(0),
+        dx: buf(0),
+        du: None,
+        dw_down: buf(r * k),
+        db_down: None,
+        dw_up: buf(n * r),
+        db_up: None,
+        dgate: None,
+        workspace: buf(dims.backward_workspace_len(&op)),
+        dropout: None,
+        accumulate: false,
+    };
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let steps = delta_linear_backward(&op, &dims, dtype, &bufs).expect("m = 0");
+        assert!(steps.is_empty(), "{dtype:?}: {} steps", steps.len());
     }
 }
 

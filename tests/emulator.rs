@@ -614,14 +614,57 @@ fn reading_past_dynamic_shared_memory_faults() {
             probe: probe.as_mut_ptr() as u64,
             n: 64,
         };
+        // Unchecked whatever PEFT_KERNELS_EMU_CHECK says: memcheck refuses the read before
+        // it faults (the next test).
         // SAFETY: none; this process exists to fault.
-        let _ = unsafe { emulator::launch(&launch, &params) };
+        let _ = emulator::with_checks(Checks::NONE, || unsafe {
+            emulator::launch(&launch, &params)
+        });
         unreachable!("the read past dynamic shared memory did not fault");
     }
     let (signal, stderr) = run_child("reading_past_dynamic_shared_memory_faults");
     assert_eq!(signal, Some(11), "not killed by SIGSEGV: {stderr}");
     let report = "in kernel `selftest_reverse_dynamic_smem_f32`, block (0,0,0), thread (0,0,0)";
     assert!(stderr.contains(report), "{stderr}");
+}
+
+/// With memcheck on, the same read past dynamic shared memory is an `Error::Emulator` naming
+/// the kernel, block, thread and offset, raised before the read reaches the guard page.
+#[test]
+fn memcheck_names_a_read_past_dynamic_shared_memory() {
+    if !emulator::checks_available() {
+        eprintln!("skipped: this build has no checked copy (PEFT_KERNELS_EMU_SANITIZE)");
+        return;
+    }
+    let (x, mut y, mut probe) = (vec![1.0f32; 64], vec![0.0f32; 64], vec![0u32; 2]);
+    let launch = Launch {
+        kernel: KernelId::selftest_reverse_dynamic_smem_f32,
+        grid: [2, 1, 1],
+        block: [32, 1, 1],
+        dynamic_smem: 128,
+        overlap_previous: false,
+    };
+    let params = selftest::ReverseParams {
+        x: x.as_ptr() as u64,
+        y: y.as_mut_ptr() as u64,
+        probe: probe.as_mut_ptr() as u64,
+        n: 64,
+    };
+    // SAFETY: the buffers hold every element the kernel touches; its one access past
+    // dynamic shared memory is refused by memcheck before it is made.
+    let r = emulator::with_checks(Checks::MEMCHECK, || unsafe {
+        emulator::launch(&launch, &params)
+    });
+    let message = expect_emulator_error(
+        r,
+        "selftest_reverse_dynamic_smem_f32",
+        "memcheck in kernel `selftest_reverse_dynamic_smem_f32`: 4-byte read of dynamic \
+         shared memory at byte offset 128: outside the launch's 128 bytes",
+    );
+    assert!(
+        message.starts_with("block (0,0,0), thread (0,0,0): "),
+        "{message}"
+    );
 }
 
 #[test]

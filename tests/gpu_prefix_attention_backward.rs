@@ -71,6 +71,12 @@ fn lse_merge_backward() {
 
 #[test]
 #[ignore = "needs a CUDA device"]
+fn misaligned_buffers() {
+    backward::misaligned_buffers(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
 fn bad_arguments_are_errors() {
     backward::bad_arguments_are_errors(&gpu());
 }

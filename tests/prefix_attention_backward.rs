@@ -400,6 +400,11 @@ fn lse_merge_backward() {
 }
 
 #[test]
+fn misaligned_buffers() {
+    backward::misaligned_buffers(&EMU);
+}
+
+#[test]
 fn bad_arguments_are_errors() {
     backward::bad_arguments_are_errors(&EMU);
 }

@@ -514,7 +514,10 @@ bool run_block(Engine& e, uint64_t b) {
   if (check::rt::on()) {
     const size_t page = size_t(sysconf(_SC_PAGESIZE));
     const size_t map = (kMaxDynamicSmem + page - 1) / page * page;
-    check::rt::block_begin(b, e.smem, e.smem_end ? e.smem_end - map : nullptr, e.smem_end);
+    // The guard page after dynamic shared memory counts as shared memory, so that memcheck
+    // names an access past the launch's part (an Err) before the access would fault.
+    check::rt::block_begin(b, e.smem, e.smem_end ? e.smem_end - map : nullptr,
+                           e.smem_end ? e.smem_end + page : nullptr);
   }
   e.runnable = e.nthreads;
   e.exited = e.at_barrier = 0;

@@ -129,6 +129,23 @@ fn cublas_int(arg: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::invalid(arg, format!("at most {} for cuBLAS", i32::MAX), v))
 }
 
+/// Whether the cuBLAS library opens. Probed here, as `cuda` probes the driver: cudarc's own
+/// `is_culib_present` exists only under its `dynamic-loading`, which candle's
+/// `dynamic-linking` in the same build turns off. The names are those cudarc tries first
+/// (the unversioned name, then CUDA 13's and 12's).
+fn cublas_library_present() -> bool {
+    let names: &[&str] = if cfg!(windows) {
+        &["cublas64_13.dll", "cublas64_12.dll"]
+    } else {
+        &["libcublas.so", "libcublas.so.13", "libcublas.so.12"]
+    };
+    names.iter().any(|name| {
+        // SAFETY: loading the library runs only its initialisers, as cudarc's own loading
+        // would; nothing in it is called here and it is unloaded on drop.
+        unsafe { libloading::Library::new(*name) }.is_ok()
+    })
+}
+
 /// The unfused cuBLAS sequence (see the module docs), on one stream.
 #[derive(Debug)]
 pub struct Baseline {
@@ -140,10 +157,9 @@ impl Baseline {
     /// A cuBLAS handle whose work goes to `stream`. [`Error::Cuda`] when the cuBLAS library
     /// (libcublas of CUDA 13) cannot be loaded.
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
-        // SAFETY: only tries to open the library; calls nothing in it.
-        if !unsafe { blas_sys::is_culib_present() } {
+        if !cublas_library_present() {
             return Err(Error::Cuda(
-                "the cuBLAS library (libcublas.so.13) is not on the library search path".into(),
+                "the cuBLAS library (libcublas.so, .so.13 or .so.12) is not on the library search path".into(),
             ));
         }
         let blas = CudaBlas::new(stream.clone()).map_err(cublas_error("handle creation"))?;

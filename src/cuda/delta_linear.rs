@@ -23,6 +23,26 @@ pub type DeviceDeltaLinearArgs<'a, T> = DeltaLinearArgs<DeviceRead<'a, T>, Devic
 pub type DeviceDeltaApplyArgs<'a, T> = DeltaApplyArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>>;
 /// [`LoraMergeArgs`] over device buffers ([`lora_merge`]).
 pub type DeviceLoraMergeArgs<'a, T> = LoraMergeArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>>;
+/// [`DeltaLinearTrainArgs`] over device buffers ([`delta_linear_train`]).
+pub type DeviceDeltaLinearTrainArgs<'a, T> =
+    DeltaLinearTrainArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>, DeviceWrite<'a, f32>>;
+/// [`DeltaLinearBackwardArgs`] over device buffers ([`delta_linear_backward`]).
+pub type DeviceDeltaLinearBackwardArgs<'a, T> = DeltaLinearBackwardArgs<
+    DeviceRead<'a, T>,
+    DeviceRead<'a, f32>,
+    DeviceWrite<'a, T>,
+    DeviceWrite<'a, f32>,
+>;
+/// [`DeltaApplyTrainArgs`] over device buffers ([`delta_apply_train`]).
+pub type DeviceDeltaApplyTrainArgs<'a, T> =
+    DeltaApplyTrainArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>, DeviceWrite<'a, f32>>;
+/// [`DeltaApplyBackwardArgs`] over device buffers ([`delta_apply_backward`]).
+pub type DeviceDeltaApplyBackwardArgs<'a, T> = DeltaApplyBackwardArgs<
+    DeviceRead<'a, T>,
+    DeviceRead<'a, f32>,
+    DeviceWrite<'a, T>,
+    DeviceWrite<'a, f32>,
+>;
 
 /// `y = compose(x·Wᵀ + b, s·f(u·W_downᵀ + b_down)·W_upᵀ + b_up)` (see
 /// [`crate::delta_linear`]) queued on `stream`. Every argument is checked before anything
@@ -148,7 +168,7 @@ pub fn delta_linear_train<'a, T: Element>(
     stream: &'a CudaStream,
     op: &DeltaLinear,
     dims: &DeltaLinearDims,
-    args: DeltaLinearTrainArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>, DeviceWrite<'a, f32>>,
+    args: DeviceDeltaLinearTrainArgs<'a, T>,
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = plan::delta_linear_train(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
@@ -162,12 +182,7 @@ pub fn delta_linear_backward<'a, T: Element>(
     stream: &'a CudaStream,
     op: &DeltaLinear,
     dims: &DeltaLinearDims,
-    args: DeltaLinearBackwardArgs<
-        DeviceRead<'a, T>,
-        DeviceRead<'a, f32>,
-        DeviceWrite<'a, T>,
-        DeviceWrite<'a, f32>,
-    >,
+    args: DeviceDeltaLinearBackwardArgs<'a, T>,
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = backward_plan::delta_linear_backward(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
@@ -195,7 +210,7 @@ pub fn delta_apply_train<'a, T: Element>(
     stream: &'a CudaStream,
     op: &DeltaLinear,
     dims: &DeltaApplyDims,
-    args: DeltaApplyTrainArgs<DeviceRead<'a, T>, DeviceWrite<'a, T>, DeviceWrite<'a, f32>>,
+    args: DeviceDeltaApplyTrainArgs<'a, T>,
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = plan::delta_apply_train(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
@@ -209,12 +224,7 @@ pub fn delta_apply_backward<'a, T: Element>(
     stream: &'a CudaStream,
     op: &DeltaLinear,
     dims: &DeltaApplyDims,
-    args: DeltaApplyBackwardArgs<
-        DeviceRead<'a, T>,
-        DeviceRead<'a, f32>,
-        DeviceWrite<'a, T>,
-        DeviceWrite<'a, f32>,
-    >,
+    args: DeviceDeltaApplyBackwardArgs<'a, T>,
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = backward_plan::delta_apply_backward(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;

@@ -9,6 +9,10 @@ use crate::optim::{AdamW, AdamwArgs};
 use crate::plan::optim as plan;
 use crate::{Element, Result};
 
+/// [`AdamwArgs`] over device buffers ([`adamw`]).
+pub type DeviceAdamwArgs<'a, T> =
+    AdamwArgs<DeviceRead<'a, f32>, DeviceWrite<'a, f32>, DeviceWrite<'a, T>>;
+
 /// One AdamW step `step` (from 1) of `op` over every tensor of `args`, queued on `stream`
 /// (see [`crate::optim`]). Every argument is checked before anything is queued. The plan's
 /// table (a few words a tensor and a block) is copied to a device allocation of the stream,
@@ -17,7 +21,7 @@ pub fn adamw<'a, T: Element>(
     stream: &'a Arc<CudaStream>,
     op: &AdamW,
     step: u64,
-    args: AdamwArgs<DeviceRead<'a, f32>, DeviceWrite<'a, f32>, DeviceWrite<'a, T>>,
+    args: DeviceAdamwArgs<'a, T>,
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let plan = plan::adamw(op, step, T::DTYPE, &args.bufs(&mut bufs))?;

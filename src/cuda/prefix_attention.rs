@@ -113,10 +113,18 @@ pub fn kv_concat<'a, T: Element>(
 }
 
 /// [`PrefixAttentionBackwardArgs`] over device buffers.
-pub type PrefixAttentionBackwardDeviceArgs<'a, T> = PrefixAttentionBackwardArgs<
+pub type DevicePrefixAttentionBackwardArgs<'a, T> = PrefixAttentionBackwardArgs<
     DeviceRead<'a, T>,
     DeviceWrite<'a, T>,
     DeviceRead<'a, u32>,
+    DeviceRead<'a, f32>,
+    DeviceWrite<'a, f32>,
+>;
+
+/// [`LseMergeBackwardArgs`] over device buffers ([`lse_merge_backward`]).
+pub type DeviceLseMergeBackwardArgs<'a, T> = LseMergeBackwardArgs<
+    DeviceRead<'a, T>,
+    DeviceWrite<'a, T>,
     DeviceRead<'a, f32>,
     DeviceWrite<'a, f32>,
 >;
@@ -130,7 +138,7 @@ pub fn prefix_attention_backward<'a, T: Element>(
     stream: &'a CudaStream,
     op: &PrefixAttention,
     dims: &PrefixAttentionBackwardDims,
-    args: PrefixAttentionBackwardDeviceArgs<'a, T>,
+    args: DevicePrefixAttentionBackwardArgs<'a, T>,
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = plan::prefix_attention_backward(op, dims, T::DTYPE, &args.bufs(&mut bufs))?;
@@ -142,12 +150,7 @@ pub fn prefix_attention_backward<'a, T: Element>(
 pub fn lse_merge_backward<'a, T: Element>(
     stream: &'a CudaStream,
     dims: &LseMergeBackwardDims,
-    args: LseMergeBackwardArgs<
-        DeviceRead<'a, T>,
-        DeviceWrite<'a, T>,
-        DeviceRead<'a, f32>,
-        DeviceWrite<'a, f32>,
-    >,
+    args: DeviceLseMergeBackwardArgs<'a, T>,
 ) -> Result<()> {
     let mut bufs = Buffers::new(stream);
     let steps = plan::lse_merge_backward(dims, T::DTYPE, &args.bufs(&mut bufs))?;

@@ -2,9 +2,9 @@
 
 use super::{run, HostBufs};
 use crate::delta_linear::{
-    DeltaApplyBackwardArgs, DeltaApplyDims, DeltaApplyTrainArgs, DeltaLinear,
-    DeltaLinearBackwardArgs, DeltaLinearDims, DeltaLinearTrainArgs, HostDeltaApplyArgs,
-    HostDeltaLinearArgs, HostLoraMergeArgs, LoraMergeDims,
+    DeltaApplyDims, DeltaLinear, DeltaLinearDims, HostDeltaApplyArgs, HostDeltaApplyBackwardArgs,
+    HostDeltaApplyTrainArgs, HostDeltaLinearArgs, HostDeltaLinearBackwardArgs,
+    HostDeltaLinearTrainArgs, HostLoraMergeArgs, LoraMergeDims,
 };
 use crate::plan::delta_linear::{self as plan, DeltaApplyBufs, DeltaLinearBufs};
 use crate::plan::delta_linear_backward::{self as backward_plan, DeltaLinearBackwardBufs};
@@ -89,7 +89,7 @@ pub fn delta_linear_quant_train<T: Element>(
 pub fn delta_linear_train<T: Element>(
     op: &DeltaLinear,
     dims: &DeltaLinearDims,
-    args: DeltaLinearTrainArgs<&[T], &mut [T], &mut [f32]>,
+    args: HostDeltaLinearTrainArgs<'_, T>,
 ) -> Result<()> {
     let mut host = HostBufs::default();
     let b = args.bufs(&mut host);
@@ -103,7 +103,7 @@ pub fn delta_linear_train<T: Element>(
 pub fn delta_linear_backward<T: Element>(
     op: &DeltaLinear,
     dims: &DeltaLinearDims,
-    args: DeltaLinearBackwardArgs<&[T], &[f32], &mut [T], &mut [f32]>,
+    args: HostDeltaLinearBackwardArgs<'_, T>,
 ) -> Result<()> {
     let mut host = HostBufs::default();
     let b = args.bufs(&mut host);
@@ -132,7 +132,7 @@ pub fn delta_apply<T: Element>(
 pub fn delta_apply_train<T: Element>(
     op: &DeltaLinear,
     dims: &DeltaApplyDims,
-    args: DeltaApplyTrainArgs<&[T], &mut [T], &mut [f32]>,
+    args: HostDeltaApplyTrainArgs<'_, T>,
 ) -> Result<()> {
     let mut host = HostBufs::default();
     let b = args.bufs(&mut host);
@@ -146,7 +146,7 @@ pub fn delta_apply_train<T: Element>(
 pub fn delta_apply_backward<T: Element>(
     op: &DeltaLinear,
     dims: &DeltaApplyDims,
-    args: DeltaApplyBackwardArgs<&[T], &[f32], &mut [T], &mut [f32]>,
+    args: HostDeltaApplyBackwardArgs<'_, T>,
 ) -> Result<()> {
     let mut host = HostBufs::default();
     let b = args.bufs(&mut host);

@@ -1,18 +1,14 @@
 //! AdamW on the emulator: host slices in, the same plan as the GPU.
 
 use super::{run, HostBufs};
-use crate::optim::{AdamW, AdamwArgs};
+use crate::optim::{AdamW, HostAdamwArgs};
 use crate::plan::optim as plan;
 use crate::plan::BufSource;
 use crate::{Element, Result};
 
 /// One AdamW step `step` (from 1) of `op` over every tensor of `args`, on the CPU emulator
 /// (see [`crate::optim`]). Every argument is checked before anything runs.
-pub fn adamw<T: Element>(
-    op: &AdamW,
-    step: u64,
-    args: AdamwArgs<&[f32], &mut [f32], &mut [T]>,
-) -> Result<()> {
+pub fn adamw<T: Element>(op: &AdamW, step: u64, args: HostAdamwArgs<'_, T>) -> Result<()> {
     let mut host = HostBufs::default();
     let bufs = args.bufs(&mut host);
     let mut plan = plan::adamw(op, step, T::DTYPE, &bufs)?;

@@ -12,11 +12,10 @@
 use super::{run, HostBufs};
 use crate::plan::prefix_attention as plan;
 use crate::prefix_attention::{
-    HostKvConcatArgs, HostLseMergeArgs, HostMultiPrefixAttentionArgs, HostPrefixAttentionArgs,
-    HostPrefixOnlyArgs, KvConcatDims, LseMergeBackwardArgs, LseMergeBackwardDims, LseMergeDims,
-    MultiPrefixAttentionArgs, MultiPrefixDims, PrefixAttention, PrefixAttentionArgs,
-    PrefixAttentionBackwardDims, PrefixAttentionBackwardHostArgs, PrefixAttentionDims,
-    PrefixOnlyArgs,
+    HostKvConcatArgs, HostLseMergeArgs, HostLseMergeBackwardArgs, HostMultiPrefixAttentionArgs,
+    HostPrefixAttentionArgs, HostPrefixAttentionBackwardArgs, HostPrefixOnlyArgs, KvConcatDims,
+    LseMergeBackwardDims, LseMergeDims, MultiPrefixAttentionArgs, MultiPrefixDims, PrefixAttention,
+    PrefixAttentionArgs, PrefixAttentionBackwardDims, PrefixAttentionDims, PrefixOnlyArgs,
 };
 use crate::{DType, Element, Result};
 
@@ -267,7 +266,7 @@ fn realigned<T: Element, const N: usize>(
 pub fn prefix_attention_backward<T: Element>(
     op: &PrefixAttention,
     dims: &PrefixAttentionBackwardDims,
-    args: PrefixAttentionBackwardHostArgs<'_, T>,
+    args: HostPrefixAttentionBackwardArgs<'_, T>,
 ) -> Result<()> {
     let lens = args.context_lens;
     let mut host = HostBufs::default();
@@ -299,7 +298,7 @@ pub fn prefix_attention_backward<T: Element>(
 /// The LSE merge's backward (each state's output and LSE gradient) on the CPU emulator.
 pub fn lse_merge_backward<T: Element>(
     dims: &LseMergeBackwardDims,
-    args: LseMergeBackwardArgs<&[T], &mut [T], &[f32], &mut [f32]>,
+    args: HostLseMergeBackwardArgs<'_, T>,
 ) -> Result<()> {
     let mut host = HostBufs::default();
     let b = args.bufs(&mut host);

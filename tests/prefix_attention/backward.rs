@@ -8,15 +8,15 @@
 //! wherever their shape does not reach, and every gradient buffer is NaN before the run, its
 //! gaps still NaN after it.
 
-use crate::common::{random_cases, Rng};
+use crate::common::{random_cases, Placed, Rng};
 use crate::harness::{random_lens, Case, Inputs, Layout, Strided};
 use half::{bf16, f16};
 use peft_kernels::host::{self, Backend};
 use peft_kernels::prefix_attention::{
     HeadLayout, PrefixAttentionBackwardArgs, PrefixAttentionBackwardDims, PrefixGrad, HEAD_DIMS,
 };
-use peft_kernels::reference::{self, PrefixAttentionGrads};
-use peft_kernels::validate::{assert_close, default_tolerance};
+use peft_kernels::reference::{self, PrefixAttentionGrads, Scalar};
+use peft_kernels::validate::{self, assert_close, default_tolerance};
 use peft_kernels::{DType, Element, Error, Result};
 
 /// The gradient buffers of one run (dP_k, dP_v in T or in f32).
@@ -112,36 +112,83 @@ fn prefix_grad<T: Element, P: Element>(buf: &mut [P]) -> PrefixGrad<&mut [T], &m
     }
 }
 
-/// The reference backward on exactly what the kernels read.
-fn reference_grads<T: Element>(
-    case: &Case,
-    x: &Inputs<T>,
-    saved: &Saved<T>,
-) -> PrefixAttentionGrads {
-    reference::prefix_attention_backward(
-        &case.op(),
-        &x.tensors(case),
+/// The reference backward on exactly what the kernels read, and the same with D = 0 (see
+/// [`Expected`]).
+fn reference_grads<T: Element>(case: &Case, x: &Inputs<T>, saved: &Saved<T>) -> Expected {
+    Expected::new(
+        case,
+        x,
         &saved.out.gather(),
         &saved.lse,
         &saved.dout.gather(),
     )
-    .unwrap_or_else(|e| panic!("{case:?}: reference backward: {e}"))
+}
+
+/// The reference gradients, and beside them the gradients with D = rowsum(dO∘O) taken as 0:
+/// the size of the terms whose difference ds = p·(dO·v − D) is. Where they cancel (a row that
+/// sees one key only, a lone prefix key beside an empty context: p = 1 and dO·v = D, so
+/// ds = 0), f32 arithmetic leaves ε of them (D and dO·v are summed in different orders),
+/// which no tolerance relative to the exact ~0 can hold.
+pub struct Expected {
+    pub grads: PrefixAttentionGrads,
+    pub uncancelled: PrefixAttentionGrads,
+}
+
+impl Expected {
+    fn new<T: Element, O: Scalar, L: Scalar>(
+        case: &Case,
+        x: &Inputs<T>,
+        out: &[O],
+        lse: &[L],
+        dout: &[T],
+    ) -> Expected {
+        let (op, t) = (case.op(), x.tensors(case));
+        let failed = |e| panic!("{case:?}: reference backward: {e}");
+        let zeros = vec![0.0f64; out.len()];
+        Expected {
+            grads: reference::prefix_attention_backward(&op, &t, out, lse, dout)
+                .unwrap_or_else(failed),
+            uncancelled: reference::prefix_attention_backward(&op, &t, &zeros, lse, dout)
+                .unwrap_or_else(failed),
+        }
+    }
+}
+
+/// A gradient through ds (dq, dK, dP_k) against the reference: within `tol` of it, or, where ds
+/// cancels, with an error within `tol` of the [`Expected::uncancelled`] gradient's norm (a
+/// wrong or missing D is off by that norm itself, and caught).
+#[track_caller]
+fn assert_close_ds<E: Scalar>(
+    name: &str,
+    out: &[E],
+    reference: &[f64],
+    uncancelled: &[f64],
+    tol: f64,
+) {
+    let c = validate::compare(name, out, reference, tol).unwrap();
+    if c.passed() {
+        return;
+    }
+    let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
+    let err = norm(&mut out.iter().zip(reference).map(|(o, r)| o.as_f64() - r));
+    let floor = tol * norm(&mut uncancelled.iter().copied());
+    assert!(
+        c.non_finite == 0 && err <= floor,
+        "{c}\n  and ‖out − ref‖ = {err:.3e} > tol·‖the gradient with D = 0‖ = {floor:.3e}"
+    );
 }
 
 /// Each gradient against the reference (dP_k, dP_v at `prefix_tol`), and the gaps of every
 /// gradient buffer untouched.
-fn compare<T: Element, P: Element>(
-    name: &str,
-    g: &Grads<T, P>,
-    r: &PrefixAttentionGrads,
-    prefix_tol: f64,
-) {
+fn compare<T: Element, P: Element>(name: &str, g: &Grads<T, P>, e: &Expected, prefix_tol: f64) {
+    let (r, r0) = (&e.grads, &e.uncancelled);
     let tol = grad_tolerance(T::DTYPE);
-    assert_close(&format!("dq {name}"), &g.dq.gather(), &r.dq, tol);
-    assert_close(&format!("dk {name}"), &g.dk.gather(), &r.dk, tol);
+    assert_close_ds(&format!("dq {name}"), &g.dq.gather(), &r.dq, &r0.dq, tol);
+    assert_close_ds(&format!("dk {name}"), &g.dk.gather(), &r.dk, &r0.dk, tol);
     assert_close(&format!("dv {name}"), &g.dv.gather(), &r.dv, tol);
     let pk = &format!("dprefix_k {name}");
-    assert_close(pk, &g.dprefix_k.gather(), &r.dprefix_k, prefix_tol);
+    let (gpk, (rpk, r0pk)) = (g.dprefix_k.gather(), (&r.dprefix_k, &r0.dprefix_k));
+    assert_close_ds(pk, &gpk, rpk, r0pk, prefix_tol);
     let pv = &format!("dprefix_v {name}");
     assert_close(pv, &g.dprefix_v.gather(), &r.dprefix_v, prefix_tol);
     g.dq.assert_gaps_untouched(&format!("dq {name}"));
@@ -346,17 +393,77 @@ pub fn forward_then_backward(be: &Backend) {
         };
         let g = run_backward::<f32, f32>(be, &case, &x, &saved).unwrap();
         let r = reference::prefix_attention(&case.op(), &x.tensors(&case)).unwrap();
-        let want = reference::prefix_attention_backward(
-            &case.op(),
-            &x.tensors(&case),
-            &r.out,
-            &r.lse,
-            &saved.dout.gather(),
-        )
-        .unwrap();
+        let want = Expected::new(&case, &x, &r.out, &r.lse, &saved.dout.gather());
         let name = format!("forward then backward {case:?} (seed {})", rng.seed());
         compare(&name, &g, &want, 1e-4);
     }
+}
+
+/// Host slices of any alignment (a `Vec<bf16>` promises 2 bytes): every tensor, gradient and
+/// the workspace one element past a 16-byte boundary give the aligned run's gradients bit for
+/// bit, in every dtype.
+pub fn misaligned_buffers(be: &Backend) {
+    fn each<T: Element + Default>(be: &Backend, rng: &mut Rng) {
+        let d = rng.pick(&[32, 64, 96]);
+        let case = grid_case(rng, d);
+        let x = Inputs::<T>::new(rng, &case);
+        let saved = Saved::from_reference(rng, &case, &x);
+        let want = run_backward::<T, T>(be, &case, &x, &saved)
+            .unwrap_or_else(|e| panic!("{} {case:?}: {e}", T::DTYPE));
+        let dims = PrefixAttentionBackwardDims::new(case.dims());
+        let mut g = Grads::<T, T>::poisoned(&dims);
+        let read = |s: &Strided<T>| Placed::misaligned(&s.data);
+        let (q, k, v) = (read(&x.q), read(&x.k), read(&x.v));
+        let (pk, pv) = (read(&x.prefix_k), read(&x.prefix_v));
+        let (out, dout) = (read(&saved.out), read(&saved.dout));
+        let lse = Placed::misaligned(&saved.lse);
+        let (mut dq, mut dk, mut dv) = (read(&g.dq), read(&g.dk), read(&g.dv));
+        let (mut dpk, mut dpv) = (read(&g.dprefix_k), read(&g.dprefix_v));
+        let mut workspace = Placed::misaligned(&vec![f32::NAN; dims.workspace_len()]);
+        let args = PrefixAttentionBackwardArgs {
+            q: q.get(),
+            k: k.get(),
+            v: v.get(),
+            prefix_k: pk.get(),
+            prefix_v: pv.get(),
+            context_lens: case.lens.as_deref(),
+            out: out.get(),
+            lse: lse.get(),
+            dout: dout.get(),
+            dq: dq.get_mut(),
+            dk: dk.get_mut(),
+            dv: dv.get_mut(),
+            dprefix_k: PrefixGrad::Elem(dpk.get_mut()),
+            dprefix_v: PrefixGrad::Elem(dpv.get_mut()),
+            workspace: workspace.get_mut(),
+        };
+        host::prefix_attention_backward(be, &case.op(), &dims, args)
+            .unwrap_or_else(|e| panic!("misaligned {} {case:?}: {e}", T::DTYPE));
+        dq.copy_to(&mut g.dq.data);
+        dk.copy_to(&mut g.dk.data);
+        dv.copy_to(&mut g.dv.data);
+        dpk.copy_to(&mut g.dprefix_k.data);
+        dpv.copy_to(&mut g.dprefix_v.data);
+        for (name, got, want) in [
+            ("dq", &g.dq, &want.dq),
+            ("dk", &g.dk, &want.dk),
+            ("dv", &g.dv, &want.dv),
+            ("dprefix_k", &g.dprefix_k, &want.dprefix_k),
+            ("dprefix_v", &g.dprefix_v, &want.dprefix_v),
+        ] {
+            let bits = |s: &Strided<T>| bytemuck::cast_slice::<T, u8>(&s.data).to_vec();
+            assert!(
+                bits(got) == bits(want),
+                "{name} of misaligned {} {case:?} (seed {}) differs from the aligned run",
+                T::DTYPE,
+                rng.seed()
+            );
+        }
+    }
+    let mut rng = Rng::from_env();
+    each::<f32>(be, &mut rng);
+    each::<f16>(be, &mut rng);
+    each::<bf16>(be, &mut rng);
 }
 
 /// Bad arguments: the forward's checks, the saved tensors' and the gradients' shapes, and
@@ -459,7 +566,7 @@ pub fn split_form_trains(be: &Backend) {
     ] {
         let x = Inputs::<f32>::new(&mut rng, &case);
         let saved = Saved::from_reference(&mut rng, &case, &x);
-        let r = reference_grads(&case, &x, &saved);
+        let r = reference_grads(&case, &x, &saved).grads;
         let name = format!("split form {case:?} (seed {})", rng.seed());
         let (tol, full) = (grad_tolerance(DType::F32), case.dims());
         let part = |forward: peft_kernels::prefix_attention::PrefixAttentionDims,
