@@ -60,7 +60,9 @@
 //! # Empty batches, alignment
 //!
 //! `m = 0` (no rows) is a valid call that is checked like any other and launches nothing;
-//! every other size must be at least 1. The kernels take buffers of any alignment: an f16 /
+//! every other size must be at least 1. A backward of an empty batch therefore leaves its
+//! gradients as they were, `accumulate` or not (the sum over no tokens adds nothing; clear
+//! them yourself if you want them 0). The kernels take buffers of any alignment: an f16 /
 //! bf16 operand whose rows are not 16-byte aligned runs on a slower path (see
 //! [`KernelVariant::Auto`]), never an error.
 //!
