@@ -477,3 +477,14 @@ __device__ void blocks_write_one_output(const CheckedParams& p) {
   if (t < p.n) p.out[t] = p.x[blockIdx.x * blockDim.x + t < p.n ? blockIdx.x * blockDim.x + t : 0];
 }
 PK_KERNEL(selftest_broken_blocks_write_one_output, blocks_write_one_output, CheckedParams)
+
+// Each block writes its outputs, then its first thread adds the next block's first output,
+// which that block writes in the same launch: on a GPU the blocks run in any order
+// (racecheck: a write after another block's read, whichever block the emulator runs first).
+__device__ void block_reads_anothers_output(const CheckedParams& p) {
+  const uint32_t base = blockIdx.x * blockDim.x, t = threadIdx.x;
+  if (base + t < p.n) p.out[base + t] = p.x[base + t];
+  __syncthreads();
+  if (t == 0 && base < p.n) p.out[base] += p.out[(base + blockDim.x) % p.n];
+}
+PK_KERNEL(selftest_broken_block_reads_anothers_output, block_reads_anothers_output, CheckedParams)

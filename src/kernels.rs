@@ -196,6 +196,7 @@ kernel_table! {
         selftest_broken_missing_barrier_read,
         selftest_broken_uninit_shared_read,
         selftest_broken_blocks_write_one_output,
+        selftest_broken_block_reads_anothers_output,
     }
     #[cfg(feature = "selftest")]
     SelftestMma {

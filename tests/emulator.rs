@@ -273,6 +273,14 @@ fn checks_catch_the_broken_kernels() {
             "block (1,0,0), thread (0,0,0): ",
             "",
         ),
+        (
+            BrokenCheck::BlockReadsAnothersOutput,
+            "racecheck in kernel `selftest_broken_block_reads_anothers_output`: global \
+             write-after-read hazard on `out` at byte offset 256: block (0,0,0) of the same \
+             launch read it",
+            "block (1,0,0), thread (0,0,0): ",
+            "",
+        ),
     ];
     assert_eq!(expected.len(), BrokenCheck::ALL.len());
     for (kind, message, place, detail) in expected {

@@ -730,15 +730,18 @@ pub enum BrokenCheck {
     UninitSharedRead,
     /// Every block writes the same outputs (racecheck).
     BlocksWriteOneOutput,
+    /// A block reads an output another block of the launch writes (racecheck).
+    BlockReadsAnothersOutput,
 }
 
 impl BrokenCheck {
     /// Every one, with the check that catches it.
-    pub const ALL: [(BrokenCheck, Checks); 4] = [
+    pub const ALL: [(BrokenCheck, Checks); 5] = [
         (BrokenCheck::ReadPastTile, Checks::MEMCHECK),
         (BrokenCheck::MissingBarrierRead, Checks::RACECHECK),
         (BrokenCheck::UninitSharedRead, Checks::INITCHECK),
         (BrokenCheck::BlocksWriteOneOutput, Checks::RACECHECK),
+        (BrokenCheck::BlockReadsAnothersOutput, Checks::RACECHECK),
     ];
 
     /// The kernel.
@@ -748,6 +751,9 @@ impl BrokenCheck {
             BrokenCheck::MissingBarrierRead => KernelId::selftest_broken_missing_barrier_read,
             BrokenCheck::UninitSharedRead => KernelId::selftest_broken_uninit_shared_read,
             BrokenCheck::BlocksWriteOneOutput => KernelId::selftest_broken_blocks_write_one_output,
+            BrokenCheck::BlockReadsAnothersOutput => {
+                KernelId::selftest_broken_block_reads_anothers_output
+            }
         }
     }
 }
