@@ -252,9 +252,13 @@ mod decode {
         k: usize,
         sampling: Sampling,
     ) -> Result<Vec<LaunchProfile>> {
-        let r = 16;
+        lora_plan_with(DeltaLinearDims::new(m, n, k, 16), sampling)
+    }
+
+    /// The profiles of the fused LoRA plan (bf16) over `dims`.
+    pub fn lora_plan_with(dims: DeltaLinearDims, sampling: Sampling) -> Result<Vec<LaunchProfile>> {
+        let (m, n, k, r) = (dims.m, dims.n, dims.k, dims.r);
         let mut rng = Rng::from_env();
-        let dims = DeltaLinearDims::new(m, n, k, r);
         let x: Vec<bf16> = rng.uniform_vec(m * k);
         let w: Vec<bf16> = rng.uniform_vec(n * k);
         let w_down: Vec<bf16> = rng.uniform_vec(r * k);
@@ -420,6 +424,44 @@ mod decode {
                     );
                 }
             }
+        }
+    }
+
+    /// #16 item 5: the tensor-core kernels store y in whole sectors (the quad's transposed
+    /// 8-byte stores, kernels/delta_linear.cu), at least 95% of the bytes of the sectors the
+    /// stores touch, for every tile configuration and the split-K reduction, at aligned
+    /// shapes (K small: the epilogue is what is measured).
+    #[test]
+    fn y_stores_fill_whole_sectors() {
+        if skipped_without_checks() {
+            return;
+        }
+        use peft_kernels::delta_linear::KernelVariant;
+        // (m, n, k, the kernel that writes y)
+        let cases = [
+            (16, 256, 64, "fused_linear_mma_decode_bf16"),
+            (100, 64, 64, "fused_linear_mma_small_bf16"),
+            (64, 256, 64, "fused_linear_mma_mid_bf16"),
+            (256, 256, 64, "fused_linear_mma_large_bf16"),
+            (64, 256, 1024, "fused_linear_split_reduce_bf16"),
+            (200, 256, 128, "fused_linear_wgmma_bf16"),
+        ];
+        for (m, n, k, kernel) in cases {
+            let mut dims = DeltaLinearDims::new(m, n, k, 16);
+            if kernel.contains("wgmma") {
+                dims.kernel = KernelVariant::Wgmma;
+            }
+            let p = lora_plan_with(dims, Sampling::Exact).unwrap();
+            let all: String = p.iter().map(|l| format!("{l}\n")).collect();
+            let writes: Vec<_> = p
+                .iter()
+                .filter(|l| l.operand("y").is_some_and(|o| o.stores.requests > 0.0))
+                .collect();
+            assert_eq!(writes.len(), 1, "{all}");
+            assert_eq!(writes[0].kernel, kernel, "{all}");
+            let y = writes[0].operand("y").unwrap().stores;
+            assert_eq!(y.bytes, (2 * m * n) as f64, "{kernel}\n{all}");
+            assert!(y.coalescing() >= 0.95, "{kernel}: {y:?}\n{all}");
         }
     }
 
