@@ -93,6 +93,19 @@
 //           dependent launch on sm_90 and newer, like the pass after it). Rejected: atomics
 //           into y (bf16 accumulation, and a nondeterministic sum). Costs 32 + 4 f32 bytes per
 //           output and run of workspace traffic, mostly in L2; unmeasured.
+//   y's stores (the unsplit mma and wgmma passes): where y's rows are 8-byte aligned, each
+//           quad of a fragment row finishes two fragments in registers and swaps them with
+//           two shuffles, so every lane stores 4 adjacent elements (8 bytes) and a quad a
+//           whole 32-byte sector; stored as the fragments hold them, a warp's store filled
+//           half of each sector it touched (the emulator's profile counted 50%, issue 16).
+//   x is read twice in a parallel delta's plan: by the down pass (t = x·W_downᵀ) and by the
+//           main pass (x·Wᵀ). The profile counts it: at M = 4096, K = N = 4096, r = 16, bf16
+//           the plan's compulsory traffic is 134.7 MB against 100.9 MB for every operand
+//           once, x's 33.5 MB the difference. Kept as a trade-off: the main pass needs all of
+//           t's row (all of K) before its phase 2, so computing t from the x tiles it stages
+//           means a second sweep of K or a grid-wide dependency, a redesign; at decode x is
+//           a few KB, and at prefill the model (src/model.rs, not measured) puts the pass on
+//           the tensor cores: 278 µs of mma.sync against 45 µs of DRAM traffic at M = 4096.
 //   Not yet measured on a GPU: these are starting points, to be tuned against BENCHMARKS.md.
 
 #include "common.cuh"
