@@ -93,6 +93,19 @@
 //           dependent launch on sm_90 and newer, like the pass after it). Rejected: atomics
 //           into y (bf16 accumulation, and a nondeterministic sum). Costs 32 + 4 f32 bytes per
 //           output and run of workspace traffic, mostly in L2; unmeasured.
+//   y's stores (the unsplit mma and wgmma passes): where y's rows are 8-byte aligned, each
+//           quad of a fragment row finishes two fragments in registers and swaps them with
+//           two shuffles, so every lane stores 4 adjacent elements (8 bytes) and a quad a
+//           whole 32-byte sector; stored as the fragments hold them, a warp's store filled
+//           half of each sector it touched (the emulator's profile counted 50%, issue 16).
+//   x is read twice in a parallel delta's plan: by the down pass (t = x·W_downᵀ) and by the
+//           main pass (x·Wᵀ). The profile counts it: at M = 4096, K = N = 4096, r = 16, bf16
+//           the plan's compulsory traffic is 134.7 MB against 100.9 MB for every operand
+//           once, x's 33.5 MB the difference. Kept as a trade-off: the main pass needs all of
+//           t's row (all of K) before its phase 2, so computing t from the x tiles it stages
+//           means a second sweep of K or a grid-wide dependency, a redesign; at decode x is
+//           a few KB, and at prefill the model (src/model.rs, not measured) puts the pass on
+//           the tensor cores: 278 µs of mma.sync against 45 µs of DRAM traffic at M = 4096.
 //   Not yet measured on a GPU: these are starting points, to be tuned against BENCHMARKS.md.
 
 #include "common.cuh"
@@ -235,21 +248,34 @@ PK_INLINE void finish(const FusedLinearParams& p, const Operands<T>& o, int m, i
     o.out[m * p.ldo + n] = epilogue(p, o, m, n, c, acc, o.bias2 != nullptr, bias2);
 }
 
-// finish() for the elements (m, n) and (m, n + 1), n even, with one 4-byte load of the bias and
-// one 4-byte store: the caller checked that y's rows and bias2 are 4-byte aligned.
+// The epilogue's values of the elements (m, n) and (m, n + 1), n even (the second 0 unless
+// n + 1 < p.n), without storing them: b_up's pair in one 4-byte load where it is 4-byte
+// aligned.
 template <typename T>
-PK_INLINE void finish_pair(const FusedLinearParams& p, const Operands<T>& o, int m, int n,
-                           const RowCoefs& c, float v0, float v1) {
+PK_INLINE Vec<T, 2> finish_values(const FusedLinearParams& p, const Operands<T>& o, int m, int n,
+                                  const RowCoefs& c, float v0, float v1) {
+    const bool two = n + 1 < p.n;
     float b0 = 0.0f, b1 = 0.0f;
-    if (o.bias2) {
+    if (o.bias2 && two && reinterpret_cast<uintptr_t>(o.bias2) % 4 == 0) {
         const Vec<T, 2> b = load_vec<T, 2>(o.bias2 + n);
         b0 = to_float(b.v[0]);
         b1 = to_float(b.v[1]);
+    } else if (o.bias2) {
+        b0 = to_float(o.bias2[n]);
+        if (two) b1 = to_float(o.bias2[n + 1]);
     }
     Vec<T, 2> y;
     y.v[0] = epilogue(p, o, m, n, c, v0, o.bias2 != nullptr, b0);
-    y.v[1] = epilogue(p, o, m, n + 1, c, v1, o.bias2 != nullptr, b1);
-    store_vec(o.out + m * p.ldo + n, y);
+    y.v[1] = two ? epilogue(p, o, m, n + 1, c, v1, o.bias2 != nullptr, b1) : from_float<T>(0.0f);
+    return y;
+}
+
+// finish() for the elements (m, n) and (m, n + 1), n even, with one 4-byte store: the caller
+// checked that y's rows are 4-byte aligned and n + 1 < p.n.
+template <typename T>
+PK_INLINE void finish_pair(const FusedLinearParams& p, const Operands<T>& o, int m, int n,
+                           const RowCoefs& c, float v0, float v1) {
+    store_vec(o.out + m * p.ldo + n, finish_values(p, o, m, n, c, v0, v1));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -681,9 +707,63 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
         });
         return;
     }
-    // A pair (n is even) is one 4-byte store where y's rows and b_up are 4-byte aligned.
-    const bool pairs = reinterpret_cast<uintptr_t>(o.out) % 4 == 0 && p.ldo % 2 == 0 &&
-                       reinterpret_cast<uintptr_t>(o.bias2) % 4 == 0;
+    // y's stores. A fragment row's quad holds 2 columns per lane of each 8-column fragment:
+    // stored as they are, a warp's store covers 16 bytes of each of 8 rows, half of a sector
+    // each (the profile counted 50%, issue 16). Where y's rows are 8-byte aligned the quad
+    // finishes two fragments' values in registers and transposes them (two shuffles), so
+    // that lane t holds columns 4t..4t + 3 of the 16: one 8-byte store per lane, a whole
+    // 32-byte sector per quad. Every lane of the warp shuffles (rows past the output too);
+    // only elements inside it are finished and stored.
+    if (reinterpret_cast<uintptr_t>(o.out) % 8 == 0 && p.ldo % 4 == 0) {
+        const int quad = lane & ~3;
+#pragma unroll
+        for (int mi = 0; mi < C::MI; ++mi)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int m = m0 + wm0 + mi * 16 + g + 8 * half;
+                const bool row = m < p.m;
+                const RowCoefs c = row ? row_coefs<T>(p, m) : RowCoefs{1.0f, 1.0f, 1.0f};
+#pragma unroll
+                for (int ni = 0; ni < C::NI; ni += 2) {
+                    // Word j of lane t: fragment ni + j's pair, columns 8j + 2t, + 1.
+                    uint32_t w[2];
+#pragma unroll
+                    for (int j = 0; j < 2; ++j) {
+                        const int n = n0 + wn0 + (ni + j) * 8 + 2 * t;
+                        const float* v = &acc[mi][ni + j][2 * half];
+                        Vec<T, 2> y;
+                        y.raw = 0;
+                        if (row && n < p.n) y = finish_values(p, o, m, n, c, v[0], v[1]);
+                        w[j] = y.raw;
+                    }
+                    // Lane t wants word i of its 4 columns 4t + 2i from lane 2(t % 2) + i, its
+                    // fragment t / 2. In round s it reads i = s ^ (t / 2) (the 4 lanes read 4
+                    // different lanes), and lane u sends the fragment that reader wants:
+                    // s ^ (u % 2).
+                    Vec<T, 4> mine;
+#pragma unroll
+                    for (int s = 0; s < 2; ++s) {
+                        const int i = s ^ (t >> 1);
+                        const uint32_t sent = (s ^ (t & 1)) ? w[1] : w[0];
+                        const uint32_t got = __shfl_sync(0xFFFFFFFFu, sent, quad | (2 * (t & 1) + i));
+                        if (i == 0)
+                            mine.raw.x = got;
+                        else
+                            mine.raw.y = got;
+                    }
+                    const int n = n0 + wn0 + ni * 8 + 4 * t;
+                    if (!row || n >= p.n) continue;
+                    if (n + 4 <= p.n) {
+                        store_vec(o.out + m * p.ldo + n, mine);
+                    } else {
+                        for (int e = 0; e < 4 && n + e < p.n; ++e) o.out[m * p.ldo + n + e] = mine.v[e];
+                    }
+                }
+            }
+        return;
+    }
+    // Unaligned y: a pair (n is even) is one 4-byte store where y's rows are 4-byte aligned.
+    const bool pairs = reinterpret_cast<uintptr_t>(o.out) % 4 == 0 && p.ldo % 2 == 0;
     for_each_pair([&](int m, int n, const RowCoefs& c, float& v0, float& v1) {
         if (pairs && n + 1 < p.n) {
             finish_pair(p, o, m, n, c, v0, v1);

@@ -161,36 +161,78 @@ fn sampled_profiles_match_exact_ones_on_homogeneous_grids() {
     let (m, n, k) = (64 * 7 + 5, 64 * 8 + 3, 40);
     let exact = sgemm_profile(m, n, k, Sampling::Exact);
     let sampled = sgemm_profile(m, n, k, Sampling::Sampled);
-    assert!(sampled.sampled && sampled.blocks_run == 25.0, "{sampled}");
+    // 8 × 9 tiles: the first two and last two of each dimension.
+    assert!(sampled.sampled && sampled.blocks_run == 16.0, "{sampled}");
+    // C's rows (2060 bytes) are not whole sectors, so neighbouring tiles share sectors in a
+    // pattern that repeats every 8 rows, and the last tile of a row shares one with the first
+    // of the next: the estimate of its distinct sectors is off by 2.8% here.
+    assert_sampled_matches(&exact, &sampled, 0.05);
+}
+
+/// A sampled profile against the exact one of the same launch: counts of blocks of one
+/// class are the same, so the scaled ones equal the exact ones (to rounding; the sectors a
+/// request touches too, where rows are whole sectors: else they vary with each row's
+/// alignment); distinct sectors are estimated, within `distinct_tol`.
+fn assert_sampled_matches(exact: &LaunchProfile, sampled: &LaunchProfile, distinct_tol: f64) {
+    let ctx = format!("exact:\n{exact}\nsampled:\n{sampled}");
+    assert_eq!(exact.kernel, sampled.kernel);
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(1.0);
     for (e, s) in exact.operands.iter().zip(&sampled.operands) {
         for (te, ts) in [(&e.loads, &s.loads), (&e.stores, &s.stores)] {
-            for (x, y) in [
-                (te.requests, ts.requests),
-                (te.bytes, ts.bytes),
-                (te.sectors, ts.sectors),
-                (te.block_sectors, ts.block_sectors),
+            for (what, x, y) in [
+                ("requests", te.requests, ts.requests),
+                ("bytes", te.bytes, ts.bytes),
+                ("sectors", te.sectors, ts.sectors),
+                ("block sectors", te.block_sectors, ts.block_sectors),
             ] {
                 assert!(
                     close(x, y),
-                    "{}: exact {x}, sampled {y}\n{exact}\n{sampled}",
+                    "`{}` {what}: exact {x}, sampled {y}\n{ctx}",
                     e.name
                 );
             }
-            // Distinct sectors are estimated: rows of A shared along x, partitioned along y.
             let (x, y) = (te.distinct_sectors, ts.distinct_sectors);
             assert!(
-                (x - y).abs() <= 0.02 * x,
-                "{}: exact {x}, sampled {y}",
+                (x - y).abs() <= distinct_tol * x,
+                "`{}` distinct sectors: exact {x}, sampled {y}\n{ctx}",
                 e.name
             );
         }
     }
-    assert!(close(exact.barriers, sampled.barriers));
-    assert!(close(
-        exact.shared_loads.wavefronts,
-        sampled.shared_loads.wavefronts
-    ));
+    for (what, x, y) in [
+        ("blocks", exact.blocks, sampled.blocks),
+        ("threads", exact.threads, sampled.threads),
+        ("barriers", exact.barriers, sampled.barriers),
+        ("mma", exact.mma, sampled.mma),
+        ("mma flops", exact.mma_flops, sampled.mma_flops),
+        ("ldmatrix", exact.ldmatrix, sampled.ldmatrix),
+        (
+            "ldmatrix wavefronts",
+            exact.ldmatrix_wavefronts,
+            sampled.ldmatrix_wavefronts,
+        ),
+        (
+            "shared load wavefronts",
+            exact.shared_loads.wavefronts,
+            sampled.shared_loads.wavefronts,
+        ),
+        (
+            "shared store wavefronts",
+            exact.shared_stores.wavefronts,
+            sampled.shared_stores.wavefronts,
+        ),
+    ] {
+        assert!(close(x, y), "{what}: exact {x}, sampled {y}\n{ctx}");
+    }
+}
+
+/// Profiles of a plan's launches, exact against sampled, launch by launch (rows of whole
+/// sectors: distinct sectors within 1%).
+fn assert_plan_sampled_matches(exact: &[LaunchProfile], sampled: &[LaunchProfile]) {
+    assert_eq!(exact.len(), sampled.len());
+    for (e, s) in exact.iter().zip(sampled) {
+        assert_sampled_matches(e, s, 0.01);
+    }
 }
 
 mod decode {
@@ -200,9 +242,23 @@ mod decode {
 
     /// The profiles of the fused LoRA plan (bf16, r = 16) at `m` rows, K = N = 4096.
     pub fn lora_plan(m: usize, sampling: Sampling) -> Vec<LaunchProfile> {
-        let (n, k, r) = (4096, 4096, 16);
+        lora_plan_of(m, 4096, 4096, sampling).unwrap_or_else(|e| panic!("m = {m}: {e}"))
+    }
+
+    /// The profiles of the fused LoRA plan (bf16, r = 16) over m × n × k.
+    pub fn lora_plan_of(
+        m: usize,
+        n: usize,
+        k: usize,
+        sampling: Sampling,
+    ) -> Result<Vec<LaunchProfile>> {
+        lora_plan_with(DeltaLinearDims::new(m, n, k, 16), sampling)
+    }
+
+    /// The profiles of the fused LoRA plan (bf16) over `dims`.
+    pub fn lora_plan_with(dims: DeltaLinearDims, sampling: Sampling) -> Result<Vec<LaunchProfile>> {
+        let (m, n, k, r) = (dims.m, dims.n, dims.k, dims.r);
         let mut rng = Rng::from_env();
-        let dims = DeltaLinearDims::new(m, n, k, r);
         let x: Vec<bf16> = rng.uniform_vec(m * k);
         let w: Vec<bf16> = rng.uniform_vec(n * k);
         let w_down: Vec<bf16> = rng.uniform_vec(r * k);
@@ -222,11 +278,69 @@ mod decode {
             workspace: &mut workspace[..],
             y: &mut y[..],
         };
-        let (_, p) = emulator::profile(sampling, || {
+        emulator::profile(sampling, || {
             emulator::delta_linear(&DeltaLinear::lora(32.0), &dims, args)
         })
-        .unwrap_or_else(|e| panic!("m = {m}: {e}"));
-        p
+        .map(|r| r.1)
+    }
+
+    /// #16 item 2: the prefill plan at M = 256 splits both passes' K into runs of unequal
+    /// length (the last is shorter), folded into grid.x: the sample runs every run of each
+    /// sampled tile, and its counts equal the exact profile's, here at N = 1520 (12 column
+    /// tiles, the last ragged; rows of whole sectors, as at the bench shapes; 24 tiles split
+    /// into 6 runs of 6, 6, 6, 6, 6 and 3 k-tiles) and K = 1024, small enough to profile
+    /// exactly.
+    #[test]
+    fn split_k_plans_sample_every_run() {
+        if skipped_without_checks() {
+            return;
+        }
+        let (m, n, k) = (256, 1520, 1024);
+        let exact = lora_plan_of(m, n, k, Sampling::Exact).unwrap();
+        let sampled = lora_plan_of(m, n, k, Sampling::Sampled).unwrap();
+        let all: String = sampled.iter().map(|l| format!("{l}\n")).collect();
+        // Both passes split (a pass and its reduction each), the main pass into runs of
+        // unequal length, and its sample ran a strict subset of the blocks.
+        let split: Vec<_> = sampled.iter().filter(|l| l.runs > 1).collect();
+        assert_eq!(split.len(), 2, "{all}");
+        let main = split[1];
+        assert!(main.kernel.starts_with("fused_linear_mma_large"), "{all}");
+        assert_eq!(main.runs, 6, "{all}");
+        assert!(main.sampled && main.blocks_run < main.blocks, "{all}");
+        assert!(
+            format!("{main}").contains("every one of the 6 runs of the split"),
+            "{main}"
+        );
+        assert_plan_sampled_matches(&exact, &sampled);
+    }
+
+    /// #16 item 2: the bench's delta_linear shapes (K = N = 4096; M = 256 splits its K)
+    /// profile sampled in seconds. Measured on the 2-core shared build machine (release, the
+    /// whole plan, inputs included), alone: M = 256 6 s, 1024 8 s, 4096 9 s; the budget
+    /// leaves room for a loaded machine. The counts a sample gives are held to the exact ones
+    /// by the tests above (the same kernels, tile classes and split runs at smaller shapes).
+    #[test]
+    fn bench_shapes_profile_in_seconds() {
+        if skipped_without_checks() {
+            return;
+        }
+        const BUDGET_S: f64 = 60.0;
+        for m in [256, 1024, 4096] {
+            let t = std::time::Instant::now();
+            let p = lora_plan(m, Sampling::Sampled);
+            let took = t.elapsed().as_secs_f64();
+            eprintln!("m = {m}: sampled profile of the plan in {took:.1} s");
+            assert!(took < BUDGET_S, "m = {m}: {took:.1} s");
+            let all: String = p.iter().map(|l| format!("{l}\n")).collect();
+            assert!(p.iter().any(|l| l.sampled), "{all}");
+            // The frozen GEMM's FLOPs, scaled from the sample, are the product's.
+            let flops: f64 = p.iter().map(LaunchProfile::tensor_flops).sum();
+            let want = 2.0 * (m * 4096 * 4096) as f64;
+            assert!(
+                flops >= want && flops <= 1.05 * want,
+                "m = {m}: {flops}\n{all}"
+            );
+        }
     }
 
     /// Bytes a fused plan must move at least: W, the adapter, x and y once each.
@@ -310,6 +424,44 @@ mod decode {
                     );
                 }
             }
+        }
+    }
+
+    /// #16 item 5: the tensor-core kernels store y in whole sectors (the quad's transposed
+    /// 8-byte stores, kernels/delta_linear.cu), at least 95% of the bytes of the sectors the
+    /// stores touch, for every tile configuration and the split-K reduction, at aligned
+    /// shapes (K small: the epilogue is what is measured).
+    #[test]
+    fn y_stores_fill_whole_sectors() {
+        if skipped_without_checks() {
+            return;
+        }
+        use peft_kernels::delta_linear::KernelVariant;
+        // (m, n, k, the kernel that writes y)
+        let cases = [
+            (16, 256, 64, "fused_linear_mma_decode_bf16"),
+            (100, 64, 64, "fused_linear_mma_small_bf16"),
+            (64, 256, 64, "fused_linear_mma_mid_bf16"),
+            (256, 256, 64, "fused_linear_mma_large_bf16"),
+            (64, 256, 1024, "fused_linear_split_reduce_bf16"),
+            (200, 256, 128, "fused_linear_wgmma_bf16"),
+        ];
+        for (m, n, k, kernel) in cases {
+            let mut dims = DeltaLinearDims::new(m, n, k, 16);
+            if kernel.contains("wgmma") {
+                dims.kernel = KernelVariant::Wgmma;
+            }
+            let p = lora_plan_with(dims, Sampling::Exact).unwrap();
+            let all: String = p.iter().map(|l| format!("{l}\n")).collect();
+            let writes: Vec<_> = p
+                .iter()
+                .filter(|l| l.operand("y").is_some_and(|o| o.stores.requests > 0.0))
+                .collect();
+            assert_eq!(writes.len(), 1, "{all}");
+            assert_eq!(writes[0].kernel, kernel, "{all}");
+            let y = writes[0].operand("y").unwrap().stores;
+            assert_eq!(y.bytes, (2 * m * n) as f64, "{kernel}\n{all}");
+            assert!(y.coalescing() >= 0.95, "{kernel}: {y:?}\n{all}");
         }
     }
 
@@ -417,18 +569,33 @@ mod attention {
         assert!(p.iter().any(|l| l.sampled), "{p:?}");
     }
 
-    /// The bench's prefill shape (B = 8, H = 32, L = 2048, prefix 128, d = 128), sampled.
+    /// #16 item 2: sampled attention counts equal the exact ones at a shape small enough to
+    /// profile exactly (7 query tiles, 6 heads, 2 sequences: every dimension sampled or
+    /// whole), and the bench's prefill shape (B = 8, H = 32, L = 2048, prefix 128, d = 128)
+    /// profiles sampled in seconds: 19 s measured alone on the 2-core shared build machine;
+    /// the budget leaves room for a loaded one.
     #[test]
-    #[ignore = "prints the sampled profile of the bench's attention shape"]
-    fn print_bench_shape() {
+    fn sampled_attention_matches_exact_and_bench_shape_is_quick() {
         if skipped_without_checks() {
             return;
         }
+        let dims = PrefixAttentionDims::new(2, 6, 6, 448, 448, 30, 128);
+        let exact = profile_attention(&dims, false, Sampling::Exact).unwrap();
+        let sampled = profile_attention(&dims, false, Sampling::Sampled).unwrap();
+        assert!(sampled.iter().any(|l| l.sampled), "{sampled:?}");
+        assert_plan_sampled_matches(&exact, &sampled);
+
+        const BUDGET_S: f64 = 90.0;
         let dims = PrefixAttentionDims::new(8, 32, 32, 2048, 2048, 128, 128);
         let t = std::time::Instant::now();
-        for l in profile_attention(&dims, false, Sampling::Sampled).unwrap() {
-            eprintln!("{l}");
-        }
-        eprintln!("{:.1} s", t.elapsed().as_secs_f64());
+        let p = profile_attention(&dims, false, Sampling::Sampled).unwrap();
+        let took = t.elapsed().as_secs_f64();
+        eprintln!("bench attention shape: sampled profile in {took:.1} s");
+        assert!(took < BUDGET_S, "{took:.1} s");
+        assert!(p.iter().all(|l| l.sampled), "{p:?}");
+        // Q·Kᵀ and P·V over every (query, key) pair of every head: 4·B·H·L·(L + prefix)·d.
+        let flops: f64 = p.iter().map(LaunchProfile::tensor_flops).sum();
+        let want = 4.0 * (8 * 32 * 2048 * (2048 + 128) * 128_u64) as f64;
+        assert!(flops >= want && flops <= 1.05 * want, "{flops} vs {want}");
     }
 }

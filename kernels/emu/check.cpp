@@ -155,6 +155,10 @@ struct Request {
   bool known = false;  // whether `buffers` are all the launch may touch
   std::vector<BufferSpec> buffers;
   std::vector<std::string> names;
+  // The profile's runs of a split folded into a grid dimension (emu_profile_next_runs).
+  int fold_dim = 0;
+  uint32_t runs = 1;
+  bool runs_inner = false;
 };
 thread_local Request tl_request;
 
@@ -479,9 +483,11 @@ void launch_begin(unsigned checks, const char* kernel, Dim3 grid, Dim3 block,
     std::vector<prof::Region> regions;
     for (const Buffer& b : s.buffers) regions.push_back(prof::Region{b.lo, b.hi, b.spec});
     s.names = tl_request.names;
-    s.profile = prof::begin(grid, block, checks & kSampled, regions.data(), regions.size(),
+    s.profile = prof::begin(grid, block, checks & kSampled, tl_request.fold_dim, tl_request.runs,
+                            tl_request.runs_inner, regions.data(), regions.size(),
                             tl_request.buffers.size());
   }
+  tl_request.runs = 1;
   tl_state = &s;
 }
 
@@ -521,6 +527,8 @@ void barrier() {
 
 void warp_sync(unsigned warp, unsigned mask) {
   State& s = *tl_state;
+  // Only racecheck orders accesses by the clocks (a profile alone skips the bookkeeping).
+  if (!(s.checks & kRacecheck)) return;
   uint32_t* common = &s.common[size_t(warp) * 32 * 32];
   for (unsigned m = mask; m; m &= m - 1) {
     const unsigned a = unsigned(std::countr_zero(m));
@@ -631,6 +639,16 @@ extern "C" void emu_check_next_launch(uint32_t checks, const emu::check::rt::Buf
   r.buffers.assign(buffers, buffers + n);
   r.names.clear();
   for (size_t i = 0; i < n; ++i) r.names.emplace_back(buffers[i].name, buffers[i].name_len);
+}
+
+// The next profiled launch on this thread folds `runs` runs of a split reduction into grid
+// dimension `dim` (0 x, 1 y, 2 z): index = run · tiles + tile, or tile · runs + run when
+// `inner`; its sample runs every run of each sampled tile (profile.cpp).
+extern "C" void emu_profile_next_runs(uint32_t dim, uint32_t runs, int inner) {
+  auto& r = emu::check::rt::tl_request;
+  r.fold_dim = int(dim);
+  r.runs = runs;
+  r.runs_inner = inner != 0;
 }
 
 // Opens (1) or closes (0) a plan on this thread: initcheck remembers which workspace bytes

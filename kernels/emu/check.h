@@ -64,9 +64,11 @@ struct ProfileOperand {
 
 struct Launch;
 // A profiled launch starts: the buffers sorted by address (check.cpp's order), `nspecs`
-// buffers named in all (empty ones included). `sampled`: run only a sample of the blocks.
-Launch* begin(Dim3 grid, Dim3 block, bool sampled, const Region* regions, size_t n,
-              size_t nspecs);
+// buffers named in all (empty ones included). `sampled`: run only a sample of the blocks;
+// `runs` (1: none) runs of a split reduction folded into grid dimension `fold_dim`, as
+// index = run · tiles + tile, or tile · runs + run when `runs_inner` (see profile.cpp).
+Launch* begin(Dim3 grid, Dim3 block, bool sampled, int fold_dim, uint32_t runs, bool runs_inner,
+              const Region* regions, size_t n, size_t nspecs);
 // The blocks to run, in order, or null for all.
 const std::vector<uint64_t>* blocks(Launch* L);
 void block_begin(Launch* L, uint64_t b);

@@ -28,16 +28,25 @@
 // each block touches; their difference is the sectors re-read (or re-written) by other
 // blocks, which an L2 large enough would serve.
 //
-// Sampling (the sampled bit): only some blocks run, and the counters are scaled. Per grid
-// dimension of n blocks: all of them when n ≤ 5, else the first two, the middle one and the
-// last two (0, 1, n/2, n−2, n−1); the sample is their product. The edges (first and last)
-// stand for themselves (weight 1), the three interior ones for the n − 2 interior blocks
-// ((n − 2)/3 each). This represents the launch when blocks of one class (per dimension:
-// first, interior, last) do the same work; sampled blocks of one class that differ (data-
+// Sampling (the sampled bit): only some blocks run, and the counters are scaled. A launch
+// that splits a reduction into runs (split-K, split-KV) folds them into one grid dimension
+// (the plan says which and how, emu_profile_next_runs: index = run · tiles + tile, or
+// tile · runs + run); the grid is then seen as four dimensions: the tiles along x, y and z,
+// and the runs. Blocks of different runs do different work (a run's length, whether it holds
+// the phase switch or a ragged last tile), so every run is its own class and runs: a sampled
+// tile then costs the whole reduction, as an unsplit launch's does. Along each tile dimension
+// of n blocks: all of them when n ≤ 4, else the first two and the last two (0, 1, n−2,
+// n−1); the sample is the product over the dimensions. The edges (first and last) stand for
+// themselves (weight 1), the two interior ones for the n − 2 interior blocks ((n − 2)/2
+// each). This represents the launch when blocks of one class (per dimension: first,
+// interior, last; per run) do the same work; sampled blocks of one class that differ (data-
 // dependent work, e.g. causal masking) make the profile refuse the launch. The distinct
-// sectors are then estimated per operand: along a dimension where blocks 0 and 1 touch the
-// same sectors the operand is shared (counted once), where they touch disjoint ones it is
-// partitioned (summed); a partial overlap (beyond 2% of a footprint) is refused too.
+// sectors are then estimated per operand: the runs of one tile all ran, so their footprints
+// are united exactly; then along a dimension where tiles 0 and 1 touch the same sectors the
+// operand is shared (counted once), where they touch disjoint or few common ones it is
+// partitioned (summed, less the sectors neighbours share: their mean over the sampled
+// neighbour pairs along that dimension); a partial overlap (beyond half a footprint) is
+// refused too.
 #include "check.h"
 
 #include <sys/mman.h>
@@ -45,6 +54,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <iterator>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -133,7 +143,7 @@ struct Buf {
 // A sampled block: its coordinates, counts and the sectors it touched per operand.
 struct Sample {
   uint64_t linear;
-  uint32_t coord[3];
+  uint32_t coord[4];  // the tile along x, y, z; the run
   double weight;
   BlockCounts counts;
   std::vector<std::vector<uint64_t>> footprint;  // [2 * buffer + write], sorted
@@ -143,6 +153,11 @@ struct Sample {
 
 struct Launch {
   Dim3 grid, block;
+  // The runs folded into grid dimension `fold_dim` (1: none; see the file comment): its
+  // index is run · tiles + tile, or tile · runs + run when `runs_inner`.
+  uint32_t runs = 1;
+  int fold_dim = 0;
+  bool runs_inner = false;
   bool sampled = false;
   std::vector<Buf> bufs;  // in check.cpp's order (sorted by address)
   size_t nspecs = 0;
@@ -165,19 +180,47 @@ namespace {
 
 thread_local Launch* tl_last = nullptr;  // the last finished profile of this thread
 
-// The sample along one dimension of n blocks and each index's weight.
-void sample_dim(uint32_t n, std::vector<uint32_t>& idx, std::vector<double>& w) {
+// The sample along one dimension of n blocks and each index's weight; `every`: each index
+// is its own class (a split's runs).
+void sample_dim(uint32_t n, bool every, std::vector<uint32_t>& idx, std::vector<double>& w) {
   idx.clear();
   w.clear();
-  if (n <= 5) {
+  if (every || n <= 4) {
     for (uint32_t i = 0; i < n; ++i) idx.push_back(i), w.push_back(1.0);
     return;
   }
-  const double interior = double(n - 2) / 3.0;
-  for (uint32_t i : {0u, 1u, n / 2, n - 2, n - 1}) {
+  const double interior = double(n - 2) / 2.0;
+  for (uint32_t i : {0u, 1u, n - 2, n - 1}) {
     idx.push_back(i);
     w.push_back(i == 0 || i == n - 1 ? 1.0 : interior);
   }
+}
+
+// The four sampling dimensions of a launch (see the file comment): tiles along x, y, z; runs.
+void extents(const Launch& L, uint32_t n[4]) {
+  const uint32_t g[3] = {L.grid.x, L.grid.y, L.grid.z};
+  for (int d = 0; d < 3; ++d) n[d] = d == L.fold_dim ? g[d] / L.runs : g[d];
+  n[3] = L.runs;
+}
+
+// A block's linear index from its sampling coordinates, and back.
+uint64_t linear_of(const Launch& L, const uint32_t c[4]) {
+  uint32_t n[4], g[3] = {c[0], c[1], c[2]};
+  extents(L, n);
+  const int f = L.fold_dim;
+  g[f] = L.runs_inner ? c[f] * L.runs + c[3] : c[3] * n[f] + c[f];
+  return g[0] + uint64_t(L.grid.x) * (g[1] + uint64_t(L.grid.y) * g[2]);
+}
+void coords_of(const Launch& L, uint64_t linear, uint32_t c[4]) {
+  uint32_t n[4];
+  extents(L, n);
+  c[0] = uint32_t(linear % L.grid.x);
+  c[1] = uint32_t(linear / L.grid.x % L.grid.y);
+  c[2] = uint32_t(linear / (uint64_t(L.grid.x) * L.grid.y));
+  const int f = L.fold_dim;
+  const uint32_t g = c[f];
+  c[3] = L.runs_inner ? g % L.runs : g / n[f];
+  c[f] = L.runs_inner ? g / L.runs : g % n[f];
 }
 
 // Wavefronts of one shared-memory warp access (see the file comment); adds the ideal.
@@ -282,9 +325,7 @@ void block_end(Launch& L) {
   if (L.sampled) {
     Sample s;
     s.linear = L.block_id - 1;
-    s.coord[0] = uint32_t(s.linear % L.grid.x);
-    s.coord[1] = uint32_t(s.linear / L.grid.x % L.grid.y);
-    s.coord[2] = uint32_t(s.linear / (uint64_t(L.grid.x) * L.grid.y));
+    coords_of(L, s.linear, s.coord);
     s.weight = w;
     s.counts = c;
     s.footprint = std::move(L.footprint);
@@ -304,23 +345,26 @@ size_t intersection(const std::vector<uint64_t>& a, const std::vector<uint64_t>&
   return n;
 }
 
-std::string block_name(const Sample& s) {
-  return "(" + std::to_string(s.coord[0]) + "," + std::to_string(s.coord[1]) + "," +
-         std::to_string(s.coord[2]) + ")";
+// A block's coordinates in the launch's grid.
+std::string block_name(const Launch& L, const Sample& s) {
+  return "(" + std::to_string(s.linear % L.grid.x) + "," +
+         std::to_string(s.linear / L.grid.x % L.grid.y) + "," +
+         std::to_string(s.linear / (uint64_t(L.grid.x) * L.grid.y)) + ")";
 }
 
 // The sampled launch's class check and distinct-sector estimates; false with L.refusal set
 // when the sample cannot represent the launch.
 bool finish_sampled(Launch& L, const std::vector<std::string>& names) {
-  const uint32_t n[3] = {L.grid.x, L.grid.y, L.grid.z};
+  uint32_t n[4];
+  extents(L, n);
   // Class of a block: per dimension its index when every block of it runs, else first /
   // interior / last.
   const auto cls = [&](const Sample& s) {
     uint64_t key = 0;
-    for (int d = 0; d < 3; ++d) {
+    for (int d = 0; d < 4; ++d) {
       const uint32_t c = s.coord[d];
-      const uint32_t k = n[d] <= 5 ? c : c == 0 ? 0 : c == n[d] - 1 ? 2 : 1;
-      key = key * 8 + k;
+      const uint64_t k = d == 3 || n[d] <= 4 ? c : c == 0 ? 0 : c == n[d] - 1 ? 2 : 1;
+      key = key * (uint64_t(n[d]) + 3) + k;
     }
     return key;
   };
@@ -328,41 +372,69 @@ bool finish_sampled(Launch& L, const std::vector<std::string>& names) {
     for (size_t j = i + 1; j < L.samples.size(); ++j) {
       const Sample &a = L.samples[i], &b = L.samples[j];
       if (cls(a) != cls(b) || a.counts.signature() == b.counts.signature()) continue;
-      L.refusal = "profile: blocks " + block_name(a) + " and " + block_name(b) +
+      L.refusal = "profile: blocks " + block_name(L, a) + " and " + block_name(L, b) +
                   " stand for the same blocks of the grid but do different work (their "
                   "accesses, barriers or tensor-core instructions differ): the work is data-"
                   "dependent, and a sampled profile cannot represent this launch; profile it "
                   "without sampling";
       return false;
     }
-  // Per operand and direction: shared or partitioned along each dimension.
-  const auto find = [&](uint32_t x, uint32_t y, uint32_t z) -> const Sample* {
-    for (const Sample& s : L.samples)
-      if (s.coord[0] == x && s.coord[1] == y && s.coord[2] == z) return &s;
+  // The tiles (along x, y, z) sampled, each with its runs' footprints united (every run
+  // of a sampled tile ran) and its weight.
+  struct Tile {
+    uint32_t coord[3];
+    double weight;
+    const Sample* first;  // its run 0, for messages
+    std::vector<std::vector<uint64_t>> footprint;
+  };
+  std::vector<Tile> tiles;
+  for (const Sample& s : L.samples) {
+    const uint32_t c[3] = {s.coord[0], s.coord[1], s.coord[2]};
+    auto t = std::find_if(tiles.begin(), tiles.end(), [&](const Tile& t) {
+      return std::equal(c, c + 3, t.coord);
+    });
+    if (t == tiles.end()) {
+      // The runs' weights are 1: the tile's weight is its run 0's.
+      tiles.push_back(Tile{{c[0], c[1], c[2]}, s.weight, &s, s.footprint});
+      continue;
+    }
+    for (size_t f = 0; f < s.footprint.size(); ++f) {
+      std::vector<uint64_t> u;
+      std::set_union(t->footprint[f].begin(), t->footprint[f].end(), s.footprint[f].begin(),
+                     s.footprint[f].end(), std::back_inserter(u));
+      t->footprint[f] = std::move(u);
+    }
+  }
+  const uint32_t tn[3] = {n[0], n[1], n[2]};
+  const auto find = [&](const uint32_t c[3]) -> const Tile* {
+    for (const Tile& t : tiles)
+      if (std::equal(c, c + 3, t.coord)) return &t;
     return nullptr;
   };
+  // Per operand and direction: shared or partitioned along each dimension.
   for (size_t b = 0; b < L.bufs.size(); ++b)
     for (int k = 0; k < 2; ++k) {
       const size_t f = 2 * b + k;
       // Shared along d: counted once (divided by n_d). Partitioned: summed, less the
-      // sectors each pair of neighbours along d shares (measured between blocks 0 and 1),
+      // sectors each pair of neighbours along d shares (measured between tiles 0 and 1),
       // for each of the pairs along d and each position along the other partitioned ones.
       double divide = 1.0, overlap_per_pair[3] = {0, 0, 0};
       bool partitioned[3] = {false, false, false};
       for (int d = 0; d < 3; ++d) {
-        if (n[d] == 1) continue;
+        if (tn[d] == 1) continue;
+        const uint32_t zero[3] = {0, 0, 0};
         uint32_t one[3] = {0, 0, 0};
         one[d] = 1;
-        const Sample *s0 = find(0, 0, 0), *s1 = find(one[0], one[1], one[2]);
+        const Tile *s0 = find(zero), *s1 = find(one);
         const auto &a = s0->footprint[f], &c = s1->footprint[f];
         const size_t common = intersection(a, c);
-        if (common == a.size() && common == c.size()) {
-          divide *= n[d];
+        if (!a.empty() && common == a.size() && common == c.size()) {
+          divide *= tn[d];
           continue;
         }
         if (double(common) > 0.5 * double(std::max(a.size(), c.size()))) {
           L.refusal = "profile: operand `" + names[L.bufs[b].spec] + "`: blocks " +
-                      block_name(*s0) + " and " + block_name(*s1) + " " +
+                      block_name(L, *s0->first) + " and " + block_name(L, *s1->first) + " " +
                       (k ? "write" : "read") + " mostly the same but not the same sectors (" +
                       std::to_string(common) + " of " + std::to_string(a.size()) + " and " +
                       std::to_string(c.size()) +
@@ -371,16 +443,27 @@ bool finish_sampled(Launch& L, const std::vector<std::string>& names) {
           return false;
         }
         partitioned[d] = true;
-        overlap_per_pair[d] = double(common);
+        // The sectors neighbours along d share, averaged over the sampled pairs (they vary
+        // with the position where rows are not whole sectors).
+        double shared = 0.0, pairs = 0.0;
+        for (const Tile& t : tiles) {
+          uint32_t next[3] = {t.coord[0], t.coord[1], t.coord[2]};
+          ++next[d];
+          const Tile* u = next[d] < tn[d] ? find(next) : nullptr;
+          if (!u) continue;
+          shared += double(intersection(t.footprint[f], u->footprint[f]));
+          pairs += 1.0;
+        }
+        overlap_per_pair[d] = shared / pairs;
       }
       double sum = 0.0;
-      for (const Sample& s : L.samples) sum += s.weight * double(s.footprint[f].size());
+      for (const Tile& t : tiles) sum += t.weight * double(t.footprint[f].size());
       sum /= divide;
       for (int d = 0; d < 3; ++d) {
         if (!partitioned[d]) continue;
-        double pairs = double(n[d] - 1);
+        double pairs = double(tn[d] - 1);
         for (int e = 0; e < 3; ++e)
-          if (e != d && partitioned[e]) pairs *= n[e];
+          if (e != d && partitioned[e]) pairs *= tn[e];
         sum -= overlap_per_pair[d] * pairs;
       }
       L.ops[L.bufs[b].spec].distinct[k] = std::max(sum, 0.0);
@@ -390,12 +473,16 @@ bool finish_sampled(Launch& L, const std::vector<std::string>& names) {
 
 }  // namespace
 
-Launch* begin(Dim3 grid, Dim3 block, bool sampled, const Region* regions, size_t n,
-              size_t nspecs) {
+Launch* begin(Dim3 grid, Dim3 block, bool sampled, int fold_dim, uint32_t runs, bool runs_inner,
+              const Region* regions, size_t n, size_t nspecs) {
   Launch* L = new Launch;
   L->grid = grid;
-  L->block = block;
-  L->nspecs = nspecs;
+  const uint32_t g[3] = {grid.x, grid.y, grid.z};
+  if (fold_dim >= 0 && fold_dim < 3 && runs > 1 && g[fold_dim] % runs == 0) {
+    L->runs = runs;
+    L->fold_dim = fold_dim;
+    L->runs_inner = runs_inner;
+  }
   for (size_t i = 0; i < n; ++i) {
     const size_t count = (regions[i].hi - regions[i].lo - 1) / kSector + 1;
     L->bufs.push_back(Buf{regions[i].lo, regions[i].hi, regions[i].spec,
@@ -406,19 +493,30 @@ Launch* begin(Dim3 grid, Dim3 block, bool sampled, const Region* regions, size_t
   L->warps.resize((nthreads + 31) / 32);
   L->block_counts.reset(L->bufs.size());
   const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
-  std::vector<uint32_t> ix, iy, iz;
-  std::vector<double> wx, wy, wz;
-  sample_dim(grid.x, ix, wx);
-  sample_dim(grid.y, iy, wy);
-  sample_dim(grid.z, iz, wz);
-  L->sampled = sampled && ix.size() * iy.size() * iz.size() < nblocks;
+  uint32_t dims[4];
+  extents(*L, dims);
+  std::vector<uint32_t> idx[4];
+  std::vector<double> w[4];
+  size_t count = 1;
+  for (int d = 0; d < 4; ++d) {
+    sample_dim(dims[d], d == 3, idx[d], w[d]);
+    count *= idx[d].size();
+  }
+  L->sampled = sampled && count < nblocks;
   if (L->sampled) {
-    for (size_t z = 0; z < iz.size(); ++z)
-      for (size_t y = 0; y < iy.size(); ++y)
-        for (size_t x = 0; x < ix.size(); ++x) {
-          L->run.push_back(ix[x] + uint64_t(grid.x) * (iy[y] + uint64_t(grid.y) * iz[z]));
-          L->weight.push_back(wx[x] * wy[y] * wz[z]);
-        }
+    // The blocks in launch order (the runtime runs them so), with their weights.
+    std::vector<std::pair<uint64_t, double>> run;
+    for (size_t i = 0; i < count; ++i) {
+      uint32_t c[4];
+      double weight = 1.0;
+      for (size_t d = 0, rest = i; d < 4; rest /= idx[d].size(), ++d) {
+        c[d] = idx[d][rest % idx[d].size()];
+        weight *= w[d][rest % idx[d].size()];
+      }
+      run.emplace_back(linear_of(*L, c), weight);
+    }
+    std::sort(run.begin(), run.end());
+    for (const auto& [b, weight] : run) L->run.push_back(b), L->weight.push_back(weight);
     L->footprint.assign(2 * L->bufs.size(), {});
   }
   L->total.blocks = double(nblocks);

@@ -59,6 +59,7 @@ unsafe extern "C" {
     fn emu_last_error() -> *const c_char;
     fn emu_set_workers(n: u32);
     fn emu_check_next_launch(checks: u32, buffers: *const BufferSpec, n: usize, known: i32);
+    fn emu_profile_next_runs(dim: u32, runs: u32, inner: i32);
     fn emu_check_plan(open: i32);
 }
 
@@ -294,7 +295,10 @@ unsafe fn launch_impl<P: KernelParams>(
             .collect();
         // SAFETY: `specs` is valid for the call, which copies it (names included).
         unsafe {
-            emu_check_next_launch(bits, specs.as_ptr(), specs.len(), buffers.is_some() as i32)
+            emu_check_next_launch(bits, specs.as_ptr(), specs.len(), buffers.is_some() as i32);
+            if let (Some(_), Some(r)) = (profiling, params.profile_runs(launch)) {
+                emu_profile_next_runs(r.dim, r.runs, r.inner as i32);
+            }
         };
         entry
     };
@@ -313,7 +317,12 @@ unsafe fn launch_impl<P: KernelParams>(
     };
     if rc == 0 {
         if let Some((_, print)) = profiling {
-            profile::collect(launch, buffers.unwrap_or(&[]), print);
+            profile::collect(
+                launch,
+                params.profile_runs(launch).map_or(1, |r| r.runs),
+                buffers.unwrap_or(&[]),
+                print,
+            );
         }
         return Ok(());
     }

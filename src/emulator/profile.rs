@@ -17,11 +17,14 @@
 //!   (bank conflicts), ldmatrix per 8-row phase;
 //! - mma.sync and wgmma instructions and their FLOPs; barriers; blocks and threads.
 //!
-//! [`Sampling::Sampled`] runs the first two, middle and last two blocks of each grid
-//! dimension (all of a dimension of at most 5) and scales; [`LaunchProfile::sampled`] says
-//! so. A launch whose sampled blocks of one class do different work (data-dependent), or
-//! whose operand footprints overlap partly between neighbouring blocks, is refused with
-//! [`Error::Emulator`] naming the reason. A sampled launch does not compute its outputs.
+//! [`Sampling::Sampled`] runs the first two and last two blocks of each grid dimension (all
+//! of a dimension of at most 4) and every run of a split reduction (split-K, split-KV) that
+//! the plan folds into a grid dimension ([`crate::plan::KernelParams::profile_runs`]), and
+//! scales; [`LaunchProfile::sampled`]
+//! and its display say so. A launch whose sampled blocks of one class do different work
+//! (data-dependent), or whose operand footprints overlap partly between neighbouring blocks,
+//! is refused with [`Error::Emulator`] naming the reason. A sampled launch does not compute
+//! its outputs.
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
@@ -35,9 +38,10 @@ use crate::{Error, Result};
 pub enum Sampling {
     /// Every block: exact counts, and the outputs are computed.
     Exact,
-    /// Per grid dimension of n > 5 blocks: blocks 0, 1, n/2, n − 2 and n − 1 (weights 1,
-    /// (n − 2)/3, (n − 2)/3, (n − 2)/3, 1); the counts are scaled to the whole grid. The
-    /// outputs are not computed.
+    /// Per grid dimension of n > 4 blocks: blocks 0, 1, n − 2 and n − 1 (weights 1,
+    /// (n − 2)/2, (n − 2)/2, 1), the edges and two of the interior; every run of a split
+    /// reduction folded into a grid dimension (each its own class: runs differ in length and
+    /// phase); the counts are scaled to the whole grid. The outputs are not computed.
     Sampled,
 }
 
@@ -117,6 +121,10 @@ pub struct LaunchProfile {
     pub dynamic_smem: u32,
     /// Whether the counts are scaled from a sample of the blocks ([`Sampling::Sampled`]).
     pub sampled: bool,
+    /// Runs of a split reduction (split-K, split-KV) folded into a grid dimension
+    /// ([`crate::plan::KernelParams::profile_runs`]), every one of which a sampled tile
+    /// runs; 1 without.
+    pub runs: u32,
     pub blocks: f64,
     /// Blocks that ran (all of them unless sampled).
     pub blocks_run: f64,
@@ -174,9 +182,14 @@ impl fmt::Display for LaunchProfile {
             self.dynamic_smem,
             if self.sampled {
                 format!(
-                    "SAMPLED: {} of {} blocks ran (first two, middle, last two per \
-                     dimension), counts scaled",
-                    self.blocks_run, self.blocks
+                    "SAMPLED: {} of {} blocks ran (the first two and last two per grid \
+                     dimension{}), counts scaled",
+                    self.blocks_run,
+                    self.blocks,
+                    match self.runs {
+                        1 => String::new(),
+                        r => format!(", and every one of the {r} runs of the split"),
+                    }
                 )
             } else {
                 format!("exact: all {} blocks", self.blocks)
@@ -329,7 +342,7 @@ unsafe extern "C" {
 
 /// Collects the profile of the launch that just ran on this thread (`buffers` as named to
 /// it); prints it when `print`.
-pub(super) fn collect(launch: &Launch, buffers: &[CheckBuffer], print: bool) {
+pub(super) fn collect(launch: &Launch, runs: u32, buffers: &[CheckBuffer], print: bool) {
     let mut rec = Record::default();
     let mut ops = vec![Operand::default(); buffers.len()];
     // SAFETY: writes one record and at most `ops.len()` operands.
@@ -354,6 +367,7 @@ pub(super) fn collect(launch: &Launch, buffers: &[CheckBuffer], print: bool) {
         block: launch.block,
         dynamic_smem: launch.dynamic_smem,
         sampled: rec.sampled != 0,
+        runs,
         blocks: rec.blocks,
         blocks_run: rec.blocks_run,
         threads: rec.threads,

@@ -62,7 +62,22 @@ pub struct FusedLinearParams {
     pub quant: QuantParams,
 }
 // SAFETY: #[repr(C)], field for field the C++ struct (checked by a size test).
-unsafe impl super::KernelParams for FusedLinearParams {}
+unsafe impl super::KernelParams for FusedLinearParams {
+    /// A split pass folds its `k_splits` runs into grid.x (run = blockIdx.x / n_tiles,
+    /// kernels/delta_linear.cu); its reduction, launched with the same parameters, does not.
+    fn profile_runs(&self, launch: &Launch) -> Option<super::GridRuns> {
+        use KernelId::{fused_linear_split_reduce_bf16, fused_linear_split_reduce_f16};
+        match launch.kernel {
+            fused_linear_split_reduce_f16 | fused_linear_split_reduce_bf16 => None,
+            _ if self.k_splits > 1 => Some(super::GridRuns {
+                dim: 0,
+                runs: self.k_splits as u32,
+                inner: false,
+            }),
+            _ => None,
+        }
+    }
+}
 
 /// Twin of `QuantParams` in kernels/quant.cuh: a quantized frozen W [n, k] by address.
 #[repr(C)]

@@ -35,7 +35,25 @@ pub struct Launch {
 ///
 /// # Safety
 /// The type must have exactly the layout of its C++ twin.
-pub unsafe trait KernelParams: Copy + Send + Sync + 'static {}
+pub unsafe trait KernelParams: Copy + Send + Sync + 'static {
+    /// For the emulator's sampled profile (kernels/emu/profile.cpp): the runs of a split
+    /// reduction (split-K, split-KV) that `launch` folds into a grid dimension, whose blocks
+    /// do different work, so that the sample runs every run of each sampled tile. `None`
+    /// (the default): the grid is tiles only.
+    fn profile_runs(&self, launch: &Launch) -> Option<GridRuns> {
+        let _ = launch;
+        None
+    }
+}
+
+/// Runs of a split reduction folded into grid dimension `dim` (0 x, 1 y, 2 z) of a launch:
+/// its index is `run · tiles + tile`, or `tile · runs + run` when `inner`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GridRuns {
+    pub dim: u32,
+    pub runs: u32,
+    pub inner: bool,
+}
 
 /// A buffer as the planner sees it: its address (device or host) and its length in
 /// elements. Each backend makes these from its own buffer types.

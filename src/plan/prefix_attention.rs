@@ -69,7 +69,17 @@ pub struct PrefixAttentionParams {
     pub scale_log2: f32,
 }
 // SAFETY: #[repr(C)], field for field the C++ struct (checked by a size test).
-unsafe impl KernelParams for PrefixAttentionParams {}
+unsafe impl KernelParams for PrefixAttentionParams {
+    /// A split-KV pass folds its runs of key tiles into grid.z (z = sequence · runs + run,
+    /// kernels/prefix_attention.cu).
+    fn profile_runs(&self, _: &Launch) -> Option<super::GridRuns> {
+        (self.kv_splits > 1).then_some(super::GridRuns {
+            dim: 2,
+            runs: self.kv_splits as u32,
+            inner: true,
+        })
+    }
+}
 
 /// Twin of `LseMergeParams` in kernels/prefix_attention.cu.
 #[repr(C)]
