@@ -49,6 +49,8 @@
 //                         Same loads (into 128-byte swizzled tiles), phases and epilogue; no
 //                         split-K. Only on request (KernelVariant::Wgmma) until it has run on
 //                         a GPU and been measured.
+//   fused_linear_mma_*_multi_*  the mma kernel with MULTI: phase 2 is a multi-adapter batch's
+//                         per-row deltas, K2 per row tile (multi_delta_linear.cu's header).
 //   lora_merge_*          W ← W + sign·s·B·A in place (zero-overhead inference), SIMT tiles.
 //
 // Tile configurations of the mma kernel (chosen in src/plan/delta_linear.rs):
@@ -86,7 +88,9 @@
 //   split-K (decode, small and large tiles): a pass of few blocks (a down pass at decode; the
 //           frozen GEMM at m = 128, n = 4096 has 32 large tiles, a quarter of an H100) over a
 //           long K (≥ 8 k-tiles) is split by the plan into up to 32 runs of k-tiles, aiming at
-//           ~128 blocks, for a single bottleneck (delta_linear's, delta_apply's with one head).
+//           ~128 blocks, for a single bottleneck (delta_linear's, delta_apply's with one head)
+//           and a multi-adapter batch's fused pass (the runs of one row tile agree on its K2;
+//           the reduction adds each row's s·b_up).
 //           A run covers consecutive k-tiles of both phases and stores its f32 sum to the
 //           workspace, the phase-1 part scaled by c_main (the switch is linear); then
 //           fused_linear_split_reduce adds the runs, c_main·(bias + h_in), and finishes (a

@@ -14,6 +14,7 @@
 // that no segment covers reads no adapter memory; the row gets the base layer alone and the
 // kernel ORs a bit into `status` (MultiStatus) for the caller to read back. The host entry
 // points check host-visible ids before any launch (an Err); only device ids need the flag.
+// Every kernel that reads the batch checks each id itself (row_adapter, multi_adapter.cuh).
 //
 // Kernels:
 //   multi_delta_naive_*   one thread per output: the frozen dot product, then each rank
@@ -27,16 +28,34 @@
 //                         at once, so every adapter costs its own rank (no padding in compute;
 //                         the workspace rows are max_rank wide).
 //   multi_expand_*        y[m, n] = t[m, :rank]·W_up[n, :rank] + s·b_up[n] (0 for a row without
-//                         adapter), one thread per output, grid (ceil(N/128), m).
-// The fast path is [shrink, expand, frozen]: the frozen GEMM is delta_linear.cu's own
-// fused_linear pass (decode tile, split-K, tensor cores, as the plan picks them for one
-// adapter) with h_in = y read in place, so W is streamed once per tile by the kernel that
-// streams it for a single adapter, and the delta costs each adapter its own rank in the two
-// small passes before it. A programmatic dependent launch on sm_90: the frozen pass streams
-// W while the delta passes run and reads y only after waiting for them. The price of not
-// putting the per-row delta into the mma kernel's epilogue: y is written twice (the delta,
-// then the sum) and the delta is rounded to T before the sum (|Δ|·2^-8 in bf16), an extra
-// M·N·4 bytes, small beside W's N·K·2 at decode (3% at M = 64, K = 4096). Unmeasured.
+//                         adapter), one thread per output, grid (ceil(N/128), m). Only for the
+//                         unfused path below.
+//
+// The fast path is two launches, [shrink, fused]: the fused pass is delta_linear.cu's frozen
+// GEMM on its tensor-core tiles (decode, small, mid, large, split-K: as the plan picks them for
+// one adapter), instantiated with MULTI (fused_linear_mma_*_multi_*), whose phase 2 is the
+// batch's per-row deltas. A block's row tile holds a set S of distinct adapters (at decode
+// several, in a prefill segment one or two); at block start it finds S and gives each adapter
+// a ∈ S columns [off_a, off_a + r_a) of a concatenated K2 = Σ round_up(r_a, 8), and phase 2
+// multiplies A2[m, off_a + j] = t[m, j] (zero where row m uses another adapter) by
+// B2[n, off_a + j] = W_up,a[n, j] (multi_adapter.cuh). So, as for a single adapter (insight 1
+// of UNIFIED-VIEW.md): W is streamed once per tile, each adapter's W_up is read once per
+// column tile at its own rank (rank-exact bytes), the delta's sum stays in f32 in the same
+// accumulators as x·Wᵀ, s_a·b_up,a joins at the phase switch (or in the split-K reduction), and
+// y is written once. The price: the zero blocks of A2 (rows of other adapters) are idle
+// tensor-core FLOPs, |S|·BM·r per column tile instead of BM·r (at decode the pass is bound by
+// W's bytes, not FLOPs), and each adapter's columns are padded to a multiple of 8 (so that a
+// 16-byte chunk of a tile belongs to one adapter) and the tile's K2 to BK, not to the largest
+// rank. A programmatic dependent launch on sm_90: the fused pass streams W through phase 1
+// while the shrink runs and waits for t at its first phase-2 tile, as the single-adapter
+// main pass waits for its down pass. An adapter whose W_up holds Inf or NaN also spoils the
+// other rows of its row tile (0·Inf), as it would a merged weight.
+//
+// Where the frozen GEMM does not run on the mma kernels (f32, whose contract rules out TF32;
+// x or W not 16-byte copyable; the Simt and Wgmma variants) the path is [shrink, expand,
+// frozen]: the frozen GEMM (delta_linear.cu's pass the plan picks) adds y read in place, so y
+// is written twice and the delta is rounded to T before the sum (exact enough in f32, the
+// only dtype that takes this path under Auto with aligned operands).
 
 #include "multi_adapter.cuh"
 

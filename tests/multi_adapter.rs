@@ -817,19 +817,25 @@ mod on_gpu {
         mixtures::<f32>(random_cases(6));
     }
 
+    /// f32 on the unfused path, bf16 on the fused pass.
     #[test]
     #[ignore = "needs a CUDA device"]
     fn device_ids_out_of_range_flag_the_status() {
+        device_ids::<f32>();
+        device_ids::<bf16>();
+    }
+
+    fn device_ids<T: Element>() {
         let stream = cuda::context(0).expect("a CUDA device").default_stream();
         let mut rng = Rng::from_env();
         let (m, n, k) = (4, 64, 64);
-        let mut set = DeviceAdapterSet::<f32>::new(&stream, n, k, 2, 8).unwrap();
+        let mut set = DeviceAdapterSet::<T>::new(&stream, n, k, 2, 8).unwrap();
         // Slot 0 filled; slot 1 empty (removed); ids 2, -5 and 2^30 out of range.
         set.insert_host(&random_adapter(&mut rng, n, k, 8)).unwrap();
         let gone = set.insert_host(&random_adapter(&mut rng, n, k, 4)).unwrap();
         set.remove(gone).unwrap();
-        let x = scaled::<f32>(&mut rng, m * k, 1);
-        let w = scaled::<f32>(&mut rng, n * k, k);
+        let x = scaled::<T>(&mut rng, m * k, 1);
+        let w = scaled::<T>(&mut rng, n * k, k);
         let want = peft_kernels::reference::linear::linear(
             MatRef::new(&x, m, k),
             MatRef::new(&w, n, k),
@@ -842,8 +848,8 @@ mod on_gpu {
             stream.clone_htod(&w).unwrap(),
         );
         let dids = stream.clone_htod(&[2, -5, 1, 1 << 30]).unwrap();
-        let mut dy = stream.clone_htod(&poisoned::<f32>(m * n)).unwrap();
-        let mut ws = stream.alloc_zeros::<f32>(dims.workspace_len(8)).unwrap();
+        let mut dy = stream.clone_htod(&poisoned::<T>(m * n)).unwrap();
+        let mut ws = stream.alloc_zeros::<T>(dims.workspace_len(8)).unwrap();
         let mut status = stream.alloc_zeros::<u32>(1).unwrap();
         cuda::multi_delta_linear(
             &stream,
@@ -861,7 +867,8 @@ mod on_gpu {
         )
         .unwrap();
         let y = stream.clone_dtoh(&dy).unwrap();
-        assert_close_matrix("y", &y, MatrixLayout::contiguous(m, n), &want, 1e-5);
+        let tol = default_tolerance(T::DTYPE);
+        assert_close_matrix("y", &y, MatrixLayout::contiguous(m, n), &want, tol);
         let bits = MultiStatus::ID_OUT_OF_RANGE | MultiStatus::EMPTY_SLOT;
         assert_eq!(stream.clone_dtoh(&status).unwrap(), [bits]);
     }
