@@ -289,7 +289,7 @@ fn fused_tiles_and_splits<T: Element>() {
     // (rows, n, k, the frozen GEMM split over K): a split needs ≥ 8 k-tiles of the tile's BK
     // (decode 128, mid 64, large 32) and few blocks; the mma kernels need k a multiple of 8
     // (x's and W's rows 16-byte copyable; others take the unfused SIMT path).
-    let shapes: [((usize, usize), usize, usize, bool, &str); 8] = [
+    let shapes = [
         ((1, 16), 71, 40, false, "decode"),
         ((1, 16), 45, 1032, true, "decode"),
         ((17, 64), 33, 24, false, "small"),
