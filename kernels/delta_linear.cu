@@ -49,6 +49,8 @@
 //                         Same loads (into 128-byte swizzled tiles), phases and epilogue; no
 //                         split-K. Only on request (KernelVariant::Wgmma) until it has run on
 //                         a GPU and been measured.
+//   fused_linear_mma_*_multi_*  the mma kernel with MULTI: phase 2 is a multi-adapter batch's
+//                         per-row deltas, K2 per row tile (multi_delta_linear.cu's header).
 //   lora_merge_*          W ← W + sign·s·B·A in place (zero-overhead inference), SIMT tiles.
 //
 // Tile configurations of the mma kernel (chosen in src/plan/delta_linear.rs):
@@ -86,7 +88,9 @@
 //   split-K (decode, small and large tiles): a pass of few blocks (a down pass at decode; the
 //           frozen GEMM at m = 128, n = 4096 has 32 large tiles, a quarter of an H100) over a
 //           long K (≥ 8 k-tiles) is split by the plan into up to 32 runs of k-tiles, aiming at
-//           ~128 blocks, for a single bottleneck (delta_linear's, delta_apply's with one head).
+//           ~128 blocks, for a single bottleneck (delta_linear's, delta_apply's with one head)
+//           and a multi-adapter batch's fused pass (the runs of one row tile agree on its K2;
+//           the reduction adds each row's s·b_up).
 //           A run covers consecutive k-tiles of both phases and stores its f32 sum to the
 //           workspace, the phase-1 part scaled by c_main (the switch is linear); then
 //           fused_linear_split_reduce adds the runs, c_main·(bias + h_in), and finishes (a
@@ -109,6 +113,7 @@
 //   Not yet measured on a GPU: these are starting points, to be tuned against BENCHMARKS.md.
 
 #include "common.cuh"
+#include "multi_adapter.cuh"
 #include "philox.cuh"
 #include "quant.cuh"
 
@@ -146,6 +151,7 @@ struct FusedLinearParams {
     float scale;
     float drop_p;
     QuantParams quant;  // phase 1's B1 quantized (quant.cuh): the frozen W of delta_linear_quant
+    MultiBatch multi;   // a multi-adapter batch's per-row deltas as phase 2 (MULTI; table null: none)
 };
 PK_PARAMS_SIZE(FusedLinearParams)
 
@@ -548,7 +554,10 @@ PK_INLINE void wgmma_tile(float (&acc)[C::MI][C::NI][4], const T* sa, const T* s
 // QUANT: phase 1's B1 is the quantized W (p.quant, mma_load_tile_quant). A separate
 // instantiation: the quantized loader's registers beside the dense path's made the large and
 // small tiles spill (ptxas: 348 and 32 bytes), so the dense kernels do not carry it.
-template <typename T, typename C, bool QUANT = false>
+// MULTI: phase 2 is a multi-adapter batch's per-row deltas (p.multi, multi_adapter.cuh): A2 = t
+// and each row tile's adapters' W_up concatenated, K2 per block; s·b_up per row at the switch.
+// A separate instantiation, so the dense kernels carry none of it.
+template <typename T, typename C, bool QUANT = false, bool MULTI = false>
 PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
     PK_DYNAMIC_SMEM(unsigned char, smem_raw);
     allow_dependent_launch();
@@ -565,7 +574,15 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
     // and h_in, and finishes.
     const bool split = C::SPLIT_K && p.k_splits > 1;
     const int n_tiles = ceil_div(p.n, C::BN);
-    const int tiles1 = ceil_div(p.k1, C::BK), tiles2 = ceil_div(p.k2, C::BK);
+    const int tiles1 = ceil_div(p.k1, C::BK);
+    int tiles2 = ceil_div(p.k2, C::BK);
+    MultiTile<C::BM>* mt = nullptr;  // MULTI: the row tile's adapters (its K2)
+    if constexpr (MULTI) {
+        __shared__ MultiTile<C::BM> tile;
+        multi_tile_setup<C::BM, C::THREADS>(tile, p.multi, blockIdx.y * C::BM, p.m, smem_raw);
+        mt = &tile;
+        tiles2 = ceil_div(tile.k2, C::BK);
+    }
     int n_tile = blockIdx.x, kt_begin = 0, kt_end = tiles1 + tiles2;
     if (split) {
         const int per = ceil_div(kt_end, p.k_splits);
@@ -593,6 +610,12 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
         // Phase 2 reads t, which the previous launch (the down pass) writes: wait before the
         // run's first phase-2 tile.
         if (kt == max(tiles1, kt_begin)) grid_dependency_wait();
+        if constexpr (MULTI) {
+            if (!first) {
+                multi_load_phase2<C>(sa, sb, *mt, a, lda, m0, n0, p.n, k0);
+                return;
+            }
+        }
         // Checked per tile, not kept in registers: the large tile has none to spare.
         mma_load_tile<C, C::BM>(sa, a, lda, rows_copyable_16(a, lda), m0, p.m, k0, k_lim);
         if (QUANT && first)
@@ -626,6 +649,11 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
         for_each_pair([&](int m, int n, const RowCoefs& c, float& v0, float& v1) {
             v0 = adds ? phase_switch(p, o, m, n, c, v0) : c.main * v0;
             if (n + 1 < p.n) v1 = adds ? phase_switch(p, o, m, n + 1, c, v1) : c.main * v1;
+            if constexpr (MULTI) {
+                // The row's own s·b_up (a split's reduction adds it instead).
+                if (adds) v0 += multi_up_bias<T>(*mt, m - m0, n);
+                if (adds && n + 1 < p.n) v1 += multi_up_bias<T>(*mt, m - m0, n + 1);
+            }
         });
     };
 
@@ -791,6 +819,11 @@ PK_INLINE void fused_linear_split_reduce(const FusedLinearParams& p) {
     for (int s = 0; s < p.k_splits; ++s) acc += p.partial[(int64_t(s) * p.m + m) * p.ldp + n];
     const Operands<T> o = operands<T>(p, 0);
     const RowCoefs c = row_coefs<T>(p, m);
+    // A multi-adapter pass's row: its adapter's s·b_up (the fused pass's switch adds it when
+    // unsplit). row_adapter checks the id again, flagging the bits the pass flagged.
+    if (p.multi.table)
+        if (const AdapterEntry* a = row_adapter(p.multi, m))
+            if (a->b_up) acc += a->scale * to_float(static_cast<const T*>(a->b_up)[n]);
     finish(p, o, m, n, c, acc + phase_switch(p, o, m, n, c, 0.0f));
 }
 
@@ -880,6 +913,15 @@ PK_KERNEL_BOUNDS(fused_linear_mma_mid_q_f16, (fused_linear_mma<__half, MmaMid, t
 PK_KERNEL_BOUNDS(fused_linear_mma_mid_q_bf16, (fused_linear_mma<__nv_bfloat16, MmaMid, true>), FusedLinearParams, 128, 2)
 PK_KERNEL_BOUNDS(fused_linear_wgmma_q_f16, (fused_linear_mma<__half, MmaHopper, true>), FusedLinearParams, 256, 1)
 PK_KERNEL_BOUNDS(fused_linear_wgmma_q_bf16, (fused_linear_mma<__nv_bfloat16, MmaHopper, true>), FusedLinearParams, 256, 1)
+// The multi-adapter batch's fused pass (MULTI): the dense tiles and bounds.
+PK_KERNEL_BOUNDS(fused_linear_mma_large_multi_f16, (fused_linear_mma<__half, MmaLarge, false, true>), FusedLinearParams, 256, 2)
+PK_KERNEL_BOUNDS(fused_linear_mma_large_multi_bf16, (fused_linear_mma<__nv_bfloat16, MmaLarge, false, true>), FusedLinearParams, 256, 2)
+PK_KERNEL_BOUNDS(fused_linear_mma_small_multi_f16, (fused_linear_mma<__half, MmaSmall, false, true>), FusedLinearParams, 128, 4)
+PK_KERNEL_BOUNDS(fused_linear_mma_small_multi_bf16, (fused_linear_mma<__nv_bfloat16, MmaSmall, false, true>), FusedLinearParams, 128, 4)
+PK_KERNEL_BOUNDS(fused_linear_mma_mid_multi_f16, (fused_linear_mma<__half, MmaMid, false, true>), FusedLinearParams, 128, 4)
+PK_KERNEL_BOUNDS(fused_linear_mma_mid_multi_bf16, (fused_linear_mma<__nv_bfloat16, MmaMid, false, true>), FusedLinearParams, 128, 4)
+PK_KERNEL_BOUNDS(fused_linear_mma_decode_multi_f16, (fused_linear_mma<__half, MmaDecode, false, true>), FusedLinearParams, 128, 4)
+PK_KERNEL_BOUNDS(fused_linear_mma_decode_multi_bf16, (fused_linear_mma<__nv_bfloat16, MmaDecode, false, true>), FusedLinearParams, 128, 4)
 PK_KERNEL_BOUNDS(fused_linear_split_reduce_f16, fused_linear_split_reduce<__half>, FusedLinearParams, 128, 8)
 PK_KERNEL_BOUNDS(fused_linear_split_reduce_bf16, fused_linear_split_reduce<__nv_bfloat16>, FusedLinearParams, 128, 8)
 PK_KERNEL_BOUNDS(lora_merge_f32, lora_merge<float>, LoraMergeParams, 256, 2)

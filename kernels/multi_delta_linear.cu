@@ -14,6 +14,7 @@
 // that no segment covers reads no adapter memory; the row gets the base layer alone and the
 // kernel ORs a bit into `status` (MultiStatus) for the caller to read back. The host entry
 // points check host-visible ids before any launch (an Err); only device ids need the flag.
+// Every kernel that reads the batch checks each id itself (row_adapter, multi_adapter.cuh).
 //
 // Kernels:
 //   multi_delta_naive_*   one thread per output: the frozen dot product, then each rank
@@ -27,93 +28,52 @@
 //                         at once, so every adapter costs its own rank (no padding in compute;
 //                         the workspace rows are max_rank wide).
 //   multi_expand_*        y[m, n] = t[m, :rank]·W_up[n, :rank] + s·b_up[n] (0 for a row without
-//                         adapter), one thread per output, grid (ceil(N/128), m).
-// The fast path is [shrink, expand, frozen]: the frozen GEMM is delta_linear.cu's own
-// fused_linear pass (decode tile, split-K, tensor cores, as the plan picks them for one
-// adapter) with h_in = y read in place, so W is streamed once per tile by the kernel that
-// streams it for a single adapter, and the delta costs each adapter its own rank in the two
-// small passes before it. A programmatic dependent launch on sm_90: the frozen pass streams
-// W while the delta passes run and reads y only after waiting for them. The price of not
-// putting the per-row delta into the mma kernel's epilogue: y is written twice (the delta,
-// then the sum) and the delta is rounded to T before the sum (|Δ|·2^-8 in bf16), an extra
-// M·N·4 bytes, small beside W's N·K·2 at decode (3% at M = 64, K = 4096). Unmeasured.
+//                         adapter), one thread per output, grid (ceil(N/128), m). Only for the
+//                         unfused path below.
+//
+// The fast path is two launches, [shrink, fused]: the fused pass is delta_linear.cu's frozen
+// GEMM on its tensor-core tiles (decode, small, mid, large, split-K: as the plan picks them for
+// one adapter), instantiated with MULTI (fused_linear_mma_*_multi_*), whose phase 2 is the
+// batch's per-row deltas. A block's row tile holds a set S of distinct adapters (at decode
+// several, in a prefill segment one or two); at block start it finds S and gives each adapter
+// a ∈ S columns [off_a, off_a + r_a) of a concatenated K2 = Σ round_up(r_a, 8), and phase 2
+// multiplies A2[m, off_a + j] = t[m, j] (zero where row m uses another adapter) by
+// B2[n, off_a + j] = W_up,a[n, j] (multi_adapter.cuh). So, as for a single adapter (insight 1
+// of UNIFIED-VIEW.md): W is streamed once per tile, each adapter's W_up is read once per
+// column tile at its own rank (rank-exact bytes), the delta's sum stays in f32 in the same
+// accumulators as x·Wᵀ, s_a·b_up,a joins at the phase switch (or in the split-K reduction), and
+// y is written once. The price: the zero blocks of A2 (rows of other adapters) are idle
+// tensor-core FLOPs, |S|·BM·r per column tile instead of BM·r (at decode the pass is bound by
+// W's bytes, not FLOPs), and each adapter's columns are padded to a multiple of 8 (so that a
+// 16-byte chunk of a tile belongs to one adapter) and the tile's K2 to BK, not to the largest
+// rank. A programmatic dependent launch on sm_90: the fused pass streams W through phase 1
+// while the shrink runs and waits for t at its first phase-2 tile, as the single-adapter
+// main pass waits for its down pass. An adapter whose W_up holds Inf or NaN also spoils the
+// other rows of its row tile (0·Inf), as it would a merged weight.
+//
+// Where the frozen GEMM does not run on the mma kernels (f32, whose contract rules out TF32;
+// x or W not 16-byte copyable; the Simt and Wgmma variants) the path is [shrink, expand,
+// frozen]: the frozen GEMM (delta_linear.cu's pass the plan picks) adds y read in place, so y
+// is written twice and the delta is rounded to T before the sum (exact enough in f32, the
+// only dtype that takes this path under Auto with aligned operands).
 
-#include "common.cuh"
+#include "multi_adapter.cuh"
 
-// One adapter of the set; twin of `AdapterEntry` in src/plan/multi_adapter.rs. rank = 0 marks
-// an empty slot (never filled, or removed).
-struct AdapterEntry {
-  const void* w_down;  // [rank, k]
-  const void* w_up;    // [n, rank]
-  const void* b_down;  // [rank] or null
-  const void* b_up;    // [n] or null
-  int32_t rank;
-  int32_t activation;  // Activation, as src/spec.rs numbers it
-  float scale;         // s (LoRA's α/r or α/√r resolved by the set)
-  int32_t reserved;
-};
 PK_PARAMS_SIZE(AdapterEntry)
-
-// Bits of the status word (src/multi_adapter.rs `MultiStatus`).
-enum MultiStatus : uint32_t {
-  STATUS_ID_OUT_OF_RANGE = 1,  // an id < −1 or ≥ table_len
-  STATUS_EMPTY_SLOT = 2,       // an id naming an empty slot, or a rank past max_rank
-  STATUS_ROW_UNCOVERED = 4,    // a row that no segment covers (segments out of order)
-};
+PK_PARAMS_SIZE(MultiBatch)
 
 // Twin of `MultiDeltaParams` in src/plan/multi_adapter.rs.
 struct MultiDeltaParams {
-  const void* x;              // [m, k], leading dimension ldx
-  const void* w;              // [n, k] (naive kernel only)
-  const void* bias;           // [n] or null (naive kernel only)
-  const AdapterEntry* table;  // [table_len]
-  const int32_t* ids;         // per-row ids [m], or null (segments)
-  const int32_t* seg_starts;  // [segments + 1]
-  const int32_t* seg_ids;     // [segments]
-  void* t;                    // workspace [m, ldt] (shrink writes, expand reads)
-  void* out;                  // y [m, n], leading dimension ldo
-  uint32_t* status;           // MultiStatus bits, or null
+  const void* x;     // [m, k], leading dimension ldx
+  const void* w;     // [n, k] (naive kernel only)
+  const void* bias;  // [n] or null (naive kernel only)
+  MultiBatch batch;
+  void* t;           // workspace [m, ldt] (shrink writes, the fused pass or expand reads)
+  void* out;         // y [m, n], leading dimension ldo (naive kernel and expand)
   int64_t ldx, ldt, ldo;
-  int32_t m, n, k, table_len, segments, max_rank;
+  int32_t m, n, k, reserved;
 };
 PK_PARAMS_SIZE(MultiDeltaParams)
-
-PK_INLINE void flag(const MultiDeltaParams& p, uint32_t bit) {
-  if (p.status) atomicOr(p.status, bit);
-}
-
-// The table entry of row m, or null for the base layer alone (id −1, or a bad id: flagged).
-PK_INLINE const AdapterEntry* row_adapter(const MultiDeltaParams& p, int m) {
-  int32_t id;
-  if (p.ids) {
-    id = p.ids[m];
-  } else {
-    // The last segment starting at or before m (empty segments share their start with the
-    // next; the last of them is the one that holds rows). Any order of starts ends here in
-    // log2(segments) steps with an index in range.
-    int lo = 0, hi = p.segments;  // answer in [lo, hi)
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (p.seg_starts[mid] <= m) lo = mid; else hi = mid;
-    }
-    if (p.segments == 0 || p.seg_starts[lo] > m || m >= p.seg_starts[lo + 1]) {
-      flag(p, STATUS_ROW_UNCOVERED);
-      return nullptr;
-    }
-    id = p.seg_ids[lo];
-  }
-  if (id == -1) return nullptr;
-  if (id < -1 || id >= p.table_len) {
-    flag(p, STATUS_ID_OUT_OF_RANGE);
-    return nullptr;
-  }
-  const AdapterEntry* a = p.table + id;
-  if (a->rank <= 0 || a->rank > p.max_rank) {
-    flag(p, STATUS_EMPTY_SLOT);
-    return nullptr;
-  }
-  return a;
-}
 
 // ---------------------------------------------------------------------------------------------
 // v1: naive. grid (ceil(N/16), ceil(M/16)), block 16×16; thread (x, y) owns y[m, n].
@@ -128,7 +88,7 @@ PK_INLINE void multi_delta_naive(const MultiDeltaParams& p) {
   float acc = 0.0f;
   for (int k = 0; k < p.k; ++k) acc += to_float(x[k]) * to_float(w[int64_t(n) * p.k + k]);
   if (p.bias) acc += to_float(static_cast<const T*>(p.bias)[n]);
-  if (const AdapterEntry* a = row_adapter(p, m)) {
+  if (const AdapterEntry* a = row_adapter(p.batch, m)) {
     const T* w_down = static_cast<const T*>(a->w_down);
     const T* w_up = static_cast<const T*>(a->w_up);
     for (int j = 0; j < a->rank; ++j) {
@@ -152,7 +112,7 @@ PK_INLINE void multi_shrink(const MultiDeltaParams& p) {
   allow_dependent_launch();
   const int m = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int j = blockIdx.x * 8 + warp;
-  const AdapterEntry* a = row_adapter(p, m);
+  const AdapterEntry* a = row_adapter(p.batch, m);
   // Uniform over the warp (a over the block): the shuffles below see full warps.
   if (!a || j >= a->rank) return;
   const T* x = static_cast<const T*>(p.x) + m * p.ldx;
@@ -177,7 +137,7 @@ PK_INLINE void multi_expand(const MultiDeltaParams& p) {
   const int m = blockIdx.y, n = blockIdx.x * blockDim.x + threadIdx.x;
   if (n >= p.n) return;
   float acc = 0.0f;
-  if (const AdapterEntry* a = row_adapter(p, m)) {
+  if (const AdapterEntry* a = row_adapter(p.batch, m)) {
     const T* t = static_cast<const T*>(p.t) + m * p.ldt;
     const T* w_up = static_cast<const T*>(a->w_up) + int64_t(n) * a->rank;
     for (int j = 0; j < a->rank; ++j) acc += to_float(t[j]) * to_float(w_up[j]);

@@ -39,9 +39,13 @@
 //!
 //! # Precision
 //!
-//! Products accumulate in f32; t = s·f(z) is stored in T (as delta_linear's t). The fast path
-//! rounds each row's delta to T in y before the frozen GEMM adds it (the naive kernel does
-//! not): an extra rounding of |Δ|·2^-8 in bf16.
+//! Products accumulate in f32; t = s·f(z) is stored in T (as delta_linear's t). Where the
+//! frozen GEMM runs on the tensor cores (f16/bf16, x and W 16-byte copyable: `Auto`,
+//! `TensorCore`) the call is two launches, the shrink writing t and one pass adding each
+//! row's t·W_up,aᵀ + s_a·b_up,a to x·Wᵀ + b in the same f32 accumulators, writing y once
+//! (kernels/multi_delta_linear.cu). Elsewhere (f32, unaligned operands, `Simt`, `Wgmma`) the
+//! delta is written to y first and the frozen GEMM adds y: one more rounding to T of the
+//! delta (|Δ|·2^-8 in bf16; f32 under `Auto`). The naive kernel rounds only t.
 
 use crate::delta_linear::{DeltaLinear, KernelVariant};
 use crate::error::{Error, Result};

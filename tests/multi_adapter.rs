@@ -249,6 +249,165 @@ fn random_mixtures_bf16() {
     random_mixtures::<bf16>(random_cases(6));
 }
 
+/// The names of the kernels a call plans: (the delta steps, the frozen GEMM's steps).
+fn planned<T: Element>(
+    dims: &MultiDeltaDims,
+    set: &AdapterSet<T>,
+    layer: &Layer<T>,
+    rows: &[i32],
+) -> (Vec<&'static str>, Vec<&'static str>) {
+    let mut workspace = vec![T::from_f64(0.0); dims.workspace_len(set.max_rank())];
+    let mut y = vec![T::from_f64(0.0); (dims.m - 1) * dims.ld_y + dims.n];
+    let b = MultiDeltaLinearArgs {
+        x: layer.x.as_slice(),
+        w: layer.w.as_slice(),
+        bias: layer.bias.as_deref(),
+        batch: AdapterBatch::Rows(rows),
+        status: None::<&mut [u32]>,
+        workspace: workspace.as_mut_slice(),
+        y: y.as_mut_slice(),
+    }
+    .bufs(&mut Plain);
+    let steps = plan::multi_delta_linear(dims, T::DTYPE, &set.view(), &b, None).unwrap();
+    let names = |launches: &mut dyn Iterator<Item = &peft_kernels::plan::Launch>| {
+        launches.map(|l| l.kernel.name()).collect()
+    };
+    (
+        names(&mut steps.delta.iter().map(|(l, _)| l)),
+        names(&mut steps.frozen.iter().map(|(l, _)| l)),
+    )
+}
+
+/// The fused pass on every tensor-core tile it has (decode m ≤ 16, small n ≤ 64, mid
+/// 16 < m ≤ 64, large m > 64), each with its K split over blocks and not, against the
+/// per-row reference: random mixtures of ranks from RANKS (one row tile holding several),
+/// both batch descriptions, strides. Checks the plan too: f16/bf16 run [shrink, the `_multi`
+/// pass (+ its split-K reduction)], f32 the unfused [shrink, expand, frozen].
+fn fused_tiles_and_splits<T: Element>() {
+    let mut rng = Rng::from_env();
+    let tol = default_tolerance(T::DTYPE);
+    // (rows, n, k, the frozen GEMM split over K): a split needs ≥ 8 k-tiles of the tile's BK
+    // (decode 128, mid 64, large 32) and few blocks; the mma kernels need k a multiple of 8
+    // (x's and W's rows 16-byte copyable; others take the unfused SIMT path).
+    let shapes = [
+        ((1, 16), 71, 40, false, "decode"),
+        ((1, 16), 45, 1032, true, "decode"),
+        ((17, 64), 33, 24, false, "small"),
+        ((17, 64), 61, 520, true, "small"),
+        ((17, 64), 97, 32, false, "mid"),
+        ((17, 64), 97, 520, true, "mid"),
+        ((65, 140), 131, 48, false, "large"),
+        ((65, 140), 70, 264, true, "large"),
+    ];
+    for ((lo, hi), n, k, split, tile) in shapes {
+        let m = rng.range(lo, hi);
+        let count = rng.range(1, 6);
+        let (mut set, ids) = random_set::<T>(&mut rng, n, k, count);
+        // One adapter with b_up on a random row, whatever the mixture: the fused pass adds
+        // s·b_up at its phase switch, a split's reduction instead.
+        let r = rng.pick(&RANKS).min(set.max_rank());
+        let mut biased = random_adapter::<T>(&mut rng, n, k, r);
+        biased.b_up = Some(scaled(&mut rng, n, 4));
+        let biased = set.insert(biased).unwrap() as i32;
+        let mut dims = MultiDeltaDims::new(m, n, k);
+        dims.ld_x = k + rng.pick(&[0, 8]);
+        dims.ld_y = n + rng.pick(&[0, 3]);
+        let layer = Layer {
+            x: scaled(&mut rng, (m - 1) * dims.ld_x + k, 1),
+            w: scaled(&mut rng, n * k, k),
+            bias: rng.chance(0.5).then(|| scaled(&mut rng, n, 4)),
+        };
+        let mut rows = random_rows(&mut rng, m, &ids);
+        rows[rng.range(0, m - 1)] = biased;
+        let what = format!("{tile} split {split} m {m} n {n} k {k} rows {rows:?}");
+        let (delta, frozen) = planned(&dims, &set, &layer, &rows);
+        if T::DTYPE == peft_kernels::DType::F32 {
+            assert_eq!(delta.len(), 2, "{what}: shrink, expand");
+        } else {
+            assert_eq!(delta.len(), 1, "{what}: the shrink alone");
+            let fused = format!("fused_linear_mma_{tile}_multi_{}", T::DTYPE);
+            assert_eq!(frozen[0], fused, "{what}");
+            assert_eq!(frozen.len() == 2, split, "{what}: {frozen:?}");
+        }
+        let want = reference::multi_delta_linear(
+            MatRef::with_ld(&layer.x, m, k, dims.ld_x),
+            MatRef::new(&layer.w, n, k),
+            layer.bias.as_deref(),
+            &set,
+            &rows,
+        )
+        .unwrap();
+        let layout = MatrixLayout {
+            rows: m,
+            cols: n,
+            ld: dims.ld_y,
+        };
+        let y = run(&dims, &set, &layer, AdapterBatch::Rows(&rows));
+        assert_close_matrix(&format!("y, {what}"), &y, layout, &want, tol);
+        let (starts, seg_ids) = segments_of(&mut rng, &rows, &ids);
+        let by_segments = run(
+            &dims,
+            &set,
+            &layer,
+            AdapterBatch::Segments {
+                starts: &starts,
+                ids: &seg_ids,
+            },
+        );
+        let bits = |v: &[T]| v.iter().map(|e| e.to_f64().to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&y), bits(&by_segments), "segments vs rows, {what}");
+    }
+}
+
+#[test]
+fn fused_tiles_and_splits_f16() {
+    fused_tiles_and_splits::<f16>();
+}
+
+#[test]
+fn fused_tiles_and_splits_bf16() {
+    fused_tiles_and_splits::<bf16>();
+}
+
+#[test]
+fn fused_tiles_and_splits_f32() {
+    fused_tiles_and_splits::<f32>();
+}
+
+/// The fused path writes y once and never reads it: over all its launches (the emulator's
+/// profile counts every access), the bytes stored to y are m·n·size, its sectors all
+/// distinct, and no load of y. Decode and prefill, split over K and not.
+#[test]
+fn y_is_written_once() {
+    if !emulator::checks_available() {
+        eprintln!("skipped: this build has no checked copy (PEFT_KERNELS_EMU_SANITIZE)");
+        return;
+    }
+    let mut rng = Rng::from_env();
+    for (m, n, k) in [(9, 70, 40), (9, 45, 1032), (80, 131, 48), (80, 70, 264)] {
+        let (set, ids) = random_set::<bf16>(&mut rng, n, k, 4);
+        let layer = Layer {
+            x: scaled(&mut rng, m * k, 1),
+            w: scaled(&mut rng, n * k, k),
+            bias: Some(scaled(&mut rng, n, 4)),
+        };
+        let rows = random_rows(&mut rng, m, &ids);
+        let dims = MultiDeltaDims::new(m, n, k);
+        let (_, launches) = emulator::profile(emulator::Sampling::Exact, || {
+            run(&dims, &set, &layer, AdapterBatch::Rows(&rows));
+            Ok(())
+        })
+        .unwrap();
+        let y: Vec<_> = launches.iter().filter_map(|l| l.operand("y")).collect();
+        let stored: f64 = y.iter().map(|o| o.stores.bytes).sum();
+        let loaded: f64 = y.iter().map(|o| o.loads.bytes).sum();
+        let shown: Vec<String> = launches.iter().map(ToString::to_string).collect();
+        let what = format!("m {m} n {n} k {k}: {}", shown.join("\n"));
+        assert_eq!(stored, (m * n * 2) as f64, "{what}");
+        assert_eq!(loaded, 0.0, "{what}");
+    }
+}
+
 /// Removing an adapter frees its slot without moving any other; an insert reuses the slot;
 /// the batch then sees the new adapter there and the others unchanged.
 #[test]
@@ -420,17 +579,22 @@ fn bad_batches_are_errors_before_launch() {
 /// Ids the host cannot see (device memory) are checked by the kernels: a bad id, an empty
 /// slot or a row no segment covers reads no adapter memory (memcheck), gets the base layer
 /// alone, and sets its status bit. Plans the call without the host's view of the batch, as
-/// the GPU backend does.
+/// the GPU backend does. f32 on the unfused kernels, bf16 on the fused pass.
 #[test]
 fn device_ids_out_of_range_flag_the_status() {
+    device_ids::<f32>(&[KernelVariant::Naive, KernelVariant::Simt]);
+    device_ids::<bf16>(&[KernelVariant::Auto]);
+}
+
+fn device_ids<T: Element>(kernels: &[KernelVariant]) {
     let mut rng = Rng::from_env();
     let (m, n, k) = (5, 20, 12);
-    let mut set = AdapterSet::<f32>::new(n, k, 3, 16).unwrap();
+    let mut set = AdapterSet::<T>::new(n, k, 3, 16).unwrap();
     let a = set.insert(random_adapter(&mut rng, n, k, 4)).unwrap() as i32;
     let gone = set.insert(random_adapter(&mut rng, n, k, 8)).unwrap() as i32;
     set.remove(gone as usize).unwrap();
     let layer = Layer {
-        x: scaled::<f32>(&mut rng, m * k, 1),
+        x: scaled::<T>(&mut rng, m * k, 1),
         w: scaled(&mut rng, n * k, k),
         bias: Some(scaled(&mut rng, n, 4)),
     };
@@ -465,12 +629,12 @@ fn device_ids_out_of_range_flag_the_status() {
             MultiStatus::ROW_UNCOVERED,
         ),
     ];
-    for kernel in [KernelVariant::Naive, KernelVariant::Simt] {
+    for &kernel in kernels {
         for (batch, effective, bits) in &cases {
             let mut dims = MultiDeltaDims::new(m, n, k);
             dims.kernel = kernel;
-            let mut y = poisoned::<f32>(m * n);
-            let mut workspace = poisoned::<f32>(dims.workspace_len(16));
+            let mut y = poisoned::<T>(m * n);
+            let mut workspace = poisoned::<T>(dims.workspace_len(16));
             let mut status = [0u32];
             let batch_ref = match batch {
                 AdapterBatch::Rows(ids) => AdapterBatch::Rows(ids.as_slice()),
@@ -490,7 +654,7 @@ fn device_ids_out_of_range_flag_the_status() {
                 y: y.as_mut_slice(),
             }
             .bufs(&mut src);
-            let steps = plan::multi_delta_linear(&dims, f32::DTYPE, &set.view(), &b, None).unwrap();
+            let steps = plan::multi_delta_linear(&dims, T::DTYPE, &set.view(), &b, None).unwrap();
             for (l, p) in &steps.delta {
                 // SAFETY: the plan checked every buffer, and the kernels guard the ids.
                 unsafe { emulator::launch(l, p) }.unwrap();
@@ -501,7 +665,8 @@ fn device_ids_out_of_range_flag_the_status() {
             }
             let want = reference::multi_delta_linear(x, w, layer.bias.as_deref(), &set, effective)
                 .unwrap();
-            assert_close_matrix("y", &y, MatrixLayout::contiguous(m, n), &want, 1e-5);
+            let tol = default_tolerance(T::DTYPE);
+            assert_close_matrix("y", &y, MatrixLayout::contiguous(m, n), &want, tol);
             assert_eq!(status[0], *bits, "{kernel:?} {batch:?}");
         }
     }
@@ -529,6 +694,7 @@ fn parameter_blocks_match_the_kernels() {
     unsafe extern "C" {
         fn pk_sizeof_MultiDeltaParams() -> usize;
         fn pk_sizeof_AdapterEntry() -> usize;
+        fn pk_sizeof_MultiBatch() -> usize;
     }
     // SAFETY: the emulator library exports both (kernels/multi_delta_linear.cu).
     unsafe {
@@ -537,6 +703,7 @@ fn parameter_blocks_match_the_kernels() {
             size_of::<plan::MultiDeltaParams>()
         );
         assert_eq!(pk_sizeof_AdapterEntry(), size_of::<plan::AdapterEntry>());
+        assert_eq!(pk_sizeof_MultiBatch(), size_of::<plan::MultiBatch>());
     }
 }
 
@@ -650,19 +817,25 @@ mod on_gpu {
         mixtures::<f32>(random_cases(6));
     }
 
+    /// f32 on the unfused path, bf16 on the fused pass.
     #[test]
     #[ignore = "needs a CUDA device"]
     fn device_ids_out_of_range_flag_the_status() {
+        device_ids::<f32>();
+        device_ids::<bf16>();
+    }
+
+    fn device_ids<T: Element>() {
         let stream = cuda::context(0).expect("a CUDA device").default_stream();
         let mut rng = Rng::from_env();
         let (m, n, k) = (4, 64, 64);
-        let mut set = DeviceAdapterSet::<f32>::new(&stream, n, k, 2, 8).unwrap();
+        let mut set = DeviceAdapterSet::<T>::new(&stream, n, k, 2, 8).unwrap();
         // Slot 0 filled; slot 1 empty (removed); ids 2, -5 and 2^30 out of range.
         set.insert_host(&random_adapter(&mut rng, n, k, 8)).unwrap();
         let gone = set.insert_host(&random_adapter(&mut rng, n, k, 4)).unwrap();
         set.remove(gone).unwrap();
-        let x = scaled::<f32>(&mut rng, m * k, 1);
-        let w = scaled::<f32>(&mut rng, n * k, k);
+        let x = scaled::<T>(&mut rng, m * k, 1);
+        let w = scaled::<T>(&mut rng, n * k, k);
         let want = peft_kernels::reference::linear::linear(
             MatRef::new(&x, m, k),
             MatRef::new(&w, n, k),
@@ -675,8 +848,8 @@ mod on_gpu {
             stream.clone_htod(&w).unwrap(),
         );
         let dids = stream.clone_htod(&[2, -5, 1, 1 << 30]).unwrap();
-        let mut dy = stream.clone_htod(&poisoned::<f32>(m * n)).unwrap();
-        let mut ws = stream.alloc_zeros::<f32>(dims.workspace_len(8)).unwrap();
+        let mut dy = stream.clone_htod(&poisoned::<T>(m * n)).unwrap();
+        let mut ws = stream.alloc_zeros::<T>(dims.workspace_len(8)).unwrap();
         let mut status = stream.alloc_zeros::<u32>(1).unwrap();
         cuda::multi_delta_linear(
             &stream,
@@ -694,7 +867,8 @@ mod on_gpu {
         )
         .unwrap();
         let y = stream.clone_dtoh(&dy).unwrap();
-        assert_close_matrix("y", &y, MatrixLayout::contiguous(m, n), &want, 1e-5);
+        let tol = default_tolerance(T::DTYPE);
+        assert_close_matrix("y", &y, MatrixLayout::contiguous(m, n), &want, tol);
         let bits = MultiStatus::ID_OUT_OF_RANGE | MultiStatus::EMPTY_SLOT;
         assert_eq!(stream.clone_dtoh(&status).unwrap(), [bits]);
     }

@@ -156,7 +156,9 @@ impl<T: Element> DeviceAdapterSet<T> {
         self.slots.max_rank
     }
 
-    /// The table's entries as the host last wrote them (device addresses).
+    /// The table's entries as the host last wrote them (device addresses): for the
+    /// unfused baseline, which launches per adapter group.
+    #[cfg(feature = "baseline")]
     pub(crate) fn entries(&self) -> &[AdapterEntry] {
         &self.slots.entries
     }

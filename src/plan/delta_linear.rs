@@ -60,6 +60,9 @@ pub struct FusedLinearParams {
     pub drop_p: f32,
     /// Phase 1's B1 quantized (`delta_linear_quant`); `format` 0: B1 is the dense `b1`.
     pub quant: QuantParams,
+    /// A multi-adapter batch whose per-row deltas are phase 2 (the `_multi` kernels, and the
+    /// split-K reduction after them); `table` 0: none.
+    pub multi: super::multi_adapter::MultiBatch,
 }
 // SAFETY: #[repr(C)], field for field the C++ struct (checked by a size test).
 unsafe impl super::KernelParams for FusedLinearParams {
@@ -1353,15 +1356,67 @@ fn plan_lora_merge(
 /// laid out for `d`): y = x·Wᵀ + b, plus y itself read in place when `add_y` (each element
 /// read and written by one thread). A dependent launch of the step before it: it streams W
 /// first and waits before it reads or writes y. For multi-adapter batches
-/// ([`super::multi_adapter`]), whose deltas are written to y before it.
+/// ([`super::multi_adapter`]) whose kernel has no fused pass ([`multi_pass`]): their deltas
+/// are written to y before it.
 pub(crate) fn frozen_pass(
+    d: &DeltaLinearDims,
+    dtype: DType,
+    operands: (Buf, Buf, Option<Buf>),
+    y: Buf,
+    workspace: Buf,
+    add_y: bool,
+) -> Result<Vec<(Launch, FusedLinearParams)>> {
+    let (mut p, kind, partials) = frozen_params(d, dtype, operands, y, workspace)?;
+    if add_y {
+        (p.h_in, p.ldh) = (y.addr, d.ld_y as i64);
+    }
+    pass_steps((kind, dtype), "dims.n", 1, p, (partials, d.n), true)
+}
+
+/// A multi-adapter batch's fused pass ([`super::multi_adapter`]): [`frozen_pass`]'s frozen
+/// GEMM (same kernel choice, tile and split-K) on the `_multi` instantiation of its
+/// tensor-core kernel, whose phase 2 adds each row's own delta t·W_up,aᵀ + s_a·b_up,a from
+/// t [m, ldt] (the shrink's output, `t`) and the batch `multi`: y is written once. `None`
+/// where the frozen GEMM does not run on the mma kernels (f32, unaligned operands, the
+/// Naive, Simt and Wgmma variants), which have no such instantiation.
+pub(crate) fn multi_pass(
+    d: &DeltaLinearDims,
+    dtype: DType,
+    operands: (Buf, Buf, Option<Buf>),
+    y: Buf,
+    workspace: Buf,
+    (t, ldt): (u64, usize),
+    multi: super::multi_adapter::MultiBatch,
+) -> Result<Option<Vec<(Launch, FusedLinearParams)>>> {
+    use KernelId::*;
+    let (mut p, kind, partials) = frozen_params(d, dtype, operands, y, workspace)?;
+    // k2 stays 0: each block's K2 is its row tile's (the kernel computes it); the split
+    // planning counts phase 1's k-tiles.
+    (p.a2, p.lda2, p.multi) = (t, ldt as i64, multi);
+    let mut steps = pass_steps((kind, dtype), "dims.n", 1, p, (partials, d.n), true)?;
+    let pass = &mut steps[0].0;
+    pass.kernel = match pass.kernel {
+        fused_linear_mma_large_f16 => fused_linear_mma_large_multi_f16,
+        fused_linear_mma_large_bf16 => fused_linear_mma_large_multi_bf16,
+        fused_linear_mma_small_f16 => fused_linear_mma_small_multi_f16,
+        fused_linear_mma_small_bf16 => fused_linear_mma_small_multi_bf16,
+        fused_linear_mma_mid_f16 => fused_linear_mma_mid_multi_f16,
+        fused_linear_mma_mid_bf16 => fused_linear_mma_mid_multi_bf16,
+        fused_linear_mma_decode_f16 => fused_linear_mma_decode_multi_f16,
+        fused_linear_mma_decode_bf16 => fused_linear_mma_decode_multi_bf16,
+        _ => return Ok(None),
+    };
+    Ok(Some(steps))
+}
+
+/// The parameters, kernel kind and partial-sum room of the frozen GEMM y = x·Wᵀ + b alone.
+fn frozen_params(
     d: &DeltaLinearDims,
     dtype: DType,
     (x, w, bias): (Buf, Buf, Option<Buf>),
     y: Buf,
     workspace: Buf,
-    add_y: bool,
-) -> Result<Vec<(Launch, FusedLinearParams)>> {
+) -> Result<(FusedLinearParams, Kind, Partials)> {
     let n = positive("dims.n", d.n)?;
     let k = positive("dims.k", d.k)?;
     let m = dim_i32("dims.m", d.m)?;
@@ -1370,9 +1425,6 @@ pub(crate) fn frozen_pass(
     let mut p = pass((0, 1.0), m, n, y.addr, d.ld_y);
     (p.a1, p.lda1, p.b1, p.ldb1, p.k1) = (x.addr, d.ld_x as i64, w.addr, d.k as i64, k);
     p.bias = addr(bias);
-    if add_y {
-        (p.h_in, p.ldh) = (y.addr, d.ld_y as i64);
-    }
     (p.c_main, p.c_out) = (COEF_ONE, COEF_ONE);
     let kind = kind_for(
         d.kernel,
@@ -1380,5 +1432,5 @@ pub(crate) fn frozen_pass(
         (d.m, d.n),
         &[(x.addr, d.ld_x, 0), (w.addr, d.k, 0)],
     )?;
-    pass_steps((kind, dtype), "dims.n", 1, p, (main_partials, d.n), true)
+    Ok((p, kind, main_partials))
 }

@@ -1,12 +1,15 @@
 //! Planning of multi-adapter batches (kernels/multi_delta_linear.cu): validation of the set,
 //! the batch description and the tensors, and the launch sequence. The naive variant is one
-//! launch; every other is [shrink, expand] (this module's kernels) then the frozen GEMM with
-//! y added in place, planned by `delta_linear::frozen_pass` exactly as delta_linear
-//! plans it for one adapter.
+//! launch. Where the frozen GEMM runs on the tensor-core mma kernels (f16/bf16, copyable x
+//! and W, `Auto` or `TensorCore`): [shrink] (this module's kernel), then the fused pass
+//! (`delta_linear::multi_pass`: the frozen GEMM as delta_linear plans it for one adapter, on
+//! its `_multi` instantiation, whose phase 2 adds each row's own delta; y written once).
+//! Elsewhere (f32, unaligned operands, `Simt`, `Wgmma`): [shrink, expand] then the frozen
+//! GEMM with y added in place (`delta_linear::frozen_pass`).
 
 use super::delta_linear::{
-    check_exact, check_matrix, composition_code, dim_i32, frozen_pass, positive, workspace_ld,
-    FusedLinearParams,
+    check_exact, check_matrix, composition_code, dim_i32, frozen_pass, multi_pass, positive,
+    workspace_ld, FusedLinearParams,
 };
 use super::{check_len, grid_for, Buf, Launch};
 use crate::delta_linear::{DeltaLinear, DeltaLinearDims, KernelVariant};
@@ -34,6 +37,23 @@ unsafe impl bytemuck::Zeroable for AdapterEntry {}
 // SAFETY: as above.
 unsafe impl bytemuck::Pod for AdapterEntry {}
 
+/// Twin of `MultiBatch` in kernels/multi_adapter.cuh: which entry of a set's table each row
+/// uses, as the kernels read it (`table` 0: no batch, in a dense pass's parameters).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MultiBatch {
+    pub table: u64,
+    /// Per-row ids [m], or 0 (segments).
+    pub ids: u64,
+    pub seg_starts: u64,
+    pub seg_ids: u64,
+    pub status: u64,
+    pub table_len: i32,
+    pub segments: i32,
+    pub max_rank: i32,
+    pub reserved: i32,
+}
+
 /// Twin of `MultiDeltaParams` in kernels/multi_delta_linear.cu.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -41,22 +61,16 @@ pub struct MultiDeltaParams {
     pub x: u64,
     pub w: u64,
     pub bias: u64,
-    pub table: u64,
-    pub ids: u64,
-    pub seg_starts: u64,
-    pub seg_ids: u64,
+    pub batch: MultiBatch,
     pub t: u64,
     pub out: u64,
-    pub status: u64,
     pub ldx: i64,
     pub ldt: i64,
     pub ldo: i64,
     pub m: i32,
     pub n: i32,
     pub k: i32,
-    pub table_len: i32,
-    pub segments: i32,
-    pub max_rank: i32,
+    pub reserved: i32,
 }
 // SAFETY: #[repr(C)], field for field the C++ struct (checked by a size test).
 unsafe impl super::KernelParams for MultiDeltaParams {}
@@ -84,7 +98,8 @@ pub struct MultiDeltaBufs {
     pub y: Buf,
 }
 
-/// The steps of a multi-adapter call: this module's kernels, then the frozen GEMM's.
+/// The steps of a multi-adapter call: this module's kernels, then the frozen GEMM's (the
+/// fused pass, or the frozen GEMM adding y where there is none; see the module docs).
 #[derive(Clone, Debug, Default)]
 pub struct MultiDeltaPlan {
     pub delta: Vec<(Launch, MultiDeltaParams)>,
@@ -254,22 +269,26 @@ fn plan(
         x: b.x.addr,
         w: b.w.addr,
         bias: b.bias.map_or(0, |b| b.addr),
-        table: set.table.addr,
-        ids,
-        seg_starts,
-        seg_ids,
+        batch: MultiBatch {
+            table: set.table.addr,
+            ids,
+            seg_starts,
+            seg_ids,
+            status: b.status.map_or(0, |b| b.addr),
+            table_len,
+            segments,
+            max_rank: max_rank as i32,
+            reserved: 0,
+        },
         t: b.workspace.addr,
         out: b.y.addr,
-        status: b.status.map_or(0, |b| b.addr),
         ldx: d.ld_x as i64,
         ldt: workspace_ld(max_rank) as i64,
         ldo: d.ld_y as i64,
         m,
         n,
         k,
-        table_len,
-        segments,
-        max_rank: max_rank as i32,
+        reserved: 0,
     };
     let pick = |ids: [KernelId; 3]| match dtype {
         DType::F32 => ids[0],
@@ -302,6 +321,14 @@ fn plan(
         grid_for([("set.max_rank", max_rank, 8), rows, ("batch", 1, 1)])?,
         [256, 1, 1],
     );
+    let operands = (b.x, b.w, b.bias);
+    let t = (b.workspace.addr, workspace_ld(max_rank));
+    if let Some(fused) = multi_pass(&fd, dtype, operands, b.y, b.workspace, t, p.batch)? {
+        return Ok(MultiDeltaPlan {
+            delta: vec![(shrink, p)],
+            frozen: fused,
+        });
+    }
     let expand = Launch {
         overlap_previous: true,
         ..launch(
@@ -310,7 +337,7 @@ fn plan(
             [128, 1, 1],
         )
     };
-    let frozen = frozen_pass(&fd, dtype, (b.x, b.w, b.bias), b.y, b.workspace, true)?;
+    let frozen = frozen_pass(&fd, dtype, operands, b.y, b.workspace, true)?;
     Ok(MultiDeltaPlan {
         delta: vec![(shrink, p), (expand, p)],
         frozen,
