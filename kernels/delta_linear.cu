@@ -578,10 +578,14 @@ PK_INLINE void fused_linear_mma(const FusedLinearParams& p) {
     int tiles2 = ceil_div(p.k2, C::BK);
     MultiTile<C::BM>* mt = nullptr;  // MULTI: the row tile's adapters (its K2)
     if constexpr (MULTI) {
-        __shared__ MultiTile<C::BM> tile;
-        multi_tile_setup<C::BM, C::THREADS>(tile, p.multi, blockIdx.y * C::BM, p.m, smem_raw);
-        mt = &tile;
-        tiles2 = ceil_div(tile.k2, C::BK);
+        // Past the pipeline's dynamic shared memory (the plan adds its bytes), not a static
+        // __shared__: the emulator's checks see every access of dynamic shared memory, but
+        // none of a static one at a constant offset (g++'s address sanitizer leaves a
+        // statically in-bounds thread_local access uninstrumented), so initcheck saw the
+        // reads of `slots` and not thread 0's write.
+        mt = reinterpret_cast<MultiTile<C::BM>*>(smem_raw + C::SMEM_BYTES);
+        multi_tile_setup<C::BM, C::THREADS>(*mt, p.multi, blockIdx.y * C::BM, p.m, smem_raw);
+        tiles2 = ceil_div(mt->k2, C::BK);
     }
     int n_tile = blockIdx.x, kt_begin = 0, kt_end = tiles1 + tiles2;
     if (split) {

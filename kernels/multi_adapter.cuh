@@ -95,6 +95,10 @@ struct MultiTile {
   int16_t row_slot[BM];           // the slot of row m0 + i, or −1 (no adapter, a bad id, past m)
   int32_t slots, k2;
 };
+// Its size, which src/plan/delta_linear.rs (`multi_tile_bytes`) adds to the pass's dynamic
+// shared memory.
+static_assert(sizeof(MultiTile<16>) == 18 * 16 + 8 && sizeof(MultiTile<128>) == 18 * 128 + 8,
+              "MultiTile's layout is 18·BM + 8 bytes");
 
 // Fills `tile` for rows [m0, min(m0 + BM, m)); every thread of the block calls it (it has
 // barriers). `scratch`: 16·BM bytes of shared memory free until it returns (the pipeline's,

@@ -1406,6 +1406,14 @@ pub(crate) fn multi_pass(
         fused_linear_mma_decode_bf16 => fused_linear_mma_decode_multi_bf16,
         _ => return Ok(None),
     };
+    // The row tile's adapters (`MultiTile<BM>`, kernels/multi_adapter.cuh: 18·BM + 8 bytes)
+    // live in dynamic shared memory past the pipeline's.
+    let bm: u32 = match pass.kernel {
+        fused_linear_mma_large_multi_f16 | fused_linear_mma_large_multi_bf16 => 128,
+        fused_linear_mma_mid_multi_f16 | fused_linear_mma_mid_multi_bf16 => 64,
+        _ => 16,
+    };
+    pass.dynamic_smem += (18 * bm + 8).next_multiple_of(16);
     Ok(Some(steps))
 }
 
