@@ -426,6 +426,12 @@ bool finish_sampled(Launch& L, const std::vector<std::string>& names) {
         uint32_t one[3] = {0, 0, 0};
         one[d] = 1;
         const Tile *s0 = find(zero), *s1 = find(one);
+        if (!s0 || !s1) {
+          // Only when a block failed (a check's finding ends the launch early): the
+          // launch's own error is reported instead of this.
+          L.refusal = "profile: the sampled blocks did not all run";
+          return false;
+        }
         const auto &a = s0->footprint[f], &c = s1->footprint[f];
         const size_t common = intersection(a, c);
         if (!a.empty() && common == a.size() && common == c.size()) {
