@@ -16,10 +16,9 @@
 //! iterations) and a summary table by CUDA events, operands rotated through copies larger
 //! than L2. Without the `cuda` feature or a CUDA device it prints why it skips and exits.
 //!
-//! The backward's data pass (dx) runs on the tensor cores (`delta_bwd_data_mma`, ldmatrix
-//! .trans for the untransposed W), its weight-gradient passes on SIMT tiles (no tensor-core
-//! version yet): expect the fused step to lose to cuBLAS's eight tensor-core GEMMs until
-//! they have one.
+//! The backward's data pass (dx) and weight passes (dW_up, dW_down, reduced over tokens with
+//! a deterministic split) run on mma.sync tensor cores for bf16; its dz and dλ passes on the
+//! CUDA cores.
 
 mod common;
 

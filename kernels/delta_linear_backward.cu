@@ -23,15 +23,20 @@
 // The operands of a pass are T or f32 (a flag each: dh and dz live in the f32 workspace, the
 // saved z and h are f32); every product accumulates in f32. W is read untransposed as the
 // data pass's B ([K_reduction = N, cols = K], row-major): the "transposed operand" layout of
-// the forward's GEMM core, here in scalar loads.
+// the forward's GEMM core. The weight passes read both factors token-major, A as [m, rows]
+// (dy, dz) and Q as [m, cols] (f(z), u').
 //
 // Kernels (the forward's numbering):
 //   *_naive_*   one thread per output: the correctness baseline.
 //   *_simt_*    64×64×16 shared-memory tiles, 4×4 outputs per thread (as the forward's
 //               SIMT kernel), every dtype, any alignment.
-//   *_mma_*     the data pass (dx) on f16/bf16 tensor cores: mma.sync with ldmatrix .trans
-//               for the untransposed W (see bwd_data_mma). The weight-gradient passes have no
-//               tensor-core version yet (they are r/N of dx's work for LoRA ranks).
+//   *_mma_*     f16/bf16 tensor cores, mma.sync.m16n8k16 with f32 accumulation, cp.async
+//               double buffering: the data pass (dx), ldmatrix .trans for the untransposed
+//               W (128 × 128 × 32 tiles, see bwd_data_mma); the weight passes (dW_up, dW_down),
+//               whose factors are both token-major ([m, ·] row-major: the transposed A and
+//               the untransposed B of Aᵀ·Q), ldmatrix .trans for both (64 × 64 × 32 tiles: one
+//               output dimension is the rank r; see bwd_weight_mma), their computed factor
+//               (f(z), dz, u's dropout) rounded to T once in shared memory.
 
 #include "common.cuh"
 #include "philox.cuh"
@@ -507,6 +512,132 @@ PK_INLINE void bwd_weight_simt(const DeltaBackwardParams& p) {
     }
 }
 
+// v3: tensor cores (f16/bf16): mma.sync.m16n8k16 with f32 accumulation over the tokens.
+// grid (ceil((cols + 1)/64), ceil(rows/64), batch × splits), block 256 = 8 warps as 2 × 4,
+// warp tile 32 × 16 (2 × 2 mma tiles), BK = 32 tokens, two shared-memory stages filled
+// while the warps multiply the other. Both factors are token-major in memory ([m, rows] and
+// [m, cols] row-major: the transposed A and the untransposed B of out = Aᵀ·Q), and their
+// tiles keep that orientation, [BK tokens][64]: ldmatrix .trans hands out A's row-major
+// fragments from the [k][i] tile (the "transposed A" layout) and B's col-major ones from the
+// [k][c] tile (the data pass's "kn" B). 64 × 64 rather than the data pass's 128 × 128: one of
+// the two output dimensions is the LoRA rank r (often 8–64), so a wider tile would be mostly
+// padding, and the token reduction's split (grid.z) supplies the blocks.
+// Q, the column factor, is computed where it is not a plain T copy (f(z) for dW_up, the f32
+// saved h, LoRA dropout's mask / (1 − p), the gate's λ_m): loaded through registers and
+// rounded to T once as it is stored to shared memory (the SIMT kernel keeps it f32; one
+// rounding of a value the f64 reference holds exactly, a relative 2⁻⁹ (bf16) or 2⁻¹² (f16)
+// per element, random in sign, which the tests' tolerances hold). The f32 dz (dW_down's A)
+// takes that one rounding too. A constant row coefficient (the scaled composition's s) is
+// applied to the f32 sums, not rounded into Q; only the gate's per-token λ_m goes into Q
+// (it is a T already, so the bias column λ_m·1 is exact). Plain T operands (dy; u without
+// dropout) with 16-byte copyable rows go by cp.async with zero-filled edges. Launch bounds
+// (256, 2): 16 accumulators a thread leave ptxas room.
+namespace bwd_weight_mma_tile {
+constexpr int BM = 64, BN = 64, BK = 32;
+}
+
+template <typename T>
+PK_INLINE void bwd_weight_mma(const DeltaBackwardParams& p) {
+    using bwd_mma::PAD;
+    using bwd_mma::THREADS;
+    using namespace bwd_weight_mma_tile;
+    __shared__ __align__(16) T as[2][BK][BM + PAD];  // A: [tokens][rows]
+    __shared__ __align__(16) T qs[2][BK][BN + PAD];  // Q: [tokens][cols]
+    const int bz = blockIdx.z / p.splits, s = blockIdx.z % p.splits;
+    const BwdOperands o = bwd_operands<T>(p, bz);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int i0 = blockIdx.y * BM, c0 = blockIdx.x * BN;
+    const int wi = (warp / 4) * 32, wc = (warp % 4) * 16;
+    const int g = lane / 4, t = lane % 4;  // mma fragment coordinates
+    const int per = ceil_div(p.k1, p.splits);
+    const int m_begin = s * per, m_end = min((s + 1) * per, p.k1);
+    const int tiles = m_end > m_begin ? ceil_div(m_end - m_begin, BK) : 0;
+    const bool bias = o.out_bias != nullptr;
+    const Activation act = static_cast<Activation>(p.activation);
+    // The row coefficient: the gate's λ_m per token (into Q), any other a constant.
+    const bool per_token = p.compose == BWD_GATED && p.coef != BWD_COEF_ONE;
+    const float c_all = per_token ? 1.0f : bwd_coef<T>(p, p.coef, 0);
+    const bool a_vec = !p.a_f32 && copyable_16(o.a, p.lda);
+    // Q by cp.async when it is u as stored and the tile holds no bias column (its 1s).
+    const bool q_vec = !p.b_f32 && !p.b_activate && !p.dropout && !per_token &&
+                       copyable_16(o.b, p.ldb) && (!bias || c0 + BN <= p.cols);
+    auto fill = [&](int stage, int kt) {
+        const int m0 = m_begin + kt * BK;
+        bwd_mma_load<T, BK, BM>(as[stage], o.a, p.a_f32, a_vec, p.lda, m_end, p.rows, m0, i0);
+        if (q_vec) {
+            bwd_mma_load<T, BK, BN>(qs[stage], o.b, 0, true, p.ldb, m_end, p.cols, m0, c0);
+            return;
+        }
+        constexpr int CHUNKS = BN / 8;
+        for (int idx = threadIdx.x; idx < BK * CHUNKS; idx += THREADS) {
+            const int k = idx / CHUNKS, c = (idx % CHUNKS) * 8, gm = m0 + k;
+            const float cm = gm < m_end && per_token ? bwd_coef<T>(p, p.coef, gm) : 1.0f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const int gc = c0 + c + e;
+                float q = 0.0f;
+                if (gm < m_end && gc < p.cols) {
+                    q = load<T>(o.b, p.b_f32, gm * p.ldb + gc);
+                    if (p.b_activate) q = activate(act, q);
+                    if (p.dropout) q *= bwd_dropout(p, gm, gc);
+                    q *= cm;
+                } else if (gm < m_end && gc == p.cols && bias) {
+                    q = cm;  // the bias column
+                }
+                qs[stage][k][c + e] = from_float<T>(q);
+            }
+        }
+    };
+    float acc[2][2][4] = {};
+    if (tiles > 0) fill(0, 0);
+    cp_async_commit();
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int stage = kt & 1;
+        if (kt + 1 < tiles) fill(stage ^ 1, kt + 1);
+        // Commit even when nothing was issued: "all but the newest group" is then tile kt.
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            uint32_t af[2][4], bf[2][2];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+                // Matrices (i 0–7, k 0–7), (i 8–15, k 0–7), (i 0–7, k 8–15), (i 8–15, k 8–15)
+                // of the row-major A fragment, each from 8 token rows of the [k][i] tile.
+                ldmatrix_x4_trans(af[mt], &as[stage][kk + (lane & 7) + (lane >> 4) * 8]
+                                             [wi + mt * 16 + ((lane >> 3) & 1) * 8]);
+            {
+                // Matrices (c 0–7, k 0–7), (c 0–7, k 8–15), (c 8–15, k 0–7), (c 8–15, k 8–15).
+                uint32_t r[4];
+                ldmatrix_x4_trans(r, &qs[stage][kk + (lane & 15)][wc + (lane >> 4) * 8]);
+                bf[0][0] = r[0];
+                bf[0][1] = r[1];
+                bf[1][0] = r[2];
+                bf[1][1] = r[3];
+            }
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt) mma_m16n8k16<T>(acc[mt][nt], af[mt], bf[nt], acc[mt][nt]);
+        }
+        // Every warp is done with this stage before the next iteration refills it.
+        __syncthreads();
+    }
+    cp_async_wait_all();
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = i0 + wi + mt * 16 + g + 8 * (e / 2);
+                const int c = c0 + wc + nt * 8 + 2 * t + (e & 1);
+                if (i < p.rows && (c < p.cols || (c == p.cols && bias)))
+                    weight_store(p, o, bz, s, i, c, c_all * acc[mt][nt][e]);
+            }
+}
+
 // The split weight pass's reduction: out (+)= Σ_s partial[bz][s] in run order.
 // grid (ceil((cols + 1)/128), rows, batch), block 128.
 PK_INLINE void bwd_weight_reduce(const DeltaBackwardParams& p) {
@@ -560,6 +691,8 @@ PK_KERNEL(delta_bwd_weight_naive_bf16, bwd_weight_naive<__nv_bfloat16>, DeltaBac
 PK_KERNEL_BOUNDS(delta_bwd_weight_simt_f32, bwd_weight_simt<float>, DeltaBackwardParams, 256, 2)
 PK_KERNEL_BOUNDS(delta_bwd_weight_simt_f16, bwd_weight_simt<__half>, DeltaBackwardParams, 256, 2)
 PK_KERNEL_BOUNDS(delta_bwd_weight_simt_bf16, bwd_weight_simt<__nv_bfloat16>, DeltaBackwardParams, 256, 2)
+PK_KERNEL_BOUNDS(delta_bwd_weight_mma_f16, bwd_weight_mma<__half>, DeltaBackwardParams, 256, 2)
+PK_KERNEL_BOUNDS(delta_bwd_weight_mma_bf16, bwd_weight_mma<__nv_bfloat16>, DeltaBackwardParams, 256, 2)
 PK_KERNEL_BOUNDS(delta_bwd_weight_reduce, bwd_weight_reduce, DeltaBackwardParams, 128, 8)
 PK_KERNEL_BOUNDS(delta_bwd_dgate_f32, bwd_dgate<float>, DeltaBackwardParams, 128, 8)
 PK_KERNEL_BOUNDS(delta_bwd_dgate_f16, bwd_dgate<__half>, DeltaBackwardParams, 128, 8)

@@ -283,6 +283,8 @@ kernel_table! {
         delta_bwd_weight_simt_f32,
         delta_bwd_weight_simt_f16,
         delta_bwd_weight_simt_bf16,
+        delta_bwd_weight_mma_f16,
+        delta_bwd_weight_mma_bf16,
         delta_bwd_weight_reduce,
         delta_bwd_dgate_f32,
         delta_bwd_dgate_f16,

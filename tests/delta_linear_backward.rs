@@ -436,6 +436,51 @@ fn awkward_shapes_on(backend: &Backend) {
     check_case::<f32>(backend, &c, &mut rng);
 }
 
+/// The weight-gradient passes on the tensor cores (`delta_bwd_weight_mma_*`): the awkward
+/// sizes (m ∈ {1, 3, 64, 65, 257}, and m = 1100 whose token reduction splits into three runs,
+/// ranks 1, 8, 33, 256, odd n and k), each shape in f16 with LoRA dropout and accumulation and
+/// in bf16 with neither, random forms; and an aligned LoRA whose dy and x rows (16-byte
+/// copyable) go by cp.async, the rest of the layer's tiles element-wise.
+fn weight_mma_on(backend: &Backend) {
+    let mut rng = Rng::from_env();
+    let forms = every_form();
+    let shapes = [
+        (1, 129, 17, 1),
+        (3, 17, 129, 8),
+        (64, 17, 33, 256),
+        (65, 129, 17, 33),
+        (257, 33, 17, 8),
+        (1100, 17, 19, 33),
+        (1100, 9, 12, 1),
+    ];
+    for s in shapes {
+        let form = rng.pick(&forms);
+        let mut c = case(&mut rng, form, s, KernelVariant::TensorCore);
+        c.dropout = Some(LoraDropout {
+            p: 0.5,
+            seed: rng.next_u64(),
+        });
+        c.accumulate = true;
+        check_case::<f16>(backend, &c, &mut rng);
+        (c.dropout, c.accumulate) = (None, false);
+        check_case::<bf16>(backend, &c, &mut rng);
+    }
+    for m in [130, 1100] {
+        let mut dims = DeltaLinearDims::new(m, 64, 136, 8);
+        dims.kernel = KernelVariant::Auto;
+        let c = Case {
+            op: DeltaLinear::rslora(16.0),
+            dims,
+            separate_u: false,
+            biases: true,
+            accumulate: rng.chance(0.5),
+            dropout: None,
+        };
+        check_case::<f16>(backend, &c, &mut rng);
+        check_case::<bf16>(backend, &c, &mut rng);
+    }
+}
+
 /// Fresh random configurations every run (`PEFT_RANDOM_CASES`, default 6).
 fn random_configurations_on(backend: &Backend) {
     let mut rng = Rng::from_env();
@@ -674,7 +719,7 @@ fn check_apply_case<T: Element>(
 }
 
 /// The multi-head parallel adapter (heads ∈ {1, 3, 4}, Add / Scaled) and, on one head,
-/// the sequential and gated forms, every activation and dtype, both implementations.
+/// the sequential and gated forms, every activation and dtype, every implementation.
 fn delta_apply_on(backend: &Backend) {
     let mut rng = Rng::from_env();
     for activation in Activation::ALL {
@@ -695,7 +740,12 @@ fn delta_apply_on(backend: &Backend) {
             (Insertion::Sequential, Composition::Gated, 1),
         ] {
             let op = DeltaLinear::new(insertion, activation, composition);
-            for kernel in [KernelVariant::Naive, KernelVariant::Simt] {
+            // TensorCore: f16/bf16 only (the forward refuses f32 there).
+            for kernel in [
+                KernelVariant::Naive,
+                KernelVariant::Simt,
+                KernelVariant::TensorCore,
+            ] {
                 let (m, hd, u_hd, r) = (
                     rng.pick(&[2, 9, 70]),
                     rng.pick(&[8, 17, 24]),
@@ -708,7 +758,9 @@ fn delta_apply_on(backend: &Backend) {
                 dims.ld_y += rng.range(0, 3);
                 dims.ld_u += rng.range(0, 3);
                 let (biases, accumulate) = (rng.chance(0.5), rng.chance(0.5));
-                check_apply_case::<f32>(backend, op, dims, biases, accumulate, &mut rng);
+                if kernel != KernelVariant::TensorCore {
+                    check_apply_case::<f32>(backend, op, dims, biases, accumulate, &mut rng);
+                }
                 check_apply_case::<f16>(backend, op, dims, biases, accumulate, &mut rng);
                 check_apply_case::<bf16>(backend, op, dims, biases, accumulate, &mut rng);
             }
@@ -742,6 +794,11 @@ mod on_emulator {
     #[test]
     fn random_configurations() {
         random_configurations_on(&Backend::Emulator);
+    }
+
+    #[test]
+    fn weight_mma() {
+        weight_mma_on(&Backend::Emulator);
     }
 }
 
@@ -781,6 +838,12 @@ mod on_gpu {
     #[ignore = "needs a CUDA device"]
     fn random_configurations() {
         random_configurations_on(&gpu());
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn weight_mma() {
+        weight_mma_on(&gpu());
     }
 }
 
@@ -951,22 +1014,44 @@ fn aliasing_gradients_are_refused() {
         accumulate: false,
     };
     delta_linear_backward(&op, &dims, DType::F32, &ok).expect("disjoint buffers");
-    // Which kernels run: at these aligned shapes dx goes to the tensor cores for bf16 and
-    // to the SIMT tiles for f32; the weight gradients to the SIMT tiles.
-    let kernels = |dtype| -> Vec<&'static str> {
+    // Which kernels run: at these aligned shapes dx and the weight gradients go to the
+    // tensor cores for f16/bf16 under `Auto` and `TensorCore`, to the SIMT tiles for f32
+    // and under `Simt`, to the naive kernels under `Naive`.
+    let kernels = |dtype, kernel| -> Vec<&'static str> {
+        let dims = DeltaLinearDims { kernel, ..dims };
         let steps = delta_linear_backward(&op, &dims, dtype, &ok).unwrap();
         steps.iter().map(|(l, _)| l.kernel.name()).collect()
     };
-    assert_eq!(
-        kernels(DType::BF16),
-        [
-            "delta_bwd_dz_bf16",
-            "delta_bwd_weight_simt_bf16",
-            "delta_bwd_weight_simt_bf16",
-            "delta_bwd_data_mma_bf16"
-        ]
-    );
-    assert_eq!(kernels(DType::F32).last(), Some(&"delta_bwd_data_simt_f32"));
+    for kernel in [KernelVariant::Auto, KernelVariant::TensorCore] {
+        assert_eq!(
+            kernels(DType::BF16, kernel),
+            [
+                "delta_bwd_dz_bf16",
+                "delta_bwd_weight_mma_bf16",
+                "delta_bwd_weight_mma_bf16",
+                "delta_bwd_data_mma_bf16"
+            ]
+        );
+        assert_eq!(kernels(DType::F16, kernel)[1], "delta_bwd_weight_mma_f16");
+        assert_eq!(
+            kernels(DType::F32, kernel)[1..],
+            [
+                "delta_bwd_weight_simt_f32",
+                "delta_bwd_weight_simt_f32",
+                "delta_bwd_data_simt_f32"
+            ]
+        );
+    }
+    for (kernel, name) in [
+        (KernelVariant::Simt, "simt"),
+        (KernelVariant::Naive, "naive"),
+    ] {
+        for dtype in [DType::F16, DType::BF16] {
+            let names = kernels(dtype, kernel);
+            let weight = format!("delta_bwd_weight_{name}_{}", dtype.suffix());
+            assert_eq!(names[1..3], [weight.as_str(); 2], "{kernel:?}");
+        }
+    }
     let cases = [
         ("`dx`", DeltaLinearBackwardBufs { dx: ok.dy, ..ok }),
         (

@@ -5,7 +5,8 @@
 //! kernels touch no local memory (no STL/LDL: neither a register spill nor a stack array),
 //! and on sm_90 the fused-linear kernels hold the dependent-launch wait they promise. The
 //! training modules likewise: the backward's tensor-core data pass issues HMMA fed by LDSM
-//! (plain and .trans) and LDGSTS, its other kernels no HMMA, and no kernel of the backward,
+//! (plain and .trans) and LDGSTS, its tensor-core weight passes HMMA fed by LDSM .trans only
+//! and LDGSTS, its other kernels no HMMA, and no kernel of the backward,
 //! prefix attention backward, AdamW or DoRA modules touches local memory.
 //! ptxas's report, which the build checks, says how much local memory a kernel has; only
 //! the disassembly says which instructions nvcc actually chose.
@@ -290,16 +291,18 @@ fn the_parser_reads_predicates_and_modifiers() {
 
 /// The backward's data pass on tensor cores (dx = [dy | dT]·[W ; W_down]): mma.sync fed by
 /// ldmatrix, plain for the row-major A tiles and .trans for the untransposed W and W_down
-/// tiles, loaded by cp.async; every other kernel of the module (the dz, SIMT, naive,
-/// weight-gradient and dgate passes) on the SIMT pipes.
+/// tiles, loaded by cp.async; its weight-gradient passes on tensor cores (dW = Aᵀ·Q, both
+/// factors token-major): mma.sync fed by ldmatrix .trans only (the transposed A and the
+/// untransposed Q), the plain operands loaded by cp.async, and no local memory; every other
+/// kernel of the module (the dz, SIMT, naive, reduction and dgate passes) on the SIMT pipes.
 #[test]
-fn backward_data_mma_kernels_issue_hmma_fed_by_ldsm_and_the_others_do_not() {
+fn backward_mma_kernels_issue_hmma_fed_by_ldsm_and_the_others_do_not() {
     for image in IMAGES {
-        let mut mma = 0;
+        let (mut data, mut weight) = (0, 0);
         for (name, instructions) in disassembly(Module::DeltaLinearBackward, image) {
             let hmma = count(instructions, "HMMA");
             if name.starts_with("delta_bwd_data_mma_") {
-                mma += 1;
+                data += 1;
                 assert!(hmma > 0, "{image:?} {name}: no HMMA");
                 for fed_by in ["LDSM.16.M88", "LDSM.16.MT88", "LDGSTS"] {
                     assert!(
@@ -307,11 +310,34 @@ fn backward_data_mma_kernels_issue_hmma_fed_by_ldsm_and_the_others_do_not() {
                         "{image:?} {name}: no {fed_by}"
                     );
                 }
+            } else if name.starts_with("delta_bwd_weight_mma_") {
+                weight += 1;
+                assert!(hmma > 0, "{image:?} {name}: no HMMA");
+                for fed_by in ["LDSM.16.MT88", "LDGSTS"] {
+                    assert!(
+                        count_form(instructions, fed_by) > 0,
+                        "{image:?} {name}: no {fed_by}"
+                    );
+                }
+                // Both operands through .trans: no plain (row-major) ldmatrix at all.
+                let plain = count_form(instructions, "LDSM.16.M88");
+                assert_eq!(plain, 0, "{image:?} {name}: {plain} untransposed LDSM");
+                for local in ["STL", "LDL"] {
+                    let n = count(instructions, local);
+                    assert_eq!(n, 0, "{image:?} {name}: {n} {local} (local memory)");
+                }
             } else {
                 assert_eq!(hmma, 0, "{image:?} {name}: HMMA in a SIMT kernel");
             }
         }
-        assert!(mma >= 2, "{image:?}: only {mma} delta_bwd_data_mma kernels");
+        assert!(
+            data >= 2,
+            "{image:?}: only {data} delta_bwd_data_mma kernels"
+        );
+        assert!(
+            weight >= 2,
+            "{image:?}: only {weight} delta_bwd_weight_mma kernels"
+        );
     }
 }
 

@@ -187,8 +187,8 @@ pub(crate) fn check_disjoint(
     Ok(())
 }
 
-/// Which implementation runs the weight passes (and the data passes the tensor cores do
-/// not take, see [`tensor_cores`]): the naive baseline on request, the SIMT tiles otherwise.
+/// Which implementation runs the passes the tensor cores do not take (see [`tensor_cores`]
+/// and [`weight_tensor_cores`]): the naive baseline on request, the SIMT tiles otherwise.
 fn tiled(variant: KernelVariant) -> bool {
     variant != KernelVariant::Naive
 }
@@ -296,6 +296,18 @@ fn data_step(
     Ok((launch(kernel_for(dtype, ids), grid, block), p))
 }
 
+/// Whether a weight-gradient pass runs on the tensor cores: f16/bf16 under the variants that
+/// send the data passes there (`Auto`, `TensorCore`, `Wgmma`; the weight passes have no
+/// wgmma kernel). Any alignment: the kernel copies 16-byte rows by cp.async where it can and
+/// loads the others (and every computed operand: f(z), dz, the dropout mask) element-wise.
+fn weight_tensor_cores(variant: KernelVariant, dtype: DType) -> bool {
+    let variant_ok = matches!(
+        variant,
+        KernelVariant::Auto | KernelVariant::TensorCore | KernelVariant::Wgmma
+    );
+    variant_ok && dtype != DType::F32
+}
+
 /// A weight-gradient pass (rows × (cols + 1), the bias column last) and, when its token
 /// reduction splits, the reduction of its runs' partial sums.
 fn weight_steps(
@@ -313,7 +325,15 @@ fn weight_steps(
         p.partial = workspace.addr + 4 * ws.partial as u64;
         p.ldp = (cols + 1) as i64;
     }
-    let (tile, block, ids) = if tiled(variant) {
+    let (tile, block, ids) = if weight_tensor_cores(variant, dtype) {
+        // f32 never gets here; its slot repeats the SIMT kernel.
+        let ids = [
+            delta_bwd_weight_simt_f32,
+            delta_bwd_weight_mma_f16,
+            delta_bwd_weight_mma_bf16,
+        ];
+        (64, [256, 1, 1], ids)
+    } else if tiled(variant) {
         let ids = [
             delta_bwd_weight_simt_f32,
             delta_bwd_weight_simt_f16,
