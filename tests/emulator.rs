@@ -602,26 +602,36 @@ fn a_fault_in_a_kernel_is_reported_before_the_process_dies() {
     assert!(stderr.contains(report), "{stderr}");
 }
 
+/// The reversal kernel over x, y (64 floats) launched with dynamic shared memory one float
+/// short: thread 0 probes buf[32], at byte 128, one past the launch's 128 bytes.
+fn reverse_one_float_short(
+    x: &[f32],
+    y: &mut [f32],
+    probe: &mut [u32],
+) -> (Launch, selftest::ReverseParams) {
+    let launch = Launch {
+        kernel: KernelId::selftest_reverse_dynamic_smem_f32,
+        grid: [2, 1, 1],
+        block: [32, 1, 1],
+        dynamic_smem: 128,
+        overlap_previous: false,
+    };
+    let params = selftest::ReverseParams {
+        x: x.as_ptr() as u64,
+        y: y.as_mut_ptr() as u64,
+        probe: probe.as_mut_ptr() as u64,
+        n: 64,
+    };
+    (launch, params)
+}
+
 /// Dynamic shared memory ends at a guard page: a kernel reading one float past the size
 /// it was launched with (a multiple of 128 bytes) faults, as on the GPU.
 #[test]
 fn reading_past_dynamic_shared_memory_faults() {
     if in_child() {
         let (x, mut y, mut probe) = (vec![1.0f32; 64], vec![0.0f32; 64], vec![0u32; 2]);
-        let launch = Launch {
-            kernel: KernelId::selftest_reverse_dynamic_smem_f32,
-            grid: [2, 1, 1],
-            block: [32, 1, 1],
-            // One float short: thread 0 probes buf[32], at byte 128.
-            dynamic_smem: 128,
-            overlap_previous: false,
-        };
-        let params = selftest::ReverseParams {
-            x: x.as_ptr() as u64,
-            y: y.as_mut_ptr() as u64,
-            probe: probe.as_mut_ptr() as u64,
-            n: 64,
-        };
+        let (launch, params) = reverse_one_float_short(&x, &mut y, &mut probe);
         // Unchecked whatever PEFT_KERNELS_EMU_CHECK says: memcheck refuses the read before
         // it faults (the next test).
         // SAFETY: none; this process exists to fault.
@@ -645,19 +655,7 @@ fn memcheck_names_a_read_past_dynamic_shared_memory() {
         return;
     }
     let (x, mut y, mut probe) = (vec![1.0f32; 64], vec![0.0f32; 64], vec![0u32; 2]);
-    let launch = Launch {
-        kernel: KernelId::selftest_reverse_dynamic_smem_f32,
-        grid: [2, 1, 1],
-        block: [32, 1, 1],
-        dynamic_smem: 128,
-        overlap_previous: false,
-    };
-    let params = selftest::ReverseParams {
-        x: x.as_ptr() as u64,
-        y: y.as_mut_ptr() as u64,
-        probe: probe.as_mut_ptr() as u64,
-        n: 64,
-    };
+    let (launch, params) = reverse_one_float_short(&x, &mut y, &mut probe);
     // SAFETY: the buffers hold every element the kernel touches; its one access past
     // dynamic shared memory is refused by memcheck before it is made.
     let r = emulator::with_checks(Checks::MEMCHECK, || unsafe {
